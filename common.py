@@ -1,0 +1,481 @@
+"""Shared parts of the four efficient-DETR models: what no paper contributes and every paper needs.
+
+A model file imports this module (and torch) and nothing else of ours, so one model file plus this
+file is a whole model. Contents, top to bottom:
+
+1. ResNet backbone in plain torch (torchvision's module and parameter names, FrozenBatchNorm2d),
+   returning C3/C4/C5 with their padding masks, and loading torchvision-format weights from a file.
+2. Sine position encoding (DETR's) and small layers (MLP, inverse_sigmoid).
+3. The multi-scale deformable sampling op in pure PyTorch (F.grid_sample), used by Sparse, Lite and
+   Focus DETR in place of the official CUDA extension.
+4. Box ops (cxcywh <-> xyxy, IoU, GIoU that never asserts).
+5. Hungarian matcher, set criterion (sigmoid focal / L1 / GIoU, aux and encoder terms) and
+   post-processing.
+
+Deviations from the DETR / Deformable DETR code these come from:
+- generalized_box_iou never asserts: NaN/inf coordinates are replaced by 0 and inverted boxes are
+  treated as empty, so a diverging prediction gives a large loss instead of killing the run.
+- The matcher replaces non-finite costs by a large finite value, for the same reason.
+- `Backbone(norm="bn")` is an extra for training from scratch (no ImageNet weights on the machine):
+  ordinary BatchNorm instead of DETR's FrozenBatchNorm2d (the default). The stem and layer1 stay
+  frozen in both modes.
+"""
+import math
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------
+# 1. Backbone
+# ---------------------------------------------------------------------------------------------
+
+# torchvision's ImageNet weights (IMAGENET1K_V1, the ones DETR and its descendants start from).
+RESNET_URLS = {
+    18: "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+    34: "https://download.pytorch.org/models/resnet34-b627a593.pth",
+    50: "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    101: "https://download.pytorch.org/models/resnet101-63fe2227.pth",
+}
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """BatchNorm2d with fixed statistics and affine parameters (buffers, not parameters)."""
+
+    def __init__(self, num_features, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("weight", torch.ones(num_features))
+        self.register_buffer("bias", torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        state_dict.pop(prefix + "num_batches_tracked", None)  # torchvision BatchNorm2d has it
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x):
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        shift = self.bias - self.running_mean * scale
+        return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride, norm):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = norm(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = norm(planes)
+        self.downsample = _downsample(inplanes, planes * self.expansion, stride, norm)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4  # torchvision's "ResNet v1.5": the stride sits on the 3x3 conv
+
+    def __init__(self, inplanes, planes, stride, norm):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = norm(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = norm(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = norm(planes * 4)
+        self.downsample = _downsample(inplanes, planes * 4, stride, norm)
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return F.relu(self.bn3(self.conv3(out)) + identity)
+
+
+def _downsample(inplanes, outplanes, stride, norm):
+    if stride == 1 and inplanes == outplanes:
+        return None
+    return nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride, bias=False), norm(outplanes))
+
+
+RESNET_SPECS = {18: (BasicBlock, [2, 2, 2, 2]), 34: (BasicBlock, [3, 4, 6, 3]),
+                50: (Bottleneck, [3, 4, 6, 3]), 101: (Bottleneck, [3, 4, 23, 3])}
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet without the classifier; names match its state dict."""
+
+    def __init__(self, depth, norm=FrozenBatchNorm2d):
+        super().__init__()
+        if depth not in RESNET_SPECS:
+            raise ValueError(f"ResNet depth must be one of {sorted(RESNET_SPECS)}, got {depth}")
+        block, counts = RESNET_SPECS[depth]
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = norm(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        inplanes, self.channels = 64, []
+        for i, (planes, n) in enumerate(zip([64, 128, 256, 512], counts)):
+            blocks = []
+            for j in range(n):
+                blocks.append(block(inplanes, planes, 2 if (j == 0 and i > 0) else 1, norm))
+                inplanes = planes * block.expansion
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            self.channels.append(inplanes)
+        for m in self.modules():  # torchvision's init, for training from scratch
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))  # stride 4
+        c2 = self.layer1(x)
+        c3 = self.layer2(c2)  # stride 8
+        c4 = self.layer3(c3)  # stride 16
+        c5 = self.layer4(c4)  # stride 32
+        return [c3, c4, c5]
+
+
+class Backbone(nn.Module):
+    """ResNet returning C3, C4, C5 (strides 8, 16, 32) each with its padding mask.
+
+    norm="frozen_bn" (DETR): FrozenBatchNorm2d. norm="bn": plain BatchNorm2d with batch statistics,
+    for training from scratch. Either way the stem and layer1 are frozen and layer2-4 trained, as
+    in DETR (from scratch, the frozen stem is a fixed random-feature extractor).
+    """
+
+    strides = (8, 16, 32)
+
+    def __init__(self, depth=50, norm="frozen_bn"):
+        super().__init__()
+        if norm not in ("frozen_bn", "bn"):
+            raise ValueError(f"backbone norm must be 'frozen_bn' or 'bn', got {norm!r}")
+        self.depth = depth
+        self.body = ResNet(depth, FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d)
+        self.num_channels = self.body.channels[1:]  # C3, C4, C5
+        for name, p in self.body.named_parameters():
+            if not name.startswith(("layer2", "layer3", "layer4")):
+                p.requires_grad_(False)
+
+    def forward(self, images, pad_mask):
+        """images (B, 3, H, W), pad_mask (B, H, W) -> [(feature (B, C_l, H_l, W_l), mask (B, H_l, W_l))]"""
+        out = []
+        for feat in self.body(images):
+            mask = F.interpolate(pad_mask[:, None].float(), size=feat.shape[-2:])[:, 0].bool()
+            out.append((feat, mask))
+        return out
+
+
+def load_backbone_weights(backbone, source):
+    """Load a torchvision-format ResNet state dict into `backbone.body`.
+
+    source: a file path, or "imagenet" to download torchvision's weights (needs internet).
+    Raises ValueError naming the file and the missing / unexpected / mis-shaped keys.
+    """
+    if source == "imagenet":
+        state = torch.hub.load_state_dict_from_url(RESNET_URLS[backbone.depth], map_location="cpu")
+    else:
+        if not os.path.isfile(source):
+            raise ValueError(f"backbone weights: no such file {source!r}")
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"backbone weights: {source!r} is not a readable torch state dict ({e})") from e
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise ValueError(f"backbone weights: {source!r} holds a {type(state).__name__}, not a state dict")
+    state = {k: v for k, v in state.items()
+             if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    own = backbone.body.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    misshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or misshaped:
+        raise ValueError(
+            f"backbone weights {source!r} do not fit ResNet-{backbone.depth}: "
+            f"{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, "
+            f"{len(misshaped)} with another shape {misshaped[:5]}")
+    backbone.body.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Position encoding and small layers
+# ---------------------------------------------------------------------------------------------
+
+def sine_position_embedding(mask, num_pos_feats=128, temperature=10000, scale=2 * math.pi):
+    """DETR's PositionEmbeddingSine(normalize=True): mask (B, H, W) -> pos (B, 2*num_pos_feats, H, W).
+
+    Positions count valid cells only and are normalised by the image's valid extent, so an image's
+    encoding does not depend on how much padding its batch added. Channels: y first, then x.
+    """
+    not_mask = (~mask).float()
+    y_embed = not_mask.cumsum(1)
+    x_embed = not_mask.cumsum(2)
+    eps = 1e-6
+    y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
+    x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=mask.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
+    pos_x = x_embed[..., None] / dim_t  # (B, H, W, F)
+    pos_y = y_embed[..., None] / dim_t
+    pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
+    pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+    return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)  # (B, 2F, H, W)
+
+
+class MLP(nn.Module):
+    """A few Linear layers with ReLU between them (DETR's box head)."""
+
+    def __init__(self, input_dim, hidden_dim, output_dim, num_layers):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
+        return x
+
+
+def inverse_sigmoid(x, eps=1e-5):
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def valid_image_sizes(pad_mask):
+    """pad_mask (B, H, W), True = padding -> (B, 2) unpadded (width, height) in pixels, float."""
+    valid = ~pad_mask
+    return torch.stack([valid.any(1).sum(-1), valid.any(2).sum(-1)], dim=-1).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Multi-scale deformable sampling (pure PyTorch; replaces the MultiScaleDeformableAttention op)
+# ---------------------------------------------------------------------------------------------
+
+def ms_deform_sample(value, spatial_shapes, sampling_locations):
+    """Bilinearly sample every level's value map at the given locations.
+
+    value (B, S, H, D): all levels' tokens flattened, S = sum_l H_l*W_l, H heads of D channels.
+    spatial_shapes: list of (H_l, W_l). sampling_locations (B, Q, H, L, P, 2): (x, y) in [0, 1]
+    relative to each level's map (0 and 1 are the outer edges of the border cells).
+    Returns (B, H, D, Q, L, P). Points outside the map read zeros (grid_sample's zero padding,
+    align_corners=False), exactly like the official CUDA kernel.
+    """
+    B, S, H, D = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    assert S == sum(h * w for h, w in spatial_shapes), "value length does not match spatial_shapes"
+    values = value.split([h * w for h, w in spatial_shapes], dim=1)
+    grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
+    out = []
+    for lvl, (h, w) in enumerate(spatial_shapes):
+        v = values[lvl].flatten(2).transpose(1, 2).reshape(B * H, D, h, w)  # (B*H, D, H_l, W_l)
+        g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*H, Q, P, 2)
+        out.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
+    return torch.stack(out, dim=-2).view(B, H, D, Q, L, P)  # (B, H, D, Q, L, P)
+
+
+def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
+    """Deformable attention core: sum over levels and points of weight * sampled value.
+
+    attention_weights (B, Q, H, L, P) -> output (B, Q, H*D).
+    """
+    B, S, H, D = value.shape
+    Q = sampling_locations.shape[1]
+    sampled = ms_deform_sample(value, spatial_shapes, sampling_locations)  # (B, H, D, Q, L, P)
+    weights = attention_weights.permute(0, 2, 1, 3, 4)[:, :, None]  # (B, H, 1, Q, L, P)
+    out = (sampled * weights).sum((-1, -2))  # (B, H, D, Q)
+    return out.permute(0, 3, 1, 2).reshape(B, Q, H * D)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Box ops
+# ---------------------------------------------------------------------------------------------
+
+def box_cxcywh_to_xyxy(b):
+    cx, cy, w, h = b.unbind(-1)
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+def box_xyxy_to_cxcywh(b):
+    x0, y0, x1, y1 = b.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+
+
+def _sanitize(boxes):
+    """Non-finite coordinates -> 0; an inverted box (x1 < x0) becomes an empty one at x0."""
+    boxes = torch.nan_to_num(boxes, nan=0.0, posinf=0.0, neginf=0.0)
+    return torch.cat([boxes[:, :2], torch.maximum(boxes[:, 2:], boxes[:, :2])], dim=-1)
+
+
+def box_area(boxes):
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def box_iou(boxes1, boxes2, eps=1e-7):
+    """Pairwise IoU of xyxy boxes: (N, 4), (M, 4) -> iou (N, M), union (N, M)."""
+    boxes1, boxes2 = _sanitize(boxes1), _sanitize(boxes2)
+    lt = torch.max(boxes1[:, None, :2], boxes2[None, :, :2])
+    rb = torch.min(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)  # (N, M)
+    union = box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - inter
+    return inter / union.clamp(min=eps), union
+
+
+def generalized_box_iou(boxes1, boxes2, eps=1e-7):
+    """Pairwise GIoU of xyxy boxes (N, M). Finite for degenerate, inverted and NaN boxes."""
+    iou, union = box_iou(boxes1, boxes2, eps)
+    boxes1, boxes2 = _sanitize(boxes1), _sanitize(boxes2)
+    lt = torch.min(boxes1[:, None, :2], boxes2[None, :, :2])
+    rb = torch.max(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    enclosing = (rb - lt).clamp(min=0).prod(-1)
+    return iou - (enclosing - union) / enclosing.clamp(min=eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Matcher, criterion, post-processing
+# ---------------------------------------------------------------------------------------------
+
+def focal_class_cost(logits, labels, alpha=0.25, gamma=2.0):
+    """Deformable DETR's focal matching cost at the target class: (N, K), (M,) -> (N, M)."""
+    prob = logits.sigmoid()[:, labels]
+    neg = (1 - alpha) * prob ** gamma * -(1 - prob + 1e-8).log()
+    pos = alpha * (1 - prob) ** gamma * -(prob + 1e-8).log()
+    return pos - neg
+
+
+class HungarianMatcher(nn.Module):
+    """One-to-one assignment of predictions to targets minimising class + L1 + GIoU cost."""
+
+    def __init__(self, cost_class=2.0, cost_bbox=5.0, cost_giou=2.0, alpha=0.25, gamma=2.0):
+        super().__init__()
+        self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
+        self.alpha, self.gamma = alpha, gamma
+
+    @torch.no_grad()
+    def forward(self, outputs, targets):
+        """outputs: pred_logits (B, Q, K), pred_boxes (B, Q, 4); targets: [{labels (M_b,), boxes (M_b, 4)}].
+
+        Returns [(pred_idx, tgt_idx)] per image, int64 tensors of equal length min(Q, M_b).
+        """
+        B, Q = outputs["pred_logits"].shape[:2]
+        logits = outputs["pred_logits"].flatten(0, 1).float()  # (B*Q, K)
+        boxes = outputs["pred_boxes"].flatten(0, 1).float()  # (B*Q, 4)
+        tgt_labels = torch.cat([t["labels"] for t in targets])
+        tgt_boxes = torch.cat([t["boxes"] for t in targets]).float()
+        if tgt_labels.numel() == 0:
+            empty = torch.empty(0, dtype=torch.int64)
+            return [(empty, empty) for _ in targets]
+        cost = (self.cost_class * focal_class_cost(logits, tgt_labels, self.alpha, self.gamma)
+                + self.cost_bbox * torch.cdist(boxes, tgt_boxes, p=1)
+                - self.cost_giou * generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes)))
+        cost = torch.nan_to_num(cost, nan=1e8, posinf=1e8, neginf=-1e8).view(B, Q, -1).cpu()
+        indices = []
+        for b, c in enumerate(cost.split([len(t["labels"]) for t in targets], dim=-1)):
+            rows, cols = linear_sum_assignment(c[b].numpy())
+            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        return indices
+
+
+def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
+    """Element-wise sigmoid focal loss (Lin et al.), same shape as logits."""
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_t = prob * targets + (1 - prob) * (1 - targets)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class SetCriterion(nn.Module):
+    """DETR's set loss with sigmoid focal classification, as the four papers use it.
+
+    For every output set (the last decoder layer, each `aux_outputs` entry and, if present,
+    `enc_outputs` with class-agnostic targets as in two-stage Deformable DETR) the predictions
+    are Hungarian-matched to the targets, then
+        loss_ce   = sum of focal loss over all queries and classes / num_boxes
+        loss_bbox = L1 on matched (cx, cy, w, h) / num_boxes
+        loss_giou = (1 - GIoU) on matched boxes / num_boxes
+    where num_boxes is the batch's target count averaged over ranks, at least 1.
+    Returns a dict of unweighted terms (suffix _0.._{L-2} for aux, _enc for the encoder);
+    `weight_dict` holds each term's weight.
+    """
+
+    def __init__(self, num_classes, matcher=None, weight_ce=2.0, weight_bbox=5.0, weight_giou=2.0,
+                 focal_alpha=0.25, focal_gamma=2.0, num_aux=0, encoder_loss=False):
+        super().__init__()
+        self.num_classes = num_classes
+        self.matcher = matcher or HungarianMatcher(weight_ce, weight_bbox, weight_giou, focal_alpha, focal_gamma)
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        base = {"loss_ce": weight_ce, "loss_bbox": weight_bbox, "loss_giou": weight_giou}
+        self.weight_dict = dict(base)
+        for i in range(num_aux):
+            self.weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
+        if encoder_loss:
+            self.weight_dict.update({f"{k}_enc": v for k, v in base.items()})
+
+    def num_boxes(self, targets, device):
+        n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        if world_size() > 1:
+            dist.all_reduce(n)
+        return (n / world_size()).clamp(min=1).item()
+
+    def set_loss(self, outputs, targets, num_boxes):
+        """The three terms for one output set (pred_logits, pred_boxes)."""
+        logits = outputs["pred_logits"].float()  # losses in float32, also under autocast
+        indices = self.matcher(outputs, targets)
+        batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)]).to(logits.device)
+        src_idx = torch.cat([src for src, _ in indices]).to(logits.device)
+        tgt_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)
+        onehot = torch.zeros_like(logits)  # unmatched queries: all-zero targets
+        onehot[batch_idx, src_idx, tgt_labels] = 1.0
+        loss_ce = sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma).sum() / num_boxes
+
+        src_boxes = outputs["pred_boxes"][batch_idx, src_idx].float()  # (M, 4)
+        tgt_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(src_boxes)
+        loss_bbox = F.l1_loss(src_boxes, tgt_boxes, reduction="sum") / num_boxes
+        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src_boxes), box_cxcywh_to_xyxy(tgt_boxes)))
+        loss_giou = (1 - giou).sum() / num_boxes
+        return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
+
+    def forward(self, outputs, targets):
+        num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
+        losses = self.set_loss(outputs, targets, num_boxes)
+        for i, aux in enumerate(outputs.get("aux_outputs", [])):
+            losses.update({f"{k}_{i}": v for k, v in self.set_loss(aux, targets, num_boxes).items()})
+        if "enc_outputs" in outputs:
+            binary = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            losses.update({f"{k}_enc": v for k, v in self.set_loss(outputs["enc_outputs"], binary, num_boxes).items()})
+        return losses
+
+
+class PostProcess(nn.Module):
+    """Top-k over (query x class) pairs -> COCO-style detections in original-image pixels."""
+
+    def __init__(self, num_select=300):
+        super().__init__()
+        self.num_select = num_select
+
+    @torch.no_grad()
+    def forward(self, outputs, target_sizes):
+        """target_sizes (B, 2) as (height, width) of the original images -> [{scores, labels, boxes xyxy}]"""
+        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
+        B, Q, K = logits.shape
+        prob = logits.float().sigmoid().flatten(1)  # (B, Q*K)
+        scores, idx = prob.topk(min(self.num_select, Q * K), dim=1)  # (B, k)
+        query, labels = idx // K, idx % K
+        boxes = box_cxcywh_to_xyxy(boxes.float()).gather(1, query[..., None].expand(-1, -1, 4))  # (B, k, 4)
+        h, w = target_sizes.float().unbind(1)
+        boxes = boxes * torch.stack([w, h, w, h], dim=1)[:, None, :]
+        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
