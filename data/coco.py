@@ -1,0 +1,163 @@
+"""COCO-format detection dataset over pycocotools, with checks that name the bad file.
+
+Layouts found under a root (first match wins), for split in {train, val}:
+    ROOT/{split}2017/            + ROOT/annotations/instances_{split}2017.json   (COCO)
+    ROOT/{split}/                + ROOT/annotations/instances_{split}.json       (shapes, custom sets)
+
+Labels are the raw category ids; the model has `num_classes = max category id + 1` logits (91 for
+COCO, as in the official DETR code). Crowd boxes are left out of training targets (COCOeval still
+sees them); boxes of zero or negative width or height, or lying outside their image, are dropped
+and counted in the log; the rest are clipped to the image. Images without annotations stay in as
+negatives.
+"""
+import contextlib
+import io
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+
+log = logging.getLogger(__name__)
+
+
+def find_split(root, split):
+    """(image_dir, annotation_file) of a split under root, or ValueError listing what was tried."""
+    tried = []
+    for img_dir, ann in ((f"{split}2017", f"instances_{split}2017.json"), (split, f"instances_{split}.json")):
+        img_dir, ann = os.path.join(root, img_dir), os.path.join(root, "annotations", ann)
+        if os.path.isdir(img_dir) and os.path.isfile(ann):
+            return img_dir, ann
+        tried.append(f"{img_dir} + {ann}")
+    raise ValueError(f"no '{split}' split under {root!r}; looked for: " + "; ".join(tried))
+
+
+def load_rgb(path):
+    """Open any PIL-readable image as 8-bit RGB (grayscale, palette, RGBA, CMYK, 16-bit, float)."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            a = np.asarray(img, dtype=np.float64)
+            hi = 65535.0 if a.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(a / hi * 255.0, 0, 255).astype(np.uint8))
+        elif img.mode == "P":
+            img = img.convert("RGBA")
+        return img.convert("RGB")
+
+
+class CocoDetection(torch.utils.data.Dataset):
+    """Item: (image tensor (3, H, W), target dict) after `transforms`.
+
+    target: boxes (N, 4) cxcywh normalised to the transformed image, labels (N,) category ids,
+    image_id, orig_size (h, w) of the file, size (h, w) after the transforms.
+    """
+
+    def __init__(self, img_dir, ann_file, transforms=None):
+        self.img_dir, self.ann_file, self.transforms = img_dir, ann_file, transforms
+        self.coco = load_coco(ann_file)
+        self.ids = sorted(self.coco.imgs)
+        self.categories = {c["id"]: c.get("name", str(c["id"])) for c in self.coco.dataset["categories"]}
+        self.num_classes = max(self.categories) + 1
+        self._check_and_index()
+
+    def _check_and_index(self):
+        files = set(os.listdir(self.img_dir))
+        for img_id in self.ids:
+            info = self.coco.imgs[img_id]
+            if "file_name" not in info:
+                raise ValueError(f"{self.ann_file}: image id {img_id} has no file_name")
+            if info["file_name"] not in files and not os.path.isfile(os.path.join(self.img_dir, info["file_name"])):
+                raise ValueError(f"{self.ann_file}: image id {img_id}: file {os.path.join(self.img_dir, info['file_name'])} is missing")
+        self.targets, dropped = {}, 0
+        for img_id in self.ids:
+            boxes, labels = [], []
+            for ann in self.coco.imgToAnns.get(img_id, []):
+                if ann["category_id"] not in self.categories:
+                    raise ValueError(f"{self.ann_file}: annotation {ann.get('id')} of image id {img_id} has "
+                                     f"category_id {ann['category_id']}, which 'categories' does not declare")
+                if ann.get("iscrowd", 0):
+                    continue
+                bbox = ann.get("bbox")
+                if bbox is None or len(bbox) != 4:
+                    raise ValueError(f"{self.ann_file}: annotation {ann.get('id')} of image id {img_id} has bbox {bbox!r}, not [x, y, w, h]")
+                x, y, w, h = map(float, bbox)
+                W, H = self.coco.imgs[img_id].get("width", np.inf), self.coco.imgs[img_id].get("height", np.inf)
+                x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, W), min(y + h, H)
+                if not (w > 0 and h > 0 and x1 > x0 and y1 > y0):
+                    dropped += 1
+                    continue
+                boxes.append([x0, y0, x1, y1])
+                labels.append(ann["category_id"])
+            self.targets[img_id] = (torch.tensor(boxes, dtype=torch.float32).view(-1, 4),
+                                    torch.tensor(labels, dtype=torch.int64))
+        self.dropped_boxes = dropped
+        if dropped:
+            log.warning("%s: dropped %d boxes with zero or negative width/height or outside their image",
+                        self.ann_file, dropped)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, idx):
+        img_id = self.ids[idx]
+        path = os.path.join(self.img_dir, self.coco.imgs[img_id]["file_name"])
+        try:
+            image = load_rgb(path)
+        except Exception as e:
+            raise ValueError(f"image id {img_id}: cannot read {path}: {e}") from e
+        w, h = image.size
+        boxes, labels = self.targets[img_id]
+        # clip again to the real image size (the json's width/height may be absent or wrong)
+        boxes = torch.min(boxes, torch.tensor([w, h, w, h], dtype=torch.float32))
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        target = {"boxes": boxes[keep], "labels": labels[keep], "image_id": img_id, "orig_size": torch.tensor([h, w])}
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+
+def load_coco(ann_file):
+    """pycocotools COCO with a clear error for a missing / malformed / incomplete json."""
+    if not os.path.isfile(ann_file):
+        raise ValueError(f"annotation file {ann_file} does not exist")
+    try:
+        with open(ann_file) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"annotation file {ann_file} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"annotation file {ann_file}: expected a JSON object, got {type(data).__name__}")
+    missing = [k for k in ("images", "annotations", "categories") if k not in data]
+    if missing:
+        raise ValueError(f"annotation file {ann_file} lacks the COCO key(s) {missing}")
+    if not data["categories"]:
+        raise ValueError(f"annotation file {ann_file} declares no categories")
+    image_ids = {img.get("id") for img in data["images"]}
+    for ann in data["annotations"]:
+        if ann.get("image_id") not in image_ids:
+            raise ValueError(f"annotation file {ann_file}: annotation {ann.get('id')} refers to image id "
+                             f"{ann.get('image_id')}, which 'images' does not list")
+    coco = COCO()
+    coco.dataset = data
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco
+
+
+def collate(batch):
+    """Pad a list of (image (3, H_i, W_i), target) to images (B, 3, H, W) and pad_mask (B, H, W).
+
+    Padding goes to the bottom and right; pad_mask is True on padding.
+    """
+    images, targets = zip(*batch)
+    H = max(im.shape[1] for im in images)
+    W = max(im.shape[2] for im in images)
+    out = images[0].new_zeros(len(images), 3, H, W)
+    pad_mask = torch.ones(len(images), H, W, dtype=torch.bool)
+    for i, im in enumerate(images):
+        out[i, :, : im.shape[1], : im.shape[2]] = im
+        pad_mask[i, : im.shape[1], : im.shape[2]] = False
+    return out, pad_mask, list(targets)

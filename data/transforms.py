@@ -1,0 +1,142 @@
+"""DETR's augmentation recipe in PIL / numpy / torch (no torchvision).
+
+A transform takes and returns (image, target): image a PIL.Image until ToTensor, target a dict with
+`boxes` (N, 4) absolute xyxy pixels, `labels` (N,), and anything else per box (`area`, `iscrowd`)
+filtered alongside. Normalize turns boxes into cxcywh relative to the (unpadded) image.
+"""
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# DETR's COCO recipe (datasets/coco.py): short side 480..800, max side 1333, crop branch.
+COCO_SCALES = dict(scales=list(range(480, 801, 32)), max_size=1333, crop_resize=(400, 500, 600),
+                   crop_size=(384, 600), val_size=800)
+# The same recipe scaled to the built-in shapes set (176..320 px images), for CPU training.
+SHAPES_SCALES = dict(scales=list(range(128, 193, 16)), max_size=240, crop_resize=(128, 160, 192),
+                     crop_size=(112, 192), val_size=160)
+
+PER_BOX = ("boxes", "labels", "area", "iscrowd")
+
+
+def _keep(target, keep):
+    return {k: (v[keep] if k in PER_BOX else v) for k, v in target.items()}
+
+
+class Compose:
+    def __init__(self, transforms):
+        self.transforms = transforms
+
+    def __call__(self, image, target):
+        for t in self.transforms:
+            image, target = t(image, target)
+        return image, target
+
+
+class RandomHorizontalFlip:
+    def __init__(self, p=0.5):
+        self.p = p
+
+    def __call__(self, image, target):
+        if random.random() < self.p:
+            w = image.width
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+            boxes = target["boxes"]
+            target = {**target, "boxes": torch.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], -1)}
+        return image, target
+
+
+def resized_hw(w, h, size, max_size=None):
+    """DETR's get_size_with_aspect_ratio: short side -> size unless the long side passes max_size."""
+    if max_size is not None:
+        lo, hi = float(min(w, h)), float(max(w, h))
+        if hi / lo * size > max_size:
+            size = int(round(max_size * lo / hi))
+    if (w <= h and w == size) or (h <= w and h == size):
+        return h, w
+    if w < h:
+        return int(size * h / w), size
+    return size, int(size * w / h)
+
+
+def resize(image, target, size, max_size=None):
+    h, w = resized_hw(image.width, image.height, size, max_size)
+    sx, sy = w / image.width, h / image.height
+    image = image.resize((w, h), Image.BILINEAR)
+    target = dict(target)
+    target["boxes"] = target["boxes"] * torch.tensor([sx, sy, sx, sy])
+    if "area" in target:
+        target["area"] = target["area"] * (sx * sy)
+    return image, target
+
+
+class RandomResize:
+    def __init__(self, sizes, max_size=None):
+        self.sizes, self.max_size = list(sizes), max_size
+
+    def __call__(self, image, target):
+        return resize(image, target, random.choice(self.sizes), self.max_size)
+
+
+class RandomSizeCrop:
+    """A random crop of random size (each side in [min_size, max_size], within the image)."""
+
+    def __init__(self, min_size, max_size):
+        self.min_size, self.max_size = min_size, max_size
+
+    def __call__(self, image, target):
+        w = random.randint(min(image.width, self.min_size), min(image.width, self.max_size))
+        h = random.randint(min(image.height, self.min_size), min(image.height, self.max_size))
+        top, left = random.randint(0, image.height - h), random.randint(0, image.width - w)
+        return crop(image, target, top, left, h, w)
+
+
+def crop(image, target, top, left, h, w):
+    image = image.crop((left, top, left + w, top + h))
+    boxes = target["boxes"] - torch.tensor([left, top, left, top], dtype=torch.float32)
+    boxes = torch.min(boxes.view(-1, 2, 2), torch.tensor([w, h], dtype=torch.float32)).clamp(min=0)
+    keep = (boxes[:, 1] > boxes[:, 0]).all(dim=1)  # boxes left with no area are dropped
+    target = {**target, "boxes": boxes.view(-1, 4)}
+    if "area" in target:
+        target["area"] = (boxes[:, 1] - boxes[:, 0]).prod(dim=1)
+    return image, _keep(target, keep)
+
+
+class RandomSelect:
+    """Apply t1 with probability p, else t2."""
+
+    def __init__(self, t1, t2, p=0.5):
+        self.t1, self.t2, self.p = t1, t2, p
+
+    def __call__(self, image, target):
+        return self.t1(image, target) if random.random() < self.p else self.t2(image, target)
+
+
+class ToTensorNormalize:
+    """PIL -> float (3, H, W) with ImageNet normalisation; boxes -> cxcywh in [0, 1] of this image."""
+
+    def __call__(self, image, target):
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+        h, w = x.shape[-2:]
+        b = target["boxes"]
+        cxcywh = torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], -1)
+        target = {**target, "boxes": cxcywh / torch.tensor([w, h, w, h], dtype=torch.float32),
+                  "size": torch.tensor([h, w])}
+        return x, target
+
+
+def make_transforms(split, scales, max_size, crop_resize, crop_size, val_size):
+    """DETR's train / val pipelines (datasets/coco.py make_coco_transforms), sizes as arguments."""
+    if split == "train":
+        return Compose([
+            RandomHorizontalFlip(),
+            RandomSelect(
+                RandomResize(scales, max_size),
+                Compose([RandomResize(crop_resize), RandomSizeCrop(*crop_size), RandomResize(scales, max_size)])),
+            ToTensorNormalize()])
+    return Compose([RandomResize([val_size], max_size), ToTensorNormalize()])
