@@ -1,0 +1,579 @@
+"""Tests: the shared ops against references, the data pipeline, the models, the training loop.
+
+CPU, tiny configurations; the whole file runs in a few minutes on 2 cores.
+"""
+import dataclasses
+import itertools
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+import data as datalib
+import smca
+import train
+from data import shapes
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def tiny_smca(**kw):
+    base = dict(backbone_depth=18, backbone_norm="bn", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
+                dim_feedforward=64, num_queries=12, num_classes=21, num_select=20)
+    base.update(kw)
+    return smca.Config(**base)
+
+
+# ---------------------------------------------------------------------------------------------
+# common.py: box ops, matcher, criterion, post-processing
+# ---------------------------------------------------------------------------------------------
+
+def test_giou_hand_cases_and_degenerate_boxes():
+    a = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    b = torch.tensor([[2.0, 0.0, 3.0, 1.0], [0.0, 0.0, 1.0, 1.0], [0.5, 0.0, 1.5, 1.0]])
+    g = common.generalized_box_iou(a, b)[0]
+    # disjoint: IoU 0, enclosing 3, union 2 -> -1/3; identical -> 1; half overlap: IoU 1/3, enclosing = union
+    assert torch.allclose(g, torch.tensor([-1 / 3, 1.0, 1 / 3]), atol=1e-6)
+    bad = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [float("nan"), 0.0, 1.0, 1.0],
+                        [0.0, 0.0, float("inf"), 1.0]], requires_grad=True)
+    g = common.generalized_box_iou(bad, bad)
+    assert torch.isfinite(g).all()
+    g.sum().backward()
+    assert torch.isfinite(bad.grad).all()
+
+
+def test_box_conversions_round_trip():
+    b = torch.rand(10, 4)
+    assert torch.allclose(common.box_xyxy_to_cxcywh(common.box_cxcywh_to_xyxy(b)), b, atol=1e-6)
+
+
+def _random_outputs(B, Q, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"pred_logits": torch.randn(B, Q, K, generator=g),
+            "pred_boxes": torch.rand(B, Q, 4, generator=g) * 0.5 + 0.25}
+
+
+def _random_targets(counts, K, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [{"labels": torch.randint(0, K, (n,), generator=g), "boxes": torch.rand(n, 4, generator=g) * 0.4 + 0.3}
+            for n in counts]
+
+
+def test_matcher_is_optimal_against_brute_force():
+    matcher = common.HungarianMatcher()
+    out, tgt = _random_outputs(1, 5, 7), _random_targets([3], 7)
+    src, dst = matcher(out, tgt)[0]
+    # the cost written out independently of the matcher
+    p = out["pred_logits"][0].sigmoid()[:, tgt[0]["labels"]]
+    cls = 0.25 * (1 - p) ** 2 * -torch.log(p + 1e-8) - 0.75 * p ** 2 * -torch.log(1 - p + 1e-8)
+    l1 = (out["pred_boxes"][0][:, None] - tgt[0]["boxes"][None]).abs().sum(-1)
+    giou = common.generalized_box_iou(common.box_cxcywh_to_xyxy(out["pred_boxes"][0]),
+                                      common.box_cxcywh_to_xyxy(tgt[0]["boxes"]))
+    cost = 2 * cls + 5 * l1 - 2 * giou  # (5, 3)
+    best = min(sum(cost[q, j] for j, q in enumerate(perm)) for perm in itertools.permutations(range(5), 3))
+    assert torch.isclose(cost[src, dst].sum(), torch.as_tensor(best), atol=1e-5)
+
+
+def test_matcher_alone_equals_batched_and_handles_empty():
+    matcher = common.HungarianMatcher()
+    out, tgt = _random_outputs(3, 6, 5), _random_targets([2, 0, 4], 5)
+    batched = matcher(out, tgt)
+    assert len(batched[1][0]) == 0 and len(batched[1][1]) == 0
+    for b in range(3):
+        alone = matcher({k: v[b:b + 1] for k, v in out.items()}, [tgt[b]])[0]
+        assert torch.equal(alone[0], batched[b][0]) and torch.equal(alone[1], batched[b][1])
+    assert all(len(i) == 0 for i, _ in matcher(out, _random_targets([0, 0, 0], 5)))
+    nan_out = {k: torch.full_like(v, float("nan")) for k, v in out.items()}
+    assert [len(i) for i, _ in matcher(nan_out, tgt)] == [2, 0, 4]  # no crash on a diverged model
+
+
+def test_criterion_with_an_image_without_boxes():
+    out, tgt = _random_outputs(2, 6, 5), _random_targets([2, 0], 5)
+    out = {k: v.clone().requires_grad_() for k, v in out.items()}
+    crit = common.SetCriterion(5)
+    losses = crit(out, tgt)
+    assert all(torch.isfinite(v) for v in losses.values())
+    # loss_ce written out: focal loss of every logit against one-hot targets at the matched pairs / 2 boxes
+    idx = crit.matcher(out, tgt)
+    onehot = torch.zeros(2, 6, 5)
+    for q, j in zip(*idx[0]):
+        onehot[0, q, tgt[0]["labels"][j]] = 1
+    p = out["pred_logits"].sigmoid()
+    pt = p * onehot + (1 - p) * (1 - onehot)
+    w = 0.25 * onehot + 0.75 * (1 - onehot)
+    expected = (w * -torch.log(pt) * (1 - pt) ** 2).sum() / 2
+    assert torch.allclose(losses["loss_ce"], expected, rtol=1e-5)
+    sum(losses.values()).backward()
+    assert out["pred_logits"].grad[1].abs().sum() > 0  # the empty image still trains its negatives
+    empty = crit({k: v.detach() for k, v in out.items()}, _random_targets([0, 0], 5))
+    assert empty["loss_bbox"] == 0 and torch.isfinite(empty["loss_ce"])
+
+
+def test_postprocess_scales_to_original_size():
+    logits = torch.full((1, 3, 4), -10.0)
+    logits[0, 1, 2] = 5.0
+    boxes = torch.tensor([[[0.5, 0.5, 1.0, 1.0], [0.25, 0.5, 0.5, 0.2], [0.5, 0.5, 0.1, 0.1]]])
+    res = common.PostProcess(num_select=2)({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]))[0]
+    assert res["labels"][0] == 2 and res["scores"][0] > 0.99
+    assert torch.allclose(res["boxes"][0], torch.tensor([0.0, 40.0, 100.0, 60.0]))  # w 200, h 100
+
+
+# ---------------------------------------------------------------------------------------------
+# common.py: position encoding, deformable sampling, backbone
+# ---------------------------------------------------------------------------------------------
+
+def test_sine_position_embedding_ignores_padding():
+    alone = common.sine_position_embedding(torch.zeros(1, 3, 4, dtype=torch.bool), 16)
+    mask = torch.ones(1, 5, 7, dtype=torch.bool)
+    mask[:, :3, :4] = False
+    padded = common.sine_position_embedding(mask, 16)
+    assert padded.shape == (1, 32, 5, 7)
+    assert torch.allclose(alone, padded[..., :3, :4], atol=1e-6)
+
+
+def _bilinear_naive(v, x, y):
+    """v (D, H, W); x, y pixel coordinates (align_corners=False); zeros outside."""
+    D, H, W = v.shape
+    x0, y0 = math.floor(x), math.floor(y)
+    out = torch.zeros(D, dtype=v.dtype)
+    for yy, xx in itertools.product((y0, y0 + 1), (x0, x0 + 1)):
+        w = (1 - abs(x - xx)) * (1 - abs(y - yy))
+        if 0 <= xx < W and 0 <= yy < H:
+            out += w * v[:, yy, xx]
+    return out
+
+
+def test_ms_deform_attn_matches_naive_loop():
+    torch.manual_seed(0)
+    shapes_ = [(3, 4), (2, 2), (5, 3)]
+    B, Q, H, D, P = 2, 3, 2, 4, 2
+    L = len(shapes_)
+    value = torch.randn(B, sum(h * w for h, w in shapes_), H, D, dtype=torch.float64)
+    loc = torch.rand(B, Q, H, L, P, 2, dtype=torch.float64) * 1.3 - 0.15  # some outside the map
+    attw = torch.rand(B, Q, H, L, P, dtype=torch.float64)
+    out = common.ms_deform_attn(value, shapes_, loc, attw)
+    starts = np.cumsum([0] + [h * w for h, w in shapes_])
+    ref = torch.zeros(B, Q, H, D, dtype=torch.float64)
+    for b, q, h, lvl, p in itertools.product(range(B), range(Q), range(H), range(L), range(P)):
+        hl, wl = shapes_[lvl]
+        v = value[b, starts[lvl]:starts[lvl + 1], h].T.reshape(D, hl, wl)
+        x, y = loc[b, q, h, lvl, p, 0] * wl - 0.5, loc[b, q, h, lvl, p, 1] * hl - 0.5
+        ref[b, q, h] += attw[b, q, h, lvl, p] * _bilinear_naive(v, x.item(), y.item())
+    assert torch.allclose(out, ref.view(B, Q, H * D), atol=1e-10)
+
+
+TORCHVISION_PARAMS = {18: 11_689_512, 50: 25_557_032}  # torchvision.models.resnetXX().parameters()
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_resnet_has_torchvision_layout(depth):
+    body = common.ResNet(depth)
+    state = body.state_dict()
+    learnable = sum(v.numel() for k, v in state.items() if not k.endswith(("running_mean", "running_var")))
+    fc = 512 * common.RESNET_SPECS[depth][0].expansion * 1000 + 1000
+    assert learnable + fc == TORCHVISION_PARAMS[depth]
+    assert "layer2.0.downsample.1.running_var" in state and "layer4.1.bn2.weight" in state
+
+
+def _torchvision_format(depth, seed=0):
+    """A state dict as torchvision writes it: BatchNorm's num_batches_tracked and the fc layer included."""
+    g = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(v.shape, generator=g) for k, v in common.ResNet(depth).state_dict().items()}
+    for k in [k for k in state if k.endswith("running_var")]:
+        state[k] = state[k].abs() + 0.5
+        state[k.replace("running_var", "num_batches_tracked")] = torch.tensor(100)
+    width = 512 * common.RESNET_SPECS[depth][0].expansion
+    state.update({"fc.weight": torch.randn(1000, width, generator=g), "fc.bias": torch.zeros(1000)})
+    return state
+
+
+def test_backbone_loads_torchvision_weights_and_rejects_bad_files(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    state = _torchvision_format(18)
+    torch.save(state, path)
+    bb = common.Backbone(18)
+    common.load_backbone_weights(bb, str(path))
+    assert torch.equal(bb.body.layer3[1].conv2.weight, state["layer3.1.conv2.weight"])
+    assert torch.equal(bb.body.bn1.running_var, state["bn1.running_var"])
+    with pytest.raises(ValueError, match="missing"):
+        common.load_backbone_weights(common.Backbone(50), str(path))
+    del state["layer1.0.conv1.weight"]
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"1 missing \['layer1.0.conv1.weight'\]"):
+        common.load_backbone_weights(common.Backbone(18), str(tmp_path / "partial.pth"))
+    (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt.pth"):
+        common.load_backbone_weights(bb, str(tmp_path / "corrupt.pth"))
+    with pytest.raises(ValueError, match="no such file"):
+        common.load_backbone_weights(bb, str(tmp_path / "absent.pth"))
+
+
+def test_backbone_freezes_stem_and_layer1():
+    for norm in ("frozen_bn", "bn"):
+        bb = common.Backbone(18, norm)
+        trainable = {n.split(".")[1] for n, p in bb.named_parameters() if p.requires_grad}
+        assert trainable == {"layer2", "layer3", "layer4"}
+
+
+# ---------------------------------------------------------------------------------------------
+# data/
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("shapes") / "set")
+    shapes.generate(root, num_train=8, num_val=3, seed=3)
+    return root
+
+
+def test_shapes_generator_is_deterministic_and_coco_like(tiny_shapes, tmp_path):
+    shapes.generate(str(tmp_path / "again"), num_train=8, num_val=3, seed=3)
+    for split in ("train", "val"):
+        a = json.load(open(os.path.join(tiny_shapes, "annotations", f"instances_{split}.json")))
+        b = json.load(open(tmp_path / "again" / "annotations" / f"instances_{split}.json"))
+        assert a == b
+    ids = [c["id"] for c in a["categories"]]
+    assert len(ids) >= 4 and ids != list(range(min(ids), min(ids) + len(ids)))  # non-contiguous
+    ds = datalib.CocoDetection(*datalib.find_split(tiny_shapes, "train"))
+    assert ds.num_classes == max(ids) + 1
+    sizes = {tuple(ds.coco.imgs[i][k] for k in ("width", "height")) for i in ds.ids}
+    assert len(sizes) > 1  # images of varying size, so batches pad
+    with pytest.raises(ValueError, match="not the shapes set asked for .*seed 4"):
+        shapes.ensure(tiny_shapes, 8, 3, seed=4)  # never overwrites another set
+
+
+def test_transforms_keep_boxes_on_the_object():
+    """A red rectangle on black: after flip / resize / crop the box must still frame the red pixels."""
+    tf = datalib.make_transforms("train", **datalib.SHAPES_SCALES)
+    arr = np.zeros((180, 240, 3), dtype=np.uint8)
+    arr[40:100, 150:210, 0] = 255
+    img = Image.fromarray(arr)
+    random.seed(0)
+    seen_empty = seen_box = 0
+    for _ in range(40):
+        x, t = tf(img, {"boxes": torch.tensor([[150.0, 40.0, 210.0, 100.0]]), "labels": torch.tensor([3])})
+        red = x[0] * 0.229 + 0.485 > 0.5  # undo the normalisation of the red channel
+        h, w = x.shape[1:]
+        assert tuple(t["size"].tolist()) == (h, w)
+        if len(t["boxes"]) == 0:
+            seen_empty += 1
+            assert red.sum() <= 2 * max(h, w)  # at most a sliver of the object survives the crop
+            continue
+        seen_box += 1
+        ys, xs = torch.nonzero(red, as_tuple=True)
+        cx, cy, bw, bh = (t["boxes"][0] * torch.tensor([w, h, w, h])).tolist()
+        measured = [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+        assert np.allclose([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], measured, atol=2.0)
+    assert seen_box > 20
+
+
+def _write_coco(root, images, annotations, categories=({"id": 1, "name": "a"}, {"id": 4, "name": "b"})):
+    os.makedirs(os.path.join(root, "val"), exist_ok=True)
+    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
+    with open(os.path.join(root, "annotations", "instances_val.json"), "w") as f:
+        json.dump({"images": images, "annotations": annotations, "categories": list(categories)}, f)
+
+
+def test_dataset_image_modes_and_box_hygiene(tmp_path):
+    root = str(tmp_path)
+    os.makedirs(os.path.join(root, "val"))
+    modes = {"gray.png": Image.new("L", (40, 30), 128), "pal.png": Image.new("P", (40, 30), 3),
+             "rgba.png": Image.new("RGBA", (40, 30), (1, 2, 3, 4)), "cmyk.jpg": Image.new("CMYK", (40, 30)),
+             "deep.png": Image.fromarray(np.full((30, 40), 60000, dtype=np.uint16))}
+    images = []
+    for i, (name, im) in enumerate(modes.items(), start=1):
+        im.save(os.path.join(root, "val", name))
+        images.append({"id": i, "file_name": name, "width": 40, "height": 30})
+    anns = [{"id": 1, "image_id": 1, "category_id": 4, "bbox": [5, 5, 10, 10], "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [5, 5, 0, 10], "iscrowd": 0},  # zero width
+            {"id": 3, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 10], "iscrowd": 1},  # crowd
+            {"id": 4, "image_id": 2, "category_id": 1, "bbox": [30, 20, 20, 20], "iscrowd": 0}]  # clipped
+    _write_coco(root, images, anns)
+    ds = datalib.CocoDetection(*datalib.find_split(root, "val"))
+    assert len(ds) == 5 and ds.num_classes == 5 and ds.dropped_boxes == 1
+    for i in range(5):
+        im, t = ds[i]
+        assert im.mode == "RGB" and im.size == (40, 30)
+    assert ds[4][0].getpixel((0, 0))[0] > 200  # 16-bit 60000 scales to bright, not clipped to white noise
+    assert ds[0][1]["labels"].tolist() == [4]  # crowd and zero-width left out
+    assert ds[1][1]["boxes"].tolist() == [[30.0, 20.0, 40.0, 30.0]]
+    assert len(ds[2][1]["boxes"]) == 0  # images without annotations stay in
+
+
+def test_dataset_errors_name_the_file(tmp_path):
+    root = str(tmp_path)
+    with pytest.raises(ValueError, match="no 'val' split"):
+        datalib.find_split(root, "val")
+    _write_coco(root, [{"id": 7, "file_name": "x.jpg", "width": 10, "height": 10}], [])
+    with pytest.raises(ValueError, match=r"image id 7: file .*x.jpg is missing"):
+        datalib.CocoDetection(*datalib.find_split(root, "val"))
+    (tmp_path / "val" / "x.jpg").write_bytes(b"garbage")
+    ds = datalib.CocoDetection(*datalib.find_split(root, "val"))
+    with pytest.raises(ValueError, match=r"image id 7: cannot read .*x.jpg"):
+        ds[0]
+    _write_coco(root, [{"id": 7, "file_name": "x.jpg"}],
+                [{"id": 9, "image_id": 7, "category_id": 3, "bbox": [0, 0, 1, 1]}])
+    with pytest.raises(ValueError, match="annotation 9 of image id 7 has category_id 3"):
+        datalib.CocoDetection(*datalib.find_split(root, "val"))
+    _write_coco(root, [{"id": 7, "file_name": "x.jpg"}], [{"id": 9, "image_id": 8, "category_id": 1, "bbox": [0, 0, 1, 1]}])
+    with pytest.raises(ValueError, match="image id 8"):
+        datalib.CocoDetection(*datalib.find_split(root, "val"))
+    ann = tmp_path / "annotations" / "instances_val.json"
+    ann.write_text("{not json")
+    with pytest.raises(ValueError, match="instances_val.json is not valid JSON"):
+        datalib.CocoDetection(*datalib.find_split(root, "val"))
+    ann.write_text(json.dumps({"images": []}))
+    with pytest.raises(ValueError, match="lacks the COCO key"):
+        datalib.CocoDetection(*datalib.find_split(root, "val"))
+
+
+def test_collate_pads_bottom_right():
+    a, b = torch.ones(3, 4, 5), torch.ones(3, 6, 3)
+    images, pad_mask, _ = datalib.collate([(a, {}), (b, {})])
+    assert images.shape == (2, 3, 6, 5) and pad_mask.shape == (2, 6, 5)
+    assert not pad_mask[0, :4, :5].any() and pad_mask[0, 4:].all() and pad_mask[1, :, 3:].all()
+    assert images[0, :, 4:].abs().sum() == 0
+    assert torch.equal(common.valid_image_sizes(pad_mask), torch.tensor([[5.0, 4.0], [3.0, 6.0]]))
+
+
+def test_evaluator_perfect_detections_score_one(tiny_shapes):
+    ds = datalib.CocoDetection(*datalib.find_split(tiny_shapes, "val"))
+    ev = datalib.CocoEvaluator(ds.coco)
+    for img_id in ds.ids[:2] * 2:  # an image repeated (as the distributed sampler does) counts once
+        anns = [a for a in ds.coco.imgToAnns[img_id] if not a.get("iscrowd")]
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                              for a in anns]).view(-1, 4)
+        ev.update({img_id: {"scores": torch.ones(len(anns)), "labels": torch.tensor([a["category_id"] for a in anns]),
+                            "boxes": boxes}})
+    res = ev.summarize(ds.categories)
+    assert res["stats"]["AP"] == pytest.approx(1.0) and res["stats"]["AP50"] == pytest.approx(1.0)
+    assert all(v == pytest.approx(1.0) or math.isnan(v) for v in res["per_class"].values())
+    assert datalib.CocoEvaluator(ds.coco).summarize()["stats"]["AP"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# smca.py
+# ---------------------------------------------------------------------------------------------
+
+def test_smca_parameter_counts_match_official():
+    model, _, _ = smca.build(smca.Config())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 41_537_825
+    # The DETR baseline: official DETR-R50 is 41,302,368 with 100 queries and 92 logits;
+    # +200 queries x 256, -1 class column (257) = 41,353,311.
+    model, _, _ = smca.build(smca.Config(spatial_prior=False))
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 41_353_311
+
+
+def test_smca_output_shapes_and_box_range():
+    cfg = tiny_smca()
+    model, _, post = smca.build(cfg)
+    model.eval()
+    images, pad_mask = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
+    pad_mask[1, 64:, :] = True
+    out = model(images, pad_mask)
+    assert out["pred_logits"].shape == (2, 12, 21) and out["pred_boxes"].shape == (2, 12, 4)
+    assert len(out["aux_outputs"]) == 1 and out["centers"].shape == (2, 12, 2)
+    assert out["log_priors"][0].shape == (2, 4, 12, 3 * 4)
+    assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
+    res = post(out, torch.tensor([[480, 640], [320, 640]]))
+    assert res[0]["boxes"].shape == (20, 4)
+
+
+def test_smca_log_prior_is_the_papers_gaussian():
+    """log G at every cell equals -(s_x^2 dx^2 + s_y^2 dy^2) / beta around centre + head offset."""
+    cfg = tiny_smca()
+    layer = smca.SMCADecoderLayer(cfg, first=True)
+    B, N, H = 1, 2, cfg.nheads
+    out = torch.randn(B, N, cfg.hidden_dim)
+    center_logit = torch.tensor([[[0.0, 0.0], [1.0, -1.0]]])
+    cells_wh = torch.tensor([[4.0, 3.0]])
+    ys, xs = torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij")
+    grid = torch.stack([xs, ys], -1).view(-1, 2).float()
+    log_g = layer.log_prior(out, center_logit, cells_wh, grid)  # (B, H, N, L)
+    offsets = layer.offset_proj(out).view(B, N, H, 2)
+    s = layer.scale_proj(out).view(B, N, H, 2)
+    for n, h, cell in itertools.product(range(N), range(H), range(12)):
+        c = torch.sigmoid(center_logit[0, n]) * cells_wh[0] + offsets[0, n, h]
+        d = c - grid[cell]
+        want = -(s[0, n, h, 0] ** 2 * d[0] ** 2 + s[0, n, h, 1] ** 2 * d[1] ** 2) / cfg.beta
+        assert torch.isclose(log_g[0, h, n, cell], want, atol=1e-5)
+
+
+def test_gaussian_cross_attention_without_prior_is_multihead_attention():
+    torch.manual_seed(0)
+    ours = smca.GaussianCrossAttention(32, 4, dropout=0.0)
+    ref = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+    with torch.no_grad():
+        ref.in_proj_weight.copy_(ours.in_proj.weight)
+        ref.in_proj_bias.copy_(ours.in_proj.bias)
+        ref.out_proj.weight.copy_(ours.out_proj.weight)
+        ref.out_proj.bias.copy_(ours.out_proj.bias)
+    q, k, v = torch.randn(2, 5, 32), torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    assert torch.allclose(ours(q, k, v, pad), ref(q, k, v, key_padding_mask=pad)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("spatial_prior", [True, False])
+def test_smca_padding_invariance(spatial_prior, figures):
+    """An image's outputs do not depend on the padding its batch adds (DESIGN.md)."""
+    torch.manual_seed(0)
+    cfg = tiny_smca(spatial_prior=spatial_prior)
+    model, _, _ = smca.build(cfg)
+    model.double().eval()
+    c5 = torch.randn(1, 512, 3, 4, dtype=torch.float64)
+    alone = model.forward_features(c5, torch.zeros(1, 3, 4, dtype=torch.bool), torch.tensor([[128.0, 96.0]]))
+    batch = torch.zeros(2, 512, 5, 6, dtype=torch.float64)
+    batch[0, :, :3, :4] = c5[0]
+    batch[1] = torch.randn(512, 5, 6, dtype=torch.float64)
+    mask = torch.ones(2, 5, 6, dtype=torch.bool)
+    mask[0, :3, :4] = False
+    mask[1] = False
+    batched = model.forward_features(batch, mask, torch.tensor([[128.0, 96.0], [192.0, 160.0]]))
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.allclose(alone[key][0], batched[key][0], atol=1e-4), key
+        assert torch.allclose(alone["aux_outputs"][0][key][0], batched["aux_outputs"][0][key][0], atol=1e-4)
+    # The full model, backbone included: report how far the CNN's view of the padding moves it.
+    images = torch.randn(1, 3, 96, 128, dtype=torch.float64)
+    big = torch.zeros(2, 3, 160, 192, dtype=torch.float64)
+    big[0, :, :96, :128] = images[0]
+    big[1] = torch.randn(3, 160, 192, dtype=torch.float64)
+    pad = torch.ones(2, 160, 192, dtype=torch.bool)
+    pad[0, :96, :128] = False
+    pad[1] = False
+    a = model(images, torch.zeros(1, 96, 128, dtype=torch.bool))
+    b = model(big, pad)
+    drift = (a["pred_boxes"][0] - b["pred_boxes"][0]).abs().max().item()
+    figures.append((f"smca full-model padding drift, max |d box| (spatial_prior={spatial_prior})", f"{drift:.2e}"))
+
+
+# Parameters a single backward leaves without gradient, and why:
+NO_GRAD_EXPECTED = {
+    # Layer 0's decoder input is tgt = 0, so its self-attention values all equal the value bias:
+    # the q / k projections and the value projection never receive a gradient (as in DETR).
+    "decoder.0.self_attn.in_proj_weight",
+    # ...and that attention's output, out_proj(value bias), is exactly 0 while both biases are at
+    # their zero init, so on the first step out_proj.weight and the following LayerNorm's weight
+    # (which scales LN(0) = 0) get none either; they do once the biases have moved.
+    "decoder.0.self_attn.out_proj.weight",
+    "decoder.0.norm1.weight",
+}
+
+
+def test_smca_gradient_flow():
+    torch.manual_seed(0)
+    cfg = tiny_smca()
+    model, criterion, _ = smca.build(cfg)
+    model.train()
+    images, pad_mask = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
+    pad_mask[1, :, 96:] = True
+    targets = _random_targets([3, 2], cfg.num_classes)
+    losses = criterion(model(images, pad_mask), targets)
+    sum(losses[k] * criterion.weight_dict[k] for k in losses).backward()
+    dead = set()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+            if p.grad.abs().max() < 1e-9:
+                dead.add(name)
+    assert dead == NO_GRAD_EXPECTED
+
+
+def test_smca_config_errors():
+    with pytest.raises(ValueError, match="scale_type"):
+        smca.build(tiny_smca(scale_type="diagonal"))
+    with pytest.raises(ValueError, match="divisible"):
+        smca.build(tiny_smca(hidden_dim=30))
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py
+# ---------------------------------------------------------------------------------------------
+
+TINY_SET = ["--set", "hidden_dim=32", "nheads=4", "enc_layers=1", "dec_layers=2", "dim_feedforward=64",
+            "num_queries=12", "num_select=20"]
+
+
+def _train_args(data, out, *extra):
+    return ["--model", "smca", "--data", data, "--output-dir", str(out), "--batch-size", "4", "--num-workers", "0",
+            "--scales", "shapes", "--backbone-weights", "none",
+            "--lr-drop", "100", "--log-every", "100", *extra, *TINY_SET]
+
+
+def _train_losses(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return {(r["epoch"], r["iter"]): r["loss"] for r in map(json.loads, f) if r["type"] == "train"}
+
+
+def test_train_resume_matches_uninterrupted_run(tiny_shapes, tmp_path):
+    train.main(_train_args(tiny_shapes, tmp_path / "a", "--epochs", "2", "--eval-every", "2"))
+    train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "1"))
+    ckpt = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)
+    assert ckpt["epoch"] == 0 and set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "rng", "config"}
+    result = train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "2", "--resume", "auto"))
+    a, b = _train_losses(tmp_path / "a"), _train_losses(tmp_path / "b")
+    assert len(a) == 4 and set(a) == set(b)  # 2 epochs x 2 iterations
+    for key in a:
+        assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), key
+    assert set(result["stats"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    # the same output dir without --resume, or with another config, is refused (nothing overwritten)
+    with pytest.raises(ValueError, match="--resume auto"):
+        train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "3"))
+    with pytest.raises(ValueError, match="hidden_dim: checkpoint 32 vs now 64"):
+        train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "3", "--resume", "auto") + ["hidden_dim=64"])
+
+
+def test_train_stops_on_non_finite_loss(tiny_shapes, tmp_path, monkeypatch):
+    real_build = smca.build
+
+    def build_with_nan_on_third_call(cfg):
+        model, criterion, post = real_build(cfg)
+        calls = {"n": 0}
+        forward = criterion.forward
+
+        def poisoned(outputs, targets):
+            losses = forward(outputs, targets)
+            calls["n"] += 1
+            if calls["n"] == 3:  # epoch 1, iteration 0
+                losses["loss_giou"] = losses["loss_giou"] * float("nan")
+            return losses
+        criterion.forward = poisoned
+        return model, criterion, post
+
+    monkeypatch.setattr(smca, "build", build_with_nan_on_third_call)
+    with pytest.raises(FloatingPointError, match=r"epoch 1 iteration 0 \(global step 2\), image ids \[\d+"):
+        train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "2", "--eval-every", "5"))
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_train_rejects_bad_flags(tiny_shapes, tmp_path):
+    with pytest.raises(ValueError, match="no such Config field"):
+        train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1") + ["nonsense=1"])
+    with pytest.raises(ValueError, match="expected a int"):
+        train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1") + ["num_queries=many"])
+    with pytest.raises(ValueError, match="neither 'shapes' nor a folder"):
+        train.main(_train_args(str(tmp_path / "nowhere"), tmp_path, "--epochs", "1"))
+    with pytest.raises(ValueError, match="does not exist"):
+        train.main(_train_args(tiny_shapes, tmp_path, "--eval-only", "--resume", str(tmp_path / "none.pth")))
+
+
+def test_train_ddp_two_processes(tiny_shapes, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "train.py"), *_train_args(tiny_shapes, out, "--epochs", "1", "--batch-size", "2")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert sum(r["type"] == "train" for r in records) == 2  # 8 images / 2 ranks / batch 2
+    assert any(r["type"] == "eval" for r in records)

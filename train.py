@@ -1,0 +1,423 @@
+"""Train and evaluate a detector of this library.
+
+    python train.py --model smca                               # built-in shapes set, CPU-sized recipe
+    torchrun --nproc_per_node=8 train.py --model smca --data /path/to/coco --backbone-weights imagenet
+
+--data shapes (the default) generates the synthetic set under data/shapes on first use and trains
+the model's CPU-sized configuration (`shapes_config()` and `SHAPES_RECIPE` in the model file).
+--data PATH is a COCO-format root (train2017/ val2017/ annotations/instances_{train,val}2017.json,
+or train/ val/ annotations/instances_{train,val}.json) and trains the paper's configuration.
+
+Every epoch writes OUTPUT_DIR/checkpoint.pth atomically (model, optimizer, scheduler, AMP scaler,
+epoch, RNG states, config); --resume auto continues from it. OUTPUT_DIR/log.jsonl holds every loss
+term, the grad norm and each evaluation. A non-finite loss stops the run and names the step and
+the image ids; the last checkpoint stays as it was.
+"""
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data as datalib
+from common import load_backbone_weights
+from data import shapes
+
+MODELS = ("smca",)  # model files; each has Config, build(cfg), shapes_config() and SHAPES_RECIPE
+SHAPES_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes")
+# The paper recipe, shared by the four papers (a model may override it in COCO_RECIPE)
+COCO_RECIPE = {"epochs": 50, "lr_drop": 40, "batch_size": 2, "lr": 1e-4, "lr_backbone": 1e-5, "eval_every": 1}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=MODELS, required=True)
+    p.add_argument("--data", default="shapes", help="'shapes' (built in) or a COCO-format root folder")
+    p.add_argument("--output-dir", default=None, help="default: runs/<model>-<data name>")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--lr-drop", type=int, help="epoch after which the lr is multiplied by 0.1")
+    p.add_argument("--batch-size", type=int, help="images per process")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--lr-backbone", type=float)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--clip-max-norm", type=float, default=0.1, help="0 turns clipping off")
+    p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off")
+    p.add_argument("--resume", default=None, help="'auto' (OUTPUT_DIR/checkpoint.pth if present) or a checkpoint path")
+    p.add_argument("--finetune", default=None, help="initialise from a checkpoint's model weights; keys whose "
+                   "shape differs (e.g. another class count) are skipped and listed")
+    p.add_argument("--scales", choices=("coco", "shapes"), default=None,
+                   help="image sizes of the augmentation: 'coco' (short side 480-800, max 1333; the default with "
+                        "--data PATH) or 'shapes' (128-192, max 240; the default on shapes)")
+    p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
+    p.add_argument("--backbone-weights", default=None,
+                   help="torchvision-format ResNet .pth, 'imagenet' (download), or 'none'. Default: 'imagenet' "
+                        "with --data PATH (the papers fine-tune an ImageNet backbone), 'none' on shapes")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override model Config fields")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="data loader processes; default 4 on GPU, 0 on CPU (where workers only take cores from the model)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--log-every", type=float, default=5.0, help="seconds between console progress lines")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distributed helpers
+# ---------------------------------------------------------------------------------------------
+
+def init_distributed(device):
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: NCCL on GPU, gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, device
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_finite(t):
+    """Whether a scalar is finite on every rank (so all ranks stop together)."""
+    ok = torch.tensor([float(torch.isfinite(t).item())], device=t.device)
+    if dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+# ---------------------------------------------------------------------------------------------
+# Set-up: config, data, optimizer, checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def apply_overrides(cfg, pairs):
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        if key not in fields:
+            raise ValueError(f"--set {key}: no such Config field; fields are {sorted(fields)}")
+        kind = type(getattr(cfg, key))
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                parsed = value.lower() in ("true", "1")
+            else:
+                parsed = kind(value)
+        except ValueError:
+            raise ValueError(f"--set {key}={value!r}: expected a {kind.__name__}") from None
+        setattr(cfg, key, parsed)
+    return cfg
+
+
+def build_data(args, recipe_scales, rank, world):
+    if args.data == "shapes":
+        if rank == 0:
+            shapes.ensure(SHAPES_ROOT)
+        if dist.is_initialized():
+            dist.barrier()
+        root = SHAPES_ROOT
+    else:
+        root = args.data
+        if not os.path.isdir(root):
+            raise ValueError(f"--data {root!r} is neither 'shapes' nor a folder")
+    val = datalib.CocoDetection(*datalib.find_split(root, "val"), datalib.make_transforms("val", **recipe_scales))
+    train = None
+    if not args.eval_only:
+        train = datalib.CocoDetection(*datalib.find_split(root, "train"), datalib.make_transforms("train", **recipe_scales))
+        if train.num_classes > val.num_classes or train.categories != val.categories:
+            raise ValueError(f"train and val annotation files declare different categories "
+                             f"({train.ann_file} vs {val.ann_file})")
+    return train, val
+
+
+def make_loader(dataset, batch_size, shuffle, seed, epoch, rank, world, workers):
+    """A loader whose order and augmentation depend only on (seed, epoch, rank): resume-exact."""
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+    sampler.set_epoch(epoch)
+    random.seed(seed * 100003 + epoch * 1009 + rank)  # augmentation RNG when num_workers == 0
+    gen = torch.Generator().manual_seed(seed * 100003 + epoch * 1009 + rank)  # worker seeds
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=datalib.collate,
+                                       num_workers=workers, generator=gen, drop_last=False)
+
+
+def param_groups(model, lr, lr_backbone, multipliers):
+    """AdamW groups: backbone at lr_backbone, parameters whose name contains a key of `multipliers`
+    at lr * multiplier (a model file's LR_MULTIPLIERS), the rest at lr."""
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("backbone."):
+            key, group_lr = "backbone", lr_backbone
+        else:
+            key, group_lr = "base", lr
+            for sub, mult in multipliers.items():
+                if sub in name:
+                    key, group_lr = sub, lr * mult
+                    break
+        groups.setdefault(key, {"params": [], "lr": group_lr, "name": key})["params"].append(p)
+    return list(groups.values())
+
+
+def save_atomic(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path!r} cannot be read ({e})") from e
+
+
+def check_compatible(ckpt, path, model_name, cfg):
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"{path!r} is not a checkpoint written by train.py")
+    if ckpt.get("model_name") != model_name:
+        raise ValueError(f"{path!r} is a checkpoint of model {ckpt.get('model_name')!r}, not {model_name!r}")
+    ours = dataclasses.asdict(cfg)
+    diff = [f"{k}: checkpoint {ckpt['config'].get(k)!r} vs now {v!r}" for k, v in ours.items()
+            if ckpt["config"].get(k) != v]
+    if diff:
+        shown = ", ".join(diff)
+        raise ValueError(f"{path!r} was trained with another config ({shown}); use the same --data/--set, "
+                         f"another --output-dir, or --finetune to start from its weights")
+
+
+def finetune_from(model, path):
+    """Load matching weights; report what was skipped (another class count, another head)."""
+    ckpt = load_checkpoint(path)
+    state = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path!r} holds no model state dict")
+    own = model.state_dict()
+    loadable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    unused = sorted(k for k in state if k not in own)
+    missing = sorted(k for k in own if k not in loadable)
+    if not loadable:
+        raise ValueError(f"{path!r}: none of its {len(state)} tensors fits this model")
+    model.load_state_dict(loadable, strict=False)
+    return {"loaded": len(loadable), "shape_mismatch": skipped, "unused": unused, "missing": missing}
+
+
+# ---------------------------------------------------------------------------------------------
+# Train and evaluate
+# ---------------------------------------------------------------------------------------------
+
+def to_device(targets, device):
+    return [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
+
+
+def train_one_epoch(ctx, epoch, loader):
+    model, criterion, optimizer, scaler = ctx["model"], ctx["criterion"], ctx["optimizer"], ctx["scaler"]
+    args, device, weights = ctx["args"], ctx["device"], ctx["criterion"].weight_dict
+    model.train()
+    criterion.train()
+    n, start, last_print = len(loader), time.time(), time.time()
+    for it, (images, pad_mask, targets) in enumerate(loader):
+        images, pad_mask, targets = images.to(device), pad_mask.to(device), to_device(targets, device)
+        with torch.autocast(device.type, dtype=ctx["amp_dtype"], enabled=ctx["amp_dtype"] is not None):
+            outputs = model(images, pad_mask)
+        losses = criterion(outputs, targets)
+        loss = sum(losses[k] * weights[k] for k in losses if k in weights)
+        step = epoch * n + it
+        if not all_finite(loss.detach()):
+            ids = [t["image_id"] for t in targets]
+            raise FloatingPointError(
+                f"non-finite loss ({loss.item()}) at epoch {epoch} iteration {it} (global step {step}), "
+                f"image ids {ids} on rank {ctx['rank']}; the last good checkpoint is untouched in {args.output_dir}")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_max_norm if args.clip_max_norm > 0 else math.inf)
+        scaler.step(optimizer)
+        scaler.update()
+
+        record = {"type": "train", "epoch": epoch, "iter": it, "step": step, "loss": loss.item(),
+                  "grad_norm": float(grad_norm), **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
+                  **{k: v.item() for k, v in losses.items()}}
+        ctx["log"](record)
+        if ctx["rank"] == 0 and (time.time() - last_print > args.log_every or it == n - 1):
+            last_print = time.time()
+            rate = (it + 1) / (time.time() - start)
+            eta = (n - it - 1) / rate + (ctx["epochs"] - epoch - 1) * n / rate
+            print(f"epoch {epoch + 1}/{ctx['epochs']} it {it + 1}/{n}  loss {loss.item():.3f} "
+                  f"(ce {losses['loss_ce'].item():.3f} l1 {losses['loss_bbox'].item():.3f} "
+                  f"giou {losses['loss_giou'].item():.3f})  grad {float(grad_norm):.2f}  "
+                  f"lr {record.get('lr_base', 0.0):.2e}  {rate:.2f} it/s  ETA {eta / 60:.1f} min", flush=True)
+
+
+@torch.no_grad()
+def evaluate(ctx, dataset):
+    model, postprocess, device = ctx["model"], ctx["postprocess"], ctx["device"]
+    model.eval()
+    loader = make_loader(dataset, ctx["batch_size"], False, 0, 0, ctx["rank"], ctx["world"], ctx["args"].num_workers)
+    evaluator = datalib.CocoEvaluator(dataset.coco)
+    for images, pad_mask, targets in loader:
+        with torch.autocast(device.type, dtype=ctx["amp_dtype"], enabled=ctx["amp_dtype"] is not None):
+            outputs = model(images.to(device), pad_mask.to(device))
+        orig = torch.stack([t["orig_size"] for t in targets]).to(device)
+        results = postprocess(outputs, orig)
+        evaluator.update({t["image_id"]: r for t, r in zip(targets, results)})
+    return evaluator.summarize(dataset.categories)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    module = importlib.import_module(args.model)
+    on_shapes = args.data == "shapes"
+    recipe = dict(COCO_RECIPE, **getattr(module, "COCO_RECIPE", {}))
+    if on_shapes:
+        recipe.update(module.SHAPES_RECIPE)
+    for key in ("epochs", "lr_drop", "batch_size", "lr", "lr_backbone", "eval_every"):
+        if getattr(args, key) is None:
+            setattr(args, key, recipe[key])
+        if getattr(args, key) <= 0:
+            raise ValueError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    data_name = "shapes" if on_shapes else os.path.basename(os.path.normpath(args.data))
+    args.output_dir = args.output_dir or os.path.join("runs", f"{args.model}-{data_name}")
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world, device = init_distributed(device)
+    if args.num_workers is None:
+        args.num_workers = 4 if device.type == "cuda" else 0
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+
+    scales = args.scales or ("shapes" if on_shapes else "coco")
+    train_set, val_set = build_data(args, datalib.SHAPES_SCALES if scales == "shapes" else datalib.COCO_SCALES, rank, world)
+    cfg = module.shapes_config() if on_shapes else module.Config()
+    cfg.num_classes = val_set.num_classes  # largest category id + 1
+    cfg = apply_overrides(cfg, args.set)
+    if cfg.num_classes < val_set.num_classes:
+        raise ValueError(f"num_classes {cfg.num_classes} < {val_set.num_classes} (largest category id + 1 in the data)")
+    model, criterion, postprocess = module.build(cfg)
+    weights = args.backbone_weights or ("none" if on_shapes else "imagenet")
+    if weights != "none":
+        try:
+            load_backbone_weights(model.backbone, weights)
+        except (OSError, RuntimeError) as e:  # a failed download
+            raise ValueError(f"could not download the ImageNet ResNet-{cfg.backbone_depth} weights ({e}); pass "
+                             f"--backbone-weights PATH to a torchvision-format file, or 'none'") from e
+    if args.finetune:
+        report = finetune_from(model, args.finetune)
+        if rank == 0:
+            print(f"finetune: loaded {report['loaded']} tensors; skipped for shape {report['shape_mismatch']}; "
+                  f"not in this model {report['unused']}; left at init {len(report['missing'])}")
+    model.to(device)
+
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    resume = args.resume
+    if resume == "auto":
+        resume = ckpt_path if os.path.isfile(ckpt_path) else None
+    elif resume is None and args.eval_only:
+        if not os.path.isfile(ckpt_path):
+            raise ValueError(f"--eval-only: nothing to evaluate; {ckpt_path} does not exist (pass --resume CKPT)")
+        resume = ckpt_path
+    elif resume is None and os.path.isfile(ckpt_path):
+        raise ValueError(f"{ckpt_path} exists: pass --resume auto to continue that run, or another --output-dir")
+
+    optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.lr_backbone, getattr(module, "LR_MULTIPLIERS", {})),
+                                  lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    start_epoch = 0
+    if resume:
+        ckpt = load_checkpoint(resume)
+        check_compatible(ckpt, resume, args.model, cfg)
+        model.load_state_dict(ckpt["model"])
+        if not args.eval_only:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            random.setstate(ckpt["rng"]["python"])
+            np.random.set_state(ckpt["rng"]["numpy"])
+            torch.set_rng_state(ckpt["rng"]["torch"][rank % len(ckpt["rng"]["torch"])])
+        start_epoch = ckpt["epoch"] + 1
+        if rank == 0:
+            print(f"resumed from {resume} (epoch {ckpt['epoch'] + 1} done)")
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if rank == 0 else None
+
+    def log(record):
+        if log_file:
+            log_file.write(json.dumps(record) + "\n")
+
+    ctx = {"model": ddp_model, "criterion": criterion, "postprocess": postprocess, "optimizer": optimizer,
+           "scaler": scaler, "args": args, "device": device, "rank": rank, "world": world, "amp_dtype": amp_dtype,
+           "epochs": args.epochs, "batch_size": args.batch_size, "log": log}
+    if rank == 0:
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"{args.model} on {args.data}: {n_params:,} trainable parameters, {world} process(es) on {device}, "
+              f"{len(train_set) if train_set else 0} train / {len(val_set)} val images, output {args.output_dir}")
+        log({"type": "start", "args": vars(args), "config": dataclasses.asdict(cfg), "start_epoch": start_epoch})
+
+    result = None
+    try:
+        if args.eval_only:
+            result = evaluate(ctx, val_set)
+            log({"type": "eval", "epoch": start_epoch - 1, **result["stats"]})
+        for epoch in range(start_epoch, args.epochs):
+            if args.eval_only:
+                break
+            t0 = time.time()
+            train_one_epoch(ctx, epoch, make_loader(train_set, args.batch_size, True, args.seed, epoch, rank, world,
+                                                    args.num_workers))
+            scheduler.step()
+            torch_states = [torch.get_rng_state()]
+            if world > 1:  # every rank's dropout stream, so a resumed DDP run continues each one
+                torch_states = [None] * world
+                dist.all_gather_object(torch_states, torch.get_rng_state())
+            if rank == 0:
+                save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                             "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
+                                     "torch": torch_states},
+                             "model_name": args.model, "config": dataclasses.asdict(cfg), "args": vars(args)},
+                            ckpt_path)
+            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+                result = evaluate(ctx, val_set)
+                log({"type": "eval", "epoch": epoch, "epoch_time_s": time.time() - t0, **result["stats"],
+                     "per_class": {str(k): v for k, v in result["per_class"].items()}})
+                if rank == 0:
+                    print(result["text"])
+                    print(f"epoch {epoch + 1}: AP {result['stats']['AP']:.3f}  AP50 {result['stats']['AP50']:.3f}", flush=True)
+    finally:
+        if log_file:
+            log_file.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if result and rank == 0 and args.eval_only:
+        print(result["text"])
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
