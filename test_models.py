@@ -422,6 +422,19 @@ def test_gaussian_cross_attention_without_prior_is_multihead_attention():
     assert torch.allclose(ours(q, k, v, pad), ref(q, k, v, key_padding_mask=pad)[0], atol=1e-5)
 
 
+def _alone_and_padded(x, H, W):
+    """x (1, C, h, w) -> x with its all-valid mask, and a batch of 2 where x is zero-padded to (H, W)
+    next to a random full-size item, with the matching pad_mask (True = padding)."""
+    _, C, h, w = x.shape
+    batch = torch.zeros(2, C, H, W, dtype=x.dtype)
+    batch[0, :, :h, :w] = x[0]
+    batch[1] = torch.randn(C, H, W, dtype=x.dtype)
+    mask = torch.zeros(2, H, W, dtype=torch.bool)
+    mask[0] = True
+    mask[0, :h, :w] = False
+    return (x, torch.zeros(1, h, w, dtype=torch.bool)), (batch, mask)
+
+
 @pytest.mark.parametrize("spatial_prior", [True, False])
 def test_smca_padding_invariance(spatial_prior, figures):
     """An image's outputs do not depend on the padding its batch adds (DESIGN.md)."""
@@ -429,29 +442,16 @@ def test_smca_padding_invariance(spatial_prior, figures):
     cfg = tiny_smca(spatial_prior=spatial_prior)
     model, _, _ = smca.build(cfg)
     model.double().eval()
-    c5 = torch.randn(1, 512, 3, 4, dtype=torch.float64)
-    alone = model.forward_features(c5, torch.zeros(1, 3, 4, dtype=torch.bool), torch.tensor([[128.0, 96.0]]))
-    batch = torch.zeros(2, 512, 5, 6, dtype=torch.float64)
-    batch[0, :, :3, :4] = c5[0]
-    batch[1] = torch.randn(512, 5, 6, dtype=torch.float64)
-    mask = torch.ones(2, 5, 6, dtype=torch.bool)
-    mask[0, :3, :4] = False
-    mask[1] = False
+    (c5, m1), (batch, mask) = _alone_and_padded(torch.randn(1, 512, 3, 4, dtype=torch.float64), 5, 6)
+    alone = model.forward_features(c5, m1, torch.tensor([[128.0, 96.0]]))
     batched = model.forward_features(batch, mask, torch.tensor([[128.0, 96.0], [192.0, 160.0]]))
-    for key in ("pred_logits", "pred_boxes"):
+    for key in ("pred_logits", "pred_boxes") + (("centers",) if spatial_prior else ()):
         assert torch.allclose(alone[key][0], batched[key][0], atol=1e-4), key
+    for key in ("pred_logits", "pred_boxes"):
         assert torch.allclose(alone["aux_outputs"][0][key][0], batched["aux_outputs"][0][key][0], atol=1e-4)
     # The full model, backbone included: report how far the CNN's view of the padding moves it.
-    images = torch.randn(1, 3, 96, 128, dtype=torch.float64)
-    big = torch.zeros(2, 3, 160, 192, dtype=torch.float64)
-    big[0, :, :96, :128] = images[0]
-    big[1] = torch.randn(3, 160, 192, dtype=torch.float64)
-    pad = torch.ones(2, 160, 192, dtype=torch.bool)
-    pad[0, :96, :128] = False
-    pad[1] = False
-    a = model(images, torch.zeros(1, 96, 128, dtype=torch.bool))
-    b = model(big, pad)
-    drift = (a["pred_boxes"][0] - b["pred_boxes"][0]).abs().max().item()
+    (images, m1), (big, pad) = _alone_and_padded(torch.randn(1, 3, 96, 128, dtype=torch.float64), 160, 192)
+    drift = (model(images, m1)["pred_boxes"][0] - model(big, pad)["pred_boxes"][0]).abs().max().item()
     figures.append((f"smca full-model padding drift, max |d box| (spatial_prior={spatial_prior})", f"{drift:.2e}"))
 
 
