@@ -524,6 +524,8 @@ def test_train_resume_matches_uninterrupted_run(tiny_shapes, tmp_path):
     for key in a:
         assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), key
     assert set(result["stats"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    evaluated = train.main(_train_args(tiny_shapes, tmp_path / "b", "--eval-only"))  # uses b's checkpoint
+    assert evaluated["stats"] == pytest.approx(result["stats"])
     # the same output dir without --resume, or with another config, is refused (nothing overwritten)
     with pytest.raises(ValueError, match="--resume auto"):
         train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "3"))
@@ -555,6 +557,19 @@ def test_train_stops_on_non_finite_loss(tiny_shapes, tmp_path, monkeypatch):
     assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+def test_finetune_skips_and_lists_what_does_not_fit(tmp_path):
+    source, _, _ = smca.build(tiny_smca(num_classes=21))
+    torch.save({"model": source.state_dict()}, tmp_path / "ckpt.pth")
+    target, _, _ = smca.build(tiny_smca(num_classes=7))
+    report = train.finetune_from(target, str(tmp_path / "ckpt.pth"))
+    assert report["shape_mismatch"] == ["class_embed.bias", "class_embed.weight"]
+    assert report["missing"] == ["class_embed.bias", "class_embed.weight"] and report["unused"] == []
+    assert torch.equal(target.query_embed.weight, source.query_embed.weight)
+    torch.save({"model": {"unrelated": torch.zeros(1)}}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="none of its 1 tensors fits"):
+        train.finetune_from(target, str(tmp_path / "other.pth"))
+
+
 def test_train_rejects_bad_flags(tiny_shapes, tmp_path):
     with pytest.raises(ValueError, match="no such Config field"):
         train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1") + ["nonsense=1"])
@@ -564,6 +579,8 @@ def test_train_rejects_bad_flags(tiny_shapes, tmp_path):
         train.main(_train_args(str(tmp_path / "nowhere"), tmp_path, "--epochs", "1"))
     with pytest.raises(ValueError, match="does not exist"):
         train.main(_train_args(tiny_shapes, tmp_path, "--eval-only", "--resume", str(tmp_path / "none.pth")))
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        train.main(_train_args(tiny_shapes, tmp_path / "empty", "--eval-only"))
 
 
 def test_train_ddp_two_processes(tiny_shapes, tmp_path):
