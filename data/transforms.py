@@ -3,6 +3,9 @@
 A transform takes and returns (image, target): image a PIL.Image until ToTensor, target a dict with
 `boxes` (N, 4) absolute xyxy pixels, `labels` (N,), and anything else per box (`area`, `iscrowd`)
 filtered alongside. Normalize turns boxes into cxcywh relative to the (unpadded) image.
+
+Deviation from DETR's datasets/transforms.py: RandomSizeCrop clamps its minimum side to the image,
+where DETR's raises on an image smaller than min_size (384 px); larger images crop the same way.
 """
 import random
 
