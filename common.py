@@ -5,7 +5,7 @@ file is a whole model. Contents, top to bottom:
 
 1. ResNet backbone in plain torch (torchvision's module and parameter names, FrozenBatchNorm2d),
    returning C3/C4/C5 with their padding masks, and loading torchvision-format weights from a file.
-2. Sine position encoding (DETR's) and small layers (MLP, inverse_sigmoid).
+2. Sine position encoding (DETR's), the MLP head and valid_image_sizes.
 3. The multi-scale deformable sampling op in pure PyTorch (F.grid_sample), used by Sparse, Lite and
    Focus DETR in place of the official CUDA extension.
 4. Box ops (cxcywh <-> xyxy, IoU, GIoU that never asserts).
@@ -242,11 +242,6 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
         return x
-
-
-def inverse_sigmoid(x, eps=1e-5):
-    x = x.clamp(min=0, max=1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
 def valid_image_sizes(pad_mask):

@@ -529,6 +529,10 @@ def test_train_resume_matches_uninterrupted_run(tiny_shapes, tmp_path):
     # the same output dir without --resume, or with another config, is refused (nothing overwritten)
     with pytest.raises(ValueError, match="--resume auto"):
         train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "3"))
+    weights_only = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)
+    torch.save({k: weights_only[k] for k in ("model", "model_name", "config")}, tmp_path / "weights.pth")
+    with pytest.raises(ValueError, match=r"lacks the training state \['optimizer'"):
+        train.main(_train_args(tiny_shapes, tmp_path / "c", "--epochs", "3", "--resume", str(tmp_path / "weights.pth")))
     with pytest.raises(ValueError, match="hidden_dim: checkpoint 32 vs now 64"):
         train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "3", "--resume", "auto") + ["hidden_dim=64"])
 
@@ -581,6 +585,8 @@ def test_train_rejects_bad_flags(tiny_shapes, tmp_path):
         train.main(_train_args(tiny_shapes, tmp_path, "--eval-only", "--resume", str(tmp_path / "none.pth")))
     with pytest.raises(ValueError, match="nothing to evaluate"):
         train.main(_train_args(tiny_shapes, tmp_path / "empty", "--eval-only"))
+    with pytest.raises(ValueError, match="--device 'warp9'"):
+        train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--device", "warp9"))
 
 
 def test_train_ddp_two_processes(tiny_shapes, tmp_path):

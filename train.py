@@ -185,9 +185,16 @@ def load_checkpoint(path):
         raise ValueError(f"checkpoint {path!r} cannot be read ({e})") from e
 
 
-def check_compatible(ckpt, path, model_name, cfg):
+TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng", "epoch")
+
+
+def check_compatible(ckpt, path, model_name, cfg, training):
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path!r} is not a checkpoint written by train.py")
+    missing = [k for k in TRAINING_STATE if k not in ckpt] if training else []
+    if missing:
+        raise ValueError(f"{path!r} lacks the training state {missing} needed to resume; "
+                         f"use --finetune to start from its weights")
     if ckpt.get("model_name") != model_name:
         raise ValueError(f"{path!r} is a checkpoint of model {ckpt.get('model_name')!r}, not {model_name!r}")
     ours = dataclasses.asdict(cfg)
@@ -257,8 +264,8 @@ def train_one_epoch(ctx, epoch, loader):
         if ctx["rank"] == 0 and (time.time() - last_print > args.log_every or it == n - 1):
             last_print = time.time()
             rate = (it + 1) / (time.time() - start)
-            eta = (n - it - 1) / rate + (ctx["epochs"] - epoch - 1) * n / rate
-            print(f"epoch {epoch + 1}/{ctx['epochs']} it {it + 1}/{n}  loss {loss.item():.3f} "
+            eta = (n - it - 1) / rate + (args.epochs - epoch - 1) * n / rate
+            print(f"epoch {epoch + 1}/{args.epochs} it {it + 1}/{n}  loss {loss.item():.3f} "
                   f"(ce {losses['loss_ce'].item():.3f} l1 {losses['loss_bbox'].item():.3f} "
                   f"giou {losses['loss_giou'].item():.3f})  grad {float(grad_norm):.2f}  "
                   f"lr {record.get('lr_base', 0.0):.2e}  {rate:.2f} it/s  ETA {eta / 60:.1f} min", flush=True)
@@ -268,7 +275,7 @@ def train_one_epoch(ctx, epoch, loader):
 def evaluate(ctx, dataset):
     model, postprocess, device = ctx["model"], ctx["postprocess"], ctx["device"]
     model.eval()
-    loader = make_loader(dataset, ctx["batch_size"], False, 0, 0, ctx["rank"], ctx["world"], ctx["args"].num_workers)
+    loader = make_loader(dataset, ctx["args"].batch_size, False, 0, 0, ctx["rank"], ctx["world"], ctx["args"].num_workers)
     evaluator = datalib.CocoEvaluator(dataset.coco)
     for images, pad_mask, targets in loader:
         with torch.autocast(device.type, dtype=ctx["amp_dtype"], enabled=ctx["amp_dtype"] is not None):
@@ -294,7 +301,12 @@ def main(argv=None):
     data_name = "shapes" if on_shapes else os.path.basename(os.path.normpath(args.data))
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.model}-{data_name}")
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no CUDA device (or torch is a CPU build)")
     rank, world, device = init_distributed(device)
     if args.num_workers is None:
         args.num_workers = 4 if device.type == "cuda" else 0
@@ -342,7 +354,7 @@ def main(argv=None):
     start_epoch = 0
     if resume:
         ckpt = load_checkpoint(resume)
-        check_compatible(ckpt, resume, args.model, cfg)
+        check_compatible(ckpt, resume, args.model, cfg, training=not args.eval_only)
         model.load_state_dict(ckpt["model"])
         if not args.eval_only:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -351,9 +363,9 @@ def main(argv=None):
             random.setstate(ckpt["rng"]["python"])
             np.random.set_state(ckpt["rng"]["numpy"])
             torch.set_rng_state(ckpt["rng"]["torch"][rank % len(ckpt["rng"]["torch"])])
-        start_epoch = ckpt["epoch"] + 1
+        start_epoch = ckpt.get("epoch", -1) + 1
         if rank == 0:
-            print(f"resumed from {resume} (epoch {ckpt['epoch'] + 1} done)")
+            print(f"resumed from {resume} (epoch {start_epoch} done)")
 
     ddp_model = model
     if world > 1:
@@ -367,8 +379,7 @@ def main(argv=None):
             log_file.write(json.dumps(record) + "\n")
 
     ctx = {"model": ddp_model, "criterion": criterion, "postprocess": postprocess, "optimizer": optimizer,
-           "scaler": scaler, "args": args, "device": device, "rank": rank, "world": world, "amp_dtype": amp_dtype,
-           "epochs": args.epochs, "batch_size": args.batch_size, "log": log}
+           "scaler": scaler, "args": args, "device": device, "rank": rank, "world": world, "amp_dtype": amp_dtype, "log": log}
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{args.model} on {args.data}: {n_params:,} trainable parameters, {world} process(es) on {device}, "
