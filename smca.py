@@ -15,13 +15,25 @@ The box head adds the centre's pre-sigmoid logit to its (cx, cy) output, so boxe
 relative to the point the query attends around. With focal loss and 300 queries this reaches
 41.0 AP in 50 epochs where DETR has 34.8 (Table 2).
 
-Paper symbol -> variable (single-scale):
+Multi-scale SMCA (Sec. 3.3, `Config(multiscale=True)`): features f16, f32, f64 (ResNet C4, C5 and a
+stride-2 3x3 conv on C5, each projected to hidden_dim), an encoder of 2 intra-scale self-attention
+blocks (one block's weights shared by all scales), 1 multi-scale block (joint attention over every
+token of every scale) and 2 more intra-scale blocks, FFN 1024; the decoder's prior is computed on
+every scale and each query weights the scales by scale-selection attention:
+
+    alpha_16, alpha_32, alpha_64 = softmax(FC(O_q))                           (Eq. 7)
+    C_i,j = softmax(K_i,j^T Q_i / sqrt(d) + log G_i) V_i,j * alpha_j           (Eq. 8)
+    C_i = sum_j C_i,j                                                          (Eq. 9)
+
+Paper symbol -> variable:
     c_h, c_w (normalised centre)     center_logit.sigmoid(), from `center_mlp` (OFF point1), layer 0 only
     centre in feature cells          center = sigmoid(center_logit) * cells_wh, cells of the UNPADDED image
     head offsets                     `offset_proj` (OFF point2), (B, N, H, 2) in cells, every layer
     s_h, s_w                         `scale_proj` (OFF point3), (B, N, H, 2), every layer
     beta                             Config.beta (OFF --smooth 8)
     log G                            log_prior (B, H, N, L), added to the cross-attention logits
+    f16, f32, f64 / E16, E32, E64    `input_proj[l]` outputs / the encoder's outputs, one per level
+    alpha_j (Eq. 7)                  `scale_select` (MSZ point4), (B, N, levels), one per layer
 
 Deviations from the paper / official code:
 - Follows OFF where the paper differs: the centre MLP has 3 layers (paper: 2); the centre comes
@@ -36,7 +48,24 @@ Deviations from the paper / official code:
   parameter count) but computes the logits explicitly, so the prior is visible in the code.
 - `spatial_prior=False` is the paper's DETR baseline (focal loss, 300 queries, Table 2): no prior,
   no centre heads, boxes from the MLP alone.
-- The multi-scale encoder and scale-selection attention (Sec. 3.3) are not in this file yet.
+- Multi-scale. The official repo released its multi-scale model only as a zip (called MSZ) whose
+  encoder is a depthwise-conv encoder, not the paper's; the attention encoder described in Sec. 3.3
+  was never released, so ours is written from the paper: 2Intra-Multi-2Intra (`ms_encoder="IIMII"`),
+  post-norm DETR blocks, intra-scale blocks shared across scales (Table 3's best), FFN 1024, learned
+  level embeddings (normal init, as MSZ) added to each level's sine positions, padding masked at
+  every scale. The f64 mask is computed exactly (ceil of half the valid f32 cells), where MSZ
+  interpolates. The projections are plain convs (no GroupNorm), as MSZ.
+- Multi-scale decoder, following MSZ where the paper is silent or differs: one shared key/value
+  projection for all scales (the paper says separate ones); alpha from a per-layer Linear on the
+  layer's norm4 output, one per query and scale, shared by the heads; each scale's centre is the
+  shared centre in that scale's cells, with its own head offsets and scales, and its weighted
+  squared distance is multiplied by stride / 32 (MSZ's fixed factors 0.5 / 1 / 2). MSZ's bug of
+  using image 0's alpha for the whole batch is NOT copied: alpha is per image.
+  `scale_selection=False` (Table 3 "w/o scale-selection") takes one softmax over all scales' keys.
+- `head_shared=True` (Table 2 "Head-shared") predicts one offset and one scale per query and
+  broadcasts them to all heads; OFF has no such option.
+- Table 3's partial sharing variants (shared FFN only / shared SA only) are not offered;
+  `intra_share=False` is its "no sharing" row.
 """
 import math
 from dataclasses import dataclass
@@ -85,8 +114,13 @@ class GaussianCrossAttention(nn.Module):
         self.out_proj = nn.Linear(d_model, d_model)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, query, key, value, pad_mask, log_prior=None):
-        """query (B, N, C); key, value (B, L, C); pad_mask (B, L); log_prior (B, H, N, L) -> (B, N, C)"""
+    def forward(self, query, key, value, pad_mask, log_prior=None, level_sizes=None, alpha=None):
+        """query (B, N, C); key, value (B, L, C); pad_mask (B, L); log_prior (B, H, N, L) -> (B, N, C).
+
+        With alpha (B, N, levels) the keys are `level_sizes` consecutive segments, one per scale:
+        each gets its own softmax, scaled by alpha (Eq. 8); the sum over scales (Eq. 9) is the
+        product of the concatenated weights with the concatenated values.
+        """
         B, N, C = query.shape
         H = self.nheads
         w_q, w_k, w_v = self.in_proj.weight.chunk(3)
@@ -98,7 +132,12 @@ class GaussianCrossAttention(nn.Module):
         if log_prior is not None:
             logits = logits + log_prior  # Eq. (5): the Gaussian enters as log G, exp is never taken
         logits = logits.masked_fill(pad_mask[:, None, None, :], float("-inf"))
-        attn = self.dropout(logits.softmax(dim=-1))
+        if alpha is None:
+            attn = logits.softmax(dim=-1)
+        else:
+            segments = logits.split(level_sizes, dim=-1)  # per scale (B, H, N, L_j)
+            attn = torch.cat([seg.softmax(-1) * alpha[:, None, :, j, None] for j, seg in enumerate(segments)], -1)
+        attn = self.dropout(attn)
         out = (attn @ v).transpose(1, 2).reshape(B, N, C)  # (B, N, C)
         return self.out_proj(out)
 
@@ -114,61 +153,128 @@ class SMCADecoderLayer(nn.Module):
     """DETR decoder layer whose cross-attention is modulated by a per-query, per-head Gaussian.
 
     The prior is predicted from out = LayerNorm(tgt + query_pos) of the layer's INPUT (OFF norm4):
-    layer 0 predicts the shared centre (3-layer MLP), every layer its own head offsets and scales.
+    layer 0 predicts the shared centre (3-layer MLP), every layer its own head offsets and scales,
+    per scale when there are several, and (multi-scale) the scale-selection weights alpha.
     """
 
     def __init__(self, cfg, first):
         super().__init__()
         d, H = cfg.hidden_dim, cfg.nheads
         self.nheads, self.beta, self.scale_type = H, cfg.beta, cfg.scale_type
+        self.strides = cfg.strides()
+        self.prior_heads = 1 if cfg.head_shared else H  # Table 2: head-shared vs multi-head modulation
+        ffn = cfg.ms_dim_feedforward if cfg.multiscale else cfg.dim_feedforward
         self.self_attn = nn.MultiheadAttention(d, H, dropout=cfg.dropout, batch_first=True)
         self.cross_attn = GaussianCrossAttention(d, H, cfg.dropout)
-        self.linear1 = nn.Linear(d, cfg.dim_feedforward)
-        self.linear2 = nn.Linear(cfg.dim_feedforward, d)
+        self.linear1 = nn.Linear(d, ffn)
+        self.linear2 = nn.Linear(ffn, d)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.dropout = nn.Dropout(cfg.dropout)
         self.spatial_prior = cfg.spatial_prior
+        self.scale_select = None
+        if cfg.multiscale and cfg.scale_selection:
+            self.scale_select = nn.Linear(d, len(self.strides))  # Eq. (7), MSZ point4
+        if cfg.spatial_prior or self.scale_select is not None:
+            self.norm4 = nn.LayerNorm(d)  # OFF norm4: drives the prior and alpha
         if cfg.spatial_prior:
-            self.norm4 = nn.LayerNorm(d)
+            n = len(self.strides) * self.prior_heads  # one offset / scale per (scale, head)
             self.center_mlp = MLP(d, d, 2, 3) if first else None  # OFF point1 (paper: 2 layers)
-            self.offset_proj = nn.Linear(d, 2 * H)  # OFF point2: (dx, dy) per head
-            if cfg.scale_type != "fixed":  # OFF point3: s per head (single) or (s_x, s_y) per head
-                self.scale_proj = nn.Linear(d, H if cfg.scale_type == "single" else 2 * H)
+            self.offset_proj = nn.Linear(d, 2 * n)  # OFF point2: (dx, dy) per scale and head
+            if cfg.scale_type != "fixed":  # OFF point3: s (single) or (s_x, s_y) (independent)
+                self.scale_proj = nn.Linear(d, n if cfg.scale_type == "single" else 2 * n)
 
-    def log_prior(self, out, center_logit, cells_wh, grid):
-        """log G (B, H, N, L) from out (B, N, C), centre logit (B, N, 2), unpadded size in cells (B, 2), grid (L, 2)."""
+    def log_prior(self, out, center_logit, levels):
+        """log G (B, H, N, L) over all scales' cells.
+
+        out (B, N, C); centre logit (B, N, 2); levels: per scale (cells_wh (B, 2) the unpadded size in
+        that scale's cells, grid (L_j, 2) its integer (x, y) cell indices), L = sum_j L_j.
+        """
         B, N, _ = out.shape
-        center = center_logit.sigmoid() * cells_wh[:, None, :]  # (B, N, 2) in cells of the unpadded image
-        points = center[:, :, None, :] + self.offset_proj(out).view(B, N, self.nheads, 2)  # (B, N, H, 2)
-        sqdist = (points[:, :, :, None, :] - grid) ** 2  # (B, N, H, L, 2): (dx^2, dy^2) to every cell
-        if self.scale_type == "fixed":
-            weighted = sqdist.sum(-1)  # (B, N, H, L)
-        elif self.scale_type == "single":
-            s = self.scale_proj(out).view(B, N, self.nheads, 1, 1)
-            weighted = (sqdist * s ** 2).sum(-1)
-        else:
-            s = self.scale_proj(out).view(B, N, self.nheads, 1, 2)
-            weighted = (sqdist * s ** 2).sum(-1)  # s_x^2 dx^2 + s_y^2 dy^2
-        return (-weighted / self.beta).transpose(1, 2)  # (B, H, N, L)
+        S, Hp = len(self.strides), self.prior_heads
+        center = center_logit.sigmoid()  # (B, N, 2) normalised (x, y)
+        offsets = self.offset_proj(out).view(B, N, S, Hp, 2)  # in each scale's cells
+        if self.scale_type != "fixed":
+            s = self.scale_proj(out).view(B, N, S, Hp, -1)  # (..., 1) single or (..., 2) independent
+        logs = []
+        for j, (stride, (cells_wh, grid)) in enumerate(zip(self.strides, levels)):
+            points = (center * cells_wh[:, None, :])[:, :, None, :] + offsets[:, :, j]  # (B, N, Hp, 2)
+            sqdist = (points[:, :, :, None, :] - grid) ** 2  # (B, N, Hp, L_j, 2): (dx^2, dy^2) to every cell
+            if self.scale_type != "fixed":
+                sqdist = sqdist * s[:, :, j, :, None, :] ** 2  # s_x^2 dx^2, s_y^2 dy^2
+            logs.append(sqdist.sum(-1) * (stride / 32))  # MSZ: x0.5 / 1 / 2 at stride 16 / 32 / 64
+        log_g = -torch.cat(logs, dim=-1) / self.beta  # (B, N, Hp, L)
+        return log_g.expand(B, N, self.nheads, log_g.shape[-1]).transpose(1, 2)  # (B, H, N, L)
 
-    def forward(self, tgt, query_pos, memory, pos, pad_mask, grid, cells_wh, center_logit=None):
-        """tgt, query_pos (B, N, C); memory, pos (B, L, C); pad_mask (B, L).
+    def forward(self, tgt, query_pos, memory, pos, pad_mask, levels, level_sizes, center_logit=None):
+        """tgt, query_pos (B, N, C); memory, pos (B, L, C); pad_mask (B, L); levels, level_sizes per scale.
 
         Returns tgt (B, N, C), the centre logit (B, N, 2) (predicted here in layer 0, else passed
-        through) and log G (B, H, N, L) or None.
+        through), log G (B, H, N, L) or None, and alpha (B, N, scales) or None.
         """
-        log_prior = None
+        log_prior = alpha = None
+        if self.spatial_prior or self.scale_select is not None:
+            out = self.norm4(tgt + query_pos)  # this layer's prior and alpha read its input (OFF norm4)
         if self.spatial_prior:
-            out = self.norm4(tgt + query_pos)  # drives this layer's prior (OFF norm4)
             if center_logit is None:
                 center_logit = self.center_mlp(out)  # (B, N, 2) as (x, y)
-            log_prior = self.log_prior(out, center_logit, cells_wh, grid)
+            log_prior = self.log_prior(out, center_logit, levels)
+        if self.scale_select is not None:
+            alpha = self.scale_select(out).softmax(-1)  # (B, N, scales), Eq. (7), per image
         q = k = tgt + query_pos
         tgt = self.norm1(tgt + self.dropout(self.self_attn(q, k, tgt, need_weights=False)[0]))
-        ca = self.cross_attn(tgt + query_pos, memory + pos, memory, pad_mask, log_prior)
+        ca = self.cross_attn(tgt + query_pos, memory + pos, memory, pad_mask, log_prior, level_sizes, alpha)
         tgt = self.norm2(tgt + self.dropout(ca))
         tgt = self.norm3(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
-        return tgt, center_logit, log_prior
+        return tgt, center_logit, log_prior, alpha
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-scale encoder (Sec. 3.3): intra-scale and multi-scale self-attention
+# ---------------------------------------------------------------------------------------------
+
+
+class MultiScaleEncoder(nn.Module):
+    """A cascade of intra-scale ("I") and multi-scale ("M") self-attention blocks, e.g. "IIMII".
+
+    Intra-scale: each scale attends only to itself, through one block whose self-attention and FFN
+    weights are shared by every scale (`intra_share`, Table 3). Multi-scale: one attention over the
+    concatenated tokens of all scales.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.layout, n_scales = cfg.ms_encoder, len(cfg.strides())
+
+        def block():
+            return EncoderLayer(cfg.hidden_dim, cfg.nheads, cfg.ms_dim_feedforward, cfg.dropout)
+        self.blocks = nn.ModuleList(
+            block() if kind == "M" or cfg.intra_share else nn.ModuleList(block() for _ in range(n_scales))
+            for kind in self.layout)
+
+    def forward(self, srcs, poss, pads):
+        """srcs, poss: per scale (B, L_j, C); pads: per scale (B, L_j) -> per scale (B, L_j, C)"""
+        sizes = [x.shape[1] for x in srcs]
+        for kind, block in zip(self.layout, self.blocks):
+            if kind == "M":
+                joint = block(torch.cat(srcs, 1), torch.cat(poss, 1), torch.cat(pads, 1))  # (B, L, C)
+                srcs = list(joint.split(sizes, dim=1))
+            else:
+                layers = block if isinstance(block, nn.ModuleList) else [block] * len(srcs)
+                srcs = [layer(x, p, m) for layer, x, p, m in zip(layers, srcs, poss, pads)]
+        return srcs
+
+
+def halve_mask(mask):
+    """Padding mask of a stride-2 3x3 conv's output: (B, H, W) -> (B, ceil(H/2), ceil(W/2)).
+
+    An image with h x w valid cells has ceil(h/2) x ceil(w/2) valid outputs (padding is at the
+    bottom / right), exactly what the same conv gives on the image alone.
+    """
+    B, H, W = mask.shape
+    valid_h, valid_w = (~mask).any(2).sum(1), (~mask).any(1).sum(1)  # (B,)
+    rows = torch.arange((H + 1) // 2, device=mask.device)[None, :, None] >= ((valid_h + 1) // 2)[:, None, None]
+    cols = torch.arange((W + 1) // 2, device=mask.device)[None, None, :] >= ((valid_w + 1) // 2)[:, None, None]
+    return rows | cols  # (B, ceil(H/2), ceil(W/2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,17 +283,27 @@ class SMCADecoderLayer(nn.Module):
 
 
 class SMCA(nn.Module):
-    """Single-scale SMCA-DETR: ResNet C5 -> DETR encoder -> SMCA decoder -> class / box heads."""
+    """SMCA-DETR: ResNet -> DETR encoder (single-scale, C5) or intra/multi-scale encoder (f16, f32, f64)
+    -> SMCA decoder -> class / box heads."""
 
     def __init__(self, cfg):
         super().__init__()
         d = cfg.hidden_dim
         self.cfg = cfg
+        self.strides = cfg.strides()  # (32,) or (16, 32, 64)
         self.backbone = Backbone(cfg.backbone_depth, cfg.backbone_norm)
-        self.stride = self.backbone.strides[-1]  # 32: C5
-        self.input_proj = nn.Conv2d(self.backbone.num_channels[-1], d, 1)
-        self.encoder = nn.ModuleList(
-            EncoderLayer(d, cfg.nheads, cfg.dim_feedforward, cfg.dropout) for _ in range(cfg.enc_layers))
+        c4, c5 = self.backbone.num_channels[1:]
+        if cfg.multiscale:  # Sec. 3.3: "3 convolutions project ResNet-50 outputs to 256-d"
+            self.input_proj = nn.ModuleList([
+                nn.Conv2d(c4, d, 1),  # f16 from C4
+                nn.Conv2d(c5, d, 1),  # f32 from C5
+                nn.Conv2d(c5, d, 3, stride=2, padding=1)])  # f64 from C5 (MSZ)
+            self.level_embed = nn.Parameter(torch.empty(len(self.strides), d))
+            self.encoder = MultiScaleEncoder(cfg)
+        else:
+            self.input_proj = nn.ModuleList([nn.Conv2d(c5, d, 1)])
+            self.encoder = nn.ModuleList(
+                EncoderLayer(d, cfg.nheads, cfg.dim_feedforward, cfg.dropout) for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(SMCADecoderLayer(cfg, first=(i == 0)) for i in range(cfg.dec_layers))
         self.decoder_norm = nn.LayerNorm(d)
         self.query_embed = nn.Embedding(cfg.num_queries, d)
@@ -206,40 +322,66 @@ class SMCA(nn.Module):
             if hasattr(layer, "scale_proj"):  # s = 1 at init: log G = -d^2/beta, sigma = 2 cells
                 nn.init.zeros_(layer.scale_proj.weight)
                 nn.init.ones_(layer.scale_proj.bias)
+        if self.cfg.multiscale:
+            nn.init.normal_(self.level_embed)  # MSZ
         # focal-loss prior: every class starts at probability 0.01
         nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
 
-    def forward(self, images, pad_mask):
+    def forward(self, images, pad_mask, return_attention=False):
         """images (B, 3, H, W), pad_mask (B, H, W) True = padding -> dict (see forward_features)."""
-        c5, mask = self.backbone(images, pad_mask)[-1]  # (B, 2048, H/32, W/32), (B, H/32, W/32)
-        return self.forward_features(c5, mask, valid_image_sizes(pad_mask))
+        feats = self.backbone(images, pad_mask)  # [(C3, m3), (C4, m4), (C5, m5)]
+        return self.forward_features(feats, valid_image_sizes(pad_mask), return_attention)
 
-    def forward_features(self, c5, mask, image_wh):
+    def forward_features(self, feats, image_wh, return_attention=False):
         """Everything after the backbone.
 
-        c5 (B, C5, Hf, Wf); mask (B, Hf, Wf) True = padding; image_wh (B, 2) unpadded size in pixels.
-        Returns pred_logits (B, Q, K), pred_boxes (B, Q, 4) cxcywh in [0, 1] of the unpadded image,
-        aux_outputs (one dict per earlier decoder layer, when aux_loss), centers (B, Q, 2) the queries' Gaussian
-        centres (x, y) in [0, 1] (absent when spatial_prior is off), log_priors [(B, H, Q, L)] per layer.
-        """
-        B, _, Hf, Wf = c5.shape
-        src = self.input_proj(c5).flatten(2).transpose(1, 2)  # (B, L, C), L = Hf*Wf
-        pos = sine_position_embedding(mask, self.cfg.hidden_dim // 2).flatten(2).transpose(1, 2).to(src)  # (B, L, C)
-        pad = mask.flatten(1)  # (B, L)
-        memory = src
-        for layer in self.encoder:
-            memory = layer(memory, pos, pad)
+        feats: the backbone's [(C3, m3), (C4, m4), (C5, m5)], features (B, C_l, H_l, W_l) and masks
+        (B, H_l, W_l) True = padding; only the last (single-scale) or the last two (multi-scale) are
+        read. image_wh (B, 2): unpadded size in pixels.
 
-        ys, xs = torch.meshgrid(torch.arange(Hf, device=c5.device), torch.arange(Wf, device=c5.device), indexing="ij")
-        grid = torch.stack([xs, ys], dim=-1).view(-1, 2).to(src)  # (L, 2) integer (x, y) cell indices
-        cells_wh = image_wh.to(src) / self.stride  # (B, 2) unpadded size in cells
-        query_pos = self.query_embed.weight[None].expand(B, -1, -1)  # (B, Q, C)
+        Returns pred_logits (B, Q, K), pred_boxes (B, Q, 4) cxcywh in [0, 1] of the unpadded image,
+        aux_outputs (one dict per earlier decoder layer, when aux_loss), centers (B, Q, 2) the
+        queries' Gaussian centres (x, y) in [0, 1] (absent when spatial_prior is off). With
+        return_attention: log_priors [(B, H, Q, L)] and scale_weights [(B, Q, scales)] per layer
+        (None where absent) and level_shapes [(H_j, W_j)], the cells of each scale in key order.
+        """
+        if self.cfg.multiscale:
+            (c4, m4), (c5, m5) = feats[-2:]
+            maps = [self.input_proj[0](c4), self.input_proj[1](c5), self.input_proj[2](c5)]  # f16, f32, f64
+            masks = [m4, m5, halve_mask(m5)]
+        else:
+            c5, m5 = feats[-1]
+            maps, masks = [self.input_proj[0](c5)], [m5]
+        srcs, poss, pads, levels, shapes = [], [], [], [], []
+        for j, (x, m) in enumerate(zip(maps, masks)):
+            B, _, Hj, Wj = x.shape
+            pos = sine_position_embedding(m, self.cfg.hidden_dim // 2).to(x)  # (B, C, H_j, W_j)
+            pos = pos.flatten(2).transpose(1, 2)  # (B, L_j, C)
+            if self.cfg.multiscale:
+                pos = pos + self.level_embed[j]
+            srcs.append(x.flatten(2).transpose(1, 2))  # (B, L_j, C)
+            poss.append(pos)
+            pads.append(m.flatten(1))  # (B, L_j)
+            ys, xs = torch.meshgrid(torch.arange(Hj, device=x.device), torch.arange(Wj, device=x.device), indexing="ij")
+            grid = torch.stack([xs, ys], dim=-1).view(-1, 2).to(x)  # (L_j, 2) integer (x, y) cell indices
+            levels.append((image_wh.to(x) / self.strides[j], grid))  # unpadded size in this scale's cells
+            shapes.append((Hj, Wj))
+        if self.cfg.multiscale:
+            srcs = self.encoder(srcs, poss, pads)
+        else:
+            for layer in self.encoder:
+                srcs = [layer(srcs[0], poss[0], pads[0])]
+        memory, pos, pad = torch.cat(srcs, 1), torch.cat(poss, 1), torch.cat(pads, 1)  # (B, L, C), (B, L)
+        sizes = [x.shape[1] for x in srcs]
+
+        query_pos = self.query_embed.weight[None].expand(memory.shape[0], -1, -1)  # (B, Q, C)
         tgt = torch.zeros_like(query_pos)
-        hs, log_priors, center_logit = [], [], None
+        hs, log_priors, alphas, center_logit = [], [], [], None
         for layer in self.decoder:
-            tgt, center_logit, log_prior = layer(tgt, query_pos, memory, pos, pad, grid, cells_wh, center_logit)
+            tgt, center_logit, log_prior, alpha = layer(tgt, query_pos, memory, pos, pad, levels, sizes, center_logit)
             hs.append(self.decoder_norm(tgt))
             log_priors.append(log_prior)
+            alphas.append(alpha)
         hs = torch.stack(hs)  # (L_dec, B, Q, C)
 
         logits = self.class_embed(hs)  # (L_dec, B, Q, K)
@@ -252,8 +394,20 @@ class SMCA(nn.Module):
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         if center_logit is not None:
             out["centers"] = center_logit.sigmoid()
-            out["log_priors"] = log_priors
+        if return_attention:
+            out.update(log_priors=log_priors, scale_weights=alphas, level_shapes=shapes)
         return out
+
+
+def gaussian_maps(out, image=0, query=0, layer=-1):
+    """The spatial prior one query puts on the image: exp(log G) averaged over heads, one
+    (H_j, W_j) map per scale, from `model(..., return_attention=True)` (what OFF issue #22 asks for).
+    Write one over its image with common.save_heatmap_png."""
+    log_prior = out["log_priors"][layer]
+    if log_prior is None:
+        raise ValueError("this model has no spatial prior (spatial_prior=False)")
+    maps = log_prior[image, :, query].exp().mean(0)  # (L,) averaged over heads
+    return [m.view(h, w) for m, (h, w) in zip(maps.split([h * w for h, w in out["level_shapes"]]), out["level_shapes"])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +429,12 @@ class Config:
     num_queries: int = 300  # OFF README (--num_queries 300); the paper's setting
     spatial_prior: bool = True  # False: the paper's DETR baseline (focal loss, 300 queries; Table 2)
     scale_type: str = "independent"  # OFF README --dynamic_scale type3 (Table 2 "Indep.")
+    head_shared: bool = False  # True: Table 2 "Head-shared" (one offset and scale for all heads)
+    multiscale: bool = False  # True: the full SMCA of Sec. 3.3 (f16, f32, f64; Tables 1, 3, 4)
+    ms_encoder: str = "IIMII"  # multi-scale encoder blocks, I intra / M multi (Table 3 2Intra-Multi-2Intra)
+    intra_share: bool = True  # intra-scale blocks share weights across scales (Table 3 default)
+    scale_selection: bool = True  # per-query alpha over scales, Eqs. (7)-(9) (Table 3 "w/o" = False)
+    ms_dim_feedforward: int = 1024  # multi-scale FFN, encoder and decoder (Sec. 4.1; MSZ README)
     beta: float = 8.0  # OFF --smooth 8; the paper gives no value
     aux_loss: bool = True  # a Hungarian loss after every decoder layer
     loss_ce: float = 2.0  # OFF hard-codes 2
@@ -282,6 +442,10 @@ class Config:
     loss_giou: float = 2.0  # OFF --giou_loss_coef
     focal_alpha: float = 0.25
     num_select: int = 300  # post-process top-k over queries x classes (OFF PostProcess)
+
+    def strides(self):
+        """The feature strides the decoder attends to."""
+        return (16, 32, 64) if self.multiscale else (32,)
 
     def validate(self):
         if self.scale_type not in SCALE_TYPES:
@@ -293,6 +457,11 @@ class Config:
         for name in ("num_classes", "enc_layers", "dec_layers", "num_queries", "num_select", "dim_feedforward"):
             if getattr(self, name) < (0 if name == "enc_layers" else 1):
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not self.ms_encoder or set(self.ms_encoder) - set("IM"):
+            raise ValueError(f"ms_encoder must be a string of I (intra-scale) and M (multi-scale) blocks, "
+                             f"got {self.ms_encoder!r}")
+        if self.ms_dim_feedforward < 1:
+            raise ValueError(f"ms_dim_feedforward must be positive, got {self.ms_dim_feedforward}")
         if not self.beta > 0:
             raise ValueError(f"beta must be > 0, got {self.beta}")
 
@@ -300,7 +469,7 @@ class Config:
 def shapes_config():
     """CPU-sized SMCA for the built-in shapes set (what `python train.py --model smca` trains)."""
     return Config(backbone_depth=18, backbone_norm="bn", hidden_dim=128, nheads=8, enc_layers=2, dec_layers=3,
-                  dim_feedforward=512, num_queries=50, num_select=100)
+                  dim_feedforward=512, ms_dim_feedforward=512, num_queries=50, num_select=100)
 
 
 # train.py's defaults on --data shapes for this model (a ResNet-18 from scratch: the backbone trains
@@ -319,12 +488,13 @@ def build(cfg):
 
 
 if __name__ == "__main__":
-    model, criterion, _ = build(Config())
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"SMCA-DETR R50, 300 queries: {n:,} trainable parameters")
-    model.eval()
-    images, pad_mask = torch.randn(2, 3, 320, 480), torch.zeros(2, 320, 480, dtype=torch.bool)
-    pad_mask[1, 200:, :] = True
-    with torch.no_grad():
-        out = model(images, pad_mask)
-    print({k: tuple(v.shape) for k, v in out.items() if torch.is_tensor(v)})
+    for multiscale in (False, True):
+        model, criterion, _ = build(Config(multiscale=multiscale))
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"SMCA-DETR R50, 300 queries, multiscale={multiscale}: {n:,} trainable parameters")
+        model.eval()
+        images, pad_mask = torch.randn(2, 3, 320, 480), torch.zeros(2, 320, 480, dtype=torch.bool)
+        pad_mask[1, 200:, :] = True
+        with torch.no_grad():
+            out = model(images, pad_mask)
+        print({k: tuple(v.shape) for k, v in out.items() if torch.is_tensor(v)})

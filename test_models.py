@@ -27,7 +27,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 def tiny_smca(**kw):
     base = dict(backbone_depth=18, backbone_norm="bn", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
-                dim_feedforward=64, num_queries=12, num_classes=21, num_select=20)
+                dim_feedforward=64, ms_dim_feedforward=48, ms_encoder="IMI", num_queries=12, num_classes=21,
+                num_select=20)
     base.update(kw)
     return smca.Config(**base)
 
@@ -372,19 +373,30 @@ def test_smca_parameter_counts_match_official():
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 41_353_311
 
 
-def test_smca_output_shapes_and_box_range():
-    cfg = tiny_smca()
+@pytest.mark.parametrize("multiscale", [False, True])
+def test_smca_output_shapes_and_box_range(multiscale):
+    cfg = tiny_smca(multiscale=multiscale)
     model, _, post = smca.build(cfg)
     model.eval()
     images, pad_mask = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
     pad_mask[1, 64:, :] = True
-    out = model(images, pad_mask)
+    out = model(images, pad_mask, return_attention=True)
     assert out["pred_logits"].shape == (2, 12, 21) and out["pred_boxes"].shape == (2, 12, 4)
     assert len(out["aux_outputs"]) == 1 and out["centers"].shape == (2, 12, 2)
-    assert out["log_priors"][0].shape == (2, 4, 12, 3 * 4)
+    shapes = [(6, 8), (3, 4), (2, 2)] if multiscale else [(3, 4)]  # f16, f32, f64 of a 96 x 128 input
+    assert out["level_shapes"] == shapes
+    assert out["log_priors"][0].shape == (2, 4, 12, sum(h * w for h, w in shapes))
     assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
     res = post(out, torch.tensor([[480, 640], [320, 640]]))
     assert res[0]["boxes"].shape == (20, 4)
+    assert "log_priors" not in model(images, pad_mask)  # attention maps only on request
+
+
+def test_smca_multiscale_parameter_count_is_the_papers():
+    """Table 3: 2Intra-Multi-2Intra has 39.5M parameters (Table 4 rounds it to 40M)."""
+    model, _, _ = smca.build(smca.Config(multiscale=True))
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert round(n / 1e6, 1) == 39.5, n
 
 
 def test_smca_log_prior_is_the_papers_gaussian():
@@ -397,7 +409,7 @@ def test_smca_log_prior_is_the_papers_gaussian():
     cells_wh = torch.tensor([[4.0, 3.0]])
     ys, xs = torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij")
     grid = torch.stack([xs, ys], -1).view(-1, 2).float()
-    log_g = layer.log_prior(out, center_logit, cells_wh, grid)  # (B, H, N, L)
+    log_g = layer.log_prior(out, center_logit, [(cells_wh, grid)])  # (B, H, N, L)
     offsets = layer.offset_proj(out).view(B, N, H, 2)
     s = layer.scale_proj(out).view(B, N, H, 2)
     for n, h, cell in itertools.product(range(N), range(H), range(12)):
@@ -405,6 +417,130 @@ def test_smca_log_prior_is_the_papers_gaussian():
         d = c - grid[cell]
         want = -(s[0, n, h, 0] ** 2 * d[0] ** 2 + s[0, n, h, 1] ** 2 * d[1] ** 2) / cfg.beta
         assert torch.isclose(log_g[0, h, n, cell], want, atol=1e-5)
+
+
+def test_smca_multiscale_log_prior_per_scale():
+    """Each scale's prior sits on the shared centre in that scale's cells, with that scale's own head
+    offsets and scales, its squared distance weighted by stride / 32 (MSZ); head_shared broadcasts."""
+    for head_shared in (False, True):
+        cfg = tiny_smca(multiscale=True, head_shared=head_shared)
+        layer = smca.SMCADecoderLayer(cfg, first=True)
+        B, N, H, Hp = 1, 2, cfg.nheads, 1 if head_shared else cfg.nheads
+        out = torch.randn(B, N, cfg.hidden_dim)
+        center_logit = torch.tensor([[[0.3, -0.2], [1.0, -1.0]]])
+        image_wh = torch.tensor([[128.0, 96.0]])
+        levels, grids = [], []
+        for stride, (h, w) in zip((16, 32, 64), [(6, 8), (3, 4), (2, 2)]):
+            ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            grids.append(torch.stack([xs, ys], -1).view(-1, 2).float())
+            levels.append((image_wh / stride, grids[-1]))
+        log_g = layer.log_prior(out, center_logit, levels)  # (B, H, N, 48 + 12 + 4)
+        assert log_g.shape == (B, H, N, 64)
+        offsets = layer.offset_proj(out).view(B, N, 3, Hp, 2)
+        s = layer.scale_proj(out).view(B, N, 3, Hp, 2)
+        start = 0
+        for j, stride in enumerate((16, 32, 64)):
+            for n, h in itertools.product(range(N), range(H)):
+                hp = 0 if head_shared else h
+                c = torch.sigmoid(center_logit[0, n]) * image_wh[0] / stride + offsets[0, n, j, hp]
+                d = c - grids[j]  # (L_j, 2)
+                want = -(s[0, n, j, hp, 0] ** 2 * d[:, 0] ** 2 + s[0, n, j, hp, 1] ** 2 * d[:, 1] ** 2)
+                want = want * stride / 32 / cfg.beta
+                assert torch.allclose(log_g[0, h, n, start:start + len(d)], want, atol=1e-5)
+            start += len(grids[j])
+
+
+def test_gaussian_map_peaks_at_the_predicted_centre():
+    """A constructed case: zero offsets, s = 1: the map of every scale peaks at the cell holding the
+    centre the model predicts."""
+    torch.manual_seed(0)
+    model, _, _ = smca.build(tiny_smca(multiscale=True))
+    model.eval()
+    for layer in model.decoder:
+        torch.nn.init.zeros_(layer.offset_proj.weight)
+        torch.nn.init.zeros_(layer.offset_proj.bias)
+    images, pad_mask = torch.randn(1, 3, 128, 192), torch.zeros(1, 128, 192, dtype=torch.bool)
+    with torch.no_grad():
+        out = model(images, pad_mask, return_attention=True)
+    for q in range(3):
+        cx, cy = out["centers"][0, q].tolist()  # normalised (x, y)
+        for stride, m in zip((16, 32, 64), smca.gaussian_maps(out, query=q)):
+            h, w = m.shape  # exp(-(dx^2 + dy^2) stride / 32 / beta) peaks at the cell nearest the centre
+            want = (min(round(cy * 128 / stride), h - 1), min(round(cx * 192 / stride), w - 1))
+            assert divmod(int(m.argmax()), w) == want and math.isclose(m.max().item(), m[want].item())
+    with pytest.raises(ValueError, match="spatial prior"):
+        baseline, _, _ = smca.build(tiny_smca(spatial_prior=False))
+        smca.gaussian_maps(baseline.eval()(images, pad_mask, return_attention=True))
+
+
+def test_save_heatmap_png_draws_the_map_over_the_image(tmp_path):
+    """The query's Gaussian, written over its image: red where the prior is, the box in green."""
+    model, _, _ = smca.build(tiny_smca())
+    model.eval()
+    image = torch.zeros(3, 96, 128)  # the ImageNet mean: mid grey once de-normalised
+    with torch.no_grad():
+        out = model(image[None], torch.zeros(1, 96, 128, dtype=torch.bool), return_attention=True)
+    (heat,) = smca.gaussian_maps(out, query=0)  # (3, 4) cells of 32 px
+    path = tmp_path / "q0.png"
+    common.save_heatmap_png(image, heat, path, cell=32, boxes=[(4, 4, 40, 30)])
+    png = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert png.shape == (96, 128, 3)
+    (r, c), (r0, c0) = divmod(int(heat.argmax()), 4), divmod(int(heat.argmin()), 4)
+    hot, cold = png[32 * r + 16, 32 * c + 16], png[32 * r0 + 16, 32 * c0 + 16]  # cell centres
+    assert hot[0] - hot[1] > cold[0] - cold[1] + 20  # redder where the prior is high
+    assert tuple(png[4, 20]) == (0, 255, 0)  # the box outline
+    with pytest.raises(ValueError, match="does not cover"):
+        common.save_heatmap_png(image, heat, path, cell=16)
+
+
+def test_scale_selection_is_per_scale_softmax_weighted_by_alpha():
+    """Eqs. (8)-(9) against a naive loop over heads and scales; alpha = one scale is attention on it alone."""
+    torch.manual_seed(0)
+    attn = smca.GaussianCrossAttention(32, 4, dropout=0.0)
+    B, N, sizes = 2, 3, [6, 4, 2]
+    q, k, v = torch.randn(B, N, 32), torch.randn(B, 12, 32), torch.randn(B, 12, 32)
+    pad = torch.zeros(B, 12, dtype=torch.bool)
+    pad[1, 4:6] = pad[1, 9:10] = True  # some padding in two scales of image 1
+    log_prior = torch.randn(B, 4, N, 12)
+    alpha = torch.randn(B, N, 3).softmax(-1)
+    got = attn(q, k, v, pad, log_prior, sizes, alpha)
+    wq, wk, wv = attn.in_proj.weight.chunk(3)
+    bq, bk, bv = attn.in_proj.bias.chunk(3)
+    want = torch.zeros(B, N, 32)
+    for b, n, h in itertools.product(range(B), range(N), range(4)):
+        sl = slice(8 * h, 8 * h + 8)
+        qh = (q[b, n] @ wq.T + bq)[sl]
+        kh, vh = (k[b] @ wk.T + bk)[:, sl], (v[b] @ wv.T + bv)[:, sl]
+        start = 0
+        for j, size in enumerate(sizes):
+            seg = slice(start, start + size)
+            logit = kh[seg] @ qh / math.sqrt(8) + log_prior[b, h, n, seg]
+            logit = logit.masked_fill(pad[b, seg], float("-inf"))
+            want[b, n, sl] += alpha[b, n, j] * (logit.softmax(0) @ vh[seg])  # C_ij, summed over j
+            start += size
+    want = want @ attn.out_proj.weight.T + attn.out_proj.bias
+    assert torch.allclose(got, want, atol=1e-5)
+    one_hot = torch.zeros(B, N, 3)
+    one_hot[..., 1] = 1.0
+    only = attn(q, k[:, 6:10], v[:, 6:10], pad[:, 6:10], log_prior[..., 6:10])
+    assert torch.allclose(attn(q, k, v, pad, log_prior, sizes, one_hot), only, atol=1e-5)
+
+
+def test_scale_selection_weights_are_per_image():
+    """alpha sums to 1 per query and follows each image (the released code used image 0's for all)."""
+    torch.manual_seed(0)
+    model, _, _ = smca.build(tiny_smca(multiscale=True))
+    model.eval()
+    images, pad_mask = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
+    with torch.no_grad():
+        out = model(images, pad_mask, return_attention=True)
+        alone = model(images[1:], pad_mask[1:], return_attention=True)
+    assert out["scale_weights"][0] is not None and out["scale_weights"][1].shape == (2, 12, 3)
+    for alpha in out["scale_weights"]:
+        assert torch.allclose(alpha.sum(-1), torch.ones(2, 12), atol=1e-6)
+    # layer 0 reads only the queries (tgt = 0), so its alpha is the same for every image; layer 1's is not
+    assert not torch.allclose(out["scale_weights"][1][0], out["scale_weights"][1][1], atol=1e-4)
+    assert torch.allclose(out["scale_weights"][1][1], alone["scale_weights"][1][0], atol=1e-5)
 
 
 def test_gaussian_cross_attention_without_prior_is_multihead_attention():
@@ -435,24 +571,43 @@ def _alone_and_padded(x, H, W):
     return (x, torch.zeros(1, h, w, dtype=torch.bool)), (batch, mask)
 
 
-@pytest.mark.parametrize("spatial_prior", [True, False])
-def test_smca_padding_invariance(spatial_prior, figures):
-    """An image's outputs do not depend on the padding its batch adds (DESIGN.md)."""
+@pytest.mark.parametrize("spatial_prior,multiscale", [(True, False), (False, False), (True, True), (False, True)])
+def test_smca_padding_invariance(spatial_prior, multiscale, figures):
+    """An image's outputs do not depend on the padding its batch adds (DESIGN.md), at every scale."""
     torch.manual_seed(0)
-    cfg = tiny_smca(spatial_prior=spatial_prior)
+    cfg = tiny_smca(spatial_prior=spatial_prior, multiscale=multiscale)
     model, _, _ = smca.build(cfg)
     model.double().eval()
-    (c5, m1), (batch, mask) = _alone_and_padded(torch.randn(1, 512, 3, 4, dtype=torch.float64), 5, 6)
-    alone = model.forward_features(c5, m1, torch.tensor([[128.0, 96.0]]))
-    batched = model.forward_features(batch, mask, torch.tensor([[128.0, 96.0], [192.0, 160.0]]))
+    # C5 of a 96 x 128 image (3 x 4 cells) padded to 5 x 6 cells; C4 the same at twice the resolution.
+    # 3 x 4 -> f64 2 x 2 alone; padded, f64 is 3 x 3 of which the same 2 x 2 are valid.
+    (c5, m5), (c5_batch, m5_batch) = _alone_and_padded(torch.randn(1, 512, 3, 4, dtype=torch.float64), 5, 6)
+    (c4, m4), (c4_batch, m4_batch) = _alone_and_padded(torch.randn(1, 256, 6, 8, dtype=torch.float64), 10, 12)
+    alone = model.forward_features([(c4, m4), (c5, m5)], torch.tensor([[128.0, 96.0]]), return_attention=True)
+    batched = model.forward_features([(c4_batch, m4_batch), (c5_batch, m5_batch)],
+                                     torch.tensor([[128.0, 96.0], [192.0, 160.0]]), return_attention=True)
     for key in ("pred_logits", "pred_boxes") + (("centers",) if spatial_prior else ()):
         assert torch.allclose(alone[key][0], batched[key][0], atol=1e-4), key
     for key in ("pred_logits", "pred_boxes"):
         assert torch.allclose(alone["aux_outputs"][0][key][0], batched["aux_outputs"][0][key][0], atol=1e-4)
+    if multiscale:
+        assert torch.allclose(alone["scale_weights"][-1][0], batched["scale_weights"][-1][0], atol=1e-4)
     # The full model, backbone included: report how far the CNN's view of the padding moves it.
     (images, m1), (big, pad) = _alone_and_padded(torch.randn(1, 3, 96, 128, dtype=torch.float64), 160, 192)
     drift = (model(images, m1)["pred_boxes"][0] - model(big, pad)["pred_boxes"][0]).abs().max().item()
-    figures.append((f"smca full-model padding drift, max |d box| (spatial_prior={spatial_prior})", f"{drift:.2e}"))
+    figures.append((f"smca full-model padding drift, max |d box| (spatial_prior={spatial_prior}, "
+                    f"multiscale={multiscale})", f"{drift:.2e}"))
+
+
+def test_halve_mask_matches_a_strided_conv_on_the_image_alone():
+    for h, w in [(3, 4), (5, 5), (1, 2), (4, 7)]:
+        mask = torch.ones(2, 6, 8, dtype=torch.bool)
+        mask[0, :h, :w] = False
+        mask[1] = False
+        half = smca.halve_mask(mask)
+        assert half.shape == (2, 3, 4) and not half[1].any()
+        alone = torch.nn.functional.conv2d(torch.ones(1, 1, h, w), torch.ones(1, 1, 3, 3), stride=2, padding=1)
+        assert (~half[0]).sum().item() == alone.numel()
+        assert not half[0, :alone.shape[2], :alone.shape[3]].any()
 
 
 # Parameters a single backward leaves without gradient, and why:
@@ -468,9 +623,10 @@ NO_GRAD_EXPECTED = {
 }
 
 
-def test_smca_gradient_flow():
+@pytest.mark.parametrize("multiscale", [False, True])
+def test_smca_gradient_flow(multiscale):
     torch.manual_seed(0)
-    cfg = tiny_smca()
+    cfg = tiny_smca(multiscale=multiscale)
     model, criterion, _ = smca.build(cfg)
     model.train()
     images, pad_mask = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
@@ -492,6 +648,8 @@ def test_smca_config_errors():
         smca.build(tiny_smca(scale_type="diagonal"))
     with pytest.raises(ValueError, match="divisible"):
         smca.build(tiny_smca(hidden_dim=30))
+    with pytest.raises(ValueError, match="ms_encoder"):
+        smca.build(tiny_smca(multiscale=True, ms_encoder="IXI"))
 
 
 # ---------------------------------------------------------------------------------------------
