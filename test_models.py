@@ -18,6 +18,7 @@ from PIL import Image
 
 import common
 import data as datalib
+import converge
 import smca
 import train
 from data import shapes
@@ -758,3 +759,19 @@ def test_train_ddp_two_processes(tiny_shapes, tmp_path):
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     assert sum(r["type"] == "train" for r in records) == 2  # 8 images / 2 ranks / batch 2
     assert any(r["type"] == "eval" for r in records)
+
+
+def test_converge_table_from_logs_and_skips_finished_runs(tmp_path, monkeypatch):
+    """converge.py reads each run's eval records (the last one of an epoch wins) and does not
+    retrain a run whose last epoch is already evaluated."""
+    monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"retrained {argv}"))
+    for i in range(len(converge.VARIANTS)):
+        os.makedirs(tmp_path / str(i))
+        with open(tmp_path / str(i) / "log.jsonl", "w") as f:
+            f.write(json.dumps({"type": "train", "loss": 1.0}) + "\n")
+            for epoch in (0, 1, 1):
+                ap = 0.01 * (i + 1) * (epoch + 1)
+                f.write(json.dumps({"type": "eval", "epoch": epoch, "AP": ap, "AP50": 2 * ap, "epoch_time_s": 60.0}) + "\n")
+    converge.main(["--epochs", "2", "--out", str(tmp_path)])
+    rows = (tmp_path / "table.md").read_text().splitlines()
+    assert rows[-2] == "| 2 | 2.0 / 4.0 | 4.0 / 8.0 | 6.0 / 12.0 |" and rows[-1] == "| s / epoch | 60 | 60 | 60 |"

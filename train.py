@@ -61,7 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--backbone-weights", default=None,
                    help="torchvision-format ResNet .pth, 'imagenet' (download), or 'none'. Default: 'imagenet' "
                         "with --data PATH (the papers fine-tune an ImageNet backbone), 'none' on shapes")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override model Config fields")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override model Config fields (repeatable; later wins)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--num-workers", type=int, default=None,
                    help="data loader processes; default 4 on GPU, 0 on CPU (where workers only take cores from the model)")
@@ -426,9 +427,15 @@ def main(argv=None):
     return result
 
 
-if __name__ == "__main__":
+def run_cli(entry):
+    """Run a command-line entry point: a bad input (ValueError) or a diverged run ends with its
+    message and exit status 1, not a traceback."""
     try:
-        main()
+        entry()
     except (ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_cli(main)
