@@ -46,7 +46,7 @@ def table(results, epochs):
             cells.append(f"{100 * rec['AP']:.1f} / {100 * rec['AP50']:.1f}" if rec else "-")
         rows.append(f"| {e + 1} | " + " | ".join(cells) + " |")
     secs = [results[name].get(epochs - 1, {}).get("epoch_time_s") for name, _ in VARIANTS]
-    rows.append("| s / epoch | " + " | ".join(f"{s:.0f}" if s else "-" for s in secs) + " |")
+    rows.append("| s / epoch, train + eval | " + " | ".join(f"{s:.0f}" if s else "-" for s in secs) + " |")
     return "\n".join(rows)
 
 

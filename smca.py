@@ -28,8 +28,8 @@ every scale and each query weights the scales by scale-selection attention:
 Paper symbol -> variable:
     c_h, c_w (normalised centre)     center_logit.sigmoid(), from `center_mlp` (OFF point1), layer 0 only
     centre in feature cells          center = sigmoid(center_logit) * cells_wh, cells of the UNPADDED image
-    head offsets                     `offset_proj` (OFF point2), (B, N, H, 2) in cells, every layer
-    s_h, s_w                         `scale_proj` (OFF point3), (B, N, H, 2), every layer
+    head offsets                     `offset_proj` (OFF point2), (B, N, scales, H, 2) in cells, every layer
+    s_h, s_w                         `scale_proj` (OFF point3), (B, N, scales, H, 2), every layer
     beta                             Config.beta (OFF --smooth 8)
     log G                            log_prior (B, H, N, L), added to the cross-attention logits
     f16, f32, f64 / E16, E32, E64    `input_proj[l]` outputs / the encoder's outputs, one per level
@@ -54,7 +54,8 @@ Deviations from the paper / official code:
   post-norm DETR blocks, intra-scale blocks shared across scales (Table 3's best), FFN 1024, learned
   level embeddings (normal init, as MSZ) added to each level's sine positions, padding masked at
   every scale. The f64 mask is computed exactly (ceil of half the valid f32 cells), where MSZ
-  interpolates. The projections are plain convs (no GroupNorm), as MSZ.
+  interpolates. The projections are plain convs (no GroupNorm), as MSZ. The paper's three scales;
+  MSZ adds a fourth level (C3, downsampled to stride 16).
 - Multi-scale decoder, following MSZ where the paper is silent or differs: one shared key/value
   projection for all scales (the paper says separate ones); alpha from a per-layer Linear on the
   layer's norm4 output, one per query and scale, shared by the heads; each scale's centre is the

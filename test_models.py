@@ -774,4 +774,5 @@ def test_converge_table_from_logs_and_skips_finished_runs(tmp_path, monkeypatch)
                 f.write(json.dumps({"type": "eval", "epoch": epoch, "AP": ap, "AP50": 2 * ap, "epoch_time_s": 60.0}) + "\n")
     converge.main(["--epochs", "2", "--out", str(tmp_path)])
     rows = (tmp_path / "table.md").read_text().splitlines()
-    assert rows[-2] == "| 2 | 2.0 / 4.0 | 4.0 / 8.0 | 6.0 / 12.0 |" and rows[-1] == "| s / epoch | 60 | 60 | 60 |"
+    assert rows[-2] == "| 2 | 2.0 / 4.0 | 4.0 / 8.0 | 6.0 / 12.0 |"
+    assert rows[-1] == "| s / epoch, train + eval | 60 | 60 | 60 |"
