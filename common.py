@@ -313,6 +313,12 @@ def box_area(boxes):
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
+def inverse_sigmoid(x, eps=1e-5):
+    """logit(x) with x clamped to [eps, 1 - eps] (Deformable DETR's, for box refinement)."""
+    x = x.clamp(min=eps, max=1 - eps)
+    return torch.log(x / (1 - x))
+
+
 def box_iou(boxes1, boxes2, eps=1e-7):
     """Pairwise IoU of xyxy boxes: (N, 4), (M, 4) -> iou (N, M), union (N, M)."""
     boxes1, boxes2 = _sanitize(boxes1), _sanitize(boxes2)
@@ -396,19 +402,21 @@ def world_size():
 class SetCriterion(nn.Module):
     """DETR's set loss with sigmoid focal classification, as the four papers use it.
 
-    For every output set (the last decoder layer, each `aux_outputs` entry and, if present,
-    `enc_outputs` with class-agnostic targets as in two-stage Deformable DETR) the predictions
-    are Hungarian-matched to the targets, then
+    For every output set (the last decoder layer, each `aux_outputs` entry, the two-stage
+    `enc_outputs` if `encoder_labels` is "binary" (class-agnostic, as two-stage Deformable DETR) or
+    "class" (the real labels, Efficient-DETR's class-specific head), and each `enc_aux_outputs`
+    entry, one per encoder layer with a head) the predictions are Hungarian-matched to the targets, then
         loss_ce   = sum of focal loss over all queries and classes / num_boxes
         loss_bbox = L1 on matched (cx, cy, w, h) / num_boxes
         loss_giou = (1 - GIoU) on matched boxes / num_boxes
     where num_boxes is the batch's target count averaged over ranks, at least 1.
-    Returns a dict of unweighted terms (suffix _0.._{L-2} for aux, _enc for the encoder);
+    Returns a dict of unweighted terms (suffix _0.._{L-2} for aux, _enc for the two-stage head,
+    _enc_0.. for encoder layers);
     `weight_dict` holds each term's weight.
     """
 
     def __init__(self, num_classes, matcher=None, weight_ce=2.0, weight_bbox=5.0, weight_giou=2.0,
-                 focal_alpha=0.25, focal_gamma=2.0, num_aux=0, encoder_loss=False):
+                 focal_alpha=0.25, focal_gamma=2.0, num_aux=0, encoder_labels=None, num_enc_aux=0):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher or HungarianMatcher(weight_ce, weight_bbox, weight_giou, focal_alpha, focal_gamma)
@@ -417,8 +425,13 @@ class SetCriterion(nn.Module):
         self.weight_dict = dict(base)
         for i in range(num_aux):
             self.weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
-        if encoder_loss:
+        if encoder_labels not in (None, "binary", "class"):
+            raise ValueError(f"encoder_labels must be None, 'binary' or 'class', got {encoder_labels!r}")
+        self.encoder_labels = encoder_labels
+        if encoder_labels:
             self.weight_dict.update({f"{k}_enc": v for k, v in base.items()})
+        for i in range(num_enc_aux):
+            self.weight_dict.update({f"{k}_enc_{i}": v for k, v in base.items()})
 
     def num_boxes(self, targets, device):
         n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
@@ -449,9 +462,13 @@ class SetCriterion(nn.Module):
         losses = self.set_loss(outputs, targets, num_boxes)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update({f"{k}_{i}": v for k, v in self.set_loss(aux, targets, num_boxes).items()})
-        if "enc_outputs" in outputs:
-            binary = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            losses.update({f"{k}_enc": v for k, v in self.set_loss(outputs["enc_outputs"], binary, num_boxes).items()})
+        if self.encoder_labels and "enc_outputs" in outputs:
+            enc_targets = targets
+            if self.encoder_labels == "binary":
+                enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            losses.update({f"{k}_enc": v for k, v in self.set_loss(outputs["enc_outputs"], enc_targets, num_boxes).items()})
+        for i, aux in enumerate(outputs.get("enc_aux_outputs", [])):
+            losses.update({f"{k}_enc_{i}": v for k, v in self.set_loss(aux, targets, num_boxes).items()})
         return losses
 
 

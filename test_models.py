@@ -20,6 +20,7 @@ import common
 import data as datalib
 import converge
 import smca
+import sparse_detr
 import train
 from data import shapes
 
@@ -651,6 +652,176 @@ def test_smca_config_errors():
         smca.build(tiny_smca(hidden_dim=30))
     with pytest.raises(ValueError, match="ms_encoder"):
         smca.build(tiny_smca(multiscale=True, ms_encoder="IXI"))
+
+
+# ---------------------------------------------------------------------------------------------
+# sparse_detr.py
+# ---------------------------------------------------------------------------------------------
+
+def tiny_sparse(**kw):
+    base = dict(backbone_depth=18, backbone_norm="bn", hidden_dim=32, nheads=4, enc_layers=3, dec_layers=2,
+                dim_feedforward=64, num_queries=10, num_classes=21, num_select=20, rho=0.3)
+    base.update(kw)
+    return sparse_detr.Config(**base)
+
+
+def test_sparse_detr_parameter_counts_match_official():
+    """Counted from the official code built on CPU (fact sheet): rho 0.1, the "+" baseline, plain two-stage."""
+    for kw, want in [({}, 41_714_805), ({"sparse_encoder": False, "use_enc_aux_loss": False}, 40_827_289),
+                     ({"sparse_encoder": False, "eff_query_init": False, "eff_specific_head": False}, 40_959_129)]:
+        model, _, _ = sparse_detr.build(sparse_detr.Config(**kw))
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == want, kw
+
+
+def test_sparse_detr_outputs_and_selection_counts():
+    """Shapes; n_b = int(valid * rho) + 1 per image with mixed sizes; padded tokens never selected."""
+    torch.manual_seed(0)
+    model, criterion, post = sparse_detr.build(tiny_sparse())
+    model.eval()
+    images, pad_mask = torch.randn(2, 3, 128, 160), torch.zeros(2, 128, 160, dtype=torch.bool)
+    pad_mask[1, 64:, :] = True
+    pad_mask[1, :, 96:] = True  # image 1 is 64 x 96
+    with torch.no_grad():
+        out = model(images, pad_mask)
+    # levels: strides 8, 16, 32, 64 -> 16x20 + 8x10 + 4x5 + 2x3 = 426 tokens; image 1: 8x12 + 4x6 + 2x3 + 1x2 = 128
+    assert out["token_pad_mask"].shape == (2, 426) and (~out["token_pad_mask"]).sum(1).tolist() == [426, 128]
+    assert out["sparse_token_nums"].tolist() == [int(426 * 0.3) + 1, int(128 * 0.3) + 1]
+    assert out["topk_inds"].shape == (2, 128)
+    for b, n in enumerate(out["sparse_token_nums"].tolist()):
+        assert not out["token_pad_mask"][b, out["topk_inds"][b, :n]].any()
+    assert out["pred_logits"].shape == (2, 10, 21) and out["pred_boxes"].shape == (2, 10, 4)
+    assert len(out["aux_outputs"]) == 1 and len(out["enc_aux_outputs"]) == 2
+    assert out["enc_aux_outputs"][0]["pred_logits"].shape == (2, 128, 21)
+    assert out["enc_outputs"]["pred_boxes"].shape == (2, 426, 4)
+    assert out["dec_sampling_locations"].shape == (2, 2, 10, 4, 4, 4, 2)
+    assert post(out, torch.tensor([[480, 640], [300, 400]]))[1]["boxes"].shape == (20, 4)
+
+
+def _dam_brute_force(locs, weights, shapes, shift):
+    """One point at a time: the four bilinear corners of loc * (W, H) (- 0.5), each inside the map."""
+    B = weights.shape[0]
+    dam = torch.zeros(B, sum(h * w for h, w in shapes), dtype=torch.float64)
+    starts = [sum(h * w for h, w in shapes[:lvl]) for lvl in range(len(shapes))]
+    flat_l, flat_w = locs.reshape(B, -1, len(shapes), locs.shape[-2], 2), weights.reshape(B, -1, len(shapes), weights.shape[-1])
+    for b, m, lvl, p in itertools.product(range(B), range(flat_w.shape[1]), range(len(shapes)), range(flat_w.shape[-1])):
+        h, w = shapes[lvl]
+        x = flat_l[b, m, lvl, p, 0].item() * w - shift
+        y = flat_l[b, m, lvl, p, 1].item() * h - shift
+        x0, y0 = math.floor(x), math.floor(y)
+        for cx, cy in ((x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1)):
+            if 0 <= cx < w and 0 <= cy < h:
+                dam[b, starts[lvl] + cy * w + cx] += flat_w[b, m, lvl, p].item() * (1 - abs(x - cx)) * (1 - abs(y - cy))
+    return dam
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_dam_splat_matches_brute_force(shift):
+    torch.manual_seed(0)
+    shapes = [(4, 5), (2, 3)]
+    locs = torch.rand(2, 2, 3, 2, 2, 3, 2, dtype=torch.float64) * 1.2 - 0.1  # some points off the map
+    weights = torch.rand(2, 2, 3, 2, 2, 3, dtype=torch.float64)
+    got = sparse_detr.decoder_attention_map(locs, weights, shapes, half_cell_shift=shift)
+    assert torch.allclose(got, _dam_brute_force(locs, weights, shapes, 0.5 if shift else 0.0), atol=1e-10)
+
+
+def test_sparse_encoder_at_rho_one_is_the_dense_encoder():
+    """rho = 1 without aux heads updates every token: the same outputs as the dense Deformable encoder."""
+    torch.manual_seed(0)
+    sparse, _, _ = sparse_detr.build(tiny_sparse(rho=1.0, use_enc_aux_loss=False))
+    dense, _, _ = sparse_detr.build(tiny_sparse(sparse_encoder=False, use_enc_aux_loss=False))
+    missing = dense.load_state_dict(sparse.state_dict(), strict=False)
+    assert not missing.missing_keys and all(k.startswith("scoring.") for k in missing.unexpected_keys)
+    sparse.double().eval()
+    dense.double().eval()
+    feats = [(torch.randn(1, c, h, w, dtype=torch.float64), torch.zeros(1, h, w, dtype=torch.bool))
+             for c, h, w in [(128, 8, 10), (256, 4, 5), (512, 2, 3)]]
+    a, b = sparse.forward_features(feats), dense.forward_features(feats)
+    assert a["topk_inds"].shape[1] == 80 + 20 + 6 + 2  # every token
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.allclose(a[key], b[key], atol=1e-8), key
+
+
+@pytest.mark.parametrize("mean_over_padding", [False, True])
+def test_sparse_detr_padding_invariance(mean_over_padding, figures):
+    """After the backbone, an image's detections, scores and selection do not depend on its batch
+    (DESIGN.md); OFF's mean over padded tokens (mean_over_padding) breaks this for the scores."""
+    torch.manual_seed(0)
+    model, _, _ = sparse_detr.build(tiny_sparse(scorer_mean_over_padding=mean_over_padding))
+    model.double().eval()
+    pairs = [_alone_and_padded(torch.randn(1, c, h, w, dtype=torch.float64), 2 * h, 2 * w)
+             for c, h, w in [(128, 8, 12), (256, 4, 6), (512, 2, 3)]]
+    alone = model.forward_features([p[0] for p in pairs])
+    batched = model.forward_features([p[1] for p in pairs])
+    valid = ~batched["token_pad_mask"][0]
+    same_scores = torch.allclose(alone["token_scores"][0], batched["token_scores"][0][valid], atol=1e-6)
+    assert same_scores != mean_over_padding
+    if not mean_over_padding:
+        n = alone["sparse_token_nums"][0]
+        assert n == batched["sparse_token_nums"][0]
+        pos = valid.nonzero()[:, 0]  # batched token index of every alone token
+        assert set(pos[alone["topk_inds"][0, :n]].tolist()) == set(batched["topk_inds"][0, :n].tolist())
+        for key in ("pred_logits", "pred_boxes"):
+            assert torch.allclose(alone[key][0], batched[key][0], atol=1e-4), key
+    # Full model: the queries are top-k tokens, so their order can change; measure how far each box of
+    # the image alone is from the nearest box of the padded run.
+    (images, m1), (big, pad) = _alone_and_padded(torch.randn(1, 3, 128, 192, dtype=torch.float64), 192, 256)
+    a, b = model(images, m1)["pred_boxes"][0], model(big, pad)["pred_boxes"][0]
+    drift = torch.cdist(a, b, p=1).min(1).values.max().item()
+    figures.append((f"sparse_detr full-model padding drift, max L1 to the nearest box (mean_over_padding="
+                    f"{mean_over_padding})", f"{drift:.2e}"))
+
+
+def test_sparse_detr_gradients_and_scorer_learns_only_from_dam():
+    torch.manual_seed(0)
+    model, criterion, _ = sparse_detr.build(tiny_sparse())
+    model.train()
+    images, pad_mask = torch.randn(2, 3, 128, 160), torch.zeros(2, 128, 160, dtype=torch.bool)
+    pad_mask[1, 96:, :] = True
+    targets = _random_targets([3, 0], 21)  # image 1 has no boxes
+    losses = criterion(model(images, pad_mask), targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert {"loss_dam", "corr", "loss_ce_enc", "loss_giou_enc_1", "loss_bbox_0"} <= set(losses)
+    assert 0 <= losses["corr"].item() <= 1
+    set_loss = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict and k != "loss_dam")
+    set_loss.backward(retain_graph=True)
+    assert all(p.grad is None or not p.grad.any() for p in model.scoring.parameters())  # top-k passes no gradient
+    model.zero_grad()
+    losses["loss_dam"].backward(retain_graph=True)
+    assert all(p.grad is not None and p.grad.abs().max() > 0 for p in model.scoring.parameters())
+    model.zero_grad()
+    (set_loss + losses["loss_dam"]).backward()
+    dead = {n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().max() > 0)}
+    # Every box MLP's last layer starts at zero (boxes start at their reference / proposal), so on
+    # the first step its hidden layers get no gradient (as in OFF); everything else does.
+    hidden = {f"bbox_embed.{i}.layers.{j}.{w}" for i in range(len(model.bbox_embed)) for j in (0, 1)
+              for w in ("weight", "bias")}
+    assert dead == hidden, dead ^ hidden
+
+
+@pytest.mark.parametrize("selection", ["objectness", "random"])
+def test_sparse_detr_other_selections(selection):
+    torch.manual_seed(0)
+    model, criterion, _ = sparse_detr.build(tiny_sparse(selection=selection))
+    assert model.scoring is None
+    images, pad_mask = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
+    losses = criterion(model(images, pad_mask), _random_targets([2, 1], 21))
+    assert "loss_dam" not in losses and "corr" in losses
+    assert ("loss_ce_backbone" in losses) == (selection == "objectness")
+    sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict).backward()
+
+
+def test_copied_blocks_stay_in_sync():
+    """`# Copied from` blocks are verbatim copies of their source (DESIGN.md)."""
+    import inspect
+    assert inspect.getsource(sparse_detr.halve_mask) == inspect.getsource(smca.halve_mask)
+    assert "# Copied from smca.halve_mask" in inspect.getsource(sparse_detr)
+
+
+def test_sparse_detr_config_errors():
+    with pytest.raises(ValueError, match="rho"):
+        sparse_detr.build(tiny_sparse(rho=0.0))
+    with pytest.raises(ValueError, match="selection"):
+        sparse_detr.build(tiny_sparse(selection="entropy"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import data as datalib
 from common import load_backbone_weights
 from data import shapes
 
-MODELS = ("smca",)  # model files; each has Config, build(cfg), shapes_config() and SHAPES_RECIPE
+MODELS = ("smca", "sparse_detr")  # model files; each has Config, build(cfg), shapes_config() and SHAPES_RECIPE
 SHAPES_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes")
 # The paper recipe, shared by the four papers (a model may override it in COCO_RECIPE)
 COCO_RECIPE = {"epochs": 50, "lr_drop": 40, "batch_size": 2, "lr": 1e-4, "lr_backbone": 1e-5, "eval_every": 1}

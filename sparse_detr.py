@@ -1,0 +1,626 @@
+"""Sparse DETR: Efficient End-to-End Object Detection with Learnable Sparsity.
+
+Roh, Shin, Shin, Kim. ICLR 2022. arXiv:2111.14330.
+Official code: github.com/kakaobrain/sparse-detr @ f40632c (called OFF below), a fork of Deformable DETR.
+
+The idea. A deformable encoder updates every one of the ~20k multi-scale tokens in all six layers,
+although the decoder only ever looks at a small part of them. Sparse DETR predicts which tokens the
+decoder will attend to and updates only the top rho of them (10% by default); the rest pass through
+unchanged. The predictor (a scoring network) learns from the Decoder cross-Attention Map (DAM): the
+decoder's deformable attention weights splatted onto the token grid, binarised to its top rho.
+Auxiliary detection heads on the selected tokens of every encoder layer keep the deeper encoder
+trainable. The base is Deformable DETR with two-stage proposals, iterative box refinement and
+Efficient-DETR query initialisation (the paper's "Deformable DETR + Top-k & BBR").
+
+    s = g(x_feat)                         scoring network on the backbone tokens     (Sec. 3.2)
+    Omega_s^rho = top-rho(s)              per image: n_b = int(valid_b * rho) + 1
+    x_{l+1}[Omega] = EncLayer(x_l[Omega], values = x_l),  x_{l+1}[~Omega] = x_l[~Omega]
+    DAM = sum over decoder layers, heads, queries, levels, points of attention weight * bilinear corner
+    L_dam = BCE(s, top-rho(DAM))          weight 1                                   (Sec. 3.3)
+
+Paper symbol -> variable:
+    x_feat (backbone tokens)          src (B, N, C), N = tokens of all 4 levels
+    g (scoring network)               `ScoringNetwork` (OFF MaskPredictor), logits token_scores (B, N)
+    rho                               Config.rho; n_b = sparse_token_nums (B,); S = max_b n_b
+    Omega_s^rho                       topk_inds (B, S) (rows >= n_b of a smaller image are batch filler)
+    DAM                               `decoder_attention_map` (B, N)
+    encoder auxiliary heads           class_embed[7 + l], bbox_embed[7 + l] after encoder layer l < 5
+
+Deviations from the paper / official code (OFF's behaviour is the default unless said):
+- The scoring network's global half is averaged over VALID tokens; OFF averages over all tokens,
+  padding included, so an image's selection depends on its batch (DESIGN.md). OFF's mean is
+  `scorer_mean_over_padding=True`; the two agree at batch size 1.
+- The input projections' GroupNorm takes its statistics over valid positions only; OFF's counts the
+  padding, so an image's features move with its batch. OFF's is `masked_groupnorm=False`.
+- The extra level's padding mask is computed exactly from the C5 mask (ceil of half the valid
+  cells); OFF interpolates the image mask.
+- The two-stage top-300 never picks padded tokens (OFF's can, at no benefit: their boxes are inf).
+- DAM splatting: OFF puts the sampling point at loc * (W, H) with no -0.5 shift, half a cell off
+  grid_sample's convention; we reproduce it. `dam_half_cell_shift=True` is the corrected variant.
+- The objectness-score selection (the paper's OS baseline; OFF has only unreachable scaffolding) is
+  `selection="objectness"`: a class + box head on the backbone tokens (enc_output + LN), Hungarian
+  loss 2/5/2 against the real labels, tokens ranked by their max class logit. `selection="random"`
+  ranks tokens at random. Neither has a scoring network or a DAM loss; the DAM is still computed
+  for the correlation metric.
+- OFF scales lr and lr_backbone by sqrt(global batch / 16); train.py does not (pass --lr).
+- `sparse_encoder=False` is the paper's "Deformable DETR + Top-k & BBR" baseline (dense encoder,
+  no scorer, no encoder heads); `eff_query_init=False, eff_specific_head=False` with it is plain
+  two-stage + box-refine Deformable DETR.
+- State-dict names: ours drop OFF's `transformer.` prefix and the backbone's `backbone.0.body.` is
+  `backbone.body.`; `input_proj.{l}.0/1` (conv / GroupNorm), `class_embed.{i}`, `bbox_embed.{i}`,
+  `encoder.layers.{i}.*`, `decoder.layers.{i}.*`, `level_embed`, `enc_output(_norm)`,
+  `pos_trans(_norm)` and `scoring.*` (OFF `enc_mask_predictor.*`) keep OFF's layout.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import (MLP, Backbone, PostProcess, SetCriterion, inverse_sigmoid, ms_deform_attn,
+                    sine_position_embedding, valid_image_sizes)
+
+SELECTIONS = ("dam", "objectness", "random")
+
+# ---------------------------------------------------------------------------------------------
+# Deformable attention (Deformable DETR, Sec. 4.1)
+# ---------------------------------------------------------------------------------------------
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention on common.ms_deform_attn (the grid_sample path).
+
+    Returns the output and, for the DAM, the sampling locations and attention weights.
+    """
+
+    def __init__(self, d_model, n_levels, n_heads, n_points):
+        super().__init__()
+        self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        # offsets start on a ring: head h points along angle 2 pi h / H, point p at distance p + 1
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)  # (H, 2)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
+        grid = grid.repeat(1, self.n_levels, self.n_points, 1) * torch.arange(1, self.n_points + 1).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.view(-1))
+        nn.init.zeros_(self.attention_weights.weight)  # uniform attention over levels and points at init
+        nn.init.zeros_(self.attention_weights.bias)
+        for lin in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, query, reference_points, value_input, spatial_shapes, pad_mask):
+        """query (B, Q, C); reference_points (B, Q, L, 2) points or (B, Q, L, 4) boxes in [0, 1] of each
+        level's padded map; value_input (B, N, C); pad_mask (B, N) -> (B, Q, C), locations
+        (B, Q, H, L, P, 2), weights (B, Q, H, L, P)."""
+        B, Q, C = query.shape
+        H, L, P = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(value_input).masked_fill(pad_mask[..., None], 0.0)  # zero at padding
+        value = value.view(B, -1, H, C // H)  # (B, N, H, D)
+        offsets = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
+        weights = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
+        if reference_points.shape[-1] == 2:  # offsets in cells of each level
+            wh = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)  # (L, 2)
+            locs = reference_points[:, :, None, :, None, :] + offsets / wh[None, None, None, :, None, :]
+        else:  # offsets relative to the reference box, half its size at |offset| = P
+            locs = (reference_points[:, :, None, :, None, :2]
+                    + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5)
+        out = ms_deform_attn(value, spatial_shapes, locs, weights)  # (B, Q, C)
+        return self.output_proj(out), locs, weights
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Post-norm: deformable self-attention over all levels, then FFN. Queries may be a subset of
+    the tokens (Sparse DETR), the values are always all of them."""
+
+    def __init__(self, d, ffn, dropout, n_levels, n_heads, n_points):
+        super().__init__()
+        self.self_attn = MSDeformAttn(d, n_levels, n_heads, n_points)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tgt, pos, reference_points, memory, spatial_shapes, pad_mask):
+        """tgt, pos (B, S, C) the queried tokens; memory (B, N, C) all tokens -> (B, S, C)"""
+        attn = self.self_attn(tgt + pos, reference_points, memory, spatial_shapes, pad_mask)[0]
+        tgt = self.norm1(tgt + self.dropout(attn))
+        return self.norm2(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
+
+
+class DeformableDecoderLayer(nn.Module):
+    """Post-norm: self-attention among queries, deformable cross-attention into the memory, FFN."""
+
+    def __init__(self, d, ffn, dropout, n_levels, n_heads, n_points):
+        super().__init__()
+        self.cross_attn = MSDeformAttn(d, n_levels, n_heads, n_points)
+        self.norm1 = nn.LayerNorm(d)
+        self.self_attn = nn.MultiheadAttention(d, n_heads, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(d)
+        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.norm3 = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, pad_mask):
+        q = k = tgt + query_pos
+        tgt = self.norm2(tgt + self.dropout(self.self_attn(q, k, tgt, need_weights=False)[0]))
+        ca, locs, weights = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, pad_mask)
+        tgt = self.norm1(tgt + self.dropout(ca))
+        tgt = self.norm3(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
+        return tgt, locs, weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse DETR's new modules (Sec. 3)
+# ---------------------------------------------------------------------------------------------
+
+
+class ScoringNetwork(nn.Module):
+    """g(x_feat) -> one saliency logit per token (OFF MaskPredictor, a DynamicViT-style MLP).
+
+    LN -> Linear -> GELU, then the second half of the features is averaged over the image's tokens
+    and broadcast back (global context), then 256 -> 128 -> 64 -> 1 with GELU.
+    """
+
+    def __init__(self, d, hidden=256, mean_over_padding=False):
+        super().__init__()
+        self.mean_over_padding = mean_over_padding
+        self.layer1 = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden), nn.GELU())
+        self.layer2 = nn.Sequential(nn.Linear(hidden, hidden // 2), nn.GELU(), nn.Linear(hidden // 2, hidden // 4),
+                                    nn.GELU(), nn.Linear(hidden // 4, 1))
+
+    def forward(self, x, pad_mask):
+        """x (B, N, C), pad_mask (B, N) -> logits (B, N)"""
+        z = self.layer1(x)  # (B, N, hidden)
+        z_local, z_global = z.chunk(2, dim=-1)
+        if self.mean_over_padding:  # OFF
+            g = z_global.mean(1, keepdim=True)
+        else:
+            valid = (~pad_mask)[..., None].to(z)
+            g = (z_global * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True)  # (B, 1, hidden/2)
+        return self.layer2(torch.cat([z_local, g.expand_as(z_global)], -1)).squeeze(-1)
+
+
+def sparse_token_nums(pad_mask, rho):
+    """n_b = int(valid_tokens_b * rho) + 1 (OFF), at most the token count. pad_mask (B, N) -> (B,)"""
+    valid = (~pad_mask).sum(1)
+    return torch.clamp((valid.to(torch.float64) * rho).floor().long() + 1, max=pad_mask.shape[1])
+
+
+def select_tokens(scores, pad_mask, nums):
+    """Top-n_b tokens per image, padded to S = max n_b; padded tokens rank last. -> (B, S)"""
+    scores = scores.detach().masked_fill(pad_mask, float("-inf"))
+    return scores.topk(int(nums.max()), dim=1).indices  # (B, S)
+
+
+def decoder_attention_map(locations, weights, spatial_shapes, half_cell_shift=False):
+    """The DAM (Sec. 3.3): every decoder sampling point's attention weight splatted bilinearly onto
+    the token grid of its level and summed (over layers, queries, heads and points).
+
+    locations (B, ..., L, P, 2) in [0, 1] of each level's padded map; weights (B, ..., L, P)
+    -> (B, N). OFF puts a point at loc * (W, H) (no -0.5 shift); half_cell_shift uses grid_sample's
+    loc * (W, H) - 0.5. Corners outside the map are dropped.
+    """
+    B, L = weights.shape[0], weights.shape[-2]
+    locs = locations.reshape(B, -1, L, locations.shape[-2], 2).transpose(1, 2).flatten(2, 3)  # (B, L, M, 2)
+    w = weights.reshape(B, -1, L, weights.shape[-1]).transpose(1, 2).flatten(2)  # (B, L, M)
+    total = sum(h * wd for h, wd in spatial_shapes)
+    dam = torch.zeros(B, total, dtype=w.dtype, device=w.device)
+    start = 0
+    for lvl, (h, wd) in enumerate(spatial_shapes):
+        f = locs[:, lvl] * torch.tensor([wd, h], dtype=locs.dtype, device=locs.device)  # (B, M, 2) in cells
+        if half_cell_shift:
+            f = f - 0.5
+        c0 = f.floor()
+        frac = f - c0
+        for dx, dy in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            x, y = c0[..., 0].long() + dx, c0[..., 1].long() + dy
+            corner = (frac[..., 0] if dx else 1 - frac[..., 0]) * (frac[..., 1] if dy else 1 - frac[..., 1])
+            inside = (x >= 0) & (x < wd) & (y >= 0) & (y < h)
+            idx = torch.where(inside, y * wd + x + start, torch.zeros_like(x))
+            dam.scatter_add_(1, idx, torch.where(inside, w[:, lvl] * corner, torch.zeros_like(corner)))
+        start += h * wd
+    return dam  # (B, N)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+def proposal_pos_embed(proposals, num_pos_feats=128, temperature=10000, scale=2 * math.pi):
+    """Sine embedding of sigmoid(proposals) (B, Q, 4) -> (B, Q, 4 * num_pos_feats) (Deformable DETR)."""
+    dim_t = torch.arange(num_pos_feats, dtype=proposals.dtype, device=proposals.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
+    pos = proposals.sigmoid()[..., None] * scale / dim_t  # (B, Q, 4, F)
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
+
+
+class MaskedGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics skip padded positions, so an image's features do not depend on
+    how much its batch pads it (OFF's plain GroupNorm counts the padding: `masked_groupnorm=False`)."""
+
+    def forward(self, x, mask=None):
+        """x (B, C, H, W); mask (B, H, W) True = padding, or None for plain GroupNorm."""
+        if mask is None:
+            return super().forward(x)
+        B, C, H, W = x.shape
+        xg = x.view(B, self.num_groups, C // self.num_groups, H, W)
+        valid = (~mask)[:, None, None].to(x)  # (B, 1, 1, H, W)
+        n = valid.sum((2, 3, 4), keepdim=True) * (C // self.num_groups)
+        mean = (xg * valid).sum((2, 3, 4), keepdim=True) / n
+        var = ((xg - mean) ** 2 * valid).sum((2, 3, 4), keepdim=True) / n
+        y = ((xg - mean) / torch.sqrt(var + self.eps)).view(B, C, H, W)
+        return y * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+# Copied from smca.halve_mask
+def halve_mask(mask):
+    """Padding mask of a stride-2 3x3 conv's output: (B, H, W) -> (B, ceil(H/2), ceil(W/2)).
+
+    An image with h x w valid cells has ceil(h/2) x ceil(w/2) valid outputs (padding is at the
+    bottom / right), exactly what the same conv gives on the image alone.
+    """
+    B, H, W = mask.shape
+    valid_h, valid_w = (~mask).any(2).sum(1), (~mask).any(1).sum(1)  # (B,)
+    rows = torch.arange((H + 1) // 2, device=mask.device)[None, :, None] >= ((valid_h + 1) // 2)[:, None, None]
+    cols = torch.arange((W + 1) // 2, device=mask.device)[None, None, :] >= ((valid_w + 1) // 2)[:, None, None]
+    return rows | cols  # (B, ceil(H/2), ceil(W/2))
+
+
+class SparseDETR(nn.Module):
+    """ResNet -> 4-level deformable encoder updating only the scored top-rho tokens -> two-stage
+    top-k queries -> deformable decoder with box refinement."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d, L = cfg.hidden_dim, cfg.num_feature_levels
+        self.cfg = cfg
+        self.backbone = Backbone(cfg.backbone_depth, cfg.backbone_norm)
+        in_ch = self.backbone.num_channels  # C3, C4, C5
+        n_bb = min(L, len(in_ch))
+        projs = [nn.Sequential(nn.Conv2d(c, d, 1), MaskedGroupNorm(32, d)) for c in in_ch[len(in_ch) - n_bb:]]
+        for lvl in range(n_bb, L):  # extra levels: 3x3 stride-2 convs, the first on raw C5
+            projs.append(nn.Sequential(nn.Conv2d(in_ch[-1] if lvl == n_bb else d, d, 3, 2, 1), MaskedGroupNorm(32, d)))
+        self.input_proj = nn.ModuleList(projs)
+        self.level_embed = nn.Parameter(torch.empty(L, d))
+        self.encoder = nn.ModuleList(
+            DeformableEncoderLayer(d, cfg.dim_feedforward, cfg.dropout, L, cfg.nheads, cfg.enc_n_points)
+            for _ in range(cfg.enc_layers))
+        self.decoder = nn.ModuleList(
+            DeformableDecoderLayer(d, cfg.dim_feedforward, cfg.dropout, L, cfg.nheads, cfg.dec_n_points)
+            for _ in range(cfg.dec_layers))
+        self.enc_output, self.enc_output_norm = nn.Linear(d, d), nn.LayerNorm(d)  # two-stage (and scorer input)
+        q_dim = d if cfg.eff_query_init else 2 * d  # Efficient-DETR: content = top-k memory, only pos from boxes
+        self.pos_trans, self.pos_trans_norm = nn.Linear(2 * d, q_dim), nn.LayerNorm(q_dim)
+        self.scoring = None
+        if cfg.sparse_encoder and cfg.selection == "dam":
+            self.scoring = ScoringNetwork(d, mean_over_padding=cfg.scorer_mean_over_padding)
+        # heads: decoder layers 0..5, the two-stage encoder head (6), encoder aux heads after layers 0..4 (7..)
+        n_heads = cfg.dec_layers + 1 + (cfg.enc_layers - 1 if self.enc_aux else 0)
+        self.class_embed = nn.ModuleList(nn.Linear(d, cfg.num_classes) for _ in range(n_heads))
+        self.bbox_embed = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(n_heads))
+        if cfg.sparse_encoder and cfg.selection == "objectness":  # OS baseline: a head on the backbone tokens
+            self.os_class_embed, self.os_bbox_embed = nn.Linear(d, cfg.num_classes), MLP(d, d, 4, 3)
+        self._reset_parameters()
+
+    @property
+    def enc_aux(self):
+        return self.cfg.sparse_encoder and self.cfg.use_enc_aux_loss
+
+    def _reset_parameters(self):
+        # OFF DeformableTransformer._reset_parameters: xavier on every matrix, then the deformable inits
+        for module in [self.encoder, self.decoder, self.enc_output, self.pos_trans] + ([self.scoring] if self.scoring else []):
+            for p in module.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m._reset_parameters()
+        nn.init.normal_(self.level_embed)
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+        heads = list(zip(self.class_embed, self.bbox_embed))
+        if hasattr(self, "os_class_embed"):
+            heads.append((self.os_class_embed, self.os_bbox_embed))
+        for cls, box in heads:
+            nn.init.constant_(cls.bias, -math.log((1 - 0.01) / 0.01))  # focal prior 0.01
+            nn.init.zeros_(box.layers[-1].weight)  # boxes start at the reference / proposal
+            nn.init.zeros_(box.layers[-1].bias)  # (two-stage: OFF's bias[2:] = -2 is reset to 0)
+
+    # -- geometry --------------------------------------------------------------------------------
+
+    @staticmethod
+    def valid_ratios(masks):
+        """[(B, H_l, W_l)] -> (B, L, 2): the unpadded fraction (w, h) of each level's map."""
+        return torch.stack([torch.stack([(~m[:, 0, :]).sum(1) / m.shape[2], (~m[:, :, 0]).sum(1) / m.shape[1]], -1)
+                            for m in masks], 1).float()
+
+    @staticmethod
+    def encoder_reference_points(spatial_shapes, valid_ratios):
+        """Each token's centre, normalised by its level's unpadded size, seen from every level:
+        (B, N, L, 2) in [0, 1] of each level's padded map."""
+        refs = []
+        for lvl, (h, w) in enumerate(spatial_shapes):
+            ys, xs = torch.meshgrid(torch.arange(h, device=valid_ratios.device) + 0.5,
+                                    torch.arange(w, device=valid_ratios.device) + 0.5, indexing="ij")
+            x = xs.reshape(1, -1) / (valid_ratios[:, None, lvl, 0] * w)  # (B, H_l*W_l)
+            y = ys.reshape(1, -1) / (valid_ratios[:, None, lvl, 1] * h)
+            refs.append(torch.stack([x, y], -1))
+        return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]  # (B, N, L, 2)
+
+    def token_proposals(self, memory, pad_mask, spatial_shapes):
+        """One box per token (its cell centre, side 0.05 * 2^l of the unpadded image) and the
+        enc_output + LN features the two-stage head and the scorer read.
+
+        -> features (B, N, C), proposals (B, N, 4) as logits, inf at padded tokens and at tokens
+        whose proposal leaves (0.01, 0.99); those tokens' features are zeroed before enc_output.
+        """
+        props, start = [], 0
+        for lvl, (h, w) in enumerate(spatial_shapes):
+            m = pad_mask[:, start:start + h * w].view(-1, h, w)
+            valid_wh = torch.stack([(~m[:, 0, :]).sum(1), (~m[:, :, 0]).sum(1)], -1).to(memory)  # (B, 2)
+            ys, xs = torch.meshgrid(torch.arange(h, device=memory.device), torch.arange(w, device=memory.device),
+                                    indexing="ij")
+            grid = (torch.stack([xs, ys], -1).view(1, -1, 2).to(memory) + 0.5) / valid_wh[:, None]  # (B, H*W, 2)
+            props.append(torch.cat([grid, torch.full_like(grid, 0.05 * 2.0 ** lvl)], -1))
+            start += h * w
+        props = torch.cat(props, 1)  # (B, N, 4)
+        valid = ((props > 0.01) & (props < 0.99)).all(-1) & ~pad_mask  # (B, N)
+        props = torch.log(props / (1 - props)).masked_fill(~valid[..., None], float("inf"))
+        feats = self.enc_output_norm(self.enc_output(memory.masked_fill(~valid[..., None], 0.0)))
+        return feats, props
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(self, images, pad_mask):
+        """images (B, 3, H, W), pad_mask (B, H, W) True = padding -> dict (see forward_features)."""
+        return self.forward_features(self.backbone(images, pad_mask), valid_image_sizes(pad_mask))
+
+    def forward_features(self, feats, image_wh=None):
+        """Everything after the backbone. feats: the backbone's [(C3, m3), (C4, m4), (C5, m5)].
+
+        Returns pred_logits (B, Q, K), pred_boxes (B, Q, 4) cxcywh in [0, 1] of the unpadded image,
+        aux_outputs (decoder layers 0..4), enc_outputs (the two-stage head on all tokens), and with
+        the sparse encoder: enc_aux_outputs (heads on the selected tokens after encoder layers 0..4),
+        token_scores (B, N) the selection scores, sparse_token_nums (B,), topk_inds (B, S), and for
+        the DAM: dec_sampling_locations (B, layers, Q, H, L, P, 2), dec_attention_weights
+        (B, layers, Q, H, L, P), spatial_shapes, token_pad_mask (B, N). image_wh is unused (the
+        deformable models read the unpadded size from the masks) and kept for the shared signature.
+        """
+        cfg = self.cfg
+        n_bb = min(cfg.num_feature_levels, len(feats))  # levels taken from the backbone (its last n_bb maps)
+        maps, masks = [], []
+        for lvl, proj in enumerate(self.input_proj):
+            if lvl < n_bb:
+                x, m = feats[len(feats) - n_bb + lvl]
+            else:  # extra level: stride-2 conv on raw C5, then on the previous level
+                x, m = (feats[-1][0] if lvl == n_bb else maps[-1]), halve_mask(masks[-1])
+            x = proj[0](x)
+            maps.append(proj[1](x, m if cfg.masked_groupnorm else None))  # (B, C, H_l, W_l)
+            masks.append(m)
+        spatial_shapes = [tuple(x.shape[-2:]) for x in maps]
+        src = torch.cat([x.flatten(2).transpose(1, 2) for x in maps], 1)  # (B, N, C)
+        pad = torch.cat([m.flatten(1) for m in masks], 1)  # (B, N)
+        pos = torch.cat([(sine_position_embedding(m, cfg.hidden_dim // 2).to(src).flatten(2).transpose(1, 2)
+                          + self.level_embed[lvl]) for lvl, m in enumerate(masks)], 1)  # (B, N, C)
+        valid_ratios = self.valid_ratios(masks)  # (B, L, 2)
+        ref = self.encoder_reference_points(spatial_shapes, valid_ratios)  # (B, N, L, 2)
+        out = {}
+
+        # --- Sec. 3.2: score the backbone tokens and keep the top rho of each image ---
+        memory = src
+        if cfg.sparse_encoder:
+            token_feats, proposals = self.token_proposals(src + pos, pad, spatial_shapes)
+            if cfg.selection == "dam":
+                scores = self.scoring(token_feats, pad)  # (B, N) logits
+            elif cfg.selection == "objectness":
+                os_logits = self.os_class_embed(token_feats)  # (B, N, K)
+                out["backbone_outputs"] = {"pred_logits": os_logits,
+                                           "pred_boxes": (proposals + self.os_bbox_embed(token_feats)).sigmoid()}
+                scores = os_logits.max(-1).values
+            else:
+                scores = torch.rand(pad.shape, device=src.device)
+            nums = sparse_token_nums(pad, cfg.rho)  # (B,)
+            inds = select_tokens(scores, pad, nums)  # (B, S)
+            S, C = inds.shape[1], src.shape[-1]
+            keep = torch.arange(S, device=src.device)[None] < nums[:, None]  # (B, S): rows written back
+            idx_c = inds[..., None].expand(-1, -1, C)
+            tgt, pos_s = src.gather(1, idx_c), pos.gather(1, idx_c)  # (B, S, C)
+            ref_s = ref.gather(1, inds[..., None, None].expand(-1, -1, *ref.shape[2:]))  # (B, S, L, 2)
+            props_s = proposals.gather(1, inds[..., None].expand(-1, -1, 4))  # (B, S, 4)
+            enc_aux = []
+            for lid, layer in enumerate(self.encoder):
+                tgt = layer(tgt, pos_s, ref_s, memory, spatial_shapes, pad)  # queries: selected; values: all
+                memory = memory.scatter(1, idx_c, torch.where(keep[..., None], tgt, memory.gather(1, idx_c)))
+                if self.enc_aux and lid < len(self.encoder) - 1:
+                    enc_aux.append({"pred_logits": self.class_embed[cfg.dec_layers + 1 + lid](tgt),
+                                    "pred_boxes": (props_s + self.bbox_embed[cfg.dec_layers + 1 + lid](tgt)).sigmoid()})
+            out.update(token_scores=scores, sparse_token_nums=nums, topk_inds=inds)
+            if self.enc_aux:
+                out["enc_aux_outputs"] = enc_aux
+        else:
+            for layer in self.encoder:
+                memory = layer(memory, pos, ref, memory, spatial_shapes, pad)
+
+        # --- two-stage: the top-scoring encoder tokens become the decoder's queries ---
+        enc_feats, proposals = self.token_proposals(memory, pad, spatial_shapes)
+        head = cfg.dec_layers
+        enc_logits = self.class_embed[head](enc_feats)  # (B, N, K)
+        enc_coord = self.bbox_embed[head](enc_feats) + proposals  # (B, N, 4) logits
+        out["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_coord.sigmoid()}
+        objectness = enc_logits.max(-1).values if cfg.eff_specific_head else enc_logits[..., 0]
+        topk = objectness.masked_fill(pad, float("-inf")).topk(cfg.num_queries, dim=1).indices  # (B, Q)
+        ref_logit = enc_coord.gather(1, topk[..., None].expand(-1, -1, 4)).detach()  # (B, Q, 4)
+        query = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(ref_logit, cfg.hidden_dim // 2)))  # (B, Q, C)
+        if cfg.eff_query_init:  # content = the selected memory (not detached), position from the boxes
+            query_pos, tgt = query, memory.gather(1, topk[..., None].expand(-1, -1, memory.shape[-1]))
+        else:
+            query_pos, tgt = query.chunk(2, dim=-1)
+
+        # --- decoder with iterative box refinement ---
+        reference = ref_logit.sigmoid()  # (B, Q, 4)
+        logits, boxes, locs, weights = [], [], [], []
+        for lid, layer in enumerate(self.decoder):
+            ref_in = reference[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, Q, L, 4)
+            tgt, loc, w = layer(tgt, query_pos, ref_in, memory, spatial_shapes, pad)
+            box = (self.bbox_embed[lid](tgt) + inverse_sigmoid(reference)).sigmoid()
+            logits.append(self.class_embed[lid](tgt))
+            boxes.append(box)
+            locs.append(loc)
+            weights.append(w)
+            reference = box.detach()
+        out.update(pred_logits=logits[-1], pred_boxes=boxes[-1],
+                   dec_sampling_locations=torch.stack(locs, 1), dec_attention_weights=torch.stack(weights, 1),
+                   spatial_shapes=spatial_shapes, token_pad_mask=pad)
+        if cfg.aux_loss:
+            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss: the DETR set loss plus the DAM-supervised scoring loss (Sec. 3.3)
+# ---------------------------------------------------------------------------------------------
+
+
+class SparseDETRCriterion(SetCriterion):
+    """SetCriterion (decoder, two-stage head with real labels, encoder aux heads) plus:
+
+    loss_dam: BCE-with-logits between the token scores and the binarised DAM (top n_b tokens of
+    each image = 1), averaged over all tokens (OFF multilabel_soft_margin_loss); the target is a
+    top-k and carries no gradient. corr (logged, not a loss): the DAM mass on the selected tokens
+    over the total, the paper's "correlation". With selection="objectness": loss_*_backbone.
+    """
+
+    def __init__(self, cfg):
+        super().__init__(cfg.num_classes, weight_ce=cfg.loss_ce, weight_bbox=cfg.loss_bbox, weight_giou=cfg.loss_giou,
+                         focal_alpha=cfg.focal_alpha, num_aux=cfg.dec_layers - 1 if cfg.aux_loss else 0,
+                         encoder_labels="class" if cfg.eff_specific_head else "binary",
+                         num_enc_aux=cfg.enc_layers - 1 if cfg.sparse_encoder and cfg.use_enc_aux_loss else 0)
+        self.half_cell_shift = cfg.dam_half_cell_shift
+        if cfg.sparse_encoder and cfg.selection == "dam":
+            self.weight_dict["loss_dam"] = cfg.loss_dam
+        if cfg.sparse_encoder and cfg.selection == "objectness":
+            self.weight_dict.update({"loss_ce_backbone": cfg.loss_ce, "loss_bbox_backbone": cfg.loss_bbox,
+                                     "loss_giou_backbone": cfg.loss_giou})
+
+    def forward(self, outputs, targets):
+        losses = super().forward(outputs, targets)
+        if "backbone_outputs" in outputs:
+            num_boxes = self.num_boxes(targets, outputs["pred_logits"].device)
+            losses.update({f"{k}_backbone": v for k, v in
+                           self.set_loss(outputs["backbone_outputs"], targets, num_boxes).items()})
+        if "sparse_token_nums" not in outputs:
+            return losses
+        pad, nums = outputs["token_pad_mask"], outputs["sparse_token_nums"]
+        with torch.no_grad():
+            dam = decoder_attention_map(outputs["dec_sampling_locations"].float(),
+                                        outputs["dec_attention_weights"].float(), outputs["spatial_shapes"],
+                                        self.half_cell_shift)  # (B, N)
+            top = dam.masked_fill(pad, float("-inf")).topk(int(nums.max()), dim=1).indices  # (B, S)
+            first = torch.arange(top.shape[1], device=top.device)[None] < nums[:, None]
+            target = torch.zeros_like(dam).scatter(1, top, first.to(dam))  # (B, N) binarised DAM
+            sel = outputs["topk_inds"]
+            kept = dam.gather(1, sel) * first.to(dam)
+            losses["corr"] = (kept.sum(1) / dam.sum(1).clamp(min=1e-12)).mean()
+        if "loss_dam" in self.weight_dict:
+            scores = outputs["token_scores"].float()
+            scores = scores.masked_fill(pad, scores.detach().min().item())  # OFF: padding scored at the minimum
+            losses["loss_dam"] = F.binary_cross_entropy_with_logits(scores, target)
+        return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and build
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Config:
+    backbone_depth: int = 50  # ResNet-50 (OFF configs/r50_*)
+    backbone_norm: str = "frozen_bn"  # FrozenBatchNorm2d, stem + layer1 frozen
+    num_classes: int = 91  # largest COCO category id + 1 (train.py sets it from the data)
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 1024  # Deformable DETR
+    dropout: float = 0.1
+    num_feature_levels: int = 4  # C3, C4, C5 + a stride-2 conv on C5
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    num_queries: int = 300
+    sparse_encoder: bool = True  # False: dense encoder, no scorer (the paper's "Deformable DETR + Top-k & BBR")
+    rho: float = 0.1  # OFF --rho: the fraction of tokens the encoder updates (Table 1: 0.1 .. 0.5)
+    selection: str = "dam"  # "dam" (the paper), "objectness" (its OS baseline), "random"
+    use_enc_aux_loss: bool = True  # OFF --use_enc_aux_loss: heads after encoder layers 0..4
+    eff_query_init: bool = True  # OFF --eff_query_init: content queries = top-k encoder tokens
+    eff_specific_head: bool = True  # OFF --eff_specific_head: two-stage head with real labels, max-logit ranking
+    scorer_mean_over_padding: bool = False  # True: OFF's global mean over padded tokens too (batch-dependent)
+    masked_groupnorm: bool = True  # False: OFF's GroupNorm, whose statistics include the padding
+    dam_half_cell_shift: bool = False  # True: splat at loc * (W, H) - 0.5 (grid_sample's convention); OFF: no shift
+    aux_loss: bool = True
+    loss_ce: float = 2.0  # OFF --cls_loss_coef
+    loss_bbox: float = 5.0
+    loss_giou: float = 2.0
+    loss_dam: float = 1.0  # OFF --mask_prediction_coef
+    focal_alpha: float = 0.25
+    num_select: int = 100  # post-process top-k (Deformable DETR PostProcess)
+
+    def validate(self):
+        if not 0 < self.rho <= 1:
+            raise ValueError(f"rho must be in (0, 1], got {self.rho}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.hidden_dim % self.nheads or self.hidden_dim % 32:
+            raise ValueError(f"hidden_dim {self.hidden_dim} must be divisible by nheads {self.nheads} and by 32 "
+                             f"(GroupNorm groups)")
+        if not 1 <= self.num_feature_levels <= 4:
+            raise ValueError(f"num_feature_levels must be 1..4, got {self.num_feature_levels}")
+        for name in ("num_classes", "enc_layers", "dec_layers", "num_queries", "num_select", "dim_feedforward",
+                     "enc_n_points", "dec_n_points"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+
+def shapes_config():
+    """CPU-sized Sparse DETR for the built-in shapes set (what `python train.py --model sparse_detr` trains)."""
+    return Config(backbone_depth=18, backbone_norm="bn", hidden_dim=128, nheads=8, enc_layers=3, dec_layers=3,
+                  dim_feedforward=512, num_queries=50, num_select=100, rho=0.3)
+
+
+# train.py's defaults on --data shapes (a ResNet-18 from scratch)
+SHAPES_RECIPE = {"epochs": 3, "lr_drop": 2, "batch_size": 8, "lr": 4e-4, "lr_backbone": 2e-4, "eval_every": 1}
+# OFF main.py: lr 2e-4, backbone 2e-5
+COCO_RECIPE = {"lr": 2e-4, "lr_backbone": 2e-5}
+# OFF main.py --lr_linear_proj_mult 0.1: parameters whose name contains these train at lr x 0.1
+LR_MULTIPLIERS = {"sampling_offsets": 0.1, "reference_points": 0.1}
+
+
+def build(cfg):
+    """-> (model, criterion, postprocess)"""
+    cfg.validate()
+    return SparseDETR(cfg), SparseDETRCriterion(cfg), PostProcess(cfg.num_select)
+
+
+if __name__ == "__main__":
+    for kw in ({}, {"sparse_encoder": False, "use_enc_aux_loss": False},
+               {"sparse_encoder": False, "eff_query_init": False, "eff_specific_head": False}):
+        model, _, _ = build(Config(**kw))
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"Sparse DETR R50 {kw or '(rho 0.1)'}: {n:,} trainable parameters")
+    model.eval()
+    images, pad_mask = torch.randn(2, 3, 320, 480), torch.zeros(2, 320, 480, dtype=torch.bool)
+    pad_mask[1, 200:, :] = True
+    with torch.no_grad():
+        out = model(images, pad_mask)
+    print({k: tuple(v.shape) for k, v in out.items() if torch.is_tensor(v)})
