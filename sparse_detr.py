@@ -24,7 +24,7 @@ Paper symbol -> variable:
     rho                               Config.rho; n_b = sparse_token_nums (B,); S = max_b n_b
     Omega_s^rho                       topk_inds (B, S) (rows >= n_b of a smaller image are batch filler)
     DAM                               `decoder_attention_map` (B, N)
-    encoder auxiliary heads           class_embed[7 + l], bbox_embed[7 + l] after encoder layer l < 5
+    encoder auxiliary heads           class_embed[7 + l], bbox_embed[7 + l] after encoder layer l < 5 (training only)
 
 Deviations from the paper / official code (OFF's behaviour is the default unless said):
 - The scoring network's global half is averaged over VALID tokens; OFF averages over all tokens,
@@ -46,10 +46,15 @@ Deviations from the paper / official code (OFF's behaviour is the default unless
 - `sparse_encoder=False` is the paper's "Deformable DETR + Top-k & BBR" baseline (dense encoder,
   no scorer, no encoder heads); `eff_query_init=False, eff_specific_head=False` with it is plain
   two-stage + box-refine Deformable DETR.
-- State-dict names: ours drop OFF's `transformer.` prefix and the backbone's `backbone.0.body.` is
-  `backbone.body.`; `input_proj.{l}.0/1` (conv / GroupNorm), `class_embed.{i}`, `bbox_embed.{i}`,
-  `encoder.layers.{i}.*`, `decoder.layers.{i}.*`, `level_embed`, `enc_output(_norm)`,
-  `pos_trans(_norm)` and `scoring.*` (OFF `enc_mask_predictor.*`) keep OFF's layout.
+- State-dict keys map onto OFF's by renaming prefixes (ours -> OFF):
+      backbone.body.*            -> backbone.0.body.*
+      encoder.{i}.*              -> transformer.encoder.layers.{i}.*   (same inner names)
+      decoder.{i}.*              -> transformer.decoder.layers.{i}.*
+      scoring.*                  -> transformer.enc_mask_predictor.*
+      level_embed, enc_output(_norm), pos_trans(_norm) -> transformer.<same>
+      input_proj.*, class_embed.*, bbox_embed.*        -> unchanged
+  OFF's state dict also holds transformer.decoder.{class,bbox}_embed.*, second references to the
+  same heads; drop them when converting.
 """
 import math
 from dataclasses import dataclass
@@ -391,12 +396,19 @@ class SparseDETR(nn.Module):
 
         Returns pred_logits (B, Q, K), pred_boxes (B, Q, 4) cxcywh in [0, 1] of the unpadded image,
         aux_outputs (decoder layers 0..4), enc_outputs (the two-stage head on all tokens), and with
-        the sparse encoder: enc_aux_outputs (heads on the selected tokens after encoder layers 0..4),
+        the sparse encoder: enc_aux_outputs (in training: heads on the selected tokens after encoder
+        layers 0..4),
         token_scores (B, N) the selection scores, sparse_token_nums (B,), topk_inds (B, S), and for
         the DAM: dec_sampling_locations (B, layers, Q, H, L, P, 2), dec_attention_weights
         (B, layers, Q, H, L, P), spatial_shapes, token_pad_mask (B, N). image_wh is unused (the
         deformable models read the unpadded size from the masks) and kept for the shared signature.
         """
+        memory, out = self.encode(feats)
+        return self.decode(memory, out)
+
+    def encode(self, feats):
+        """Input projections, token selection (Sec. 3.2) and the (sparse) encoder.
+        -> memory (B, N, C) and a dict with the geometry and the selection outputs."""
         cfg = self.cfg
         n_bb = min(cfg.num_feature_levels, len(feats))  # levels taken from the backbone (its last n_bb maps)
         maps, masks = [], []
@@ -415,7 +427,7 @@ class SparseDETR(nn.Module):
                           + self.level_embed[lvl]) for lvl, m in enumerate(masks)], 1)  # (B, N, C)
         valid_ratios = self.valid_ratios(masks)  # (B, L, 2)
         ref = self.encoder_reference_points(spatial_shapes, valid_ratios)  # (B, N, L, 2)
-        out = {}
+        out = {"spatial_shapes": spatial_shapes, "token_pad_mask": pad, "valid_ratios": valid_ratios}
 
         # --- Sec. 3.2: score the backbone tokens and keep the top rho of each image ---
         memory = src
@@ -442,15 +454,21 @@ class SparseDETR(nn.Module):
             for lid, layer in enumerate(self.encoder):
                 tgt = layer(tgt, pos_s, ref_s, memory, spatial_shapes, pad)  # queries: selected; values: all
                 memory = memory.scatter(1, idx_c, torch.where(keep[..., None], tgt, memory.gather(1, idx_c)))
-                if self.enc_aux and lid < len(self.encoder) - 1:
+                if self.enc_aux and self.training and lid < len(self.encoder) - 1:  # a training loss only
                     enc_aux.append({"pred_logits": self.class_embed[cfg.dec_layers + 1 + lid](tgt),
                                     "pred_boxes": (props_s + self.bbox_embed[cfg.dec_layers + 1 + lid](tgt)).sigmoid()})
             out.update(token_scores=scores, sparse_token_nums=nums, topk_inds=inds)
-            if self.enc_aux:
+            if self.enc_aux and self.training:
                 out["enc_aux_outputs"] = enc_aux
         else:
             for layer in self.encoder:
                 memory = layer(memory, pos, ref, memory, spatial_shapes, pad)
+        return memory, out
+
+    def decode(self, memory, out):
+        """Two-stage query selection and the decoder with box refinement; fills `out`."""
+        cfg = self.cfg
+        spatial_shapes, pad, valid_ratios = out["spatial_shapes"], out["token_pad_mask"], out.pop("valid_ratios")
 
         # --- two-stage: the top-scoring encoder tokens become the decoder's queries ---
         enc_feats, proposals = self.token_proposals(memory, pad, spatial_shapes)
@@ -480,8 +498,7 @@ class SparseDETR(nn.Module):
             weights.append(w)
             reference = box.detach()
         out.update(pred_logits=logits[-1], pred_boxes=boxes[-1],
-                   dec_sampling_locations=torch.stack(locs, 1), dec_attention_weights=torch.stack(weights, 1),
-                   spatial_shapes=spatial_shapes, token_pad_mask=pad)
+                   dec_sampling_locations=torch.stack(locs, 1), dec_attention_weights=torch.stack(weights, 1))
         if cfg.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return out
