@@ -2,6 +2,7 @@
 
     python train.py --model smca                               # built-in shapes set, CPU-sized recipe
     torchrun --nproc_per_node=8 train.py --model smca --data /path/to/coco --backbone-weights imagenet
+    python train.py --model sparse_detr --set rho=0.2           # any model; --set overrides its Config
 
 --data shapes (the default) generates the synthetic set under data/shapes on first use and trains
 the model's CPU-sized configuration (`shapes_config()` and `SHAPES_RECIPE` in the model file).
