@@ -53,7 +53,6 @@ def sparse_encoder(args):
         layers = model.encoder
         d, L, P = cfg.hidden_dim, cfg.num_feature_levels, cfg.enc_n_points
         with torch.no_grad():
-            model.encoder = layers
             _, out = model.encode(feats)
             n = int((~out["token_pad_mask"]).sum())
             s = int(out["topk_inds"].shape[1]) if rho is not None else n

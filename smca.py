@@ -206,8 +206,8 @@ class SMCADecoderLayer(nn.Module):
         log_g = -torch.cat(logs, dim=-1) / self.beta  # (B, N, Hp, L)
         return log_g.expand(B, N, self.nheads, log_g.shape[-1]).transpose(1, 2)  # (B, H, N, L)
 
-    def forward(self, tgt, query_pos, memory, pos, pad_mask, levels, level_sizes, center_logit=None):
-        """tgt, query_pos (B, N, C); memory, pos (B, L, C); pad_mask (B, L); levels, level_sizes per scale.
+    def forward(self, tgt, query_pos, memory, pos, pad_mask, levels, center_logit=None):
+        """tgt, query_pos (B, N, C); memory, pos (B, L, C); pad_mask (B, L); levels: per scale (cells_wh, grid).
 
         Returns tgt (B, N, C), the centre logit (B, N, 2) (predicted here in layer 0, else passed
         through), log G (B, H, N, L) or None, and alpha (B, N, scales) or None.
@@ -223,7 +223,8 @@ class SMCADecoderLayer(nn.Module):
             alpha = self.scale_select(out).softmax(-1)  # (B, N, scales), Eq. (7), per image
         q = k = tgt + query_pos
         tgt = self.norm1(tgt + self.dropout(self.self_attn(q, k, tgt, need_weights=False)[0]))
-        ca = self.cross_attn(tgt + query_pos, memory + pos, memory, pad_mask, log_prior, level_sizes, alpha)
+        sizes = [len(grid) for _, grid in levels]  # keys per scale, in memory order
+        ca = self.cross_attn(tgt + query_pos, memory + pos, memory, pad_mask, log_prior, sizes, alpha)
         tgt = self.norm2(tgt + self.dropout(ca))
         tgt = self.norm3(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
         return tgt, center_logit, log_prior, alpha
@@ -373,13 +374,12 @@ class SMCA(nn.Module):
             for layer in self.encoder:
                 srcs = [layer(srcs[0], poss[0], pads[0])]
         memory, pos, pad = torch.cat(srcs, 1), torch.cat(poss, 1), torch.cat(pads, 1)  # (B, L, C), (B, L)
-        sizes = [x.shape[1] for x in srcs]
 
         query_pos = self.query_embed.weight[None].expand(memory.shape[0], -1, -1)  # (B, Q, C)
         tgt = torch.zeros_like(query_pos)
         hs, log_priors, alphas, center_logit = [], [], [], None
         for layer in self.decoder:
-            tgt, center_logit, log_prior, alpha = layer(tgt, query_pos, memory, pos, pad, levels, sizes, center_logit)
+            tgt, center_logit, log_prior, alpha = layer(tgt, query_pos, memory, pos, pad, levels, center_logit)
             hs.append(self.decoder_norm(tgt))
             log_priors.append(log_prior)
             alphas.append(alpha)

@@ -363,27 +363,29 @@ class SparseDETR(nn.Module):
             refs.append(torch.stack([x, y], -1))
         return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]  # (B, N, L, 2)
 
-    def token_proposals(self, memory, pad_mask, spatial_shapes):
-        """One box per token (its cell centre, side 0.05 * 2^l of the unpadded image) and the
-        enc_output + LN features the two-stage head and the scorer read.
+    @staticmethod
+    def token_proposals(masks):
+        """One box per token: its cell centre, side 0.05 * 2^l of the unpadded image (two-stage).
 
-        -> features (B, N, C), proposals (B, N, 4) as logits, inf at padded tokens and at tokens
-        whose proposal leaves (0.01, 0.99); those tokens' features are zeroed before enc_output.
+        masks [(B, H_l, W_l)] -> proposals (B, N, 4) as logits, and valid (B, N): False at padded
+        tokens and at tokens whose box leaves (0.01, 0.99), whose proposals are inf.
         """
-        props, start = [], 0
-        for lvl, (h, w) in enumerate(spatial_shapes):
-            m = pad_mask[:, start:start + h * w].view(-1, h, w)
-            valid_wh = torch.stack([(~m[:, 0, :]).sum(1), (~m[:, :, 0]).sum(1)], -1).to(memory)  # (B, 2)
-            ys, xs = torch.meshgrid(torch.arange(h, device=memory.device), torch.arange(w, device=memory.device),
+        props = []
+        for lvl, m in enumerate(masks):
+            valid_wh = torch.stack([(~m[:, 0, :]).sum(1), (~m[:, :, 0]).sum(1)], -1).float()  # (B, 2)
+            ys, xs = torch.meshgrid(torch.arange(m.shape[1], device=m.device), torch.arange(m.shape[2], device=m.device),
                                     indexing="ij")
-            grid = (torch.stack([xs, ys], -1).view(1, -1, 2).to(memory) + 0.5) / valid_wh[:, None]  # (B, H*W, 2)
+            grid = (torch.stack([xs, ys], -1).view(1, -1, 2) + 0.5) / valid_wh[:, None]  # (B, H_l*W_l, 2)
             props.append(torch.cat([grid, torch.full_like(grid, 0.05 * 2.0 ** lvl)], -1))
-            start += h * w
         props = torch.cat(props, 1)  # (B, N, 4)
-        valid = ((props > 0.01) & (props < 0.99)).all(-1) & ~pad_mask  # (B, N)
-        props = torch.log(props / (1 - props)).masked_fill(~valid[..., None], float("inf"))
-        feats = self.enc_output_norm(self.enc_output(memory.masked_fill(~valid[..., None], 0.0)))
-        return feats, props
+        pad = torch.cat([m.flatten(1) for m in masks], 1)
+        valid = ((props > 0.01) & (props < 0.99)).all(-1) & ~pad  # (B, N)
+        return torch.log(props / (1 - props)).masked_fill(~valid[..., None], float("inf")), valid
+
+    def proposal_features(self, memory, valid):
+        """enc_output + LN of the tokens (invalid ones zeroed first): what the two-stage head and the
+        scorer read. memory (B, N, C), valid (B, N) -> (B, N, C)"""
+        return self.enc_output_norm(self.enc_output(memory.masked_fill(~valid[..., None], 0.0)))
 
     # -- forward ---------------------------------------------------------------------------------
 
@@ -427,12 +429,14 @@ class SparseDETR(nn.Module):
                           + self.level_embed[lvl]) for lvl, m in enumerate(masks)], 1)  # (B, N, C)
         valid_ratios = self.valid_ratios(masks)  # (B, L, 2)
         ref = self.encoder_reference_points(spatial_shapes, valid_ratios)  # (B, N, L, 2)
-        out = {"spatial_shapes": spatial_shapes, "token_pad_mask": pad, "valid_ratios": valid_ratios}
+        proposals, valid = self.token_proposals(masks)  # (B, N, 4), (B, N): geometry only
+        out = {"spatial_shapes": spatial_shapes, "token_pad_mask": pad, "valid_ratios": valid_ratios,
+               "proposals": proposals, "proposal_valid": valid}
 
         # --- Sec. 3.2: score the backbone tokens and keep the top rho of each image ---
         memory = src
         if cfg.sparse_encoder:
-            token_feats, proposals = self.token_proposals(src + pos, pad, spatial_shapes)
+            token_feats = self.proposal_features(src + pos, valid)  # (B, N, C)
             if cfg.selection == "dam":
                 scores = self.scoring(token_feats, pad)  # (B, N) logits
             elif cfg.selection == "objectness":
@@ -444,8 +448,9 @@ class SparseDETR(nn.Module):
                 scores = torch.rand(pad.shape, device=src.device)
             nums = sparse_token_nums(pad, cfg.rho)  # (B,)
             inds = select_tokens(scores, pad, nums)  # (B, S)
-            S, C = inds.shape[1], src.shape[-1]
-            keep = torch.arange(S, device=src.device)[None] < nums[:, None]  # (B, S): rows written back
+            (B, N, C), S = src.shape, inds.shape[1]
+            keep_b, keep_s = (torch.arange(S, device=src.device)[None] < nums[:, None]).nonzero(as_tuple=True)
+            write = keep_b * N + inds[keep_b, keep_s]  # (sum n_b,) flat token index of the rows written back
             idx_c = inds[..., None].expand(-1, -1, C)
             tgt, pos_s = src.gather(1, idx_c), pos.gather(1, idx_c)  # (B, S, C)
             ref_s = ref.gather(1, inds[..., None, None].expand(-1, -1, *ref.shape[2:]))  # (B, S, L, 2)
@@ -453,7 +458,8 @@ class SparseDETR(nn.Module):
             enc_aux = []
             for lid, layer in enumerate(self.encoder):
                 tgt = layer(tgt, pos_s, ref_s, memory, spatial_shapes, pad)  # queries: selected; values: all
-                memory = memory.scatter(1, idx_c, torch.where(keep[..., None], tgt, memory.gather(1, idx_c)))
+                # write back each image's first n_b rows; the rest of the batch's S rows are filler
+                memory = memory.reshape(B * N, C).index_copy(0, write, tgt[keep_b, keep_s]).view(B, N, C)
                 if self.enc_aux and self.training and lid < len(self.encoder) - 1:  # a training loss only
                     enc_aux.append({"pred_logits": self.class_embed[cfg.dec_layers + 1 + lid](tgt),
                                     "pred_boxes": (props_s + self.bbox_embed[cfg.dec_layers + 1 + lid](tgt)).sigmoid()})
@@ -469,9 +475,13 @@ class SparseDETR(nn.Module):
         """Two-stage query selection and the decoder with box refinement; fills `out`."""
         cfg = self.cfg
         spatial_shapes, pad, valid_ratios = out["spatial_shapes"], out["token_pad_mask"], out.pop("valid_ratios")
+        proposals, valid = out.pop("proposals"), out.pop("proposal_valid")
+        if cfg.num_queries > pad.shape[1]:
+            raise ValueError(f"num_queries {cfg.num_queries} exceeds the {pad.shape[1]} encoder tokens of this "
+                             f"batch: lower num_queries or use larger images")
 
         # --- two-stage: the top-scoring encoder tokens become the decoder's queries ---
-        enc_feats, proposals = self.token_proposals(memory, pad, spatial_shapes)
+        enc_feats = self.proposal_features(memory, valid)  # (B, N, C)
         head = cfg.dec_layers
         enc_logits = self.class_embed[head](enc_feats)  # (B, N, K)
         enc_coord = self.bbox_embed[head](enc_feats) + proposals  # (B, N, 4) logits
@@ -551,7 +561,7 @@ class SparseDETRCriterion(SetCriterion):
             losses["corr"] = (kept.sum(1) / dam.sum(1).clamp(min=1e-12)).mean()
         if "loss_dam" in self.weight_dict:
             scores = outputs["token_scores"].float()
-            scores = scores.masked_fill(pad, scores.detach().min().item())  # OFF: padding scored at the minimum
+            scores = torch.where(pad, scores.detach().min(), scores)  # OFF: padding scored at the minimum
             losses["loss_dam"] = F.binary_cross_entropy_with_logits(scores, target)
         return losses
 

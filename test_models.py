@@ -826,6 +826,9 @@ def test_sparse_detr_config_errors():
         sparse_detr.build(tiny_sparse(rho=0.0))
     with pytest.raises(ValueError, match="selection"):
         sparse_detr.build(tiny_sparse(selection="entropy"))
+    model, _, _ = sparse_detr.build(tiny_sparse(num_queries=500))  # a 64 x 64 image has 64 + 16 + 4 + 1 tokens
+    with pytest.raises(ValueError, match="num_queries 500 exceeds the 85 encoder tokens"):
+        model(torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool))
 
 
 # ---------------------------------------------------------------------------------------------
