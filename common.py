@@ -209,18 +209,20 @@ def load_backbone_weights(backbone, source):
 # 2. Position encoding and small layers
 # ---------------------------------------------------------------------------------------------
 
-def sine_position_embedding(mask, num_pos_feats=128, temperature=10000, scale=2 * math.pi):
+def sine_position_embedding(mask, num_pos_feats=128, temperature=10000, scale=2 * math.pi, offset=0.0):
     """DETR's PositionEmbeddingSine(normalize=True): mask (B, H, W) -> pos (B, 2*num_pos_feats, H, W).
 
     Positions count valid cells only and are normalised by the image's valid extent, so an image's
     encoding does not depend on how much padding its batch added. Channels: y first, then x.
+    offset: added to the cell index before normalising (DETR 0; Deformable DETR and its
+    descendants -0.5, the cell centre).
     """
     not_mask = (~mask).float()
     y_embed = not_mask.cumsum(1)
     x_embed = not_mask.cumsum(2)
     eps = 1e-6
-    y_embed = y_embed / (y_embed[:, -1:, :] + eps) * scale
-    x_embed = x_embed / (x_embed[:, :, -1:] + eps) * scale
+    y_embed = (y_embed + offset) / (y_embed[:, -1:, :] + eps) * scale
+    x_embed = (x_embed + offset) / (x_embed[:, :, -1:] + eps) * scale
     dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=mask.device)
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
     pos_x = x_embed[..., None] / dim_t  # (B, H, W, F)
@@ -254,39 +256,60 @@ def valid_image_sizes(pad_mask):
 # 3. Multi-scale deformable sampling (pure PyTorch; replaces the MultiScaleDeformableAttention op)
 # ---------------------------------------------------------------------------------------------
 
-def ms_deform_sample(value, spatial_shapes, sampling_locations):
-    """Bilinearly sample every level's value map at the given locations.
+def ms_deform_sample_levels(value, spatial_shapes, sampling_locations):
+    """Bilinearly sample every level's value map at the given locations, one level at a time.
 
     value (B, S, H, D): all levels' tokens flattened, S = sum_l H_l*W_l, H heads of D channels.
     spatial_shapes: list of (H_l, W_l). sampling_locations (B, Q, H, L, P, 2): (x, y) in [0, 1]
     relative to each level's map (0 and 1 are the outer edges of the border cells).
-    Returns (B, H, D, Q, L, P). Points outside the map read zeros (grid_sample's zero padding,
-    align_corners=False), exactly like the official CUDA kernel.
+    Yields (B*H, D, Q, P) per level. Points outside the map read zeros (grid_sample's zero
+    padding, align_corners=False), exactly like the official CUDA kernel.
     """
     B, S, H, D = value.shape
-    _, Q, _, L, P, _ = sampling_locations.shape
     assert S == sum(h * w for h, w in spatial_shapes), "value length does not match spatial_shapes"
     values = value.split([h * w for h, w in spatial_shapes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
-    out = []
     for lvl, (h, w) in enumerate(spatial_shapes):
         v = values[lvl].flatten(2).transpose(1, 2).reshape(B * H, D, h, w)  # (B*H, D, H_l, W_l)
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*H, Q, P, 2)
-        out.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))
-    return torch.stack(out, dim=-2).view(B, H, D, Q, L, P)  # (B, H, D, Q, L, P)
+        yield F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*H, D, Q, P)
+
+
+def ms_deform_sample(value, spatial_shapes, sampling_locations):
+    """All levels at once: -> (B, H, D, Q, L, P) (see ms_deform_sample_levels)."""
+    B, _, H, D = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    return torch.stack(list(ms_deform_sample_levels(value, spatial_shapes, sampling_locations)), -2).view(B, H, D, Q, L, P)
+
+
+def deform_sampling_locations(reference_points, offsets, spatial_shapes):
+    """Where a deformable attention samples (Deformable DETR Eq. 3 / Sec. 4.1).
+
+    reference_points (B, Q, L, 2) points or (B, Q, L, 4) boxes, in [0, 1] of each level's padded
+    map; offsets (B, Q, H, L, P, 2) -> locations (B, Q, H, L, P, 2). Point references: offsets in
+    cells of each level. Box references: offsets relative to the box, half its size at |offset| = P.
+    """
+    if reference_points.shape[-1] == 2:
+        wh = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device)  # (L, 2)
+        return reference_points[:, :, None, :, None, :] + offsets / wh[None, None, None, :, None, :]
+    P = offsets.shape[-2]
+    return (reference_points[:, :, None, :, None, :2]
+            + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5)
 
 
 def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
     """Deformable attention core: sum over levels and points of weight * sampled value.
 
-    attention_weights (B, Q, H, L, P) -> output (B, Q, H*D).
+    attention_weights (B, Q, H, L, P) -> output (B, Q, H*D). Accumulates level by level, so the
+    sampled values of all levels are never stacked into one tensor.
     """
     B, S, H, D = value.shape
     Q = sampling_locations.shape[1]
-    sampled = ms_deform_sample(value, spatial_shapes, sampling_locations)  # (B, H, D, Q, L, P)
-    weights = attention_weights.permute(0, 2, 1, 3, 4)[:, :, None]  # (B, H, 1, Q, L, P)
-    out = (sampled * weights).sum((-1, -2))  # (B, H, D, Q)
-    return out.permute(0, 3, 1, 2).reshape(B, Q, H * D)
+    weights = attention_weights.transpose(1, 2).flatten(0, 1)  # (B*H, Q, L, P)
+    out = 0
+    for lvl, sampled in enumerate(ms_deform_sample_levels(value, spatial_shapes, sampling_locations)):
+        out = out + (sampled * weights[:, None, :, lvl]).sum(-1)  # (B*H, D, Q)
+    return out.view(B, H, D, Q).permute(0, 3, 1, 2).reshape(B, Q, H * D)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,10 +462,12 @@ class SetCriterion(nn.Module):
             dist.all_reduce(n)
         return (n / world_size()).clamp(min=1).item()
 
-    def set_loss(self, outputs, targets, num_boxes):
-        """The three terms for one output set (pred_logits, pred_boxes)."""
+    def set_loss(self, outputs, targets, num_boxes, indices=None):
+        """The three terms for one output set (pred_logits, pred_boxes); `indices` [(pred_idx,
+        tgt_idx)] per image replaces the Hungarian matching (DINO's denoising queries)."""
         logits = outputs["pred_logits"].float()  # losses in float32, also under autocast
-        indices = self.matcher(outputs, targets)
+        if indices is None:
+            indices = self.matcher(outputs, targets)
         batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)]).to(logits.device)
         src_idx = torch.cat([src for src, _ in indices]).to(logits.device)
         tgt_labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, indices)]).to(logits.device)

@@ -63,8 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (MLP, Backbone, PostProcess, SetCriterion, inverse_sigmoid, ms_deform_attn,
-                    sine_position_embedding, valid_image_sizes)
+from common import (MLP, Backbone, PostProcess, SetCriterion, deform_sampling_locations, inverse_sigmoid,
+                    ms_deform_attn, sine_position_embedding, valid_image_sizes)
 
 SELECTIONS = ("dam", "objectness", "random")
 
@@ -113,12 +113,7 @@ class MSDeformAttn(nn.Module):
         value = value.view(B, -1, H, C // H)  # (B, N, H, D)
         offsets = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
         weights = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
-        if reference_points.shape[-1] == 2:  # offsets in cells of each level
-            wh = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)  # (L, 2)
-            locs = reference_points[:, :, None, :, None, :] + offsets / wh[None, None, None, :, None, :]
-        else:  # offsets relative to the reference box, half its size at |offset| = P
-            locs = (reference_points[:, :, None, :, None, :2]
-                    + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5)
+        locs = deform_sampling_locations(reference_points, offsets, spatial_shapes)  # (B, Q, H, L, P, 2)
         out = ms_deform_attn(value, spatial_shapes, locs, weights)  # (B, Q, C)
         return self.output_proj(out), locs, weights
 
@@ -408,9 +403,10 @@ class SparseDETR(nn.Module):
         memory, out = self.encode(feats)
         return self.decode(memory, out)
 
-    def encode(self, feats):
-        """Input projections, token selection (Sec. 3.2) and the (sparse) encoder.
-        -> memory (B, N, C) and a dict with the geometry and the selection outputs."""
+    def input_tokens(self, feats):
+        """The backbone maps -> the encoder's flattened tokens: 1x1 conv + GroupNorm per backbone level,
+        3x3 stride-2 convs for the extra levels, sine positions + a learned embedding per level.
+        -> src (B, N, C), pos (B, N, C), pad_mask (B, N), masks [(B, H_l, W_l)]; finest level first."""
         cfg = self.cfg
         n_bb = min(cfg.num_feature_levels, len(feats))  # levels taken from the backbone (its last n_bb maps)
         maps, masks = [], []
@@ -422,11 +418,19 @@ class SparseDETR(nn.Module):
             x = proj[0](x)
             maps.append(proj[1](x, m if cfg.masked_groupnorm else None))  # (B, C, H_l, W_l)
             masks.append(m)
-        spatial_shapes = [tuple(x.shape[-2:]) for x in maps]
         src = torch.cat([x.flatten(2).transpose(1, 2) for x in maps], 1)  # (B, N, C)
         pad = torch.cat([m.flatten(1) for m in masks], 1)  # (B, N)
-        pos = torch.cat([(sine_position_embedding(m, cfg.hidden_dim // 2).to(src).flatten(2).transpose(1, 2)
-                          + self.level_embed[lvl]) for lvl, m in enumerate(masks)], 1)  # (B, N, C)
+        pos = [sine_position_embedding(m, cfg.hidden_dim // 2, offset=-0.5) for m in masks]  # DDETR: -0.5 offset
+        pos = torch.cat([(p.to(src).flatten(2).transpose(1, 2) + self.level_embed[lvl]) for lvl, p in enumerate(pos)],
+                        1)  # (B, N, C)
+        return src, pos, pad, masks
+
+    def encode(self, feats):
+        """Input projections, token selection (Sec. 3.2) and the (sparse) encoder.
+        -> memory (B, N, C) and a dict with the geometry and the selection outputs."""
+        cfg = self.cfg
+        src, pos, pad, masks = self.input_tokens(feats)  # (B, N, C), (B, N, C), (B, N), [(B, H_l, W_l)]
+        spatial_shapes = [tuple(m.shape[-2:]) for m in masks]
         valid_ratios = self.valid_ratios(masks)  # (B, L, 2)
         ref = self.encoder_reference_points(spatial_shapes, valid_ratios)  # (B, N, L, 2)
         proposals, valid = self.token_proposals(masks)  # (B, N, 4), (B, N): geometry only

@@ -14,12 +14,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import bench
 import common
 import data as datalib
 import converge
+import focus_detr
+import lite_detr
 import smca
 import sparse_detr
 import train
@@ -815,10 +818,28 @@ def test_sparse_detr_other_selections(selection):
 
 
 def test_copied_blocks_stay_in_sync():
-    """`# Copied from` blocks are verbatim copies of their source (DESIGN.md)."""
+    """Every `# Copied from module.name` block in a model file is a verbatim copy of its source (DESIGN.md)."""
+    import importlib
     import inspect
-    assert inspect.getsource(sparse_detr.halve_mask) == inspect.getsource(smca.halve_mask)
-    assert "# Copied from smca.halve_mask" in inspect.getsource(sparse_detr)
+    import re
+    checked = []
+    for module in (smca, sparse_detr, lite_detr, focus_detr):
+        text = inspect.getsource(module)
+        for match in re.finditer(r"^( *)# Copied from ([\w.]+)\n", text, re.M):
+            indent, source = match.groups()
+            mod_name, *path = source.split(".")
+            src_obj, copy_obj = importlib.import_module(mod_name), module
+            for attr in path:
+                src_obj = inspect.unwrap(getattr(src_obj, attr))
+            # the copy is the definition right after the comment (a class's methods live on the class)
+            name = re.match(r" *(?:@\w+\n *)*(?:def|class) (\w+)", text[match.end():]).group(1)
+            owner = copy_obj if not indent else next(c for c in vars(copy_obj).values()
+                                                        if inspect.isclass(c) and name in vars(c))
+            copy_def = inspect.unwrap(getattr(owner, name))
+            assert inspect.getsource(copy_def) == inspect.getsource(src_obj), f"{module.__name__}.{name} != {source}"
+            checked.append(f"{module.__name__}.{name}")
+    assert {"sparse_detr.halve_mask", "lite_detr.MSDeformAttn", "lite_detr.input_tokens", "focus_detr.ScoringNetwork",
+            "focus_detr.input_tokens"} <= set(checked)
 
 
 def test_sparse_detr_config_errors():
@@ -829,6 +850,422 @@ def test_sparse_detr_config_errors():
     model, _, _ = sparse_detr.build(tiny_sparse(num_queries=500))  # a 64 x 64 image has 64 + 16 + 4 + 1 tokens
     with pytest.raises(ValueError, match="num_queries 500 exceeds the 85 encoder tokens"):
         model(torch.randn(1, 3, 64, 64), torch.zeros(1, 64, 64, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------------------------------
+# Lite DETR
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_lite(**kw):
+    base = dict(backbone_depth=18, backbone_norm="bn", hidden_dim=32, nheads=4, enc_layers=6, dec_layers=2,
+                dim_feedforward=64, num_queries=10, num_classes=21, num_select=20)
+    base.update(kw)
+    return lite_detr.Config(**base)
+
+
+def _lite_feats(B=1, sizes=((8, 10), (4, 5), (2, 3)), dtype=torch.float64):
+    return [(torch.randn(B, c, h, w, dtype=dtype), torch.zeros(B, h, w, dtype=torch.bool))
+            for c, (h, w) in zip((128, 256, 512), sizes)]
+
+
+def test_lite_detr_parameter_counts_follow_the_derivation():
+    """The DDETR base is official (40,959,129); KDA swaps the attention-weight Linear for a query
+    projection in each encoder layer, each all-token layer adds a d -> d -> d FFN with a LayerNorm."""
+    d, H, L, P = 256, 8, 4, 4
+    kda = (d * d + d) - (d + 1) * H * L * P  # + query_proj - attention_weights
+    small = 2 * (d * d + d) + 2 * d
+    count = lambda cfg: sum(p.numel() for p in lite_detr.build(cfg)[0].parameters() if p.requires_grad)  # noqa: E731
+    assert count(lite_detr.Config.named("dense")) == 40_959_129
+    for name, blocks in [("H3L1-(2+1)x3", 3), ("H3L1-(3+1)x2", 2), ("H3L1-(6+1)x1", 1), ("H2L2-(2+1)x3", 3)]:
+        assert count(lite_detr.Config.named(name)) == 40_959_129 + 6 * kda + blocks * small, name
+    assert count(lite_detr.Config(kda_decoder=True)) == 40_959_129 + 12 * kda + 3 * small == 41_750_169
+    for low_ffn in ("none", "normal"):  # no small FFN: KDA's change only
+        assert count(lite_detr.Config(low_ffn=low_ffn)) == 40_959_129 + 6 * kda
+    assert lite_detr.Config().name == "H3L1-(2+1)x3" and lite_detr.Config(enc_scale=2, num_blocks=2).name == "H2L2-(3+1)x2"
+
+
+@pytest.mark.parametrize("key_proj", [False, True])
+@pytest.mark.parametrize("ref_dim", [2, 4])
+def test_kda_matches_naive_per_point_reference(key_proj, ref_dim):
+    """KDA against a loop over queries, heads, levels and points in float64 (Sec. 3.3): keys and
+    values bilinearly sampled at the same locations, softmax of q.k / sqrt(d_head) over all L*P."""
+    torch.manual_seed(0)
+    shapes_ = [(4, 5), (2, 3), (3, 2)]
+    B, Q, C, H, P = 2, 3, 16, 2, 2
+    L, D = len(shapes_), C // H
+    attn = lite_detr.KeyAwareDeformableAttention(C, L, H, P, key_proj=key_proj).double()
+    nn = torch.nn
+    nn.init.normal_(attn.sampling_offsets.weight, std=0.5)  # offsets that depend on the query
+    N = sum(h * w for h, w in shapes_)
+    query, x = torch.randn(B, Q, C, dtype=torch.float64), torch.randn(B, N, C, dtype=torch.float64)
+    pad = torch.zeros(B, N, dtype=torch.bool)
+    pad[1, 3:5] = True  # some padded tokens: their keys and values are zero
+    ref = torch.rand(B, Q, L, ref_dim, dtype=torch.float64) * (0.5 if ref_dim == 4 else 1.0)
+    out, _, weights = attn(query, ref, x, shapes_, pad)
+
+    value = attn.value_proj(x).masked_fill(pad[..., None], 0)
+    key = attn.key_proj(x).masked_fill(pad[..., None], 0) if key_proj else value
+    q = attn.query_proj(query)
+    off = attn.sampling_offsets(query).view(B, Q, H, L, P, 2)
+    starts = np.cumsum([0] + [h * w for h, w in shapes_])
+    heads = torch.zeros(B, Q, C, dtype=torch.float64)
+    for b, qi, h in itertools.product(range(B), range(Q), range(H)):
+        ks, vs = [], []
+        for lvl, p in itertools.product(range(L), range(P)):
+            hl, wl = shapes_[lvl]
+            r = ref[b, qi, lvl]
+            if ref_dim == 2:
+                lx, ly = r[0] + off[b, qi, h, lvl, p, 0] / wl, r[1] + off[b, qi, h, lvl, p, 1] / hl
+            else:
+                lx = r[0] + off[b, qi, h, lvl, p, 0] / P * r[2] * 0.5
+                ly = r[1] + off[b, qi, h, lvl, p, 1] / P * r[3] * 0.5
+            grid = lambda t: t[b, starts[lvl]:starts[lvl + 1], h * D:(h + 1) * D].T.reshape(D, hl, wl)  # noqa: E731
+            x_px, y_px = (lx * wl - 0.5).item(), (ly * hl - 0.5).item()
+            ks.append(_bilinear_naive(grid(key), x_px, y_px))
+            vs.append(_bilinear_naive(grid(value), x_px, y_px))
+        logits = torch.stack([q[b, qi, h * D:(h + 1) * D] @ k for k in ks]) / math.sqrt(D)
+        w = torch.softmax(logits, 0)
+        assert torch.allclose(weights[b, qi, h].flatten(), w, atol=1e-12)
+        heads[b, qi, h * D:(h + 1) * D] = sum(wi * v for wi, v in zip(w, vs))
+    assert torch.allclose(out, attn.output_proj(heads), atol=1e-10)
+    with torch.no_grad():  # the inference path (kda_core_stacked) gives the same numbers
+        out_nograd, _, weights_nograd = attn(query, ref, x, shapes_, pad)
+    assert torch.allclose(out_nograd, out, atol=1e-12) and torch.allclose(weights_nograd, weights, atol=1e-12)
+
+
+def test_lite_dense_reduction_is_the_deformable_detr_encoder():
+    """Every level high-level and KDA off: the same parameters and outputs as the dense two-stage
+    Deformable DETR (sparse_detr.py with its sparse encoder and Efficient-DETR parts off)."""
+    torch.manual_seed(0)
+    lite, _, _ = lite_detr.build(tiny_lite(enc_scale=4, num_blocks=1, kda_encoder=False))
+    dense, _, _ = sparse_detr.build(tiny_sparse(enc_layers=6, sparse_encoder=False, eff_query_init=False,
+                                                eff_specific_head=False))
+    dense.load_state_dict(lite.state_dict())  # strict: the same names and shapes
+    lite.double().eval()
+    dense.double().eval()
+    feats = _lite_feats()
+    a, b = lite.forward_features(feats), dense.forward_features(feats)
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.allclose(a[key], b[key], atol=1e-8), key
+    assert torch.allclose(lite.encode(feats)[0], dense.encode(feats)[0], atol=1e-10)
+
+
+@pytest.mark.parametrize("name,queries", [
+    ("H3L1-(2+1)x3", "all"), ("H3L1-(3+1)x2", "all"), ("H2L2-(2+1)x3", "all"), ("H3L1-(2+1)x3", "low")])
+def test_lite_encoder_schedule(name, queries):
+    """Which tokens each layer updates: high-level layers query F_H only and leave F_L as it was
+    after the last all-token layer; all-token layers query every token (OFF) or only F_L (Fig. 2b)."""
+    torch.manual_seed(0)
+    cfg = tiny_lite(**lite_detr.NAMED[name], last_layer_queries=queries)
+    model, _, _ = lite_detr.build(cfg)
+    model.double().eval()
+    calls = []
+    hooks = [layer.register_forward_hook(lambda m, args, out: calls.append((args[0].shape[1], args[3].clone(), out)))
+             for layer in model.encoder]
+    feats = _lite_feats()
+    memory, out = model.encode(feats)
+    for h in hooks:
+        h.remove()
+    n_low, N = out["n_low"], memory.shape[1]
+    assert n_low == {3: 80, 2: 100}[cfg.enc_scale]  # 8x10 (+ 4x5 for H2L2) finest tokens
+    assert [kind for kind in model.schedule] == cfg.schedule() and len(calls) == 6
+    src = model.input_tokens(feats)[0]
+    low, high = src[:, :n_low], src[:, n_low:]
+    for kind, (n_queries, values, output) in zip(model.schedule, calls):
+        assert torch.equal(values[:, :n_low], low) and torch.equal(values[:, n_low:], high)  # V = current tokens
+        if kind == "high":
+            assert n_queries == N - n_low
+            high = output
+        elif queries == "all":
+            assert n_queries == N
+            assert not torch.allclose(output[:, :n_low], low)  # F_L is updated here, and only here
+            low, high = output[:, :n_low], output[:, n_low:]
+        else:
+            assert n_queries == n_low
+            low = output
+    assert torch.equal(memory, torch.cat([low, high], 1))
+
+
+@pytest.mark.parametrize("kw", [{}, {"kda_decoder": True, "kda_key_proj": True, "last_layer_queries": "low"},
+                                {"enc_scale": 2, "low_ffn": "none"}])
+def test_lite_detr_padding_invariance(kw, figures):
+    """After the backbone an image's detections do not depend on its batch (DESIGN.md)."""
+    torch.manual_seed(0)
+    model, _, _ = lite_detr.build(tiny_lite(**kw))
+    model.double().eval()
+    pairs = [_alone_and_padded(torch.randn(1, c, h, w, dtype=torch.float64), 2 * h, 2 * w)
+             for c, h, w in [(128, 8, 12), (256, 4, 6), (512, 2, 3)]]
+    alone = model.forward_features([p[0] for p in pairs])
+    batched = model.forward_features([p[1] for p in pairs])
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.allclose(alone[key][0], batched[key][0], atol=1e-4), key
+    (images, m1), (big, pad) = _alone_and_padded(torch.randn(1, 3, 128, 192, dtype=torch.float64), 192, 256)
+    a, b = model(images, m1)["pred_boxes"][0], model(big, pad)["pred_boxes"][0]
+    figures.append((f"lite_detr full-model padding drift, max L1 to the nearest box ({kw or 'default'})",
+                    f"{torch.cdist(a, b, p=1).min(1).values.max().item():.2e}"))
+
+
+@pytest.mark.parametrize("kw", [{}, {"kda_decoder": True, "kda_key_proj": True, "last_layer_queries": "low"}])
+def test_lite_detr_gradient_flow_and_empty_targets(kw):
+    torch.manual_seed(0)
+    model, criterion, post = lite_detr.build(tiny_lite(**kw))
+    model.train()
+    images, pad_mask = torch.randn(2, 3, 128, 160), torch.zeros(2, 128, 160, dtype=torch.bool)
+    pad_mask[1, 96:, :] = True
+    out = model(images, pad_mask)
+    assert out["pred_logits"].shape == (2, 10, 21) and out["pred_boxes"].shape == (2, 10, 4)
+    assert len(out["aux_outputs"]) == 1 and out["enc_outputs"]["pred_logits"].shape[1] == out["token_pad_mask"].shape[1]
+    assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
+    losses = criterion(out, _random_targets([3, 0], 21))  # image 1 has no boxes
+    assert {"loss_ce", "loss_bbox_0", "loss_giou_enc"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    sum(losses[k] * criterion.weight_dict[k] for k in losses).backward()
+    dead = {n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().max() > 0)}
+    # the box MLPs' last layers start at zero, so on the first step their hidden layers get no gradient
+    hidden = {f"bbox_embed.{i}.layers.{j}.{w}" for i in range(len(model.bbox_embed)) for j in (0, 1)
+              for w in ("weight", "bias")}
+    assert dead == hidden, dead ^ hidden
+    empty = criterion(model(images, pad_mask), _random_targets([0, 0], 21))
+    assert all(torch.isfinite(v) for v in empty.values()) and empty["loss_bbox"] == 0
+    res = post(out, torch.tensor([[100, 120], [80, 90]]))
+    assert len(res) == 2 and res[0]["boxes"].shape == (20, 4)
+
+
+def test_lite_detr_config_errors():
+    with pytest.raises(ValueError, match="num_blocks must divide enc_layers"):
+        lite_detr.build(tiny_lite(num_blocks=4))
+    with pytest.raises(ValueError, match="enc_scale"):
+        lite_detr.build(tiny_lite(enc_scale=5))
+    with pytest.raises(ValueError, match="last_layer_queries"):
+        lite_detr.build(tiny_lite(last_layer_queries="high"))
+    with pytest.raises(ValueError, match="low_ffn"):
+        lite_detr.build(tiny_lite(low_ffn="tiny"))
+    with pytest.raises(ValueError, match="needs low-level tokens"):
+        lite_detr.build(tiny_lite(enc_scale=4, last_layer_queries="low"))
+    with pytest.raises(ValueError, match="unknown Lite DETR configuration 'H4L0'"):
+        lite_detr.Config.named("H4L0")
+
+
+def test_bench_lite_encoder_macs_follow_the_token_updates():
+    """bench.py's count: all-token layers cost the dense layer's per-query part, high-level layers
+    that part x |F_H| / N, and every layer pays the value projection over all N tokens."""
+    rows = bench.main(["lite-encoder", "--size", "64", "96", "--repeats", "1", "--configs", "dense", "H3L1-(6+1)x1"])
+    dense, lite = rows
+    assert dense["updates"] == 1.0 and lite["updates"] == pytest.approx((5 * lite["high_share"] + 1) / 6)
+    # per layer and query token at d 256, FFN 1024, 4 x 4 points: offsets 256*256 + output 256*256 + FFN
+    # 2*256*1024 (+ dense: attention weights 256*128 and the weighted sum 256*16; + KDA: query 256*256
+    # and q.k, w.v 2*256*16), grid_sample 4*256*16; the value projection 256*256 per token per layer
+    d, n = 256, dense["tokens"]
+    per_q_dense = 2 * d * d + 2 * d * 1024 + d * 128 + d * 16 + 4 * d * 16
+    per_q_kda = 3 * d * d + 2 * d * 1024 + 2 * d * 16 + 4 * d * 16
+    small = 2 * d * d - 2 * d * 1024  # F_L's small FFN in the all-token layer instead of the normal one
+    n_high = round(lite["high_share"] * n)
+    assert dense["gmacs"] * 1e9 == pytest.approx(6 * n * (per_q_dense + d * d), rel=0.01)
+    want = 6 * n * d * d + 5 * n_high * per_q_kda + n * per_q_kda + (n - n_high) * small
+    assert lite["gmacs"] * 1e9 == pytest.approx(want, rel=0.01)
+    no_ffn = want - (n - n_high) * 2 * d * d  # F_L tokens skip the FFN of the all-token layer
+    assert lite["gmacs_no_low_ffn"] * 1e9 == pytest.approx(no_ffn, rel=0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# Focus-DETR
+# ---------------------------------------------------------------------------------------------
+
+
+def tiny_focus(**kw):
+    base = dict(backbone_depth=18, backbone_norm="bn", hidden_dim=32, nheads=4, dec_layers=2, dim_feedforward=64,
+                num_queries=10, num_classes=21, num_select=20, num_fine_tokens=8, dn_number=6)
+    base.update(kw)
+    return focus_detr.Config(**base)
+
+
+def test_focus_detr_parameter_counts_follow_the_official_model():
+    """OFF (80 classes, only the stem frozen): 49,339,920 parameters, 49,330,512 trainable (fact sheet)."""
+    count = lambda model, trainable: sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)  # noqa: E731
+    model = focus_detr.build(focus_detr.Config(num_classes=80))[0]
+    layer1 = sum(p.numel() for n, p in model.backbone.named_parameters() if n.startswith("body.layer1"))
+    assert count(model, False) == 49_339_920 and count(model, True) == 49_330_512 - layer1
+    assert count(focus_detr.build(focus_detr.Config())[0], True) == 49_330_512 - layer1 + 7 * 11 * 257 + 11 * 256
+
+
+def test_foreground_labels_on_constructed_boxes():
+    """FCOS assignment: centre strictly inside, largest edge distance in the level's (lo, hi]."""
+    shapes_ = [(32, 32), (16, 16), (8, 8), (4, 4)]  # a 256 x 256 input, strides 8..64
+    wh = torch.tensor([[256.0, 256.0]])
+
+    def positives(x0, y0, x1, y1):
+        box = torch.tensor([[(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]]) / 256
+        lab = focus_detr.foreground_labels([box], shapes_, wh)[0]
+        starts = np.cumsum([0] + [h * w for h, w in shapes_])
+        return [set(lab[starts[i]:starts[i + 1]].nonzero()[:, 0].tolist()) for i in range(4)]
+
+    # a 40 x 40 box at (10, 10): level 0 centres 12, 20, 28, 36, 44 are inside; max distance <= 38 < 64
+    lv = positives(10, 10, 50, 50)
+    assert lv[0] == {r * 32 + c for r in range(1, 6) for c in range(1, 6)} and not lv[1] | lv[2] | lv[3]
+    # a 200 x 200 box: distances up to 200 -> level 2 (128, 256] for centres far from an edge,
+    # level 1 (64, 128] near the middle; never level 0 (the box is too big for distances <= 64)
+    lv = positives(20, 20, 220, 220)
+    assert not lv[0] and lv[1] and lv[2] and not lv[3]
+    centre16 = 7 * 16 + 7  # level-1 token centred at (120, 120): distances 100 .. 100 -> (64, 128]
+    assert centre16 in lv[1]
+    # a centre exactly on the edge is not inside (min distance must be > 0): box edge at x = 12
+    lv = positives(12, 4, 60, 30)
+    assert all(t % 32 != 0 for t in lv[0])  # column 0 (centre x = 4) is outside; column 1 (x = 12) on the edge
+    assert all(t % 32 != 1 for t in lv[0])
+    assert not any(focus_detr.foreground_labels([torch.zeros(0, 4)], shapes_, wh)[0])
+
+
+def test_top_down_modulation_on_a_constructed_case():
+    """S_l = MLP_F(T_l (1 + alpha Up(S_{l+1}))) with the coarse score upsampled bilinearly (align_corners)."""
+    torch.manual_seed(0)
+    sel = focus_detr.ForegroundTokenSelector(8, 2).double()
+    with torch.no_grad():
+        sel.alpha.fill_(0.5)
+    masks = [torch.zeros(1, 4, 4, dtype=torch.bool), torch.zeros(1, 2, 2, dtype=torch.bool)]
+    feats = torch.randn(1, 16 + 4, 8, dtype=torch.float64)
+    out = sel(feats, masks)
+    coarse = sel.scorer(feats[:, 16:], masks[1].flatten(1))
+    assert torch.allclose(out[:, 16:], coarse)
+    up = F.interpolate(coarse.view(1, 1, 2, 2), size=(4, 4), mode="bilinear", align_corners=True).view(1, 16, 1)
+    # align_corners=True: the corners of the fine map take the coarse corners exactly
+    assert torch.allclose(up.view(4, 4)[[0, 0, 3, 3], [0, 3, 0, 3]], coarse.view(4))
+    fine = sel.scorer(feats[:, :16] * (1 + 0.5 * up), masks[0].flatten(1))
+    assert torch.allclose(out[:, :16], fine)
+    with torch.no_grad():
+        sel.alpha.zero_()  # alpha = 0: no modulation
+    assert torch.allclose(sel(feats, masks)[:, :16], sel.scorer(feats[:, :16], masks[0].flatten(1)))
+
+
+def test_cascade_counts_and_nested_sets_with_mixed_image_sizes():
+    pad = torch.zeros(2, 1000, dtype=torch.bool)
+    pad[1, 400:] = True  # image 1 has 400 valid tokens
+    ratios = (1.0, 0.8, 0.6, 0.6, 0.4, 0.2)
+    ours = focus_detr.cascade_token_nums(pad, 0.5, ratios)
+    assert ours[:, 0].tolist() == [501, 400, 300, 300, 200, 100] and ours[:, 1].tolist() == [201, 160, 120, 120, 80, 40]
+    off = focus_detr.cascade_token_nums(pad, 0.5, ratios, per_image=False)  # K0 from the largest image
+    assert off[:, 0].tolist() == ours[:, 0].tolist() and off[:, 1].tolist() == [201, 201, 201, 201, 200, 100]
+    torch.manual_seed(0)
+    model, _, _ = focus_detr.build(tiny_focus())
+    model.eval()
+    sets = []
+    hooks = [layer.register_forward_hook(lambda m, args, o: sets.append(args[0].shape[1])) for layer in model.encoder]
+    images, pad_mask = torch.randn(2, 3, 128, 160), torch.zeros(2, 128, 160, dtype=torch.bool)
+    pad_mask[1, 64:, :96] = True
+    pad_mask[1, :, 96:] = True
+    with torch.no_grad():
+        out = model(images, pad_mask)
+    for h in hooks:
+        h.remove()
+    keep = out["token_nums"]
+    assert sets == keep.max(1).values.tolist()  # each layer queries the batch's largest count
+    assert (keep[:, 1] < keep[:, 0]).all() and (keep[1:] <= keep[:-1]).all()
+
+
+def test_focus_detr_padding_invariance(figures):
+    torch.manual_seed(0)
+    model, _, _ = focus_detr.build(tiny_focus())
+    model.double().eval()
+    pairs = [_alone_and_padded(torch.randn(1, c, h, w, dtype=torch.float64), 2 * h, 2 * w)
+             for c, h, w in [(128, 8, 12), (256, 4, 6), (512, 2, 3)]]
+    wh = torch.tensor([[96.0, 64.0]])
+    alone = model.forward_features([p[0] for p in pairs], wh)
+    batched = model.forward_features([p[1] for p in pairs], torch.cat([wh, wh * 2]))
+    valid = ~batched["token_pad_mask"][0]
+    assert torch.allclose(alone["fg_logits"][0], batched["fg_logits"][0][valid], atol=1e-8)
+    assert torch.equal(alone["token_nums"][:, 0], batched["token_nums"][:, 0])
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.allclose(alone[key][0], batched[key][0], atol=1e-4), key
+    (images, m1), (big, pad) = _alone_and_padded(torch.randn(1, 3, 128, 192, dtype=torch.float64), 192, 256)
+    a, b = model(images, m1)["pred_boxes"][0], model(big, pad)["pred_boxes"][0]
+    figures.append(("focus_detr full-model padding drift, max L1 to the nearest box",
+                    f"{torch.cdist(a, b, p=1).min(1).values.max().item():.2e}"))
+
+
+def test_focus_detr_selector_learns_only_from_its_focal_loss_and_dn_is_training_only():
+    torch.manual_seed(0)
+    model, criterion, post = focus_detr.build(tiny_focus())
+    model.train()
+    images, pad_mask = torch.randn(2, 3, 128, 160), torch.zeros(2, 128, 160, dtype=torch.bool)
+    pad_mask[1, 96:, :] = True
+    targets = _random_targets([3, 0], 21)
+    out = model(images, pad_mask, targets)
+    assert out["pred_logits"].shape == (2, 10, 21) and out["enc_outputs"]["pred_logits"].shape == (2, 10, 21)
+    assert out["dn_meta"] == {"groups": 2, "group_size": 6} and out["dn_outputs"][-1]["pred_boxes"].shape == (2, 12, 4)
+    losses = criterion(out, targets)
+    assert {"loss_select", "loss_ce_dn", "loss_giou_dn_0", "loss_bbox_enc"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    rest = sum(losses[k] * criterion.weight_dict[k] for k in losses if k != "loss_select")
+    rest.backward(retain_graph=True)
+    assert all(p.grad is None or not p.grad.any() for p in model.selector.parameters())  # top-k passes no gradient
+    model.zero_grad()
+    (rest + 1.5 * losses["loss_select"]).backward()
+    dead = {n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().max() > 0)}
+    hidden = {f"bbox_embed.{i}.layers.{j}.{w}" for i in range(len(model.bbox_embed)) for j in (0, 1)
+              for w in ("weight", "bias")}
+    assert dead == hidden, dead ^ hidden
+    empty = criterion(model(images, pad_mask, _random_targets([0, 0], 21)), _random_targets([0, 0], 21))
+    assert all(torch.isfinite(v) for v in empty.values()) and empty["loss_bbox_dn"] == 0
+    model.eval()
+    with torch.no_grad():
+        out = model(images, pad_mask, targets)  # targets are ignored in eval
+    assert "dn_outputs" not in out and out["pred_logits"].shape == (2, 10, 21)
+    assert post(out, torch.tensor([[100, 120], [80, 90]]))[0]["boxes"].shape == (20, 4)
+
+
+def test_denoising_queries_and_mask():
+    torch.manual_seed(0)
+    label_enc = torch.nn.Embedding(5, 8)
+    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.3, 0.3, 0.1, 0.1]])},
+               {"labels": torch.tensor([4]), "boxes": torch.tensor([[0.6, 0.4, 0.3, 0.3]])}]
+    q_label, q_box, mask, meta = focus_detr.prepare_denoising(targets, 5, 0.0, 1.0, 5, label_enc, 3)
+    assert meta == {"groups": 2, "group_size": 4} and q_label.shape == (2, 8, 8) and mask.shape == (11, 11)
+    boxes = q_box.sigmoid()
+    for g in range(2):
+        for b, t in enumerate(targets):
+            for i, box in enumerate(t["boxes"]):
+                pos, neg = boxes[b, g * 4 + i], boxes[b, g * 4 + 2 + i]
+                corner = lambda x: box_ops_xyxy(x)  # noqa: E731
+                dist_pos = (corner(pos) - corner(box)).abs() / box[2:].repeat(2) * 2
+                dist_neg = (corner(neg) - corner(box)).abs() / box[2:].repeat(2) * 2
+                assert (dist_pos <= 1 + 1e-4).all()  # positives move each corner by < half the box size
+                # negatives by 1 to 2 times that, unless clamped to the image or crossed (collapsed to size 0)
+                collapsed = (neg[2:] <= 1e-4).repeat(2)
+                assert ((dist_neg >= 1 - 1e-4) | (corner(neg) <= 1e-4) | (corner(neg) >= 1 - 1e-4) | collapsed).all()
+                assert torch.allclose(q_label[b, g * 4 + i], label_enc.weight[t["labels"][i]])  # no label noise
+        assert not q_label[1, g * 4 + 1].any()  # image 1 has one box: its second slot is padding
+    assert mask[8:, :8].all() and not mask[:8, 8:].any() and not mask[8:, 8:].any()  # matching queries never see the denoising ones
+    assert not mask[:4, :4].any() and mask[:4, 4:8].all() and mask[4:8, :4].all()
+    assert focus_detr.prepare_denoising([{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}],
+                                        5, 0.5, 1.0, 5, label_enc, 3) is None
+
+
+def box_ops_xyxy(b):
+    return common.box_cxcywh_to_xyxy(b)
+
+
+def test_focus_detr_fewer_kept_tokens_than_fine_grained_and_dense_base():
+    """A small image keeps fewer tokens than num_fine_tokens (OFF's crash, detrex #354): no error.
+    foreground_selection=False is the dense DINO encoder: every layer queries every token."""
+    torch.manual_seed(0)
+    for kw in ({"num_fine_tokens": 300}, {"num_fine_tokens": 300, "cascade_counts": "batch_max",
+                                          "mcsp_score": "prob_product", "encoder_values": "memory"},
+               {"foreground_selection": False}):
+        model, criterion, _ = focus_detr.build(tiny_focus(**kw))
+        images, pad_mask = torch.randn(2, 3, 64, 96), torch.zeros(2, 64, 96, dtype=torch.bool)
+        targets = _random_targets([2, 1], 21)
+        out = model(images, pad_mask, targets)
+        losses = criterion(out, targets)
+        assert ("loss_select" in losses) == kw.get("foreground_selection", True)
+        sum(losses[k] * criterion.weight_dict[k] for k in losses).backward()
+    assert model.selector is None and not hasattr(model.encoder[0], "oesm_attn")
+
+
+def test_focus_detr_config_errors():
+    for kw, msg in [({"mcsp_score": "sum"}, "mcsp_score"), ({"cascade_ratios": (1.0, 0.5)}, "cascade_ratios"),
+                    ({"focus_rho": 0.0}, "focus_rho"), ({"encoder_values": "src"}, "encoder_values"),
+                    ({"dn_number": -1}, "dn_number"), ({"num_feature_levels": 3}, "4 levels")]:
+        with pytest.raises(ValueError, match=msg):
+            focus_detr.build(tiny_focus(**kw))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
     python train.py --model smca                               # built-in shapes set, CPU-sized recipe
     torchrun --nproc_per_node=8 train.py --model smca --data /path/to/coco --backbone-weights imagenet
     python train.py --model sparse_detr --set rho=0.2           # any model; --set overrides its Config
+    python train.py --model lite_detr --set enc_scale=2          # Lite DETR H2L2-(2+1)x3
 
 --data shapes (the default) generates the synthetic set under data/shapes on first use and trains
 the model's CPU-sized configuration (`shapes_config()` and `SHAPES_RECIPE` in the model file).
@@ -32,7 +33,7 @@ import data as datalib
 from common import load_backbone_weights
 from data import shapes
 
-MODELS = ("smca", "sparse_detr")  # model files; each has Config, build(cfg), shapes_config() and SHAPES_RECIPE
+MODELS = ("smca", "sparse_detr", "lite_detr", "focus_detr")  # model files; each has Config, build(cfg), shapes_config() and SHAPES_RECIPE
 SHAPES_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes")
 # The paper recipe, shared by the four papers (a model may override it in COCO_RECIPE)
 COCO_RECIPE = {"epochs": 50, "lr_drop": 40, "batch_size": 2, "lr": 1e-4, "lr_backbone": 1e-5, "eval_every": 1}
@@ -242,7 +243,7 @@ def train_one_epoch(ctx, epoch, loader):
     for it, (images, pad_mask, targets) in enumerate(loader):
         images, pad_mask, targets = images.to(device), pad_mask.to(device), to_device(targets, device)
         with torch.autocast(device.type, dtype=ctx["amp_dtype"], enabled=ctx["amp_dtype"] is not None):
-            outputs = model(images, pad_mask)
+            outputs = model(images, pad_mask, targets) if ctx["forward_takes_targets"] else model(images, pad_mask)
         losses = criterion(outputs, targets)
         loss = sum(losses[k] * weights[k] for k in losses if k in weights)
         step = epoch * n + it
@@ -381,7 +382,8 @@ def main(argv=None):
             log_file.write(json.dumps(record) + "\n")
 
     ctx = {"model": ddp_model, "criterion": criterion, "postprocess": postprocess, "optimizer": optimizer,
-           "scaler": scaler, "args": args, "device": device, "rank": rank, "world": world, "amp_dtype": amp_dtype, "log": log}
+           "scaler": scaler, "args": args, "device": device, "rank": rank, "world": world, "amp_dtype": amp_dtype, "log": log,
+           "forward_takes_targets": getattr(module, "FORWARD_TAKES_TARGETS", False)}  # DINO-style denoising
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{args.model} on {args.data}: {n_params:,} trainable parameters, {world} process(es) on {device}, "
