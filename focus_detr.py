@@ -1,0 +1,821 @@
+"""Less is More: Focus Attention for Efficient DETR (Focus-DETR).
+
+Zheng, Li, Huang, Ma, Wang, Pan, Xu, Zhao, Zhu, Zhang, Xu, Zhang. ICCV 2023. arXiv:2307.12612.
+Official code: huawei-noah/noah-research, Focus-DETR/ @ aa0f80c (called OFF below; a detrex project,
+identical to IDEA-Research/detrex projects/focus_detr), on DINO (IDEA-Research/DINO).
+
+The idea. Like Sparse DETR, update only some encoder tokens, but pick them better and use them
+better. A foreground token selector (FTS) scores every token, supervised by FCOS-style labels
+(a token is foreground if it lies inside a box whose size fits its level), with each level's
+features modulated top-down by the coarser level's scores. The encoder keeps a cascade of nested
+top-k sets (50% of the tokens in layer 1 down to 10% in layer 6). In each layer the most
+object-like of its tokens (by foreground x class score, the multi-category score predictor) first
+attend to each other (OESM self-attention), then all of its tokens run deformable attention.
+
+    S_L = MLP_F(T_L);  S_l = MLP_F(T_l * (1 + alpha_l Up(S_{l+1})))    top-down scoring (Sec. 3.2)
+    L_fts = focal(S, FCOS labels) / positives, weight 1.5
+    I_l = top-k_l(S), k_l = int(cascade_l * int(rho * valid + 1)), cascade = [1, .8, .6, .6, .4, .2], rho = .5
+    s_j = max_c(cls(x_j)) * S_j;  J_l = top-300_j(s) of I_l              multi-category score (Sec. 3.3)
+    x[J] <- LN(x[J] + MHA(x[J]));  x[I] <- FFN(LN(x[I] + MSDeformAttn(x[I], values)))   dual attention
+
+Paper symbol -> variable:
+    T_l, S_l                      proposal features of level l, fg_logits (B, N) (concatenated, finest level first)
+    alpha                         ForegroundTokenSelector.alpha (L - 1 scalars)
+    MLP_F                         ForegroundTokenSelector.scorer (a ScoringNetwork, one for all levels)
+    k_l, I_l                      token counts keep (layers, B), order (B, K) (nested prefixes of one ranking)
+    MCSP                          class_embed[dec_layers] (the two-stage class head, reused; no own loss)
+    fine-grained tokens J         fine_idx (B, J) in each layer, J = min(num_fine_tokens, k_l)
+    OESM                          DualAttentionEncoderLayer.oesm_attn
+
+Parameter count (R50): OFF has 49,330,512 trainable (detectron2 ResNet with only the stem frozen,
+80 contiguous classes); built with num_classes=80 ours has the same 49,339,920 parameters in all,
+of which 49,117,520 train: we also freeze layer1 (212,992), as the other three files. With our 91
+raw-id logits: + 7 heads x 11 x 257 + label_enc 11 x 256 = 22,605 -> 49,140,125 (a test checks).
+The dense DINO base (`foreground_selection=False`) has 47,450,521.
+
+Deviations from the paper / official code (OFF's behaviour is the default unless said):
+- Token counts per image: layer l of image b updates int(ratio_l * n_b) tokens, n_b = int(0.5 *
+  valid_b) + 1. OFF takes int(ratio_l * max_b n_b) for the whole batch, so a small image keeps more
+  tokens next to a large one; `cascade_counts="batch_max"` is OFF's. Each count is at least 1.
+- The fine-grained tokens are min(num_fine_tokens, k_l) per image, never batch filler, and the
+  OESM attention masks filler keys. OFF takes topk(300) and crashes when a layer keeps fewer than
+  300 tokens (detrex issue #354); in "batch_max" mode we follow OFF except for the min().
+- The scorer's per-level global mean skips padding (`scorer_mean_over_padding=True` is OFF's), and
+  the top-down Up() resizes each image's valid region (`upsample_over_padding=True` resizes the
+  padded map, as OFF), so an image's scores do not depend on its batch.
+- As in sparse_detr.py: the input GroupNorm skips padding (`masked_groupnorm=False` is OFF's), the
+  extra level's mask is computed exactly, the two-stage top-k never picks padded tokens.
+- The paper says adjacent levels' label ranges overlap by 50% but gives no numbers; OFF ships the
+  non-overlapping FCOS ranges (the default); `fg_ranges="overlap"` is one reading of the paper.
+- The MCSP score is OFF's product of raw logits (two negative logits make a positive score);
+  `mcsp_score="prob_product"` is the probability product the paper describes.
+- Deformable values: OFF reads the pre-encoder tokens in every layer (`encoder_values="backbone"`);
+  the paper (and Sparse DETR) read the updated memory: `encoder_values="memory"`.
+- Backbone: stem and layer1 frozen (OFF: stem only), torchvision ResNet-50 (OFF: r50_v1.pkl).
+- DINO's decoder embeds each query's reference box in padded-map coordinates (box x valid ratio),
+  so a query's position embedding moves with the batch's padding; we embed the box in the image's
+  own coordinates (`query_pos_over_padding=True` is DINO's). Both agree for an unpadded image.
+- 91 class logits indexed by raw category id (OFF: 80 contiguous).
+- inverse_sigmoid clamps at 1e-5 (common.py; detrex 1e-3), which matters only for boxes at 0 or 1.
+- A batch without boxes gives zero denoising losses (OFF too), and no denoising queries.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import (MLP, Backbone, HungarianMatcher, PostProcess, SetCriterion, box_cxcywh_to_xyxy,
+                    deform_sampling_locations, inverse_sigmoid, ms_deform_attn, sigmoid_focal_loss,
+                    sine_position_embedding, valid_image_sizes)
+
+# OFF GenTargets limit_range: the largest distance from a token centre to its box's edges, in
+# pixels, that each level (strides 8, 16, 32, 64) is responsible for (FCOS, non-overlapping)
+FCOS_RANGES = ((-1.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, math.inf))
+# The paper's "adjacent ranges overlap by 50%" (its exact numbers are not published; a reading)
+OVERLAP_RANGES = ((0.0, 128.0), (64.0, 256.0), (128.0, 512.0), (256.0, math.inf))
+
+# ---------------------------------------------------------------------------------------------
+# Deformable attention (Deformable DETR, Sec. 4.1)
+# ---------------------------------------------------------------------------------------------
+
+
+# Copied from sparse_detr.MSDeformAttn
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention on common.ms_deform_attn (the grid_sample path).
+
+    Returns the output and, for the DAM, the sampling locations and attention weights.
+    """
+
+    def __init__(self, d_model, n_levels, n_heads, n_points):
+        super().__init__()
+        self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        # offsets start on a ring: head h points along angle 2 pi h / H, point p at distance p + 1
+        nn.init.zeros_(self.sampling_offsets.weight)
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)  # (H, 2)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
+        grid = grid.repeat(1, self.n_levels, self.n_points, 1) * torch.arange(1, self.n_points + 1).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.view(-1))
+        nn.init.zeros_(self.attention_weights.weight)  # uniform attention over levels and points at init
+        nn.init.zeros_(self.attention_weights.bias)
+        for lin in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, query, reference_points, value_input, spatial_shapes, pad_mask):
+        """query (B, Q, C); reference_points (B, Q, L, 2) points or (B, Q, L, 4) boxes in [0, 1] of each
+        level's padded map; value_input (B, N, C); pad_mask (B, N) -> (B, Q, C), locations
+        (B, Q, H, L, P, 2), weights (B, Q, H, L, P)."""
+        B, Q, C = query.shape
+        H, L, P = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(value_input).masked_fill(pad_mask[..., None], 0.0)  # zero at padding
+        value = value.view(B, -1, H, C // H)  # (B, N, H, D)
+        offsets = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
+        weights = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
+        locs = deform_sampling_locations(reference_points, offsets, spatial_shapes)  # (B, Q, H, L, P, 2)
+        out = ms_deform_attn(value, spatial_shapes, locs, weights)  # (B, Q, C)
+        return self.output_proj(out), locs, weights
+
+
+# ---------------------------------------------------------------------------------------------
+# Foreground token selector (Sec. 3.2)
+# ---------------------------------------------------------------------------------------------
+
+
+# Copied from sparse_detr.ScoringNetwork
+class ScoringNetwork(nn.Module):
+    """g(x_feat) -> one saliency logit per token (OFF MaskPredictor, a DynamicViT-style MLP).
+
+    LN -> Linear -> GELU, then the second half of the features is averaged over the image's tokens
+    and broadcast back (global context), then 256 -> 128 -> 64 -> 1 with GELU.
+    """
+
+    def __init__(self, d, hidden=256, mean_over_padding=False):
+        super().__init__()
+        self.mean_over_padding = mean_over_padding
+        self.layer1 = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden), nn.GELU())
+        self.layer2 = nn.Sequential(nn.Linear(hidden, hidden // 2), nn.GELU(), nn.Linear(hidden // 2, hidden // 4),
+                                    nn.GELU(), nn.Linear(hidden // 4, 1))
+
+    def forward(self, x, pad_mask):
+        """x (B, N, C), pad_mask (B, N) -> logits (B, N)"""
+        z = self.layer1(x)  # (B, N, hidden)
+        z_local, z_global = z.chunk(2, dim=-1)
+        if self.mean_over_padding:  # OFF
+            g = z_global.mean(1, keepdim=True)
+        else:
+            valid = (~pad_mask)[..., None].to(z)
+            g = (z_global * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True)  # (B, 1, hidden/2)
+        return self.layer2(torch.cat([z_local, g.expand_as(z_global)], -1)).squeeze(-1)
+
+
+def foreground_labels(boxes, spatial_shapes, image_wh, ranges=FCOS_RANGES):
+    """FCOS-style foreground labels of every token (OFF GenTargets; Sec. 3.2).
+
+    A token of level l (stride s = 8 * 2^l, centre (j s + s // 2, i s + s // 2) in input pixels) is
+    foreground if, for some box, its centre is strictly inside the box and its largest distance to
+    the box's edges lies in ranges[l] = (lo, hi]. boxes: [(M_b, 4)] cxcywh in [0, 1] of the
+    unpadded image; image_wh (B, 2) its size in pixels -> (B, N) float 0 / 1.
+    """
+    labels = []
+    for b, bx in enumerate(boxes):
+        xyxy = box_cxcywh_to_xyxy(bx.float()) * image_wh[b].repeat(2).to(bx.device)  # (M, 4) in pixels
+        per_level = []
+        for lvl, (h, w) in enumerate(spatial_shapes):
+            s = 8 * 2 ** lvl
+            ys, xs = torch.meshgrid(torch.arange(h, device=bx.device) * s + s // 2,
+                                    torch.arange(w, device=bx.device) * s + s // 2, indexing="ij")
+            cx, cy = xs.reshape(-1, 1).float(), ys.reshape(-1, 1).float()  # (N_l, 1)
+            ltrb = torch.stack([cx - xyxy[:, 0], cy - xyxy[:, 1], xyxy[:, 2] - cx, xyxy[:, 3] - cy], -1)  # (N_l, M, 4)
+            lo, hi = ranges[lvl]
+            far = ltrb.max(-1).values
+            pos = (ltrb.min(-1).values > 0) & (far > lo) & (far <= hi)  # (N_l, M)
+            per_level.append(pos.any(-1))
+        labels.append(torch.cat(per_level))
+    return torch.stack(labels).float()  # (B, N)
+
+
+class ForegroundTokenSelector(nn.Module):
+    """One foreground logit per token, scored level by level from the coarsest down (Sec. 3.2):
+    S_L = MLP_F(T_L), S_l = MLP_F(T_l * (1 + alpha_l * Up(S_{l+1}))). The modulated T only feeds the
+    scorer. alpha: one learnable scalar per pair of adjacent levels (OFF: uniform(-0.3, 0.3)).
+
+    Up is bilinear with align_corners=True (OFF). OFF resizes the whole padded map; by default each
+    image's valid region is resized to its own valid region (`upsample_over_padding=True` is OFF's),
+    so an image's scores do not depend on its batch.
+    """
+
+    def __init__(self, d, num_levels, mean_over_padding=False, upsample_over_padding=False):
+        super().__init__()
+        self.scorer = ScoringNetwork(d, hidden=d, mean_over_padding=mean_over_padding)  # OFF MaskPredictor(d, d)
+        self.alpha = nn.Parameter(torch.empty(num_levels - 1).uniform_(-0.3, 0.3))
+        self.upsample_over_padding = upsample_over_padding
+
+    def upsample(self, score, mask_from, mask_to):
+        """score (B, 1, h, w) -> (B, 1, H, W) of the finer level (bilinear, align_corners=True)."""
+        if self.upsample_over_padding:
+            return F.interpolate(score, size=mask_to.shape[-2:], mode="bilinear", align_corners=True)
+        out = score.new_zeros(score.shape[0], 1, *mask_to.shape[-2:])
+        for b in range(score.shape[0]):
+            h, w = int((~mask_from[b]).any(1).sum()), int((~mask_from[b]).any(0).sum())
+            H, W = int((~mask_to[b]).any(1).sum()), int((~mask_to[b]).any(0).sum())
+            out[b, :, :H, :W] = F.interpolate(score[b:b + 1, :, :h, :w], size=(H, W), mode="bilinear",
+                                              align_corners=True)[0]
+        return out
+
+    def forward(self, feats, masks):
+        """feats (B, N, C) the tokens' proposal features; masks [(B, H_l, W_l)] -> logits (B, N)."""
+        B, N, C = feats.shape
+        sizes = [m.shape[1] * m.shape[2] for m in masks]
+        levels = list(feats.split(sizes, 1))  # [(B, N_l, C)]
+        scores = [None] * len(masks)
+        for lvl in reversed(range(len(masks))):  # coarsest first
+            t = levels[lvl]
+            if lvl < len(masks) - 1:
+                h, w = masks[lvl].shape[1:]
+                up = self.upsample(scores[lvl + 1].view(B, 1, *masks[lvl + 1].shape[1:]), masks[lvl + 1], masks[lvl])
+                t = t * (1 + self.alpha[len(masks) - 2 - lvl] * up.view(B, h * w, 1))  # T_l (1 + alpha Up(S_{l+1}))
+            scores[lvl] = self.scorer(t, masks[lvl].flatten(1))  # (B, N_l)
+        return torch.cat(scores, 1)  # (B, N)
+
+
+def cascade_token_nums(pad_mask, rho, ratios, per_image=True):
+    """How many tokens each encoder layer updates (Sec. 3.2). pad_mask (B, N) ->
+    keep (layers, B): the top keep[l, b] foreground tokens of image b are updated in layer l.
+
+    OFF: n_b = int(rho * valid_b) + 1, K0 = max_b n_b, layer l takes the top int(ratio_l * K0) of
+    every image and writes back at most n_b of them, so an image keeps more tokens when batched with
+    a larger one (per_image=False). Default: int(ratio_l * n_b) for each image, at least 1.
+    """
+    n = ((~pad_mask).sum(1).to(torch.float64) * rho).floor().long() + 1  # (B,)
+    ratios = torch.tensor(ratios, dtype=torch.float64, device=pad_mask.device)[:, None]  # (layers, 1)
+    if per_image:
+        return (ratios * n[None]).floor().long().clamp(min=1)
+    return torch.minimum((ratios * n.max()).floor().long().clamp(min=1).expand(-1, n.numel()), n[None])
+
+
+class DualAttentionEncoderLayer(nn.Module):
+    """Post-norm (OFF operation order OESM, deformable attention, norm, FFN, norm):
+    the fine-grained tokens attend to each other (OESM), then all queried foreground tokens run
+    deformable attention into `value`, then the FFN. Without OESM it is the Deformable DETR layer."""
+
+    def __init__(self, d, ffn, dropout, n_levels, n_heads, n_points, oesm=True):
+        super().__init__()
+        if oesm:
+            self.oesm_attn = nn.MultiheadAttention(d, n_heads, dropout=dropout, batch_first=True)
+            self.oesm_norm = nn.LayerNorm(d)
+        self.self_attn = MSDeformAttn(d, n_levels, n_heads, n_points)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tgt, pos, reference_points, value, spatial_shapes, pad_mask, fine_idx=None, fine_pad=None):
+        """tgt, pos (B, K, C) the layer's foreground tokens; value (B, N, C); fine_idx (B, J) rows of
+        tgt that are fine-grained, fine_pad (B, J) True where that row is filler -> (B, K, C)"""
+        if fine_idx is not None:  # OESM: self-attention among the fine-grained tokens (Sec. 3.3)
+            idx = fine_idx[..., None].expand(-1, -1, tgt.shape[-1])
+            x, p = tgt.gather(1, idx), pos.gather(1, idx)  # (B, J, C)
+            y = self.oesm_attn(x + p, x + p, x, key_padding_mask=fine_pad, need_weights=False)[0]
+            tgt = tgt.scatter(1, idx, self.oesm_norm(x + self.dropout(y)))
+        attn = self.self_attn(tgt + pos, reference_points, value, spatial_shapes, pad_mask)[0]
+        tgt = self.norm1(tgt + self.dropout(attn))
+        return self.norm2(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
+
+
+# ---------------------------------------------------------------------------------------------
+# DINO's decoder side: box sine embedding, denoising queries, decoder layer
+# ---------------------------------------------------------------------------------------------
+
+
+def box_sine_embed(boxes, num_pos_feats=128, temperature=10000):
+    """DINO's gen_sineembed_for_position: boxes (B, Q, 4) cxcywh in [0, 1] -> (B, Q, 4 F),
+    the sine / cosine features of y, x, w, h (in that order)."""
+    dim_t = torch.arange(num_pos_feats, dtype=boxes.dtype, device=boxes.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
+    pos = boxes[..., None] * (2 * math.pi) / dim_t  # (B, Q, 4, F)
+    pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)  # (B, Q, 4, F)
+    return torch.cat([pos[:, :, 1], pos[:, :, 0], pos[:, :, 2], pos[:, :, 3]], -1)
+
+
+def prepare_denoising(targets, dn_number, label_noise, box_noise, num_classes, label_enc, num_queries):
+    """DINO's contrastive denoising queries (training only).
+
+    Each image's boxes are repeated in G = max(1, dn_number // max_b M_b) groups, each a positive
+    copy (box corners moved by < half the box size times box_noise) and a negative copy (moved by
+    between 1 and 2 times that); a fraction label_noise / 2 of the labels is replaced at random.
+    Returns None when the batch has no boxes, else (label queries (B, D, C), box logits (B, D, 4),
+    attention mask (D + Q, D + Q) True = blocked, meta {"groups": G, "group_size": 2 max M_b}).
+    The matching queries cannot see the denoising ones, and no group sees another.
+    """
+    counts = [len(t["labels"]) for t in targets]
+    single = max(counts)
+    if dn_number <= 0 or single == 0:
+        return None
+    device = label_enc.weight.device
+    G = max(1, dn_number // single)
+    labels = torch.cat([t["labels"] for t in targets]).to(device).repeat(2 * G)  # (2 G M,)
+    boxes = torch.cat([t["boxes"] for t in targets]).to(device).float().repeat(2 * G, 1)  # (2 G M, 4)
+    batch = torch.cat([torch.full((c,), b, device=device) for b, c in enumerate(counts)]).repeat(2 * G)
+    # slot of each copy in its image's denoising queries: copy c of box i at c * single + i
+    slot = torch.cat([torch.arange(c, device=device) for c in counts])
+    slot = torch.cat([slot + single * c for c in range(2 * G)])
+    if label_noise > 0:
+        flip = torch.rand(labels.shape, device=device) < label_noise * 0.5
+        labels = torch.where(flip, torch.randint_like(labels, 0, num_classes), labels)
+    if box_noise > 0:
+        xyxy = box_cxcywh_to_xyxy(boxes)
+        diff = boxes[:, 2:].repeat(1, 2) / 2  # half width / height for each corner coordinate
+        negative = (torch.arange(2 * G, device=device).repeat_interleave(len(slot) // (2 * G)) % 2 == 1)[:, None]
+        magnitude = torch.rand_like(boxes) + negative.float()  # positives in [0, 1), negatives in [1, 2)
+        sign = torch.randint_like(boxes, 0, 2) * 2.0 - 1.0
+        xyxy = (xyxy + magnitude * sign * diff * box_noise).clamp(0.0, 1.0)
+        boxes = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], -1)
+    B, D = len(targets), 2 * G * single
+    query_label = torch.zeros(B, D, label_enc.embedding_dim, device=device)
+    query_box = torch.zeros(B, D, 4, device=device)  # padding slots: box logit 0 (OFF)
+    query_label[batch, slot] = label_enc(labels).to(query_label.dtype)
+    query_box[batch, slot] = inverse_sigmoid(boxes)
+    mask = torch.zeros(D + num_queries, D + num_queries, dtype=torch.bool, device=device)
+    mask[D:, :D] = True  # matching queries do not see the denoising ones
+    group = torch.arange(D, device=device) // (2 * single)
+    mask[:D, :D] = group[:, None] != group[None, :]  # nor does a group see another
+    return query_label, query_box, mask, {"groups": G, "group_size": 2 * single}
+
+
+# Adapted from sparse_detr.DeformableDecoderLayer: the self-attention takes DINO's denoising mask
+class DeformableDecoderLayer(nn.Module):
+    """Post-norm: self-attention among queries, deformable cross-attention into the memory, FFN."""
+
+    def __init__(self, d, ffn, dropout, n_levels, n_heads, n_points):
+        super().__init__()
+        self.cross_attn = MSDeformAttn(d, n_levels, n_heads, n_points)
+        self.norm1 = nn.LayerNorm(d)
+        self.self_attn = nn.MultiheadAttention(d, n_heads, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(d)
+        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.norm3 = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, pad_mask, attn_mask=None):
+        q = k = tgt + query_pos
+        tgt = self.norm2(tgt + self.dropout(self.self_attn(q, k, tgt, attn_mask=attn_mask, need_weights=False)[0]))
+        ca, locs, weights = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, pad_mask)
+        tgt = self.norm1(tgt + self.dropout(ca))
+        tgt = self.norm3(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
+        return tgt, locs, weights
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+# Copied from sparse_detr.MaskedGroupNorm
+class MaskedGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics skip padded positions, so an image's features do not depend on
+    how much its batch pads it (OFF's plain GroupNorm counts the padding: `masked_groupnorm=False`)."""
+
+    def forward(self, x, mask=None):
+        """x (B, C, H, W); mask (B, H, W) True = padding, or None for plain GroupNorm."""
+        if mask is None:
+            return super().forward(x)
+        B, C, H, W = x.shape
+        xg = x.view(B, self.num_groups, C // self.num_groups, H, W)
+        valid = (~mask)[:, None, None].to(x)  # (B, 1, 1, H, W)
+        n = valid.sum((2, 3, 4), keepdim=True) * (C // self.num_groups)
+        mean = (xg * valid).sum((2, 3, 4), keepdim=True) / n
+        var = ((xg - mean) ** 2 * valid).sum((2, 3, 4), keepdim=True) / n
+        y = ((xg - mean) / torch.sqrt(var + self.eps)).view(B, C, H, W)
+        return y * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+# Copied from smca.halve_mask
+def halve_mask(mask):
+    """Padding mask of a stride-2 3x3 conv's output: (B, H, W) -> (B, ceil(H/2), ceil(W/2)).
+
+    An image with h x w valid cells has ceil(h/2) x ceil(w/2) valid outputs (padding is at the
+    bottom / right), exactly what the same conv gives on the image alone.
+    """
+    B, H, W = mask.shape
+    valid_h, valid_w = (~mask).any(2).sum(1), (~mask).any(1).sum(1)  # (B,)
+    rows = torch.arange((H + 1) // 2, device=mask.device)[None, :, None] >= ((valid_h + 1) // 2)[:, None, None]
+    cols = torch.arange((W + 1) // 2, device=mask.device)[None, None, :] >= ((valid_w + 1) // 2)[:, None, None]
+    return rows | cols  # (B, ceil(H/2), ceil(W/2))
+
+
+class FocusDETR(nn.Module):
+    """ResNet -> 4 levels -> foreground token selector -> cascade encoder of dual-attention layers
+    (only each layer's foreground tokens are updated) -> DINO two-stage queries and decoder."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d, L = cfg.hidden_dim, cfg.num_feature_levels
+        self.cfg = cfg
+        self.backbone = Backbone(cfg.backbone_depth, cfg.backbone_norm)
+        in_ch = self.backbone.num_channels  # C3, C4, C5
+        n_bb = min(L, len(in_ch))
+        projs = [nn.Sequential(nn.Conv2d(c, d, 1), MaskedGroupNorm(32, d)) for c in in_ch[len(in_ch) - n_bb:]]
+        for lvl in range(n_bb, L):  # extra levels: 3x3 stride-2 convs, the first on raw C5
+            projs.append(nn.Sequential(nn.Conv2d(in_ch[-1] if lvl == n_bb else d, d, 3, 2, 1), MaskedGroupNorm(32, d)))
+        self.input_proj = nn.ModuleList(projs)
+        self.level_embed = nn.Parameter(torch.empty(L, d))
+        focus = cfg.foreground_selection
+        self.selector = (ForegroundTokenSelector(d, L, cfg.scorer_mean_over_padding, cfg.upsample_over_padding)
+                         if focus else None)
+        self.encoder = nn.ModuleList(
+            DualAttentionEncoderLayer(d, cfg.dim_feedforward, cfg.dropout, L, cfg.nheads, cfg.enc_n_points, oesm=focus)
+            for _ in range(cfg.enc_layers))
+        self.decoder = nn.ModuleList(
+            DeformableDecoderLayer(d, cfg.dim_feedforward, cfg.dropout, L, cfg.nheads, cfg.dec_n_points)
+            for _ in range(cfg.dec_layers))
+        self.decoder_norm = nn.LayerNorm(d)  # DINO: applied to every decoder layer's output before the heads
+        self.ref_point_head = MLP(2 * d, d, d, 2)  # DINO: query position = MLP(sine(reference box))
+        self.enc_output, self.enc_output_norm = nn.Linear(d, d), nn.LayerNorm(d)  # two-stage and scorer input
+        self.tgt_embed = nn.Embedding(cfg.num_queries, d) if cfg.learnt_init_query else None  # mixed query selection
+        self.label_enc = nn.Embedding(cfg.num_classes, d)  # denoising label queries (OFF builds it always)
+        # heads: decoder layers 0..5 and the two-stage head (index dec_layers), which is also the MCSP
+        self.class_embed = nn.ModuleList(nn.Linear(d, cfg.num_classes) for _ in range(cfg.dec_layers + 1))
+        self.bbox_embed = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(cfg.dec_layers + 1))
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        # OFF FOCUS_DETRTransformer.init_weights: xavier on every matrix of the transformer (tgt_embed
+        # included), then the deformable inits, level embeddings normal; alpha keeps its uniform init
+        transformer = [self.encoder, self.decoder, self.decoder_norm, self.ref_point_head, self.enc_output,
+                       self.enc_output_norm] + [m for m in (self.selector, self.tgt_embed) if m is not None]
+        for module in transformer:
+            for p in module.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+        for m in self.modules():
+            if isinstance(m, MSDeformAttn):
+                m._reset_parameters()
+        nn.init.normal_(self.level_embed)
+        for proj in self.input_proj:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
+        for cls, box in zip(self.class_embed, self.bbox_embed):
+            nn.init.constant_(cls.bias, -math.log((1 - 0.01) / 0.01))  # focal prior 0.01
+            nn.init.zeros_(box.layers[-1].weight)  # boxes start at their reference
+            nn.init.zeros_(box.layers[-1].bias)
+
+    # -- geometry (as sparse_detr.py) ------------------------------------------------------------
+
+    # Copied from sparse_detr.SparseDETR.valid_ratios
+    @staticmethod
+    def valid_ratios(masks):
+        """[(B, H_l, W_l)] -> (B, L, 2): the unpadded fraction (w, h) of each level's map."""
+        return torch.stack([torch.stack([(~m[:, 0, :]).sum(1) / m.shape[2], (~m[:, :, 0]).sum(1) / m.shape[1]], -1)
+                            for m in masks], 1).float()
+
+    # Copied from sparse_detr.SparseDETR.encoder_reference_points
+    @staticmethod
+    def encoder_reference_points(spatial_shapes, valid_ratios):
+        """Each token's centre, normalised by its level's unpadded size, seen from every level:
+        (B, N, L, 2) in [0, 1] of each level's padded map."""
+        refs = []
+        for lvl, (h, w) in enumerate(spatial_shapes):
+            ys, xs = torch.meshgrid(torch.arange(h, device=valid_ratios.device) + 0.5,
+                                    torch.arange(w, device=valid_ratios.device) + 0.5, indexing="ij")
+            x = xs.reshape(1, -1) / (valid_ratios[:, None, lvl, 0] * w)  # (B, H_l*W_l)
+            y = ys.reshape(1, -1) / (valid_ratios[:, None, lvl, 1] * h)
+            refs.append(torch.stack([x, y], -1))
+        return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]  # (B, N, L, 2)
+
+    # Copied from sparse_detr.SparseDETR.token_proposals
+    @staticmethod
+    def token_proposals(masks):
+        """One box per token: its cell centre, side 0.05 * 2^l of the unpadded image (two-stage).
+
+        masks [(B, H_l, W_l)] -> proposals (B, N, 4) as logits, and valid (B, N): False at padded
+        tokens and at tokens whose box leaves (0.01, 0.99), whose proposals are inf.
+        """
+        props = []
+        for lvl, m in enumerate(masks):
+            valid_wh = torch.stack([(~m[:, 0, :]).sum(1), (~m[:, :, 0]).sum(1)], -1).float()  # (B, 2)
+            ys, xs = torch.meshgrid(torch.arange(m.shape[1], device=m.device), torch.arange(m.shape[2], device=m.device),
+                                    indexing="ij")
+            grid = (torch.stack([xs, ys], -1).view(1, -1, 2) + 0.5) / valid_wh[:, None]  # (B, H_l*W_l, 2)
+            props.append(torch.cat([grid, torch.full_like(grid, 0.05 * 2.0 ** lvl)], -1))
+        props = torch.cat(props, 1)  # (B, N, 4)
+        pad = torch.cat([m.flatten(1) for m in masks], 1)
+        valid = ((props > 0.01) & (props < 0.99)).all(-1) & ~pad  # (B, N)
+        return torch.log(props / (1 - props)).masked_fill(~valid[..., None], float("inf")), valid
+
+    # Copied from sparse_detr.SparseDETR.proposal_features
+    def proposal_features(self, memory, valid):
+        """enc_output + LN of the tokens (invalid ones zeroed first): what the two-stage head and the
+        scorer read. memory (B, N, C), valid (B, N) -> (B, N, C)"""
+        return self.enc_output_norm(self.enc_output(memory.masked_fill(~valid[..., None], 0.0)))
+
+    # Copied from sparse_detr.SparseDETR.input_tokens
+    def input_tokens(self, feats):
+        """The backbone maps -> the encoder's flattened tokens: 1x1 conv + GroupNorm per backbone level,
+        3x3 stride-2 convs for the extra levels, sine positions + a learned embedding per level.
+        -> src (B, N, C), pos (B, N, C), pad_mask (B, N), masks [(B, H_l, W_l)]; finest level first."""
+        cfg = self.cfg
+        n_bb = min(cfg.num_feature_levels, len(feats))  # levels taken from the backbone (its last n_bb maps)
+        maps, masks = [], []
+        for lvl, proj in enumerate(self.input_proj):
+            if lvl < n_bb:
+                x, m = feats[len(feats) - n_bb + lvl]
+            else:  # extra level: stride-2 conv on raw C5, then on the previous level
+                x, m = (feats[-1][0] if lvl == n_bb else maps[-1]), halve_mask(masks[-1])
+            x = proj[0](x)
+            maps.append(proj[1](x, m if cfg.masked_groupnorm else None))  # (B, C, H_l, W_l)
+            masks.append(m)
+        src = torch.cat([x.flatten(2).transpose(1, 2) for x in maps], 1)  # (B, N, C)
+        pad = torch.cat([m.flatten(1) for m in masks], 1)  # (B, N)
+        pos = [sine_position_embedding(m, cfg.hidden_dim // 2, offset=-0.5) for m in masks]  # DDETR: -0.5 offset
+        pos = torch.cat([(p.to(src).flatten(2).transpose(1, 2) + self.level_embed[lvl]) for lvl, p in enumerate(pos)],
+                        1)  # (B, N, C)
+        return src, pos, pad, masks
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def forward(self, images, pad_mask, targets=None):
+        """images (B, 3, H, W), pad_mask (B, H, W) True = padding; targets (training, for the
+        denoising queries; ignored in eval) -> dict (see forward_features)."""
+        return self.forward_features(self.backbone(images, pad_mask), valid_image_sizes(pad_mask), targets)
+
+    def forward_features(self, feats, image_wh=None, targets=None):
+        """Everything after the backbone. feats: the backbone's [(C3, m3), (C4, m4), (C5, m5)];
+        image_wh (B, 2) the unpadded sizes in pixels (for the foreground labels).
+
+        Returns pred_logits (B, Q, K), pred_boxes (B, Q, 4) cxcywh in [0, 1] of the unpadded image,
+        aux_outputs (decoder layers 0..4), enc_outputs (the two-stage head on the Q selected tokens),
+        spatial_shapes, token_pad_mask (B, N), image_wh; with foreground selection fg_logits (B, N)
+        and token_nums (layers, B); in training with targets and dn_number > 0, dn_outputs (the
+        denoising queries' predictions per decoder layer) and dn_meta.
+        """
+        memory, out = self.encode(feats)
+        if image_wh is None:  # the finest level's valid cells x its stride
+            image_wh = self.valid_ratios([out["masks"][0]])[:, 0] * torch.tensor(
+                [out["masks"][0].shape[2], out["masks"][0].shape[1]], device=memory.device) * 8
+        out["image_wh"] = image_wh
+        return self.decode(memory, out, targets if self.training else None)
+
+    def encode(self, feats):
+        """Foreground scoring (Sec. 3.2) and the cascade encoder (Sec. 3.3) -> memory (B, N, C), dict."""
+        cfg = self.cfg
+        src, pos, pad, masks = self.input_tokens(feats)  # (B, N, C), (B, N, C), (B, N), [(B, H_l, W_l)]
+        spatial_shapes = [tuple(m.shape[-2:]) for m in masks]
+        valid_ratios = self.valid_ratios(masks)  # (B, L, 2)
+        ref = self.encoder_reference_points(spatial_shapes, valid_ratios)  # (B, N, L, 2)
+        proposals, valid = self.token_proposals(masks)  # (B, N, 4), (B, N)
+        out = {"spatial_shapes": spatial_shapes, "token_pad_mask": pad, "masks": masks,
+               "valid_ratios": valid_ratios, "proposals": proposals, "proposal_valid": valid}
+        if not cfg.foreground_selection:  # the dense DINO encoder
+            memory = src
+            for layer in self.encoder:
+                memory = layer(memory, pos, ref, memory, spatial_shapes, pad)
+            return memory, out
+
+        # --- Sec. 3.2: foreground scores (once) and the nested per-layer token sets ---
+        fg = self.selector(self.proposal_features(src + pos, valid), masks)  # (B, N) logits
+        keep = cascade_token_nums(pad, cfg.focus_rho, cfg.cascade_ratios, cfg.cascade_counts == "per_image")
+        order = fg.detach().masked_fill(pad, float("-inf")).topk(int(keep.max()), dim=1).indices  # (B, K0)
+        out.update(fg_logits=fg, token_nums=keep)
+
+        # --- Sec. 3.3: each layer updates its top keep[l] tokens with dual attention ---
+        (B, N, C), mcsp = src.shape, self.class_embed[cfg.dec_layers]
+        memory = src
+        for lid, layer in enumerate(self.encoder):
+            inds = order[:, :int(keep[lid].max())]  # (B, K) nested prefixes of one ranking
+            K = inds.shape[1]
+            rows = torch.arange(K, device=src.device)[None] < keep[lid][:, None]  # (B, K) False: batch filler
+            idx_c = inds[..., None].expand(-1, -1, C)
+            tgt, pos_s = memory.gather(1, idx_c), pos.gather(1, idx_c)  # (B, K, C)
+            ref_s = ref.gather(1, inds[..., None, None].expand(-1, -1, *ref.shape[2:]))  # (B, K, L, 2)
+            fg_s = fg.detach().gather(1, inds)  # (B, K)
+            # MCSP: foreground logit x the two-stage head's best class logit (raw logits, as OFF)
+            cls = mcsp(tgt).max(-1).values.detach()  # (B, K)
+            fine = cls * fg_s if cfg.mcsp_score == "logit_product" else cls.sigmoid() * fg_s.sigmoid()
+            n_fine = min(cfg.num_fine_tokens, K)
+            if cfg.cascade_counts == "per_image":
+                fine = fine.masked_fill(~rows, float("-inf"))  # filler rows are never fine-grained
+                fine_pad = torch.arange(n_fine, device=src.device)[None] >= keep[lid].clamp(max=n_fine)[:, None]
+            else:  # OFF: every row is a candidate, no key mask
+                fine_pad = None
+            fine_idx = fine.topk(n_fine, dim=1).indices  # (B, J)
+            value = src if cfg.encoder_values == "backbone" else memory  # OFF: the pre-encoder tokens
+            tgt = layer(tgt, pos_s, ref_s, value, spatial_shapes, pad, fine_idx, fine_pad)
+            keep_b, keep_k = rows.nonzero(as_tuple=True)  # write back each image's first keep[l, b] rows
+            write = keep_b * N + inds[keep_b, keep_k]
+            memory = memory.reshape(B * N, C).index_copy(0, write, tgt[keep_b, keep_k]).view(B, N, C)
+        return memory, out
+
+    def decode(self, memory, out, targets=None):
+        """DINO two-stage query selection, denoising queries, and the decoder with box refinement."""
+        cfg = self.cfg
+        spatial_shapes, pad, valid_ratios = out["spatial_shapes"], out["token_pad_mask"], out.pop("valid_ratios")
+        proposals, valid = out.pop("proposals"), out.pop("proposal_valid")
+        out.pop("masks")
+        B, N, C = memory.shape
+        if cfg.num_queries > N:
+            raise ValueError(f"num_queries {cfg.num_queries} exceeds the {N} encoder tokens of this batch: lower "
+                             f"num_queries or use larger images")
+
+        # --- two-stage: the best-scoring tokens give the reference boxes (DINO mixed query selection) ---
+        enc_feats = self.proposal_features(memory, valid)  # (B, N, C)
+        head = cfg.dec_layers
+        enc_logits = self.class_embed[head](enc_feats)  # (B, N, K)
+        enc_coord = self.bbox_embed[head](enc_feats) + proposals  # (B, N, 4) logits
+        topk = enc_logits.max(-1).values.masked_fill(pad, float("-inf")).topk(cfg.num_queries, dim=1).indices  # (B, Q)
+        ref_logit = enc_coord.gather(1, topk[..., None].expand(-1, -1, 4))  # (B, Q, 4)
+        selected = enc_feats.gather(1, topk[..., None].expand(-1, -1, C))  # (B, Q, C)
+        out["enc_outputs"] = {"pred_logits": self.class_embed[head](selected), "pred_boxes": ref_logit.sigmoid()}
+        reference = ref_logit.detach().sigmoid()  # (B, Q, 4)
+        tgt = self.tgt_embed.weight[None].expand(B, -1, -1) if self.tgt_embed is not None else selected.detach()
+        attn_mask, n_dn = None, 0
+        dn = (prepare_denoising(targets, cfg.dn_number, cfg.dn_label_noise, cfg.dn_box_noise, cfg.num_classes,
+                                self.label_enc, cfg.num_queries) if targets is not None else None)
+        if dn is not None:  # denoising queries go first
+            dn_label, dn_box, attn_mask, out["dn_meta"] = dn
+            n_dn = dn_label.shape[1]
+            tgt = torch.cat([dn_label.to(tgt), tgt], 1)
+            reference = torch.cat([dn_box.sigmoid().to(reference), reference], 1)
+        else:  # keep label_enc in the graph (OFF adds label_enc.weight[0, 0] * 0), so DDP sees every parameter
+            tgt = tgt + self.label_enc.weight[0, 0] * 0.0
+
+        # --- decoder with iterative box refinement (look forward twice) ---
+        init_reference, states, references = reference, [], []
+        for lid, layer in enumerate(self.decoder):
+            ref_in = reference[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, Q, L, 4)
+            # DINO embeds the reference in padded-map coordinates (ref_in), which moves with the batch;
+            # by default we embed it in the image's own coordinates
+            pos_box = ref_in[:, :, 0] if cfg.query_pos_over_padding else reference  # (B, Q, 4)
+            query_pos = self.ref_point_head(box_sine_embed(pos_box, C // 2))  # (B, Q, C)
+            tgt = layer(tgt, query_pos, ref_in, memory, spatial_shapes, pad, attn_mask)[0]
+            new_reference = (self.bbox_embed[lid](tgt) + inverse_sigmoid(reference)).sigmoid()
+            reference = new_reference.detach()
+            states.append(self.decoder_norm(tgt))
+            references.append(new_reference if cfg.look_forward_twice else reference)
+        logits, boxes = [], []
+        for lid, state in enumerate(states):  # DINO's heads read the normed states
+            prev = init_reference if lid == 0 else references[lid - 1]
+            logits.append(self.class_embed[lid](state))
+            boxes.append((self.bbox_embed[lid](state) + inverse_sigmoid(prev)).sigmoid())
+        sets = [{"pred_logits": a[:, n_dn:], "pred_boxes": b[:, n_dn:]} for a, b in zip(logits, boxes)]
+        out.update(sets[-1])
+        if cfg.aux_loss:
+            out["aux_outputs"] = sets[:-1]
+        if n_dn:
+            out["dn_outputs"] = [{"pred_logits": a[:, :n_dn], "pred_boxes": b[:, :n_dn]} for a, b in zip(logits, boxes)]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss: DINO's set losses (with denoising) plus the foreground selector's focal loss (Sec. 3.2)
+# ---------------------------------------------------------------------------------------------
+
+
+class FocusDETRCriterion(SetCriterion):
+    """SetCriterion (decoder layers, the two-stage head on its Q selections with the real labels)
+    plus:
+    loss_select: sigmoid focal loss (0.25, 2) of the foreground logits of all tokens against the
+    FCOS labels, summed per image over its tokens, divided by its positive tokens (at least 1),
+    averaged over the batch (OFF compute_cls_loss); weight 1.5.
+    loss_*_dn (and _dn_0..): the denoising queries' set losses, each copy matched to its own box by
+    construction, normalised by num_boxes x groups (OFF DN criterion).
+    """
+
+    def __init__(self, cfg):
+        matcher = HungarianMatcher(cfg.match_ce, cfg.match_bbox, cfg.match_giou, cfg.focal_alpha)
+        super().__init__(cfg.num_classes, matcher=matcher, weight_ce=cfg.loss_ce, weight_bbox=cfg.loss_bbox,
+                         weight_giou=cfg.loss_giou, focal_alpha=cfg.focal_alpha,
+                         num_aux=cfg.dec_layers - 1 if cfg.aux_loss else 0, encoder_labels="class")
+        self.ranges = OVERLAP_RANGES if cfg.fg_ranges == "overlap" else FCOS_RANGES
+        base = {"loss_ce": cfg.loss_ce, "loss_bbox": cfg.loss_bbox, "loss_giou": cfg.loss_giou}
+        if cfg.foreground_selection:
+            self.weight_dict["loss_select"] = cfg.loss_select
+        if cfg.dn_number > 0:
+            self.weight_dict.update({f"{k}_dn": v for k, v in base.items()})
+            for i in range(cfg.dec_layers - 1 if cfg.aux_loss else 0):
+                self.weight_dict.update({f"{k}_dn_{i}": v for k, v in base.items()})
+
+    def forward(self, outputs, targets):
+        losses = super().forward(outputs, targets)
+        if "fg_logits" in outputs:
+            fg = outputs["fg_logits"].float()
+            labels = foreground_labels([t["boxes"] for t in targets], outputs["spatial_shapes"],
+                                       outputs["image_wh"], self.ranges).to(fg.device)  # (B, N)
+            per_image = sigmoid_focal_loss(fg, labels, self.focal_alpha, self.focal_gamma).sum(1)
+            losses["loss_select"] = (per_image / labels.sum(1).clamp(min=1)).mean()
+        if "dn_outputs" in outputs:
+            meta = outputs["dn_meta"]
+            num_boxes = self.num_boxes(targets, outputs["pred_logits"].device) * meta["groups"]
+            indices = []
+            for t in targets:  # copy g of box i sits at g * group_size + i
+                i = torch.arange(len(t["labels"]))
+                g = torch.arange(meta["groups"])[:, None] * meta["group_size"]
+                indices.append(((g + i).flatten(), i.repeat(meta["groups"])))
+            *aux, last = outputs["dn_outputs"]
+            losses.update({f"{k}_dn": v for k, v in self.set_loss(last, targets, num_boxes, indices).items()})
+            for j, a in enumerate(aux if "aux_outputs" in outputs else []):
+                losses.update({f"{k}_dn_{j}": v for k, v in self.set_loss(a, targets, num_boxes, indices).items()})
+        elif any(k.endswith("_dn") for k in self.weight_dict):  # no boxes in the batch: zero DN terms (OFF)
+            zero = outputs["pred_logits"].sum() * 0.0
+            losses.update({k: zero for k in self.weight_dict if "_dn" in k})
+        return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and build
+# ---------------------------------------------------------------------------------------------
+
+MCSP_SCORES = ("logit_product", "prob_product")
+CASCADE_COUNTS = ("per_image", "batch_max")
+ENCODER_VALUES = ("backbone", "memory")
+FG_RANGES = ("fcos", "overlap")
+
+
+@dataclass
+class Config:
+    backbone_depth: int = 50  # ResNet-50 (OFF focus_detr_r50)
+    backbone_norm: str = "frozen_bn"  # FrozenBatchNorm2d, stem + layer1 frozen (OFF: stem only)
+    num_classes: int = 91  # largest COCO category id + 1 (train.py sets it from the data; OFF: 80 contiguous)
+    hidden_dim: int = 256
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    dim_feedforward: int = 2048  # DINO / OFF
+    dropout: float = 0.0  # DINO / OFF
+    num_feature_levels: int = 4
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    num_queries: int = 900  # DINO two-stage proposals
+    # Focus-DETR (Sec. 3); foreground_selection=False is the dense DINO base (every token, no OESM)
+    foreground_selection: bool = True
+    focus_rho: float = 0.5  # OFF focus_rho: layer 1 updates int(0.5 * valid) + 1 tokens
+    cascade_ratios: tuple = (1.0, 0.8, 0.6, 0.6, 0.4, 0.2)  # OFF cascade_set, one per encoder layer
+    cascade_counts: str = "per_image"  # "batch_max": OFF's counts from the largest image of the batch
+    num_fine_tokens: int = 300  # OFF topk_sa: fine-grained tokens in the OESM self-attention
+    mcsp_score: str = "logit_product"  # OFF: raw fg logit x max class logit; "prob_product": sigmoids
+    encoder_values: str = "backbone"  # OFF: deformable values are the pre-encoder tokens; "memory": updated
+    fg_ranges: str = "fcos"  # OFF FCOS ranges; "overlap": the paper's 50%-overlapping reading
+    scorer_mean_over_padding: bool = False  # True: OFF's per-level mean over padded tokens too
+    upsample_over_padding: bool = False  # True: OFF's top-down upsampling of the whole padded map
+    masked_groupnorm: bool = True  # False: OFF's GroupNorm, whose statistics include the padding
+    query_pos_over_padding: bool = False  # True: DINO's query sine embedding of the padded-map box
+    # DINO (each can be turned off to compare on a plain two-stage deformable base)
+    learnt_init_query: bool = True  # mixed query selection: learned content, positions from the top-k boxes
+    look_forward_twice: bool = True
+    dn_number: int = 100  # contrastive denoising queries (0: off)
+    dn_label_noise: float = 0.5  # OFF (DINO's own config: 0.4)
+    dn_box_noise: float = 1.0
+    aux_loss: bool = True
+    loss_ce: float = 1.0  # OFF / detrex DINO loss weights
+    loss_bbox: float = 5.0
+    loss_giou: float = 2.0
+    loss_select: float = 1.5  # OFF select_loss
+    match_ce: float = 2.0  # matcher costs
+    match_bbox: float = 5.0
+    match_giou: float = 2.0
+    focal_alpha: float = 0.25
+    num_select: int = 300  # post-process top-k over queries x classes (OFF)
+
+    def validate(self):
+        for name, allowed in (("mcsp_score", MCSP_SCORES), ("cascade_counts", CASCADE_COUNTS),
+                              ("encoder_values", ENCODER_VALUES), ("fg_ranges", FG_RANGES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not 0 < self.focus_rho <= 1:
+            raise ValueError(f"focus_rho must be in (0, 1], got {self.focus_rho}")
+        if len(self.cascade_ratios) != self.enc_layers or not all(0 < r <= 1 for r in self.cascade_ratios):
+            raise ValueError(f"cascade_ratios needs one ratio in (0, 1] per encoder layer ({self.enc_layers}), "
+                             f"got {self.cascade_ratios}")
+        if self.num_feature_levels != 4 and self.foreground_selection:
+            raise ValueError("the foreground labels are defined for 4 levels (strides 8..64): num_feature_levels=4")
+        if self.hidden_dim % self.nheads or self.hidden_dim % 32:
+            raise ValueError(f"hidden_dim {self.hidden_dim} must be divisible by nheads {self.nheads} and by 32 "
+                             f"(GroupNorm groups)")
+        for name in ("num_classes", "enc_layers", "dec_layers", "num_queries", "num_select", "dim_feedforward",
+                     "enc_n_points", "dec_n_points", "num_fine_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.dn_number < 0:
+            raise ValueError(f"dn_number must be >= 0, got {self.dn_number}")
+
+
+def shapes_config():
+    """CPU-sized Focus-DETR for the built-in shapes set (what `python train.py --model focus_detr` trains)."""
+    return Config(backbone_depth=18, backbone_norm="bn", hidden_dim=128, nheads=8, enc_layers=6, dec_layers=3,
+                  dim_feedforward=512, num_queries=50, num_select=100, num_fine_tokens=100, dn_number=20)
+
+
+# train.py's defaults on --data shapes (a ResNet-18 from scratch)
+SHAPES_RECIPE = {"epochs": 3, "lr_drop": 2, "batch_size": 8, "lr": 4e-4, "lr_backbone": 2e-4, "eval_every": 1}
+# OFF: AdamW lr 1e-4, backbone 1e-5, clip 0.1 (train.py's shared recipe); no lr multipliers
+# the model's forward takes the targets in training (denoising queries)
+FORWARD_TAKES_TARGETS = True
+
+
+def build(cfg):
+    """-> (model, criterion, postprocess)"""
+    cfg.validate()
+    return FocusDETR(cfg), FocusDETRCriterion(cfg), PostProcess(cfg.num_select)
+
+
+if __name__ == "__main__":
+    for kw in ({}, {"foreground_selection": False}):
+        model, _, _ = build(Config(**kw))
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"Focus-DETR R50 {kw or '(default)'}: {n:,} trainable parameters")
+    model, _, _ = build(Config())
+    model.eval()
+    images, pad_mask = torch.randn(2, 3, 320, 480), torch.zeros(2, 320, 480, dtype=torch.bool)
+    pad_mask[1, 200:, :] = True
+    with torch.no_grad():
+        out = model(images, pad_mask)
+    print({k: tuple(v.shape) for k, v in out.items() if torch.is_tensor(v)})
