@@ -172,10 +172,25 @@ class Backbone(nn.Module):
         return out
 
 
+def _numpy_array_globals():
+    """What unpickling a numpy array needs (numpy 1 and 2 name its module differently)."""
+    import numpy as np
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+_NUMPY_ARRAY_GLOBALS = _numpy_array_globals()
+
+
 def load_backbone_weights(backbone, source):
     """Load a torchvision-format ResNet state dict into `backbone.body`.
 
-    source: a file path, or "imagenet" to download torchvision's weights (needs internet).
+    source: a file path, or "imagenet" to download torchvision's weights (needs internet). The file
+    may also be a train.py checkpoint of any model of this library with the same ResNet: its
+    backbone.body.* tensors are taken (e.g. a backbone trained on the shapes set).
     Raises ValueError naming the file and the missing / unexpected / mis-shaped keys.
     """
     if source == "imagenet":
@@ -183,17 +198,20 @@ def load_backbone_weights(backbone, source):
     else:
         if not os.path.isfile(source):
             raise ValueError(f"backbone weights: no such file {source!r}")
-        try:
-            state = torch.load(source, map_location="cpu", weights_only=True)
+        try:  # weights only; our own checkpoints also hold numpy RNG states (arrays), allowed here
+            with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
+                state = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"backbone weights: {source!r} is not a readable torch state dict ({e})") from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):
         raise ValueError(f"backbone weights: {source!r} holds a {type(state).__name__}, not a state dict")
+    if any(k.startswith("backbone.body.") for k in state):  # a checkpoint of one of our models
+        state = {k[len("backbone.body."):]: v for k, v in state.items() if k.startswith("backbone.body.")}
     state = {k: v for k, v in state.items()
              if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
-    own = backbone.body.state_dict()
+    own = {k: v for k, v in backbone.body.state_dict().items() if not k.endswith("num_batches_tracked")}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     misshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
@@ -202,7 +220,7 @@ def load_backbone_weights(backbone, source):
             f"backbone weights {source!r} do not fit ResNet-{backbone.depth}: "
             f"{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, "
             f"{len(misshaped)} with another shape {misshaped[:5]}")
-    backbone.body.load_state_dict(state)
+    backbone.body.load_state_dict(state, strict=False)  # everything but BatchNorm's step counters, checked above
 
 
 # ---------------------------------------------------------------------------------------------

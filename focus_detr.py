@@ -614,7 +614,8 @@ class FocusDETR(nn.Module):
         topk = enc_logits.max(-1).values.masked_fill(pad, float("-inf")).topk(cfg.num_queries, dim=1).indices  # (B, Q)
         ref_logit = enc_coord.gather(1, topk[..., None].expand(-1, -1, 4))  # (B, Q, 4)
         selected = enc_feats.gather(1, topk[..., None].expand(-1, -1, C))  # (B, Q, C)
-        out["enc_outputs"] = {"pred_logits": self.class_embed[head](selected), "pred_boxes": ref_logit.sigmoid()}
+        out["enc_outputs"] = {"pred_logits": enc_logits.gather(1, topk[..., None].expand(-1, -1, enc_logits.shape[-1])),
+                              "pred_boxes": ref_logit.sigmoid()}  # DINO: the loss sees the Q selected tokens
         reference = ref_logit.detach().sigmoid()  # (B, Q, 4)
         tgt = self.tgt_embed.weight[None].expand(B, -1, -1) if self.tgt_embed is not None else selected.detach()
         attn_mask, n_dn = None, 0
@@ -686,6 +687,9 @@ class FocusDETRCriterion(SetCriterion):
 
     def forward(self, outputs, targets):
         losses = super().forward(outputs, targets)
+        use_dn = any(k.endswith("_dn") for k in self.weight_dict)
+        # every rank takes part in the all-reduce, whether or not its batch had boxes for denoising
+        num_boxes = self.num_boxes(targets, outputs["pred_logits"].device) if use_dn else None
         if "fg_logits" in outputs:
             fg = outputs["fg_logits"].float()
             labels = foreground_labels([t["boxes"] for t in targets], outputs["spatial_shapes"],
@@ -694,7 +698,7 @@ class FocusDETRCriterion(SetCriterion):
             losses["loss_select"] = (per_image / labels.sum(1).clamp(min=1)).mean()
         if "dn_outputs" in outputs:
             meta = outputs["dn_meta"]
-            num_boxes = self.num_boxes(targets, outputs["pred_logits"].device) * meta["groups"]
+            num_boxes = num_boxes * meta["groups"]
             indices = []
             for t in targets:  # copy g of box i sits at g * group_size + i
                 i = torch.arange(len(t["labels"]))
@@ -704,7 +708,7 @@ class FocusDETRCriterion(SetCriterion):
             losses.update({f"{k}_dn": v for k, v in self.set_loss(last, targets, num_boxes, indices).items()})
             for j, a in enumerate(aux if "aux_outputs" in outputs else []):
                 losses.update({f"{k}_dn_{j}": v for k, v in self.set_loss(a, targets, num_boxes, indices).items()})
-        elif any(k.endswith("_dn") for k in self.weight_dict):  # no boxes in the batch: zero DN terms (OFF)
+        elif use_dn:  # no boxes in the batch (or eval): zero DN terms (OFF)
             zero = outputs["pred_logits"].sum() * 0.0
             losses.update({k: zero for k in self.weight_dict if "_dn" in k})
         return losses

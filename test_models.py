@@ -221,6 +221,14 @@ def test_backbone_loads_torchvision_weights_and_rejects_bad_files(tmp_path):
         common.load_backbone_weights(bb, str(tmp_path / "corrupt.pth"))
     with pytest.raises(ValueError, match="no such file"):
         common.load_backbone_weights(bb, str(tmp_path / "absent.pth"))
+    # a BatchNorm backbone (the shapes configs) from one of our own checkpoints: backbone.body.* taken
+    trained = common.Backbone(18, "bn")
+    torch.nn.init.normal_(trained.body.layer2[0].conv1.weight)
+    torch.save({"model": {**{f"backbone.body.{k}": v for k, v in trained.body.state_dict().items()},
+                          "class_embed.weight": torch.zeros(3)}, "epoch": 1}, tmp_path / "checkpoint.pth")
+    fresh = common.Backbone(18, "bn")
+    common.load_backbone_weights(fresh, str(tmp_path / "checkpoint.pth"))
+    assert torch.equal(fresh.body.layer2[0].conv1.weight, trained.body.layer2[0].conv1.weight)
 
 
 def test_backbone_freezes_stem_and_layer1():
@@ -669,6 +677,16 @@ def tiny_sparse(**kw):
     return sparse_detr.Config(**base)
 
 
+def _assert_only_box_hidden_layers_without_gradient(model):
+    """After one backward, every trainable parameter has a finite non-zero gradient except the box
+    MLPs' hidden layers: their last layer starts at zero (boxes start at their reference), so on
+    the first step nothing flows back through it (as in the official code)."""
+    dead = {n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().max() > 0)}
+    hidden = {f"bbox_embed.{i}.layers.{j}.{w}" for i in range(len(model.bbox_embed)) for j in (0, 1)
+              for w in ("weight", "bias")}
+    assert dead == hidden, dead ^ hidden
+
+
 def test_sparse_detr_parameter_counts_match_official():
     """Counted from the official code built on CPU (fact sheet): rho 0.1, the "+" baseline, plain two-stage."""
     for kw, want in [({}, 41_714_805), ({"sparse_encoder": False, "use_enc_aux_loss": False}, 40_827_289),
@@ -797,12 +815,7 @@ def test_sparse_detr_gradients_and_scorer_learns_only_from_dam():
     assert all(p.grad is not None and p.grad.abs().max() > 0 for p in model.scoring.parameters())
     model.zero_grad()
     (set_loss + losses["loss_dam"]).backward()
-    dead = {n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().max() > 0)}
-    # Every box MLP's last layer starts at zero (boxes start at their reference / proposal), so on
-    # the first step its hidden layers get no gradient (as in OFF); everything else does.
-    hidden = {f"bbox_embed.{i}.layers.{j}.{w}" for i in range(len(model.bbox_embed)) for j in (0, 1)
-              for w in ("weight", "bias")}
-    assert dead == hidden, dead ^ hidden
+    _assert_only_box_hidden_layers_without_gradient(model)
 
 
 @pytest.mark.parametrize("selection", ["objectness", "random"])
@@ -1020,11 +1033,7 @@ def test_lite_detr_gradient_flow_and_empty_targets(kw):
     losses = criterion(out, _random_targets([3, 0], 21))  # image 1 has no boxes
     assert {"loss_ce", "loss_bbox_0", "loss_giou_enc"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
     sum(losses[k] * criterion.weight_dict[k] for k in losses).backward()
-    dead = {n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().max() > 0)}
-    # the box MLPs' last layers start at zero, so on the first step their hidden layers get no gradient
-    hidden = {f"bbox_embed.{i}.layers.{j}.{w}" for i in range(len(model.bbox_embed)) for j in (0, 1)
-              for w in ("weight", "bias")}
-    assert dead == hidden, dead ^ hidden
+    _assert_only_box_hidden_layers_without_gradient(model)
     empty = criterion(model(images, pad_mask), _random_targets([0, 0], 21))
     assert all(torch.isfinite(v) for v in empty.values()) and empty["loss_bbox"] == 0
     res = post(out, torch.tensor([[100, 120], [80, 90]]))
@@ -1199,10 +1208,7 @@ def test_focus_detr_selector_learns_only_from_its_focal_loss_and_dn_is_training_
     assert all(p.grad is None or not p.grad.any() for p in model.selector.parameters())  # top-k passes no gradient
     model.zero_grad()
     (rest + 1.5 * losses["loss_select"]).backward()
-    dead = {n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().max() > 0)}
-    hidden = {f"bbox_embed.{i}.layers.{j}.{w}" for i in range(len(model.bbox_embed)) for j in (0, 1)
-              for w in ("weight", "bias")}
-    assert dead == hidden, dead ^ hidden
+    _assert_only_box_hidden_layers_without_gradient(model)
     empty = criterion(model(images, pad_mask, _random_targets([0, 0], 21)), _random_targets([0, 0], 21))
     assert all(torch.isfinite(v) for v in empty.values()) and empty["loss_bbox_dn"] == 0
     model.eval()
