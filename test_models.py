@@ -1122,6 +1122,15 @@ def test_foreground_labels_on_constructed_boxes():
     assert all(t % 32 != 0 for t in lv[0])  # column 0 (centre x = 4) is outside; column 1 (x = 12) on the edge
     assert all(t % 32 != 1 for t in lv[0])
     assert not any(focus_detr.foreground_labels([torch.zeros(0, 4)], shapes_, wh)[0])
+    # level 3 (> 256 px): a 600 x 600 box in a 1024 x 1024 input; its centre token is 300 px from every edge
+    big = [(128, 128), (64, 64), (32, 32), (16, 16)]
+    lab = focus_detr.foreground_labels([torch.tensor([[0.5, 0.5, 600 / 1024, 600 / 1024]])], big,
+                                       torch.tensor([[1024.0, 1024.0]]))[0]
+    starts = np.cumsum([0] + [h * w for h, w in big])
+    assert lab[starts[3] + 8 * 16 + 8] == 1 and lab[starts[3]:].sum() > 0  # token (8, 8): centre (544, 544)
+    overlap = focus_detr.foreground_labels([torch.tensor([[0.5, 0.5, 600 / 1024, 600 / 1024]])], big,
+                                           torch.tensor([[1024.0, 1024.0]]), focus_detr.OVERLAP_RANGES)[0]
+    assert overlap.sum() > lab.sum()  # overlapping ranges label a token on two levels
 
 
 def test_top_down_modulation_on_a_constructed_case():
@@ -1264,6 +1273,32 @@ def test_focus_detr_fewer_kept_tokens_than_fine_grained_and_dense_base():
         assert ("loss_select" in losses) == kw.get("foreground_selection", True)
         sum(losses[k] * criterion.weight_dict[k] for k in losses).backward()
     assert model.selector is None and not hasattr(model.encoder[0], "oesm_attn")
+
+
+@pytest.mark.parametrize("kw", [{"fg_ranges": "overlap"}, {"learnt_init_query": False}, {"look_forward_twice": False},
+                                {"dn_number": 0}, {"scorer_mean_over_padding": True, "upsample_over_padding": True,
+                                                   "query_pos_over_padding": True, "masked_groupnorm": False}])
+def test_focus_detr_switches_build_and_train(kw):
+    torch.manual_seed(0)
+    model, criterion, _ = focus_detr.build(tiny_focus(**kw))
+    images, pad_mask = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
+    pad_mask[1, 64:] = True
+    targets = _random_targets([2, 1], 21)
+    out = model(images, pad_mask, targets)
+    assert ("dn_outputs" in out) == (kw.get("dn_number", 6) > 0)
+    losses = criterion(out, targets)
+    sum(losses[k] * criterion.weight_dict[k] for k in losses).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_lite_detr_named_configs_run_through_the_shared_interface():
+    torch.manual_seed(0)
+    for name in lite_detr.NAMED:
+        model, criterion, post = lite_detr.build(tiny_lite(**lite_detr.NAMED[name]))
+        model.eval()
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, 96, 128), torch.zeros(1, 96, 128, dtype=torch.bool))
+        assert out["pred_logits"].shape == (1, 10, 21) and len(post(out, torch.tensor([[96, 128]]))[0]["scores"]) == 20
 
 
 def test_focus_detr_config_errors():
