@@ -331,6 +331,129 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
 
 
 # ---------------------------------------------------------------------------------------------
+# 3b. Deformable DETR building blocks (shared by the deformable models: Sparse, Lite, Focus-DETR)
+# ---------------------------------------------------------------------------------------------
+
+def init_offset_ring_(sampling_offsets, n_heads, n_levels, n_points):
+    """Deformable DETR's offset init: weight 0, bias on a ring (head h along angle 2 pi h / H,
+    scaled so the larger coordinate is 1, point p at distance p + 1), the same at every level."""
+    nn.init.zeros_(sampling_offsets.weight)
+    thetas = torch.arange(n_heads, dtype=torch.float32) * (2.0 * math.pi / n_heads)
+    grid = torch.stack([thetas.cos(), thetas.sin()], -1)  # (H, 2)
+    grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(n_heads, 1, 1, 2)
+    grid = grid.repeat(1, n_levels, n_points, 1) * torch.arange(1, n_points + 1).view(1, 1, -1, 1)  # (H, L, P, 2)
+    with torch.no_grad():
+        sampling_offsets.bias.copy_(grid.view(-1))
+
+
+class MSDeformAttn(nn.Module):
+    """Multi-scale deformable attention on common.ms_deform_attn (the grid_sample path).
+
+    Returns the output, the sampling locations and the attention weights (Sparse DETR's DAM reads them).
+    """
+
+    def __init__(self, d_model, n_levels, n_heads, n_points):
+        super().__init__()
+        self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        init_offset_ring_(self.sampling_offsets, self.n_heads, self.n_levels, self.n_points)
+        nn.init.zeros_(self.attention_weights.weight)  # uniform attention over levels and points at init
+        nn.init.zeros_(self.attention_weights.bias)
+        for lin in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, query, reference_points, value_input, spatial_shapes, pad_mask):
+        """query (B, Q, C); reference_points (B, Q, L, 2) points or (B, Q, L, 4) boxes in [0, 1] of each
+        level's padded map; value_input (B, N, C); pad_mask (B, N) -> (B, Q, C), locations
+        (B, Q, H, L, P, 2), weights (B, Q, H, L, P)."""
+        B, Q, C = query.shape
+        H, L, P = self.n_heads, self.n_levels, self.n_points
+        value = self.value_proj(value_input).masked_fill(pad_mask[..., None], 0.0)  # zero at padding
+        value = value.view(B, -1, H, C // H)  # (B, N, H, D)
+        offsets = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
+        weights = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
+        locs = deform_sampling_locations(reference_points, offsets, spatial_shapes)  # (B, Q, H, L, P, 2)
+        out = ms_deform_attn(value, spatial_shapes, locs, weights)  # (B, Q, C)
+        return self.output_proj(out), locs, weights
+
+
+class MaskedGroupNorm(nn.GroupNorm):
+    """GroupNorm whose statistics skip padded positions, so an image's features do not depend on
+    how much its batch pads it (OFF's plain GroupNorm counts the padding: `masked_groupnorm=False`)."""
+
+    def forward(self, x, mask=None):
+        """x (B, C, H, W); mask (B, H, W) True = padding, or None for plain GroupNorm."""
+        if mask is None:
+            return super().forward(x)
+        B, C, H, W = x.shape
+        xg = x.view(B, self.num_groups, C // self.num_groups, H, W)
+        valid = (~mask)[:, None, None].to(x)  # (B, 1, 1, H, W)
+        n = valid.sum((2, 3, 4), keepdim=True) * (C // self.num_groups)
+        mean = (xg * valid).sum((2, 3, 4), keepdim=True) / n
+        var = ((xg - mean) ** 2 * valid).sum((2, 3, 4), keepdim=True) / n
+        y = ((xg - mean) / torch.sqrt(var + self.eps)).view(B, C, H, W)
+        return y * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def halve_mask(mask):
+    """Padding mask of a stride-2 3x3 conv's output: (B, H, W) -> (B, ceil(H/2), ceil(W/2)).
+
+    An image with h x w valid cells has ceil(h/2) x ceil(w/2) valid outputs (padding is at the
+    bottom / right), exactly what the same conv gives on the image alone.
+    """
+    B, H, W = mask.shape
+    valid_h, valid_w = (~mask).any(2).sum(1), (~mask).any(1).sum(1)  # (B,)
+    rows = torch.arange((H + 1) // 2, device=mask.device)[None, :, None] >= ((valid_h + 1) // 2)[:, None, None]
+    cols = torch.arange((W + 1) // 2, device=mask.device)[None, None, :] >= ((valid_w + 1) // 2)[:, None, None]
+    return rows | cols  # (B, ceil(H/2), ceil(W/2))
+
+
+def level_valid_ratios(masks):
+    """[(B, H_l, W_l)] -> (B, L, 2): the unpadded fraction (w, h) of each level's map."""
+    return torch.stack([torch.stack([(~m[:, 0, :]).sum(1) / m.shape[2], (~m[:, :, 0]).sum(1) / m.shape[1]], -1)
+                        for m in masks], 1).float()
+
+
+def encoder_reference_points(spatial_shapes, valid_ratios):
+    """Each token's centre, normalised by its level's unpadded size, seen from every level:
+    (B, N, L, 2) in [0, 1] of each level's padded map."""
+    refs = []
+    for lvl, (h, w) in enumerate(spatial_shapes):
+        ys, xs = torch.meshgrid(torch.arange(h, device=valid_ratios.device) + 0.5,
+                                torch.arange(w, device=valid_ratios.device) + 0.5, indexing="ij")
+        x = xs.reshape(1, -1) / (valid_ratios[:, None, lvl, 0] * w)  # (B, H_l*W_l)
+        y = ys.reshape(1, -1) / (valid_ratios[:, None, lvl, 1] * h)
+        refs.append(torch.stack([x, y], -1))
+    return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]  # (B, N, L, 2)
+
+
+def token_proposals(masks):
+    """One box per token: its cell centre, side 0.05 * 2^l of the unpadded image (two-stage).
+
+    masks [(B, H_l, W_l)] -> proposals (B, N, 4) as logits, and valid (B, N): False at padded
+    tokens and at tokens whose box leaves (0.01, 0.99), whose proposals are inf.
+    """
+    props = []
+    for lvl, m in enumerate(masks):
+        valid_wh = torch.stack([(~m[:, 0, :]).sum(1), (~m[:, :, 0]).sum(1)], -1).float()  # (B, 2)
+        ys, xs = torch.meshgrid(torch.arange(m.shape[1], device=m.device), torch.arange(m.shape[2], device=m.device),
+                                indexing="ij")
+        grid = (torch.stack([xs, ys], -1).view(1, -1, 2) + 0.5) / valid_wh[:, None]  # (B, H_l*W_l, 2)
+        props.append(torch.cat([grid, torch.full_like(grid, 0.05 * 2.0 ** lvl)], -1))
+    props = torch.cat(props, 1)  # (B, N, 4)
+    pad = torch.cat([m.flatten(1) for m in masks], 1)
+    valid = ((props > 0.01) & (props < 0.99)).all(-1) & ~pad  # (B, N)
+    return torch.log(props / (1 - props)).masked_fill(~valid[..., None], float("inf")), valid
+
+
+# ---------------------------------------------------------------------------------------------
 # 4. Box ops
 # ---------------------------------------------------------------------------------------------
 

@@ -66,66 +66,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (MLP, Backbone, HungarianMatcher, PostProcess, SetCriterion, box_cxcywh_to_xyxy,
-                    deform_sampling_locations, inverse_sigmoid, ms_deform_attn, sigmoid_focal_loss,
-                    sine_position_embedding, valid_image_sizes)
+from common import (Backbone, HungarianMatcher, MaskedGroupNorm, MLP, MSDeformAttn, PostProcess, SetCriterion,
+                    box_cxcywh_to_xyxy, encoder_reference_points, halve_mask, inverse_sigmoid, level_valid_ratios,
+                    sigmoid_focal_loss, sine_position_embedding, token_proposals, valid_image_sizes)
 
 # OFF GenTargets limit_range: the largest distance from a token centre to its box's edges, in
 # pixels, that each level (strides 8, 16, 32, 64) is responsible for (FCOS, non-overlapping)
 FCOS_RANGES = ((-1.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, math.inf))
 # The paper's "adjacent ranges overlap by 50%" (its exact numbers are not published; a reading)
 OVERLAP_RANGES = ((0.0, 128.0), (64.0, 256.0), (128.0, 512.0), (256.0, math.inf))
-
-# ---------------------------------------------------------------------------------------------
-# Deformable attention (Deformable DETR, Sec. 4.1)
-# ---------------------------------------------------------------------------------------------
-
-
-# Copied from sparse_detr.MSDeformAttn
-class MSDeformAttn(nn.Module):
-    """Multi-scale deformable attention on common.ms_deform_attn (the grid_sample path).
-
-    Returns the output and, for the DAM, the sampling locations and attention weights.
-    """
-
-    def __init__(self, d_model, n_levels, n_heads, n_points):
-        super().__init__()
-        self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
-        self.value_proj = nn.Linear(d_model, d_model)
-        self.output_proj = nn.Linear(d_model, d_model)
-        self._reset_parameters()
-
-    def _reset_parameters(self):
-        # offsets start on a ring: head h points along angle 2 pi h / H, point p at distance p + 1
-        nn.init.zeros_(self.sampling_offsets.weight)
-        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
-        grid = torch.stack([thetas.cos(), thetas.sin()], -1)  # (H, 2)
-        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
-        grid = grid.repeat(1, self.n_levels, self.n_points, 1) * torch.arange(1, self.n_points + 1).view(1, 1, -1, 1)
-        with torch.no_grad():
-            self.sampling_offsets.bias.copy_(grid.view(-1))
-        nn.init.zeros_(self.attention_weights.weight)  # uniform attention over levels and points at init
-        nn.init.zeros_(self.attention_weights.bias)
-        for lin in (self.value_proj, self.output_proj):
-            nn.init.xavier_uniform_(lin.weight)
-            nn.init.zeros_(lin.bias)
-
-    def forward(self, query, reference_points, value_input, spatial_shapes, pad_mask):
-        """query (B, Q, C); reference_points (B, Q, L, 2) points or (B, Q, L, 4) boxes in [0, 1] of each
-        level's padded map; value_input (B, N, C); pad_mask (B, N) -> (B, Q, C), locations
-        (B, Q, H, L, P, 2), weights (B, Q, H, L, P)."""
-        B, Q, C = query.shape
-        H, L, P = self.n_heads, self.n_levels, self.n_points
-        value = self.value_proj(value_input).masked_fill(pad_mask[..., None], 0.0)  # zero at padding
-        value = value.view(B, -1, H, C // H)  # (B, N, H, D)
-        offsets = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
-        weights = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
-        locs = deform_sampling_locations(reference_points, offsets, spatial_shapes)  # (B, Q, H, L, P, 2)
-        out = ms_deform_attn(value, spatial_shapes, locs, weights)  # (B, Q, C)
-        return self.output_proj(out), locs, weights
-
 
 # ---------------------------------------------------------------------------------------------
 # Foreground token selector (Sec. 3.2)
@@ -360,39 +309,6 @@ class DeformableDecoderLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-# Copied from sparse_detr.MaskedGroupNorm
-class MaskedGroupNorm(nn.GroupNorm):
-    """GroupNorm whose statistics skip padded positions, so an image's features do not depend on
-    how much its batch pads it (OFF's plain GroupNorm counts the padding: `masked_groupnorm=False`)."""
-
-    def forward(self, x, mask=None):
-        """x (B, C, H, W); mask (B, H, W) True = padding, or None for plain GroupNorm."""
-        if mask is None:
-            return super().forward(x)
-        B, C, H, W = x.shape
-        xg = x.view(B, self.num_groups, C // self.num_groups, H, W)
-        valid = (~mask)[:, None, None].to(x)  # (B, 1, 1, H, W)
-        n = valid.sum((2, 3, 4), keepdim=True) * (C // self.num_groups)
-        mean = (xg * valid).sum((2, 3, 4), keepdim=True) / n
-        var = ((xg - mean) ** 2 * valid).sum((2, 3, 4), keepdim=True) / n
-        y = ((xg - mean) / torch.sqrt(var + self.eps)).view(B, C, H, W)
-        return y * self.weight[:, None, None] + self.bias[:, None, None]
-
-
-# Copied from smca.halve_mask
-def halve_mask(mask):
-    """Padding mask of a stride-2 3x3 conv's output: (B, H, W) -> (B, ceil(H/2), ceil(W/2)).
-
-    An image with h x w valid cells has ceil(h/2) x ceil(w/2) valid outputs (padding is at the
-    bottom / right), exactly what the same conv gives on the image alone.
-    """
-    B, H, W = mask.shape
-    valid_h, valid_w = (~mask).any(2).sum(1), (~mask).any(1).sum(1)  # (B,)
-    rows = torch.arange((H + 1) // 2, device=mask.device)[None, :, None] >= ((valid_h + 1) // 2)[:, None, None]
-    cols = torch.arange((W + 1) // 2, device=mask.device)[None, None, :] >= ((valid_w + 1) // 2)[:, None, None]
-    return rows | cols  # (B, ceil(H/2), ceil(W/2))
-
-
 class FocusDETR(nn.Module):
     """ResNet -> 4 levels -> foreground token selector -> cascade encoder of dual-attention layers
     (only each layer's foreground tokens are updated) -> DINO two-stage queries and decoder."""
@@ -449,49 +365,6 @@ class FocusDETR(nn.Module):
             nn.init.zeros_(box.layers[-1].weight)  # boxes start at their reference
             nn.init.zeros_(box.layers[-1].bias)
 
-    # -- geometry (as sparse_detr.py) ------------------------------------------------------------
-
-    # Copied from sparse_detr.SparseDETR.valid_ratios
-    @staticmethod
-    def valid_ratios(masks):
-        """[(B, H_l, W_l)] -> (B, L, 2): the unpadded fraction (w, h) of each level's map."""
-        return torch.stack([torch.stack([(~m[:, 0, :]).sum(1) / m.shape[2], (~m[:, :, 0]).sum(1) / m.shape[1]], -1)
-                            for m in masks], 1).float()
-
-    # Copied from sparse_detr.SparseDETR.encoder_reference_points
-    @staticmethod
-    def encoder_reference_points(spatial_shapes, valid_ratios):
-        """Each token's centre, normalised by its level's unpadded size, seen from every level:
-        (B, N, L, 2) in [0, 1] of each level's padded map."""
-        refs = []
-        for lvl, (h, w) in enumerate(spatial_shapes):
-            ys, xs = torch.meshgrid(torch.arange(h, device=valid_ratios.device) + 0.5,
-                                    torch.arange(w, device=valid_ratios.device) + 0.5, indexing="ij")
-            x = xs.reshape(1, -1) / (valid_ratios[:, None, lvl, 0] * w)  # (B, H_l*W_l)
-            y = ys.reshape(1, -1) / (valid_ratios[:, None, lvl, 1] * h)
-            refs.append(torch.stack([x, y], -1))
-        return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]  # (B, N, L, 2)
-
-    # Copied from sparse_detr.SparseDETR.token_proposals
-    @staticmethod
-    def token_proposals(masks):
-        """One box per token: its cell centre, side 0.05 * 2^l of the unpadded image (two-stage).
-
-        masks [(B, H_l, W_l)] -> proposals (B, N, 4) as logits, and valid (B, N): False at padded
-        tokens and at tokens whose box leaves (0.01, 0.99), whose proposals are inf.
-        """
-        props = []
-        for lvl, m in enumerate(masks):
-            valid_wh = torch.stack([(~m[:, 0, :]).sum(1), (~m[:, :, 0]).sum(1)], -1).float()  # (B, 2)
-            ys, xs = torch.meshgrid(torch.arange(m.shape[1], device=m.device), torch.arange(m.shape[2], device=m.device),
-                                    indexing="ij")
-            grid = (torch.stack([xs, ys], -1).view(1, -1, 2) + 0.5) / valid_wh[:, None]  # (B, H_l*W_l, 2)
-            props.append(torch.cat([grid, torch.full_like(grid, 0.05 * 2.0 ** lvl)], -1))
-        props = torch.cat(props, 1)  # (B, N, 4)
-        pad = torch.cat([m.flatten(1) for m in masks], 1)
-        valid = ((props > 0.01) & (props < 0.99)).all(-1) & ~pad  # (B, N)
-        return torch.log(props / (1 - props)).masked_fill(~valid[..., None], float("inf")), valid
-
     # Copied from sparse_detr.SparseDETR.proposal_features
     def proposal_features(self, memory, valid):
         """enc_output + LN of the tokens (invalid ones zeroed first): what the two-stage head and the
@@ -540,7 +413,7 @@ class FocusDETR(nn.Module):
         """
         memory, out = self.encode(feats)
         if image_wh is None:  # the finest level's valid cells x its stride
-            image_wh = self.valid_ratios([out["masks"][0]])[:, 0] * torch.tensor(
+            image_wh = level_valid_ratios([out["masks"][0]])[:, 0] * torch.tensor(
                 [out["masks"][0].shape[2], out["masks"][0].shape[1]], device=memory.device) * 8
         out["image_wh"] = image_wh
         return self.decode(memory, out, targets if self.training else None)
@@ -550,9 +423,9 @@ class FocusDETR(nn.Module):
         cfg = self.cfg
         src, pos, pad, masks = self.input_tokens(feats)  # (B, N, C), (B, N, C), (B, N), [(B, H_l, W_l)]
         spatial_shapes = [tuple(m.shape[-2:]) for m in masks]
-        valid_ratios = self.valid_ratios(masks)  # (B, L, 2)
-        ref = self.encoder_reference_points(spatial_shapes, valid_ratios)  # (B, N, L, 2)
-        proposals, valid = self.token_proposals(masks)  # (B, N, 4), (B, N)
+        valid_ratios = level_valid_ratios(masks)  # (B, L, 2)
+        ref = encoder_reference_points(spatial_shapes, valid_ratios)  # (B, N, L, 2)
+        proposals, valid = token_proposals(masks)  # (B, N, 4), (B, N)
         out = {"spatial_shapes": spatial_shapes, "token_pad_mask": pad, "masks": masks,
                "valid_ratios": valid_ratios, "proposals": proposals, "proposal_valid": valid}
         if not cfg.foreground_selection:  # the dense DINO encoder
@@ -613,11 +486,13 @@ class FocusDETR(nn.Module):
         enc_coord = self.bbox_embed[head](enc_feats) + proposals  # (B, N, 4) logits
         topk = enc_logits.max(-1).values.masked_fill(pad, float("-inf")).topk(cfg.num_queries, dim=1).indices  # (B, Q)
         ref_logit = enc_coord.gather(1, topk[..., None].expand(-1, -1, 4))  # (B, Q, 4)
-        selected = enc_feats.gather(1, topk[..., None].expand(-1, -1, C))  # (B, Q, C)
         out["enc_outputs"] = {"pred_logits": enc_logits.gather(1, topk[..., None].expand(-1, -1, enc_logits.shape[-1])),
                               "pred_boxes": ref_logit.sigmoid()}  # DINO: the loss sees the Q selected tokens
         reference = ref_logit.detach().sigmoid()  # (B, Q, 4)
-        tgt = self.tgt_embed.weight[None].expand(B, -1, -1) if self.tgt_embed is not None else selected.detach()
+        if self.tgt_embed is not None:  # DINO mixed query selection: learned content
+            tgt = self.tgt_embed.weight[None].expand(B, -1, -1)
+        else:  # Deformable DETR style: the selected tokens' features
+            tgt = enc_feats.gather(1, topk[..., None].expand(-1, -1, C)).detach()  # (B, Q, C)
         attn_mask, n_dn = None, 0
         dn = (prepare_denoising(targets, cfg.dn_number, cfg.dn_label_noise, cfg.dn_box_noise, cfg.num_classes,
                                 self.label_enc, cfg.num_queries) if targets is not None else None)

@@ -75,61 +75,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (MLP, Backbone, PostProcess, SetCriterion, deform_sampling_locations, inverse_sigmoid,
-                    ms_deform_attn, ms_deform_sample_levels, sine_position_embedding, valid_image_sizes)
+from common import (Backbone, MaskedGroupNorm, MLP, MSDeformAttn, PostProcess, SetCriterion,
+                    deform_sampling_locations, encoder_reference_points, halve_mask, init_offset_ring_,
+                    inverse_sigmoid, level_valid_ratios, ms_deform_sample_levels, sine_position_embedding,
+                    token_proposals, valid_image_sizes)
 
 LAST_LAYER_QUERIES = ("all", "low")
 LOW_FFNS = ("small", "normal", "none")
 
 # ---------------------------------------------------------------------------------------------
-# Deformable attention (Deformable DETR, Sec. 4.1) and key-aware deformable attention (Sec. 3.3)
+# Key-aware deformable attention (Sec. 3.3; the standard MSDeformAttn is in common.py)
 # ---------------------------------------------------------------------------------------------
-
-
-# Copied from sparse_detr.MSDeformAttn
-class MSDeformAttn(nn.Module):
-    """Multi-scale deformable attention on common.ms_deform_attn (the grid_sample path).
-
-    Returns the output and, for the DAM, the sampling locations and attention weights.
-    """
-
-    def __init__(self, d_model, n_levels, n_heads, n_points):
-        super().__init__()
-        self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
-        self.value_proj = nn.Linear(d_model, d_model)
-        self.output_proj = nn.Linear(d_model, d_model)
-        self._reset_parameters()
-
-    def _reset_parameters(self):
-        # offsets start on a ring: head h points along angle 2 pi h / H, point p at distance p + 1
-        nn.init.zeros_(self.sampling_offsets.weight)
-        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
-        grid = torch.stack([thetas.cos(), thetas.sin()], -1)  # (H, 2)
-        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
-        grid = grid.repeat(1, self.n_levels, self.n_points, 1) * torch.arange(1, self.n_points + 1).view(1, 1, -1, 1)
-        with torch.no_grad():
-            self.sampling_offsets.bias.copy_(grid.view(-1))
-        nn.init.zeros_(self.attention_weights.weight)  # uniform attention over levels and points at init
-        nn.init.zeros_(self.attention_weights.bias)
-        for lin in (self.value_proj, self.output_proj):
-            nn.init.xavier_uniform_(lin.weight)
-            nn.init.zeros_(lin.bias)
-
-    def forward(self, query, reference_points, value_input, spatial_shapes, pad_mask):
-        """query (B, Q, C); reference_points (B, Q, L, 2) points or (B, Q, L, 4) boxes in [0, 1] of each
-        level's padded map; value_input (B, N, C); pad_mask (B, N) -> (B, Q, C), locations
-        (B, Q, H, L, P, 2), weights (B, Q, H, L, P)."""
-        B, Q, C = query.shape
-        H, L, P = self.n_heads, self.n_levels, self.n_points
-        value = self.value_proj(value_input).masked_fill(pad_mask[..., None], 0.0)  # zero at padding
-        value = value.view(B, -1, H, C // H)  # (B, N, H, D)
-        offsets = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
-        weights = self.attention_weights(query).view(B, Q, H, L * P).softmax(-1).view(B, Q, H, L, P)
-        locs = deform_sampling_locations(reference_points, offsets, spatial_shapes)  # (B, Q, H, L, P, 2)
-        out = ms_deform_attn(value, spatial_shapes, locs, weights)  # (B, Q, C)
-        return self.output_proj(out), locs, weights
 
 
 class KeyAwareDeformableAttention(nn.Module):
@@ -152,14 +108,7 @@ class KeyAwareDeformableAttention(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self):
-        # offsets start on a ring, as MSDeformAttn (head h along angle 2 pi h / H, point p at distance p + 1)
-        nn.init.zeros_(self.sampling_offsets.weight)
-        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
-        grid = torch.stack([thetas.cos(), thetas.sin()], -1)  # (H, 2)
-        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
-        grid = grid.repeat(1, self.n_levels, self.n_points, 1) * torch.arange(1, self.n_points + 1).view(1, 1, -1, 1)
-        with torch.no_grad():
-            self.sampling_offsets.bias.copy_(grid.view(-1))
+        init_offset_ring_(self.sampling_offsets, self.n_heads, self.n_levels, self.n_points)  # as MSDeformAttn
         for lin in (self.value_proj, self.key_proj, self.query_proj, self.output_proj):
             if lin is not None:  # OFF: xavier_uniform, bias 0
                 nn.init.xavier_uniform_(lin.weight)
@@ -301,39 +250,6 @@ def proposal_pos_embed(proposals, num_pos_feats=128, temperature=10000, scale=2 
     return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
 
 
-# Copied from sparse_detr.MaskedGroupNorm
-class MaskedGroupNorm(nn.GroupNorm):
-    """GroupNorm whose statistics skip padded positions, so an image's features do not depend on
-    how much its batch pads it (OFF's plain GroupNorm counts the padding: `masked_groupnorm=False`)."""
-
-    def forward(self, x, mask=None):
-        """x (B, C, H, W); mask (B, H, W) True = padding, or None for plain GroupNorm."""
-        if mask is None:
-            return super().forward(x)
-        B, C, H, W = x.shape
-        xg = x.view(B, self.num_groups, C // self.num_groups, H, W)
-        valid = (~mask)[:, None, None].to(x)  # (B, 1, 1, H, W)
-        n = valid.sum((2, 3, 4), keepdim=True) * (C // self.num_groups)
-        mean = (xg * valid).sum((2, 3, 4), keepdim=True) / n
-        var = ((xg - mean) ** 2 * valid).sum((2, 3, 4), keepdim=True) / n
-        y = ((xg - mean) / torch.sqrt(var + self.eps)).view(B, C, H, W)
-        return y * self.weight[:, None, None] + self.bias[:, None, None]
-
-
-# Copied from smca.halve_mask
-def halve_mask(mask):
-    """Padding mask of a stride-2 3x3 conv's output: (B, H, W) -> (B, ceil(H/2), ceil(W/2)).
-
-    An image with h x w valid cells has ceil(h/2) x ceil(w/2) valid outputs (padding is at the
-    bottom / right), exactly what the same conv gives on the image alone.
-    """
-    B, H, W = mask.shape
-    valid_h, valid_w = (~mask).any(2).sum(1), (~mask).any(1).sum(1)  # (B,)
-    rows = torch.arange((H + 1) // 2, device=mask.device)[None, :, None] >= ((valid_h + 1) // 2)[:, None, None]
-    cols = torch.arange((W + 1) // 2, device=mask.device)[None, None, :] >= ((valid_w + 1) // 2)[:, None, None]
-    return rows | cols  # (B, ceil(H/2), ceil(W/2))
-
-
 class LiteDETR(nn.Module):
     """ResNet -> 4-level interleaved encoder (F_H updated often, F_L once per block) -> two-stage
     top-k queries -> deformable decoder with box refinement."""
@@ -385,49 +301,6 @@ class LiteDETR(nn.Module):
             nn.init.constant_(cls.bias, -math.log((1 - 0.01) / 0.01))  # focal prior 0.01
             nn.init.zeros_(box.layers[-1].weight)  # boxes start at the reference / proposal
             nn.init.zeros_(box.layers[-1].bias)  # (two-stage: DDETR's bias[2:] = -2 is reset to 0)
-
-    # -- geometry (as sparse_detr.py) ------------------------------------------------------------
-
-    # Copied from sparse_detr.SparseDETR.valid_ratios
-    @staticmethod
-    def valid_ratios(masks):
-        """[(B, H_l, W_l)] -> (B, L, 2): the unpadded fraction (w, h) of each level's map."""
-        return torch.stack([torch.stack([(~m[:, 0, :]).sum(1) / m.shape[2], (~m[:, :, 0]).sum(1) / m.shape[1]], -1)
-                            for m in masks], 1).float()
-
-    # Copied from sparse_detr.SparseDETR.encoder_reference_points
-    @staticmethod
-    def encoder_reference_points(spatial_shapes, valid_ratios):
-        """Each token's centre, normalised by its level's unpadded size, seen from every level:
-        (B, N, L, 2) in [0, 1] of each level's padded map."""
-        refs = []
-        for lvl, (h, w) in enumerate(spatial_shapes):
-            ys, xs = torch.meshgrid(torch.arange(h, device=valid_ratios.device) + 0.5,
-                                    torch.arange(w, device=valid_ratios.device) + 0.5, indexing="ij")
-            x = xs.reshape(1, -1) / (valid_ratios[:, None, lvl, 0] * w)  # (B, H_l*W_l)
-            y = ys.reshape(1, -1) / (valid_ratios[:, None, lvl, 1] * h)
-            refs.append(torch.stack([x, y], -1))
-        return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]  # (B, N, L, 2)
-
-    # Copied from sparse_detr.SparseDETR.token_proposals
-    @staticmethod
-    def token_proposals(masks):
-        """One box per token: its cell centre, side 0.05 * 2^l of the unpadded image (two-stage).
-
-        masks [(B, H_l, W_l)] -> proposals (B, N, 4) as logits, and valid (B, N): False at padded
-        tokens and at tokens whose box leaves (0.01, 0.99), whose proposals are inf.
-        """
-        props = []
-        for lvl, m in enumerate(masks):
-            valid_wh = torch.stack([(~m[:, 0, :]).sum(1), (~m[:, :, 0]).sum(1)], -1).float()  # (B, 2)
-            ys, xs = torch.meshgrid(torch.arange(m.shape[1], device=m.device), torch.arange(m.shape[2], device=m.device),
-                                    indexing="ij")
-            grid = (torch.stack([xs, ys], -1).view(1, -1, 2) + 0.5) / valid_wh[:, None]  # (B, H_l*W_l, 2)
-            props.append(torch.cat([grid, torch.full_like(grid, 0.05 * 2.0 ** lvl)], -1))
-        props = torch.cat(props, 1)  # (B, N, 4)
-        pad = torch.cat([m.flatten(1) for m in masks], 1)
-        valid = ((props > 0.01) & (props < 0.99)).all(-1) & ~pad  # (B, N)
-        return torch.log(props / (1 - props)).masked_fill(~valid[..., None], float("inf")), valid
 
     # Copied from sparse_detr.SparseDETR.proposal_features
     def proposal_features(self, memory, valid):
@@ -482,11 +355,11 @@ class LiteDETR(nn.Module):
         -> memory (B, N, C) and a dict with the geometry."""
         src, pos, pad, masks = self.input_tokens(feats)  # (B, N, C), (B, N, C), (B, N), [(B, H_l, W_l)]
         spatial_shapes = [tuple(m.shape[-2:]) for m in masks]
-        valid_ratios = self.valid_ratios(masks)  # (B, L, 2)
-        ref = self.encoder_reference_points(spatial_shapes, valid_ratios)  # (B, N, L, 2)
+        valid_ratios = level_valid_ratios(masks)  # (B, L, 2)
+        ref = encoder_reference_points(spatial_shapes, valid_ratios)  # (B, N, L, 2)
         n_low = sum(h * w for h, w in spatial_shapes[:self.cfg.num_feature_levels - self.cfg.enc_scale])  # |F_L|
         memory = self.run_encoder(src, pos, ref, spatial_shapes, pad, n_low)
-        proposals, valid = self.token_proposals(masks)  # (B, N, 4), (B, N)
+        proposals, valid = token_proposals(masks)  # (B, N, 4), (B, N)
         return memory, {"spatial_shapes": spatial_shapes, "token_pad_mask": pad, "n_low": n_low,
                         "valid_ratios": valid_ratios, "proposals": proposals, "proposal_valid": valid}
 

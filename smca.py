@@ -75,7 +75,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (MLP, Backbone, PostProcess, SetCriterion, sine_position_embedding, valid_image_sizes)
+from common import MLP, Backbone, PostProcess, SetCriterion, halve_mask, sine_position_embedding, valid_image_sizes
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
@@ -264,19 +264,6 @@ class MultiScaleEncoder(nn.Module):
                 layers = block if isinstance(block, nn.ModuleList) else [block] * len(srcs)
                 srcs = [layer(x, p, m) for layer, x, p, m in zip(layers, srcs, poss, pads)]
         return srcs
-
-
-def halve_mask(mask):
-    """Padding mask of a stride-2 3x3 conv's output: (B, H, W) -> (B, ceil(H/2), ceil(W/2)).
-
-    An image with h x w valid cells has ceil(h/2) x ceil(w/2) valid outputs (padding is at the
-    bottom / right), exactly what the same conv gives on the image alone.
-    """
-    B, H, W = mask.shape
-    valid_h, valid_w = (~mask).any(2).sum(1), (~mask).any(1).sum(1)  # (B,)
-    rows = torch.arange((H + 1) // 2, device=mask.device)[None, :, None] >= ((valid_h + 1) // 2)[:, None, None]
-    cols = torch.arange((W + 1) // 2, device=mask.device)[None, None, :] >= ((valid_w + 1) // 2)[:, None, None]
-    return rows | cols  # (B, ceil(H/2), ceil(W/2))
 
 
 # ---------------------------------------------------------------------------------------------

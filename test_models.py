@@ -2,7 +2,6 @@
 
 CPU, tiny configurations; the whole file runs in a few minutes on 2 cores.
 """
-import dataclasses
 import itertools
 import json
 import math
@@ -617,7 +616,7 @@ def test_halve_mask_matches_a_strided_conv_on_the_image_alone():
         mask = torch.ones(2, 6, 8, dtype=torch.bool)
         mask[0, :h, :w] = False
         mask[1] = False
-        half = smca.halve_mask(mask)
+        half = common.halve_mask(mask)
         assert half.shape == (2, 3, 4) and not half[1].any()
         alone = torch.nn.functional.conv2d(torch.ones(1, 1, h, w), torch.ones(1, 1, 3, 3), stride=2, padding=1)
         assert (~half[0]).sum().item() == alone.numel()
@@ -851,8 +850,8 @@ def test_copied_blocks_stay_in_sync():
             copy_def = inspect.unwrap(getattr(owner, name))
             assert inspect.getsource(copy_def) == inspect.getsource(src_obj), f"{module.__name__}.{name} != {source}"
             checked.append(f"{module.__name__}.{name}")
-    assert {"sparse_detr.halve_mask", "lite_detr.MSDeformAttn", "lite_detr.input_tokens", "focus_detr.ScoringNetwork",
-            "focus_detr.input_tokens"} <= set(checked)
+    assert {"lite_detr.proposal_pos_embed", "lite_detr.input_tokens", "focus_detr.ScoringNetwork",
+            "focus_detr.input_tokens", "focus_detr.proposal_features"} <= set(checked)
 
 
 def test_sparse_detr_config_errors():
@@ -1299,6 +1298,13 @@ def test_lite_detr_named_configs_run_through_the_shared_interface():
         with torch.no_grad():
             out = model(torch.randn(1, 3, 96, 128), torch.zeros(1, 96, 128, dtype=torch.bool))
         assert out["pred_logits"].shape == (1, 10, 21) and len(post(out, torch.tensor([[96, 128]]))[0]["scores"]) == 20
+
+
+def test_set_parses_tuples_and_rejects_bad_ones():
+    cfg = train.apply_overrides(focus_detr.Config(), ["cascade_ratios=1,0.5,0.5,0.5,0.25,0.25"])
+    assert cfg.cascade_ratios == (1.0, 0.5, 0.5, 0.5, 0.25, 0.25)
+    with pytest.raises(ValueError, match="expected a tuple"):
+        train.apply_overrides(focus_detr.Config(), ["cascade_ratios=1,half"])
 
 
 def test_focus_detr_config_errors():

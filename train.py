@@ -115,6 +115,8 @@ def apply_overrides(cfg, pairs):
                 if value.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
                 parsed = value.lower() in ("true", "1")
+            elif kind is tuple:  # comma-separated numbers, e.g. cascade_ratios=1,0.8,0.6,0.6,0.4,0.2
+                parsed = tuple(float(x) for x in value.split(","))
             else:
                 parsed = kind(value)
         except ValueError:
