@@ -13,7 +13,9 @@ or train/ val/ annotations/instances_{train,val}.json) and trains the paper's co
 Every epoch writes OUTPUT_DIR/checkpoint.pth atomically (model, optimizer, scheduler, AMP scaler,
 epoch, RNG states, config); --resume auto continues from it. OUTPUT_DIR/log.jsonl holds every loss
 term, the grad norm and each evaluation. A non-finite loss stops the run and names the step and
-the image ids; the last checkpoint stays as it was.
+the image ids; the last checkpoint stays as it was. --time-budget MINUTES stops training when that
+much training time is spent (a partial epoch then counts as done), saves, evaluates and logs the
+training seconds and the inference ms per image (bench.py --leaderboard reads them).
 """
 import argparse
 import dataclasses
@@ -60,6 +62,9 @@ def parse_args(argv=None):
                         "--data PATH) or 'shapes' (128-192, max 240; the default on shapes)")
     p.add_argument("--eval-only", action="store_true")
     p.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
+                   help="stop training after this many minutes of training (summed over resumes; checked every "
+                        "iteration), then save and evaluate. bench.py --leaderboard gives every model the same one")
     p.add_argument("--backbone-weights", default=None,
                    help="torchvision-format ResNet .pth, 'imagenet' (download), or 'none'. Default: 'imagenet' "
                         "with --data PATH (the papers fine-tune an ImageNet backbone), 'none' on shapes")
@@ -236,7 +241,19 @@ def to_device(targets, device):
     return [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
 
 
+def out_of_time(ctx, seconds_this_epoch):
+    """Has the --time-budget run out? Rank 0's clock decides for every rank (they must stop together)."""
+    budget = ctx["args"].time_budget
+    if budget is None:
+        return False
+    spent = torch.tensor([float(ctx["train_s"] + seconds_this_epoch >= 60 * budget)], device=ctx["device"])
+    if ctx["world"] > 1:
+        dist.broadcast(spent, 0)
+    return bool(spent.item())
+
+
 def train_one_epoch(ctx, epoch, loader):
+    """-> the fraction of the epoch trained (1.0 unless the --time-budget ran out in it)."""
     model, criterion, optimizer, scaler = ctx["model"], ctx["criterion"], ctx["optimizer"], ctx["scaler"]
     args, device, weights = ctx["args"], ctx["device"], ctx["criterion"].weight_dict
     model.train()
@@ -270,10 +287,17 @@ def train_one_epoch(ctx, epoch, loader):
             last_print = time.time()
             rate = (it + 1) / (time.time() - start)
             eta = (n - it - 1) / rate + (args.epochs - epoch - 1) * n / rate
+            if args.time_budget is not None:
+                eta = max(0.0, min(eta, 60 * args.time_budget - ctx["train_s"] - (time.time() - start)))
             print(f"epoch {epoch + 1}/{args.epochs} it {it + 1}/{n}  loss {loss.item():.3f} "
                   f"(ce {losses['loss_ce'].item():.3f} l1 {losses['loss_bbox'].item():.3f} "
                   f"giou {losses['loss_giou'].item():.3f})  grad {float(grad_norm):.2f}  "
                   f"lr {record.get('lr_base', 0.0):.2e}  {rate:.2f} it/s  ETA {eta / 60:.1f} min", flush=True)
+        if it + 1 < n and out_of_time(ctx, time.time() - start):
+            ctx["train_s"] += time.time() - start
+            return (it + 1) / n
+    ctx["train_s"] += time.time() - start
+    return 1.0
 
 
 @torch.no_grad()
@@ -282,13 +306,22 @@ def evaluate(ctx, dataset):
     model.eval()
     loader = make_loader(dataset, ctx["args"].batch_size, False, 0, 0, ctx["rank"], ctx["world"], ctx["args"].num_workers)
     evaluator = datalib.CocoEvaluator(dataset.coco)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    seconds, count = 0.0, 0
     for images, pad_mask, targets in loader:
+        images, pad_mask = images.to(device), pad_mask.to(device)
+        sync()
+        t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=ctx["amp_dtype"], enabled=ctx["amp_dtype"] is not None):
-            outputs = model(images.to(device), pad_mask.to(device))
+            outputs = model(images, pad_mask)
+        sync()
+        seconds, count = seconds + time.perf_counter() - t0, count + len(targets)
         orig = torch.stack([t["orig_size"] for t in targets]).to(device)
         results = postprocess(outputs, orig)
         evaluator.update({t["image_id"]: r for t, r in zip(targets, results)})
-    return evaluator.summarize(dataset.categories)
+    result = evaluator.summarize(dataset.categories)
+    result["infer_ms_per_image"] = 1e3 * seconds / max(count, 1)  # the model's forward, at the eval batch size
+    return result
 
 
 def main(argv=None):
@@ -303,6 +336,8 @@ def main(argv=None):
             setattr(args, key, recipe[key])
         if getattr(args, key) <= 0:
             raise ValueError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    if args.time_budget is not None and not args.time_budget > 0:
+        raise ValueError(f"--time-budget must be a positive number of minutes, got {args.time_budget}")
     data_name = "shapes" if on_shapes else os.path.basename(os.path.normpath(args.data))
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.model}-{data_name}")
 
@@ -356,7 +391,7 @@ def main(argv=None):
                                   lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    start_epoch = 0
+    start_epoch, train_s = 0, 0.0
     if resume:
         ckpt = load_checkpoint(resume)
         check_compatible(ckpt, resume, args.model, cfg, training=not args.eval_only)
@@ -369,6 +404,7 @@ def main(argv=None):
             np.random.set_state(ckpt["rng"]["numpy"])
             torch.set_rng_state(ckpt["rng"]["torch"][rank % len(ckpt["rng"]["torch"])])
         start_epoch = ckpt.get("epoch", -1) + 1
+        train_s = ckpt.get("train_s", 0.0)
         if rank == 0:
             print(f"resumed from {resume} (epoch {start_epoch} done)")
 
@@ -385,7 +421,8 @@ def main(argv=None):
 
     ctx = {"model": ddp_model, "criterion": criterion, "postprocess": postprocess, "optimizer": optimizer,
            "scaler": scaler, "args": args, "device": device, "rank": rank, "world": world, "amp_dtype": amp_dtype, "log": log,
-           "forward_takes_targets": getattr(module, "FORWARD_TAKES_TARGETS", False)}  # DINO-style denoising
+           "forward_takes_targets": getattr(module, "FORWARD_TAKES_TARGETS", False),  # DINO-style denoising
+           "train_s": train_s}  # seconds of training so far, over every resume (--time-budget)
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{args.model} on {args.data}: {n_params:,} trainable parameters, {world} process(es) on {device}, "
@@ -400,9 +437,14 @@ def main(argv=None):
         for epoch in range(start_epoch, args.epochs):
             if args.eval_only:
                 break
+            if out_of_time(ctx, 0.0):
+                if rank == 0:
+                    print(f"the --time-budget of {args.time_budget:g} min is spent ({ctx['train_s'] / 60:.1f} min "
+                          f"trained); nothing left to train in {args.output_dir}")
+                break
             t0 = time.time()
-            train_one_epoch(ctx, epoch, make_loader(train_set, args.batch_size, True, args.seed, epoch, rank, world,
-                                                    args.num_workers))
+            fraction = train_one_epoch(ctx, epoch, make_loader(train_set, args.batch_size, True, args.seed, epoch,
+                                                               rank, world, args.num_workers))
             scheduler.step()
             torch_states = [torch.get_rng_state()]
             if world > 1:  # every rank's dropout stream, so a resumed DDP run continues each one
@@ -413,15 +455,21 @@ def main(argv=None):
                              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
                              "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                                      "torch": torch_states},
-                             "model_name": args.model, "config": dataclasses.asdict(cfg), "args": vars(args)},
+                             "model_name": args.model, "config": dataclasses.asdict(cfg), "args": vars(args),
+                             "train_s": ctx["train_s"], "epoch_fraction": fraction},
                             ckpt_path)
-            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs or fraction < 1:
                 result = evaluate(ctx, val_set)
-                log({"type": "eval", "epoch": epoch, "epoch_time_s": time.time() - t0, **result["stats"],
+                log({"type": "eval", "epoch": epoch, "epoch_fraction": fraction, "epoch_time_s": time.time() - t0,
+                     "train_s": ctx["train_s"], "infer_ms_per_image": result["infer_ms_per_image"], **result["stats"],
                      "per_class": {str(k): v for k, v in result["per_class"].items()}})
                 if rank == 0:
                     print(result["text"])
                     print(f"epoch {epoch + 1}: AP {result['stats']['AP']:.3f}  AP50 {result['stats']['AP50']:.3f}", flush=True)
+            if fraction < 1:
+                if rank == 0:
+                    print(f"--time-budget of {args.time_budget:g} min spent after {fraction:.0%} of epoch {epoch + 1}")
+                break
     finally:
         if log_file:
             log_file.close()
