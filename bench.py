@@ -1,226 +1,410 @@
-"""Efficiency, measured: the papers' cost claims as multiply-adds and wall-clock on this machine.
+"""Efficiency, measured: every model against its dense baseline, next to what its paper reports.
 
-    python bench.py sparse-encoder               # Sparse DETR's encoder across rho, 800 x 1333 input
-    python bench.py sparse-encoder --repeats 3 --size 512 640
-    python bench.py lite-encoder                 # Lite DETR's interleaved encoders vs the dense one (Table 3)
-    python bench.py focus                        # Focus-DETR vs its dense DINO base: encoder and whole model
+    python bench.py                          # all four models and their baselines, 800 x 1333, CPU
+    python bench.py --model lite_detr        # one model (smca, sparse_detr, lite_detr, focus_detr)
+    python bench.py --size 512 640 --repeats 5
+    python bench.py --data PATH --images 100 # GMACs averaged over the first 100 val images (as the papers)
+    python bench.py --device cuda --amp bf16 # GPU: synchronised timing at batch 1 and 4 (FPS, B4FPS)
+    python bench.py --json                   # one JSON record per model configuration, nothing else
+    python bench.py --leaderboard            # train every model (and DETR) on shapes with one CPU budget
 
-Multiply-adds come from torch.utils.flop_counter.FlopCounterMode (matmuls and convs; 1 MAC = 2
-FLOPs) plus an analytic count for grid_sample, which FlopCounterMode does not see (4 MACs per
-sampled value, one per bilinear corner, as fvcore counts it). Times are the median of --repeats
-runs after one warm-up, in this process, on random backbone features of the input's shape, with
-random weights (cost does not depend on them). Compare ratios measured in the same run, not
-absolute times across machines.
+What is measured, per configuration (R50, the paper's COCO Config, random weights: cost does not
+depend on them):
+- params: every parameter of the model, frozen ones included (as the papers count them).
+- GMACs: torch.utils.flop_counter.FlopCounterMode (matmuls and convolutions, 2 FLOPs per
+  multiply-add) / 2, plus grid_sample at 4 multiply-adds per sampled value (one per bilinear
+  corner, as fvcore counts it), which FlopCounterMode does not see, and the attention products of
+  nn.MultiheadAttention on CPU (FlopCounterMode counts its CUDA kernels only). Elementwise work
+  (softmax, norms, deformable attention's weighted sum) is not counted; fvcore, which the papers
+  used, skips most of it too. "Encoder" is what runs inside `model.encoder` (the encoder layers; token scoring
+  and selection are outside it and show up in the total).
+- ms: wall-clock of a whole forward pass (no_grad, eval mode), median and spread (max - min) of
+  --repeats rounds after a warm-up round; each round runs every configuration of the model once,
+  so warm-up and the machine's drift touch them alike. "encoder ms" is the time between entering
+  the first encoder layer and leaving the last (forward hooks) in the same runs.
+Ratios are taken against the baseline measured in the same process. The paper's figures beside
+them are the papers' own (GFLOPs from fvcore, which counts 1 FLOP per multiply-add; time as
+baseline FPS / model FPS on the paper's GPU with CUDA kernels); figures marked * are derived, not
+published (see SUITES below).
 """
 import argparse
+import dataclasses
+import importlib
+import json
 import math
+import os
+import re
 import statistics
+import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import focus_detr
 import lite_detr
-import sparse_detr
+
+# ---------------------------------------------------------------------------------------------
+# What is compared: each model's configurations, its dense baseline, the papers' figures
+# ---------------------------------------------------------------------------------------------
 
 
-def _median_time(fn, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+@dataclass
+class Variant:
+    label: str
+    overrides: dict  # fields of the model's Config changed from its COCO defaults
+    paper_gmacs: float = None  # the paper's whole-model GFLOPs ratio to its baseline
+    paper_encoder: float = None  # ... encoder GFLOPs ratio
+    paper_time: float = None  # ... time ratio (baseline FPS / this FPS)
+    timed: bool = True  # False: GMACs only (a counting variant, not worth the wall-clock)
 
 
-def _gmacs(fn):
-    counter = FlopCounterMode(display=False)
+@dataclass
+class Suite:
+    baseline: Variant
+    variants: list
+    source: str  # where the paper figures come from
+    derived: set = field(default_factory=set)  # paper columns marked * (derived, not published)
+
+
+_LITE = {"H3L1-(2+1)x3": (123, 39), "H3L1-(3+1)x2": (119, 35), "H3L1-(6+1)x1": (115, 30),
+         "H2L2-(2+1)x3": (108, 23)}  # Lite Table 3: whole / encoder GFLOPs (dense: 177 / 90)
+_SPARSE = {0.1: (105.4, 26.5), 0.2: (112.9, 24.8), 0.3: (120.5, 23.2), 0.5: (135.6, 20.5)}  # GFLOPs, B4FPS
+
+SUITES = {
+    "smca": Suite(
+        baseline=Variant("DETR baseline (prior off)", {"spatial_prior": False}),
+        variants=[Variant("SMCA single-scale", {}, 86 / 86, None, 0.043 / 0.038),
+                  Variant("SMCA multi-scale", {"multiscale": True}, 152 / 86, None, 0.100 / 0.038)],
+        source="SMCA Table 1: DETR 86 GFLOPs, 0.038 s/img; single-scale 86, 0.043; multi-scale 152, 0.100"),
+    "sparse_detr": Suite(
+        baseline=Variant("dense (Deformable DETR + top-k & BBR)", {"sparse_encoder": False}),
+        variants=[Variant(f"rho {rho}", {"rho": rho}, g / 177.3, 0.087 + 0.913 * rho, 18.2 / fps)
+                  for rho, (g, fps) in _SPARSE.items()],
+        source="Sparse DETR Table 1 (R50): dense 177.3 GFLOPs, B4FPS 18.2; encoder* = 0.087 + 0.913 rho, derived "
+               "from the paper's GFLOPs slope (fact sheet sec. 13; no encoder figure is published)",
+        derived={"encoder"}),
+    "lite_detr": Suite(
+        baseline=Variant("dense (Deformable DETR)", lite_detr.NAMED["dense"]),
+        variants=[Variant(name, lite_detr.NAMED[name], g / 177, e / 90) for name, (g, e) in _LITE.items()]
+        + [Variant(f"{name}, F_L without FFN", {**lite_detr.NAMED[name], "low_ffn": "none"}, g / 177, e / 90,
+                   timed=False) for name, (g, e) in _LITE.items()],
+        source="Lite DETR Table 3 (R50): dense 177 GFLOPs, encoder 90; no timings published"),
+    "focus_detr": Suite(
+        baseline=Variant("dense DINO base (selection off)", {"foreground_selection": False}),
+        variants=[Variant("Focus-DETR", {}, 154 / 279, None, 14.2 / 20.0)],
+        source="Focus-DETR Table 1 (R50): DINO 279 GFLOPs, 14.2 FPS; Focus-DETR 154, 20.0"),
+}
+
+
+def make_config(module, overrides, base=None):
+    """The model's COCO Config (or `base`) with `overrides` applied."""
+    return dataclasses.replace(base if base is not None else module.Config(), **overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# Counting and timing
+# ---------------------------------------------------------------------------------------------
+
+
+def _grid_sample_flops(*args, out_shape=None, **kwargs):
+    """grid_sampler_2d: 4 multiply-adds (8 FLOPs) per sampled value, one per bilinear corner."""
+    return 8 * math.prod(out_shape)
+
+
+def _sdpa_cpu_flops(query, key, value, *args, out_shape=None, **kwargs):
+    """CPU scaled-dot-product attention (B, H, Lq, D) x (B, H, Lk, D): Q K^T and A V. FlopCounterMode
+    counts the CUDA kernels of nn.MultiheadAttention's attention but not this CPU one."""
+    b, h, lq, d = query
+    return 2 * b * h * lq * key[-2] * (d + value[-1])
+
+
+def _native_mha_flops(query, key, value, embed_dim, num_head, *args, out_shape=None, **kwargs):
+    """nn.MultiheadAttention's fused inference path (B, L, E): in-projections, attention, out-projection."""
+    b, lq, e = query
+    lk = key[1]
+    return 2 * b * (2 * lq * e * e + 2 * lk * e * e + 2 * lq * lk * e)
+
+
+FLOP_FORMULAS = {torch.ops.aten.grid_sampler_2d: _grid_sample_flops,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+                 torch.ops.aten._native_multi_head_attention: _native_mha_flops}
+
+
+def count_gmacs(fn, model=None):
+    """-> (total GMACs, GMACs inside model.encoder) of running fn(); grid_sample and CPU attention included."""
+    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
     with counter:
         fn()
-    return counter.get_total_flops() / 2e9
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    encoder = 0
+    if model is not None:
+        root = f"{type(model).__name__}.encoder"
+        layers = re.compile(re.escape(root) + r"\.\d+")
+        encoder = counts[root] if root in counts else sum(v for k, v in counts.items() if layers.fullmatch(k))
+    return counts.get("Global", 0) / 2e9, encoder / 2e9
 
 
-def _backbone_feats(h, w):
-    """Random R50 C3..C5 maps of an h x w image, no padding: [(map, mask)]"""
-    return [(torch.randn(1, c, math.ceil(h / s), math.ceil(w / s)),
-             torch.zeros(1, math.ceil(h / s), math.ceil(w / s), dtype=torch.bool))
-            for c, s in zip((512, 1024, 2048), (8, 16, 32))]
+class EncoderTimer:
+    """Forward hooks around model.encoder: seconds from entering its first layer to leaving its last."""
+
+    def __init__(self, model, sync):
+        enc = model.encoder
+        first, last = (enc[0], enc[-1]) if isinstance(enc, torch.nn.ModuleList) else (enc, enc)
+        self.sync, self.start, self.seconds = sync, None, 0.0
+        self.handles = [first.register_forward_pre_hook(self._enter), last.register_forward_hook(self._leave)]
+
+    def _enter(self, *_):
+        self.sync()
+        self.start = time.perf_counter()
+
+    def _leave(self, *_):
+        self.sync()
+        self.seconds = time.perf_counter() - self.start
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
 
 
-def _encoder_cost(model, feats, repeats):
-    """GMACs and median seconds of model.encode(feats) with and without its encoder layers:
-    -> (layers' GMACs, layers' seconds, rest's GMACs, rest's seconds); grid_sample not counted.
-    repeats=0 counts only (the seconds are 0)."""
-    layers = model.encoder
-    time_it = (lambda: _median_time(lambda: model.encode(feats), repeats)) if repeats else (lambda: 0.0)
-    with torch.no_grad():
-        full, t_full = _gmacs(lambda: model.encode(feats)), time_it()
-        model.encoder = layers[:0]
-        base, t_base = _gmacs(lambda: model.encode(feats)), time_it()
-    model.encoder = layers
-    return full - base, t_full - t_base, base, t_base
+def _val_images(root, n, device):
+    """The first n val images of a COCO-format root (val transforms: short side 800, max 1333)."""
+    import data as datalib
+    from data.coco import CocoDetection, find_split
+    img_dir, ann = find_split(root, "val")
+    ds = CocoDetection(img_dir, ann, datalib.make_transforms("val", **datalib.COCO_SCALES))
+    if n > len(ds):
+        raise ValueError(f"--images {n}: {ann} has only {len(ds)} images")
+    return [ds[i][0].to(device) for i in range(n)]
 
 
-def sparse_encoder(args):
-    """Encoder layers only (what rho sparsifies): the cost of encode() minus the same model's
-    encode() with no layers, so input projections and token selection are reported apart."""
-    h, w = args.size
-    feats = _backbone_feats(h, w)
-    rows = []
-    for rho in [None] + args.rhos:
-        cfg = sparse_detr.Config(sparse_encoder=rho is not None, rho=rho or 0.1)
-        model = sparse_detr.SparseDETR(cfg).eval()
-        d, L, P = cfg.hidden_dim, cfg.num_feature_levels, cfg.enc_n_points
-        with torch.no_grad():
-            _, out = model.encode(feats)
-        n = int((~out["token_pad_mask"]).sum())
-        s = int(out["topk_inds"].shape[1]) if rho is not None else n
-        gmacs, sec, base, t_base = _encoder_cost(model, feats, args.repeats)
-        # not seen by FlopCounterMode: grid_sample (4 corners per sampled value) and the elementwise
-        # weighted sum (1 per sampled value)
-        grid = 5 * len(model.encoder) * s * d * L * P / 1e9
-        rows.append({"rho": rho, "tokens": n, "queries": s, "gmacs": gmacs + grid, "sec": sec,
-                     "overhead_gmacs": base, "overhead_sec": t_base})
-    dense = rows[0]
-    print(f"Sparse DETR encoder (6 layers, d 256, 4 levels x 4 points), {h} x {w} input, {dense['tokens']} tokens, "
-          f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    print("| encoder | queries | GMACs | vs dense | paper model (0.087 + 0.913 rho) | time (s) | vs dense | "
-          "projections + selection GMACs / s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        name = "dense (Deformable DETR)" if r["rho"] is None else f"sparse, rho {r['rho']}"
-        model_ratio = "1.000" if r["rho"] is None else f"{0.087 + 0.913 * r['rho']:.3f}"
-        print(f"| {name} | {r['queries']} | {r['gmacs']:.1f} | {r['gmacs'] / dense['gmacs']:.3f} | {model_ratio} | "
-              f"{r['sec']:.2f} | {r['sec'] / dense['sec']:.3f} | {r['overhead_gmacs']:.1f} / {r['overhead_sec']:.2f} |")
+def measure(module, configs, args, images):
+    """Several configurations of one model file -> one dict each (params, gmacs, encoder_gmacs and,
+    for the timed ones, ms, ms_spread, encoder_ms per batch size). configs: [(Config, timed)].
+
+    Timing is interleaved: a warm-up round, then --repeats rounds each running every timed model
+    once, so warm-up and the machine's drift touch every configuration alike."""
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp == "bf16")
+    rows, models = [], []
+    for cfg, timed in configs:
+        torch.manual_seed(0)
+        model = module.build(cfg)[0].eval().to(device)
+        for p in model.parameters():  # no autograd anywhere (FlopCounterMode's module tracker trips over
+            p.requires_grad_(False)   # views of parameters taken under no_grad, e.g. SMCA's query embedding)
+        with torch.no_grad(), amp:
+            gm = [count_gmacs(lambda: model(img[None], torch.zeros(1, *img.shape[1:], dtype=torch.bool,
+                                                                   device=device)), model) for img in images]
+        rows.append({"params": sum(p.numel() for p in model.parameters()),
+                     "gmacs": statistics.mean(g for g, _ in gm), "encoder_gmacs": statistics.mean(e for _, e in gm)})
+        models.append(model if timed else None)
+    for b in args.batch_sizes:
+        img = images[0][None].expand(b, *images[0].shape).contiguous()
+        inputs = (img, torch.zeros(b, *img.shape[2:], dtype=torch.bool, device=device))
+        timers = [EncoderTimer(m, sync) if m is not None else None for m in models]
+        total, encoder = [[] for _ in models], [[] for _ in models]
+        with torch.no_grad(), amp:
+            for r in range(args.repeats + 1):  # round 0 is the warm-up
+                for i, model in enumerate(models):
+                    if model is None:
+                        continue
+                    sync()
+                    t0 = time.perf_counter()
+                    model(*inputs)
+                    sync()
+                    if r:
+                        total[i].append(time.perf_counter() - t0)
+                        encoder[i].append(timers[i].seconds)
+        for i, row in enumerate(rows):
+            if models[i] is not None:
+                timers[i].remove()
+                key = "" if b == 1 else f"_b{b}"
+                row[f"ms{key}"] = 1e3 * statistics.median(total[i])
+                row[f"ms_spread{key}"] = 1e3 * (max(total[i]) - min(total[i]))
+                row[f"encoder_ms{key}"] = 1e3 * statistics.median(encoder[i])
     return rows
 
 
-# Lite DETR Table 3 (R50, encoder GFLOPs as fvcore counts them, 1 MAC = 1 FLOP; grid_sample not counted)
-LITE_PAPER = {"dense": 90, "H3L1-(2+1)x3": 39, "H3L1-(3+1)x2": 35, "H3L1-(6+1)x1": 30, "H2L2-(2+1)x3": 23}
+# ---------------------------------------------------------------------------------------------
+# The efficiency tables
+# ---------------------------------------------------------------------------------------------
 
 
-def lite_encoder(args):
-    """The encoder layers of Lite-Deformable DETR's four named schedules and the dense Deformable
-    DETR encoder (same model file, enc_scale 4, no KDA), as encode() minus encode() with no layers."""
-    h, w = args.size
-    feats = _backbone_feats(h, w)
+def _ratio(ours, paper, derived=False):
+    """'ours | paper (ours - paper)' cells."""
+    if ours is None:
+        return "- | -"
+    if paper is None:
+        return f"{ours:.3f} | -"
+    return f"{ours:.3f} | {paper:.3f}{'*' if derived else ''} ({ours - paper:+.3f})"
+
+
+def bench_model(name, args, images, config=None):
+    """Measure one suite -> list of records (one per variant, with its baseline's figures).
+    `config`: the Config the suite's overrides apply to (default: the model's COCO Config)."""
+    module = importlib.import_module(name)  # the model file of that name
+    suite = SUITES[name]
+    rows = measure(module, [(make_config(module, v.overrides, config), v.timed)
+                            for v in [suite.baseline] + suite.variants], args, images)
+    base = rows[0]
+    records = []
+    for v, ours in zip(suite.variants, rows[1:]):
+        rec = {"model": name, "label": v.label, "config": dict(v.overrides),
+               "params": ours["params"], "gmacs": ours["gmacs"], "encoder_gmacs": ours["encoder_gmacs"],
+               "baseline": suite.baseline.label, "baseline_params": base["params"], "baseline_gmacs": base["gmacs"],
+               "baseline_encoder_gmacs": base["encoder_gmacs"], "ms": ours.get("ms"), "baseline_ms": base["ms"],
+               "encoder_ms": ours.get("encoder_ms"), "baseline_encoder_ms": base["encoder_ms"],
+               "ms_spread": ours.get("ms_spread"), "baseline_ms_spread": base["ms_spread"],
+               "paper_gmacs_ratio": v.paper_gmacs, "paper_encoder_ratio": v.paper_encoder,
+               "paper_time_ratio": v.paper_time, "device": args.device, "amp": args.amp, "size": args.size_label}
+        for b in args.batch_sizes[1:]:
+            rec[f"ms_b{b}"], rec[f"baseline_ms_b{b}"] = ours.get(f"ms_b{b}"), base[f"ms_b{b}"]
+        records.append(rec)
+    return records
+
+
+def print_table(name, records, args):
+    suite = SUITES[name]
+    r0 = records[0]
+    print(f"\n### {name}: against {r0['baseline']} ({r0['baseline_params'] / 1e6:.1f} M parameters, "
+          f"{r0['baseline_gmacs']:.1f} GMACs, encoder {r0['baseline_encoder_gmacs']:.1f}, "
+          f"{r0['baseline_ms']:.0f} ms +- {r0['baseline_ms_spread'] / 2:.0f}, encoder {r0['baseline_encoder_ms']:.0f} ms)")
+    print(f"Paper figures: {suite.source}\n")
+    b4 = [b for b in args.batch_sizes[1:]]
+    print("| configuration | params (M) | GMACs | vs base | paper | encoder GMACs | vs base | paper | ms | vs base | "
+          "paper | encoder ms | vs base |" + "".join(f" ms B{b} | vs base |" for b in b4))
+    print("|---" * (13 + 2 * len(b4)) + "|")
+    for r in records:
+        t = r["ms"] is not None
+        cells = [r["label"], f"{r['params'] / 1e6:.2f}", f"{r['gmacs']:.1f}",
+                 _ratio(r["gmacs"] / r["baseline_gmacs"], r["paper_gmacs_ratio"]),
+                 f"{r['encoder_gmacs']:.1f}",
+                 _ratio(r["encoder_gmacs"] / r["baseline_encoder_gmacs"], r["paper_encoder_ratio"],
+                        "encoder" in suite.derived),
+                 f"{r['ms']:.0f} +- {r['ms_spread'] / 2:.0f}" if t else "-",
+                 _ratio(r["ms"] / r["baseline_ms"] if t else None, r["paper_time_ratio"]),
+                 f"{r['encoder_ms']:.0f}" if t else "-",
+                 f"{r['encoder_ms'] / r['baseline_encoder_ms']:.3f}" if t else "-"]
+        for b in b4:
+            cells += [f"{r[f'ms_b{b}']:.0f}" if t else "-",
+                      f"{r[f'ms_b{b}'] / r[f'baseline_ms_b{b}']:.3f}" if t else "-"]
+        print("| " + " | ".join(cells) + " |")
+
+
+# ---------------------------------------------------------------------------------------------
+# The leaderboard: every model trained on shapes with one shared CPU budget
+# ---------------------------------------------------------------------------------------------
+
+LEADERBOARD = [("DETR (SMCA, prior off)", "smca", ["--set", "spatial_prior=false"]),
+               ("SMCA-DETR", "smca", []), ("Sparse DETR", "sparse_detr", []), ("Lite DETR", "lite_detr", []),
+               ("Focus-DETR", "focus_detr", [])]
+
+
+def leaderboard(args):
+    """Train each model with train.py's --time-budget (same minutes, seed and data), in this process,
+    then table the last evaluation of each run. Runs already in --out are resumed: a spent budget
+    trains nothing, so a second call only re-reads them."""
+    import train
     rows = []
-    for name in args.configs:
-        row = {"name": name}
-        for low_ffn in ("small", "none"):  # OFF's small F_L FFN; F_L without FFN (fits the paper's GFLOPs)
-            if name == "dense" and low_ffn == "none":  # no F_L tokens
-                row.update(gmacs_no_low_ffn=row["gmacs"])
-                continue
-            cfg = lite_detr.Config.named(name, low_ffn=low_ffn)
-            model = lite_detr.LiteDETR(cfg).eval()
-            d, L, P = cfg.hidden_dim, cfg.num_feature_levels, cfg.enc_n_points
-            with torch.no_grad():
-                _, out = model.encode(feats)
-            n, n_low = out["token_pad_mask"].shape[1], out["n_low"]
-            queries = sum(n if kind == "all" else n - n_low for kind in model.schedule)  # token updates, all layers
-            # FlopCounterMode sees the linears and KDA's q.k, w.v matmuls; not grid_sample (4 corners per
-            # sampled value) nor, without KDA, the elementwise weighted sum (1 per sampled value)
-            counted, sec, _, _ = _encoder_cost(model, feats, args.repeats if low_ffn == "small" else 0)
-            gmacs = counted + queries * d * L * P * (4 + (0 if cfg.kda_encoder else 1)) / 1e9
-            if low_ffn == "small":
-                row.update(tokens=n, high_share=(n - n_low) / n, updates=queries / (len(model.schedule) * n),
-                           counted_gmacs=counted, gmacs=gmacs, sec=sec)
-            else:
-                row.update(gmacs_no_low_ffn=gmacs)
-        rows.append(row)
-    base = next((r for r in rows if r["name"] == "dense"), rows[0])
-    print(f"Lite-Deformable DETR encoder (6 layers, d 256, FFN 1024, 4 levels x 4 points), {h} x {w} input, "
-          f"{base['tokens']} tokens, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print("| encoder | F_H tokens | token updates vs dense | GMACs, linear + matmul | vs dense | GMACs, all | vs dense | "
-          "paper GFLOPs (Table 3) | vs dense | GMACs, all, low_ffn=none | vs dense | time (s) | vs dense |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, model, extra in LEADERBOARD:
+        out = os.path.join(args.out, re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_"))
+        argv = ["--model", model, "--output-dir", out, "--seed", str(args.seed), "--time-budget", str(args.budget),
+                "--resume", "auto"] + extra + args.train_args
+        print(f"== {label}: python train.py {' '.join(argv)}", flush=True)
+        train.main(argv)
+        with open(os.path.join(out, "log.jsonl")) as f:
+            evals = [r for r in map(json.loads, f) if r.get("type") == "eval"]
+        if not evals:
+            raise ValueError(f"{out}/log.jsonl has no evaluation")
+        e = evals[-1]
+        rows.append({"model": label, "AP": e["AP"], "AP50": e["AP50"], "APs": e["APs"], "APm": e["APm"],
+                     "APl": e["APl"], "epochs": e["epoch"] + e.get("epoch_fraction", 1.0),
+                     "train_min": e["train_s"] / 60, "infer_ms": e["infer_ms_per_image"]})
+    command = "python bench.py --leaderboard" + ("" if args.budget == 10 else f" --budget {args.budget:g}")
+    lines = [f"`{command}` ({args.budget:g} CPU minutes of training each, seed {args.seed}, shapes val, "
+             f"{torch.get_num_threads()} threads)", "",
+             "| model | AP | AP50 | APs | APm | APl | epochs done | train (min) | inference (ms / image) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        paper = LITE_PAPER.get(r["name"])
-        paper_txt = f"{paper} | {paper / LITE_PAPER['dense']:.3f}" if paper else "- | -"
-        label = "dense (Deformable DETR)" if r["name"] == "dense" else r["name"]
-        print(f"| {label} | {r['high_share']:.1%} | {r['updates']:.3f} | {r['counted_gmacs']:.1f} | "
-              f"{r['counted_gmacs'] / base['counted_gmacs']:.3f} | {r['gmacs']:.1f} | {r['gmacs'] / base['gmacs']:.3f} | "
-              f"{paper_txt} | {r['gmacs_no_low_ffn']:.1f} | {r['gmacs_no_low_ffn'] / base['gmacs']:.3f} | "
-              f"{r['sec']:.2f} | {r['sec'] / base['sec']:.3f} |")
+        lines.append(f"| {r['model']} | {100 * r['AP']:.1f} | {100 * r['AP50']:.1f} | {100 * r['APs']:.1f} | "
+                     f"{100 * r['APm']:.1f} | {100 * r['APl']:.1f} | {r['epochs']:.2f} | {r['train_min']:.1f} | "
+                     f"{r['infer_ms']:.0f} |")
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(args.out, "leaderboard.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(args.out, "leaderboard.json"), "w") as f:
+        json.dump(rows, f, indent=1)
     return rows
 
 
-# Focus-DETR paper, Table 1 (R50, 36 epochs; fact sheet): whole-model GFLOPs and V100 FPS
-FOCUS_PAPER = {"dense": (279, 14.2), "focus": (154, 20.0)}
+# ---------------------------------------------------------------------------------------------
 
 
-def focus(args):
-    """Focus-DETR against its dense DINO base (foreground_selection=False: every token in every layer,
-    no scorer, no OESM), R50, 900 queries, eval mode: encoder layers (encode() minus encode() with no
-    layers) and the whole model from the image."""
-    h, w = args.size
-    images, pad_mask = torch.randn(1, 3, h, w), torch.zeros(1, h, w, dtype=torch.bool)
-    rows = []
-    for name in ("dense", "focus"):
-        cfg = focus_detr.Config(foreground_selection=name == "focus")
-        model = focus_detr.FocusDETR(cfg).eval()
-        d, LP = cfg.hidden_dim, cfg.num_feature_levels * cfg.enc_n_points
-        feats = model.backbone(images, pad_mask)
-        with torch.no_grad():
-            _, out = model.encode(feats)
-        n = out["token_pad_mask"].shape[1]
-        updates = out["token_nums"].sum().item() if name == "focus" else n * cfg.enc_layers  # encoder query tokens
-        counted, sec, overhead, t_overhead = _encoder_cost(model, feats, args.repeats)
-        # not seen by FlopCounterMode: grid_sample (4 per sampled value) and the weighted sum (1 per)
-        enc = counted + 5 * updates * d * LP / 1e9
-        dec_extra = 5 * cfg.dec_layers * cfg.num_queries * d * cfg.num_feature_levels * cfg.dec_n_points / 1e9
-        with torch.no_grad():
-            total = _gmacs(lambda: model(images, pad_mask)) + 5 * updates * d * LP / 1e9 + dec_extra
-            t_total = _median_time(lambda: model(images, pad_mask), args.repeats)
-        rows.append({"name": name, "tokens": n, "updates": updates / (n * cfg.enc_layers), "encoder_gmacs": enc,
-                     "encoder_sec": sec, "overhead_gmacs": overhead, "gmacs": total, "sec": t_total})
-    dense, ours = rows
-    print(f"Focus-DETR vs its dense DINO base (R50, 900 queries, 6 + 6 layers, FFN 2048), {h} x {w} input, "
-          f"{dense['tokens']} tokens, {torch.get_num_threads()} threads, median of {args.repeats}")
-    print("| model | encoder token updates | encoder GMACs | vs dense | encoder time (s) | vs dense | whole model GMACs | "
-          "vs dense | paper GFLOPs (Table 1) | vs dense | whole model time (s) | vs dense | paper FPS ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        paper_gflops, paper_fps = FOCUS_PAPER[r["name"]]
-        label = "dense DINO base (selection off)" if r["name"] == "dense" else "Focus-DETR"
-        print(f"| {label} | {r['updates']:.3f} | {r['encoder_gmacs']:.1f} | {r['encoder_gmacs'] / dense['encoder_gmacs']:.3f} | "
-              f"{r['encoder_sec']:.2f} | {r['encoder_sec'] / dense['encoder_sec']:.3f} | {r['gmacs']:.1f} | "
-              f"{r['gmacs'] / dense['gmacs']:.3f} | {paper_gflops} | {paper_gflops / FOCUS_PAPER['dense'][0]:.3f} | "
-              f"{r['sec']:.2f} | {r['sec'] / dense['sec']:.3f} | {FOCUS_PAPER['dense'][1] / paper_fps:.3f} |")
-    return rows
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=list(SUITES), action="append", help="only this model (repeatable)")
+    p.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"), help="fixed input size")
+    p.add_argument("--data", help="a COCO-format root: GMACs averaged over its first --images val images")
+    p.add_argument("--images", type=int, default=100, help="with --data: how many val images (default 100)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration, after one warm-up")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (times batch 1 and batch 4 on cuda)")
+    p.add_argument("--amp", choices=("off", "bf16"), default="off")
+    p.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print one JSON record per configuration instead of tables")
+    p.add_argument("--leaderboard", action="store_true", help="train every model on shapes with one budget")
+    p.add_argument("--budget", type=float, default=10.0, help="--leaderboard: training minutes per model")
+    p.add_argument("--seed", type=int, default=42, help="--leaderboard: the training seed")
+    p.add_argument("--out", default=os.path.join("runs", "leaderboard"), help="--leaderboard: output folder")
+    p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
+                   help="--leaderboard: further train.py arguments for every run (last on the line)")
+    args = p.parse_args(argv)
+    if args.leaderboard:
+        if not args.budget > 0:
+            raise ValueError(f"--budget must be positive, got {args.budget}")
+        return args
+    if min(args.size) < 64:
+        raise ValueError(f"--size must be at least 64 x 64, got {args.size}")
+    if args.repeats < 1 or args.images < 1:
+        raise ValueError("--repeats and --images must be positive")
+    if args.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no CUDA device (or torch is a CPU build)")
+    if args.data and not os.path.isdir(args.data):
+        raise ValueError(f"--data {args.data!r} is not a folder")
+    args.batch_sizes = [1, 4] if args.device == "cuda" else [1]
+    return args
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="bench", required=True)
-    s = sub.add_parser("sparse-encoder", help="Sparse DETR's encoder cost across rho")
-    s.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"))
-    s.add_argument("--rhos", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 1.0])
-    s.add_argument("--repeats", type=int, default=5)
-    s = sub.add_parser("lite-encoder", help="Lite DETR's interleaved encoders vs the dense encoder")
-    s.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"))
-    s.add_argument("--configs", nargs="+", default=list(LITE_PAPER), metavar="NAME",
-                   help=f"Lite DETR configurations by name ({', '.join(lite_detr.NAMED)})")
-    s.add_argument("--repeats", type=int, default=5)
-    s = sub.add_parser("focus", help="Focus-DETR vs its dense DINO base, encoder and whole model")
-    s.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"))
-    s.add_argument("--repeats", type=int, default=3)
-    args = p.parse_args(argv)
-    if min(args.size) < 64 or args.repeats < 1:
-        raise ValueError("--size must be at least 64 x 64 and --repeats positive")
-    if args.bench == "focus":
-        return focus(args)
-    if args.bench == "lite-encoder":
-        unknown = [c for c in args.configs if c not in lite_detr.NAMED]
-        if unknown:
-            raise ValueError(f"unknown --configs {unknown}; known: {', '.join(lite_detr.NAMED)}")
-        return lite_encoder(args)
-    if args.bench == "sparse-encoder":
-        if not all(0 < r <= 1 for r in args.rhos):
-            raise ValueError("every --rhos value must be in (0, 1]")
-        return sparse_encoder(args)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.leaderboard:
+        return leaderboard(args)
+    if args.data:
+        images = _val_images(args.data, args.images, args.device)
+        args.size_label = f"first {args.images} val images of {args.data}, timed on the first"
+    else:
+        torch.manual_seed(0)
+        images = [torch.randn(3, *args.size, device=args.device)]
+        args.size_label = f"{args.size[0]}x{args.size[1]}"
+    if not args.json:
+        print(f"bench: {args.size_label}, {args.device}, amp {args.amp}, {torch.get_num_threads()} threads, "
+              f"median of {args.repeats} after a warm-up; GMACs = FlopCounterMode / 2 + grid_sample 4 per value")
+    records = []
+    for name in args.model or list(SUITES):
+        recs = bench_model(name, args, images)
+        records += recs
+        if args.json:
+            for r in recs:
+                print(json.dumps(r))
+        else:
+            print_table(name, recs, args)
+        sys.stdout.flush()
+    return records
 
 
 if __name__ == "__main__":
