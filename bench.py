@@ -360,6 +360,8 @@ def parse_args(argv=None):
     p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                    help="--leaderboard: further train.py arguments for every run (last on the line)")
     args = p.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be positive, got {args.threads}")
     if args.leaderboard:
         if not args.budget > 0:
             raise ValueError(f"--budget must be positive, got {args.budget}")

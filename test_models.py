@@ -1171,6 +1171,8 @@ def test_bench_rejects_bad_flags(tiny_shapes):
             bench.main(["--device", "cuda"])
     with pytest.raises(ValueError, match="--budget must be positive"):
         bench.main(["--leaderboard", "--budget", "0"])
+    with pytest.raises(ValueError, match="--threads must be positive"):
+        bench.main(["--threads", "0"])
     with pytest.raises(ValueError, match="is not a folder"):
         bench.main(["--data", "/nowhere/coco"])
     with pytest.raises(SystemExit):
@@ -1544,6 +1546,20 @@ def test_bench_leaderboard_trains_each_model_once_and_tables_them(tiny_shapes, t
     assert "| DETR tiny |" in table and "| SMCA tiny |" in table and "--budget 1e-07" in table
     assert bench.main(argv) == rows  # a second call re-reads the spent runs: nothing retrained, nothing lost
     assert len(_train_losses(tmp_path / "smca_tiny")) == 1
+
+
+def test_converge_probe_reads_a_checkpoint_and_refuses_others(tiny_shapes, tmp_path):
+    train.main(_train_args(tiny_shapes, tmp_path / "s", "--epochs", "1"))
+    rows = converge.probe(str(tmp_path / "s" / "checkpoint.pth"), tiny_shapes, n=3, size=64)
+    assert len(rows) == 3 and all(a >= 0 and b >= 0 for a, b in rows.values())
+    assert rows["predicted boxes (images / queries)"][1] > 0  # the queries' boxes differ
+    with pytest.raises(ValueError, match="needs 4 val images"):
+        converge.probe(str(tmp_path / "s" / "checkpoint.pth"), tiny_shapes, n=4)
+    ckpt = torch.load(tmp_path / "s" / "checkpoint.pth", weights_only=False)
+    ckpt["model_name"] = "sparse_detr"
+    torch.save(ckpt, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not an smca one"):
+        converge.probe(str(tmp_path / "other.pth"), tiny_shapes, n=3)
 
 
 def test_train_ddp_two_processes(tiny_shapes, tmp_path):
