@@ -409,7 +409,7 @@ def halve_mask(mask):
     bottom / right), exactly what the same conv gives on the image alone.
     """
     B, H, W = mask.shape
-    valid_h, valid_w = (~mask).any(2).sum(1), (~mask).any(1).sum(1)  # (B,)
+    valid_w, valid_h = valid_image_sizes(mask).long().unbind(-1)  # (B,) valid cells
     rows = torch.arange((H + 1) // 2, device=mask.device)[None, :, None] >= ((valid_h + 1) // 2)[:, None, None]
     cols = torch.arange((W + 1) // 2, device=mask.device)[None, None, :] >= ((valid_w + 1) // 2)[:, None, None]
     return rows | cols  # (B, ceil(H/2), ceil(W/2))
@@ -417,8 +417,8 @@ def halve_mask(mask):
 
 def level_valid_ratios(masks):
     """[(B, H_l, W_l)] -> (B, L, 2): the unpadded fraction (w, h) of each level's map."""
-    return torch.stack([torch.stack([(~m[:, 0, :]).sum(1) / m.shape[2], (~m[:, :, 0]).sum(1) / m.shape[1]], -1)
-                        for m in masks], 1).float()
+    return torch.stack([valid_image_sizes(m) / torch.tensor([m.shape[2], m.shape[1]], device=m.device)
+                        for m in masks], 1)
 
 
 def encoder_reference_points(spatial_shapes, valid_ratios):
@@ -442,7 +442,7 @@ def token_proposals(masks):
     """
     props = []
     for lvl, m in enumerate(masks):
-        valid_wh = torch.stack([(~m[:, 0, :]).sum(1), (~m[:, :, 0]).sum(1)], -1).float()  # (B, 2)
+        valid_wh = valid_image_sizes(m)  # (B, 2) valid cells (w, h)
         ys, xs = torch.meshgrid(torch.arange(m.shape[1], device=m.device), torch.arange(m.shape[2], device=m.device),
                                 indexing="ij")
         grid = (torch.stack([xs, ys], -1).view(1, -1, 2) + 0.5) / valid_wh[:, None]  # (B, H_l*W_l, 2)
