@@ -25,6 +25,7 @@ import data as datalib
 import converge
 import focus_detr
 import lite_detr
+import pretrain
 import smca
 import sparse_detr
 import train
@@ -265,6 +266,85 @@ def test_shapes_generator_is_deterministic_and_coco_like(tiny_shapes, tmp_path):
     assert len(sizes) > 1  # images of varying size, so batches pad
     with pytest.raises(ValueError, match="not the shapes set asked for .*seed 4"):
         shapes.ensure(tiny_shapes, 8, 3, seed=4)  # never overwrites another set
+
+
+def test_shapes_set_keeps_cocos_mix_of_sizes_and_several_objects_per_image(tmp_path):
+    """Format 2's promises: at least 3 objects per image on average; small (< 32^2), medium and large
+    (> 96^2) objects all present; every shape of a colour that differs from the background under it."""
+    shapes.generate(str(tmp_path / "s"), num_train=60, num_val=1, seed=5)
+    ann = json.load(open(tmp_path / "s" / "annotations" / "instances_train.json"))
+    areas = np.array([a["area"] for a in ann["annotations"]])
+    assert len(areas) / len(ann["images"]) >= 3
+    assert (areas < 32 ** 2).mean() > 0.15 and (areas > 96 ** 2).mean() > 0.05
+    assert ((areas >= 32 ** 2) & (areas <= 96 ** 2)).mean() > 0.3
+    assert ann["info"]["version"] == shapes.FORMAT_VERSION
+
+
+def test_shapes_ensure_moves_an_older_version_aside_and_refuses_strangers(tiny_shapes, tmp_path):
+    import shutil
+    root = str(tmp_path / "shapes")
+    shutil.copytree(tiny_shapes, root)
+    open(os.path.join(root, "checkpoint_next_to_it.pth"), "w").write("user file")
+    for split in ("train", "val"):  # make it an older version of the set
+        path = os.path.join(root, "annotations", f"instances_{split}.json")
+        d = json.load(open(path))
+        d["info"]["version"] = shapes.FORMAT_VERSION - 1
+        json.dump(d, open(path, "w"))
+    shapes.ensure(root, 8, 3, seed=3)
+    aside = f"{root}-v{shapes.FORMAT_VERSION - 1}"
+    assert open(os.path.join(aside, "checkpoint_next_to_it.pth")).read() == "user file"  # kept, moved aside
+    assert json.load(open(os.path.join(root, "annotations", "instances_val.json")))["info"]["version"] == shapes.FORMAT_VERSION
+    shutil.copytree(aside, root + "2")
+    shutil.copytree(aside, root + "2-v1")  # where it would go is taken: refuse, touch nothing
+    with pytest.raises(ValueError, match="version 1 of the shapes set.*exists"):
+        shapes.ensure(root + "2", 8, 3, seed=3)
+    os.makedirs(tmp_path / "mine")
+    with pytest.raises(ValueError, match="not the shapes set asked for"):
+        shapes.ensure(str(tmp_path / "mine"), 8, 3, seed=3)
+    assert os.listdir(tmp_path / "mine") == []
+
+
+def test_pretrain_crops_are_centred_on_their_object_and_background_has_none(tmp_path):
+    """A hand-built set: one red rectangle (category 5 -> class index 1) on black."""
+    root = tmp_path / "set"
+    os.makedirs(root / "train")
+    os.makedirs(root / "annotations")
+    arr = np.zeros((200, 240, 3), dtype=np.uint8)
+    arr[60:100, 120:180, 0] = 255
+    Image.fromarray(arr).save(root / "train" / "a.png")
+    json.dump({"images": [{"id": 1, "file_name": "a.png", "width": 240, "height": 200}],
+               "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [120, 60, 60, 40], "area": 2400,
+                                "iscrowd": 0}],
+               "categories": shapes.CATEGORIES}, open(root / "annotations" / "instances_train.json", "w"))
+    ds = pretrain.ObjectCrops(str(root), 32)
+    random.seed(0)
+    for _ in range(5):
+        x, label = ds[0]
+        rgb = x * torch.tensor(datalib.transforms.IMAGENET_STD)[:, None, None] + torch.tensor(datalib.transforms.IMAGENET_MEAN)[:, None, None]
+        assert label == 1 and x.shape == (3, 32, 32)
+        assert rgb[0, 16, 16] > 0.9 and rgb[1:, 16, 16].abs().max() < 0.1  # the crop's centre is the object
+        x0, y0, side = ds._background_box(1)
+        assert not (x0 < 150 < x0 + side and y0 < 80 < y0 + side)  # no object centre in a background crop
+
+
+def test_pretrain_writes_a_backbone_the_detectors_load_and_ensure_reuses_it(tiny_shapes, tmp_path):
+    import shutil
+    root = str(tmp_path / "shapes")
+    shutil.copytree(tiny_shapes, root)
+    out = pretrain.pretrain(root, 18, str(tmp_path / "bb.pth"), log=lambda s: None, steps=2, batch_size=4, warmup=1)
+    info = pretrain.read_info(out)
+    assert info["shapes_version"] == shapes.FORMAT_VERSION and info["depth"] == 18 and 0 <= info["accuracy"] <= 1
+    before = torch.load(out, weights_only=True)["model"]
+    backbone = common.Backbone(18, "frozen_bn")
+    common.load_backbone_weights(backbone, out)  # BatchNorm statistics become the frozen ones
+    assert torch.equal(backbone.body.layer3[0].bn1.running_var, before["layer3.0.bn1.running_var"])
+    assert not torch.equal(before["conv1.weight"], common.ResNet(18).conv1.weight)  # the stem trained too
+    shutil.copy(out, pretrain.default_path(root, 18))
+    assert pretrain.ensure(root, 18, log=lambda s: None) == pretrain.default_path(root, 18)  # reused, not retrained
+    with pytest.raises(ValueError, match="not the pretrained ResNet-18 this code would write"):
+        pretrain.ensure(root, 18, seed=1)
+    with pytest.raises(ValueError, match="use it with --data shapes"):
+        train.main(["--model", "smca", "--data", root, "--backbone-weights", "shapes", "--output-dir", str(tmp_path / "r")])
 
 
 def test_transforms_keep_boxes_on_the_object():
@@ -587,11 +667,12 @@ def _alone_and_padded(x, H, W):
     return (x, torch.zeros(1, h, w, dtype=torch.bool)), (batch, mask)
 
 
-@pytest.mark.parametrize("spatial_prior,multiscale", [(True, False), (False, False), (True, True), (False, True)])
-def test_smca_padding_invariance(spatial_prior, multiscale, figures):
-    """An image's outputs do not depend on the padding its batch adds (DESIGN.md), at every scale."""
+@pytest.mark.parametrize("spatial_prior,multiscale,stride", [(True, False, 32), (False, False, 32), (True, True, 32),
+                                                             (False, True, 32), (True, False, 16)])
+def test_smca_padding_invariance(spatial_prior, multiscale, stride, figures):
+    """An image's outputs do not depend on the padding its batch adds, at every scale (and on C4)."""
     torch.manual_seed(0)
-    cfg = tiny_smca(spatial_prior=spatial_prior, multiscale=multiscale)
+    cfg = tiny_smca(spatial_prior=spatial_prior, multiscale=multiscale, feature_stride=stride)
     model, _, _ = smca.build(cfg)
     model.double().eval()
     # C5 of a 96 x 128 image (3 x 4 cells) padded to 5 x 6 cells; C4 the same at twice the resolution.
@@ -611,7 +692,7 @@ def test_smca_padding_invariance(spatial_prior, multiscale, figures):
     (images, m1), (big, pad) = _alone_and_padded(torch.randn(1, 3, 96, 128, dtype=torch.float64), 160, 192)
     drift = (model(images, m1)["pred_boxes"][0] - model(big, pad)["pred_boxes"][0]).abs().max().item()
     figures.append((f"smca full-model padding drift, max |d box| (spatial_prior={spatial_prior}, "
-                    f"multiscale={multiscale})", f"{drift:.2e}"))
+                    f"multiscale={multiscale}, stride {stride})", f"{drift:.2e}"))
 
 
 def test_halve_mask_matches_a_strided_conv_on_the_image_alone():
@@ -639,10 +720,10 @@ NO_GRAD_EXPECTED = {
 }
 
 
-@pytest.mark.parametrize("multiscale", [False, True])
-def test_smca_gradient_flow(multiscale):
+@pytest.mark.parametrize("multiscale,stride", [(False, 32), (True, 32), (False, 16)])
+def test_smca_gradient_flow(multiscale, stride):
     torch.manual_seed(0)
-    cfg = tiny_smca(multiscale=multiscale)
+    cfg = tiny_smca(multiscale=multiscale, feature_stride=stride)
     model, criterion, _ = smca.build(cfg)
     model.train()
     images, pad_mask = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
@@ -666,6 +747,27 @@ def test_smca_config_errors():
         smca.build(tiny_smca(hidden_dim=30))
     with pytest.raises(ValueError, match="ms_encoder"):
         smca.build(tiny_smca(multiscale=True, ms_encoder="IXI"))
+    with pytest.raises(ValueError, match="feature_stride"):
+        smca.build(tiny_smca(feature_stride=8))
+
+
+def test_smca_on_c4_reads_c4_in_its_own_cells_and_leaves_layer4_untrained():
+    """feature_stride 16 (the shapes config): the encoder reads C4, the prior counts C4 cells (sigma
+    sqrt(beta / 2) cells at init, as on C5), and layer4, whose output nobody reads, does not train."""
+    model, _, _ = smca.build(tiny_smca(feature_stride=16))
+    model.eval()
+    images, pad_mask = torch.randn(1, 3, 96, 128), torch.zeros(1, 96, 128, dtype=torch.bool)
+    out = model(images, pad_mask, return_attention=True)
+    assert out["level_shapes"] == [(6, 8)]
+    layer = model.decoder[0]
+    grid = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
+    with torch.no_grad():
+        layer.offset_proj.weight.zero_()
+        layer.offset_proj.bias.zero_()
+    log_g = layer.log_prior(torch.zeros(1, 1, 32), torch.full((1, 1, 2), -20.0), [(torch.tensor([[8.0, 6.0]]), grid)])
+    assert torch.allclose(log_g[0, 0, 0], torch.tensor([0.0, -4.0 / 8.0]), atol=1e-6)  # -(2 cells)^2 / beta
+    assert not any(p.requires_grad for p in model.backbone.body.layer4.parameters())
+    assert any(p.requires_grad for p in model.backbone.body.layer3.parameters())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1576,20 +1678,26 @@ def test_train_ddp_two_processes(tiny_shapes, tmp_path):
 
 
 def test_converge_table_from_logs_and_skips_finished_runs(tmp_path, monkeypatch):
-    """converge.py reads each run's eval records (the last one of an epoch wins) and does not
-    retrain a run whose last epoch is already evaluated."""
+    """converge.py reads each run's eval records (the last one of an epoch wins), does not retrain a
+    run whose last epoch is already evaluated, and counts the steps DETR needed to reach SMCA's AP."""
     monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"retrained {argv}"))
-    for i in range(len(converge.VARIANTS)):
+    for i in range(3):
         os.makedirs(tmp_path / str(i))
         with open(tmp_path / str(i) / "log.jsonl", "w") as f:
             f.write(json.dumps({"type": "train", "loss": 1.0}) + "\n")
             for epoch in (0, 1, 1):
                 ap = 0.01 * (i + 1) * (epoch + 1)
-                f.write(json.dumps({"type": "eval", "epoch": epoch, "AP": ap, "AP50": 2 * ap, "epoch_time_s": 60.0}) + "\n")
+                f.write(json.dumps({"type": "eval", "epoch": epoch, "AP": ap, "AP50": 2 * ap, "epoch_time_s": 60.0,
+                                    "steps": 100 * (epoch + 1)}) + "\n")
     converge.main(["--epochs", "2", "--out", str(tmp_path)])
     rows = (tmp_path / "table.md").read_text().splitlines()
-    assert rows[-2] == "| 2 | 2.0 / 4.0 | 4.0 / 8.0 | 6.0 / 12.0 |"
-    assert rows[-1] == "| s / epoch, train + eval | 60 | 60 | 60 |"
+    assert rows[-3] == "| 2 | 2.0 / 4.0 | 4.0 / 8.0 |"
+    assert rows[-2] == "| s / epoch, train + eval | 60 | 60 |"
+    # SMCA's AP after epoch 1 (2.0) is DETR's after its epoch 2 (200 steps); SMCA's final 4.0 it never reaches
+    assert rows[-1] == "| DETR steps to reach SMCA's AP of each epoch (SMCA: 1 epoch = 100 steps) | - | 200 (2.0x) / > 200 (> 1.0x) |"
+    converge.main(["--epochs", "2", "--out", str(tmp_path), "--multiscale"])
+    rows = (tmp_path / "table.md").read_text().splitlines()
+    assert rows[-3] == "| 2 | 2.0 / 4.0 | 4.0 / 8.0 | 6.0 / 12.0 |"
 
 
 def test_bench_sparse_encoder_macs_follow_rho():

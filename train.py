@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 import data as datalib
+import pretrain
 from common import load_backbone_weights
 from data import shapes
 
@@ -50,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--lr-drop", type=int, help="epoch after which the lr is multiplied by 0.1")
     p.add_argument("--batch-size", type=int, help="images per process")
     p.add_argument("--lr", type=float)
-    p.add_argument("--lr-backbone", type=float)
+    p.add_argument("--lr-backbone", type=float, help="0 freezes the whole backbone (as DETR's --lr_backbone 0)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--clip-max-norm", type=float, default=0.1, help="0 turns clipping off")
     p.add_argument("--amp", choices=("off", "bf16", "fp16"), default="off")
@@ -66,8 +67,9 @@ def parse_args(argv=None):
                    help="stop training after this many minutes of training (summed over resumes; checked every "
                         "iteration), then save and evaluate. bench.py --leaderboard gives every model the same one")
     p.add_argument("--backbone-weights", default=None,
-                   help="torchvision-format ResNet .pth, 'imagenet' (download), or 'none'. Default: 'imagenet' "
-                        "with --data PATH (the papers fine-tune an ImageNet backbone), 'none' on shapes")
+                   help="torchvision-format ResNet .pth, 'imagenet' (download), 'shapes' (the ResNet pretrain.py "
+                        "pretrains on the shapes set, trained on first use) or 'none' (from scratch). Default: "
+                        "'imagenet' with --data PATH (the papers fine-tune an ImageNet backbone), 'shapes' on shapes")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override model Config fields (repeatable; later wins)")
     p.add_argument("--seed", type=int, default=42)
@@ -266,6 +268,7 @@ def train_one_epoch(ctx, epoch, loader):
         losses = criterion(outputs, targets)
         loss = sum(losses[k] * weights[k] for k in losses if k in weights)
         step = epoch * n + it
+        ctx["steps"] += 1
         if not all_finite(loss.detach()):
             ids = [t["image_id"] for t in targets]
             raise FloatingPointError(
@@ -334,7 +337,7 @@ def main(argv=None):
     for key in ("epochs", "lr_drop", "batch_size", "lr", "lr_backbone", "eval_every"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
-        if getattr(args, key) <= 0:
+        if getattr(args, key) < 0 or (getattr(args, key) == 0 and key != "lr_backbone"):
             raise ValueError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
     if args.time_budget is not None and not args.time_budget > 0:
         raise ValueError(f"--time-budget must be a positive number of minutes, got {args.time_budget}")
@@ -362,7 +365,16 @@ def main(argv=None):
     if cfg.num_classes < val_set.num_classes:
         raise ValueError(f"num_classes {cfg.num_classes} < {val_set.num_classes} (largest category id + 1 in the data)")
     model, criterion, postprocess = module.build(cfg)
-    weights = args.backbone_weights or ("none" if on_shapes else "imagenet")
+    weights = args.backbone_weights or ("shapes" if on_shapes else "imagenet")
+    if weights == "shapes":  # the miniature of the papers' ImageNet backbone (pretrain.py)
+        if not on_shapes:
+            raise ValueError("--backbone-weights shapes is the ResNet pretrained on the built-in shapes set; "
+                             "use it with --data shapes, or pass 'imagenet', a file or 'none'")
+        if rank == 0:
+            pretrain.ensure(SHAPES_ROOT, cfg.backbone_depth)
+        if dist.is_initialized():
+            dist.barrier()
+        weights = pretrain.default_path(SHAPES_ROOT, cfg.backbone_depth)
     if weights != "none":
         try:
             load_backbone_weights(model.backbone, weights)
@@ -374,6 +386,8 @@ def main(argv=None):
         if rank == 0:
             print(f"finetune: loaded {report['loaded']} tensors; skipped for shape {report['shape_mismatch']}; "
                   f"not in this model {report['unused']}; left at init {len(report['missing'])}")
+    if args.lr_backbone == 0:  # DETR's convention: --lr_backbone 0 keeps the whole backbone frozen
+        model.backbone.requires_grad_(False)
     model.to(device)
 
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
@@ -391,7 +405,7 @@ def main(argv=None):
                                   lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    start_epoch, train_s = 0, 0.0
+    start_epoch, train_s, steps = 0, 0.0, 0
     if resume:
         ckpt = load_checkpoint(resume)
         check_compatible(ckpt, resume, args.model, cfg, training=not args.eval_only)
@@ -405,6 +419,7 @@ def main(argv=None):
             torch.set_rng_state(ckpt["rng"]["torch"][rank % len(ckpt["rng"]["torch"])])
         start_epoch = ckpt.get("epoch", -1) + 1
         train_s = ckpt.get("train_s", 0.0)
+        steps = ckpt.get("steps", 0)
         if rank == 0:
             print(f"resumed from {resume} (epoch {start_epoch} done)")
 
@@ -422,7 +437,8 @@ def main(argv=None):
     ctx = {"model": ddp_model, "criterion": criterion, "postprocess": postprocess, "optimizer": optimizer,
            "scaler": scaler, "args": args, "device": device, "rank": rank, "world": world, "amp_dtype": amp_dtype, "log": log,
            "forward_takes_targets": getattr(module, "FORWARD_TAKES_TARGETS", False),  # DINO-style denoising
-           "train_s": train_s}  # seconds of training so far, over every resume (--time-budget)
+           "train_s": train_s,  # seconds of training so far, over every resume (--time-budget)
+           "steps": steps}  # optimizer steps so far, over every resume
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{args.model} on {args.data}: {n_params:,} trainable parameters, {world} process(es) on {device}, "
@@ -456,12 +472,12 @@ def main(argv=None):
                              "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
                                      "torch": torch_states},
                              "model_name": args.model, "config": dataclasses.asdict(cfg), "args": vars(args),
-                             "train_s": ctx["train_s"], "epoch_fraction": fraction},
+                             "train_s": ctx["train_s"], "steps": ctx["steps"], "epoch_fraction": fraction},
                             ckpt_path)
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs or fraction < 1:
                 result = evaluate(ctx, val_set)
                 log({"type": "eval", "epoch": epoch, "epoch_fraction": fraction, "epoch_time_s": time.time() - t0,
-                     "train_s": ctx["train_s"], "infer_ms_per_image": result["infer_ms_per_image"], **result["stats"],
+                     "train_s": ctx["train_s"], "steps": ctx["steps"], "infer_ms_per_image": result["infer_ms_per_image"], **result["stats"],
                      "per_class": {str(k): v for k, v in result["per_class"].items()}})
                 if rank == 0:
                     print(result["text"])
