@@ -668,18 +668,12 @@ class Config:
 
 
 def shapes_config():
-    """CPU-sized Focus-DETR for the built-in shapes set (what `python train.py --model focus_detr` trains).
-
-    A ResNet-18 pretrained on the shapes set (pretrain.py; frozen BatchNorm, as the papers' ImageNet
-    backbone), d 128 (DINO has no dropout); every mechanism of the paper is on.
-    """
-    return Config(backbone_depth=18, backbone_norm="frozen_bn", hidden_dim=128, nheads=8, enc_layers=6,
-                  dec_layers=3, dim_feedforward=512, num_queries=50, num_select=100, num_fine_tokens=100,
-                  dn_number=20)
+    """CPU-sized Focus-DETR for the shapes set (`python train.py --model focus_detr`); every mechanism on."""
+    return Config(backbone_depth=18, backbone_norm="frozen_bn", hidden_dim=128, nheads=8, enc_layers=6, dec_layers=3,
+                  dim_feedforward=512, num_queries=50, num_select=100, num_fine_tokens=100, dn_number=20)
 
 
-# train.py's defaults on --data shapes (the ResNet-18 pretrained on shapes by pretrain.py; 2 epochs
-# of 500 steps, about 15 minutes on 2 CPU cores)
+# train.py's defaults on --data shapes (the ResNet-18 pretrained by pretrain.py; 2 epochs of 500 steps)
 SHAPES_RECIPE = {"epochs": 2, "lr_drop": 2, "batch_size": 8, "lr": 4e-4, "lr_backbone": 1e-4, "eval_every": 1}
 # OFF: AdamW lr 1e-4, backbone 1e-5, clip 0.1 (train.py's shared recipe); no lr multipliers
 # the model's forward takes the targets in training (denoising queries)

@@ -67,6 +67,8 @@ Deviations from the paper / official code:
   broadcasts them to all heads; OFF has no such option.
 - Table 3's partial sharing variants (shared FFN only / shared SA only) are not offered;
   `intra_share=False` is its "no sharing" row.
+- `feature_stride=16` (single-scale) reads C4 instead of C5, its prior in C4 cells. Not a paper
+  setting: the CPU shapes configuration uses it to keep cells per object near COCO's on C5.
 """
 import math
 from dataclasses import dataclass

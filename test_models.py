@@ -1614,6 +1614,21 @@ def test_train_rejects_bad_flags(tiny_shapes, tmp_path):
         train.main(_train_args(tiny_shapes, tmp_path / "empty", "--eval-only"))
     with pytest.raises(ValueError, match="--device 'warp9'"):
         train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--device", "warp9"))
+    with pytest.raises(ValueError, match="--lr-backbone must be positive"):
+        train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--lr-backbone", "-1"))
+    with pytest.raises(ValueError, match="--lr must be positive"):
+        train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--lr", "0"))
+
+
+def test_train_lr_backbone_zero_freezes_the_backbone(tiny_shapes, tmp_path):
+    """DETR's convention: --lr-backbone 0 trains no backbone parameter; the rest trains, and steps are counted."""
+    train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--lr-backbone", "0"))
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert "backbone" not in [g["name"] for g in ckpt["optimizer"]["param_groups"]]
+    assert {g["name"] for g in ckpt["optimizer"]["param_groups"]} == {"base"}
+    assert ckpt["steps"] == 2  # 8 train images, batch 4
+    with open(tmp_path / "log.jsonl") as f:
+        assert [r["steps"] for r in map(json.loads, f) if r["type"] == "eval"] == [2]
 
 
 def test_train_time_budget_stops_saves_and_evaluates(tiny_shapes, tmp_path):
