@@ -151,7 +151,8 @@ def main(argv=None):
     text = table(results, args.epochs, variants)
     print(text)
     with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(f"`python converge.py {' '.join(argv if argv is not None else sys.argv[1:])}`\n\n{text}\n")
+        command = " ".join(["python converge.py", *(argv if argv is not None else sys.argv[1:])])
+        f.write(f"`{command}`\n\n{text}\n")
     return results
 
 

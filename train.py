@@ -6,7 +6,8 @@
     python train.py --model lite_detr --set enc_scale=2          # Lite DETR H2L2-(2+1)x3
 
 --data shapes (the default) generates the synthetic set under data/shapes on first use and trains
-the model's CPU-sized configuration (`shapes_config()` and `SHAPES_RECIPE` in the model file).
+the model's CPU-sized configuration (`shapes_config()` and `SHAPES_RECIPE` in the model file) from
+the ResNet-18 that pretrain.py pretrains on the set (once, on first use; --backbone-weights shapes).
 --data PATH is a COCO-format root (train2017/ val2017/ annotations/instances_{train,val}2017.json,
 or train/ val/ annotations/instances_{train,val}.json) and trains the paper's configuration.
 

@@ -7,8 +7,8 @@ Layout: OUT/train/*.jpg, OUT/val/*.jpg, OUT/annotations/instances_{train,val}.js
 Format version 2 (version 1 had 1..10 objects from 8 px, free overlap and any colour): each image
 (160..256 px a side, so batches pad) holds 2..7 filled shapes of 5 classes with non-contiguous
 category ids (as COCO's), on a smooth-noise textured background. Sizes are log-uniform from 16 px
-to 0.8 of the short side, which puts about 30% of the objects under COCO's "small" area (32^2),
-half "medium" and a fifth "large" (over 96^2), as COCO's 41 / 34 / 24 %. A shape's colour differs
+to 0.8 of the short side, which puts about a third of the objects under COCO's "small" area
+(32^2), half "medium" and an eighth "large" (over 96^2); COCO has 41 / 34 / 24 %. A shape's colour differs
 from the background under it (an invisible object is a label no detector can earn); a shape is
 placed where it covers at most 25% of an earlier one's box (20 tries, else it is left out), and
 boxes cover the visible part (an object less than 30% visible is not annotated). The same seed
