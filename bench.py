@@ -82,7 +82,7 @@ SUITES = {
         variants=[Variant(f"rho {rho}", {"rho": rho}, g / 177.3, 0.087 + 0.913 * rho, 18.2 / fps)
                   for rho, (g, fps) in _SPARSE.items()],
         source="Sparse DETR Table 1 (R50): dense 177.3 GFLOPs, B4FPS 18.2; encoder* = 0.087 + 0.913 rho, derived "
-               "from the paper's GFLOPs slope (fact sheet sec. 13; no encoder figure is published)",
+               "from the paper's GFLOPs slope (no encoder figure is published)",
         derived={"encoder"}),
     "lite_detr": Suite(
         baseline=Variant("dense (Deformable DETR)", lite_detr.NAMED["dense"]),

@@ -32,7 +32,7 @@ Configurations by the paper's names (`Config.named(...)`; `cfg.name` gives a con
     dense          enc_scale 4, num_blocks 1, kda_encoder False: exactly the DDETR encoder (a test shows it)
 "(A+1)xB" counts 6 layers in all, not (A+1)*B: each block has A-1 high-level layers and one all-token
 layer, which performs both the A-th high-level update and the low-level one (OFF's schedule:
-layer i updates all tokens when (i + 1) % (6 / B) == 0; the fact sheet's GFLOPs check supports it).
+layer i updates all tokens when (i + 1) % (6 / B) == 0; Table 3's GFLOPs are consistent with it).
 
 Parameter count (R50, 91 classes, H3L1-(2+1)x3, KDA in the encoder only): 41,552,793 trainable
 (`python lite_detr.py` prints it; a test derives it). Derivation from the DDETR base, 40,959,129:
@@ -53,8 +53,8 @@ Deviations from the paper / official code (OFF's behaviour is the default unless
 - F_L's FFN in the all-token layers: OFF's `small_expand` (hidden = d_model, ReLU, own LayerNorm
   `norm22`) by default, `low_ffn="small"`. The paper's Lite-DDETR FFN is not published, and its
   Table 3 GFLOPs are lower than OFF's design gives on the DDETR base; they match an all-token layer
-  whose F_L tokens skip the FFN (`low_ffn="none"`) to within a few percent (README, bench.py
-  lite-encoder). `low_ffn="normal"` gives F_L the full FFN.
+  whose F_L tokens skip the FFN (`low_ffn="none"`) to within a few percent (README,
+  `python bench.py --model lite_detr`). `low_ffn="normal"` gives F_L the full FFN.
 - KDA in the decoder: OFF's single `key_aware` flag puts KDA in the decoder cross-attention too.
   Whether Lite-DDETR did is unknown; the default follows the paper text (KDA in the encoder) and
   `kda_decoder=True` is OFF's Lite-DINO choice.

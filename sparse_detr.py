@@ -28,7 +28,7 @@ Paper symbol -> variable:
 
 Deviations from the paper / official code (OFF's behaviour is the default unless said):
 - The scoring network's global half is averaged over VALID tokens; OFF averages over all tokens,
-  padding included, so an image's selection depends on its batch (DESIGN.md). OFF's mean is
+  padding included, so an image's selection depends on its batch. OFF's mean is
   `scorer_mean_over_padding=True`; the two agree at batch size 1.
 - The input projections' GroupNorm takes its statistics over valid positions only; OFF's counts the
   padding, so an image's features move with its batch. OFF's is `masked_groupnorm=False`.

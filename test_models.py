@@ -792,7 +792,7 @@ def _assert_only_box_hidden_layers_without_gradient(model):
 
 
 def test_sparse_detr_parameter_counts_match_official():
-    """Counted from the official code built on CPU (fact sheet): rho 0.1, the "+" baseline, plain two-stage."""
+    """Counted from the official code built on CPU: rho 0.1, the "+" baseline, plain two-stage."""
     for kw, want in [({}, 41_714_805), ({"sparse_encoder": False, "use_enc_aux_loss": False}, 40_827_289),
                      ({"sparse_encoder": False, "eff_query_init": False, "eff_specific_head": False}, 40_959_129)]:
         model, _, _ = sparse_detr.build(sparse_detr.Config(**kw))
@@ -872,8 +872,8 @@ def test_sparse_encoder_at_rho_one_is_the_dense_encoder():
 
 @pytest.mark.parametrize("mean_over_padding", [False, True])
 def test_sparse_detr_padding_invariance(mean_over_padding, figures):
-    """After the backbone, an image's detections, scores and selection do not depend on its batch
-    (DESIGN.md); OFF's mean over padded tokens (mean_over_padding) breaks this for the scores."""
+    """After the backbone, an image's detections, scores and selection do not depend on its batch;
+    OFF's mean over padded tokens (mean_over_padding) breaks this for the scores."""
     torch.manual_seed(0)
     model, _, _ = sparse_detr.build(tiny_sparse(scorer_mean_over_padding=mean_over_padding))
     model.double().eval()
@@ -935,7 +935,7 @@ def test_sparse_detr_other_selections(selection):
 
 
 def test_copied_blocks_stay_in_sync():
-    """Every `# Copied from module.name` block in a model file is a verbatim copy of its source (DESIGN.md)."""
+    """Every `# Copied from module.name` block in a model file is a verbatim copy of its source."""
     import importlib
     import inspect
     import re
@@ -1107,7 +1107,7 @@ def test_lite_encoder_schedule(name, queries):
 @pytest.mark.parametrize("kw", [{}, {"kda_decoder": True, "kda_key_proj": True, "last_layer_queries": "low"},
                                 {"enc_scale": 2, "low_ffn": "none"}])
 def test_lite_detr_padding_invariance(kw, figures):
-    """After the backbone an image's detections do not depend on its batch (DESIGN.md)."""
+    """After the backbone an image's detections do not depend on its batch."""
     torch.manual_seed(0)
     model, _, _ = lite_detr.build(tiny_lite(**kw))
     model.double().eval()
@@ -1294,7 +1294,7 @@ def tiny_focus(**kw):
 
 
 def test_focus_detr_parameter_counts_follow_the_official_model():
-    """OFF (80 classes, only the stem frozen): 49,339,920 parameters, 49,330,512 trainable (fact sheet)."""
+    """OFF (80 classes, only the stem frozen): 49,339,920 parameters, 49,330,512 trainable (counted from the official code)."""
     count = lambda model, trainable: sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)  # noqa: E731
     model = focus_detr.build(focus_detr.Config(num_classes=80))[0]
     layer1 = sum(p.numel() for n, p in model.backbone.named_parameters() if n.startswith("body.layer1"))
@@ -1717,7 +1717,7 @@ def test_converge_table_from_logs_and_skips_finished_runs(tmp_path, monkeypatch)
 
 def test_bench_sparse_encoder_macs_follow_rho():
     """bench.py's count: the sparse encoder's multiply-adds are the per-query part on the S = int(N rho) + 1
-    selected tokens plus the value projection on all N (fact sheet: ratio 0.087 + 0.913 rho at d 256,
+    selected tokens plus the value projection on all N (the paper's slope: ratio 0.087 + 0.913 rho at d 256,
     FFN 1024, 4 x 4 points; here a tiny config); the records carry every field --json promises."""
     cfg = tiny_sparse(enc_layers=2)
     records = _bench_tiny("sparse_detr", cfg)
@@ -1732,7 +1732,7 @@ def test_bench_sparse_encoder_macs_follow_rho():
         assert r["baseline_encoder_gmacs"] * 1e9 == pytest.approx(2 * n * (per_q + d * d), rel=1e-6)
         assert r["params"] > r["baseline_params"]  # the scorer and the encoder-aux heads
         assert r["device"] == "cpu" and r["size"] == "64x96" and 0 < r["encoder_ms"] <= r["ms"]
-    # the same count at the paper's widths, from the fact sheet's per-token figures
+    # the same count at the paper's widths (d 256, FFN 1024, 4 levels x 4 points), per token
     d, n, s_ = 256, 20000, 2001
     per_q = 65536 + 32768 + 65536 + 524288 + 4 * 256 * 16  # sampling offsets, weights, output, FFN, grid_sample
     assert (s_ * per_q + n * d * d) / (n * (per_q + d * d)) == pytest.approx(0.087 + 0.913 * 0.1, abs=0.003)
