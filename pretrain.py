@@ -36,12 +36,11 @@ from torch import nn
 
 from common import ResNet
 from data import shapes
-from data.coco import find_split, load_coco
+from data.coco import find_split, load_coco, load_rgb
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 PRETRAIN_VERSION = 1  # bump when the recipe below changes: an older file is then refused, not reused
 RECIPE = {"steps": 200, "batch_size": 128, "crop": 64, "lr": 2e-3, "weight_decay": 1e-4, "warmup": 20}
-NUM_CLASSES = len(shapes.CATEGORIES) + 1  # the shapes, then background
 
 
 def default_path(root, depth):
@@ -49,7 +48,8 @@ def default_path(root, depth):
 
 
 class ObjectCrops(torch.utils.data.Dataset):
-    """(crop (3, S, S), class) samples of a COCO-format train split: an object, or background."""
+    """(crop (3, S, S), class) samples of a COCO-format train split: an object (its category's index
+    in id order), or background (`self.background`, one past the last category)."""
 
     def __init__(self, root, crop):
         img_dir, ann_file = find_split(root, "train")
@@ -90,9 +90,8 @@ class ObjectCrops(torch.utils.data.Dataset):
             cx, cy = bx + bw / 2 + random.uniform(-0.1, 0.1) * side, by + bh / 2 + random.uniform(-0.1, 0.1) * side
             square = (cx - side / 2, cy - side / 2, side)
         x0, y0, side = square
-        with Image.open(self.files[img_id]) as img:
-            box = tuple(round(v) for v in (x0, y0, x0 + side, y0 + side))  # may reach past the border: black there
-            patch = img.convert("RGB").crop(box).resize((self.crop, self.crop), Image.BILINEAR)
+        box = tuple(round(v) for v in (x0, y0, x0 + side, y0 + side))  # may reach past the border: black there
+        patch = load_rgb(self.files[img_id]).crop(box).resize((self.crop, self.crop), Image.BILINEAR)
         if random.random() < 0.5:
             patch = patch.transpose(Image.FLIP_LEFT_RIGHT)
         x = torch.from_numpy(np.asarray(patch, dtype=np.float32) / 255.0).permute(2, 0, 1)
@@ -102,30 +101,34 @@ class ObjectCrops(torch.utils.data.Dataset):
 def pretrain(root, depth=18, out=None, seed=0, log=print, **overrides):
     """Pretrain ResNet-`depth` to classify the object crops of `root`'s train split; write and return the file."""
     recipe = dict(RECIPE, **overrides)
+    if not (recipe["batch_size"] >= 1 and recipe["crop"] >= 32 and recipe["lr"] > 0 and recipe["weight_decay"] >= 0
+            and 1 <= recipe["warmup"] < recipe["steps"]):
+        raise ValueError(f"pretrain recipe {recipe}: needs batch_size >= 1, crop >= 32 px, lr > 0, weight_decay >= 0 "
+                         f"and 1 <= warmup < steps")
     out = out or default_path(root, depth)
     torch.manual_seed(seed)
     random.seed(seed)
+    data = ObjectCrops(root, recipe["crop"])
     body = ResNet(depth, nn.BatchNorm2d)
-    classifier = nn.Linear(body.channels[-1], NUM_CLASSES)
+    classifier = nn.Linear(body.channels[-1], data.background + 1)  # the categories, then background
     params = list(body.parameters()) + list(classifier.parameters())
     opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     steps, warmup = recipe["steps"], recipe["warmup"]
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine to zero
         opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
-    data = ObjectCrops(root, recipe["crop"])
     gen = torch.Generator().manual_seed(seed)
     sampler = torch.utils.data.RandomSampler(data, replacement=True, num_samples=steps * recipe["batch_size"], generator=gen)
     loader = torch.utils.data.DataLoader(data, batch_size=recipe["batch_size"], sampler=sampler)
     body.train()
     start, last, correct, total = time.time(), time.time(), 0, 0
     for step, (x, label) in enumerate(loader):
-        logits = classifier(body(x)[-1].mean((2, 3)))  # global average pooling of C5, (B, NUM_CLASSES)
+        logits = classifier(body(x)[-1].mean((2, 3)))  # global average pooling of C5, (B, classes)
         loss = F.cross_entropy(logits, label)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        if step >= steps - 50:  # training accuracy over the last 50 steps (each batch is unseen before its step)
+        if step >= steps - 50:  # training accuracy over the last 50 steps (fresh random crops, before their update)
             correct, total = correct + (logits.argmax(1) == label).sum().item(), total + len(label)
         if time.time() - last > 10 or step == steps - 1:
             last = time.time()

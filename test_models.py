@@ -343,6 +343,10 @@ def test_pretrain_writes_a_backbone_the_detectors_load_and_ensure_reuses_it(tiny
     assert pretrain.ensure(root, 18, log=lambda s: None) == pretrain.default_path(root, 18)  # reused, not retrained
     with pytest.raises(ValueError, match="not the pretrained ResNet-18 this code would write"):
         pretrain.ensure(root, 18, seed=1)
+    for bad in (dict(warmup=0), dict(steps=5, warmup=5), dict(crop=16), dict(batch_size=0), dict(lr=0.0)):
+        with pytest.raises(ValueError, match="needs batch_size >= 1, crop >= 32"):
+            pretrain.pretrain(root, 18, str(tmp_path / "bad.pth"), log=lambda s: None, **bad)
+    assert not os.path.exists(tmp_path / "bad.pth")
     with pytest.raises(ValueError, match="use it with --data shapes"):
         train.main(["--model", "smca", "--data", root, "--backbone-weights", "shapes", "--output-dir", str(tmp_path / "r")])
 

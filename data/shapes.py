@@ -146,7 +146,10 @@ def generate(out, num_train=NUM_TRAIN, num_val=NUM_VAL, seed=0):
 
 def _info(out, split):
     with open(os.path.join(out, "annotations", f"instances_{split}.json")) as f:
-        return json.load(f)["info"]
+        info = json.load(f)["info"]
+    if not isinstance(info, dict):
+        raise TypeError("not a shapes set's info")
+    return info
 
 
 def ensure(out, num_train=NUM_TRAIN, num_val=NUM_VAL, seed=0):
