@@ -1,4 +1,5 @@
 """Efficiency, measured: every model against its dense baseline, next to what its paper reports.
+(Training experiments, the leaderboard among them, are in experiments.py.)
 
     python bench.py                          # all four models and their baselines, 800 x 1333, CPU
     python bench.py --model lite_detr        # one model (smca, sparse_detr, lite_detr, focus_detr)
@@ -6,7 +7,6 @@
     python bench.py --data PATH --images 100 # GMACs averaged over the first 100 val images (as the papers)
     python bench.py --device cuda --amp bf16 # GPU: synchronised timing at batch 1 and 4 (FPS, B4FPS)
     python bench.py --json                   # one JSON record per model configuration, nothing else
-    python bench.py --leaderboard            # train every model (and DETR) on shapes with one CPU budget
 
 What is measured, per configuration (R50, the paper's COCO Config, random weights: cost does not
 depend on them):
@@ -293,53 +293,6 @@ def print_table(name, records, args):
 
 
 # ---------------------------------------------------------------------------------------------
-# The leaderboard: every model trained on shapes with one shared CPU budget
-# ---------------------------------------------------------------------------------------------
-
-LEADERBOARD = [("DETR (SMCA, prior off)", "smca", ["--set", "spatial_prior=false"]),
-               ("SMCA-DETR", "smca", []), ("Sparse DETR", "sparse_detr", []), ("Lite DETR", "lite_detr", []),
-               ("Focus-DETR", "focus_detr", [])]
-
-
-def leaderboard(args):
-    """Train each model with train.py's --time-budget (same minutes, seed and data), in this process,
-    then table the last evaluation of each run. Runs already in --out are resumed: a spent budget
-    trains nothing, so a second call only re-reads them."""
-    import train
-    rows = []
-    for label, model, extra in LEADERBOARD:
-        out = os.path.join(args.out, re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_"))
-        argv = ["--model", model, "--output-dir", out, "--seed", str(args.seed), "--time-budget", str(args.budget),
-                "--resume", "auto"] + extra + args.train_args
-        print(f"== {label}: python train.py {' '.join(argv)}", flush=True)
-        train.main(argv)
-        with open(os.path.join(out, "log.jsonl")) as f:
-            evals = [r for r in map(json.loads, f) if r.get("type") == "eval"]
-        if not evals:
-            raise ValueError(f"{out}/log.jsonl has no evaluation")
-        e = evals[-1]
-        rows.append({"model": label, "AP": e["AP"], "AP50": e["AP50"], "APs": e["APs"], "APm": e["APm"],
-                     "APl": e["APl"], "epochs": e["epoch"] + e.get("epoch_fraction", 1.0),
-                     "train_min": e["train_s"] / 60, "infer_ms": e["infer_ms_per_image"]})
-    command = "python bench.py --leaderboard" + ("" if args.budget == 10 else f" --budget {args.budget:g}")
-    lines = [f"`{command}` ({args.budget:g} CPU minutes of training each, seed {args.seed}, shapes val, "
-             f"{torch.get_num_threads()} threads)", "",
-             "| model | AP | AP50 | APs | APm | APl | epochs done | train (min) | inference (ms / image) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {100 * r['AP']:.1f} | {100 * r['AP50']:.1f} | {100 * r['APs']:.1f} | "
-                     f"{100 * r['APm']:.1f} | {100 * r['APl']:.1f} | {r['epochs']:.2f} | {r['train_min']:.1f} | "
-                     f"{r['infer_ms']:.0f} |")
-    text = "\n".join(lines)
-    print(text)
-    with open(os.path.join(args.out, "leaderboard.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(args.out, "leaderboard.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
@@ -353,19 +306,9 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=("off", "bf16"), default="off")
     p.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON record per configuration instead of tables")
-    p.add_argument("--leaderboard", action="store_true", help="train every model on shapes with one budget")
-    p.add_argument("--budget", type=float, default=10.0, help="--leaderboard: training minutes per model")
-    p.add_argument("--seed", type=int, default=42, help="--leaderboard: the training seed")
-    p.add_argument("--out", default=os.path.join("runs", "leaderboard"), help="--leaderboard: output folder")
-    p.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
-                   help="--leaderboard: further train.py arguments for every run (last on the line)")
     args = p.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be positive, got {args.threads}")
-    if args.leaderboard:
-        if not args.budget > 0:
-            raise ValueError(f"--budget must be positive, got {args.budget}")
-        return args
     if min(args.size) < 64:
         raise ValueError(f"--size must be at least 64 x 64, got {args.size}")
     if args.repeats < 1 or args.images < 1:
@@ -384,8 +327,6 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.leaderboard:
-        return leaderboard(args)
     if args.data:
         images = _val_images(args.data, args.images, args.device)
         args.size_label = f"first {args.images} val images of {args.data}, timed on the first"

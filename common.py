@@ -4,24 +4,54 @@ A model file imports this module (and torch) and nothing else of ours, so one mo
 file is a whole model. Contents, top to bottom:
 
 1. ResNet backbone in plain torch (torchvision's module and parameter names, FrozenBatchNorm2d),
-   returning C3/C4/C5 with their padding masks, and loading torchvision-format weights from a file.
+   returning C3/C4/C5 with their padding masks, and loading torchvision-format weights.
 2. Sine position encoding (DETR's), the MLP head and valid_image_sizes.
 3. The multi-scale deformable sampling op in pure PyTorch (F.grid_sample), used by Sparse, Lite and
    Focus DETR in place of the official CUDA extension.
-4. Box ops (cxcywh <-> xyxy, IoU, GIoU that never asserts).
-5. Hungarian matcher, set criterion (sigmoid focal / L1 / GIoU, aux and encoder terms) and
+4. Deformable DETR's scaffolding, used unchanged by Sparse, Lite and Focus DETR: MSDeformAttn, the
+   input projections and token geometry (`input_tokens` -> `TokenGeometry`), the two-stage
+   proposals, the post-norm encoder and decoder layers, the box-refining decoder loop, and the
+   write-back of a subset of tokens.
+5. Box ops (cxcywh <-> xyxy, IoU, GIoU that never asserts).
+6. Hungarian matcher, set criterion (sigmoid focal / L1 / GIoU, aux and encoder terms) and
    post-processing.
+7. Visualisation (a heat map over an image, with Pillow).
+
+The model interface, the same for all four (train.py, bench.py and the tests rely on nothing else):
+    build(cfg) -> (model, criterion, postprocess)
+    model(images, pad_mask, targets=None, explain=False) -> dict
+        images (B, 3, H_img, W_img) float, pad_mask (B, H_img, W_img) bool, True = padding;
+        targets: the training targets (read only by Focus-DETR, for its denoising queries, and only
+        in training); explain=True adds the paper mechanism's internals to the dict (each model's
+        `forward` docstring lists them), at no cost when False.
+        Always: pred_logits (B, Q, K), pred_boxes (B, Q, 4) cxcywh in [0, 1] of the UNPADDED image,
+        aux_outputs (earlier decoder layers, when aux_loss), plus what the model's loss reads.
+    criterion(outputs, targets) -> dict of loss terms, weights in criterion.weight_dict
+    postprocess(outputs, target_sizes) -> [{scores, labels, boxes}] in original-image pixels
+
+Shape letters, the same in every file of the library:
+    B  images in the batch               Q  decoder queries (denoising ones included where present)
+    C  channels (hidden_dim)             N  encoder tokens, all levels: N = sum_l H_l * W_l
+    H  attention heads                   S  the tokens an encoder layer updates, a subset of N
+    D  channels per head, C / H             (Sparse DETR's selected, Focus-DETR's kept tokens)
+    L  feature levels                    J  Focus-DETR's fine-grained tokens, a subset of S
+    P  sampling points per head, level   K  classes (logits per query)
+    M  target boxes of an image          G  denoising groups
+    F  sine frequencies per coordinate   H_l, W_l  level l's map; H_img, W_img  the padded images
 
 Deviations from the DETR / Deformable DETR code these come from:
 - generalized_box_iou never asserts: NaN/inf coordinates are replaced by 0 and inverted boxes are
   treated as empty, so a diverging prediction gives a large loss instead of killing the run.
 - The matcher replaces non-finite costs by a large finite value, for the same reason.
-- `Backbone(norm="bn")` is an extra for training from scratch (no ImageNet weights on the machine):
-  ordinary BatchNorm instead of DETR's FrozenBatchNorm2d (the default). The stem and layer1 stay
-  frozen in both modes.
+- `Backbone(norm="bn")` is an extra for training from scratch: ordinary BatchNorm instead of
+  DETR's FrozenBatchNorm2d (the default). The stem and layer1 stay frozen in both modes.
+- The input projections' GroupNorm may skip padded positions (`MaskedGroupNorm`), the extra
+  level's padding mask is computed exactly (`halve_mask`), and the two-stage top-k never picks a
+  padded token: each model file says which it uses and how to get the official behaviour.
 """
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -150,8 +180,6 @@ class Backbone(nn.Module):
     in DETR (from scratch, the frozen stem is a fixed random-feature extractor).
     """
 
-    strides = (8, 16, 32)
-
     def __init__(self, depth=50, norm="frozen_bn"):
         super().__init__()
         if norm not in ("frozen_bn", "bn"):
@@ -172,42 +200,32 @@ class Backbone(nn.Module):
         return out
 
 
-def _numpy_array_globals():
-    """What unpickling a numpy array needs (numpy 1 and 2 name its module differently)."""
-    import numpy as np
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
-_NUMPY_ARRAY_GLOBALS = _numpy_array_globals()
-
-
 def load_backbone_weights(backbone, source):
     """Load a torchvision-format ResNet state dict into `backbone.body`.
 
-    source: a file path, or "imagenet" to download torchvision's weights (needs internet). The file
-    may also be a train.py checkpoint of any model of this library with the same ResNet: its
-    backbone.body.* tensors are taken (e.g. a backbone trained on the shapes set).
-    Raises ValueError naming the file and the missing / unexpected / mis-shaped keys.
+    source: a state dict, a file holding one (bare, or under a "model" key), or "imagenet" to
+    download torchvision's weights (needs internet). A whole model's state dict of this library
+    also works: its backbone.body.* tensors are taken (e.g. a backbone trained on the shapes set).
+    Files are read with weights_only=True. Raises ValueError naming the source and the missing /
+    unexpected / mis-shaped keys.
     """
-    if source == "imagenet":
+    name = "the given state dict" if isinstance(source, dict) else repr(source)
+    if isinstance(source, dict):
+        state = source
+    elif source == "imagenet":
         state = torch.hub.load_state_dict_from_url(RESNET_URLS[backbone.depth], map_location="cpu")
     else:
         if not os.path.isfile(source):
             raise ValueError(f"backbone weights: no such file {source!r}")
-        try:  # weights only; our own checkpoints also hold numpy RNG states (arrays), allowed here
-            with torch.serialization.safe_globals(_NUMPY_ARRAY_GLOBALS):
-                state = torch.load(source, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"backbone weights: {source!r} is not a readable torch state dict ({e})") from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict):
-        raise ValueError(f"backbone weights: {source!r} holds a {type(state).__name__}, not a state dict")
-    if any(k.startswith("backbone.body.") for k in state):  # a checkpoint of one of our models
+        raise ValueError(f"backbone weights: {name} holds a {type(state).__name__}, not a state dict")
+    if any(k.startswith("backbone.body.") for k in state):  # a whole model of this library
         state = {k[len("backbone.body."):]: v for k, v in state.items() if k.startswith("backbone.body.")}
     state = {k: v for k, v in state.items()
              if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
@@ -217,7 +235,7 @@ def load_backbone_weights(backbone, source):
     misshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or misshaped:
         raise ValueError(
-            f"backbone weights {source!r} do not fit ResNet-{backbone.depth}: "
+            f"backbone weights {name} do not fit ResNet-{backbone.depth}: "
             f"{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, "
             f"{len(misshaped)} with another shape {misshaped[:5]}")
     backbone.body.load_state_dict(state, strict=False)  # everything but BatchNorm's step counters, checked above
@@ -277,27 +295,20 @@ def valid_image_sizes(pad_mask):
 def ms_deform_sample_levels(value, spatial_shapes, sampling_locations):
     """Bilinearly sample every level's value map at the given locations, one level at a time.
 
-    value (B, S, H, D): all levels' tokens flattened, S = sum_l H_l*W_l, H heads of D channels.
+    value (B, N, H, D): all levels' tokens flattened, N = sum_l H_l*W_l, H heads of D channels.
     spatial_shapes: list of (H_l, W_l). sampling_locations (B, Q, H, L, P, 2): (x, y) in [0, 1]
     relative to each level's map (0 and 1 are the outer edges of the border cells).
     Yields (B*H, D, Q, P) per level. Points outside the map read zeros (grid_sample's zero
     padding, align_corners=False), exactly like the official CUDA kernel.
     """
-    B, S, H, D = value.shape
-    assert S == sum(h * w for h, w in spatial_shapes), "value length does not match spatial_shapes"
+    B, N, H, D = value.shape
+    assert N == sum(h * w for h, w in spatial_shapes), "value length does not match spatial_shapes"
     values = value.split([h * w for h, w in spatial_shapes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
     for lvl, (h, w) in enumerate(spatial_shapes):
         v = values[lvl].flatten(2).transpose(1, 2).reshape(B * H, D, h, w)  # (B*H, D, H_l, W_l)
         g = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)  # (B*H, Q, P, 2)
         yield F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (B*H, D, Q, P)
-
-
-def ms_deform_sample(value, spatial_shapes, sampling_locations):
-    """All levels at once: -> (B, H, D, Q, L, P) (see ms_deform_sample_levels)."""
-    B, _, H, D = value.shape
-    _, Q, _, L, P, _ = sampling_locations.shape
-    return torch.stack(list(ms_deform_sample_levels(value, spatial_shapes, sampling_locations)), -2).view(B, H, D, Q, L, P)
 
 
 def deform_sampling_locations(reference_points, offsets, spatial_shapes):
@@ -321,7 +332,7 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
     attention_weights (B, Q, H, L, P) -> output (B, Q, H*D). Accumulates level by level, so the
     sampled values of all levels are never stacked into one tensor.
     """
-    B, S, H, D = value.shape
+    B, N, H, D = value.shape
     Q = sampling_locations.shape[1]
     weights = attention_weights.transpose(1, 2).flatten(0, 1)  # (B*H, Q, L, P)
     out = 0
@@ -331,7 +342,7 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
 
 
 # ---------------------------------------------------------------------------------------------
-# 3b. Deformable DETR building blocks (shared by the deformable models: Sparse, Lite, Focus-DETR)
+# 4. Deformable DETR's scaffolding (used unchanged by Sparse, Lite and Focus-DETR)
 # ---------------------------------------------------------------------------------------------
 
 def init_offset_ring_(sampling_offsets, n_heads, n_levels, n_points):
@@ -453,8 +464,175 @@ def token_proposals(masks):
     return torch.log(props / (1 - props)).masked_fill(~valid[..., None], float("inf")), valid
 
 
+def build_input_proj(in_channels, d, num_levels):
+    """Deformable DETR's input projections: a 1x1 conv + GroupNorm per backbone map taken (the
+    last min(num_levels, len(in_channels)) of C3, C4, C5), then 3x3 stride-2 convs + GroupNorm for
+    the extra levels, the first on raw C5, each next one on the previous level's output."""
+    n_bb = min(num_levels, len(in_channels))
+    projs = [nn.Sequential(nn.Conv2d(c, d, 1), MaskedGroupNorm(32, d)) for c in in_channels[len(in_channels) - n_bb:]]
+    for lvl in range(n_bb, num_levels):
+        projs.append(nn.Sequential(nn.Conv2d(in_channels[-1] if lvl == n_bb else d, d, 3, 2, 1), MaskedGroupNorm(32, d)))
+    return nn.ModuleList(projs)
+
+
+def reset_input_proj_(input_proj):
+    """Deformable DETR's init of the projections' convs: xavier_uniform weights, zero biases."""
+    for proj in input_proj:
+        nn.init.xavier_uniform_(proj[0].weight, gain=1)
+        nn.init.zeros_(proj[0].bias)
+
+
+@dataclass
+class TokenGeometry:
+    """Where the encoder's N tokens sit (levels flattened finest first): what `encode` hands to
+    `decode` besides the memory. Everything here follows from the padding masks alone."""
+    spatial_shapes: list  # [(H_l, W_l)]
+    masks: list  # [(B, H_l, W_l)] True = padding
+    pad_mask: torch.Tensor  # (B, N) True = padding
+    valid_ratios: torch.Tensor  # (B, L, 2) unpadded fraction (w, h) of each level's map
+    reference_points: torch.Tensor  # (B, N, L, 2) each token's centre, seen from every level
+    proposals: torch.Tensor  # (B, N, 4) two-stage proposal per token, logits (inf where invalid)
+    proposal_valid: torch.Tensor  # (B, N) False at padding and at proposals leaving (0.01, 0.99)
+
+
+def input_tokens(input_proj, level_embed, feats, masked_groupnorm=True):
+    """The backbone maps -> the encoder's flattened tokens (Deformable DETR Sec. 4.1).
+
+    feats: the backbone's [(C3, m3), (C4, m4), (C5, m5)]; input_proj from build_input_proj;
+    level_embed (L, C). Positions: sine of each level's valid cells (offset -0.5, as Deformable
+    DETR) + the level's embedding. masked_groupnorm=False is the official GroupNorm, whose
+    statistics include the padding. -> src (B, N, C), pos (B, N, C), TokenGeometry.
+    """
+    n_bb = min(len(input_proj), len(feats))  # levels taken from the backbone (its last n_bb maps)
+    maps, masks = [], []
+    for lvl, proj in enumerate(input_proj):
+        if lvl < n_bb:
+            x, m = feats[len(feats) - n_bb + lvl]
+        else:  # extra level: stride-2 conv on raw C5, then on the previous level
+            x, m = (feats[-1][0] if lvl == n_bb else maps[-1]), halve_mask(masks[-1])
+        maps.append(proj[1](proj[0](x), m if masked_groupnorm else None))  # (B, C, H_l, W_l)
+        masks.append(m)
+    src = torch.cat([x.flatten(2).transpose(1, 2) for x in maps], 1)  # (B, N, C)
+    pos = torch.cat([sine_position_embedding(m, src.shape[-1] // 2, offset=-0.5).to(src).flatten(2).transpose(1, 2)
+                     + level_embed[lvl] for lvl, m in enumerate(masks)], 1)  # (B, N, C)
+    spatial_shapes = [tuple(m.shape[-2:]) for m in masks]
+    valid_ratios = level_valid_ratios(masks)  # (B, L, 2)
+    proposals, proposal_valid = token_proposals(masks)  # (B, N, 4), (B, N)
+    geometry = TokenGeometry(spatial_shapes, masks, torch.cat([m.flatten(1) for m in masks], 1), valid_ratios,
+                             encoder_reference_points(spatial_shapes, valid_ratios), proposals, proposal_valid)
+    return src, pos, geometry
+
+
+def proposal_features(memory, valid, enc_output, enc_output_norm):
+    """enc_output + LayerNorm of the tokens, invalid ones zeroed first (Deformable DETR's
+    gen_encoder_output_proposals): what the two-stage head (and Sparse / Focus-DETR's scorers) read.
+    memory (B, N, C), valid (B, N) -> (B, N, C)"""
+    return enc_output_norm(enc_output(memory.masked_fill(~valid[..., None], 0.0)))
+
+
+def proposal_pos_embed(proposals, num_pos_feats=128, temperature=10000, scale=2 * math.pi):
+    """Sine embedding of sigmoid(proposals) (B, Q, 4) -> (B, Q, 4 F), F = num_pos_feats (Deformable DETR)."""
+    dim_t = torch.arange(num_pos_feats, dtype=proposals.dtype, device=proposals.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
+    pos = proposals.sigmoid()[..., None] * scale / dim_t  # (B, Q, 4, F)
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
+
+
+def gather_tokens(x, inds):
+    """x (B, N, ...) -> the rows inds (B, S) -> (B, S, ...)."""
+    return x.gather(1, inds.view(*inds.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))
+
+
+def write_back(memory, inds, rows, updated):
+    """The tokens an encoder layer updated go back into the memory; all others keep their value.
+
+    memory (B, N, C); inds (B, S) token indices; rows (B, S) False where a row is batch filler (an
+    image that updates fewer tokens than the batch's S); updated (B, S, C) -> (B, N, C).
+    """
+    B, N, C = memory.shape
+    b, s = rows.nonzero(as_tuple=True)
+    return memory.reshape(B * N, C).index_copy(0, b * N + inds[b, s], updated[b, s]).view(B, N, C)
+
+
+def top_queries(scores, pad_mask, num_queries):
+    """Two-stage query selection: the num_queries best-scoring tokens of each image, padded tokens
+    never chosen. scores, pad_mask (B, N) -> indices (B, Q)."""
+    if num_queries > pad_mask.shape[1]:
+        raise ValueError(f"num_queries {num_queries} exceeds the {pad_mask.shape[1]} encoder tokens of this batch: "
+                         f"lower num_queries or use larger images")
+    return scores.masked_fill(pad_mask, float("-inf")).topk(num_queries, dim=1).indices
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Deformable DETR's post-norm encoder layer: deformable self-attention (`self_attn`, built by
+    the caller: MSDeformAttn or a paper's variant), then the FFN. The queries may be a subset of
+    the tokens (Sparse, Focus-DETR); the values are always all N of them."""
+
+    def __init__(self, d, ffn, dropout, self_attn):
+        super().__init__()
+        self.self_attn = self_attn
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tgt, pos, reference_points, memory, spatial_shapes, pad_mask):
+        """tgt, pos (B, S, C) the queried tokens; reference_points (B, S, L, 2); memory (B, N, C)
+        all tokens; pad_mask (B, N) -> (B, S, C)"""
+        attn = self.self_attn(tgt + pos, reference_points, memory, spatial_shapes, pad_mask)[0]
+        tgt = self.norm1(tgt + self.dropout(attn))
+        return self.norm2(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
+
+
+class DeformableDecoderLayer(nn.Module):
+    """Deformable DETR's post-norm decoder layer: self-attention among the queries (attn_mask: DINO's
+    denoising mask, True = blocked), deformable cross-attention into the memory (`cross_attn`,
+    built by the caller), FFN."""
+
+    def __init__(self, d, ffn, dropout, n_heads, cross_attn):
+        super().__init__()
+        self.cross_attn = cross_attn
+        self.norm1 = nn.LayerNorm(d)
+        self.self_attn = nn.MultiheadAttention(d, n_heads, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(d)
+        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.norm3 = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, pad_mask, attn_mask=None):
+        """tgt, query_pos (B, Q, C); reference_points (B, Q, L, 4) boxes -> tgt (B, Q, C), sampling
+        locations (B, Q, H, L, P, 2) and attention weights (B, Q, H, L, P) of the cross-attention"""
+        q = k = tgt + query_pos
+        tgt = self.norm2(tgt + self.dropout(self.self_attn(q, k, tgt, attn_mask=attn_mask, need_weights=False)[0]))
+        ca, locs, weights = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, pad_mask)
+        tgt = self.norm1(tgt + self.dropout(ca))
+        tgt = self.norm3(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
+        return tgt, locs, weights
+
+
+def decode_with_box_refinement(decoder, class_embed, bbox_embed, tgt, query_pos, reference, memory, geometry):
+    """Deformable DETR's decoder with iterative box refinement (Sec. 4.1 / A.4): layer l reads the
+    boxes of layer l - 1 as its references and refines them, detached between layers.
+
+    tgt, query_pos (B, Q, C); reference (B, Q, 4) cxcywh in [0, 1] of the unpadded image ->
+    per layer: logits (B, Q, K), boxes (B, Q, 4), sampling locations (B, Q, H, L, P, 2), attention
+    weights (B, Q, H, L, P) (four lists).
+    """
+    ratios = torch.cat([geometry.valid_ratios, geometry.valid_ratios], -1)[:, None]  # (B, 1, L, 4)
+    logits, boxes, locs, weights = [], [], [], []
+    for lid, layer in enumerate(decoder):
+        ref_in = reference[:, :, None] * ratios  # (B, Q, L, 4) in each level's padded map
+        tgt, loc, w = layer(tgt, query_pos, ref_in, memory, geometry.spatial_shapes, geometry.pad_mask)
+        box = (bbox_embed[lid](tgt) + inverse_sigmoid(reference)).sigmoid()  # (B, Q, 4)
+        logits.append(class_embed[lid](tgt))
+        boxes.append(box)
+        locs.append(loc)
+        weights.append(w)
+        reference = box.detach()
+    return logits, boxes, locs, weights
+
+
 # ---------------------------------------------------------------------------------------------
-# 4. Box ops
+# 5. Box ops
 # ---------------------------------------------------------------------------------------------
 
 def box_cxcywh_to_xyxy(b):
@@ -504,7 +682,7 @@ def generalized_box_iou(boxes1, boxes2, eps=1e-7):
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. Matcher, criterion, post-processing
+# 6. Matcher, criterion, post-processing
 # ---------------------------------------------------------------------------------------------
 
 def focal_class_cost(logits, labels, alpha=0.25, gamma=2.0):
@@ -660,7 +838,7 @@ class PostProcess(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Visualisation
+# 7. Visualisation
 # ---------------------------------------------------------------------------------------------
 
 def save_heatmap_png(image, heatmap, path, cell=1, boxes=(), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):

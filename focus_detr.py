@@ -22,7 +22,7 @@ Paper symbol -> variable:
     T_l, S_l                      proposal features of level l, fg_logits (B, N) (concatenated, finest level first)
     alpha                         ForegroundTokenSelector.alpha (L - 1 scalars)
     MLP_F                         ForegroundTokenSelector.scorer (a ScoringNetwork, one for all levels)
-    k_l, I_l                      token counts keep (layers, B), order (B, K) (nested prefixes of one ranking)
+    k_l, I_l                      token counts keep (layers, B), order (B, S_0) (I_l = its first k_l: nested)
     MCSP                          class_embed[dec_layers] (the two-stage class head, reused; no own loss)
     fine-grained tokens J         fine_idx (B, J) in each layer, J = min(num_fine_tokens, k_l)
     OESM                          DualAttentionEncoderLayer.oesm_attn
@@ -66,9 +66,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (Backbone, HungarianMatcher, MaskedGroupNorm, MLP, MSDeformAttn, PostProcess, SetCriterion,
-                    box_cxcywh_to_xyxy, encoder_reference_points, halve_mask, inverse_sigmoid, level_valid_ratios,
-                    sigmoid_focal_loss, sine_position_embedding, token_proposals, valid_image_sizes)
+from common import (Backbone, DeformableDecoderLayer, DeformableEncoderLayer, HungarianMatcher, MLP, MSDeformAttn,
+                    PostProcess, SetCriterion, box_cxcywh_to_xyxy, build_input_proj, gather_tokens, input_tokens,
+                    inverse_sigmoid, proposal_features, reset_input_proj_, sigmoid_focal_loss, top_queries, write_back)
 
 # OFF GenTargets limit_range: the largest distance from a token centre to its box's edges, in
 # pixels, that each level (strides 8, 16, 32, 64) is responsible for (FCOS, non-overlapping)
@@ -193,32 +193,26 @@ def cascade_token_nums(pad_mask, rho, ratios, per_image=True):
     return torch.minimum((ratios * n.max()).floor().long().clamp(min=1).expand(-1, n.numel()), n[None])
 
 
-class DualAttentionEncoderLayer(nn.Module):
-    """Post-norm (OFF operation order OESM, deformable attention, norm, FFN, norm):
-    the fine-grained tokens attend to each other (OESM), then all queried foreground tokens run
-    deformable attention into `value`, then the FFN. Without OESM it is the Deformable DETR layer."""
+# Adapted from common.DeformableEncoderLayer: the OESM self-attention among the fine-grained tokens runs first
+class DualAttentionEncoderLayer(DeformableEncoderLayer):
+    """Post-norm (OFF operation order OESM, deformable attention, norm, FFN, norm): the fine-grained
+    tokens attend to each other (OESM), then all of the layer's foreground tokens run deformable
+    attention into `value`, then the FFN. Without OESM it is the Deformable DETR layer."""
 
-    def __init__(self, d, ffn, dropout, n_levels, n_heads, n_points, oesm=True):
-        super().__init__()
+    def __init__(self, d, ffn, dropout, n_heads, self_attn, oesm=True):
+        super().__init__(d, ffn, dropout, self_attn)
         if oesm:
             self.oesm_attn = nn.MultiheadAttention(d, n_heads, dropout=dropout, batch_first=True)
             self.oesm_norm = nn.LayerNorm(d)
-        self.self_attn = MSDeformAttn(d, n_levels, n_heads, n_points)
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
-        self.dropout = nn.Dropout(dropout)
 
     def forward(self, tgt, pos, reference_points, value, spatial_shapes, pad_mask, fine_idx=None, fine_pad=None):
-        """tgt, pos (B, K, C) the layer's foreground tokens; value (B, N, C); fine_idx (B, J) rows of
-        tgt that are fine-grained, fine_pad (B, J) True where that row is filler -> (B, K, C)"""
+        """tgt, pos (B, S, C) the layer's foreground tokens; value (B, N, C); fine_idx (B, J) rows of
+        tgt that are fine-grained, fine_pad (B, J) True where that row is filler -> (B, S, C)"""
         if fine_idx is not None:  # OESM: self-attention among the fine-grained tokens (Sec. 3.3)
-            idx = fine_idx[..., None].expand(-1, -1, tgt.shape[-1])
-            x, p = tgt.gather(1, idx), pos.gather(1, idx)  # (B, J, C)
+            x, p = gather_tokens(tgt, fine_idx), gather_tokens(pos, fine_idx)  # (B, J, C)
             y = self.oesm_attn(x + p, x + p, x, key_padding_mask=fine_pad, need_weights=False)[0]
-            tgt = tgt.scatter(1, idx, self.oesm_norm(x + self.dropout(y)))
-        attn = self.self_attn(tgt + pos, reference_points, value, spatial_shapes, pad_mask)[0]
-        tgt = self.norm1(tgt + self.dropout(attn))
-        return self.norm2(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
+            tgt = tgt.scatter(1, fine_idx[..., None].expand(-1, -1, tgt.shape[-1]), self.oesm_norm(x + self.dropout(y)))
+        return super().forward(tgt, pos, reference_points, value, spatial_shapes, pad_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,9 +236,18 @@ def prepare_denoising(targets, dn_number, label_noise, box_noise, num_classes, l
     Each image's boxes are repeated in G = max(1, dn_number // max_b M_b) groups, each a positive
     copy (box corners moved by < half the box size times box_noise) and a negative copy (moved by
     between 1 and 2 times that); a fraction label_noise / 2 of the labels is replaced at random.
-    Returns None when the batch has no boxes, else (label queries (B, D, C), box logits (B, D, 4),
-    attention mask (D + Q, D + Q) True = blocked, meta {"groups": G, "group_size": 2 max M_b}).
-    The matching queries cannot see the denoising ones, and no group sees another.
+    Returns None when the batch has no boxes, else (label queries (B, Q_dn, C), box logits
+    (B, Q_dn, 4), attention mask (Q_dn + Q, Q_dn + Q) True = blocked, meta {"groups": G,
+    "group_size": 2 max_b M_b}), Q_dn = 2 G max_b M_b. The matching queries cannot see the
+    denoising ones, and no group sees another.
+
+    Where each copy sits, worked through: two images with 2 and 1 boxes and dn_number 4 give
+    max_b M_b = 2, G = 4 // 2 = 2 groups and Q_dn = 2 * 2 * 2 = 8 slots per image. Copy c = 0 .. 2G-1
+    of box i sits at slot c * max_b M_b + i; even c are positives, odd c negatives, group g = c // 2:
+        slot      0    1    2    3  |  4    5    6    7
+        image 0   a+   b+   a-   b- |  a+   b+   a-   b-      (group 0 | group 1)
+        image 1   c+   .    c-   .  |  c+   .    c-   .       (.: empty slot, box logit 0, label zeros)
+    The positive copy of box i in group g is slot g * group_size + i: what the criterion matches it to.
     """
     counts = [len(t["labels"]) for t in targets]
     single = max(counts)
@@ -269,39 +272,16 @@ def prepare_denoising(targets, dn_number, label_noise, box_noise, num_classes, l
         sign = torch.randint_like(boxes, 0, 2) * 2.0 - 1.0
         xyxy = (xyxy + magnitude * sign * diff * box_noise).clamp(0.0, 1.0)
         boxes = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], -1)
-    B, D = len(targets), 2 * G * single
-    query_label = torch.zeros(B, D, label_enc.embedding_dim, device=device)
-    query_box = torch.zeros(B, D, 4, device=device)  # padding slots: box logit 0 (OFF)
+    B, n_dn = len(targets), 2 * G * single
+    query_label = torch.zeros(B, n_dn, label_enc.embedding_dim, device=device)  # (B, Q_dn, C)
+    query_box = torch.zeros(B, n_dn, 4, device=device)  # (B, Q_dn, 4); empty slots: box logit 0 (OFF)
     query_label[batch, slot] = label_enc(labels).to(query_label.dtype)
     query_box[batch, slot] = inverse_sigmoid(boxes)
-    mask = torch.zeros(D + num_queries, D + num_queries, dtype=torch.bool, device=device)
-    mask[D:, :D] = True  # matching queries do not see the denoising ones
-    group = torch.arange(D, device=device) // (2 * single)
-    mask[:D, :D] = group[:, None] != group[None, :]  # nor does a group see another
+    mask = torch.zeros(n_dn + num_queries, n_dn + num_queries, dtype=torch.bool, device=device)
+    mask[n_dn:, :n_dn] = True  # matching queries do not see the denoising ones
+    group = torch.arange(n_dn, device=device) // (2 * single)
+    mask[:n_dn, :n_dn] = group[:, None] != group[None, :]  # nor does a group see another
     return query_label, query_box, mask, {"groups": G, "group_size": 2 * single}
-
-
-# Adapted from sparse_detr.DeformableDecoderLayer: the self-attention takes DINO's denoising mask
-class DeformableDecoderLayer(nn.Module):
-    """Post-norm: self-attention among queries, deformable cross-attention into the memory, FFN."""
-
-    def __init__(self, d, ffn, dropout, n_levels, n_heads, n_points):
-        super().__init__()
-        self.cross_attn = MSDeformAttn(d, n_levels, n_heads, n_points)
-        self.norm1 = nn.LayerNorm(d)
-        self.self_attn = nn.MultiheadAttention(d, n_heads, dropout=dropout, batch_first=True)
-        self.norm2 = nn.LayerNorm(d)
-        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
-        self.norm3 = nn.LayerNorm(d)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, pad_mask, attn_mask=None):
-        q = k = tgt + query_pos
-        tgt = self.norm2(tgt + self.dropout(self.self_attn(q, k, tgt, attn_mask=attn_mask, need_weights=False)[0]))
-        ca, locs, weights = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, pad_mask)
-        tgt = self.norm1(tgt + self.dropout(ca))
-        tgt = self.norm3(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
-        return tgt, locs, weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,28 +291,26 @@ class DeformableDecoderLayer(nn.Module):
 
 class FocusDETR(nn.Module):
     """ResNet -> 4 levels -> foreground token selector -> cascade encoder of dual-attention layers
-    (only each layer's foreground tokens are updated) -> DINO two-stage queries and decoder."""
+    (only each layer's foreground tokens are updated) -> DINO two-stage queries and decoder
+    (Deformable DETR's parts: common.py)."""
 
     def __init__(self, cfg):
         super().__init__()
         d, L = cfg.hidden_dim, cfg.num_feature_levels
         self.cfg = cfg
         self.backbone = Backbone(cfg.backbone_depth, cfg.backbone_norm)
-        in_ch = self.backbone.num_channels  # C3, C4, C5
-        n_bb = min(L, len(in_ch))
-        projs = [nn.Sequential(nn.Conv2d(c, d, 1), MaskedGroupNorm(32, d)) for c in in_ch[len(in_ch) - n_bb:]]
-        for lvl in range(n_bb, L):  # extra levels: 3x3 stride-2 convs, the first on raw C5
-            projs.append(nn.Sequential(nn.Conv2d(in_ch[-1] if lvl == n_bb else d, d, 3, 2, 1), MaskedGroupNorm(32, d)))
-        self.input_proj = nn.ModuleList(projs)
+        self.input_proj = build_input_proj(self.backbone.num_channels, d, L)
         self.level_embed = nn.Parameter(torch.empty(L, d))
         focus = cfg.foreground_selection
         self.selector = (ForegroundTokenSelector(d, L, cfg.scorer_mean_over_padding, cfg.upsample_over_padding)
                          if focus else None)
         self.encoder = nn.ModuleList(
-            DualAttentionEncoderLayer(d, cfg.dim_feedforward, cfg.dropout, L, cfg.nheads, cfg.enc_n_points, oesm=focus)
+            DualAttentionEncoderLayer(d, cfg.dim_feedforward, cfg.dropout, cfg.nheads,
+                                      MSDeformAttn(d, L, cfg.nheads, cfg.enc_n_points), oesm=focus)
             for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(
-            DeformableDecoderLayer(d, cfg.dim_feedforward, cfg.dropout, L, cfg.nheads, cfg.dec_n_points)
+            DeformableDecoderLayer(d, cfg.dim_feedforward, cfg.dropout, cfg.nheads,
+                                   MSDeformAttn(d, L, cfg.nheads, cfg.dec_n_points))
             for _ in range(cfg.dec_layers))
         self.decoder_norm = nn.LayerNorm(d)  # DINO: applied to every decoder layer's output before the heads
         self.ref_point_head = MLP(2 * d, d, d, 2)  # DINO: query position = MLP(sine(reference box))
@@ -357,171 +335,109 @@ class FocusDETR(nn.Module):
             if isinstance(m, MSDeformAttn):
                 m._reset_parameters()
         nn.init.normal_(self.level_embed)
-        for proj in self.input_proj:
-            nn.init.xavier_uniform_(proj[0].weight, gain=1)
-            nn.init.zeros_(proj[0].bias)
+        reset_input_proj_(self.input_proj)
         for cls, box in zip(self.class_embed, self.bbox_embed):
             nn.init.constant_(cls.bias, -math.log((1 - 0.01) / 0.01))  # focal prior 0.01
             nn.init.zeros_(box.layers[-1].weight)  # boxes start at their reference
             nn.init.zeros_(box.layers[-1].bias)
 
-    # Copied from sparse_detr.SparseDETR.proposal_features
-    def proposal_features(self, memory, valid):
-        """enc_output + LN of the tokens (invalid ones zeroed first): what the two-stage head and the
-        scorer read. memory (B, N, C), valid (B, N) -> (B, N, C)"""
-        return self.enc_output_norm(self.enc_output(memory.masked_fill(~valid[..., None], 0.0)))
-
-    # Copied from sparse_detr.SparseDETR.input_tokens
-    def input_tokens(self, feats):
-        """The backbone maps -> the encoder's flattened tokens: 1x1 conv + GroupNorm per backbone level,
-        3x3 stride-2 convs for the extra levels, sine positions + a learned embedding per level.
-        -> src (B, N, C), pos (B, N, C), pad_mask (B, N), masks [(B, H_l, W_l)]; finest level first."""
-        cfg = self.cfg
-        n_bb = min(cfg.num_feature_levels, len(feats))  # levels taken from the backbone (its last n_bb maps)
-        maps, masks = [], []
-        for lvl, proj in enumerate(self.input_proj):
-            if lvl < n_bb:
-                x, m = feats[len(feats) - n_bb + lvl]
-            else:  # extra level: stride-2 conv on raw C5, then on the previous level
-                x, m = (feats[-1][0] if lvl == n_bb else maps[-1]), halve_mask(masks[-1])
-            x = proj[0](x)
-            maps.append(proj[1](x, m if cfg.masked_groupnorm else None))  # (B, C, H_l, W_l)
-            masks.append(m)
-        src = torch.cat([x.flatten(2).transpose(1, 2) for x in maps], 1)  # (B, N, C)
-        pad = torch.cat([m.flatten(1) for m in masks], 1)  # (B, N)
-        pos = [sine_position_embedding(m, cfg.hidden_dim // 2, offset=-0.5) for m in masks]  # DDETR: -0.5 offset
-        pos = torch.cat([(p.to(src).flatten(2).transpose(1, 2) + self.level_embed[lvl]) for lvl, p in enumerate(pos)],
-                        1)  # (B, N, C)
-        return src, pos, pad, masks
-
     # -- forward ---------------------------------------------------------------------------------
 
-    def forward(self, images, pad_mask, targets=None):
-        """images (B, 3, H, W), pad_mask (B, H, W) True = padding; targets (training, for the
-        denoising queries; ignored in eval) -> dict (see forward_features)."""
-        return self.forward_features(self.backbone(images, pad_mask), valid_image_sizes(pad_mask), targets)
+    def forward(self, images, pad_mask, targets=None, explain=False):
+        """The shared interface (common.py). images (B, 3, H_img, W_img), pad_mask (B, H_img, W_img)
+        True = padding; targets: in training, the boxes the denoising queries are made from
+        (ignored in eval). Returns a dict:
 
-    def forward_features(self, feats, image_wh=None, targets=None):
-        """Everything after the backbone. feats: the backbone's [(C3, m3), (C4, m4), (C5, m5)];
-        image_wh (B, 2) the unpadded sizes in pixels (for the foreground labels).
-
-        Returns pred_logits (B, Q, K), pred_boxes (B, Q, 4) cxcywh in [0, 1] of the unpadded image,
-        aux_outputs (decoder layers 0..4), enc_outputs (the two-stage head on the Q selected tokens),
-        spatial_shapes, token_pad_mask (B, N), image_wh; with foreground selection fg_logits (B, N)
-        and token_nums (layers, B); in training with targets and dn_number > 0, dn_outputs (the
-        denoising queries' predictions per decoder layer) and dn_meta.
+            pred_logits (B, Q, K), pred_boxes (B, Q, 4)  the last decoder layer's matching queries,
+                                 cxcywh in [0, 1] of the unpadded image
+            aux_outputs          decoder layers 0 .. dec_layers - 2 (when aux_loss)
+            enc_outputs          the two-stage head on the Q selected tokens (DINO's loss sees only these)
+            spatial_shapes, token_pad_mask (B, N)   the token grid, for the foreground labels
+          with foreground selection:
+            fg_logits (B, N)     the foreground scores S (Sec. 3.2; their loss: loss_select)
+            token_nums (enc_layers, B)  k_l: the tokens encoder layer l updates in image b
+          in training, with targets and dn_number > 0:
+            dn_outputs           the denoising queries' predictions, one dict per decoder layer;  dn_meta
+          with explain=True (and foreground selection):
+            kept_tokens          per encoder layer, (B, S_l) the token indices (into N) it updates, best first
+            fine_tokens          per encoder layer, (B, J_l) the fine-grained token indices (OESM)
+                                 (-1 marks batch filler in both)
         """
-        memory, out = self.encode(feats)
-        if image_wh is None:  # the finest level's valid cells x its stride
-            image_wh = level_valid_ratios([out["masks"][0]])[:, 0] * torch.tensor(
-                [out["masks"][0].shape[2], out["masks"][0].shape[1]], device=memory.device) * 8
-        out["image_wh"] = image_wh
-        return self.decode(memory, out, targets if self.training else None)
+        memory, geometry, out = self.encode(self.backbone(images, pad_mask), explain)
+        out.update(self.decode(memory, geometry, targets if self.training else None))
+        return out
 
-    def encode(self, feats):
-        """Foreground scoring (Sec. 3.2) and the cascade encoder (Sec. 3.3) -> memory (B, N, C), dict."""
+    def encode(self, feats, explain=False):
+        """Foreground scoring (Sec. 3.2) and the cascade encoder (Sec. 3.3). feats: the backbone's
+        [(C3, m3), (C4, m4), (C5, m5)] -> memory (B, N, C), TokenGeometry, the selection's outputs."""
         cfg = self.cfg
-        src, pos, pad, masks = self.input_tokens(feats)  # (B, N, C), (B, N, C), (B, N), [(B, H_l, W_l)]
-        spatial_shapes = [tuple(m.shape[-2:]) for m in masks]
-        valid_ratios = level_valid_ratios(masks)  # (B, L, 2)
-        ref = encoder_reference_points(spatial_shapes, valid_ratios)  # (B, N, L, 2)
-        proposals, valid = token_proposals(masks)  # (B, N, 4), (B, N)
-        out = {"spatial_shapes": spatial_shapes, "token_pad_mask": pad, "masks": masks,
-               "valid_ratios": valid_ratios, "proposals": proposals, "proposal_valid": valid}
+        src, pos, geo = input_tokens(self.input_proj, self.level_embed, feats, cfg.masked_groupnorm)  # (B, N, C) x 2
+        pad, ref, shapes = geo.pad_mask, geo.reference_points, geo.spatial_shapes  # (B, N), (B, N, L, 2)
+        out = {"spatial_shapes": shapes, "token_pad_mask": pad}
         if not cfg.foreground_selection:  # the dense DINO encoder
             memory = src
             for layer in self.encoder:
-                memory = layer(memory, pos, ref, memory, spatial_shapes, pad)
-            return memory, out
+                memory = layer(memory, pos, ref, memory, shapes, pad)
+            return memory, geo, out
 
         # --- Sec. 3.2: foreground scores (once) and the nested per-layer token sets ---
-        fg = self.selector(self.proposal_features(src + pos, valid), masks)  # (B, N) logits
-        keep = cascade_token_nums(pad, cfg.focus_rho, cfg.cascade_ratios, cfg.cascade_counts == "per_image")
-        order = fg.detach().masked_fill(pad, float("-inf")).topk(int(keep.max()), dim=1).indices  # (B, K0)
+        fg = self.selector(proposal_features(src + pos, geo.proposal_valid, self.enc_output, self.enc_output_norm),
+                           geo.masks)  # (B, N) logits
+        keep = cascade_token_nums(pad, cfg.focus_rho, cfg.cascade_ratios, cfg.cascade_counts == "per_image")  # (layers, B)
+        order = fg.detach().masked_fill(pad, float("-inf")).topk(int(keep.max()), dim=1).indices  # (B, S_0) best first
         out.update(fg_logits=fg, token_nums=keep)
 
         # --- Sec. 3.3: each layer updates its top keep[l] tokens with dual attention ---
-        (B, N, C), mcsp = src.shape, self.class_embed[cfg.dec_layers]
-        memory = src
+        memory, kept, fine_tokens = src, [], []
         for lid, layer in enumerate(self.encoder):
-            inds = order[:, :int(keep[lid].max())]  # (B, K) nested prefixes of one ranking
-            K = inds.shape[1]
-            rows = torch.arange(K, device=src.device)[None] < keep[lid][:, None]  # (B, K) False: batch filler
-            idx_c = inds[..., None].expand(-1, -1, C)
-            tgt, pos_s = memory.gather(1, idx_c), pos.gather(1, idx_c)  # (B, K, C)
-            ref_s = ref.gather(1, inds[..., None, None].expand(-1, -1, *ref.shape[2:]))  # (B, K, L, 2)
-            fg_s = fg.detach().gather(1, inds)  # (B, K)
-            # MCSP: foreground logit x the two-stage head's best class logit (raw logits, as OFF)
-            cls = mcsp(tgt).max(-1).values.detach()  # (B, K)
-            fine = cls * fg_s if cfg.mcsp_score == "logit_product" else cls.sigmoid() * fg_s.sigmoid()
-            n_fine = min(cfg.num_fine_tokens, K)
-            if cfg.cascade_counts == "per_image":
-                fine = fine.masked_fill(~rows, float("-inf"))  # filler rows are never fine-grained
-                fine_pad = torch.arange(n_fine, device=src.device)[None] >= keep[lid].clamp(max=n_fine)[:, None]
-            else:  # OFF: every row is a candidate, no key mask
-                fine_pad = None
-            fine_idx = fine.topk(n_fine, dim=1).indices  # (B, J)
+            inds = order[:, :int(keep[lid].max())]  # (B, S) I_l: a prefix of one ranking, so the sets nest
+            rows = torch.arange(inds.shape[1], device=src.device)[None] < keep[lid][:, None]  # (B, S) False: filler
+            tgt, pos_s, ref_s = gather_tokens(memory, inds), gather_tokens(pos, inds), gather_tokens(ref, inds)
+            fine_idx, fine_pad = self.fine_grained(tgt, fg.detach().gather(1, inds), rows, keep[lid])  # (B, J)
             value = src if cfg.encoder_values == "backbone" else memory  # OFF: the pre-encoder tokens
-            tgt = layer(tgt, pos_s, ref_s, value, spatial_shapes, pad, fine_idx, fine_pad)
-            keep_b, keep_k = rows.nonzero(as_tuple=True)  # write back each image's first keep[l, b] rows
-            write = keep_b * N + inds[keep_b, keep_k]
-            memory = memory.reshape(B * N, C).index_copy(0, write, tgt[keep_b, keep_k]).view(B, N, C)
-        return memory, out
+            tgt = layer(tgt, pos_s, ref_s, value, shapes, pad, fine_idx, fine_pad)  # (B, S, C)
+            memory = write_back(memory, inds, rows, tgt)  # the rest keep their value
+            if explain:
+                kept.append(inds.masked_fill(~rows, -1))
+                fine = inds.gather(1, fine_idx)  # (B, J) token indices
+                fine_tokens.append(fine if fine_pad is None else fine.masked_fill(fine_pad, -1))
+        if explain:
+            out.update(kept_tokens=kept, fine_tokens=fine_tokens)
+        return memory, geo, out
 
-    def decode(self, memory, out, targets=None):
-        """DINO two-stage query selection, denoising queries, and the decoder with box refinement."""
+    def fine_grained(self, tgt, fg_s, rows, keep):
+        """The multi-category score predictor (MCSP, Sec. 3.3): s_j = max_c cls_c(x_j) * S_j over the
+        layer's tokens; the top J = min(num_fine_tokens, S) are fine-grained. tgt (B, S, C), fg_s (B, S)
+        their foreground logits, rows (B, S) False at filler, keep (B,) -> fine_idx (B, J) rows of tgt,
+        fine_pad (B, J) True where that row is filler (None in OFF's batch_max mode: no key mask)."""
         cfg = self.cfg
-        spatial_shapes, pad, valid_ratios = out["spatial_shapes"], out["token_pad_mask"], out.pop("valid_ratios")
-        proposals, valid = out.pop("proposals"), out.pop("proposal_valid")
-        out.pop("masks")
-        B, N, C = memory.shape
-        if cfg.num_queries > N:
-            raise ValueError(f"num_queries {cfg.num_queries} exceeds the {N} encoder tokens of this batch: lower "
-                             f"num_queries or use larger images")
+        cls = self.class_embed[cfg.dec_layers](tgt).max(-1).values.detach()  # (B, S): the two-stage head's best class
+        score = cls * fg_s if cfg.mcsp_score == "logit_product" else cls.sigmoid() * fg_s.sigmoid()  # OFF: raw logits
+        n_fine = min(cfg.num_fine_tokens, tgt.shape[1])
+        fine_pad = None
+        if cfg.cascade_counts == "per_image":
+            score = score.masked_fill(~rows, float("-inf"))  # filler rows are never fine-grained
+            fine_pad = torch.arange(n_fine, device=tgt.device)[None] >= keep.clamp(max=n_fine)[:, None]
+        return score.topk(n_fine, dim=1).indices, fine_pad
 
-        # --- two-stage: the best-scoring tokens give the reference boxes (DINO mixed query selection) ---
-        enc_feats = self.proposal_features(memory, valid)  # (B, N, C)
-        head = cfg.dec_layers
-        enc_logits = self.class_embed[head](enc_feats)  # (B, N, K)
-        enc_coord = self.bbox_embed[head](enc_feats) + proposals  # (B, N, 4) logits
-        topk = enc_logits.max(-1).values.masked_fill(pad, float("-inf")).topk(cfg.num_queries, dim=1).indices  # (B, Q)
-        ref_logit = enc_coord.gather(1, topk[..., None].expand(-1, -1, 4))  # (B, Q, 4)
-        out["enc_outputs"] = {"pred_logits": enc_logits.gather(1, topk[..., None].expand(-1, -1, enc_logits.shape[-1])),
-                              "pred_boxes": ref_logit.sigmoid()}  # DINO: the loss sees the Q selected tokens
-        reference = ref_logit.detach().sigmoid()  # (B, Q, 4)
-        if self.tgt_embed is not None:  # DINO mixed query selection: learned content
-            tgt = self.tgt_embed.weight[None].expand(B, -1, -1)
-        else:  # Deformable DETR style: the selected tokens' features
-            tgt = enc_feats.gather(1, topk[..., None].expand(-1, -1, C)).detach()  # (B, Q, C)
-        attn_mask, n_dn = None, 0
+    def decode(self, memory, geo, targets=None):
+        """DINO: two-stage query selection, denoising queries (training, with targets), and the decoder
+        with box refinement. memory (B, N, C), TokenGeometry -> the detection outputs (a dict)."""
+        cfg = self.cfg
+        tgt, reference, out = self.select_queries(memory, geo)  # (B, Q, C), (B, Q, 4)
         dn = (prepare_denoising(targets, cfg.dn_number, cfg.dn_label_noise, cfg.dn_box_noise, cfg.num_classes,
                                 self.label_enc, cfg.num_queries) if targets is not None else None)
-        if dn is not None:  # denoising queries go first
+        attn_mask, n_dn = None, 0
+        if dn is not None:  # the denoising queries go first: [Q_dn denoising, Q matching]
             dn_label, dn_box, attn_mask, out["dn_meta"] = dn
             n_dn = dn_label.shape[1]
-            tgt = torch.cat([dn_label.to(tgt), tgt], 1)
-            reference = torch.cat([dn_box.sigmoid().to(reference), reference], 1)
-        else:  # keep label_enc in the graph (OFF adds label_enc.weight[0, 0] * 0), so DDP sees every parameter
+            tgt = torch.cat([dn_label.to(tgt), tgt], 1)  # (B, Q_dn + Q, C)
+            reference = torch.cat([dn_box.sigmoid().to(reference), reference], 1)  # (B, Q_dn + Q, 4)
+        else:
+            # label_enc only gets a gradient through denoising queries; DDP fails on a parameter without
+            # one, so (as OFF) it stays in the graph at zero cost when a batch has none
             tgt = tgt + self.label_enc.weight[0, 0] * 0.0
-
-        # --- decoder with iterative box refinement (look forward twice) ---
-        init_reference, states, references = reference, [], []
-        for lid, layer in enumerate(self.decoder):
-            ref_in = reference[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, Q, L, 4)
-            # DINO embeds the reference in padded-map coordinates (ref_in), which moves with the batch;
-            # by default we embed it in the image's own coordinates
-            pos_box = ref_in[:, :, 0] if cfg.query_pos_over_padding else reference  # (B, Q, 4)
-            query_pos = self.ref_point_head(box_sine_embed(pos_box, C // 2))  # (B, Q, C)
-            tgt = layer(tgt, query_pos, ref_in, memory, spatial_shapes, pad, attn_mask)[0]
-            new_reference = (self.bbox_embed[lid](tgt) + inverse_sigmoid(reference)).sigmoid()
-            reference = new_reference.detach()
-            states.append(self.decoder_norm(tgt))
-            references.append(new_reference if cfg.look_forward_twice else reference)
-        logits, boxes = [], []
-        for lid, state in enumerate(states):  # DINO's heads read the normed states
-            prev = init_reference if lid == 0 else references[lid - 1]
-            logits.append(self.class_embed[lid](state))
-            boxes.append((self.bbox_embed[lid](state) + inverse_sigmoid(prev)).sigmoid())
+        logits, boxes = self.run_decoder(tgt, reference, memory, geo, attn_mask)
         sets = [{"pred_logits": a[:, n_dn:], "pred_boxes": b[:, n_dn:]} for a, b in zip(logits, boxes)]
         out.update(sets[-1])
         if cfg.aux_loss:
@@ -530,10 +446,67 @@ class FocusDETR(nn.Module):
             out["dn_outputs"] = [{"pred_logits": a[:, :n_dn], "pred_boxes": b[:, :n_dn]} for a, b in zip(logits, boxes)]
         return out
 
+    def select_queries(self, memory, geo):
+        """DINO's mixed query selection: the Q best tokens of the two-stage head give the reference
+        boxes; the content is learned (tgt_embed) or, without it, the tokens' features.
+        -> content (B, Q, C), reference boxes (B, Q, 4) detached, {"enc_outputs": ...}"""
+        cfg = self.cfg
+        enc_feats = proposal_features(memory, geo.proposal_valid, self.enc_output, self.enc_output_norm)  # (B, N, C)
+        head = cfg.dec_layers
+        enc_logits = self.class_embed[head](enc_feats)  # (B, N, K)
+        enc_coord = self.bbox_embed[head](enc_feats) + geo.proposals  # (B, N, 4) logits
+        topk = top_queries(enc_logits.max(-1).values, geo.pad_mask, cfg.num_queries)  # (B, Q)
+        ref_logit = gather_tokens(enc_coord, topk)  # (B, Q, 4)
+        out = {"enc_outputs": {"pred_logits": gather_tokens(enc_logits, topk),  # DINO: the loss sees the Q selected
+                               "pred_boxes": ref_logit.sigmoid()}}
+        if self.tgt_embed is not None:  # learned content
+            tgt = self.tgt_embed.weight[None].expand(memory.shape[0], -1, -1)  # (B, Q, C)
+        else:  # Deformable DETR style: the selected tokens' features
+            tgt = gather_tokens(enc_feats, topk).detach()  # (B, Q, C)
+        return tgt, ref_logit.detach().sigmoid(), out
+
+    def run_decoder(self, tgt, reference, memory, geo, attn_mask=None):
+        """DINO's decoder. Layer l reads reference box b_{l-1} (b_0: the selected proposals), embeds
+        it as its query position, and refines it: b_l = sigmoid(bbox_embed_l(h_l) + logit(b_{l-1})),
+        detached before it becomes layer l + 1's reference.
+
+        The predicted box of layer l is then recomputed from the normed state, on top of b_{l-1}:
+        look forward twice (DINO Sec. 3.5, `look_forward_twice=True`) builds it on the UNdetached
+        b_{l-1}, so layer l's box loss also trains layer l - 1's box head; without it (Deformable
+        DETR) on the detached one. tgt (B, Q, C), reference (B, Q, 4) -> per layer logits (B, Q, K),
+        boxes (B, Q, 4) (two lists).
+        """
+        cfg, C = self.cfg, tgt.shape[-1]
+        ratios = torch.cat([geo.valid_ratios, geo.valid_ratios], -1)[:, None]  # (B, 1, L, 4)
+        boxes_in, states = [reference], []  # b_{l-1} for every layer, as its box is built on it
+        for lid, layer in enumerate(self.decoder):
+            ref_in = reference[:, :, None] * ratios  # (B, Q, L, 4) in each level's padded map
+            # DINO embeds the reference in padded-map coordinates (ref_in), which moves with the batch;
+            # by default we embed it in the image's own coordinates
+            pos_box = ref_in[:, :, 0] if cfg.query_pos_over_padding else reference  # (B, Q, 4)
+            query_pos = self.ref_point_head(box_sine_embed(pos_box, C // 2))  # (B, Q, C)
+            tgt = layer(tgt, query_pos, ref_in, memory, geo.spatial_shapes, geo.pad_mask, attn_mask)[0]
+            refined = (self.bbox_embed[lid](tgt) + inverse_sigmoid(reference)).sigmoid()  # b_l
+            reference = refined.detach()
+            states.append(self.decoder_norm(tgt))
+            boxes_in.append(refined if cfg.look_forward_twice else reference)
+        logits = [self.class_embed[lid](h) for lid, h in enumerate(states)]  # DINO's heads read the normed states
+        boxes = [(self.bbox_embed[lid](h) + inverse_sigmoid(boxes_in[lid])).sigmoid() for lid, h in enumerate(states)]
+        return logits, boxes
+
 
 # ---------------------------------------------------------------------------------------------
 # Loss: DINO's set losses (with denoising) plus the foreground selector's focal loss (Sec. 3.2)
 # ---------------------------------------------------------------------------------------------
+
+
+def target_image_wh(targets):
+    """The unpadded image size (w, h) in pixels that each target's boxes are relative to, from the
+    "size" (h, w) that data/ puts in every target (DETR's convention) -> (B, 2)."""
+    if any("size" not in t for t in targets):
+        raise ValueError("Focus-DETR's foreground loss needs each target's 'size' (h, w) of the unpadded image, "
+                         "in pixels (data/ adds it)")
+    return torch.stack([torch.as_tensor(t["size"]).flip(0) for t in targets]).float()
 
 
 class FocusDETRCriterion(SetCriterion):
@@ -568,7 +541,7 @@ class FocusDETRCriterion(SetCriterion):
         if "fg_logits" in outputs:
             fg = outputs["fg_logits"].float()
             labels = foreground_labels([t["boxes"] for t in targets], outputs["spatial_shapes"],
-                                       outputs["image_wh"], self.ranges).to(fg.device)  # (B, N)
+                                       target_image_wh(targets), self.ranges).to(fg.device)  # (B, N)
             per_image = sigmoid_focal_loss(fg, labels, self.focal_alpha, self.focal_gamma).sum(1)
             losses["loss_select"] = (per_image / labels.sum(1).clamp(min=1)).mean()
         if "dn_outputs" in outputs:
@@ -673,11 +646,8 @@ def shapes_config():
                   dim_feedforward=512, num_queries=50, num_select=100, num_fine_tokens=100, dn_number=20)
 
 
-# train.py's defaults on --data shapes (the ResNet-18 pretrained by pretrain.py; 2 epochs of 500 steps)
-SHAPES_RECIPE = {"epochs": 2, "lr_drop": 2, "batch_size": 8, "lr": 4e-4, "lr_backbone": 1e-4, "eval_every": 1}
+# On --data shapes: train.py's shared shapes recipe as it is (2 epochs of 500 steps)
 # OFF: AdamW lr 1e-4, backbone 1e-5, clip 0.1 (train.py's shared recipe); no lr multipliers
-# the model's forward takes the targets in training (denoising queries)
-FORWARD_TAKES_TARGETS = True
 
 
 def build(cfg):

@@ -75,10 +75,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (Backbone, MaskedGroupNorm, MLP, MSDeformAttn, PostProcess, SetCriterion,
-                    deform_sampling_locations, encoder_reference_points, halve_mask, init_offset_ring_,
-                    inverse_sigmoid, level_valid_ratios, ms_deform_sample_levels, sine_position_embedding,
-                    token_proposals, valid_image_sizes)
+from common import (Backbone, DeformableDecoderLayer, MLP, MSDeformAttn, PostProcess, SetCriterion,
+                    build_input_proj, decode_with_box_refinement, deform_sampling_locations, gather_tokens,
+                    init_offset_ring_, input_tokens, ms_deform_sample_levels, proposal_features, proposal_pos_embed,
+                    reset_input_proj_, top_queries)
 
 LAST_LAYER_QUERIES = ("all", "low")
 LOW_FFNS = ("small", "normal", "none")
@@ -175,65 +175,58 @@ def make_attention(key_aware, d, n_levels, n_heads, n_points, key_proj=False):
 # ---------------------------------------------------------------------------------------------
 
 
-class LiteEncoderLayer(nn.Module):
-    """Post-norm: deformable (or key-aware) self-attention, then FFN. Queries may be a subset of the
-    tokens, the values are always all of them. In an all-token layer the queries that are F_L tokens
-    (the first n_low) get `low_ffn`: "small" (OFF small_expand: d -> d -> d, own LayerNorm; OFF
-    names linear12 / linear22 / norm22), "normal" (the layer's FFN) or "none" (no FFN)."""
+QUERY_KINDS = ("high", "all", "low")  # which tokens query an encoder layer: F_H, [F_L, F_H] or F_L
 
-    def __init__(self, d, ffn, dropout, n_levels, n_heads, n_points, key_aware, key_proj=False, low_ffn="normal",
-                 normal_ffn=True):
+
+# Adapted from common.DeformableEncoderLayer: the F_L queries of an all-token layer get their own FFN
+class LiteEncoderLayer(nn.Module):
+    """Post-norm: deformable (or key-aware) self-attention, then FFN; the values are always all tokens.
+
+    queries: which tokens query this layer, "high" (F_H; also every layer of the dense reduction,
+    which has no F_L), "all" ([F_L, F_H], OFF's all-token layer) or "low" (F_L only, the paper's
+    Fig. 2b). F_H queries get the normal FFN; F_L queries get `low_ffn`: "small" (OFF small_expand:
+    d -> d -> d with its own LayerNorm; OFF names linear12 / linear22 / norm22), "normal" (the
+    layer's FFN) or "none" (no FFN). A layer builds only the FFNs its queries use:
+
+        queries   low_ffn            FFNs built
+        high      (any)              normal
+        all       small / none       normal (F_H) + small (F_L) / normal (F_H)
+        all       normal             normal (both)
+        low       small / none       small / nothing
+        low       normal             normal
+    """
+
+    def __init__(self, d, ffn, dropout, self_attn, queries="high", low_ffn="small"):
         super().__init__()
-        self.self_attn = make_attention(key_aware, d, n_levels, n_heads, n_points, key_proj)
+        self.self_attn = self_attn
         self.norm1 = nn.LayerNorm(d)
-        if normal_ffn:
+        self.queries, self.low_ffn = queries, (low_ffn if queries != "high" else None)
+        if queries != "low" or low_ffn == "normal":
             self.linear1, self.linear2, self.norm2 = nn.Linear(d, ffn), nn.Linear(ffn, d), nn.LayerNorm(d)
-        self.low_ffn = low_ffn
-        if low_ffn == "small":
+        if self.low_ffn == "small":
             self.linear12, self.linear22, self.norm22 = nn.Linear(d, d), nn.Linear(d, d), nn.LayerNorm(d)
         self.dropout = nn.Dropout(dropout)
 
-    def ffn(self, x):
+    def ffn_high(self, x):
         return self.norm2(x + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(x))))))
 
     def ffn_low(self, x):
+        if self.low_ffn == "normal":
+            return self.ffn_high(x)
         if self.low_ffn == "none":
             return x
         return self.norm22(x + self.dropout(self.linear22(self.dropout(F.relu(self.linear12(x))))))
 
     def forward(self, tgt, pos, reference_points, memory, spatial_shapes, pad_mask, n_low=0):
-        """tgt, pos (B, S, C) the queried tokens, of which the first n_low are F_L; memory (B, N, C)
-        all tokens -> (B, S, C)"""
+        """tgt, pos (B, S, C) the queried tokens, of which the first n_low are F_L (queries="all"); memory
+        (B, N, C) all tokens -> (B, S, C)"""
         attn = self.self_attn(tgt + pos, reference_points, memory, spatial_shapes, pad_mask)[0]
         tgt = self.norm1(tgt + self.dropout(attn))
-        if self.low_ffn == "normal" or not n_low:
-            return self.ffn(tgt)
-        if n_low == tgt.shape[1]:  # only F_L queries (last_layer_queries="low")
+        if self.queries == "high":
+            return self.ffn_high(tgt)
+        if self.queries == "low":
             return self.ffn_low(tgt)
-        return torch.cat([self.ffn_low(tgt[:, :n_low]), self.ffn(tgt[:, n_low:])], 1)  # (B, S, C)
-
-
-# Adapted from sparse_detr.DeformableDecoderLayer: the cross-attention may be key-aware
-class DeformableDecoderLayer(nn.Module):
-    """Post-norm: self-attention among queries, deformable cross-attention into the memory, FFN."""
-
-    def __init__(self, d, ffn, dropout, n_levels, n_heads, n_points, key_aware=False, key_proj=False):
-        super().__init__()
-        self.cross_attn = make_attention(key_aware, d, n_levels, n_heads, n_points, key_proj)
-        self.norm1 = nn.LayerNorm(d)
-        self.self_attn = nn.MultiheadAttention(d, n_heads, dropout=dropout, batch_first=True)
-        self.norm2 = nn.LayerNorm(d)
-        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
-        self.norm3 = nn.LayerNorm(d)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, pad_mask):
-        q = k = tgt + query_pos
-        tgt = self.norm2(tgt + self.dropout(self.self_attn(q, k, tgt, need_weights=False)[0]))
-        ca, locs, weights = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, pad_mask)
-        tgt = self.norm1(tgt + self.dropout(ca))
-        tgt = self.norm3(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
-        return tgt, locs, weights
+        return torch.cat([self.ffn_low(tgt[:, :n_low]), self.ffn_high(tgt[:, n_low:])], 1)  # (B, S, C)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,41 +234,26 @@ class DeformableDecoderLayer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-# Copied from sparse_detr.proposal_pos_embed
-def proposal_pos_embed(proposals, num_pos_feats=128, temperature=10000, scale=2 * math.pi):
-    """Sine embedding of sigmoid(proposals) (B, Q, 4) -> (B, Q, 4 * num_pos_feats) (Deformable DETR)."""
-    dim_t = torch.arange(num_pos_feats, dtype=proposals.dtype, device=proposals.device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
-    pos = proposals.sigmoid()[..., None] * scale / dim_t  # (B, Q, 4, F)
-    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
-
-
 class LiteDETR(nn.Module):
     """ResNet -> 4-level interleaved encoder (F_H updated often, F_L once per block) -> two-stage
-    top-k queries -> deformable decoder with box refinement."""
+    top-k queries -> deformable decoder with box refinement (Deformable DETR's parts: common.py)."""
 
     def __init__(self, cfg):
         super().__init__()
         d, L = cfg.hidden_dim, cfg.num_feature_levels
         self.cfg = cfg
         self.backbone = Backbone(cfg.backbone_depth, cfg.backbone_norm)
-        in_ch = self.backbone.num_channels  # C3, C4, C5
-        n_bb = min(L, len(in_ch))
-        projs = [nn.Sequential(nn.Conv2d(c, d, 1), MaskedGroupNorm(32, d)) for c in in_ch[len(in_ch) - n_bb:]]
-        for lvl in range(n_bb, L):  # extra levels: 3x3 stride-2 convs, the first on raw C5
-            projs.append(nn.Sequential(nn.Conv2d(in_ch[-1] if lvl == n_bb else d, d, 3, 2, 1), MaskedGroupNorm(32, d)))
-        self.input_proj = nn.ModuleList(projs)
+        self.input_proj = build_input_proj(self.backbone.num_channels, d, L)
         self.level_embed = nn.Parameter(torch.empty(L, d))
-        has_low = cfg.enc_scale < L  # no F_L: every layer is a plain dense layer
         self.schedule = cfg.schedule()  # "high" / "all" per encoder layer
         self.encoder = nn.ModuleList(
-            LiteEncoderLayer(d, cfg.dim_feedforward, cfg.dropout, L, cfg.nheads, cfg.enc_n_points, cfg.kda_encoder,
-                             cfg.kda_key_proj, low_ffn=cfg.low_ffn if kind == "all" and has_low else "normal",
-                             normal_ffn=not (kind == "all" and cfg.last_layer_queries == "low" and cfg.low_ffn != "normal"))
+            LiteEncoderLayer(d, cfg.dim_feedforward, cfg.dropout,
+                             make_attention(cfg.kda_encoder, d, L, cfg.nheads, cfg.enc_n_points, cfg.kda_key_proj),
+                             queries=cfg.layer_queries(kind), low_ffn=cfg.low_ffn)
             for kind in self.schedule)
         self.decoder = nn.ModuleList(
-            DeformableDecoderLayer(d, cfg.dim_feedforward, cfg.dropout, L, cfg.nheads, cfg.dec_n_points,
-                                   cfg.kda_decoder, cfg.kda_key_proj)
+            DeformableDecoderLayer(d, cfg.dim_feedforward, cfg.dropout, cfg.nheads,
+                                   make_attention(cfg.kda_decoder, d, L, cfg.nheads, cfg.dec_n_points, cfg.kda_key_proj))
             for _ in range(cfg.dec_layers))
         self.enc_output, self.enc_output_norm = nn.Linear(d, d), nn.LayerNorm(d)  # two-stage
         self.pos_trans, self.pos_trans_norm = nn.Linear(2 * d, 2 * d), nn.LayerNorm(2 * d)
@@ -294,132 +272,81 @@ class LiteDETR(nn.Module):
             if isinstance(m, (MSDeformAttn, KeyAwareDeformableAttention)):
                 m._reset_parameters()
         nn.init.normal_(self.level_embed)
-        for proj in self.input_proj:
-            nn.init.xavier_uniform_(proj[0].weight, gain=1)
-            nn.init.zeros_(proj[0].bias)
+        reset_input_proj_(self.input_proj)
         for cls, box in zip(self.class_embed, self.bbox_embed):
             nn.init.constant_(cls.bias, -math.log((1 - 0.01) / 0.01))  # focal prior 0.01
             nn.init.zeros_(box.layers[-1].weight)  # boxes start at the reference / proposal
             nn.init.zeros_(box.layers[-1].bias)  # (two-stage: DDETR's bias[2:] = -2 is reset to 0)
 
-    # Copied from sparse_detr.SparseDETR.proposal_features
-    def proposal_features(self, memory, valid):
-        """enc_output + LN of the tokens (invalid ones zeroed first): what the two-stage head and the
-        scorer read. memory (B, N, C), valid (B, N) -> (B, N, C)"""
-        return self.enc_output_norm(self.enc_output(memory.masked_fill(~valid[..., None], 0.0)))
-
-    # Copied from sparse_detr.SparseDETR.input_tokens
-    def input_tokens(self, feats):
-        """The backbone maps -> the encoder's flattened tokens: 1x1 conv + GroupNorm per backbone level,
-        3x3 stride-2 convs for the extra levels, sine positions + a learned embedding per level.
-        -> src (B, N, C), pos (B, N, C), pad_mask (B, N), masks [(B, H_l, W_l)]; finest level first."""
-        cfg = self.cfg
-        n_bb = min(cfg.num_feature_levels, len(feats))  # levels taken from the backbone (its last n_bb maps)
-        maps, masks = [], []
-        for lvl, proj in enumerate(self.input_proj):
-            if lvl < n_bb:
-                x, m = feats[len(feats) - n_bb + lvl]
-            else:  # extra level: stride-2 conv on raw C5, then on the previous level
-                x, m = (feats[-1][0] if lvl == n_bb else maps[-1]), halve_mask(masks[-1])
-            x = proj[0](x)
-            maps.append(proj[1](x, m if cfg.masked_groupnorm else None))  # (B, C, H_l, W_l)
-            masks.append(m)
-        src = torch.cat([x.flatten(2).transpose(1, 2) for x in maps], 1)  # (B, N, C)
-        pad = torch.cat([m.flatten(1) for m in masks], 1)  # (B, N)
-        pos = [sine_position_embedding(m, cfg.hidden_dim // 2, offset=-0.5) for m in masks]  # DDETR: -0.5 offset
-        pos = torch.cat([(p.to(src).flatten(2).transpose(1, 2) + self.level_embed[lvl]) for lvl, p in enumerate(pos)],
-                        1)  # (B, N, C)
-        return src, pos, pad, masks
-
     # -- forward ---------------------------------------------------------------------------------
 
-    def forward(self, images, pad_mask):
-        """images (B, 3, H, W), pad_mask (B, H, W) True = padding -> dict (see forward_features)."""
-        return self.forward_features(self.backbone(images, pad_mask), valid_image_sizes(pad_mask))
+    def forward(self, images, pad_mask, targets=None, explain=False):
+        """The shared interface (common.py). images (B, 3, H_img, W_img), pad_mask (B, H_img, W_img)
+        True = padding; targets: unused (no denoising). Returns a dict:
 
-    def forward_features(self, feats, image_wh=None):
-        """Everything after the backbone. feats: the backbone's [(C3, m3), (C4, m4), (C5, m5)].
-
-        Returns pred_logits (B, Q, K), pred_boxes (B, Q, 4) cxcywh in [0, 1] of the unpadded image,
-        aux_outputs (decoder layers 0..4), enc_outputs (the two-stage head on all tokens),
-        spatial_shapes, token_pad_mask (B, N), n_low (the F_L token count), and the decoder's
-        dec_sampling_locations (B, layers, Q, H, L, P, 2) and dec_attention_weights (B, layers, Q, H, L, P).
-        image_wh is unused (the deformable models read the unpadded size from the masks) and kept
-        for the shared signature.
+            pred_logits (B, Q, K), pred_boxes (B, Q, 4)  the last decoder layer, cxcywh in [0, 1] of the unpadded image
+            aux_outputs          decoder layers 0 .. dec_layers - 2 (when aux_loss)
+            enc_outputs          the two-stage head on all N tokens (class-agnostic loss)
+          with explain=True:
+            spatial_shapes, token_pad_mask (B, N)   the token grid, finest level first
+            n_low                |F_L|: tokens [0, n_low) are F_L, the rest F_H
+            dec_sampling_locations (B, dec_layers, Q, H, L, P, 2), dec_attention_weights (B, dec_layers, Q, H, L, P)
+                                 the decoder's cross-attention (key-aware weights with kda_decoder)
         """
-        memory, out = self.encode(feats)
-        return self.decode(memory, out)
+        memory, geometry, n_low = self.encode(self.backbone(images, pad_mask))
+        out, locs, weights = self.decode(memory, geometry)
+        if explain:
+            out.update(spatial_shapes=geometry.spatial_shapes, token_pad_mask=geometry.pad_mask, n_low=n_low,
+                       dec_sampling_locations=torch.stack(locs, 1), dec_attention_weights=torch.stack(weights, 1))
+        return out
 
     def encode(self, feats):
-        """Input projections and the interleaved encoder (Sec. 3.2).
-        -> memory (B, N, C) and a dict with the geometry."""
-        src, pos, pad, masks = self.input_tokens(feats)  # (B, N, C), (B, N, C), (B, N), [(B, H_l, W_l)]
-        spatial_shapes = [tuple(m.shape[-2:]) for m in masks]
-        valid_ratios = level_valid_ratios(masks)  # (B, L, 2)
-        ref = encoder_reference_points(spatial_shapes, valid_ratios)  # (B, N, L, 2)
-        n_low = sum(h * w for h, w in spatial_shapes[:self.cfg.num_feature_levels - self.cfg.enc_scale])  # |F_L|
-        memory = self.run_encoder(src, pos, ref, spatial_shapes, pad, n_low)
-        proposals, valid = token_proposals(masks)  # (B, N, 4), (B, N)
-        return memory, {"spatial_shapes": spatial_shapes, "token_pad_mask": pad, "n_low": n_low,
-                        "valid_ratios": valid_ratios, "proposals": proposals, "proposal_valid": valid}
-
-    def run_encoder(self, src, pos, ref, spatial_shapes, pad, n_low):
-        """The interleaved schedule. Tokens are [F_L, F_H] (finest levels first), n_low = |F_L|.
-        src, pos (B, N, C); ref (B, N, L, 2); pad (B, N) -> memory (B, N, C)."""
+        """Input tokens and the interleaved encoder (Sec. 3.2). Tokens are [F_L, F_H] (finest levels
+        first). feats: the backbone's [(C3, m3), (C4, m4), (C5, m5)] -> memory (B, N, C),
+        TokenGeometry, n_low = |F_L|."""
+        cfg = self.cfg
+        src, pos, geo = input_tokens(self.input_proj, self.level_embed, feats, cfg.masked_groupnorm)  # (B, N, C) x 2
+        ref, shapes, pad = geo.reference_points, geo.spatial_shapes, geo.pad_mask  # (B, N, L, 2), [(H_l, W_l)], (B, N)
+        n_low = sum(h * w for h, w in shapes[:cfg.num_feature_levels - cfg.enc_scale])  # |F_L|
         memory = src  # (B, N, C) all tokens; F_L goes stale between all-token layers
-        pos_h, ref_h = pos[:, n_low:], ref[:, n_low:]  # (B, N - n_low, ...) F_H queries
-        high = src[:, n_low:]  # (B, N - n_low, C)
-        for kind, layer in zip(self.schedule, self.encoder):
-            if kind == "high":  # Q = F_H, V = [stale F_L, current F_H]; only F_H changes
-                high = layer(high, pos_h, ref_h, memory, spatial_shapes, pad)
+        high = src[:, n_low:]  # (B, N - n_low, C) F_H
+        for layer in self.encoder:
+            if layer.queries == "high":  # Q = F_H, V = [stale F_L, current F_H]; only F_H changes
+                high = layer(high, pos[:, n_low:], ref[:, n_low:], memory, shapes, pad)
                 memory = torch.cat([memory[:, :n_low], high], 1)  # (B, N, C)
-            elif self.cfg.last_layer_queries == "all":  # OFF: every token is a query
-                memory = layer(memory, pos, ref, memory, spatial_shapes, pad, n_low)
+            elif layer.queries == "all":  # OFF: every token is a query
+                memory = layer(memory, pos, ref, memory, shapes, pad, n_low)
                 high = memory[:, n_low:]
             else:  # paper Fig. 2(b): Q = F_L only, F_H passes through
-                low = layer(memory[:, :n_low], pos[:, :n_low], ref[:, :n_low], memory, spatial_shapes, pad, n_low)
+                low = layer(memory[:, :n_low], pos[:, :n_low], ref[:, :n_low], memory, shapes, pad)
                 memory = torch.cat([low, high], 1)
-        return memory
+        return memory, geo, n_low
 
-    # Adapted from sparse_detr.SparseDETR.decode: plain two-stage Deformable DETR queries (no
-    # Efficient-DETR content init, class-agnostic ranking by logit 0)
-    def decode(self, memory, out):
-        """Two-stage query selection and the decoder with box refinement; fills `out`."""
+    # The two-stage Deformable DETR decode (sparse_detr.py's with eff_query_init=False,
+    # eff_specific_head=False): queries from the proposals' sine embedding, class-agnostic ranking
+    def decode(self, memory, geo):
+        """Two-stage query selection and the decoder with box refinement. memory (B, N, C),
+        TokenGeometry -> the detection outputs (a dict), and the decoder's sampling locations and
+        attention weights per layer."""
         cfg = self.cfg
-        spatial_shapes, pad, valid_ratios = out["spatial_shapes"], out["token_pad_mask"], out.pop("valid_ratios")
-        proposals, valid = out.pop("proposals"), out.pop("proposal_valid")
-        if cfg.num_queries > pad.shape[1]:
-            raise ValueError(f"num_queries {cfg.num_queries} exceeds the {pad.shape[1]} encoder tokens of this "
-                             f"batch: lower num_queries or use larger images")
-
         # --- two-stage: the top-scoring encoder tokens become the decoder's queries ---
-        enc_feats = self.proposal_features(memory, valid)  # (B, N, C)
+        enc_feats = proposal_features(memory, geo.proposal_valid, self.enc_output, self.enc_output_norm)  # (B, N, C)
         head = cfg.dec_layers
         enc_logits = self.class_embed[head](enc_feats)  # (B, N, K)
-        enc_coord = self.bbox_embed[head](enc_feats) + proposals  # (B, N, 4) logits
-        out["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_coord.sigmoid()}
-        topk = enc_logits[..., 0].masked_fill(pad, float("-inf")).topk(cfg.num_queries, dim=1).indices  # (B, Q)
-        ref_logit = enc_coord.gather(1, topk[..., None].expand(-1, -1, 4)).detach()  # (B, Q, 4)
+        enc_coord = self.bbox_embed[head](enc_feats) + geo.proposals  # (B, N, 4) logits
+        topk = top_queries(enc_logits[..., 0], geo.pad_mask, cfg.num_queries)  # (B, Q): class-agnostic loss -> logit 0
+        ref_logit = gather_tokens(enc_coord, topk).detach()  # (B, Q, 4)
         query = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(ref_logit, cfg.hidden_dim // 2)))  # (B, Q, 2C)
         query_pos, tgt = query.chunk(2, dim=-1)  # (B, Q, C) each
 
-        # --- decoder with iterative box refinement ---
-        reference = ref_logit.sigmoid()  # (B, Q, 4)
-        logits, boxes, locs, weights = [], [], [], []
-        for lid, layer in enumerate(self.decoder):
-            ref_in = reference[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, Q, L, 4)
-            tgt, loc, w = layer(tgt, query_pos, ref_in, memory, spatial_shapes, pad)
-            box = (self.bbox_embed[lid](tgt) + inverse_sigmoid(reference)).sigmoid()
-            logits.append(self.class_embed[lid](tgt))
-            boxes.append(box)
-            locs.append(loc)
-            weights.append(w)
-            reference = box.detach()
-        out.update(pred_logits=logits[-1], pred_boxes=boxes[-1],
-                   dec_sampling_locations=torch.stack(locs, 1), dec_attention_weights=torch.stack(weights, 1))
+        # --- decoder with iterative box refinement (common.py) ---
+        logits, boxes, locs, weights = decode_with_box_refinement(
+            self.decoder, self.class_embed, self.bbox_embed, tgt, query_pos, ref_logit.sigmoid(), memory, geo)
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
+               "enc_outputs": {"pred_logits": enc_logits, "pred_boxes": enc_coord.sigmoid()}}
         if cfg.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
-        return out
+        return out, locs, weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,6 +408,12 @@ class Config:
         per_block = self.enc_layers // self.num_blocks
         return ["all" if (i + 1) % per_block == 0 else "high" for i in range(self.enc_layers)]
 
+    def layer_queries(self, kind):
+        """Which tokens query an encoder layer of `schedule()` kind: "high" (F_H), "all" or "low" (F_L)."""
+        if kind == "high" or self.enc_scale == self.num_feature_levels:  # no F_L: every token is F_H
+            return "high"
+        return self.last_layer_queries
+
     def validate(self):
         if not 1 <= self.num_feature_levels <= 4:
             raise ValueError(f"num_feature_levels must be 1..4, got {self.num_feature_levels}")
@@ -514,10 +447,9 @@ def shapes_config():
                   dec_layers=3, dim_feedforward=512, num_queries=50, num_select=100, dropout=0.0)
 
 
-# train.py's defaults on --data shapes (the ResNet-18 pretrained on shapes by pretrain.py; 2 epochs of
-# 500 steps, lr / 10 after the first: about 20 minutes on 2 CPU cores, its six all-level KDA layers
-# make it the slowest per step)
-SHAPES_RECIPE = {"epochs": 2, "lr_drop": 1, "batch_size": 8, "lr": 4e-4, "lr_backbone": 1e-4, "eval_every": 1}
+# where train.py's shapes recipe differs for this model: lr / 10 after the first of its 2 epochs (about
+# 20 minutes on 2 CPU cores; its six all-level KDA layers make it the slowest per step)
+SHAPES_RECIPE = {"lr_drop": 1}
 # DDETR recipe (Table 3 rows train 50 epochs): lr 2e-4, backbone 2e-5, drop at 40
 COCO_RECIPE = {"lr": 2e-4, "lr_backbone": 2e-5}
 # DDETR --lr_linear_proj_mult 0.1: parameters whose name contains these train at lr x 0.1

@@ -28,12 +28,12 @@ every scale and each query weights the scales by scale-selection attention:
 Paper symbol -> variable:
     c_h, c_w (normalised centre)     center_logit.sigmoid(), from `center_mlp` (OFF point1), layer 0 only
     centre in feature cells          center = sigmoid(center_logit) * cells_wh, cells of the UNPADDED image
-    head offsets                     `offset_proj` (OFF point2), (B, N, scales, H, 2) in cells, every layer
-    s_h, s_w                         `scale_proj` (OFF point3), (B, N, scales, H, 2), every layer
+    head offsets                     `offset_proj` (OFF point2), (B, Q, scales, H, 2) in cells, every layer
+    s_h, s_w                         `scale_proj` (OFF point3), (B, Q, scales, H, 2), every layer
     beta                             Config.beta (OFF --smooth 8)
-    log G                            log_prior (B, H, N, L), added to the cross-attention logits
+    log G                            log_prior (B, H, Q, N), added to the cross-attention logits
     f16, f32, f64 / E16, E32, E64    `input_proj[l]` outputs / the encoder's outputs, one per level
-    alpha_j (Eq. 7)                  `scale_select` (MSZ point4), (B, N, levels), one per layer
+    alpha_j (Eq. 7)                  `scale_select` (MSZ point4), (B, Q, scales), one per layer
 
 Deviations from the paper / official code:
 - Follows OFF where the paper differs: the centre MLP has 3 layers (paper: 2); the centre comes
@@ -96,7 +96,7 @@ class EncoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, src, pos, pad_mask):
-        """src, pos (B, L, C); pad_mask (B, L) -> (B, L, C)"""
+        """src, pos (B, N, C); pad_mask (B, N) -> (B, N, C)"""
         q = k = src + pos
         src = self.norm1(src + self.dropout(self.self_attn(q, k, src, key_padding_mask=pad_mask, need_weights=False)[0]))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(src))))
@@ -118,30 +118,30 @@ class GaussianCrossAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, query, key, value, pad_mask, log_prior=None, level_sizes=None, alpha=None):
-        """query (B, N, C); key, value (B, L, C); pad_mask (B, L); log_prior (B, H, N, L) -> (B, N, C).
+        """query (B, Q, C); key, value (B, N, C); pad_mask (B, N); log_prior (B, H, Q, N) -> (B, Q, C).
 
-        With alpha (B, N, levels) the keys are `level_sizes` consecutive segments, one per scale:
+        With alpha (B, Q, scales) the keys are `level_sizes` consecutive segments, one per scale:
         each gets its own softmax, scaled by alpha (Eq. 8); the sum over scales (Eq. 9) is the
         product of the concatenated weights with the concatenated values.
         """
-        B, N, C = query.shape
+        B, Q, C = query.shape
         H = self.nheads
         w_q, w_k, w_v = self.in_proj.weight.chunk(3)
         b_q, b_k, b_v = self.in_proj.bias.chunk(3)
-        q = F.linear(query, w_q, b_q).view(B, N, H, C // H).transpose(1, 2)  # (B, H, N, D)
-        k = F.linear(key, w_k, b_k).view(B, -1, H, C // H).transpose(1, 2)  # (B, H, L, D)
-        v = F.linear(value, w_v, b_v).view(B, -1, H, C // H).transpose(1, 2)  # (B, H, L, D)
-        logits = q @ k.transpose(-1, -2) / math.sqrt(C // H)  # (B, H, N, L)
+        q = F.linear(query, w_q, b_q).view(B, Q, H, C // H).transpose(1, 2)  # (B, H, Q, D)
+        k = F.linear(key, w_k, b_k).view(B, -1, H, C // H).transpose(1, 2)  # (B, H, N, D)
+        v = F.linear(value, w_v, b_v).view(B, -1, H, C // H).transpose(1, 2)  # (B, H, N, D)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(C // H)  # (B, H, Q, N)
         if log_prior is not None:
             logits = logits + log_prior  # Eq. (5): the Gaussian enters as log G, exp is never taken
         logits = logits.masked_fill(pad_mask[:, None, None, :], float("-inf"))
         if alpha is None:
             attn = logits.softmax(dim=-1)
         else:
-            segments = logits.split(level_sizes, dim=-1)  # per scale (B, H, N, L_j)
+            segments = logits.split(level_sizes, dim=-1)  # per scale (B, H, Q, N_j)
             attn = torch.cat([seg.softmax(-1) * alpha[:, None, :, j, None] for j, seg in enumerate(segments)], -1)
         attn = self.dropout(attn)
-        out = (attn @ v).transpose(1, 2).reshape(B, N, C)  # (B, N, C)
+        out = (attn @ v).transpose(1, 2).reshape(B, Q, C)  # (B, Q, C)
         return self.out_proj(out)
 
 
@@ -188,42 +188,42 @@ class SMCADecoderLayer(nn.Module):
                 self.scale_proj = nn.Linear(d, n if cfg.scale_type == "single" else 2 * n)
 
     def log_prior(self, out, center_logit, levels):
-        """log G (B, H, N, L) over all scales' cells.
+        """log G (B, H, Q, N) over all scales' cells.
 
-        out (B, N, C); centre logit (B, N, 2); levels: per scale (cells_wh (B, 2) the unpadded size in
-        that scale's cells, grid (L_j, 2) its integer (x, y) cell indices), L = sum_j L_j.
+        out (B, Q, C); centre logit (B, Q, 2); levels: per scale (cells_wh (B, 2) the unpadded size in
+        that scale's cells, grid (N_j, 2) its integer (x, y) cell indices), N = sum_j N_j.
         """
-        B, N, _ = out.shape
-        S, Hp = len(self.strides), self.prior_heads
-        center = center_logit.sigmoid()  # (B, N, 2) normalised (x, y)
-        offsets = self.offset_proj(out).view(B, N, S, Hp, 2)  # in each scale's cells
+        B, Q, _ = out.shape
+        n_scales, Hp = len(self.strides), self.prior_heads
+        center = center_logit.sigmoid()  # (B, Q, 2) normalised (x, y)
+        offsets = self.offset_proj(out).view(B, Q, n_scales, Hp, 2)  # in each scale's cells
         if self.scale_type != "fixed":
-            s = self.scale_proj(out).view(B, N, S, Hp, -1)  # (..., 1) single or (..., 2) independent
+            s = self.scale_proj(out).view(B, Q, n_scales, Hp, -1)  # (..., 1) single or (..., 2) independent
         logs = []
         for j, (stride, (cells_wh, grid)) in enumerate(zip(self.strides, levels)):
-            points = (center * cells_wh[:, None, :])[:, :, None, :] + offsets[:, :, j]  # (B, N, Hp, 2)
-            sqdist = (points[:, :, :, None, :] - grid) ** 2  # (B, N, Hp, L_j, 2): (dx^2, dy^2) to every cell
+            points = (center * cells_wh[:, None, :])[:, :, None, :] + offsets[:, :, j]  # (B, Q, Hp, 2)
+            sqdist = (points[:, :, :, None, :] - grid) ** 2  # (B, Q, Hp, N_j, 2): (dx^2, dy^2) to every cell
             if self.scale_type != "fixed":
                 sqdist = sqdist * s[:, :, j, :, None, :] ** 2  # s_x^2 dx^2, s_y^2 dy^2
             logs.append(sqdist.sum(-1) * (stride / self.ref_stride))  # MSZ: x0.5 / 1 / 2 at stride 16 / 32 / 64
-        log_g = -torch.cat(logs, dim=-1) / self.beta  # (B, N, Hp, L)
-        return log_g.expand(B, N, self.nheads, log_g.shape[-1]).transpose(1, 2)  # (B, H, N, L)
+        log_g = -torch.cat(logs, dim=-1) / self.beta  # (B, Q, Hp, N)
+        return log_g.expand(B, Q, self.nheads, log_g.shape[-1]).transpose(1, 2)  # (B, H, Q, N)
 
     def forward(self, tgt, query_pos, memory, pos, pad_mask, levels, center_logit=None):
-        """tgt, query_pos (B, N, C); memory, pos (B, L, C); pad_mask (B, L); levels: per scale (cells_wh, grid).
+        """tgt, query_pos (B, Q, C); memory, pos (B, N, C); pad_mask (B, N); levels: per scale (cells_wh, grid).
 
-        Returns tgt (B, N, C), the centre logit (B, N, 2) (predicted here in layer 0, else passed
-        through), log G (B, H, N, L) or None, and alpha (B, N, scales) or None.
+        Returns tgt (B, Q, C), the centre logit (B, Q, 2) (predicted here in layer 0, else passed
+        through), log G (B, H, Q, N) or None, and alpha (B, Q, scales) or None.
         """
         log_prior = alpha = None
         if self.spatial_prior or self.scale_select is not None:
             out = self.norm4(tgt + query_pos)  # this layer's prior and alpha read its input (OFF norm4)
         if self.spatial_prior:
             if center_logit is None:
-                center_logit = self.center_mlp(out)  # (B, N, 2) as (x, y)
+                center_logit = self.center_mlp(out)  # (B, Q, 2) as (x, y)
             log_prior = self.log_prior(out, center_logit, levels)
         if self.scale_select is not None:
-            alpha = self.scale_select(out).softmax(-1)  # (B, N, scales), Eq. (7), per image
+            alpha = self.scale_select(out).softmax(-1)  # (B, Q, scales), Eq. (7), per image
         q = k = tgt + query_pos
         tgt = self.norm1(tgt + self.dropout(self.self_attn(q, k, tgt, need_weights=False)[0]))
         sizes = [len(grid) for _, grid in levels]  # keys per scale, in memory order
@@ -257,11 +257,11 @@ class MultiScaleEncoder(nn.Module):
             for kind in self.layout)
 
     def forward(self, srcs, poss, pads):
-        """srcs, poss: per scale (B, L_j, C); pads: per scale (B, L_j) -> per scale (B, L_j, C)"""
+        """srcs, poss: per scale (B, N_j, C); pads: per scale (B, N_j) -> per scale (B, N_j, C)"""
         sizes = [x.shape[1] for x in srcs]
         for kind, block in zip(self.layout, self.blocks):
             if kind == "M":
-                joint = block(torch.cat(srcs, 1), torch.cat(poss, 1), torch.cat(pads, 1))  # (B, L, C)
+                joint = block(torch.cat(srcs, 1), torch.cat(poss, 1), torch.cat(pads, 1))  # (B, N, C)
                 srcs = list(joint.split(sizes, dim=1))
             else:
                 layers = block if isinstance(block, nn.ModuleList) else [block] * len(srcs)
@@ -321,27 +321,23 @@ class SMCA(nn.Module):
         # focal-loss prior: every class starts at probability 0.01
         nn.init.constant_(self.class_embed.bias, -math.log((1 - 0.01) / 0.01))
 
-    def forward(self, images, pad_mask, return_attention=False):
-        """images (B, 3, H, W), pad_mask (B, H, W) True = padding -> dict (see forward_features)."""
-        feats = self.backbone(images, pad_mask)  # [(C3, m3), (C4, m4), (C5, m5)]
-        return self.forward_features(feats, valid_image_sizes(pad_mask), return_attention)
+    def forward(self, images, pad_mask, targets=None, explain=False):
+        """The shared interface (common.py). images (B, 3, H_img, W_img), pad_mask (B, H_img, W_img)
+        True = padding; targets: unused (no denoising). Returns a dict:
 
-    def forward_features(self, feats, image_wh, return_attention=False):
-        """Everything after the backbone.
-
-        feats: the backbone's [(C3, m3), (C4, m4), (C5, m5)], features (B, C_l, H_l, W_l) and masks
-        (B, H_l, W_l) True = padding; only the last (single-scale) or the last two (multi-scale) are
-        read (C4 instead of C5 when feature_stride is 16). image_wh (B, 2): unpadded size in pixels.
-
-        Returns pred_logits (B, Q, K), pred_boxes (B, Q, 4) cxcywh in [0, 1] of the unpadded image,
-        aux_outputs (one dict per earlier decoder layer, when aux_loss), centers (B, Q, 2) the
-        queries' Gaussian centres (x, y) in [0, 1] (absent when spatial_prior is off). With
-        return_attention: log_priors [(B, H, Q, L)] and scale_weights [(B, Q, scales)] per layer
-        (None where absent) and level_shapes [(H_j, W_j)], the cells of each scale in key order.
+            pred_logits (B, Q, K), pred_boxes (B, Q, 4)  the last decoder layer, cxcywh in [0, 1] of the unpadded image
+            aux_outputs          decoder layers 0 .. dec_layers - 2 (when aux_loss)
+            centers (B, Q, 2)    the queries' Gaussian centres (x, y) in [0, 1] (absent when spatial_prior is off)
+          with explain=True:
+            log_priors           per decoder layer, log G (B, H, Q, N) over every scale's cells (None without a prior)
+            scale_weights        per decoder layer, alpha (B, Q, scales) (None unless multi-scale with scale selection)
+            level_shapes         [(H_j, W_j)]: the cells of each scale, in key order (N = sum_j H_j W_j)
         """
-        if self.cfg.multiscale:
+        feats = self.backbone(images, pad_mask)  # [(C3, m3), (C4, m4), (C5, m5)]
+        image_wh = valid_image_sizes(pad_mask)  # (B, 2) unpadded size in pixels: the prior's frame
+        if self.cfg.multiscale:  # f16 from C4; f32 and f64 from C5
             (c4, m4), (c5, m5) = feats[-2:]
-            maps = [self.input_proj[0](c4), self.input_proj[1](c5), self.input_proj[2](c5)]  # f16, f32, f64
+            maps = [self.input_proj[0](c4), self.input_proj[1](c5), self.input_proj[2](c5)]
             masks = [m4, m5, halve_mask(m5)]
         else:
             x, m = feats[-1] if self.cfg.feature_stride == 32 else feats[-2]  # C5 (the paper) or C4
@@ -350,14 +346,14 @@ class SMCA(nn.Module):
         for j, (x, m) in enumerate(zip(maps, masks)):
             B, _, Hj, Wj = x.shape
             pos = sine_position_embedding(m, self.cfg.hidden_dim // 2).to(x)  # (B, C, H_j, W_j)
-            pos = pos.flatten(2).transpose(1, 2)  # (B, L_j, C)
+            pos = pos.flatten(2).transpose(1, 2)  # (B, N_j, C)
             if self.cfg.multiscale:
                 pos = pos + self.level_embed[j]
-            srcs.append(x.flatten(2).transpose(1, 2))  # (B, L_j, C)
+            srcs.append(x.flatten(2).transpose(1, 2))  # (B, N_j, C)
             poss.append(pos)
-            pads.append(m.flatten(1))  # (B, L_j)
+            pads.append(m.flatten(1))  # (B, N_j)
             ys, xs = torch.meshgrid(torch.arange(Hj, device=x.device), torch.arange(Wj, device=x.device), indexing="ij")
-            grid = torch.stack([xs, ys], dim=-1).view(-1, 2).to(x)  # (L_j, 2) integer (x, y) cell indices
+            grid = torch.stack([xs, ys], dim=-1).view(-1, 2).to(x)  # (N_j, 2) integer (x, y) cell indices
             levels.append((image_wh.to(x) / self.strides[j], grid))  # unpadded size in this scale's cells
             shapes.append((Hj, Wj))
         if self.cfg.multiscale:
@@ -365,7 +361,7 @@ class SMCA(nn.Module):
         else:
             for layer in self.encoder:
                 srcs = [layer(srcs[0], poss[0], pads[0])]
-        memory, pos, pad = torch.cat(srcs, 1), torch.cat(poss, 1), torch.cat(pads, 1)  # (B, L, C), (B, L)
+        memory, pos, pad = torch.cat(srcs, 1), torch.cat(poss, 1), torch.cat(pads, 1)  # (B, N, C), (B, N)
 
         query_pos = self.query_embed.weight[None].expand(memory.shape[0], -1, -1)  # (B, Q, C)
         tgt = torch.zeros_like(query_pos)
@@ -375,10 +371,10 @@ class SMCA(nn.Module):
             hs.append(self.decoder_norm(tgt))
             log_priors.append(log_prior)
             alphas.append(alpha)
-        hs = torch.stack(hs)  # (L_dec, B, Q, C)
+        hs = torch.stack(hs)  # (dec_layers, B, Q, C)
 
-        logits = self.class_embed(hs)  # (L_dec, B, Q, K)
-        raw = self.bbox_embed(hs)  # (L_dec, B, Q, 4) cxcywh logits
+        logits = self.class_embed(hs)  # (dec_layers, B, Q, K)
+        raw = self.bbox_embed(hs)  # (dec_layers, B, Q, 4) cxcywh logits
         if center_logit is not None:  # boxes are regressed around the Gaussian centre (OFF detr.py)
             raw = torch.cat([raw[..., :2] + center_logit, raw[..., 2:]], dim=-1)
         boxes = raw.sigmoid()
@@ -387,14 +383,14 @@ class SMCA(nn.Module):
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         if center_logit is not None:
             out["centers"] = center_logit.sigmoid()
-        if return_attention:
+        if explain:
             out.update(log_priors=log_priors, scale_weights=alphas, level_shapes=shapes)
         return out
 
 
 def gaussian_maps(out, image=0, query=0, layer=-1):
     """The spatial prior one query puts on the image: exp(log G) averaged over heads, one
-    (H_j, W_j) map per scale, from `model(..., return_attention=True)` (what OFF issue #22 asks for).
+    (H_j, W_j) map per scale, from `model(..., explain=True)` (what OFF issue #22 asks for).
     Write one over its image with common.save_heatmap_png."""
     log_prior = out["log_priors"][layer]
     if log_prior is None:
@@ -476,9 +472,8 @@ def shapes_config():
                   feature_stride=16, dropout=0.0)
 
 
-# train.py's defaults on --data shapes for this model (3 epochs of 500 steps; the pretrained
-# backbone fine-tunes at a quarter of the transformer's lr)
-SHAPES_RECIPE = {"epochs": 3, "lr_drop": 2, "batch_size": 8, "lr": 4e-4, "lr_backbone": 1e-4, "eval_every": 1}
+# where train.py's shapes recipe differs for this model: 3 epochs of 500 steps (lr / 10 after 2)
+SHAPES_RECIPE = {"epochs": 3}
 
 
 def build(cfg):

@@ -63,56 +63,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (Backbone, MaskedGroupNorm, MLP, MSDeformAttn, PostProcess, SetCriterion, encoder_reference_points,
-                    halve_mask, inverse_sigmoid, level_valid_ratios, sine_position_embedding, token_proposals,
-                    valid_image_sizes)
+from common import (Backbone, DeformableDecoderLayer, DeformableEncoderLayer, MLP, MSDeformAttn, PostProcess,
+                    SetCriterion, build_input_proj, decode_with_box_refinement, gather_tokens, input_tokens,
+                    proposal_features, proposal_pos_embed, reset_input_proj_, top_queries, write_back)
 
 SELECTIONS = ("dam", "objectness", "random")
-
-# ---------------------------------------------------------------------------------------------
-# Deformable DETR's encoder and decoder layers (Sec. 4.1; MSDeformAttn is in common.py)
-# ---------------------------------------------------------------------------------------------
-
-
-class DeformableEncoderLayer(nn.Module):
-    """Post-norm: deformable self-attention over all levels, then FFN. Queries may be a subset of
-    the tokens (Sparse DETR), the values are always all of them."""
-
-    def __init__(self, d, ffn, dropout, n_levels, n_heads, n_points):
-        super().__init__()
-        self.self_attn = MSDeformAttn(d, n_levels, n_heads, n_points)
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, tgt, pos, reference_points, memory, spatial_shapes, pad_mask):
-        """tgt, pos (B, S, C) the queried tokens; memory (B, N, C) all tokens -> (B, S, C)"""
-        attn = self.self_attn(tgt + pos, reference_points, memory, spatial_shapes, pad_mask)[0]
-        tgt = self.norm1(tgt + self.dropout(attn))
-        return self.norm2(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
-
-
-class DeformableDecoderLayer(nn.Module):
-    """Post-norm: self-attention among queries, deformable cross-attention into the memory, FFN."""
-
-    def __init__(self, d, ffn, dropout, n_levels, n_heads, n_points):
-        super().__init__()
-        self.cross_attn = MSDeformAttn(d, n_levels, n_heads, n_points)
-        self.norm1 = nn.LayerNorm(d)
-        self.self_attn = nn.MultiheadAttention(d, n_heads, dropout=dropout, batch_first=True)
-        self.norm2 = nn.LayerNorm(d)
-        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
-        self.norm3 = nn.LayerNorm(d)
-        self.dropout = nn.Dropout(dropout)
-
-    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, pad_mask):
-        q = k = tgt + query_pos
-        tgt = self.norm2(tgt + self.dropout(self.self_attn(q, k, tgt, need_weights=False)[0]))
-        ca, locs, weights = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, pad_mask)
-        tgt = self.norm1(tgt + self.dropout(ca))
-        tgt = self.norm3(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
-        return tgt, locs, weights
-
 
 # ---------------------------------------------------------------------------------------------
 # Sparse DETR's new modules (Sec. 3)
@@ -192,35 +147,23 @@ def decoder_attention_map(locations, weights, spatial_shapes, half_cell_shift=Fa
 # ---------------------------------------------------------------------------------------------
 
 
-def proposal_pos_embed(proposals, num_pos_feats=128, temperature=10000, scale=2 * math.pi):
-    """Sine embedding of sigmoid(proposals) (B, Q, 4) -> (B, Q, 4 * num_pos_feats) (Deformable DETR)."""
-    dim_t = torch.arange(num_pos_feats, dtype=proposals.dtype, device=proposals.device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
-    pos = proposals.sigmoid()[..., None] * scale / dim_t  # (B, Q, 4, F)
-    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
-
-
 class SparseDETR(nn.Module):
     """ResNet -> 4-level deformable encoder updating only the scored top-rho tokens -> two-stage
-    top-k queries -> deformable decoder with box refinement."""
+    top-k queries -> deformable decoder with box refinement (Deformable DETR's parts: common.py)."""
 
     def __init__(self, cfg):
         super().__init__()
         d, L = cfg.hidden_dim, cfg.num_feature_levels
         self.cfg = cfg
         self.backbone = Backbone(cfg.backbone_depth, cfg.backbone_norm)
-        in_ch = self.backbone.num_channels  # C3, C4, C5
-        n_bb = min(L, len(in_ch))
-        projs = [nn.Sequential(nn.Conv2d(c, d, 1), MaskedGroupNorm(32, d)) for c in in_ch[len(in_ch) - n_bb:]]
-        for lvl in range(n_bb, L):  # extra levels: 3x3 stride-2 convs, the first on raw C5
-            projs.append(nn.Sequential(nn.Conv2d(in_ch[-1] if lvl == n_bb else d, d, 3, 2, 1), MaskedGroupNorm(32, d)))
-        self.input_proj = nn.ModuleList(projs)
+        self.input_proj = build_input_proj(self.backbone.num_channels, d, L)
         self.level_embed = nn.Parameter(torch.empty(L, d))
         self.encoder = nn.ModuleList(
-            DeformableEncoderLayer(d, cfg.dim_feedforward, cfg.dropout, L, cfg.nheads, cfg.enc_n_points)
+            DeformableEncoderLayer(d, cfg.dim_feedforward, cfg.dropout, MSDeformAttn(d, L, cfg.nheads, cfg.enc_n_points))
             for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(
-            DeformableDecoderLayer(d, cfg.dim_feedforward, cfg.dropout, L, cfg.nheads, cfg.dec_n_points)
+            DeformableDecoderLayer(d, cfg.dim_feedforward, cfg.dropout, cfg.nheads,
+                                   MSDeformAttn(d, L, cfg.nheads, cfg.dec_n_points))
             for _ in range(cfg.dec_layers))
         self.enc_output, self.enc_output_norm = nn.Linear(d, d), nn.LayerNorm(d)  # two-stage (and scorer input)
         q_dim = d if cfg.eff_query_init else 2 * d  # Efficient-DETR: content = top-k memory, only pos from boxes
@@ -250,9 +193,7 @@ class SparseDETR(nn.Module):
             if isinstance(m, MSDeformAttn):
                 m._reset_parameters()
         nn.init.normal_(self.level_embed)
-        for proj in self.input_proj:
-            nn.init.xavier_uniform_(proj[0].weight, gain=1)
-            nn.init.zeros_(proj[0].bias)
+        reset_input_proj_(self.input_proj)
         heads = list(zip(self.class_embed, self.bbox_embed))
         if hasattr(self, "os_class_embed"):
             heads.append((self.os_class_embed, self.os_bbox_embed))
@@ -261,142 +202,103 @@ class SparseDETR(nn.Module):
             nn.init.zeros_(box.layers[-1].weight)  # boxes start at the reference / proposal
             nn.init.zeros_(box.layers[-1].bias)  # (two-stage: OFF's bias[2:] = -2 is reset to 0)
 
-    def proposal_features(self, memory, valid):
-        """enc_output + LN of the tokens (invalid ones zeroed first): what the two-stage head and the
-        scorer read. memory (B, N, C), valid (B, N) -> (B, N, C)"""
-        return self.enc_output_norm(self.enc_output(memory.masked_fill(~valid[..., None], 0.0)))
-
     # -- forward ---------------------------------------------------------------------------------
 
-    def forward(self, images, pad_mask):
-        """images (B, 3, H, W), pad_mask (B, H, W) True = padding -> dict (see forward_features)."""
-        return self.forward_features(self.backbone(images, pad_mask), valid_image_sizes(pad_mask))
+    def forward(self, images, pad_mask, targets=None, explain=False):
+        """The shared interface (common.py). images (B, 3, H_img, W_img), pad_mask (B, H_img, W_img)
+        True = padding; targets: unused (no denoising). Returns a dict:
 
-    def forward_features(self, feats, image_wh=None):
-        """Everything after the backbone. feats: the backbone's [(C3, m3), (C4, m4), (C5, m5)].
-
-        Returns pred_logits (B, Q, K), pred_boxes (B, Q, 4) cxcywh in [0, 1] of the unpadded image,
-        aux_outputs (decoder layers 0..4), enc_outputs (the two-stage head on all tokens), and with
-        the sparse encoder: enc_aux_outputs (in training: heads on the selected tokens after encoder
-        layers 0..4),
-        token_scores (B, N) the selection scores, sparse_token_nums (B,), topk_inds (B, S), and for
-        the DAM: dec_sampling_locations (B, layers, Q, H, L, P, 2), dec_attention_weights
-        (B, layers, Q, H, L, P), spatial_shapes, token_pad_mask (B, N). image_wh is unused (the
-        deformable models read the unpadded size from the masks) and kept for the shared signature.
+            pred_logits (B, Q, K), pred_boxes (B, Q, 4)  the last decoder layer, cxcywh in [0, 1] of the unpadded image
+            aux_outputs          decoder layers 0 .. dec_layers - 2 (when aux_loss)
+            enc_outputs          the two-stage head on all N tokens (its loss uses the real labels)
+            spatial_shapes, token_pad_mask (B, N)            the token grid, for the DAM
+            dec_sampling_locations (B, dec_layers, Q, H, L, P, 2), dec_attention_weights (B, dec_layers, Q, H, L, P)
+                                 the decoder cross-attention the DAM is made of (Sec. 3.3)
+          with the sparse encoder:
+            token_scores (B, N)  the selection scores (the scorer's logits, or objectness / random)
+            sparse_token_nums (B,)  n_b, the tokens image b updates;  topk_inds (B, S) their indices,
+                                 best first (rows >= n_b of a smaller image are batch filler)
+            enc_aux_outputs      training only: heads on the selected tokens after encoder layers 0 .. 4
+            backbone_outputs     selection="objectness": the OS head on the backbone tokens
+          with explain=True:
+            dam (B, N)           the decoder attention map itself (`decoder_attention_map`)
         """
-        memory, out = self.encode(feats)
-        return self.decode(memory, out)
-
-    def input_tokens(self, feats):
-        """The backbone maps -> the encoder's flattened tokens: 1x1 conv + GroupNorm per backbone level,
-        3x3 stride-2 convs for the extra levels, sine positions + a learned embedding per level.
-        -> src (B, N, C), pos (B, N, C), pad_mask (B, N), masks [(B, H_l, W_l)]; finest level first."""
-        cfg = self.cfg
-        n_bb = min(cfg.num_feature_levels, len(feats))  # levels taken from the backbone (its last n_bb maps)
-        maps, masks = [], []
-        for lvl, proj in enumerate(self.input_proj):
-            if lvl < n_bb:
-                x, m = feats[len(feats) - n_bb + lvl]
-            else:  # extra level: stride-2 conv on raw C5, then on the previous level
-                x, m = (feats[-1][0] if lvl == n_bb else maps[-1]), halve_mask(masks[-1])
-            x = proj[0](x)
-            maps.append(proj[1](x, m if cfg.masked_groupnorm else None))  # (B, C, H_l, W_l)
-            masks.append(m)
-        src = torch.cat([x.flatten(2).transpose(1, 2) for x in maps], 1)  # (B, N, C)
-        pad = torch.cat([m.flatten(1) for m in masks], 1)  # (B, N)
-        pos = [sine_position_embedding(m, cfg.hidden_dim // 2, offset=-0.5) for m in masks]  # DDETR: -0.5 offset
-        pos = torch.cat([(p.to(src).flatten(2).transpose(1, 2) + self.level_embed[lvl]) for lvl, p in enumerate(pos)],
-                        1)  # (B, N, C)
-        return src, pos, pad, masks
+        memory, geometry, out = self.encode(self.backbone(images, pad_mask))
+        out.update(self.decode(memory, geometry))
+        if explain:
+            out["dam"] = decoder_attention_map(out["dec_sampling_locations"], out["dec_attention_weights"],
+                                               geometry.spatial_shapes, self.cfg.dam_half_cell_shift)
+        return out
 
     def encode(self, feats):
-        """Input projections, token selection (Sec. 3.2) and the (sparse) encoder.
-        -> memory (B, N, C) and a dict with the geometry and the selection outputs."""
+        """Input tokens, token selection (Sec. 3.2) and the (sparse) encoder.
+        feats: the backbone's [(C3, m3), (C4, m4), (C5, m5)] -> memory (B, N, C), TokenGeometry,
+        and the selection's outputs (a dict)."""
         cfg = self.cfg
-        src, pos, pad, masks = self.input_tokens(feats)  # (B, N, C), (B, N, C), (B, N), [(B, H_l, W_l)]
-        spatial_shapes = [tuple(m.shape[-2:]) for m in masks]
-        valid_ratios = level_valid_ratios(masks)  # (B, L, 2)
-        ref = encoder_reference_points(spatial_shapes, valid_ratios)  # (B, N, L, 2)
-        proposals, valid = token_proposals(masks)  # (B, N, 4), (B, N): geometry only
-        out = {"spatial_shapes": spatial_shapes, "token_pad_mask": pad, "valid_ratios": valid_ratios,
-               "proposals": proposals, "proposal_valid": valid}
+        src, pos, geo = input_tokens(self.input_proj, self.level_embed, feats, cfg.masked_groupnorm)  # (B, N, C) x 2
+        pad, ref = geo.pad_mask, geo.reference_points  # (B, N), (B, N, L, 2)
+        out = {"spatial_shapes": geo.spatial_shapes, "token_pad_mask": pad}
+        if not cfg.sparse_encoder:  # the dense Deformable DETR encoder
+            memory = src
+            for layer in self.encoder:
+                memory = layer(memory, pos, ref, memory, geo.spatial_shapes, pad)
+            return memory, geo, out
 
         # --- Sec. 3.2: score the backbone tokens and keep the top rho of each image ---
-        memory = src
-        if cfg.sparse_encoder:
-            token_feats = self.proposal_features(src + pos, valid)  # (B, N, C)
-            if cfg.selection == "dam":
-                scores = self.scoring(token_feats, pad)  # (B, N) logits
-            elif cfg.selection == "objectness":
-                os_logits = self.os_class_embed(token_feats)  # (B, N, K)
-                out["backbone_outputs"] = {"pred_logits": os_logits,
-                                           "pred_boxes": (proposals + self.os_bbox_embed(token_feats)).sigmoid()}
-                scores = os_logits.max(-1).values
-            else:
-                scores = torch.rand(pad.shape, device=src.device)
-            nums = sparse_token_nums(pad, cfg.rho)  # (B,)
-            inds = select_tokens(scores, pad, nums)  # (B, S)
-            (B, N, C), S = src.shape, inds.shape[1]
-            keep_b, keep_s = (torch.arange(S, device=src.device)[None] < nums[:, None]).nonzero(as_tuple=True)
-            write = keep_b * N + inds[keep_b, keep_s]  # (sum n_b,) flat token index of the rows written back
-            idx_c = inds[..., None].expand(-1, -1, C)
-            tgt, pos_s = src.gather(1, idx_c), pos.gather(1, idx_c)  # (B, S, C)
-            ref_s = ref.gather(1, inds[..., None, None].expand(-1, -1, *ref.shape[2:]))  # (B, S, L, 2)
-            props_s = proposals.gather(1, inds[..., None].expand(-1, -1, 4))  # (B, S, 4)
-            enc_aux = []
-            for lid, layer in enumerate(self.encoder):
-                tgt = layer(tgt, pos_s, ref_s, memory, spatial_shapes, pad)  # queries: selected; values: all
-                # write back each image's first n_b rows; the rest of the batch's S rows are filler
-                memory = memory.reshape(B * N, C).index_copy(0, write, tgt[keep_b, keep_s]).view(B, N, C)
-                if self.enc_aux and self.training and lid < len(self.encoder) - 1:  # a training loss only
-                    enc_aux.append({"pred_logits": self.class_embed[cfg.dec_layers + 1 + lid](tgt),
-                                    "pred_boxes": (props_s + self.bbox_embed[cfg.dec_layers + 1 + lid](tgt)).sigmoid()})
-            out.update(token_scores=scores, sparse_token_nums=nums, topk_inds=inds)
-            if self.enc_aux and self.training:
-                out["enc_aux_outputs"] = enc_aux
+        token_feats = proposal_features(src + pos, geo.proposal_valid, self.enc_output, self.enc_output_norm)  # (B, N, C)
+        if cfg.selection == "dam":
+            scores = self.scoring(token_feats, pad)  # (B, N) logits
+        elif cfg.selection == "objectness":
+            os_logits = self.os_class_embed(token_feats)  # (B, N, K)
+            out["backbone_outputs"] = {"pred_logits": os_logits,
+                                       "pred_boxes": (geo.proposals + self.os_bbox_embed(token_feats)).sigmoid()}
+            scores = os_logits.max(-1).values
         else:
-            for layer in self.encoder:
-                memory = layer(memory, pos, ref, memory, spatial_shapes, pad)
-        return memory, out
+            scores = torch.rand(pad.shape, device=src.device)
+        nums = sparse_token_nums(pad, cfg.rho)  # (B,) n_b
+        inds = select_tokens(scores, pad, nums)  # (B, S) Omega_s^rho, best first
+        rows = torch.arange(inds.shape[1], device=src.device)[None] < nums[:, None]  # (B, S) False: batch filler
+        tgt, pos_s = gather_tokens(src, inds), gather_tokens(pos, inds)  # (B, S, C)
+        ref_s, props_s = gather_tokens(ref, inds), gather_tokens(geo.proposals, inds)  # (B, S, L, 2), (B, S, 4)
 
-    def decode(self, memory, out):
-        """Two-stage query selection and the decoder with box refinement; fills `out`."""
+        # --- the sparse encoder: queries are the selected tokens, values all tokens ---
+        memory, enc_aux = src, []
+        for lid, layer in enumerate(self.encoder):
+            tgt = layer(tgt, pos_s, ref_s, memory, geo.spatial_shapes, pad)  # (B, S, C)
+            memory = write_back(memory, inds, rows, tgt)  # x_{l+1}[Omega] = tgt, the rest unchanged
+            if self.enc_aux and self.training and lid < len(self.encoder) - 1:  # a training loss only
+                head = cfg.dec_layers + 1 + lid
+                enc_aux.append({"pred_logits": self.class_embed[head](tgt),
+                                "pred_boxes": (props_s + self.bbox_embed[head](tgt)).sigmoid()})
+        out.update(token_scores=scores, sparse_token_nums=nums, topk_inds=inds)
+        if self.enc_aux and self.training:
+            out["enc_aux_outputs"] = enc_aux
+        return memory, geo, out
+
+    def decode(self, memory, geo):
+        """Two-stage query selection (Efficient-DETR style by default) and the decoder with box
+        refinement. memory (B, N, C), TokenGeometry -> the detection outputs (a dict)."""
         cfg = self.cfg
-        spatial_shapes, pad, valid_ratios = out["spatial_shapes"], out["token_pad_mask"], out.pop("valid_ratios")
-        proposals, valid = out.pop("proposals"), out.pop("proposal_valid")
-        if cfg.num_queries > pad.shape[1]:
-            raise ValueError(f"num_queries {cfg.num_queries} exceeds the {pad.shape[1]} encoder tokens of this "
-                             f"batch: lower num_queries or use larger images")
-
         # --- two-stage: the top-scoring encoder tokens become the decoder's queries ---
-        enc_feats = self.proposal_features(memory, valid)  # (B, N, C)
+        enc_feats = proposal_features(memory, geo.proposal_valid, self.enc_output, self.enc_output_norm)  # (B, N, C)
         head = cfg.dec_layers
         enc_logits = self.class_embed[head](enc_feats)  # (B, N, K)
-        enc_coord = self.bbox_embed[head](enc_feats) + proposals  # (B, N, 4) logits
-        out["enc_outputs"] = {"pred_logits": enc_logits, "pred_boxes": enc_coord.sigmoid()}
-        objectness = enc_logits.max(-1).values if cfg.eff_specific_head else enc_logits[..., 0]
-        topk = objectness.masked_fill(pad, float("-inf")).topk(cfg.num_queries, dim=1).indices  # (B, Q)
-        ref_logit = enc_coord.gather(1, topk[..., None].expand(-1, -1, 4)).detach()  # (B, Q, 4)
-        query = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(ref_logit, cfg.hidden_dim // 2)))  # (B, Q, C)
+        enc_coord = self.bbox_embed[head](enc_feats) + geo.proposals  # (B, N, 4) logits
+        objectness = enc_logits.max(-1).values if cfg.eff_specific_head else enc_logits[..., 0]  # (B, N)
+        topk = top_queries(objectness, geo.pad_mask, cfg.num_queries)  # (B, Q)
+        ref_logit = gather_tokens(enc_coord, topk).detach()  # (B, Q, 4)
+        query = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(ref_logit, cfg.hidden_dim // 2)))  # (B, Q, C or 2C)
         if cfg.eff_query_init:  # content = the selected memory (not detached), position from the boxes
-            query_pos, tgt = query, memory.gather(1, topk[..., None].expand(-1, -1, memory.shape[-1]))
+            query_pos, tgt = query, gather_tokens(memory, topk)
         else:
-            query_pos, tgt = query.chunk(2, dim=-1)
+            query_pos, tgt = query.chunk(2, dim=-1)  # (B, Q, C) each
 
-        # --- decoder with iterative box refinement ---
-        reference = ref_logit.sigmoid()  # (B, Q, 4)
-        logits, boxes, locs, weights = [], [], [], []
-        for lid, layer in enumerate(self.decoder):
-            ref_in = reference[:, :, None] * torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, Q, L, 4)
-            tgt, loc, w = layer(tgt, query_pos, ref_in, memory, spatial_shapes, pad)
-            box = (self.bbox_embed[lid](tgt) + inverse_sigmoid(reference)).sigmoid()
-            logits.append(self.class_embed[lid](tgt))
-            boxes.append(box)
-            locs.append(loc)
-            weights.append(w)
-            reference = box.detach()
-        out.update(pred_logits=logits[-1], pred_boxes=boxes[-1],
-                   dec_sampling_locations=torch.stack(locs, 1), dec_attention_weights=torch.stack(weights, 1))
+        # --- decoder with iterative box refinement (common.py) ---
+        logits, boxes, locs, weights = decode_with_box_refinement(
+            self.decoder, self.class_embed, self.bbox_embed, tgt, query_pos, ref_logit.sigmoid(), memory, geo)
+        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
+               "enc_outputs": {"pred_logits": enc_logits, "pred_boxes": enc_coord.sigmoid()},
+               "dec_sampling_locations": torch.stack(locs, 1), "dec_attention_weights": torch.stack(weights, 1)}
         if cfg.aux_loss:
             out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return out
@@ -518,9 +420,7 @@ def shapes_config():
                   dec_layers=3, dim_feedforward=512, num_queries=50, num_select=100, rho=0.3, dropout=0.0)
 
 
-# train.py's defaults on --data shapes (the ResNet-18 pretrained on shapes by pretrain.py; 2 epochs
-# of 500 steps, about 15 minutes on 2 CPU cores)
-SHAPES_RECIPE = {"epochs": 2, "lr_drop": 2, "batch_size": 8, "lr": 4e-4, "lr_backbone": 1e-4, "eval_every": 1}
+# On --data shapes: train.py's shared shapes recipe as it is (2 epochs of 500 steps, about 10 minutes)
 # OFF main.py: lr 2e-4, backbone 2e-5
 COCO_RECIPE = {"lr": 2e-4, "lr_backbone": 2e-5}
 # OFF main.py --lr_linear_proj_mult 0.1: parameters whose name contains these train at lr x 0.1

@@ -22,7 +22,7 @@ from PIL import Image
 import bench
 import common
 import data as datalib
-import converge
+import experiments
 import focus_detr
 import lite_detr
 import pretrain
@@ -32,6 +32,34 @@ import train
 from data import shapes
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+class GivenFeatures(torch.nn.Module):
+    """A stand-in backbone that returns fixed features: drives a model's own forward past its CNN."""
+
+    def __init__(self, feats):
+        super().__init__()
+        self.feats = feats
+
+    def forward(self, images, pad_mask):
+        return self.feats
+
+
+def after_backbone(model, feats, **kwargs):
+    """model(images, pad_mask, **kwargs) with the backbone's output replaced by `feats`
+    [(map, mask)], the last at stride 32: the image-level pad_mask is that mask upsampled 32x."""
+    mask = feats[-1][1].repeat_interleave(32, 1).repeat_interleave(32, 2)  # (B, H_img, W_img)
+    backbone, model.backbone = model.backbone, GivenFeatures(feats)
+    try:
+        return model(torch.zeros(mask.shape[0], 3, *mask.shape[1:], dtype=feats[0][0].dtype), mask, **kwargs)
+    finally:
+        model.backbone = backbone
+
+
+def _sized(targets, pad_mask):
+    """Add each target's "size" (h, w), its image's unpadded size (what data/ puts in a target)."""
+    valid = ~pad_mask
+    return [{**t, "size": torch.stack([v.any(1).sum(), v.any(0).sum()])} for t, v in zip(targets, valid)]
 
 
 def tiny_smca(**kw):
@@ -480,7 +508,7 @@ def test_smca_output_shapes_and_box_range(multiscale):
     model.eval()
     images, pad_mask = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
     pad_mask[1, 64:, :] = True
-    out = model(images, pad_mask, return_attention=True)
+    out = model(images, pad_mask, explain=True)
     assert out["pred_logits"].shape == (2, 12, 21) and out["pred_boxes"].shape == (2, 12, 4)
     assert len(out["aux_outputs"]) == 1 and out["centers"].shape == (2, 12, 2)
     shapes = [(6, 8), (3, 4), (2, 2)] if multiscale else [(3, 4)]  # f16, f32, f64 of a 96 x 128 input
@@ -561,7 +589,7 @@ def test_gaussian_map_peaks_at_the_predicted_centre():
         torch.nn.init.zeros_(layer.offset_proj.bias)
     images, pad_mask = torch.randn(1, 3, 128, 192), torch.zeros(1, 128, 192, dtype=torch.bool)
     with torch.no_grad():
-        out = model(images, pad_mask, return_attention=True)
+        out = model(images, pad_mask, explain=True)
     for q in range(3):
         cx, cy = out["centers"][0, q].tolist()  # normalised (x, y)
         for stride, m in zip((16, 32, 64), smca.gaussian_maps(out, query=q)):
@@ -570,7 +598,7 @@ def test_gaussian_map_peaks_at_the_predicted_centre():
             assert divmod(int(m.argmax()), w) == want and math.isclose(m.max().item(), m[want].item())
     with pytest.raises(ValueError, match="spatial prior"):
         baseline, _, _ = smca.build(tiny_smca(spatial_prior=False))
-        smca.gaussian_maps(baseline.eval()(images, pad_mask, return_attention=True))
+        smca.gaussian_maps(baseline.eval()(images, pad_mask, explain=True))
 
 
 def test_save_heatmap_png_draws_the_map_over_the_image(tmp_path):
@@ -579,7 +607,7 @@ def test_save_heatmap_png_draws_the_map_over_the_image(tmp_path):
     model.eval()
     image = torch.zeros(3, 96, 128)  # the ImageNet mean: mid grey once de-normalised
     with torch.no_grad():
-        out = model(image[None], torch.zeros(1, 96, 128, dtype=torch.bool), return_attention=True)
+        out = model(image[None], torch.zeros(1, 96, 128, dtype=torch.bool), explain=True)
     (heat,) = smca.gaussian_maps(out, query=0)  # (3, 4) cells of 32 px
     path = tmp_path / "q0.png"
     common.save_heatmap_png(image, heat, path, cell=32, boxes=[(4, 4, 40, 30)])
@@ -633,8 +661,8 @@ def test_scale_selection_weights_are_per_image():
     model.eval()
     images, pad_mask = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
     with torch.no_grad():
-        out = model(images, pad_mask, return_attention=True)
-        alone = model(images[1:], pad_mask[1:], return_attention=True)
+        out = model(images, pad_mask, explain=True)
+        alone = model(images[1:], pad_mask[1:], explain=True)
     assert out["scale_weights"][0] is not None and out["scale_weights"][1].shape == (2, 12, 3)
     for alpha in out["scale_weights"]:
         assert torch.allclose(alpha.sum(-1), torch.ones(2, 12), atol=1e-6)
@@ -683,9 +711,8 @@ def test_smca_padding_invariance(spatial_prior, multiscale, stride, figures):
     # 3 x 4 -> f64 2 x 2 alone; padded, f64 is 3 x 3 of which the same 2 x 2 are valid.
     (c5, m5), (c5_batch, m5_batch) = _alone_and_padded(torch.randn(1, 512, 3, 4, dtype=torch.float64), 5, 6)
     (c4, m4), (c4_batch, m4_batch) = _alone_and_padded(torch.randn(1, 256, 6, 8, dtype=torch.float64), 10, 12)
-    alone = model.forward_features([(c4, m4), (c5, m5)], torch.tensor([[128.0, 96.0]]), return_attention=True)
-    batched = model.forward_features([(c4_batch, m4_batch), (c5_batch, m5_batch)],
-                                     torch.tensor([[128.0, 96.0], [192.0, 160.0]]), return_attention=True)
+    alone = after_backbone(model, [(c4, m4), (c5, m5)], explain=True)  # image 96 x 128 px
+    batched = after_backbone(model, [(c4_batch, m4_batch), (c5_batch, m5_batch)], explain=True)  # padded to 160 x 192
     for key in ("pred_logits", "pred_boxes") + (("centers",) if spatial_prior else ()):
         assert torch.allclose(alone[key][0], batched[key][0], atol=1e-4), key
     for key in ("pred_logits", "pred_boxes"):
@@ -761,7 +788,7 @@ def test_smca_on_c4_reads_c4_in_its_own_cells_and_leaves_layer4_untrained():
     model, _, _ = smca.build(tiny_smca(feature_stride=16))
     model.eval()
     images, pad_mask = torch.randn(1, 3, 96, 128), torch.zeros(1, 96, 128, dtype=torch.bool)
-    out = model(images, pad_mask, return_attention=True)
+    out = model(images, pad_mask, explain=True)
     assert out["level_shapes"] == [(6, 8)]
     layer = model.decoder[0]
     grid = torch.tensor([[0.0, 0.0], [2.0, 0.0]])
@@ -868,7 +895,7 @@ def test_sparse_encoder_at_rho_one_is_the_dense_encoder():
     dense.double().eval()
     feats = [(torch.randn(1, c, h, w, dtype=torch.float64), torch.zeros(1, h, w, dtype=torch.bool))
              for c, h, w in [(128, 8, 10), (256, 4, 5), (512, 2, 3)]]
-    a, b = sparse.forward_features(feats), dense.forward_features(feats)
+    a, b = after_backbone(sparse, feats), after_backbone(dense, feats)
     assert a["topk_inds"].shape[1] == 80 + 20 + 6 + 2  # every token
     for key in ("pred_logits", "pred_boxes"):
         assert torch.allclose(a[key], b[key], atol=1e-8), key
@@ -883,8 +910,8 @@ def test_sparse_detr_padding_invariance(mean_over_padding, figures):
     model.double().eval()
     pairs = [_alone_and_padded(torch.randn(1, c, h, w, dtype=torch.float64), 2 * h, 2 * w)
              for c, h, w in [(128, 8, 12), (256, 4, 6), (512, 2, 3)]]
-    alone = model.forward_features([p[0] for p in pairs])
-    batched = model.forward_features([p[1] for p in pairs])
+    alone = after_backbone(model, [p[0] for p in pairs])
+    batched = after_backbone(model, [p[1] for p in pairs])
     valid = ~batched["token_pad_mask"][0]
     same_scores = torch.allclose(alone["token_scores"][0], batched["token_scores"][0][valid], atol=1e-6)
     assert same_scores != mean_over_padding
@@ -959,8 +986,7 @@ def test_copied_blocks_stay_in_sync():
             copy_def = inspect.unwrap(getattr(owner, name))
             assert inspect.getsource(copy_def) == inspect.getsource(src_obj), f"{module.__name__}.{name} != {source}"
             checked.append(f"{module.__name__}.{name}")
-    assert {"lite_detr.proposal_pos_embed", "lite_detr.input_tokens", "focus_detr.ScoringNetwork",
-            "focus_detr.input_tokens", "focus_detr.proposal_features"} <= set(checked)
+    assert checked == ["focus_detr.ScoringNetwork"]  # everything else the models share lives in common.py
 
 
 def test_sparse_detr_config_errors():
@@ -1066,7 +1092,7 @@ def test_lite_dense_reduction_is_the_deformable_detr_encoder():
     lite.double().eval()
     dense.double().eval()
     feats = _lite_feats()
-    a, b = lite.forward_features(feats), dense.forward_features(feats)
+    a, b = after_backbone(lite, feats), after_backbone(dense, feats)
     for key in ("pred_logits", "pred_boxes"):
         assert torch.allclose(a[key], b[key], atol=1e-8), key
     assert torch.allclose(lite.encode(feats)[0], dense.encode(feats)[0], atol=1e-10)
@@ -1085,13 +1111,13 @@ def test_lite_encoder_schedule(name, queries):
     hooks = [layer.register_forward_hook(lambda m, args, out: calls.append((args[0].shape[1], args[3].clone(), out)))
              for layer in model.encoder]
     feats = _lite_feats()
-    memory, out = model.encode(feats)
+    memory, _, n_low = model.encode(feats)
     for h in hooks:
         h.remove()
-    n_low, N = out["n_low"], memory.shape[1]
+    N = memory.shape[1]
     assert n_low == {3: 80, 2: 100}[cfg.enc_scale]  # 8x10 (+ 4x5 for H2L2) finest tokens
     assert [kind for kind in model.schedule] == cfg.schedule() and len(calls) == 6
-    src = model.input_tokens(feats)[0]
+    src = common.input_tokens(model.input_proj, model.level_embed, feats)[0]
     low, high = src[:, :n_low], src[:, n_low:]
     for kind, (n_queries, values, output) in zip(model.schedule, calls):
         assert torch.equal(values[:, :n_low], low) and torch.equal(values[:, n_low:], high)  # V = current tokens
@@ -1117,8 +1143,8 @@ def test_lite_detr_padding_invariance(kw, figures):
     model.double().eval()
     pairs = [_alone_and_padded(torch.randn(1, c, h, w, dtype=torch.float64), 2 * h, 2 * w)
              for c, h, w in [(128, 8, 12), (256, 4, 6), (512, 2, 3)]]
-    alone = model.forward_features([p[0] for p in pairs])
-    batched = model.forward_features([p[1] for p in pairs])
+    alone = after_backbone(model, [p[0] for p in pairs])
+    batched = after_backbone(model, [p[1] for p in pairs])
     for key in ("pred_logits", "pred_boxes"):
         assert torch.allclose(alone[key][0], batched[key][0], atol=1e-4), key
     (images, m1), (big, pad) = _alone_and_padded(torch.randn(1, 3, 128, 192, dtype=torch.float64), 192, 256)
@@ -1136,7 +1162,9 @@ def test_lite_detr_gradient_flow_and_empty_targets(kw):
     pad_mask[1, 96:, :] = True
     out = model(images, pad_mask)
     assert out["pred_logits"].shape == (2, 10, 21) and out["pred_boxes"].shape == (2, 10, 4)
-    assert len(out["aux_outputs"]) == 1 and out["enc_outputs"]["pred_logits"].shape[1] == out["token_pad_mask"].shape[1]
+    n_tokens = 16 * 20 + 8 * 10 + 4 * 5 + 2 * 3  # strides 8, 16, 32, 64 of a 128 x 160 batch
+    assert len(out["aux_outputs"]) == 1 and out["enc_outputs"]["pred_logits"].shape[1] == n_tokens
+    assert "dec_sampling_locations" not in out  # the decoder's internals come with explain=True only
     assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
     losses = criterion(out, _random_targets([3, 0], 21))  # image 1 has no boxes
     assert {"loss_ce", "loss_bbox_0", "loss_giou_enc"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
@@ -1275,8 +1303,6 @@ def test_bench_rejects_bad_flags(tiny_shapes):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             bench.main(["--device", "cuda"])
-    with pytest.raises(ValueError, match="--budget must be positive"):
-        bench.main(["--leaderboard", "--budget", "0"])
     with pytest.raises(ValueError, match="--threads must be positive"):
         bench.main(["--threads", "0"])
     with pytest.raises(ValueError, match="is not a folder"):
@@ -1394,9 +1420,8 @@ def test_focus_detr_padding_invariance(figures):
     model.double().eval()
     pairs = [_alone_and_padded(torch.randn(1, c, h, w, dtype=torch.float64), 2 * h, 2 * w)
              for c, h, w in [(128, 8, 12), (256, 4, 6), (512, 2, 3)]]
-    wh = torch.tensor([[96.0, 64.0]])
-    alone = model.forward_features([p[0] for p in pairs], wh)
-    batched = model.forward_features([p[1] for p in pairs], torch.cat([wh, wh * 2]))
+    alone = after_backbone(model, [p[0] for p in pairs])
+    batched = after_backbone(model, [p[1] for p in pairs])
     valid = ~batched["token_pad_mask"][0]
     assert torch.allclose(alone["fg_logits"][0], batched["fg_logits"][0][valid], atol=1e-8)
     assert torch.equal(alone["token_nums"][:, 0], batched["token_nums"][:, 0])
@@ -1414,7 +1439,7 @@ def test_focus_detr_selector_learns_only_from_its_focal_loss_and_dn_is_training_
     model.train()
     images, pad_mask = torch.randn(2, 3, 128, 160), torch.zeros(2, 128, 160, dtype=torch.bool)
     pad_mask[1, 96:, :] = True
-    targets = _random_targets([3, 0], 21)
+    targets = _sized(_random_targets([3, 0], 21), pad_mask)
     out = model(images, pad_mask, targets)
     assert out["pred_logits"].shape == (2, 10, 21) and out["enc_outputs"]["pred_logits"].shape == (2, 10, 21)
     assert out["dn_meta"] == {"groups": 2, "group_size": 6} and out["dn_outputs"][-1]["pred_boxes"].shape == (2, 12, 4)
@@ -1427,7 +1452,8 @@ def test_focus_detr_selector_learns_only_from_its_focal_loss_and_dn_is_training_
     model.zero_grad()
     (rest + 1.5 * losses["loss_select"]).backward()
     _assert_only_box_hidden_layers_without_gradient(model)
-    empty = criterion(model(images, pad_mask, _random_targets([0, 0], 21)), _random_targets([0, 0], 21))
+    no_boxes = _sized(_random_targets([0, 0], 21), pad_mask)
+    empty = criterion(model(images, pad_mask, no_boxes), no_boxes)
     assert all(torch.isfinite(v) for v in empty.values()) and empty["loss_bbox_dn"] == 0
     model.eval()
     with torch.no_grad():
@@ -1476,7 +1502,7 @@ def test_focus_detr_fewer_kept_tokens_than_fine_grained_and_dense_base():
                {"foreground_selection": False}):
         model, criterion, _ = focus_detr.build(tiny_focus(**kw))
         images, pad_mask = torch.randn(2, 3, 64, 96), torch.zeros(2, 64, 96, dtype=torch.bool)
-        targets = _random_targets([2, 1], 21)
+        targets = _sized(_random_targets([2, 1], 21), pad_mask)
         out = model(images, pad_mask, targets)
         losses = criterion(out, targets)
         assert ("loss_select" in losses) == kw.get("foreground_selection", True)
@@ -1492,7 +1518,7 @@ def test_focus_detr_switches_build_and_train(kw):
     model, criterion, _ = focus_detr.build(tiny_focus(**kw))
     images, pad_mask = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
     pad_mask[1, 64:] = True
-    targets = _random_targets([2, 1], 21)
+    targets = _sized(_random_targets([2, 1], 21), pad_mask)
     out = model(images, pad_mask, targets)
     assert ("dn_outputs" in out) == (kw.get("dn_number", 6) > 0)
     losses = criterion(out, targets)
@@ -1653,34 +1679,34 @@ def test_train_time_budget_stops_saves_and_evaluates(tiny_shapes, tmp_path):
     assert len(_train_losses(tmp_path / "b")) == 1  # the budget is spent: nothing more trained
 
 
-def test_bench_leaderboard_trains_each_model_once_and_tables_them(tiny_shapes, tmp_path, monkeypatch):
-    monkeypatch.setattr(bench, "LEADERBOARD", [("DETR tiny", "smca", ["--set", "spatial_prior=false"]),
-                                               ("SMCA tiny", "smca", [])])
-    argv = ["--leaderboard", "--budget", "1e-7", "--out", str(tmp_path), "--train-args", "--data", tiny_shapes,
+def test_experiments_leaderboard_trains_each_model_once_and_tables_them(tiny_shapes, tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "LEADERBOARD", [("DETR tiny", "smca", ["--set", "spatial_prior=false"]),
+                                                     ("SMCA tiny", "smca", [])])
+    argv = ["leaderboard", "--budget", "1e-7", "--out", str(tmp_path), "--data", tiny_shapes, "--train-args",
             "--scales", "shapes", "--batch-size", "4", "--backbone-weights", "none", "--log-every", "100", *TINY_SET]
-    rows = bench.main(argv)
+    rows = experiments.main(argv)
     assert [r["model"] for r in rows] == ["DETR tiny", "SMCA tiny"]
     assert all(r["epochs"] == 0.5 and r["train_min"] > 0 and r["infer_ms"] > 0 for r in rows)
     with open(tmp_path / "detr_tiny" / "log.jsonl") as f:
         assert json.loads(f.readline())["config"]["spatial_prior"] is False
     table = (tmp_path / "leaderboard.md").read_text()
-    assert "| DETR tiny |" in table and "| SMCA tiny |" in table and "--budget 1e-07" in table
-    assert bench.main(argv) == rows  # a second call re-reads the spent runs: nothing retrained, nothing lost
+    assert "| DETR tiny |" in table and "| SMCA tiny |" in table and "experiments.py leaderboard --budget 1e-7" in table
+    assert experiments.main(argv) == rows  # a second call re-reads the spent runs: nothing retrained, nothing lost
     assert len(_train_losses(tmp_path / "smca_tiny")) == 1
 
 
-def test_converge_probe_reads_a_checkpoint_and_refuses_others(tiny_shapes, tmp_path):
+def test_experiments_converge_probe_reads_a_checkpoint_and_refuses_others(tiny_shapes, tmp_path):
     train.main(_train_args(tiny_shapes, tmp_path / "s", "--epochs", "1"))
-    rows = converge.probe(str(tmp_path / "s" / "checkpoint.pth"), tiny_shapes, n=3, size=64)
+    rows = experiments.probe(str(tmp_path / "s" / "checkpoint.pth"), tiny_shapes, n=3, size=64)
     assert len(rows) == 3 and all(a >= 0 and b >= 0 for a, b in rows.values())
     assert rows["predicted boxes (images / queries)"][1] > 0  # the queries' boxes differ
     with pytest.raises(ValueError, match="needs 4 val images"):
-        converge.probe(str(tmp_path / "s" / "checkpoint.pth"), tiny_shapes, n=4)
+        experiments.probe(str(tmp_path / "s" / "checkpoint.pth"), tiny_shapes, n=4)
     ckpt = torch.load(tmp_path / "s" / "checkpoint.pth", weights_only=False)
     ckpt["model_name"] = "sparse_detr"
     torch.save(ckpt, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="not an smca one"):
-        converge.probe(str(tmp_path / "other.pth"), tiny_shapes, n=3)
+        experiments.probe(str(tmp_path / "other.pth"), tiny_shapes, n=3)
 
 
 def test_train_ddp_two_processes(tiny_shapes, tmp_path):
@@ -1696,8 +1722,8 @@ def test_train_ddp_two_processes(tiny_shapes, tmp_path):
     assert any(r["type"] == "eval" for r in records)
 
 
-def test_converge_table_from_logs_and_skips_finished_runs(tmp_path, monkeypatch):
-    """converge.py reads each run's eval records (the last one of an epoch wins), does not retrain a
+def test_experiments_converge_table_from_logs_and_skips_finished_runs(tmp_path, monkeypatch):
+    """experiments.py converge reads each run's eval records (the last one of an epoch wins), does not retrain a
     run whose last epoch is already evaluated, and counts the steps DETR needed to reach SMCA's AP."""
     monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"retrained {argv}"))
     for i in range(3):
@@ -1708,13 +1734,13 @@ def test_converge_table_from_logs_and_skips_finished_runs(tmp_path, monkeypatch)
                 ap = 0.01 * (i + 1) * (epoch + 1)
                 f.write(json.dumps({"type": "eval", "epoch": epoch, "AP": ap, "AP50": 2 * ap, "epoch_time_s": 60.0,
                                     "steps": 100 * (epoch + 1)}) + "\n")
-    converge.main(["--epochs", "2", "--out", str(tmp_path)])
+    experiments.main(["converge", "--epochs", "2", "--out", str(tmp_path)])
     rows = (tmp_path / "table.md").read_text().splitlines()
     assert rows[-3] == "| 2 | 2.0 / 4.0 | 4.0 / 8.0 |"
     assert rows[-2] == "| s / epoch, train + eval | 60 | 60 |"
     # SMCA's AP after epoch 1 (2.0) is DETR's after its epoch 2 (200 steps); SMCA's final 4.0 it never reaches
     assert rows[-1] == "| DETR steps to reach SMCA's AP of each epoch (SMCA: 1 epoch = 100 steps) | - | 200 (2.0x) / > 200 (> 1.0x) |"
-    converge.main(["--epochs", "2", "--out", str(tmp_path), "--multiscale"])
+    experiments.main(["converge", "--epochs", "2", "--out", str(tmp_path), "--multiscale"])
     rows = (tmp_path / "table.md").read_text().splitlines()
     assert rows[-3] == "| 2 | 2.0 / 4.0 | 4.0 / 8.0 | 6.0 / 12.0 |"
 

@@ -6,20 +6,29 @@
     python train.py --model lite_detr --set enc_scale=2          # Lite DETR H2L2-(2+1)x3
 
 --data shapes (the default) generates the synthetic set under data/shapes on first use and trains
-the model's CPU-sized configuration (`shapes_config()` and `SHAPES_RECIPE` in the model file) from
-the ResNet-18 that pretrain.py pretrains on the set (once, on first use; --backbone-weights shapes).
---data PATH is a COCO-format root (train2017/ val2017/ annotations/instances_{train,val}2017.json,
-or train/ val/ annotations/instances_{train,val}.json) and trains the paper's configuration.
+the model's CPU-sized configuration (`shapes_config()`, with SHAPES_RECIPE below and the model
+file's differences from it) from the ResNet-18 that pretrain.py pretrains on the set (once, on
+first use; --backbone-weights shapes). --data PATH is a COCO-format root (train2017/ val2017/
+annotations/instances_{train,val}2017.json, or train/ val/ annotations/instances_{train,val}.json)
+and trains the paper's configuration with COCO_RECIPE.
+
+What train.py reads from a model file (the module named by --model):
+    Config, build(cfg) -> (model, criterion, postprocess), shapes_config()   required
+    SHAPES_RECIPE, COCO_RECIPE   optional: where the model's recipe differs from the shared one below
+    LR_MULTIPLIERS               optional: {substring of a parameter name: lr multiplier}
+and calls the model as common.py's interface says: model(images, pad_mask, targets) in training,
+model(images, pad_mask) in evaluation.
 
 Every epoch writes OUTPUT_DIR/checkpoint.pth atomically (model, optimizer, scheduler, AMP scaler,
 epoch, RNG states, config); --resume auto continues from it. OUTPUT_DIR/log.jsonl holds every loss
 term, the grad norm and each evaluation. A non-finite loss stops the run and names the step and
 the image ids; the last checkpoint stays as it was. --time-budget MINUTES stops training when that
 much training time is spent (a partial epoch then counts as done), saves, evaluates and logs the
-training seconds and the inference ms per image (bench.py --leaderboard reads them).
+training seconds and the inference ms per image (experiments.py leaderboard reads them).
 """
 import argparse
 import dataclasses
+from dataclasses import dataclass
 import importlib
 import json
 import math
@@ -37,10 +46,13 @@ import pretrain
 from common import load_backbone_weights
 from data import shapes
 
-MODELS = ("smca", "sparse_detr", "lite_detr", "focus_detr")  # model files; each has Config, build(cfg), shapes_config() and SHAPES_RECIPE
+MODELS = ("smca", "sparse_detr", "lite_detr", "focus_detr")  # the model files (see above for what each provides)
 SHAPES_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes")
-# The paper recipe, shared by the four papers (a model may override it in COCO_RECIPE)
+# The paper recipe, shared by the four papers (a model file's COCO_RECIPE overrides some of it)
 COCO_RECIPE = {"epochs": 50, "lr_drop": 40, "batch_size": 2, "lr": 1e-4, "lr_backbone": 1e-5, "eval_every": 1}
+# The CPU recipe on the shapes set (a model file's SHAPES_RECIPE overrides some of it): 2 epochs of
+# 500 steps of 8 images, lr / 10 after the second, the shapes-pretrained backbone at a quarter of the lr
+SHAPES_RECIPE = {"epochs": 2, "lr_drop": 2, "batch_size": 8, "lr": 4e-4, "lr_backbone": 1e-4, "eval_every": 1}
 
 
 def parse_args(argv=None):
@@ -154,14 +166,23 @@ def build_data(args, recipe_scales, rank, world):
     return train, val
 
 
+def _reseed_worker(worker_id):
+    """Each loader process restarts its dataset copy's augmentation stream from its own torch seed."""
+    info = torch.utils.data.get_worker_info()
+    info.dataset.reseed(info.seed)
+
+
 def make_loader(dataset, batch_size, shuffle, seed, epoch, rank, world, workers):
-    """A loader whose order and augmentation depend only on (seed, epoch, rank): resume-exact."""
+    """A loader whose order and augmentation depend only on (seed, epoch, rank): resume-exact. The
+    augmentation draws from the dataset's own random stream (CocoDetection.rng), reseeded here."""
     sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
     sampler.set_epoch(epoch)
-    random.seed(seed * 100003 + epoch * 1009 + rank)  # augmentation RNG when num_workers == 0
-    gen = torch.Generator().manual_seed(seed * 100003 + epoch * 1009 + rank)  # worker seeds
+    seed = seed * 100003 + epoch * 1009 + rank
+    dataset.reseed(seed)  # num_workers == 0: the loop's own process augments
+    gen = torch.Generator().manual_seed(seed)  # worker seeds
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=datalib.collate,
-                                       num_workers=workers, generator=gen, drop_last=False)
+                                       num_workers=workers, generator=gen, drop_last=False,
+                                       worker_init_fn=_reseed_worker if workers else None)
 
 
 def param_groups(model, lr, lr_backbone, multipliers):
@@ -196,6 +217,30 @@ def load_checkpoint(path):
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise ValueError(f"checkpoint {path!r} cannot be read ({e})") from e
+
+
+def _numpy_array_globals():
+    """What unpickling a numpy array needs (numpy 1 and 2 name its module differently)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def backbone_weights(source):
+    """--backbone-weights -> what common.load_backbone_weights takes: "imagenet", or the state dict
+    read from a file (torchvision format, pretrain.py's file, or one of our checkpoints, whose
+    backbone is taken). Read with weights_only=True; our checkpoints' RNG states are numpy arrays."""
+    if source == "imagenet":
+        return source
+    if not os.path.isfile(source):
+        raise ValueError(f"backbone weights: no such file {source!r}")
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"backbone weights: {source!r} is not a readable torch state dict ({e})") from e
 
 
 TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng", "epoch")
@@ -244,37 +289,59 @@ def to_device(targets, device):
     return [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
 
 
-def out_of_time(ctx, seconds_this_epoch):
+@dataclass
+class Run:
+    """What the training and evaluation loops share."""
+    model: torch.nn.Module  # wrapped in DistributedDataParallel when world > 1
+    criterion: torch.nn.Module
+    postprocess: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    args: argparse.Namespace
+    device: torch.device
+    rank: int
+    world: int
+    amp_dtype: object  # None, torch.bfloat16 or torch.float16
+    log_file: object = None  # rank 0: OUTPUT_DIR/log.jsonl, opened for appending
+    train_s: float = 0.0  # seconds of training so far, over every resume (--time-budget)
+    steps: int = 0  # optimizer steps so far, over every resume
+
+    def log(self, record):
+        if self.log_file:
+            self.log_file.write(json.dumps(record) + "\n")
+
+
+def out_of_time(run, seconds_this_epoch):
     """Has the --time-budget run out? Rank 0's clock decides for every rank (they must stop together)."""
-    budget = ctx["args"].time_budget
+    budget = run.args.time_budget
     if budget is None:
         return False
-    spent = torch.tensor([float(ctx["train_s"] + seconds_this_epoch >= 60 * budget)], device=ctx["device"])
-    if ctx["world"] > 1:
+    spent = torch.tensor([float(run.train_s + seconds_this_epoch >= 60 * budget)], device=run.device)
+    if run.world > 1:
         dist.broadcast(spent, 0)
     return bool(spent.item())
 
 
-def train_one_epoch(ctx, epoch, loader):
+def train_one_epoch(run, epoch, loader):
     """-> the fraction of the epoch trained (1.0 unless the --time-budget ran out in it)."""
-    model, criterion, optimizer, scaler = ctx["model"], ctx["criterion"], ctx["optimizer"], ctx["scaler"]
-    args, device, weights = ctx["args"], ctx["device"], ctx["criterion"].weight_dict
+    model, criterion, optimizer, scaler, args = run.model, run.criterion, run.optimizer, run.scaler, run.args
+    weights = criterion.weight_dict
     model.train()
     criterion.train()
     n, start, last_print = len(loader), time.time(), time.time()
     for it, (images, pad_mask, targets) in enumerate(loader):
-        images, pad_mask, targets = images.to(device), pad_mask.to(device), to_device(targets, device)
-        with torch.autocast(device.type, dtype=ctx["amp_dtype"], enabled=ctx["amp_dtype"] is not None):
-            outputs = model(images, pad_mask, targets) if ctx["forward_takes_targets"] else model(images, pad_mask)
+        images, pad_mask, targets = images.to(run.device), pad_mask.to(run.device), to_device(targets, run.device)
+        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            outputs = model(images, pad_mask, targets)
         losses = criterion(outputs, targets)
         loss = sum(losses[k] * weights[k] for k in losses if k in weights)
         step = epoch * n + it
-        ctx["steps"] += 1
+        run.steps += 1
         if not all_finite(loss.detach()):
             ids = [t["image_id"] for t in targets]
             raise FloatingPointError(
                 f"non-finite loss ({loss.item()}) at epoch {epoch} iteration {it} (global step {step}), "
-                f"image ids {ids} on rank {ctx['rank']}; the last good checkpoint is untouched in {args.output_dir}")
+                f"image ids {ids} on rank {run.rank}; the last good checkpoint is untouched in {args.output_dir}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -286,29 +353,29 @@ def train_one_epoch(ctx, epoch, loader):
         record = {"type": "train", "epoch": epoch, "iter": it, "step": step, "loss": loss.item(),
                   "grad_norm": float(grad_norm), **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
                   **{k: v.item() for k, v in losses.items()}}
-        ctx["log"](record)
-        if ctx["rank"] == 0 and (time.time() - last_print > args.log_every or it == n - 1):
+        run.log(record)
+        if run.rank == 0 and (time.time() - last_print > args.log_every or it == n - 1):
             last_print = time.time()
             rate = (it + 1) / (time.time() - start)
             eta = (n - it - 1) / rate + (args.epochs - epoch - 1) * n / rate
             if args.time_budget is not None:
-                eta = max(0.0, min(eta, 60 * args.time_budget - ctx["train_s"] - (time.time() - start)))
+                eta = max(0.0, min(eta, 60 * args.time_budget - run.train_s - (time.time() - start)))
             print(f"epoch {epoch + 1}/{args.epochs} it {it + 1}/{n}  loss {loss.item():.3f} "
                   f"(ce {losses['loss_ce'].item():.3f} l1 {losses['loss_bbox'].item():.3f} "
                   f"giou {losses['loss_giou'].item():.3f})  grad {float(grad_norm):.2f}  "
                   f"lr {record.get('lr_base', 0.0):.2e}  {rate:.2f} it/s  ETA {eta / 60:.1f} min", flush=True)
-        if it + 1 < n and out_of_time(ctx, time.time() - start):
-            ctx["train_s"] += time.time() - start
+        if it + 1 < n and out_of_time(run, time.time() - start):
+            run.train_s += time.time() - start
             return (it + 1) / n
-    ctx["train_s"] += time.time() - start
+    run.train_s += time.time() - start
     return 1.0
 
 
 @torch.no_grad()
-def evaluate(ctx, dataset):
-    model, postprocess, device = ctx["model"], ctx["postprocess"], ctx["device"]
+def evaluate(run, dataset):
+    model, device = run.model, run.device
     model.eval()
-    loader = make_loader(dataset, ctx["args"].batch_size, False, 0, 0, ctx["rank"], ctx["world"], ctx["args"].num_workers)
+    loader = make_loader(dataset, run.args.batch_size, False, 0, 0, run.rank, run.world, run.args.num_workers)
     evaluator = datalib.CocoEvaluator(dataset.coco)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seconds, count = 0.0, 0
@@ -316,25 +383,26 @@ def evaluate(ctx, dataset):
         images, pad_mask = images.to(device), pad_mask.to(device)
         sync()
         t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=ctx["amp_dtype"], enabled=ctx["amp_dtype"] is not None):
+        with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             outputs = model(images, pad_mask)
         sync()
         seconds, count = seconds + time.perf_counter() - t0, count + len(targets)
         orig = torch.stack([t["orig_size"] for t in targets]).to(device)
-        results = postprocess(outputs, orig)
+        results = run.postprocess(outputs, orig)
         evaluator.update({t["image_id"]: r for t, r in zip(targets, results)})
     result = evaluator.summarize(dataset.categories)
     result["infer_ms_per_image"] = 1e3 * seconds / max(count, 1)  # the model's forward, at the eval batch size
     return result
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    module = importlib.import_module(args.model)
-    on_shapes = args.data == "shapes"
-    recipe = dict(COCO_RECIPE, **getattr(module, "COCO_RECIPE", {}))
-    if on_shapes:
-        recipe.update(module.SHAPES_RECIPE)
+# ---------------------------------------------------------------------------------------------
+# main: recipe -> device -> data -> model -> optimizer / resume -> epochs
+# ---------------------------------------------------------------------------------------------
+
+def resolve_recipe(args, module, on_shapes):
+    """Fill the flags left unset from the recipe: the shared one, then the model file's differences."""
+    recipe = dict(SHAPES_RECIPE, **getattr(module, "SHAPES_RECIPE", {})) if on_shapes else \
+        dict(COCO_RECIPE, **getattr(module, "COCO_RECIPE", {}))
     for key in ("epochs", "lr_drop", "batch_size", "lr", "lr_backbone", "eval_every"):
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
@@ -342,29 +410,20 @@ def main(argv=None):
             raise ValueError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
     if args.time_budget is not None and not args.time_budget > 0:
         raise ValueError(f"--time-budget must be a positive number of minutes, got {args.time_budget}")
-    data_name = "shapes" if on_shapes else os.path.basename(os.path.normpath(args.data))
-    args.output_dir = args.output_dir or os.path.join("runs", f"{args.model}-{data_name}")
 
+
+def select_device(args):
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
         raise ValueError(f"--device {args.device!r}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: this machine has no CUDA device (or torch is a CPU build)")
-    rank, world, device = init_distributed(device)
-    if args.num_workers is None:
-        args.num_workers = 4 if device.type == "cuda" else 0
-    torch.manual_seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
-    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    return device
 
-    scales = args.scales or ("shapes" if on_shapes else "coco")
-    train_set, val_set = build_data(args, datalib.SHAPES_SCALES if scales == "shapes" else datalib.COCO_SCALES, rank, world)
-    cfg = module.shapes_config() if on_shapes else module.Config()
-    cfg.num_classes = val_set.num_classes  # largest category id + 1
-    cfg = apply_overrides(cfg, args.set)
-    if cfg.num_classes < val_set.num_classes:
-        raise ValueError(f"num_classes {cfg.num_classes} < {val_set.num_classes} (largest category id + 1 in the data)")
+
+def build_model(args, module, cfg, on_shapes, rank):
+    """The model file's build, with the backbone weights, --finetune and --lr-backbone 0 applied."""
     model, criterion, postprocess = module.build(cfg)
     weights = args.backbone_weights or ("shapes" if on_shapes else "imagenet")
     if weights == "shapes":  # the miniature of the papers' ImageNet backbone (pretrain.py)
@@ -378,7 +437,7 @@ def main(argv=None):
         weights = pretrain.default_path(SHAPES_ROOT, cfg.backbone_depth)
     if weights != "none":
         try:
-            load_backbone_weights(model.backbone, weights)
+            load_backbone_weights(model.backbone, backbone_weights(weights))
         except (OSError, RuntimeError) as e:  # a failed download
             raise ValueError(f"could not download the ImageNet ResNet-{cfg.backbone_depth} weights ({e}); pass "
                              f"--backbone-weights PATH to a torchvision-format file, or 'none'") from e
@@ -389,24 +448,70 @@ def main(argv=None):
                   f"not in this model {report['unused']}; left at init {len(report['missing'])}")
     if args.lr_backbone == 0:  # DETR's convention: --lr_backbone 0 keeps the whole backbone frozen
         model.backbone.requires_grad_(False)
+    return model, criterion, postprocess
+
+
+def checkpoint_to_resume(args, ckpt_path):
+    """--resume auto / PATH / none, and --eval-only -> the checkpoint to load, or None."""
+    if args.resume == "auto":
+        return ckpt_path if os.path.isfile(ckpt_path) else None
+    if args.resume is None and args.eval_only:
+        if not os.path.isfile(ckpt_path):
+            raise ValueError(f"--eval-only: nothing to evaluate; {ckpt_path} does not exist (pass --resume CKPT)")
+        return ckpt_path
+    if args.resume is None and os.path.isfile(ckpt_path):
+        raise ValueError(f"{ckpt_path} exists: pass --resume auto to continue that run, or another --output-dir")
+    return args.resume
+
+
+def save_checkpoint(run, scheduler, epoch, fraction, cfg, path):
+    """Rank 0 writes everything a resume needs; every rank takes part (each one's RNG state)."""
+    torch_states = [torch.get_rng_state()]
+    if run.world > 1:  # every rank's dropout stream, so a resumed DDP run continues each one
+        torch_states = [None] * run.world
+        dist.all_gather_object(torch_states, torch.get_rng_state())
+    if run.rank == 0:
+        model = run.model.module if run.world > 1 else run.model
+        save_atomic({"model": model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
+                     "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch_states},
+                     "model_name": run.args.model, "config": dataclasses.asdict(cfg), "args": vars(run.args),
+                     "train_s": run.train_s, "steps": run.steps, "epoch_fraction": fraction}, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    module = importlib.import_module(args.model)
+    on_shapes = args.data == "shapes"
+    resolve_recipe(args, module, on_shapes)
+    data_name = "shapes" if on_shapes else os.path.basename(os.path.normpath(args.data))
+    args.output_dir = args.output_dir or os.path.join("runs", f"{args.model}-{data_name}")
+    rank, world, device = init_distributed(select_device(args))
+    if args.num_workers is None:
+        args.num_workers = 4 if device.type == "cuda" else 0
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    random.seed(args.seed + rank)
+
+    scales = args.scales or ("shapes" if on_shapes else "coco")
+    train_set, val_set = build_data(args, datalib.SHAPES_SCALES if scales == "shapes" else datalib.COCO_SCALES, rank, world)
+    cfg = module.shapes_config() if on_shapes else module.Config()
+    cfg.num_classes = val_set.num_classes  # largest category id + 1
+    cfg = apply_overrides(cfg, args.set)
+    if cfg.num_classes < val_set.num_classes:
+        raise ValueError(f"num_classes {cfg.num_classes} < {val_set.num_classes} (largest category id + 1 in the data)")
+    model, criterion, postprocess = build_model(args, module, cfg, on_shapes, rank)
     model.to(device)
 
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    resume = args.resume
-    if resume == "auto":
-        resume = ckpt_path if os.path.isfile(ckpt_path) else None
-    elif resume is None and args.eval_only:
-        if not os.path.isfile(ckpt_path):
-            raise ValueError(f"--eval-only: nothing to evaluate; {ckpt_path} does not exist (pass --resume CKPT)")
-        resume = ckpt_path
-    elif resume is None and os.path.isfile(ckpt_path):
-        raise ValueError(f"{ckpt_path} exists: pass --resume auto to continue that run, or another --output-dir")
-
+    resume = checkpoint_to_resume(args, ckpt_path)
     optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.lr_backbone, getattr(module, "LR_MULTIPLIERS", {})),
                                   lr=args.lr, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    start_epoch, train_s, steps = 0, 0.0, 0
+    run = Run(model, criterion, postprocess, optimizer, scaler, args, device, rank, world,
+              {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp])
+    start_epoch = 0
     if resume:
         ckpt = load_checkpoint(resume)
         check_compatible(ckpt, resume, args.model, cfg, training=not args.eval_only)
@@ -419,81 +524,60 @@ def main(argv=None):
             np.random.set_state(ckpt["rng"]["numpy"])
             torch.set_rng_state(ckpt["rng"]["torch"][rank % len(ckpt["rng"]["torch"])])
         start_epoch = ckpt.get("epoch", -1) + 1
-        train_s = ckpt.get("train_s", 0.0)
-        steps = ckpt.get("steps", 0)
+        run.train_s, run.steps = ckpt.get("train_s", 0.0), ckpt.get("steps", 0)
         if rank == 0:
             print(f"resumed from {resume} (epoch {start_epoch} done)")
-
-    ddp_model = model
     if world > 1:
-        ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        run.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     os.makedirs(args.output_dir, exist_ok=True)
-    log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if rank == 0 else None
-
-    def log(record):
-        if log_file:
-            log_file.write(json.dumps(record) + "\n")
-
-    ctx = {"model": ddp_model, "criterion": criterion, "postprocess": postprocess, "optimizer": optimizer,
-           "scaler": scaler, "args": args, "device": device, "rank": rank, "world": world, "amp_dtype": amp_dtype, "log": log,
-           "forward_takes_targets": getattr(module, "FORWARD_TAKES_TARGETS", False),  # DINO-style denoising
-           "train_s": train_s,  # seconds of training so far, over every resume (--time-budget)
-           "steps": steps}  # optimizer steps so far, over every resume
+    run.log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if rank == 0 else None
     if rank == 0:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{args.model} on {args.data}: {n_params:,} trainable parameters, {world} process(es) on {device}, "
               f"{len(train_set) if train_set else 0} train / {len(val_set)} val images, output {args.output_dir}")
-        log({"type": "start", "args": vars(args), "config": dataclasses.asdict(cfg), "start_epoch": start_epoch})
-
-    result = None
+        run.log({"type": "start", "args": vars(args), "config": dataclasses.asdict(cfg), "start_epoch": start_epoch})
     try:
         if args.eval_only:
-            result = evaluate(ctx, val_set)
-            log({"type": "eval", "epoch": start_epoch - 1, **result["stats"]})
-        for epoch in range(start_epoch, args.epochs):
-            if args.eval_only:
-                break
-            if out_of_time(ctx, 0.0):
-                if rank == 0:
-                    print(f"the --time-budget of {args.time_budget:g} min is spent ({ctx['train_s'] / 60:.1f} min "
-                          f"trained); nothing left to train in {args.output_dir}")
-                break
-            t0 = time.time()
-            fraction = train_one_epoch(ctx, epoch, make_loader(train_set, args.batch_size, True, args.seed, epoch,
-                                                               rank, world, args.num_workers))
-            scheduler.step()
-            torch_states = [torch.get_rng_state()]
-            if world > 1:  # every rank's dropout stream, so a resumed DDP run continues each one
-                torch_states = [None] * world
-                dist.all_gather_object(torch_states, torch.get_rng_state())
+            result = evaluate(run, val_set)
+            run.log({"type": "eval", "epoch": start_epoch - 1, **result["stats"]})
             if rank == 0:
-                save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                             "rng": {"python": random.getstate(), "numpy": np.random.get_state(),
-                                     "torch": torch_states},
-                             "model_name": args.model, "config": dataclasses.asdict(cfg), "args": vars(args),
-                             "train_s": ctx["train_s"], "steps": ctx["steps"], "epoch_fraction": fraction},
-                            ckpt_path)
-            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs or fraction < 1:
-                result = evaluate(ctx, val_set)
-                log({"type": "eval", "epoch": epoch, "epoch_fraction": fraction, "epoch_time_s": time.time() - t0,
-                     "train_s": ctx["train_s"], "steps": ctx["steps"], "infer_ms_per_image": result["infer_ms_per_image"], **result["stats"],
-                     "per_class": {str(k): v for k, v in result["per_class"].items()}})
-                if rank == 0:
-                    print(result["text"])
-                    print(f"epoch {epoch + 1}: AP {result['stats']['AP']:.3f}  AP50 {result['stats']['AP50']:.3f}", flush=True)
-            if fraction < 1:
-                if rank == 0:
-                    print(f"--time-budget of {args.time_budget:g} min spent after {fraction:.0%} of epoch {epoch + 1}")
-                break
+                print(result["text"])
+            return result
+        return fit(run, scheduler, cfg, train_set, val_set, start_epoch, ckpt_path)
     finally:
-        if log_file:
-            log_file.close()
+        if run.log_file:
+            run.log_file.close()
         if dist.is_initialized():
             dist.destroy_process_group()
-    if result and rank == 0 and args.eval_only:
-        print(result["text"])
+
+
+def fit(run, scheduler, cfg, train_set, val_set, start_epoch, ckpt_path):
+    """The epochs from start_epoch: train, save, evaluate every --eval-every. -> the last evaluation."""
+    args, result = run.args, None
+    for epoch in range(start_epoch, args.epochs):
+        if out_of_time(run, 0.0):
+            if run.rank == 0:
+                print(f"the --time-budget of {args.time_budget:g} min is spent ({run.train_s / 60:.1f} min "
+                      f"trained); nothing left to train in {args.output_dir}")
+            break
+        t0 = time.time()
+        loader = make_loader(train_set, args.batch_size, True, args.seed, epoch, run.rank, run.world, args.num_workers)
+        fraction = train_one_epoch(run, epoch, loader)
+        scheduler.step()
+        save_checkpoint(run, scheduler, epoch, fraction, cfg, ckpt_path)
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs or fraction < 1:
+            result = evaluate(run, val_set)
+            run.log({"type": "eval", "epoch": epoch, "epoch_fraction": fraction, "epoch_time_s": time.time() - t0,
+                     "train_s": run.train_s, "steps": run.steps, "infer_ms_per_image": result["infer_ms_per_image"],
+                     **result["stats"], "per_class": {str(k): v for k, v in result["per_class"].items()}})
+            if run.rank == 0:
+                print(result["text"])
+                print(f"epoch {epoch + 1}: AP {result['stats']['AP']:.3f}  AP50 {result['stats']['AP50']:.3f}", flush=True)
+        if fraction < 1:
+            if run.rank == 0:
+                print(f"--time-budget of {args.time_budget:g} min spent after {fraction:.0%} of epoch {epoch + 1}")
+            break
     return result
 
 

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import os
+import random
 
 import numpy as np
 import torch
@@ -57,6 +58,7 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __init__(self, img_dir, ann_file, transforms=None):
         self.img_dir, self.ann_file, self.transforms = img_dir, ann_file, transforms
+        self.rng = random.Random(0)  # the augmentation's randomness; train.py reseeds it per epoch and worker
         self.coco = load_coco(ann_file)
         self.ids = sorted(self.coco.imgs)
         self.categories = {c["id"]: c.get("name", str(c["id"])) for c in self.coco.dataset["categories"]}
@@ -98,6 +100,10 @@ class CocoDetection(torch.utils.data.Dataset):
             log.warning("%s: dropped %d boxes with zero or negative width/height or outside their image",
                         self.ann_file, dropped)
 
+    def reseed(self, seed):
+        """Restart the augmentation's random stream (the dataset's own; the global `random` is untouched)."""
+        self.rng.seed(seed)
+
     def __len__(self):
         return len(self.ids)
 
@@ -115,7 +121,7 @@ class CocoDetection(torch.utils.data.Dataset):
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         target = {"boxes": boxes[keep], "labels": labels[keep], "image_id": img_id, "orig_size": torch.tensor([h, w])}
         if self.transforms is not None:
-            image, target = self.transforms(image, target)
+            image, target = self.transforms(image, target, self.rng)
         return image, target
 
 

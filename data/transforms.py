@@ -1,8 +1,9 @@
 """DETR's augmentation recipe in PIL / numpy / torch (no torchvision).
 
-A transform takes and returns (image, target): image a PIL.Image until ToTensor, target a dict with
-`boxes` (N, 4) absolute xyxy pixels, `labels` (N,), and anything else per box (`area`, `iscrowd`)
-filtered alongside. Normalize turns boxes into cxcywh relative to the (unpadded) image.
+A transform is called as t(image, target, rng) and returns (image, target): image a PIL.Image until
+ToTensorNormalize, target a dict with `boxes` (M, 4) absolute xyxy pixels and `labels` (M,), filtered
+together; rng a random.Random (the dataset's own, seeded by the loader; the `random` module by
+default). ToTensorNormalize turns boxes into cxcywh relative to the (unpadded) image.
 
 Deviation from DETR's datasets/transforms.py: RandomSizeCrop clamps its minimum side to the image,
 where DETR's raises on an image smaller than min_size (384 px); larger images crop the same way.
@@ -23,7 +24,7 @@ COCO_SCALES = dict(scales=list(range(480, 801, 32)), max_size=1333, crop_resize=
 SHAPES_SCALES = dict(scales=list(range(128, 193, 16)), max_size=240, crop_resize=(128, 160, 192),
                      crop_size=(112, 192), val_size=160)
 
-PER_BOX = ("boxes", "labels", "area", "iscrowd")
+PER_BOX = ("boxes", "labels")
 
 
 def _keep(target, keep):
@@ -34,9 +35,9 @@ class Compose:
     def __init__(self, transforms):
         self.transforms = transforms
 
-    def __call__(self, image, target):
+    def __call__(self, image, target, rng=random):
         for t in self.transforms:
-            image, target = t(image, target)
+            image, target = t(image, target, rng)
         return image, target
 
 
@@ -44,8 +45,8 @@ class RandomHorizontalFlip:
     def __init__(self, p=0.5):
         self.p = p
 
-    def __call__(self, image, target):
-        if random.random() < self.p:
+    def __call__(self, image, target, rng=random):
+        if rng.random() < self.p:
             w = image.width
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
             boxes = target["boxes"]
@@ -70,19 +71,15 @@ def resize(image, target, size, max_size=None):
     h, w = resized_hw(image.width, image.height, size, max_size)
     sx, sy = w / image.width, h / image.height
     image = image.resize((w, h), Image.BILINEAR)
-    target = dict(target)
-    target["boxes"] = target["boxes"] * torch.tensor([sx, sy, sx, sy])
-    if "area" in target:
-        target["area"] = target["area"] * (sx * sy)
-    return image, target
+    return image, {**target, "boxes": target["boxes"] * torch.tensor([sx, sy, sx, sy])}
 
 
 class RandomResize:
     def __init__(self, sizes, max_size=None):
         self.sizes, self.max_size = list(sizes), max_size
 
-    def __call__(self, image, target):
-        return resize(image, target, random.choice(self.sizes), self.max_size)
+    def __call__(self, image, target, rng=random):
+        return resize(image, target, rng.choice(self.sizes), self.max_size)
 
 
 class RandomSizeCrop:
@@ -91,10 +88,10 @@ class RandomSizeCrop:
     def __init__(self, min_size, max_size):
         self.min_size, self.max_size = min_size, max_size
 
-    def __call__(self, image, target):
-        w = random.randint(min(image.width, self.min_size), min(image.width, self.max_size))
-        h = random.randint(min(image.height, self.min_size), min(image.height, self.max_size))
-        top, left = random.randint(0, image.height - h), random.randint(0, image.width - w)
+    def __call__(self, image, target, rng=random):
+        w = rng.randint(min(image.width, self.min_size), min(image.width, self.max_size))
+        h = rng.randint(min(image.height, self.min_size), min(image.height, self.max_size))
+        top, left = rng.randint(0, image.height - h), rng.randint(0, image.width - w)
         return crop(image, target, top, left, h, w)
 
 
@@ -103,10 +100,7 @@ def crop(image, target, top, left, h, w):
     boxes = target["boxes"] - torch.tensor([left, top, left, top], dtype=torch.float32)
     boxes = torch.min(boxes.view(-1, 2, 2), torch.tensor([w, h], dtype=torch.float32)).clamp(min=0)
     keep = (boxes[:, 1] > boxes[:, 0]).all(dim=1)  # boxes left with no area are dropped
-    target = {**target, "boxes": boxes.view(-1, 4)}
-    if "area" in target:
-        target["area"] = (boxes[:, 1] - boxes[:, 0]).prod(dim=1)
-    return image, _keep(target, keep)
+    return image, _keep({**target, "boxes": boxes.view(-1, 4)}, keep)
 
 
 class RandomSelect:
@@ -115,14 +109,14 @@ class RandomSelect:
     def __init__(self, t1, t2, p=0.5):
         self.t1, self.t2, self.p = t1, t2, p
 
-    def __call__(self, image, target):
-        return self.t1(image, target) if random.random() < self.p else self.t2(image, target)
+    def __call__(self, image, target, rng=random):
+        return self.t1(image, target, rng) if rng.random() < self.p else self.t2(image, target, rng)
 
 
 class ToTensorNormalize:
     """PIL -> float (3, H, W) with ImageNet normalisation; boxes -> cxcywh in [0, 1] of this image."""
 
-    def __call__(self, image, target):
+    def __call__(self, image, target, rng=None):
         x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
         x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
         h, w = x.shape[-2:]

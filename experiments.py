@@ -1,0 +1,224 @@
+"""Training experiments on the shapes set: each trains models with train.py (the same code path as
+any run) in folders under --out, reads their log.jsonl files and writes a table. A killed run is
+continued with `--resume auto`, so running a command again only does what is missing.
+
+    python experiments.py converge                      # SMCA's convergence claim, runs/converge/
+    python experiments.py converge --epochs 6 --out runs/converge6 --data /path/to/coco
+    python experiments.py converge --probe runs/converge/0/checkpoint.pth runs/converge/1/checkpoint.pth
+    python experiments.py leaderboard --budget 5         # every model, the same CPU minutes, runs/leaderboard/
+
+converge: the DETR baseline and single-scale SMCA (and, with --multiscale, multi-scale SMCA)
+trained with the same data, seed, schedule and number of steps, evaluated after every epoch. The
+table (AP / AP50 per epoch and model, seconds per epoch) goes to OUT/table.md. Its last row reads
+off the claim's size: for each SMCA epoch, how many steps the DETR baseline needed to reach that
+AP (the paper: DETR needs about 5-10x SMCA's epochs on COCO), or "> N" when it never did within
+the N steps it was given.
+
+converge --probe CKPT... reads trained SMCA / DETR checkpoints instead: on the first 16 val
+images, each resized to 160 x 160 (no padding, so cells and queries line up across images), how
+much the encoder output, the first decoder layer's cross-attention output and the predicted boxes
+vary across images against across cells or queries. A model whose predictions vary across queries
+but not across images has learned where boxes usually are and not yet to read the image.
+
+leaderboard: each model (and DETR, SMCA with the prior off) trained with train.py's
+--time-budget (the same minutes, seed and data), then the last evaluation of each run in
+OUT/leaderboard.md and .json.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import data as datalib
+import smca
+import train
+
+# ---------------------------------------------------------------------------------------------
+# converge: SMCA against its DETR baseline, same steps
+# ---------------------------------------------------------------------------------------------
+
+VARIANTS = [  # (name, --set overrides)
+    ("DETR baseline (prior off)", ["spatial_prior=false"]),
+    ("SMCA single-scale", []),
+]
+MULTISCALE = ("SMCA multi-scale", ["multiscale=true"])
+
+
+def evals(run_dir):
+    """The eval records of a run's log.jsonl, by epoch (a resumed run may repeat one: keep the last)."""
+    path = os.path.join(run_dir, "log.jsonl")
+    out = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec.get("type") == "eval":
+                    out[rec["epoch"]] = rec
+    return out
+
+
+def steps_to_reach(detr, smca_evals, epochs):
+    """Per SMCA epoch: the optimizer steps DETR's run needed to reach SMCA's AP there, as 'steps (ratio)',
+    or '> N (> ratio)' when it did not within its N steps."""
+    out = []
+    last = max((rec.get("steps", 0) for rec in detr.values()), default=0)
+    for e in range(epochs):
+        rec = smca_evals.get(e)
+        if rec is None or not rec.get("steps"):
+            out.append("-")
+            continue
+        first = next((d for _, d in sorted(detr.items()) if d["AP"] >= rec["AP"]), None)
+        out.append(f"{first['steps']} ({first['steps'] / rec['steps']:.1f}x)" if first
+                   else f"> {last} (> {last / rec['steps']:.1f}x)")
+    return out
+
+
+def table(results, epochs, variants):
+    head = "| epoch | " + " | ".join(f"{name} AP / AP50" for name, _ in variants) + " |"
+    rows = [head, "|---" * (len(variants) + 1) + "|"]
+    for e in range(epochs):
+        cells = []
+        for name, _ in variants:
+            rec = results[name].get(e)
+            cells.append(f"{100 * rec['AP']:.1f} / {100 * rec['AP50']:.1f}" if rec else "-")
+        rows.append(f"| {e + 1} | " + " | ".join(cells) + " |")
+    secs = [results[name].get(epochs - 1, {}).get("epoch_time_s") for name, _ in variants]
+    rows.append("| s / epoch, train + eval | " + " | ".join(f"{s:.0f}" if s else "-" for s in secs) + " |")
+    detr, single = results[variants[0][0]], results[variants[1][0]]
+    reach = steps_to_reach(detr, single, epochs)
+    rows.append(f"| DETR steps to reach SMCA's AP of each epoch (SMCA: 1 epoch = {single.get(0, {}).get('steps', '?')} "
+                f"steps) | " + " | ".join(["-", " / ".join(reach)] + ["-"] * (len(variants) - 2)) + " |")
+    return "\n".join(rows)
+
+
+@torch.no_grad()
+def probe(ckpt_path, root, n=16, size=160):
+    """-> {quantity: (variance across images, variance across cells / queries)} for one SMCA checkpoint."""
+    ckpt = train.load_checkpoint(ckpt_path)
+    if ckpt.get("model_name") != "smca":
+        raise ValueError(f"--probe: {ckpt_path} is a {ckpt.get('model_name')!r} checkpoint, not an smca one")
+    if ckpt["config"].get("multiscale"):
+        raise ValueError(f"--probe reads single-scale checkpoints; {ckpt_path} is multi-scale")
+    model = smca.build(smca.Config(**ckpt["config"]))[0].eval()
+    model.load_state_dict(ckpt["model"])
+    val = datalib.CocoDetection(*datalib.find_split(root, "val"), datalib.make_transforms("val", **datalib.SHAPES_SCALES))
+    if len(val) < n:
+        raise ValueError(f"--probe needs {n} val images, {root} has {len(val)}")
+    images = torch.stack([F.interpolate(val[i][0][None], size=(size, size), mode="bilinear")[0] for i in range(n)])
+    seen = {}
+    hooks = [model.encoder[-1].register_forward_hook(lambda m, i, o: seen.__setitem__("memory", o)),
+             model.decoder[0].cross_attn.register_forward_hook(lambda m, i, o: seen.__setitem__("cross0", o))]
+    out = model(images, torch.zeros(n, size, size, dtype=torch.bool))
+    for h in hooks:
+        h.remove()
+
+    def spread(x):  # x (images, cells or queries, C): summed over channels
+        return x.var(0).sum(-1).mean().item(), x.mean(0).var(0).sum(-1).item()
+
+    return {"encoder output (images / cells)": spread(seen["memory"]),
+            "decoder layer 0 cross-attention (images / queries)": spread(seen["cross0"]),
+            "predicted boxes (images / queries)": spread(out["pred_boxes"])}
+
+
+def converge(args, argv):
+    if args.probe:
+        root = train.SHAPES_ROOT if args.data == "shapes" else args.data
+        results = {path: probe(path, root) for path in args.probe}
+        for path, rows in results.items():
+            print(path)
+            for name, (across_images, across_other) in rows.items():
+                print(f"  {name}: variance {across_images:.3g} / {across_other:.3g}")
+        return results
+    if args.epochs <= 0:
+        raise ValueError(f"--epochs must be positive, got {args.epochs}")
+    out = args.out or os.path.join("runs", "converge")
+    results, variants = {}, VARIANTS + ([MULTISCALE] if args.multiscale else [])
+    for i, (name, overrides) in enumerate(variants):
+        run_dir = os.path.join(out, f"{i}")
+        print(f"== {name}: {run_dir}", flush=True)
+        done = evals(run_dir)
+        if args.epochs - 1 not in done:
+            sets = ["--set", *overrides] if overrides else []
+            train.main(["--model", "smca", "--data", args.data, "--output-dir", run_dir, "--epochs", str(args.epochs),
+                        "--lr-drop", str(args.epochs), "--eval-every", "1", "--seed", str(args.seed),
+                        "--resume", "auto", *sets, *args.train_args])
+        results[name] = evals(run_dir)
+    text = table(results, args.epochs, variants)
+    print(text)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(f"`python experiments.py {' '.join(argv)}`\n\n{text}\n")
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# leaderboard: every model trained on shapes with one shared CPU budget
+# ---------------------------------------------------------------------------------------------
+
+LEADERBOARD = [("DETR (SMCA, prior off)", "smca", ["--set", "spatial_prior=false"]),
+               ("SMCA-DETR", "smca", []), ("Sparse DETR", "sparse_detr", []), ("Lite DETR", "lite_detr", []),
+               ("Focus-DETR", "focus_detr", [])]
+
+
+def leaderboard(args, argv):
+    """Train each model with train.py's --time-budget (same minutes, seed and data), in this process,
+    then table the last evaluation of each run. Runs already in --out are resumed: a spent budget
+    trains nothing, so a second call only re-reads them."""
+    if not args.budget > 0:
+        raise ValueError(f"--budget must be positive, got {args.budget}")
+    out, rows = args.out or os.path.join("runs", "leaderboard"), []
+    for label, model, extra in LEADERBOARD:
+        run_dir = os.path.join(out, re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_"))
+        run_args = ["--model", model, "--data", args.data, "--output-dir", run_dir, "--seed", str(args.seed),
+                    "--time-budget", str(args.budget), "--resume", "auto"] + extra + args.train_args
+        print(f"== {label}: python train.py {' '.join(run_args)}", flush=True)
+        train.main(run_args)
+        runs = evals(run_dir)
+        if not runs:
+            raise ValueError(f"{run_dir}/log.jsonl has no evaluation")
+        e = runs[max(runs)]
+        rows.append({"model": label, "AP": e["AP"], "AP50": e["AP50"], "APs": e["APs"], "APm": e["APm"],
+                     "APl": e["APl"], "epochs": e["epoch"] + e.get("epoch_fraction", 1.0),
+                     "train_min": e["train_s"] / 60, "infer_ms": e["infer_ms_per_image"]})
+    lines = [f"`python experiments.py {' '.join(argv)}` ({args.budget:g} CPU minutes of training each, seed "
+             f"{args.seed}, {args.data} val, {torch.get_num_threads()} threads)", "",
+             "| model | AP | AP50 | APs | APm | APl | epochs done | train (min) | inference (ms / image) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {100 * r['AP']:.1f} | {100 * r['AP50']:.1f} | {100 * r['APs']:.1f} | "
+                     f"{100 * r['APm']:.1f} | {100 * r['APl']:.1f} | {r['epochs']:.2f} | {r['train_min']:.1f} | "
+                     f"{r['infer_ms']:.0f} |")
+    text = "\n".join(lines)
+    print(text)
+    with open(os.path.join(out, "leaderboard.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(out, "leaderboard.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return rows
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="experiment", required=True)
+    c = sub.add_parser("converge", help="SMCA against its DETR baseline, same seed and steps")
+    c.add_argument("--epochs", type=int, default=3, help="epochs per model, no lr drop (default 3)")
+    c.add_argument("--probe", nargs="+", metavar="CKPT", help="probe trained smca checkpoints instead of training")
+    c.add_argument("--multiscale", action="store_true", help="also train multi-scale SMCA (third column)")
+    b = sub.add_parser("leaderboard", help="every model trained for the same CPU minutes")
+    b.add_argument("--budget", type=float, default=10.0, help="training minutes per model (default 10)")
+    for q in (c, b):
+        q.add_argument("--data", default="shapes")
+        q.add_argument("--seed", type=int, default=42)
+        q.add_argument("--out", default=None, help="output folder (default runs/converge or runs/leaderboard)")
+        q.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
+                       help="further train.py arguments for every run (last on the line, e.g. --train-args --batch-size 4)")
+    args = p.parse_args(argv)
+    return converge(args, argv) if args.experiment == "converge" else leaderboard(args, argv)
+
+
+if __name__ == "__main__":
+    train.run_cli(main)
