@@ -1,33 +1,20 @@
 """Shared parts of the four efficient-DETR models: what no paper contributes and every paper needs.
 
 A model file imports this module (and torch) and nothing else of ours, so one model file plus this
-file is a whole model. Contents, top to bottom:
+file is a whole model. Contents: 1. ResNet backbone (torchvision's names, FrozenBatchNorm2d, C3-C5
+with padding masks, torchvision-format weights); 2. sine positions, MLP, valid_image_sizes; 3. the
+multi-scale deformable sampling op in pure PyTorch (F.grid_sample, in place of the CUDA extension);
+4. Deformable DETR's scaffolding, used unchanged by Sparse, Lite and Focus DETR (MSDeformAttn, input
+projections and `TokenGeometry`, two-stage proposals, encoder / decoder layers, the box-refining
+decoder loop, the write-back of updated tokens); 5. box ops (GIoU that never asserts); 6. Hungarian
+matcher, set criterion (focal / L1 / GIoU, aux and encoder terms), post-processing.
 
-1. ResNet backbone in plain torch (torchvision's module and parameter names, FrozenBatchNorm2d),
-   returning C3/C4/C5 with their padding masks, and loading torchvision-format weights.
-2. Sine position encoding (DETR's), the MLP head and valid_image_sizes.
-3. The multi-scale deformable sampling op in pure PyTorch (F.grid_sample), used by Sparse, Lite and
-   Focus DETR in place of the official CUDA extension.
-4. Deformable DETR's scaffolding, used unchanged by Sparse, Lite and Focus DETR: MSDeformAttn, the
-   input projections and token geometry (`input_tokens` -> `TokenGeometry`), the two-stage
-   proposals, the post-norm encoder and decoder layers, the box-refining decoder loop, and the
-   write-back of a subset of tokens.
-5. Box ops (cxcywh <-> xyxy, IoU, GIoU that never asserts).
-6. Hungarian matcher, set criterion (sigmoid focal / L1 / GIoU, aux and encoder terms) and
-   post-processing.
-7. Visualisation (a heat map over an image, with Pillow).
-
-The model interface, the same for all four (train.py, bench.py and the tests rely on nothing else):
-    build(cfg) -> (model, criterion, postprocess)
-    model(images, pad_mask, targets=None, explain=False) -> dict
-        images (B, 3, H_img, W_img) float, pad_mask (B, H_img, W_img) bool, True = padding;
-        targets: the training targets (read only by Focus-DETR, for its denoising queries, and only
-        in training); explain=True adds the paper mechanism's internals to the dict (each model's
-        `forward` docstring lists them), at no cost when False.
-        Always: pred_logits (B, Q, K), pred_boxes (B, Q, 4) cxcywh in [0, 1] of the UNPADDED image,
-        aux_outputs (earlier decoder layers, when aux_loss), plus what the model's loss reads.
-    criterion(outputs, targets) -> dict of loss terms, weights in criterion.weight_dict
-    postprocess(outputs, target_sizes) -> [{scores, labels, boxes}] in original-image pixels
+Every model of the library: build(cfg) -> (model, criterion, postprocess), and
+    model(images, pad_mask, targets=None, explain=False) -> dict with pred_logits (B, Q, K),
+    pred_boxes (B, Q, 4) cxcywh in [0, 1] of the UNPADDED image, aux_outputs, and what its loss reads.
+    images (B, 3, H_img, W_img), pad_mask (B, H_img, W_img) True = padding; targets: read only by
+    Focus-DETR in training (denoising); explain=True adds the mechanism's internals (listed in each
+    model's `forward` docstring), at no cost when False.
 
 Shape letters, the same in every file of the library:
     B  images in the batch               Q  decoder queries (denoising ones included where present)
@@ -40,14 +27,11 @@ Shape letters, the same in every file of the library:
     F  sine frequencies per coordinate   H_l, W_l  level l's map; H_img, W_img  the padded images
 
 Deviations from the DETR / Deformable DETR code these come from:
-- generalized_box_iou never asserts: NaN/inf coordinates are replaced by 0 and inverted boxes are
-  treated as empty, so a diverging prediction gives a large loss instead of killing the run.
-- The matcher replaces non-finite costs by a large finite value, for the same reason.
+- generalized_box_iou never asserts (NaN/inf coordinates -> 0, inverted boxes -> empty) and the
+  matcher replaces non-finite costs by a large value: a diverging prediction gives a large loss
+  instead of killing the run.
 - `Backbone(norm="bn")` is an extra for training from scratch: ordinary BatchNorm instead of
   DETR's FrozenBatchNorm2d (the default). The stem and layer1 stay frozen in both modes.
-- The input projections' GroupNorm may skip padded positions (`MaskedGroupNorm`), the extra
-  level's padding mask is computed exactly (`halve_mask`), and the two-stage top-k never picks a
-  padded token: each model file says which it uses and how to get the official behaviour.
 """
 import math
 import os
@@ -64,12 +48,8 @@ from torch import nn
 # ---------------------------------------------------------------------------------------------
 
 # torchvision's ImageNet weights (IMAGENET1K_V1, the ones DETR and its descendants start from).
-RESNET_URLS = {
-    18: "https://download.pytorch.org/models/resnet18-f37072fd.pth",
-    34: "https://download.pytorch.org/models/resnet34-b627a593.pth",
-    50: "https://download.pytorch.org/models/resnet50-0676ba61.pth",
-    101: "https://download.pytorch.org/models/resnet101-63fe2227.pth",
-}
+RESNET_URLS = {d: f"https://download.pytorch.org/models/resnet{d}-{h}.pth"
+               for d, h in ((18, "f37072fd"), (34, "b627a593"), (50, "0676ba61"), (101, "63fe2227"))}
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -192,7 +172,7 @@ class Backbone(nn.Module):
                 p.requires_grad_(False)
 
     def forward(self, images, pad_mask):
-        """images (B, 3, H, W), pad_mask (B, H, W) -> [(feature (B, C_l, H_l, W_l), mask (B, H_l, W_l))]"""
+        """images (B, 3, H_img, W_img), pad_mask (B, H_img, W_img) -> [(map (B, C_l, H_l, W_l), mask (B, H_l, W_l))]"""
         out = []
         for feat in self.body(images):
             mask = F.interpolate(pad_mask[:, None].float(), size=feat.shape[-2:])[:, 0].bool()
@@ -203,11 +183,9 @@ class Backbone(nn.Module):
 def load_backbone_weights(backbone, source):
     """Load a torchvision-format ResNet state dict into `backbone.body`.
 
-    source: a state dict, a file holding one (bare, or under a "model" key), or "imagenet" to
-    download torchvision's weights (needs internet). A whole model's state dict of this library
-    also works: its backbone.body.* tensors are taken (e.g. a backbone trained on the shapes set).
-    Files are read with weights_only=True. Raises ValueError naming the source and the missing /
-    unexpected / mis-shaped keys.
+    source: a state dict (a whole model's of this library too: its backbone.body.* are taken), a file
+    holding one (bare or under "model"; read weights_only), or "imagenet" (torchvision's download).
+    Raises ValueError naming the source and the missing / unexpected / mis-shaped keys.
     """
     name = "the given state dict" if isinstance(source, dict) else repr(source)
     if isinstance(source, dict):
@@ -246,7 +224,7 @@ def load_backbone_weights(backbone, source):
 # ---------------------------------------------------------------------------------------------
 
 def sine_position_embedding(mask, num_pos_feats=128, temperature=10000, scale=2 * math.pi, offset=0.0):
-    """DETR's PositionEmbeddingSine(normalize=True): mask (B, H, W) -> pos (B, 2*num_pos_feats, H, W).
+    """DETR's PositionEmbeddingSine(normalize=True): mask (B, H_l, W_l) -> pos (B, 2 F, H_l, W_l).
 
     Positions count valid cells only and are normalised by the image's valid extent, so an image's
     encoding does not depend on how much padding its batch added. Channels: y first, then x.
@@ -261,11 +239,11 @@ def sine_position_embedding(mask, num_pos_feats=128, temperature=10000, scale=2 
     x_embed = (x_embed + offset) / (x_embed[:, :, -1:] + eps) * scale
     dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=mask.device)
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
-    pos_x = x_embed[..., None] / dim_t  # (B, H, W, F)
+    pos_x = x_embed[..., None] / dim_t  # (B, H_l, W_l, F), F = num_pos_feats
     pos_y = y_embed[..., None] / dim_t
     pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
     pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
-    return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)  # (B, 2F, H, W)
+    return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)  # (B, 2F, H_l, W_l)
 
 
 class MLP(nn.Module):
@@ -283,7 +261,7 @@ class MLP(nn.Module):
 
 
 def valid_image_sizes(pad_mask):
-    """pad_mask (B, H, W), True = padding -> (B, 2) unpadded (width, height) in pixels, float."""
+    """pad_mask (B, H_img, W_img) (or a level's), True = padding -> (B, 2) unpadded (width, height), float."""
     valid = ~pad_mask
     return torch.stack([valid.any(1).sum(-1), valid.any(2).sum(-1)], dim=-1).float()
 
@@ -400,30 +378,30 @@ class MaskedGroupNorm(nn.GroupNorm):
     how much its batch pads it (OFF's plain GroupNorm counts the padding: `masked_groupnorm=False`)."""
 
     def forward(self, x, mask=None):
-        """x (B, C, H, W); mask (B, H, W) True = padding, or None for plain GroupNorm."""
+        """x (B, C, H_l, W_l); mask (B, H_l, W_l) True = padding, or None for plain GroupNorm."""
         if mask is None:
             return super().forward(x)
-        B, C, H, W = x.shape
-        xg = x.view(B, self.num_groups, C // self.num_groups, H, W)
-        valid = (~mask)[:, None, None].to(x)  # (B, 1, 1, H, W)
+        B, C, h, w = x.shape
+        xg = x.view(B, self.num_groups, C // self.num_groups, h, w)
+        valid = (~mask)[:, None, None].to(x)  # (B, 1, 1, H_l, W_l)
         n = valid.sum((2, 3, 4), keepdim=True) * (C // self.num_groups)
         mean = (xg * valid).sum((2, 3, 4), keepdim=True) / n
         var = ((xg - mean) ** 2 * valid).sum((2, 3, 4), keepdim=True) / n
-        y = ((xg - mean) / torch.sqrt(var + self.eps)).view(B, C, H, W)
+        y = ((xg - mean) / torch.sqrt(var + self.eps)).view(B, C, h, w)
         return y * self.weight[:, None, None] + self.bias[:, None, None]
 
 
 def halve_mask(mask):
-    """Padding mask of a stride-2 3x3 conv's output: (B, H, W) -> (B, ceil(H/2), ceil(W/2)).
+    """Padding mask of a stride-2 3x3 conv's output: (B, H_l, W_l) -> (B, ceil(H_l/2), ceil(W_l/2)).
 
     An image with h x w valid cells has ceil(h/2) x ceil(w/2) valid outputs (padding is at the
     bottom / right), exactly what the same conv gives on the image alone.
     """
-    B, H, W = mask.shape
+    _, h, w = mask.shape
     valid_w, valid_h = valid_image_sizes(mask).long().unbind(-1)  # (B,) valid cells
-    rows = torch.arange((H + 1) // 2, device=mask.device)[None, :, None] >= ((valid_h + 1) // 2)[:, None, None]
-    cols = torch.arange((W + 1) // 2, device=mask.device)[None, None, :] >= ((valid_w + 1) // 2)[:, None, None]
-    return rows | cols  # (B, ceil(H/2), ceil(W/2))
+    rows = torch.arange((h + 1) // 2, device=mask.device)[None, :, None] >= ((valid_h + 1) // 2)[:, None, None]
+    cols = torch.arange((w + 1) // 2, device=mask.device)[None, None, :] >= ((valid_w + 1) // 2)[:, None, None]
+    return rows | cols  # (B, ceil(H_l/2), ceil(W_l/2))
 
 
 def level_valid_ratios(masks):
@@ -464,28 +442,27 @@ def token_proposals(masks):
     return torch.log(props / (1 - props)).masked_fill(~valid[..., None], float("inf")), valid
 
 
-def build_input_proj(in_channels, d, num_levels):
-    """Deformable DETR's input projections: a 1x1 conv + GroupNorm per backbone map taken (the
-    last min(num_levels, len(in_channels)) of C3, C4, C5), then 3x3 stride-2 convs + GroupNorm for
-    the extra levels, the first on raw C5, each next one on the previous level's output."""
-    n_bb = min(num_levels, len(in_channels))
-    projs = [nn.Sequential(nn.Conv2d(c, d, 1), MaskedGroupNorm(32, d)) for c in in_channels[len(in_channels) - n_bb:]]
-    for lvl in range(n_bb, num_levels):
-        projs.append(nn.Sequential(nn.Conv2d(in_channels[-1] if lvl == n_bb else d, d, 3, 2, 1), MaskedGroupNorm(32, d)))
-    return nn.ModuleList(projs)
+class InputProjections(nn.ModuleList):
+    """Deformable DETR's input projections: a 1x1 conv + GroupNorm per backbone map taken (the last
+    min(num_levels, len(in_channels)) of C3, C4, C5), then 3x3 stride-2 convs + GroupNorm for the
+    extra levels, the first on raw C5, each next one on the previous level's output."""
 
+    def __init__(self, in_channels, d, num_levels):
+        n_bb = min(num_levels, len(in_channels))
+        projs = [nn.Sequential(nn.Conv2d(c, d, 1), MaskedGroupNorm(32, d)) for c in in_channels[len(in_channels) - n_bb:]]
+        for lvl in range(n_bb, num_levels):
+            projs.append(nn.Sequential(nn.Conv2d(in_channels[-1] if lvl == n_bb else d, d, 3, 2, 1), MaskedGroupNorm(32, d)))
+        super().__init__(projs)
 
-def reset_input_proj_(input_proj):
-    """Deformable DETR's init of the projections' convs: xavier_uniform weights, zero biases."""
-    for proj in input_proj:
-        nn.init.xavier_uniform_(proj[0].weight, gain=1)
-        nn.init.zeros_(proj[0].bias)
+    def reset_parameters(self):  # Deformable DETR: xavier_uniform conv weights, zero biases
+        for proj in self:
+            nn.init.xavier_uniform_(proj[0].weight, gain=1)
+            nn.init.zeros_(proj[0].bias)
 
 
 @dataclass
 class TokenGeometry:
-    """Where the encoder's N tokens sit (levels flattened finest first): what `encode` hands to
-    `decode` besides the memory. Everything here follows from the padding masks alone."""
+    """Where the N tokens sit (finest level first; all from the masks): what `encode` hands `decode`."""
     spatial_shapes: list  # [(H_l, W_l)]
     masks: list  # [(B, H_l, W_l)] True = padding
     pad_mask: torch.Tensor  # (B, N) True = padding
@@ -498,10 +475,9 @@ class TokenGeometry:
 def input_tokens(input_proj, level_embed, feats, masked_groupnorm=True):
     """The backbone maps -> the encoder's flattened tokens (Deformable DETR Sec. 4.1).
 
-    feats: the backbone's [(C3, m3), (C4, m4), (C5, m5)]; input_proj from build_input_proj;
-    level_embed (L, C). Positions: sine of each level's valid cells (offset -0.5, as Deformable
-    DETR) + the level's embedding. masked_groupnorm=False is the official GroupNorm, whose
-    statistics include the padding. -> src (B, N, C), pos (B, N, C), TokenGeometry.
+    feats: the backbone's [(C3, m3), (C4, m4), (C5, m5)]; level_embed (L, C). Positions: sine of each
+    level's valid cells (offset -0.5) + the level's embedding. masked_groupnorm=False: the official
+    GroupNorm, statistics over the padding too. -> src (B, N, C), pos (B, N, C), TokenGeometry.
     """
     n_bb = min(len(input_proj), len(feats))  # levels taken from the backbone (its last n_bb maps)
     maps, masks = [], []
@@ -524,9 +500,8 @@ def input_tokens(input_proj, level_embed, feats, masked_groupnorm=True):
 
 
 def proposal_features(memory, valid, enc_output, enc_output_norm):
-    """enc_output + LayerNorm of the tokens, invalid ones zeroed first (Deformable DETR's
-    gen_encoder_output_proposals): what the two-stage head (and Sparse / Focus-DETR's scorers) read.
-    memory (B, N, C), valid (B, N) -> (B, N, C)"""
+    """enc_output + LayerNorm of the tokens, invalid ones zeroed first: what the two-stage head (and
+    Sparse / Focus-DETR's scorers) read. memory (B, N, C), valid (B, N) -> (B, N, C)"""
     return enc_output_norm(enc_output(memory.masked_fill(~valid[..., None], 0.0)))
 
 
@@ -546,8 +521,8 @@ def gather_tokens(x, inds):
 def write_back(memory, inds, rows, updated):
     """The tokens an encoder layer updated go back into the memory; all others keep their value.
 
-    memory (B, N, C); inds (B, S) token indices; rows (B, S) False where a row is batch filler (an
-    image that updates fewer tokens than the batch's S); updated (B, S, C) -> (B, N, C).
+    memory (B, N, C); inds (B, S) token indices; rows (B, S) False at batch filler (rows of an image
+    that updates fewer than S tokens); updated (B, S, C) -> (B, N, C).
     """
     B, N, C = memory.shape
     b, s = rows.nonzero(as_tuple=True)
@@ -584,9 +559,8 @@ class DeformableEncoderLayer(nn.Module):
 
 
 class DeformableDecoderLayer(nn.Module):
-    """Deformable DETR's post-norm decoder layer: self-attention among the queries (attn_mask: DINO's
-    denoising mask, True = blocked), deformable cross-attention into the memory (`cross_attn`,
-    built by the caller), FFN."""
+    """Deformable DETR's post-norm decoder layer: self-attention among the queries (attn_mask, True =
+    blocked: DINO's denoising mask), deformable cross-attention (`cross_attn`, built by the caller), FFN."""
 
     def __init__(self, d, ffn, dropout, n_heads, cross_attn):
         super().__init__()
@@ -610,25 +584,19 @@ class DeformableDecoderLayer(nn.Module):
 
 
 def decode_with_box_refinement(decoder, class_embed, bbox_embed, tgt, query_pos, reference, memory, geometry):
-    """Deformable DETR's decoder with iterative box refinement (Sec. 4.1 / A.4): layer l reads the
-    boxes of layer l - 1 as its references and refines them, detached between layers.
-
-    tgt, query_pos (B, Q, C); reference (B, Q, 4) cxcywh in [0, 1] of the unpadded image ->
-    per layer: logits (B, Q, K), boxes (B, Q, 4), sampling locations (B, Q, H, L, P, 2), attention
-    weights (B, Q, H, L, P) (four lists).
-    """
+    """Deformable DETR's decoder with iterative box refinement (Sec. 4.1 / A.4): layer l refines the
+    boxes of layer l - 1 (detached). tgt, query_pos (B, Q, C); reference (B, Q, 4) cxcywh in [0, 1] of
+    the unpadded image -> per layer (four lists): logits (B, Q, K), boxes (B, Q, 4), sampling
+    locations (B, Q, H, L, P, 2), attention weights (B, Q, H, L, P)."""
     ratios = torch.cat([geometry.valid_ratios, geometry.valid_ratios], -1)[:, None]  # (B, 1, L, 4)
-    logits, boxes, locs, weights = [], [], [], []
+    per_layer = []
     for lid, layer in enumerate(decoder):
         ref_in = reference[:, :, None] * ratios  # (B, Q, L, 4) in each level's padded map
         tgt, loc, w = layer(tgt, query_pos, ref_in, memory, geometry.spatial_shapes, geometry.pad_mask)
         box = (bbox_embed[lid](tgt) + inverse_sigmoid(reference)).sigmoid()  # (B, Q, 4)
-        logits.append(class_embed[lid](tgt))
-        boxes.append(box)
-        locs.append(loc)
-        weights.append(w)
+        per_layer.append((class_embed[lid](tgt), box, loc, w))
         reference = box.detach()
-    return logits, boxes, locs, weights
+    return tuple(list(x) for x in zip(*per_layer))  # logits, boxes, locs, weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -737,24 +705,18 @@ def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
     return loss
 
 
-def world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 class SetCriterion(nn.Module):
     """DETR's set loss with sigmoid focal classification, as the four papers use it.
 
     For every output set (the last decoder layer, each `aux_outputs` entry, the two-stage
-    `enc_outputs` if `encoder_labels` is "binary" (class-agnostic, as two-stage Deformable DETR) or
-    "class" (the real labels, Efficient-DETR's class-specific head), and each `enc_aux_outputs`
-    entry, one per encoder layer with a head) the predictions are Hungarian-matched to the targets, then
+    `enc_outputs` with `encoder_labels` "binary" (class-agnostic, two-stage Deformable DETR) or
+    "class" (the real labels), each `enc_aux_outputs` entry) the predictions are Hungarian-matched:
         loss_ce   = sum of focal loss over all queries and classes / num_boxes
         loss_bbox = L1 on matched (cx, cy, w, h) / num_boxes
         loss_giou = (1 - GIoU) on matched boxes / num_boxes
     where num_boxes is the batch's target count averaged over ranks, at least 1.
-    Returns a dict of unweighted terms (suffix _0.._{L-2} for aux, _enc for the two-stage head,
-    _enc_0.. for encoder layers);
-    `weight_dict` holds each term's weight.
+    Returns a dict of unweighted terms (suffix _0, _1, .. for aux, _enc for the two-stage head,
+    _enc_0, .. for encoder layers); `weight_dict` holds each term's weight.
     """
 
     def __init__(self, num_classes, matcher=None, weight_ce=2.0, weight_bbox=5.0, weight_giou=2.0,
@@ -777,9 +739,10 @@ class SetCriterion(nn.Module):
 
     def num_boxes(self, targets, device):
         n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
-        if world_size() > 1:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world > 1:
             dist.all_reduce(n)
-        return (n / world_size()).clamp(min=1).item()
+        return (n / world).clamp(min=1).item()
 
     def set_loss(self, outputs, targets, num_boxes, indices=None):
         """The three terms for one output set (pred_logits, pred_boxes); `indices` [(pred_idx,
@@ -835,33 +798,3 @@ class PostProcess(nn.Module):
         h, w = target_sizes.float().unbind(1)
         boxes = boxes * torch.stack([w, h, w, h], dim=1)[:, None, :]
         return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
-
-
-# ---------------------------------------------------------------------------------------------
-# 7. Visualisation
-# ---------------------------------------------------------------------------------------------
-
-def save_heatmap_png(image, heatmap, path, cell=1, boxes=(), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
-    """Write `heatmap` over `image` as a PNG with Pillow (attention / prior / sampling maps).
-
-    image (3, H, W): the model's input, normalised with `mean` / `std`, unpadded (crop it first).
-    heatmap (h, w): one value per feature cell of side `cell` pixels (the feature stride); it is
-    upsampled bilinearly, cropped to H x W, scaled to [0, 1] and blended in red.
-    boxes: xyxy boxes in pixels of `image`, outlined in green.
-    """
-    from PIL import Image, ImageDraw  # only this function needs Pillow
-
-    _, H, W = image.shape
-    rgb = image.detach().float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
-    heat = F.interpolate(heatmap.detach().float().cpu()[None, None], scale_factor=cell, mode="bilinear",
-                         align_corners=False)[0, 0, :H, :W]
-    if heat.shape != (H, W):
-        raise ValueError(f"a {tuple(heatmap.shape)} heatmap of {cell}-pixel cells does not cover a {H} x {W} image")
-    heat = (heat - heat.min()) / (heat.max() - heat.min()).clamp(min=1e-12)
-    red = torch.stack([torch.ones_like(heat), torch.zeros_like(heat), torch.zeros_like(heat)])
-    blend = rgb.clamp(0, 1) * (1 - 0.6 * heat) + red * 0.6 * heat  # (3, H, W)
-    img = Image.fromarray((blend.permute(1, 2, 0) * 255).round().byte().numpy())
-    draw = ImageDraw.Draw(img)
-    for box in boxes:
-        draw.rectangle([float(v) for v in box], outline=(0, 255, 0), width=2)
-    img.save(path)

@@ -66,9 +66,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (Backbone, DeformableDecoderLayer, DeformableEncoderLayer, HungarianMatcher, MLP, MSDeformAttn,
-                    PostProcess, SetCriterion, box_cxcywh_to_xyxy, build_input_proj, gather_tokens, input_tokens,
-                    inverse_sigmoid, proposal_features, reset_input_proj_, sigmoid_focal_loss, top_queries, write_back)
+from common import (Backbone, DeformableDecoderLayer, DeformableEncoderLayer, HungarianMatcher, InputProjections,
+                    MLP, MSDeformAttn, PostProcess, SetCriterion, box_cxcywh_to_xyxy, gather_tokens, input_tokens,
+                    inverse_sigmoid, proposal_features, sigmoid_focal_loss, top_queries, write_back)
 
 # OFF GenTargets limit_range: the largest distance from a token centre to its box's edges, in
 # pixels, that each level (strides 8, 16, 32, 64) is responsible for (FCOS, non-overlapping)
@@ -299,7 +299,7 @@ class FocusDETR(nn.Module):
         d, L = cfg.hidden_dim, cfg.num_feature_levels
         self.cfg = cfg
         self.backbone = Backbone(cfg.backbone_depth, cfg.backbone_norm)
-        self.input_proj = build_input_proj(self.backbone.num_channels, d, L)
+        self.input_proj = InputProjections(self.backbone.num_channels, d, L)
         self.level_embed = nn.Parameter(torch.empty(L, d))
         focus = cfg.foreground_selection
         self.selector = (ForegroundTokenSelector(d, L, cfg.scorer_mean_over_padding, cfg.upsample_over_padding)
@@ -335,7 +335,7 @@ class FocusDETR(nn.Module):
             if isinstance(m, MSDeformAttn):
                 m._reset_parameters()
         nn.init.normal_(self.level_embed)
-        reset_input_proj_(self.input_proj)
+        self.input_proj.reset_parameters()
         for cls, box in zip(self.class_embed, self.bbox_embed):
             nn.init.constant_(cls.bias, -math.log((1 - 0.01) / 0.01))  # focal prior 0.01
             nn.init.zeros_(box.layers[-1].weight)  # boxes start at their reference

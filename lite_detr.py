@@ -75,10 +75,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (Backbone, DeformableDecoderLayer, MLP, MSDeformAttn, PostProcess, SetCriterion,
-                    build_input_proj, decode_with_box_refinement, deform_sampling_locations, gather_tokens,
-                    init_offset_ring_, input_tokens, ms_deform_sample_levels, proposal_features, proposal_pos_embed,
-                    reset_input_proj_, top_queries)
+from common import (Backbone, DeformableDecoderLayer, InputProjections, MLP, MSDeformAttn, PostProcess, SetCriterion,
+                    decode_with_box_refinement, deform_sampling_locations, gather_tokens, init_offset_ring_,
+                    input_tokens, ms_deform_sample_levels, proposal_features, proposal_pos_embed, top_queries)
 
 LAST_LAYER_QUERIES = ("all", "low")
 LOW_FFNS = ("small", "normal", "none")
@@ -243,7 +242,7 @@ class LiteDETR(nn.Module):
         d, L = cfg.hidden_dim, cfg.num_feature_levels
         self.cfg = cfg
         self.backbone = Backbone(cfg.backbone_depth, cfg.backbone_norm)
-        self.input_proj = build_input_proj(self.backbone.num_channels, d, L)
+        self.input_proj = InputProjections(self.backbone.num_channels, d, L)
         self.level_embed = nn.Parameter(torch.empty(L, d))
         self.schedule = cfg.schedule()  # "high" / "all" per encoder layer
         self.encoder = nn.ModuleList(
@@ -272,7 +271,7 @@ class LiteDETR(nn.Module):
             if isinstance(m, (MSDeformAttn, KeyAwareDeformableAttention)):
                 m._reset_parameters()
         nn.init.normal_(self.level_embed)
-        reset_input_proj_(self.input_proj)
+        self.input_proj.reset_parameters()
         for cls, box in zip(self.class_embed, self.bbox_embed):
             nn.init.constant_(cls.bias, -math.log((1 - 0.01) / 0.01))  # focal prior 0.01
             nn.init.zeros_(box.layers[-1].weight)  # boxes start at the reference / proposal

@@ -391,7 +391,7 @@ class SMCA(nn.Module):
 def gaussian_maps(out, image=0, query=0, layer=-1):
     """The spatial prior one query puts on the image: exp(log G) averaged over heads, one
     (H_j, W_j) map per scale, from `model(..., explain=True)` (what OFF issue #22 asks for).
-    Write one over its image with common.save_heatmap_png."""
+    Write one over its image with visualize.save_heatmap_png."""
     log_prior = out["log_priors"][layer]
     if log_prior is None:
         raise ValueError("this model has no spatial prior (spatial_prior=False)")

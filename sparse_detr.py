@@ -63,9 +63,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (Backbone, DeformableDecoderLayer, DeformableEncoderLayer, MLP, MSDeformAttn, PostProcess,
-                    SetCriterion, build_input_proj, decode_with_box_refinement, gather_tokens, input_tokens,
-                    proposal_features, proposal_pos_embed, reset_input_proj_, top_queries, write_back)
+from common import (Backbone, DeformableDecoderLayer, DeformableEncoderLayer, InputProjections, MLP, MSDeformAttn,
+                    PostProcess, SetCriterion, decode_with_box_refinement, gather_tokens, input_tokens,
+                    proposal_features, proposal_pos_embed, top_queries, write_back)
 
 SELECTIONS = ("dam", "objectness", "random")
 
@@ -156,7 +156,7 @@ class SparseDETR(nn.Module):
         d, L = cfg.hidden_dim, cfg.num_feature_levels
         self.cfg = cfg
         self.backbone = Backbone(cfg.backbone_depth, cfg.backbone_norm)
-        self.input_proj = build_input_proj(self.backbone.num_channels, d, L)
+        self.input_proj = InputProjections(self.backbone.num_channels, d, L)
         self.level_embed = nn.Parameter(torch.empty(L, d))
         self.encoder = nn.ModuleList(
             DeformableEncoderLayer(d, cfg.dim_feedforward, cfg.dropout, MSDeformAttn(d, L, cfg.nheads, cfg.enc_n_points))
@@ -193,7 +193,7 @@ class SparseDETR(nn.Module):
             if isinstance(m, MSDeformAttn):
                 m._reset_parameters()
         nn.init.normal_(self.level_embed)
-        reset_input_proj_(self.input_proj)
+        self.input_proj.reset_parameters()
         heads = list(zip(self.class_embed, self.bbox_embed))
         if hasattr(self, "os_class_embed"):
             heads.append((self.os_class_embed, self.os_bbox_embed))

@@ -29,6 +29,7 @@ import pretrain
 import smca
 import sparse_detr
 import train
+import visualize
 from data import shapes
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -610,7 +611,7 @@ def test_save_heatmap_png_draws_the_map_over_the_image(tmp_path):
         out = model(image[None], torch.zeros(1, 96, 128, dtype=torch.bool), explain=True)
     (heat,) = smca.gaussian_maps(out, query=0)  # (3, 4) cells of 32 px
     path = tmp_path / "q0.png"
-    common.save_heatmap_png(image, heat, path, cell=32, boxes=[(4, 4, 40, 30)])
+    visualize.save_heatmap_png(image, heat, path, cell=32, boxes=[(4, 4, 40, 30)])
     png = np.asarray(Image.open(path).convert("RGB")).astype(int)
     assert png.shape == (96, 128, 3)
     (r, c), (r0, c0) = divmod(int(heat.argmax()), 4), divmod(int(heat.argmin()), 4)
@@ -618,7 +619,7 @@ def test_save_heatmap_png_draws_the_map_over_the_image(tmp_path):
     assert hot[0] - hot[1] > cold[0] - cold[1] + 20  # redder where the prior is high
     assert tuple(png[4, 20]) == (0, 255, 0)  # the box outline
     with pytest.raises(ValueError, match="does not cover"):
-        common.save_heatmap_png(image, heat, path, cell=16)
+        visualize.save_heatmap_png(image, heat, path, cell=16)
 
 
 def test_scale_selection_is_per_scale_softmax_weighted_by_alpha():

@@ -154,7 +154,7 @@ def load_coco(ann_file):
 
 
 def collate(batch):
-    """Pad a list of (image (3, H_i, W_i), target) to images (B, 3, H, W) and pad_mask (B, H, W).
+    """Pad a list of (image (3, H_i, W_i), target) to images (B, 3, H_img, W_img) and pad_mask (B, H_img, W_img).
 
     Padding goes to the bottom and right; pad_mask is True on padding.
     """
