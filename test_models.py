@@ -32,6 +32,11 @@ import train
 import visualize
 from data import shapes
 
+
+# ---------------------------------------------------------------------------------------------
+# Helpers shared by the sections below
+# ---------------------------------------------------------------------------------------------
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -63,16 +68,50 @@ def _sized(targets, pad_mask):
     return [{**t, "size": torch.stack([v.any(1).sum(), v.any(0).sum()])} for t, v in zip(targets, valid)]
 
 
-def tiny_smca(**kw):
-    base = dict(backbone_depth=18, backbone_norm="bn", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
-                dim_feedforward=64, ms_dim_feedforward=48, ms_encoder="IMI", num_queries=12, num_classes=21,
-                num_select=20)
-    base.update(kw)
-    return smca.Config(**base)
+def _random_outputs(B, Q, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"pred_logits": torch.randn(B, Q, K, generator=g),
+            "pred_boxes": torch.rand(B, Q, 4, generator=g) * 0.5 + 0.25}
+
+
+def _random_targets(counts, K, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [{"labels": torch.randint(0, K, (n,), generator=g), "boxes": torch.rand(n, 4, generator=g) * 0.4 + 0.3}
+            for n in counts]
+
+
+def _alone_and_padded(x, H, W):
+    """x (1, C, h, w) -> x with its all-valid mask, and a batch of 2 where x is zero-padded to (H, W)
+    next to a random full-size item, with the matching pad_mask (True = padding)."""
+    _, C, h, w = x.shape
+    batch = torch.zeros(2, C, H, W, dtype=x.dtype)
+    batch[0, :, :h, :w] = x[0]
+    batch[1] = torch.randn(C, H, W, dtype=x.dtype)
+    mask = torch.zeros(2, H, W, dtype=torch.bool)
+    mask[0] = True
+    mask[0, :h, :w] = False
+    return (x, torch.zeros(1, h, w, dtype=torch.bool)), (batch, mask)
+
+
+def _assert_only_box_hidden_layers_without_gradient(model):
+    """After one backward, every trainable parameter has a finite non-zero gradient except the box
+    MLPs' hidden layers: their last layer starts at zero (boxes start at their reference), so on
+    the first step nothing flows back through it (as in the official code)."""
+    dead = {n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().max() > 0)}
+    hidden = {f"bbox_embed.{i}.layers.{j}.{w}" for i in range(len(model.bbox_embed)) for j in (0, 1)
+              for w in ("weight", "bias")}
+    assert dead == hidden, dead ^ hidden
+
+
+@pytest.fixture(scope="session")
+def tiny_shapes(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("shapes") / "set")
+    shapes.generate(root, num_train=8, num_val=3, seed=3)
+    return root
 
 
 # ---------------------------------------------------------------------------------------------
-# common.py: box ops, matcher, criterion, post-processing
+# common.py: backbone, position encoding, deformable sampling, box ops, matcher, criterion
 # ---------------------------------------------------------------------------------------------
 
 def test_giou_hand_cases_and_degenerate_boxes():
@@ -92,18 +131,6 @@ def test_giou_hand_cases_and_degenerate_boxes():
 def test_box_conversions_round_trip():
     b = torch.rand(10, 4)
     assert torch.allclose(common.box_xyxy_to_cxcywh(common.box_cxcywh_to_xyxy(b)), b, atol=1e-6)
-
-
-def _random_outputs(B, Q, K, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"pred_logits": torch.randn(B, Q, K, generator=g),
-            "pred_boxes": torch.rand(B, Q, 4, generator=g) * 0.5 + 0.25}
-
-
-def _random_targets(counts, K, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [{"labels": torch.randint(0, K, (n,), generator=g), "boxes": torch.rand(n, 4, generator=g) * 0.4 + 0.3}
-            for n in counts]
 
 
 def test_matcher_is_optimal_against_brute_force():
@@ -165,10 +192,6 @@ def test_postprocess_scales_to_original_size():
     assert torch.allclose(res["boxes"][0], torch.tensor([0.0, 40.0, 100.0, 60.0]))  # w 200, h 100
 
 
-# ---------------------------------------------------------------------------------------------
-# common.py: position encoding, deformable sampling, backbone
-# ---------------------------------------------------------------------------------------------
-
 def test_sine_position_embedding_ignores_padding():
     alone = common.sine_position_embedding(torch.zeros(1, 3, 4, dtype=torch.bool), 16)
     mask = torch.ones(1, 5, 7, dtype=torch.bool)
@@ -207,6 +230,18 @@ def test_ms_deform_attn_matches_naive_loop():
         x, y = loc[b, q, h, lvl, p, 0] * wl - 0.5, loc[b, q, h, lvl, p, 1] * hl - 0.5
         ref[b, q, h] += attw[b, q, h, lvl, p] * _bilinear_naive(v, x.item(), y.item())
     assert torch.allclose(out, ref.view(B, Q, H * D), atol=1e-10)
+
+
+def test_halve_mask_matches_a_strided_conv_on_the_image_alone():
+    for h, w in [(3, 4), (5, 5), (1, 2), (4, 7)]:
+        mask = torch.ones(2, 6, 8, dtype=torch.bool)
+        mask[0, :h, :w] = False
+        mask[1] = False
+        half = common.halve_mask(mask)
+        assert half.shape == (2, 3, 4) and not half[1].any()
+        alone = torch.nn.functional.conv2d(torch.ones(1, 1, h, w), torch.ones(1, 1, 3, 3), stride=2, padding=1)
+        assert (~half[0]).sum().item() == alone.numel()
+        assert not half[0, :alone.shape[2], :alone.shape[3]].any()
 
 
 TORCHVISION_PARAMS = {18: 11_689_512, 50: 25_557_032}  # torchvision.models.resnetXX().parameters()
@@ -270,16 +305,60 @@ def test_backbone_freezes_stem_and_layer1():
         assert trainable == {"layer2", "layer3", "layer4"}
 
 
-# ---------------------------------------------------------------------------------------------
-# data/
-# ---------------------------------------------------------------------------------------------
+EXPLAIN_KEYS = {"smca": {"log_priors", "scale_weights", "level_shapes"}, "sparse_detr": {"dam"},
+                "lite_detr": {"spatial_shapes", "token_pad_mask", "n_low", "dec_sampling_locations",
+                              "dec_attention_weights"},
+                "focus_detr": {"kept_tokens", "fine_tokens"}}
 
-@pytest.fixture(scope="session")
-def tiny_shapes(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("shapes") / "set")
-    shapes.generate(root, num_train=8, num_val=3, seed=3)
-    return root
 
+@pytest.mark.parametrize("name", list(EXPLAIN_KEYS))
+def test_interface_every_model_takes_the_same_call(name):
+    """model(images, pad_mask, targets) trains and model(images, pad_mask) evaluates, for every model;
+    explain=True adds exactly its documented keys and changes no detection."""
+    torch.manual_seed(0)
+    tiny = {"smca": tiny_smca, "sparse_detr": tiny_sparse, "lite_detr": tiny_lite, "focus_detr": tiny_focus}[name]
+    model, criterion, post = importlib.import_module(name).build(tiny())
+    images, pad_mask = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
+    pad_mask[1, 64:] = True
+    targets = _sized(_random_targets([2, 1], 21), pad_mask)
+    losses = criterion(model.train()(images, pad_mask, targets), targets)
+    sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict).backward()
+    model.eval()
+    with torch.no_grad():
+        plain, explained = model(images, pad_mask), model(images, pad_mask, explain=True)
+    assert set(explained) - set(plain) == EXPLAIN_KEYS[name]
+    for key in ("pred_logits", "pred_boxes"):
+        assert plain[key].shape[:2] == (2, tiny().num_queries) and torch.equal(plain[key], explained[key])
+    assert len(post(plain, torch.tensor([[96, 128], [64, 128]]))) == 2
+
+
+def test_copied_blocks_stay_in_sync():
+    """Every `# Copied from module.name` block in a model file is a verbatim copy of its source."""
+    import importlib
+    import inspect
+    import re
+    checked = []
+    for module in (smca, sparse_detr, lite_detr, focus_detr):
+        text = inspect.getsource(module)
+        for match in re.finditer(r"^( *)# Copied from ([\w.]+)\n", text, re.M):
+            indent, source = match.groups()
+            mod_name, *path = source.split(".")
+            src_obj, copy_obj = importlib.import_module(mod_name), module
+            for attr in path:
+                src_obj = inspect.unwrap(getattr(src_obj, attr))
+            # the copy is the definition right after the comment (a class's methods live on the class)
+            name = re.match(r" *(?:@\w+\n *)*(?:def|class) (\w+)", text[match.end():]).group(1)
+            owner = copy_obj if not indent else next(c for c in vars(copy_obj).values()
+                                                        if inspect.isclass(c) and name in vars(c))
+            copy_def = inspect.unwrap(getattr(owner, name))
+            assert inspect.getsource(copy_def) == inspect.getsource(src_obj), f"{module.__name__}.{name} != {source}"
+            checked.append(f"{module.__name__}.{name}")
+    assert checked == ["focus_detr.ScoringNetwork"]  # everything else the models share lives in common.py
+
+
+# ---------------------------------------------------------------------------------------------
+# data/: the shapes set, transforms, the COCO-format dataset, batching, evaluation
+# ---------------------------------------------------------------------------------------------
 
 def test_shapes_generator_is_deterministic_and_coco_like(tiny_shapes, tmp_path):
     shapes.generate(str(tmp_path / "again"), num_train=8, num_val=3, seed=3)
@@ -331,53 +410,6 @@ def test_shapes_ensure_moves_an_older_version_aside_and_refuses_strangers(tiny_s
     with pytest.raises(ValueError, match="not the shapes set asked for"):
         shapes.ensure(str(tmp_path / "mine"), 8, 3, seed=3)
     assert os.listdir(tmp_path / "mine") == []
-
-
-def test_pretrain_crops_are_centred_on_their_object_and_background_has_none(tmp_path):
-    """A hand-built set: one red rectangle (category 5 -> class index 1) on black."""
-    root = tmp_path / "set"
-    os.makedirs(root / "train")
-    os.makedirs(root / "annotations")
-    arr = np.zeros((200, 240, 3), dtype=np.uint8)
-    arr[60:100, 120:180, 0] = 255
-    Image.fromarray(arr).save(root / "train" / "a.png")
-    json.dump({"images": [{"id": 1, "file_name": "a.png", "width": 240, "height": 200}],
-               "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [120, 60, 60, 40], "area": 2400,
-                                "iscrowd": 0}],
-               "categories": shapes.CATEGORIES}, open(root / "annotations" / "instances_train.json", "w"))
-    ds = pretrain.ObjectCrops(str(root), 32)
-    random.seed(0)
-    for _ in range(5):
-        x, label = ds[0]
-        rgb = x * torch.tensor(datalib.transforms.IMAGENET_STD)[:, None, None] + torch.tensor(datalib.transforms.IMAGENET_MEAN)[:, None, None]
-        assert label == 1 and x.shape == (3, 32, 32)
-        assert rgb[0, 16, 16] > 0.9 and rgb[1:, 16, 16].abs().max() < 0.1  # the crop's centre is the object
-        x0, y0, side = ds._background_box(1)
-        assert not (x0 < 150 < x0 + side and y0 < 80 < y0 + side)  # no object centre in a background crop
-
-
-def test_pretrain_writes_a_backbone_the_detectors_load_and_ensure_reuses_it(tiny_shapes, tmp_path):
-    import shutil
-    root = str(tmp_path / "shapes")
-    shutil.copytree(tiny_shapes, root)
-    out = pretrain.pretrain(root, 18, str(tmp_path / "bb.pth"), log=lambda s: None, steps=2, batch_size=4, warmup=1)
-    info = pretrain.read_info(out)
-    assert info["shapes_version"] == shapes.FORMAT_VERSION and info["depth"] == 18 and 0 <= info["accuracy"] <= 1
-    before = torch.load(out, weights_only=True)["model"]
-    backbone = common.Backbone(18, "frozen_bn")
-    common.load_backbone_weights(backbone, out)  # BatchNorm statistics become the frozen ones
-    assert torch.equal(backbone.body.layer3[0].bn1.running_var, before["layer3.0.bn1.running_var"])
-    assert not torch.equal(before["conv1.weight"], common.ResNet(18).conv1.weight)  # the stem trained too
-    shutil.copy(out, pretrain.default_path(root, 18))
-    assert pretrain.ensure(root, 18, log=lambda s: None) == pretrain.default_path(root, 18)  # reused, not retrained
-    with pytest.raises(ValueError, match="not the pretrained ResNet-18 this code would write"):
-        pretrain.ensure(root, 18, seed=1)
-    for bad in (dict(warmup=0), dict(steps=5, warmup=5), dict(crop=16), dict(batch_size=0), dict(lr=0.0)):
-        with pytest.raises(ValueError, match="needs batch_size >= 1, crop >= 32"):
-            pretrain.pretrain(root, 18, str(tmp_path / "bad.pth"), log=lambda s: None, **bad)
-    assert not os.path.exists(tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match="use it with --data shapes"):
-        train.main(["--model", "smca", "--data", root, "--backbone-weights", "shapes", "--output-dir", str(tmp_path / "r")])
 
 
 def test_transforms_keep_boxes_on_the_object():
@@ -490,8 +522,67 @@ def test_evaluator_perfect_detections_score_one(tiny_shapes):
 
 
 # ---------------------------------------------------------------------------------------------
+# pretrain.py
+# ---------------------------------------------------------------------------------------------
+
+def test_pretrain_crops_are_centred_on_their_object_and_background_has_none(tmp_path):
+    """A hand-built set: one red rectangle (category 5 -> class index 1) on black."""
+    root = tmp_path / "set"
+    os.makedirs(root / "train")
+    os.makedirs(root / "annotations")
+    arr = np.zeros((200, 240, 3), dtype=np.uint8)
+    arr[60:100, 120:180, 0] = 255
+    Image.fromarray(arr).save(root / "train" / "a.png")
+    json.dump({"images": [{"id": 1, "file_name": "a.png", "width": 240, "height": 200}],
+               "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [120, 60, 60, 40], "area": 2400,
+                                "iscrowd": 0}],
+               "categories": shapes.CATEGORIES}, open(root / "annotations" / "instances_train.json", "w"))
+    ds = pretrain.ObjectCrops(str(root), 32)
+    random.seed(0)
+    for _ in range(5):
+        x, label = ds[0]
+        rgb = x * torch.tensor(datalib.transforms.IMAGENET_STD)[:, None, None] + torch.tensor(datalib.transforms.IMAGENET_MEAN)[:, None, None]
+        assert label == 1 and x.shape == (3, 32, 32)
+        assert rgb[0, 16, 16] > 0.9 and rgb[1:, 16, 16].abs().max() < 0.1  # the crop's centre is the object
+        x0, y0, side = ds._background_box(1)
+        assert not (x0 < 150 < x0 + side and y0 < 80 < y0 + side)  # no object centre in a background crop
+
+
+def test_pretrain_writes_a_backbone_the_detectors_load_and_ensure_reuses_it(tiny_shapes, tmp_path):
+    import shutil
+    root = str(tmp_path / "shapes")
+    shutil.copytree(tiny_shapes, root)
+    out = pretrain.pretrain(root, 18, str(tmp_path / "bb.pth"), log=lambda s: None, steps=2, batch_size=4, warmup=1)
+    info = pretrain.read_info(out)
+    assert info["shapes_version"] == shapes.FORMAT_VERSION and info["depth"] == 18 and 0 <= info["accuracy"] <= 1
+    before = torch.load(out, weights_only=True)["model"]
+    backbone = common.Backbone(18, "frozen_bn")
+    common.load_backbone_weights(backbone, out)  # BatchNorm statistics become the frozen ones
+    assert torch.equal(backbone.body.layer3[0].bn1.running_var, before["layer3.0.bn1.running_var"])
+    assert not torch.equal(before["conv1.weight"], common.ResNet(18).conv1.weight)  # the stem trained too
+    shutil.copy(out, pretrain.default_path(root, 18))
+    assert pretrain.ensure(root, 18, log=lambda s: None) == pretrain.default_path(root, 18)  # reused, not retrained
+    with pytest.raises(ValueError, match="not the pretrained ResNet-18 this code would write"):
+        pretrain.ensure(root, 18, seed=1)
+    for bad in (dict(warmup=0), dict(steps=5, warmup=5), dict(crop=16), dict(batch_size=0), dict(lr=0.0)):
+        with pytest.raises(ValueError, match="needs batch_size >= 1, crop >= 32"):
+            pretrain.pretrain(root, 18, str(tmp_path / "bad.pth"), log=lambda s: None, **bad)
+    assert not os.path.exists(tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="use it with --data shapes"):
+        train.main(["--model", "smca", "--data", root, "--backbone-weights", "shapes", "--output-dir", str(tmp_path / "r")])
+
+
+# ---------------------------------------------------------------------------------------------
 # smca.py
 # ---------------------------------------------------------------------------------------------
+
+def tiny_smca(**kw):
+    base = dict(backbone_depth=18, backbone_norm="bn", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
+                dim_feedforward=64, ms_dim_feedforward=48, ms_encoder="IMI", num_queries=12, num_classes=21,
+                num_select=20)
+    base.update(kw)
+    return smca.Config(**base)
+
 
 def test_smca_parameter_counts_match_official():
     model, _, _ = smca.build(smca.Config())
@@ -500,6 +591,13 @@ def test_smca_parameter_counts_match_official():
     # +200 queries x 256, -1 class column (257) = 41,353,311.
     model, _, _ = smca.build(smca.Config(spatial_prior=False))
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 41_353_311
+
+
+def test_smca_multiscale_parameter_count_is_the_papers():
+    """Table 3: 2Intra-Multi-2Intra has 39.5M parameters (Table 4 rounds it to 40M)."""
+    model, _, _ = smca.build(smca.Config(multiscale=True))
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert round(n / 1e6, 1) == 39.5, n
 
 
 @pytest.mark.parametrize("multiscale", [False, True])
@@ -519,13 +617,6 @@ def test_smca_output_shapes_and_box_range(multiscale):
     res = post(out, torch.tensor([[480, 640], [320, 640]]))
     assert res[0]["boxes"].shape == (20, 4)
     assert "log_priors" not in model(images, pad_mask)  # attention maps only on request
-
-
-def test_smca_multiscale_parameter_count_is_the_papers():
-    """Table 3: 2Intra-Multi-2Intra has 39.5M parameters (Table 4 rounds it to 40M)."""
-    model, _, _ = smca.build(smca.Config(multiscale=True))
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert round(n / 1e6, 1) == 39.5, n
 
 
 def test_smca_log_prior_is_the_papers_gaussian():
@@ -579,7 +670,7 @@ def test_smca_multiscale_log_prior_per_scale():
             start += len(grids[j])
 
 
-def test_gaussian_map_peaks_at_the_predicted_centre():
+def test_smca_gaussian_map_peaks_at_the_predicted_centre():
     """A constructed case: zero offsets, s = 1: the map of every scale peaks at the cell holding the
     centre the model predicts."""
     torch.manual_seed(0)
@@ -602,7 +693,7 @@ def test_gaussian_map_peaks_at_the_predicted_centre():
         smca.gaussian_maps(baseline.eval()(images, pad_mask, explain=True))
 
 
-def test_save_heatmap_png_draws_the_map_over_the_image(tmp_path):
+def test_smca_prior_picture_draws_the_map_over_the_image(tmp_path):
     """The query's Gaussian, written over its image: red where the prior is, the box in green."""
     model, _, _ = smca.build(tiny_smca())
     model.eval()
@@ -622,7 +713,7 @@ def test_save_heatmap_png_draws_the_map_over_the_image(tmp_path):
         visualize.save_heatmap_png(image, heat, path, cell=16)
 
 
-def test_scale_selection_is_per_scale_softmax_weighted_by_alpha():
+def test_smca_scale_selection_is_per_scale_softmax_weighted_by_alpha():
     """Eqs. (8)-(9) against a naive loop over heads and scales; alpha = one scale is attention on it alone."""
     torch.manual_seed(0)
     attn = smca.GaussianCrossAttention(32, 4, dropout=0.0)
@@ -655,7 +746,7 @@ def test_scale_selection_is_per_scale_softmax_weighted_by_alpha():
     assert torch.allclose(attn(q, k, v, pad, log_prior, sizes, one_hot), only, atol=1e-5)
 
 
-def test_scale_selection_weights_are_per_image():
+def test_smca_scale_selection_weights_are_per_image():
     """alpha sums to 1 per query and follows each image (the released code used image 0's for all)."""
     torch.manual_seed(0)
     model, _, _ = smca.build(tiny_smca(multiscale=True))
@@ -672,7 +763,7 @@ def test_scale_selection_weights_are_per_image():
     assert torch.allclose(out["scale_weights"][1][1], alone["scale_weights"][1][0], atol=1e-5)
 
 
-def test_gaussian_cross_attention_without_prior_is_multihead_attention():
+def test_smca_gaussian_cross_attention_without_prior_is_multihead_attention():
     torch.manual_seed(0)
     ours = smca.GaussianCrossAttention(32, 4, dropout=0.0)
     ref = torch.nn.MultiheadAttention(32, 4, batch_first=True)
@@ -685,19 +776,6 @@ def test_gaussian_cross_attention_without_prior_is_multihead_attention():
     pad = torch.zeros(2, 7, dtype=torch.bool)
     pad[1, 4:] = True
     assert torch.allclose(ours(q, k, v, pad), ref(q, k, v, key_padding_mask=pad)[0], atol=1e-5)
-
-
-def _alone_and_padded(x, H, W):
-    """x (1, C, h, w) -> x with its all-valid mask, and a batch of 2 where x is zero-padded to (H, W)
-    next to a random full-size item, with the matching pad_mask (True = padding)."""
-    _, C, h, w = x.shape
-    batch = torch.zeros(2, C, H, W, dtype=x.dtype)
-    batch[0, :, :h, :w] = x[0]
-    batch[1] = torch.randn(C, H, W, dtype=x.dtype)
-    mask = torch.zeros(2, H, W, dtype=torch.bool)
-    mask[0] = True
-    mask[0, :h, :w] = False
-    return (x, torch.zeros(1, h, w, dtype=torch.bool)), (batch, mask)
 
 
 @pytest.mark.parametrize("spatial_prior,multiscale,stride", [(True, False, 32), (False, False, 32), (True, True, 32),
@@ -725,18 +803,6 @@ def test_smca_padding_invariance(spatial_prior, multiscale, stride, figures):
     drift = (model(images, m1)["pred_boxes"][0] - model(big, pad)["pred_boxes"][0]).abs().max().item()
     figures.append((f"smca full-model padding drift, max |d box| (spatial_prior={spatial_prior}, "
                     f"multiscale={multiscale}, stride {stride})", f"{drift:.2e}"))
-
-
-def test_halve_mask_matches_a_strided_conv_on_the_image_alone():
-    for h, w in [(3, 4), (5, 5), (1, 2), (4, 7)]:
-        mask = torch.ones(2, 6, 8, dtype=torch.bool)
-        mask[0, :h, :w] = False
-        mask[1] = False
-        half = common.halve_mask(mask)
-        assert half.shape == (2, 3, 4) and not half[1].any()
-        alone = torch.nn.functional.conv2d(torch.ones(1, 1, h, w), torch.ones(1, 1, 3, 3), stride=2, padding=1)
-        assert (~half[0]).sum().item() == alone.numel()
-        assert not half[0, :alone.shape[2], :alone.shape[3]].any()
 
 
 # Parameters a single backward leaves without gradient, and why:
@@ -813,16 +879,6 @@ def tiny_sparse(**kw):
     return sparse_detr.Config(**base)
 
 
-def _assert_only_box_hidden_layers_without_gradient(model):
-    """After one backward, every trainable parameter has a finite non-zero gradient except the box
-    MLPs' hidden layers: their last layer starts at zero (boxes start at their reference), so on
-    the first step nothing flows back through it (as in the official code)."""
-    dead = {n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().max() > 0)}
-    hidden = {f"bbox_embed.{i}.layers.{j}.{w}" for i in range(len(model.bbox_embed)) for j in (0, 1)
-              for w in ("weight", "bias")}
-    assert dead == hidden, dead ^ hidden
-
-
 def test_sparse_detr_parameter_counts_match_official():
     """Counted from the official code built on CPU: rho 0.1, the "+" baseline, plain two-stage."""
     for kw, want in [({}, 41_714_805), ({"sparse_encoder": False, "use_enc_aux_loss": False}, 40_827_289),
@@ -876,7 +932,7 @@ def _dam_brute_force(locs, weights, shapes, shift):
 
 
 @pytest.mark.parametrize("shift", [False, True])
-def test_dam_splat_matches_brute_force(shift):
+def test_sparse_detr_dam_splat_matches_brute_force(shift):
     torch.manual_seed(0)
     shapes = [(4, 5), (2, 3)]
     locs = torch.rand(2, 2, 3, 2, 2, 3, 2, dtype=torch.float64) * 1.2 - 0.1  # some points off the map
@@ -885,7 +941,7 @@ def test_dam_splat_matches_brute_force(shift):
     assert torch.allclose(got, _dam_brute_force(locs, weights, shapes, 0.5 if shift else 0.0), atol=1e-10)
 
 
-def test_sparse_encoder_at_rho_one_is_the_dense_encoder():
+def test_sparse_detr_encoder_at_rho_one_is_the_dense_encoder():
     """rho = 1 without aux heads updates every token: the same outputs as the dense Deformable encoder."""
     torch.manual_seed(0)
     sparse, _, _ = sparse_detr.build(tiny_sparse(rho=1.0, use_enc_aux_loss=False))
@@ -966,28 +1022,20 @@ def test_sparse_detr_other_selections(selection):
     sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict).backward()
 
 
-def test_copied_blocks_stay_in_sync():
-    """Every `# Copied from module.name` block in a model file is a verbatim copy of its source."""
-    import importlib
-    import inspect
-    import re
-    checked = []
-    for module in (smca, sparse_detr, lite_detr, focus_detr):
-        text = inspect.getsource(module)
-        for match in re.finditer(r"^( *)# Copied from ([\w.]+)\n", text, re.M):
-            indent, source = match.groups()
-            mod_name, *path = source.split(".")
-            src_obj, copy_obj = importlib.import_module(mod_name), module
-            for attr in path:
-                src_obj = inspect.unwrap(getattr(src_obj, attr))
-            # the copy is the definition right after the comment (a class's methods live on the class)
-            name = re.match(r" *(?:@\w+\n *)*(?:def|class) (\w+)", text[match.end():]).group(1)
-            owner = copy_obj if not indent else next(c for c in vars(copy_obj).values()
-                                                        if inspect.isclass(c) and name in vars(c))
-            copy_def = inspect.unwrap(getattr(owner, name))
-            assert inspect.getsource(copy_def) == inspect.getsource(src_obj), f"{module.__name__}.{name} != {source}"
-            checked.append(f"{module.__name__}.{name}")
-    assert checked == ["focus_detr.ScoringNetwork"]  # everything else the models share lives in common.py
+def test_sparse_detr_explain_returns_the_dam_its_loss_is_made_of():
+    """explain=True adds the DAM (Sec. 3.3): the decoder's attention splatted onto the N tokens; every
+    query's weights sum to 1 per head and layer, so the map's mass is at most layers x Q x H."""
+    torch.manual_seed(0)
+    model, _, _ = sparse_detr.build(tiny_sparse())
+    images, pad_mask = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
+    with torch.no_grad():
+        out = model.eval()(images, pad_mask, explain=True)
+    dam = out["dam"]
+    assert dam.shape == out["token_pad_mask"].shape and (dam >= 0).all()
+    assert torch.allclose(dam, sparse_detr.decoder_attention_map(out["dec_sampling_locations"],
+                                                                 out["dec_attention_weights"], out["spatial_shapes"]))
+    layers, Q, H = out["dec_attention_weights"].shape[1:4]
+    assert (dam.sum(1) <= layers * Q * H + 1e-4).all() and (dam.sum(1) > 0.5 * layers * Q * H).all()
 
 
 def test_sparse_detr_config_errors():
@@ -1001,9 +1049,8 @@ def test_sparse_detr_config_errors():
 
 
 # ---------------------------------------------------------------------------------------------
-# Lite DETR
+# lite_detr.py
 # ---------------------------------------------------------------------------------------------
-
 
 def tiny_lite(**kw):
     base = dict(backbone_depth=18, backbone_norm="bn", hidden_dim=32, nheads=4, enc_layers=6, dec_layers=2,
@@ -1035,7 +1082,7 @@ def test_lite_detr_parameter_counts_follow_the_derivation():
 
 @pytest.mark.parametrize("key_proj", [False, True])
 @pytest.mark.parametrize("ref_dim", [2, 4])
-def test_kda_matches_naive_per_point_reference(key_proj, ref_dim):
+def test_lite_detr_kda_matches_naive_per_point_reference(key_proj, ref_dim):
     """KDA against a loop over queries, heads, levels and points in float64 (Sec. 3.3): keys and
     values bilinearly sampled at the same locations, softmax of q.k / sqrt(d_head) over all L*P."""
     torch.manual_seed(0)
@@ -1082,7 +1129,7 @@ def test_kda_matches_naive_per_point_reference(key_proj, ref_dim):
     assert torch.allclose(out_nograd, out, atol=1e-12) and torch.allclose(weights_nograd, weights, atol=1e-12)
 
 
-def test_lite_dense_reduction_is_the_deformable_detr_encoder():
+def test_lite_detr_dense_reduction_is_the_deformable_detr_encoder():
     """Every level high-level and KDA off: the same parameters and outputs as the dense two-stage
     Deformable DETR (sparse_detr.py with its sparse encoder and Efficient-DETR parts off)."""
     torch.manual_seed(0)
@@ -1101,7 +1148,7 @@ def test_lite_dense_reduction_is_the_deformable_detr_encoder():
 
 @pytest.mark.parametrize("name,queries", [
     ("H3L1-(2+1)x3", "all"), ("H3L1-(3+1)x2", "all"), ("H2L2-(2+1)x3", "all"), ("H3L1-(2+1)x3", "low")])
-def test_lite_encoder_schedule(name, queries):
+def test_lite_detr_encoder_schedule(name, queries):
     """Which tokens each layer updates: high-level layers query F_H only and leave F_L as it was
     after the last all-token layer; all-token layers query every token (OFF) or only F_L (Fig. 2b)."""
     torch.manual_seed(0)
@@ -1177,6 +1224,16 @@ def test_lite_detr_gradient_flow_and_empty_targets(kw):
     assert len(res) == 2 and res[0]["boxes"].shape == (20, 4)
 
 
+def test_lite_detr_named_configs_run_through_the_shared_interface():
+    torch.manual_seed(0)
+    for name in lite_detr.NAMED:
+        model, criterion, post = lite_detr.build(tiny_lite(**lite_detr.NAMED[name]))
+        model.eval()
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, 96, 128), torch.zeros(1, 96, 128, dtype=torch.bool))
+        assert out["pred_logits"].shape == (1, 10, 21) and len(post(out, torch.tensor([[96, 128]]))[0]["scores"]) == 20
+
+
 def test_lite_detr_config_errors():
     with pytest.raises(ValueError, match="num_blocks must divide enc_layers"):
         lite_detr.build(tiny_lite(num_blocks=4))
@@ -1192,136 +1249,19 @@ def test_lite_detr_config_errors():
         lite_detr.Config.named("H4L0")
 
 
-def _bench_tiny(name, cfg, *flags, h=64, w=96):
-    """bench.py's records for one suite applied to a tiny Config, on an h x w random image."""
-    args = bench.parse_args(["--size", str(h), str(w), "--repeats", "1", *flags])
-    args.size_label = f"{h}x{w}"
-    return bench.bench_model(name, args, [torch.randn(3, h, w)], config=cfg)
-
-
-def test_bench_lite_encoder_macs_follow_the_token_updates():
-    """bench.py's count: all-token layers cost the dense layer's per-query part, high-level layers
-    that part x |F_H| / N, and every layer pays the value projection over all N tokens."""
-    cfg = tiny_lite()
-    by_label = {r["label"]: r for r in _bench_tiny("lite_detr", cfg)}
-    # 64 x 96: levels 8x12, 4x6, 2x3, 1x2 -> N = 128 tokens; F_H = the coarsest 3 (32) or 2 (8) levels.
-    # Per layer and query token (d model, F FFN, H heads, L levels, P points): offsets d*2HLP + output
-    # d*d + FFN 2dF + grid_sample 4dLP (+ dense: attention weights d*HLP; + KDA: query d*d and the q.k,
-    # w.v matmuls 2dLP); the value projection d*d per token per layer. The weighted sum is elementwise.
-    d, F_, H, L, P, n = cfg.hidden_dim, cfg.dim_feedforward, cfg.nheads, 4, cfg.enc_n_points, 128
-    per_q_dense = d * 2 * H * L * P + d * d + 2 * d * F_ + 4 * d * L * P + d * H * L * P
-    per_q_kda = d * 2 * H * L * P + d * d + 2 * d * F_ + 4 * d * L * P + d * d + 2 * d * L * P
-    small = 2 * d * d - 2 * d * F_  # F_L's small FFN in the all-token layer instead of the normal one
-    dense_enc = cfg.enc_layers * n * (per_q_dense + d * d)
-    for name, n_high, blocks in (("H3L1-(2+1)x3", 32, 3), ("H3L1-(3+1)x2", 32, 2), ("H3L1-(6+1)x1", 32, 1),
-                                 ("H2L2-(2+1)x3", 8, 3)):
-        lite, no_ffn = by_label[name], by_label[f"{name}, F_L without FFN"]
-        assert lite["baseline_encoder_gmacs"] * 1e9 == pytest.approx(dense_enc, rel=1e-6)
-        want = (6 * n * d * d + (6 - blocks) * n_high * per_q_kda + blocks * n * per_q_kda
-                + blocks * (n - n_high) * small)
-        assert lite["encoder_gmacs"] * 1e9 == pytest.approx(want, rel=1e-6), name
-        assert no_ffn["encoder_gmacs"] * 1e9 == pytest.approx(want - blocks * (n - n_high) * 2 * d * d, rel=1e-6)
-        assert 0 < lite["encoder_ms"] <= lite["ms"] and no_ffn["ms"] is None  # counted, not timed
-
-
-def test_bench_smca_costs_what_detr_costs_plus_the_prior_heads():
-    """Single-scale SMCA adds only the prior's small heads to DETR: same encoder, nearly the same total."""
-    cfg = tiny_smca()
-    single, multi = _bench_tiny("smca", cfg)
-    assert single["encoder_gmacs"] == pytest.approx(single["baseline_encoder_gmacs"], rel=1e-9)
-    assert 1 < single["gmacs"] / single["baseline_gmacs"] < 1.02
-    assert multi["encoder_gmacs"] > single["encoder_gmacs"] and 0 < multi["encoder_ms"] <= multi["ms"]
-
-
-def test_bench_under_bf16_autocast_counts_the_same_work():
-    cfg = tiny_focus()
-    fp32, bf16 = _bench_tiny("focus_detr", cfg)[0], _bench_tiny("focus_detr", cfg, "--amp", "bf16")[0]
-    assert bf16["amp"] == "bf16" and bf16["ms"] > 0
-    for key in ("gmacs", "encoder_gmacs", "baseline_gmacs", "baseline_encoder_gmacs"):
-        assert bf16[key] == pytest.approx(fp32[key], rel=1e-6), key
-    assert 0 < fp32["encoder_gmacs"] < fp32["baseline_encoder_gmacs"] < fp32["baseline_gmacs"]
-
-
-def test_bench_counts_grid_sample_as_four_macs_per_sampled_value():
-    v, grid = torch.randn(2, 3, 5, 7), torch.rand(2, 4, 6, 2) * 2 - 1
-    total, _ = bench.count_gmacs(lambda: F.grid_sample(v, grid, align_corners=False))
-    assert total * 1e9 == pytest.approx(4 * 2 * 3 * 4 * 6)  # one multiply-add per bilinear corner per output value
-    B, Q, H, D, P, shapes = 2, 5, 4, 8, 3, [(6, 8), (3, 4)]
-    value = torch.randn(B, sum(h * w for h, w in shapes), H, D)
-    loc, weights = torch.rand(B, Q, H, len(shapes), P, 2), torch.rand(B, Q, H, len(shapes), P)
-    total, _ = bench.count_gmacs(lambda: common.ms_deform_attn(value, shapes, loc, weights))
-    assert total * 1e9 == pytest.approx(4 * B * Q * H * D * len(shapes) * P)  # the weighted sum is elementwise (not counted)
-    # nn.MultiheadAttention: projections and both attention products, on the CPU kernel and the fused
-    # inference path (query is key is value) alike
-    mha, E, Lq, Lk = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval(), 16, 5, 7
-    for p in mha.parameters():
-        p.requires_grad_(False)
-    q, kv = torch.randn(B, Lq, E), torch.randn(B, Lk, E)
-    with torch.no_grad():
-        total, _ = bench.count_gmacs(lambda: mha(q, kv, kv + 1, need_weights=False))
-        assert total * 1e9 == pytest.approx(B * (2 * Lq * E * E + 2 * Lk * E * E + 2 * Lq * Lk * E))
-        total, _ = bench.count_gmacs(lambda: mha(kv, kv, kv, need_weights=False))
-        assert total * 1e9 == pytest.approx(B * (4 * Lk * E * E + 2 * Lk * Lk * E))
-
-
-@pytest.mark.parametrize("name", list(bench.SUITES))
-def test_bench_baselines_differ_from_their_models_only_where_they_should(name):
-    """Each efficiency comparison changes only the paper's switch: the Config fields, and the
-    parameters those fields add or remove; every other parameter has the same name and shape."""
-    fields = {"smca": {"spatial_prior", "multiscale"}, "sparse_detr": {"sparse_encoder", "rho"},
-              "lite_detr": {"enc_scale", "num_blocks", "kda_encoder", "low_ffn"},
-              "focus_detr": {"foreground_selection"}}[name]
-    params = {"smca": r"decoder\.\d+\.(center_mlp|norm4|offset_proj|scale_proj)\..*",
-              "sparse_detr": r"scoring\..*|(class|bbox)_embed\.\d+\..*",  # the scorer, the encoder-aux heads
-              "lite_detr": r"encoder\.\d+\.(self_attn\.(query_proj|attention_weights)|linear12|linear22|norm22)\..*",
-              "focus_detr": r"selector\..*|encoder\.\d+\.oesm_(attn|norm)\..*"}[name]
-    module = importlib.import_module(name)
-    tiny = {"smca": tiny_smca, "sparse_detr": tiny_sparse, "lite_detr": tiny_lite, "focus_detr": tiny_focus}[name]
-    suite = bench.SUITES[name]
-    base_cfg = bench.make_config(module, suite.baseline.overrides)
-    base = {k: p.shape for k, p in module.build(bench.make_config(module, suite.baseline.overrides, tiny()))[0]
-            .state_dict().items()}
-    for v in suite.variants:
-        cfg = bench.make_config(module, v.overrides)
-        changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(base_cfg, f.name)}
-        assert changed and changed <= fields, (v.label, changed)
-        if "multiscale" in changed:  # another encoder and input projections: the SMCA tests cover it
-            continue
-        ours = {k: p.shape for k, p in module.build(bench.make_config(module, v.overrides, tiny()))[0]
-                .state_dict().items()}
-        differing = (ours.keys() ^ base.keys()) | {k for k in ours.keys() & base.keys() if ours[k] != base[k]}
-        assert differing, v.label
-        assert all(re.fullmatch(params, k) for k in differing), (v.label, sorted(differing))
-
-
-def test_bench_rejects_bad_flags(tiny_shapes):
-    with pytest.raises(ValueError, match=r"--images 99: .*instances_val.json has only 3 images"):
-        bench.main(["--data", tiny_shapes, "--images", "99"])
-    images = bench._val_images(tiny_shapes, 2, "cpu")  # val transforms: short side 800
-    assert len(images) == 2 and all(min(im.shape[1:]) == 800 or max(im.shape[1:]) in (1332, 1333) for im in images)
-    with pytest.raises(ValueError, match="--size must be at least 64"):
-        bench.main(["--size", "32", "32"])
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA device"):
-            bench.main(["--device", "cuda"])
-    with pytest.raises(ValueError, match="--threads must be positive"):
-        bench.main(["--threads", "0"])
-    with pytest.raises(ValueError, match="is not a folder"):
-        bench.main(["--data", "/nowhere/coco"])
-    with pytest.raises(SystemExit):
-        bench.main(["--model", "detr9000"])
-
-
 # ---------------------------------------------------------------------------------------------
-# Focus-DETR
+# focus_detr.py
 # ---------------------------------------------------------------------------------------------
-
 
 def tiny_focus(**kw):
     base = dict(backbone_depth=18, backbone_norm="bn", hidden_dim=32, nheads=4, dec_layers=2, dim_feedforward=64,
                 num_queries=10, num_classes=21, num_select=20, num_fine_tokens=8, dn_number=6)
     base.update(kw)
     return focus_detr.Config(**base)
+
+
+def box_ops_xyxy(b):
+    return common.box_cxcywh_to_xyxy(b)
 
 
 def test_focus_detr_parameter_counts_follow_the_official_model():
@@ -1333,7 +1273,7 @@ def test_focus_detr_parameter_counts_follow_the_official_model():
     assert count(focus_detr.build(focus_detr.Config())[0], True) == 49_330_512 - layer1 + 7 * 11 * 257 + 11 * 256
 
 
-def test_foreground_labels_on_constructed_boxes():
+def test_focus_detr_foreground_labels_on_constructed_boxes():
     """FCOS assignment: centre strictly inside, largest edge distance in the level's (lo, hi]."""
     shapes_ = [(32, 32), (16, 16), (8, 8), (4, 4)]  # a 256 x 256 input, strides 8..64
     wh = torch.tensor([[256.0, 256.0]])
@@ -1369,7 +1309,7 @@ def test_foreground_labels_on_constructed_boxes():
     assert overlap.sum() > lab.sum()  # overlapping ranges label a token on two levels
 
 
-def test_top_down_modulation_on_a_constructed_case():
+def test_focus_detr_top_down_modulation_on_a_constructed_case():
     """S_l = MLP_F(T_l (1 + alpha Up(S_{l+1}))) with the coarse score upsampled bilinearly (align_corners)."""
     torch.manual_seed(0)
     sel = focus_detr.ForegroundTokenSelector(8, 2).double()
@@ -1390,7 +1330,7 @@ def test_top_down_modulation_on_a_constructed_case():
     assert torch.allclose(sel(feats, masks)[:, :16], sel.scorer(feats[:, :16], masks[0].flatten(1)))
 
 
-def test_cascade_counts_and_nested_sets_with_mixed_image_sizes():
+def test_focus_detr_cascade_counts_and_nested_sets_with_mixed_image_sizes():
     pad = torch.zeros(2, 1000, dtype=torch.bool)
     pad[1, 400:] = True  # image 1 has 400 valid tokens
     ratios = (1.0, 0.8, 0.6, 0.6, 0.4, 0.2)
@@ -1463,7 +1403,7 @@ def test_focus_detr_selector_learns_only_from_its_focal_loss_and_dn_is_training_
     assert post(out, torch.tensor([[100, 120], [80, 90]]))[0]["boxes"].shape == (20, 4)
 
 
-def test_denoising_queries_and_mask():
+def test_focus_detr_denoising_queries_and_mask():
     torch.manual_seed(0)
     label_enc = torch.nn.Embedding(5, 8)
     targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.3, 0.3, 0.1, 0.1]])},
@@ -1488,10 +1428,6 @@ def test_denoising_queries_and_mask():
     assert not mask[:4, :4].any() and mask[:4, 4:8].all() and mask[4:8, :4].all()
     assert focus_detr.prepare_denoising([{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}],
                                         5, 0.5, 1.0, 5, label_enc, 3) is None
-
-
-def box_ops_xyxy(b):
-    return common.box_cxcywh_to_xyxy(b)
 
 
 def test_focus_detr_fewer_kept_tokens_than_fine_grained_and_dense_base():
@@ -1527,21 +1463,26 @@ def test_focus_detr_switches_build_and_train(kw):
     assert all(torch.isfinite(v) for v in losses.values())
 
 
-def test_lite_detr_named_configs_run_through_the_shared_interface():
+def test_focus_detr_explain_returns_the_nested_cascade_and_its_fine_tokens():
+    """explain=True adds each encoder layer's kept tokens and fine-grained tokens: the kept sets are
+    nested (Sec. 3.2) with k_l members, the fine-grained ones are min(num_fine_tokens, k_l) of them."""
     torch.manual_seed(0)
-    for name in lite_detr.NAMED:
-        model, criterion, post = lite_detr.build(tiny_lite(**lite_detr.NAMED[name]))
-        model.eval()
-        with torch.no_grad():
-            out = model(torch.randn(1, 3, 96, 128), torch.zeros(1, 96, 128, dtype=torch.bool))
-        assert out["pred_logits"].shape == (1, 10, 21) and len(post(out, torch.tensor([[96, 128]]))[0]["scores"]) == 20
-
-
-def test_set_parses_tuples_and_rejects_bad_ones():
-    cfg = train.apply_overrides(focus_detr.Config(), ["cascade_ratios=1,0.5,0.5,0.5,0.25,0.25"])
-    assert cfg.cascade_ratios == (1.0, 0.5, 0.5, 0.5, 0.25, 0.25)
-    with pytest.raises(ValueError, match="expected a tuple"):
-        train.apply_overrides(focus_detr.Config(), ["cascade_ratios=1,half"])
+    model, _, _ = focus_detr.build(tiny_focus())
+    images, pad_mask = torch.randn(2, 3, 128, 160), torch.zeros(2, 128, 160, dtype=torch.bool)
+    pad_mask[1, 64:, 96:] = True
+    with torch.no_grad():
+        out = model.eval()(images, pad_mask, explain=True)
+    keep, kept, fine = out["token_nums"], out["kept_tokens"], out["fine_tokens"]
+    assert len(kept) == len(fine) == len(model.encoder)
+    for b in range(2):
+        previous = None
+        for lid in range(len(kept)):
+            ids = {i for i in kept[lid][b].tolist() if i >= 0}
+            fine_ids = {i for i in fine[lid][b].tolist() if i >= 0}
+            assert len(ids) == keep[lid, b] and not out["token_pad_mask"][b, list(ids)].any()
+            assert fine_ids <= ids and len(fine_ids) == min(model.cfg.num_fine_tokens, int(keep[lid, b]))
+            assert previous is None or ids <= previous
+            previous = ids
 
 
 def test_focus_detr_config_errors():
@@ -1595,6 +1536,36 @@ def test_train_resume_matches_uninterrupted_run(tiny_shapes, tmp_path):
         train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "3", "--resume", "auto") + ["hidden_dim=64"])
 
 
+def test_train_loader_augments_from_the_datasets_own_random_stream(tiny_shapes):
+    """make_loader reseeds the dataset's augmentation stream, never the global `random`: the same
+    (seed, epoch, rank) gives the same batches, and the caller's random state is left alone."""
+    ds = datalib.CocoDetection(*datalib.find_split(tiny_shapes, "train"),
+                               datalib.make_transforms("train", **datalib.SHAPES_SCALES))
+
+    def boxes():
+        return [t["boxes"] for _, _, targets in train.make_loader(ds, 2, True, 0, 1, 0, 1, 0) for t in targets]
+    random.seed(123)
+    state = random.getstate()
+    first = boxes()
+    assert random.getstate() == state
+    assert all(torch.equal(a, b) for a, b in zip(first, boxes()))
+
+
+def test_train_reads_backbone_weights_from_its_own_checkpoints(tmp_path):
+    """--backbone-weights may name a train.py checkpoint (numpy RNG states inside): train.py reads it,
+    common.load_backbone_weights only ever unpickles plain tensors."""
+    model, _, _ = smca.build(tiny_smca())
+    torch.nn.init.normal_(model.backbone.body.layer2[0].conv1.weight)
+    torch.save({"model": model.state_dict(), "rng": {"numpy": np.random.get_state()}}, tmp_path / "ckpt.pth")
+    fresh = common.Backbone(18, "bn")
+    common.load_backbone_weights(fresh, train.backbone_weights(str(tmp_path / "ckpt.pth")))
+    assert torch.equal(fresh.body.layer2[0].conv1.weight, model.backbone.body.layer2[0].conv1.weight)
+    with pytest.raises(ValueError, match="not a readable torch state dict"):
+        common.load_backbone_weights(fresh, str(tmp_path / "ckpt.pth"))
+    with pytest.raises(ValueError, match="no such file"):
+        train.backbone_weights(str(tmp_path / "absent.pth"))
+
+
 def test_train_stops_on_non_finite_loss(tiny_shapes, tmp_path, monkeypatch):
     real_build = smca.build
 
@@ -1619,7 +1590,7 @@ def test_train_stops_on_non_finite_loss(tiny_shapes, tmp_path, monkeypatch):
     assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
-def test_finetune_skips_and_lists_what_does_not_fit(tmp_path):
+def test_train_finetune_skips_and_lists_what_does_not_fit(tmp_path):
     source, _, _ = smca.build(tiny_smca(num_classes=21))
     torch.save({"model": source.state_dict()}, tmp_path / "ckpt.pth")
     target, _, _ = smca.build(tiny_smca(num_classes=7))
@@ -1651,6 +1622,13 @@ def test_train_rejects_bad_flags(tiny_shapes, tmp_path):
         train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--lr", "0"))
 
 
+def test_train_set_parses_tuples_and_rejects_bad_ones():
+    cfg = train.apply_overrides(focus_detr.Config(), ["cascade_ratios=1,0.5,0.5,0.5,0.25,0.25"])
+    assert cfg.cascade_ratios == (1.0, 0.5, 0.5, 0.5, 0.25, 0.25)
+    with pytest.raises(ValueError, match="expected a tuple"):
+        train.apply_overrides(focus_detr.Config(), ["cascade_ratios=1,half"])
+
+
 def test_train_lr_backbone_zero_freezes_the_backbone(tiny_shapes, tmp_path):
     """DETR's convention: --lr-backbone 0 trains no backbone parameter; the rest trains, and steps are counted."""
     train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--lr-backbone", "0"))
@@ -1679,6 +1657,170 @@ def test_train_time_budget_stops_saves_and_evaluates(tiny_shapes, tmp_path):
     train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "3", "--time-budget", "1e-7", "--resume", "auto"))
     assert len(_train_losses(tmp_path / "b")) == 1  # the budget is spent: nothing more trained
 
+
+def test_train_ddp_two_processes(tiny_shapes, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "train.py"), *_train_args(tiny_shapes, out, "--epochs", "1", "--batch-size", "2")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    records = [json.loads(line) for line in open(out / "log.jsonl")]
+    assert sum(r["type"] == "train" for r in records) == 2  # 8 images / 2 ranks / batch 2
+    assert any(r["type"] == "eval" for r in records)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.py
+# ---------------------------------------------------------------------------------------------
+
+def _bench_tiny(name, cfg, *flags, h=64, w=96):
+    """bench.py's records for one suite applied to a tiny Config, on an h x w random image."""
+    args = bench.parse_args(["--size", str(h), str(w), "--repeats", "1", *flags])
+    args.size_label = f"{h}x{w}"
+    return bench.bench_model(name, args, [torch.randn(3, h, w)], config=cfg)
+
+
+def test_bench_counts_grid_sample_as_four_macs_per_sampled_value():
+    v, grid = torch.randn(2, 3, 5, 7), torch.rand(2, 4, 6, 2) * 2 - 1
+    total, _ = bench.count_gmacs(lambda: F.grid_sample(v, grid, align_corners=False))
+    assert total * 1e9 == pytest.approx(4 * 2 * 3 * 4 * 6)  # one multiply-add per bilinear corner per output value
+    B, Q, H, D, P, shapes = 2, 5, 4, 8, 3, [(6, 8), (3, 4)]
+    value = torch.randn(B, sum(h * w for h, w in shapes), H, D)
+    loc, weights = torch.rand(B, Q, H, len(shapes), P, 2), torch.rand(B, Q, H, len(shapes), P)
+    total, _ = bench.count_gmacs(lambda: common.ms_deform_attn(value, shapes, loc, weights))
+    assert total * 1e9 == pytest.approx(4 * B * Q * H * D * len(shapes) * P)  # the weighted sum is elementwise (not counted)
+    # nn.MultiheadAttention: projections and both attention products, on the CPU kernel and the fused
+    # inference path (query is key is value) alike
+    mha, E, Lq, Lk = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval(), 16, 5, 7
+    for p in mha.parameters():
+        p.requires_grad_(False)
+    q, kv = torch.randn(B, Lq, E), torch.randn(B, Lk, E)
+    with torch.no_grad():
+        total, _ = bench.count_gmacs(lambda: mha(q, kv, kv + 1, need_weights=False))
+        assert total * 1e9 == pytest.approx(B * (2 * Lq * E * E + 2 * Lk * E * E + 2 * Lq * Lk * E))
+        total, _ = bench.count_gmacs(lambda: mha(kv, kv, kv, need_weights=False))
+        assert total * 1e9 == pytest.approx(B * (4 * Lk * E * E + 2 * Lk * Lk * E))
+
+
+@pytest.mark.parametrize("name", list(bench.SUITES))
+def test_bench_baselines_differ_from_their_models_only_where_they_should(name):
+    """Each efficiency comparison changes only the paper's switch: the Config fields, and the
+    parameters those fields add or remove; every other parameter has the same name and shape."""
+    fields = {"smca": {"spatial_prior", "multiscale"}, "sparse_detr": {"sparse_encoder", "rho"},
+              "lite_detr": {"enc_scale", "num_blocks", "kda_encoder", "low_ffn"},
+              "focus_detr": {"foreground_selection"}}[name]
+    params = {"smca": r"decoder\.\d+\.(center_mlp|norm4|offset_proj|scale_proj)\..*",
+              "sparse_detr": r"scoring\..*|(class|bbox)_embed\.\d+\..*",  # the scorer, the encoder-aux heads
+              "lite_detr": r"encoder\.\d+\.(self_attn\.(query_proj|attention_weights)|linear12|linear22|norm22)\..*",
+              "focus_detr": r"selector\..*|encoder\.\d+\.oesm_(attn|norm)\..*"}[name]
+    module = importlib.import_module(name)
+    tiny = {"smca": tiny_smca, "sparse_detr": tiny_sparse, "lite_detr": tiny_lite, "focus_detr": tiny_focus}[name]
+    suite = bench.SUITES[name]
+    base_cfg = bench.make_config(module, suite.baseline.overrides)
+    base = {k: p.shape for k, p in module.build(bench.make_config(module, suite.baseline.overrides, tiny()))[0]
+            .state_dict().items()}
+    for v in suite.variants:
+        cfg = bench.make_config(module, v.overrides)
+        changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(base_cfg, f.name)}
+        assert changed and changed <= fields, (v.label, changed)
+        if "multiscale" in changed:  # another encoder and input projections: the SMCA tests cover it
+            continue
+        ours = {k: p.shape for k, p in module.build(bench.make_config(module, v.overrides, tiny()))[0]
+                .state_dict().items()}
+        differing = (ours.keys() ^ base.keys()) | {k for k in ours.keys() & base.keys() if ours[k] != base[k]}
+        assert differing, v.label
+        assert all(re.fullmatch(params, k) for k in differing), (v.label, sorted(differing))
+
+
+def test_bench_lite_detr_encoder_macs_follow_the_token_updates():
+    """bench.py's count: all-token layers cost the dense layer's per-query part, high-level layers
+    that part x |F_H| / N, and every layer pays the value projection over all N tokens."""
+    cfg = tiny_lite()
+    by_label = {r["label"]: r for r in _bench_tiny("lite_detr", cfg)}
+    # 64 x 96: levels 8x12, 4x6, 2x3, 1x2 -> N = 128 tokens; F_H = the coarsest 3 (32) or 2 (8) levels.
+    # Per layer and query token (d model, F FFN, H heads, L levels, P points): offsets d*2HLP + output
+    # d*d + FFN 2dF + grid_sample 4dLP (+ dense: attention weights d*HLP; + KDA: query d*d and the q.k,
+    # w.v matmuls 2dLP); the value projection d*d per token per layer. The weighted sum is elementwise.
+    d, F_, H, L, P, n = cfg.hidden_dim, cfg.dim_feedforward, cfg.nheads, 4, cfg.enc_n_points, 128
+    per_q_dense = d * 2 * H * L * P + d * d + 2 * d * F_ + 4 * d * L * P + d * H * L * P
+    per_q_kda = d * 2 * H * L * P + d * d + 2 * d * F_ + 4 * d * L * P + d * d + 2 * d * L * P
+    small = 2 * d * d - 2 * d * F_  # F_L's small FFN in the all-token layer instead of the normal one
+    dense_enc = cfg.enc_layers * n * (per_q_dense + d * d)
+    for name, n_high, blocks in (("H3L1-(2+1)x3", 32, 3), ("H3L1-(3+1)x2", 32, 2), ("H3L1-(6+1)x1", 32, 1),
+                                 ("H2L2-(2+1)x3", 8, 3)):
+        lite, no_ffn = by_label[name], by_label[f"{name}, F_L without FFN"]
+        assert lite["baseline_encoder_gmacs"] * 1e9 == pytest.approx(dense_enc, rel=1e-6)
+        want = (6 * n * d * d + (6 - blocks) * n_high * per_q_kda + blocks * n * per_q_kda
+                + blocks * (n - n_high) * small)
+        assert lite["encoder_gmacs"] * 1e9 == pytest.approx(want, rel=1e-6), name
+        assert no_ffn["encoder_gmacs"] * 1e9 == pytest.approx(want - blocks * (n - n_high) * 2 * d * d, rel=1e-6)
+        assert 0 < lite["encoder_ms"] <= lite["ms"] and no_ffn["ms"] is None  # counted, not timed
+
+
+def test_bench_smca_costs_what_detr_costs_plus_the_prior_heads():
+    """Single-scale SMCA adds only the prior's small heads to DETR: same encoder, nearly the same total."""
+    cfg = tiny_smca()
+    single, multi = _bench_tiny("smca", cfg)
+    assert single["encoder_gmacs"] == pytest.approx(single["baseline_encoder_gmacs"], rel=1e-9)
+    assert 1 < single["gmacs"] / single["baseline_gmacs"] < 1.02
+    assert multi["encoder_gmacs"] > single["encoder_gmacs"] and 0 < multi["encoder_ms"] <= multi["ms"]
+
+
+def test_bench_sparse_detr_encoder_macs_follow_rho():
+    """bench.py's count: the sparse encoder's multiply-adds are the per-query part on the S = int(N rho) + 1
+    selected tokens plus the value projection on all N (the paper's slope: ratio 0.087 + 0.913 rho at d 256,
+    FFN 1024, 4 x 4 points; here a tiny config); the records carry every field --json promises."""
+    cfg = tiny_sparse(enc_layers=2)
+    records = _bench_tiny("sparse_detr", cfg)
+    d, F_, H, L, P, n = cfg.hidden_dim, cfg.dim_feedforward, cfg.nheads, 4, cfg.enc_n_points, 128  # 8x12 + 4x6 + 2x3 + 1x2
+    per_q = d * 2 * H * L * P + d * H * L * P + d * d + 2 * d * F_ + 4 * d * L * P  # offsets, weights, output, FFN, grid
+    assert [r["label"] for r in records] == ["rho 0.1", "rho 0.2", "rho 0.3", "rho 0.5"]
+    for r in records:
+        assert set(r) >= {"model", "config", "params", "gmacs", "encoder_gmacs", "baseline_gmacs",
+                          "baseline_encoder_gmacs", "ms", "baseline_ms", "device", "size"}
+        s_ = int(n * r["config"]["rho"]) + 1
+        assert r["encoder_gmacs"] * 1e9 == pytest.approx(2 * (s_ * per_q + n * d * d), rel=1e-6)
+        assert r["baseline_encoder_gmacs"] * 1e9 == pytest.approx(2 * n * (per_q + d * d), rel=1e-6)
+        assert r["params"] > r["baseline_params"]  # the scorer and the encoder-aux heads
+        assert r["device"] == "cpu" and r["size"] == "64x96" and 0 < r["encoder_ms"] <= r["ms"]
+    # the same count at the paper's widths (d 256, FFN 1024, 4 levels x 4 points), per token
+    d, n, s_ = 256, 20000, 2001
+    per_q = 65536 + 32768 + 65536 + 524288 + 4 * 256 * 16  # sampling offsets, weights, output, FFN, grid_sample
+    assert (s_ * per_q + n * d * d) / (n * (per_q + d * d)) == pytest.approx(0.087 + 0.913 * 0.1, abs=0.003)
+
+
+def test_bench_focus_detr_under_bf16_autocast_counts_the_same_work():
+    cfg = tiny_focus()
+    fp32, bf16 = _bench_tiny("focus_detr", cfg)[0], _bench_tiny("focus_detr", cfg, "--amp", "bf16")[0]
+    assert bf16["amp"] == "bf16" and bf16["ms"] > 0
+    for key in ("gmacs", "encoder_gmacs", "baseline_gmacs", "baseline_encoder_gmacs"):
+        assert bf16[key] == pytest.approx(fp32[key], rel=1e-6), key
+    assert 0 < fp32["encoder_gmacs"] < fp32["baseline_encoder_gmacs"] < fp32["baseline_gmacs"]
+
+
+def test_bench_rejects_bad_flags(tiny_shapes):
+    with pytest.raises(ValueError, match=r"--images 99: .*instances_val.json has only 3 images"):
+        bench.main(["--data", tiny_shapes, "--images", "99"])
+    images = bench._val_images(tiny_shapes, 2, "cpu")  # val transforms: short side 800
+    assert len(images) == 2 and all(min(im.shape[1:]) == 800 or max(im.shape[1:]) in (1332, 1333) for im in images)
+    with pytest.raises(ValueError, match="--size must be at least 64"):
+        bench.main(["--size", "32", "32"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            bench.main(["--device", "cuda"])
+    with pytest.raises(ValueError, match="--threads must be positive"):
+        bench.main(["--threads", "0"])
+    with pytest.raises(ValueError, match="is not a folder"):
+        bench.main(["--data", "/nowhere/coco"])
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "detr9000"])
+
+
+# ---------------------------------------------------------------------------------------------
+# experiments.py
+# ---------------------------------------------------------------------------------------------
 
 def test_experiments_leaderboard_trains_each_model_once_and_tables_them(tiny_shapes, tmp_path, monkeypatch):
     monkeypatch.setattr(experiments, "LEADERBOARD", [("DETR tiny", "smca", ["--set", "spatial_prior=false"]),
@@ -1710,19 +1852,6 @@ def test_experiments_converge_probe_reads_a_checkpoint_and_refuses_others(tiny_s
         experiments.probe(str(tmp_path / "other.pth"), tiny_shapes, n=3)
 
 
-def test_train_ddp_two_processes(tiny_shapes, tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "train.py"), *_train_args(tiny_shapes, out, "--epochs", "1", "--batch-size", "2")]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 process(es)" in proc.stdout
-    records = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert sum(r["type"] == "train" for r in records) == 2  # 8 images / 2 ranks / batch 2
-    assert any(r["type"] == "eval" for r in records)
-
-
 def test_experiments_converge_table_from_logs_and_skips_finished_runs(tmp_path, monkeypatch):
     """experiments.py converge reads each run's eval records (the last one of an epoch wins), does not retrain a
     run whose last epoch is already evaluated, and counts the steps DETR needed to reach SMCA's AP."""
@@ -1744,26 +1873,3 @@ def test_experiments_converge_table_from_logs_and_skips_finished_runs(tmp_path, 
     experiments.main(["converge", "--epochs", "2", "--out", str(tmp_path), "--multiscale"])
     rows = (tmp_path / "table.md").read_text().splitlines()
     assert rows[-3] == "| 2 | 2.0 / 4.0 | 4.0 / 8.0 | 6.0 / 12.0 |"
-
-
-def test_bench_sparse_encoder_macs_follow_rho():
-    """bench.py's count: the sparse encoder's multiply-adds are the per-query part on the S = int(N rho) + 1
-    selected tokens plus the value projection on all N (the paper's slope: ratio 0.087 + 0.913 rho at d 256,
-    FFN 1024, 4 x 4 points; here a tiny config); the records carry every field --json promises."""
-    cfg = tiny_sparse(enc_layers=2)
-    records = _bench_tiny("sparse_detr", cfg)
-    d, F_, H, L, P, n = cfg.hidden_dim, cfg.dim_feedforward, cfg.nheads, 4, cfg.enc_n_points, 128  # 8x12 + 4x6 + 2x3 + 1x2
-    per_q = d * 2 * H * L * P + d * H * L * P + d * d + 2 * d * F_ + 4 * d * L * P  # offsets, weights, output, FFN, grid
-    assert [r["label"] for r in records] == ["rho 0.1", "rho 0.2", "rho 0.3", "rho 0.5"]
-    for r in records:
-        assert set(r) >= {"model", "config", "params", "gmacs", "encoder_gmacs", "baseline_gmacs",
-                          "baseline_encoder_gmacs", "ms", "baseline_ms", "device", "size"}
-        s_ = int(n * r["config"]["rho"]) + 1
-        assert r["encoder_gmacs"] * 1e9 == pytest.approx(2 * (s_ * per_q + n * d * d), rel=1e-6)
-        assert r["baseline_encoder_gmacs"] * 1e9 == pytest.approx(2 * n * (per_q + d * d), rel=1e-6)
-        assert r["params"] > r["baseline_params"]  # the scorer and the encoder-aux heads
-        assert r["device"] == "cpu" and r["size"] == "64x96" and 0 < r["encoder_ms"] <= r["ms"]
-    # the same count at the paper's widths (d 256, FFN 1024, 4 levels x 4 points), per token
-    d, n, s_ = 256, 20000, 2001
-    per_q = 65536 + 32768 + 65536 + 524288 + 4 * 256 * 16  # sampling offsets, weights, output, FFN, grid_sample
-    assert (s_ * per_q + n * d * d) / (n * (per_q + d * d)) == pytest.approx(0.087 + 0.913 * 0.1, abs=0.003)
