@@ -199,11 +199,15 @@ class DualAttentionEncoderLayer(DeformableEncoderLayer):
     tokens attend to each other (OESM), then all of the layer's foreground tokens run deformable
     attention into `value`, then the FFN. Without OESM it is the Deformable DETR layer."""
 
-    def __init__(self, d, ffn, dropout, n_heads, self_attn, oesm=True):
-        super().__init__(d, ffn, dropout, self_attn)
+    def __init__(self, d, ffn, dropout, n_levels, n_heads, n_points, oesm=True):
+        nn.Module.__init__(self)  # the parent's modules, built here after OESM's (OFF's order: the same init per seed)
         if oesm:
             self.oesm_attn = nn.MultiheadAttention(d, n_heads, dropout=dropout, batch_first=True)
             self.oesm_norm = nn.LayerNorm(d)
+        self.self_attn = MSDeformAttn(d, n_levels, n_heads, n_points)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, tgt, pos, reference_points, value, spatial_shapes, pad_mask, fine_idx=None, fine_pad=None):
         """tgt, pos (B, S, C) the layer's foreground tokens; value (B, N, C); fine_idx (B, J) rows of
@@ -305,8 +309,7 @@ class FocusDETR(nn.Module):
         self.selector = (ForegroundTokenSelector(d, L, cfg.scorer_mean_over_padding, cfg.upsample_over_padding)
                          if focus else None)
         self.encoder = nn.ModuleList(
-            DualAttentionEncoderLayer(d, cfg.dim_feedforward, cfg.dropout, cfg.nheads,
-                                      MSDeformAttn(d, L, cfg.nheads, cfg.enc_n_points), oesm=focus)
+            DualAttentionEncoderLayer(d, cfg.dim_feedforward, cfg.dropout, L, cfg.nheads, cfg.enc_n_points, oesm=focus)
             for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(
             DeformableDecoderLayer(d, cfg.dim_feedforward, cfg.dropout, cfg.nheads,

@@ -78,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="stop training after this many minutes of training (summed over resumes; checked every "
-                        "iteration), then save and evaluate. bench.py --leaderboard gives every model the same one")
+                        "iteration), then save and evaluate. experiments.py leaderboard gives every model the same one")
     p.add_argument("--backbone-weights", default=None,
                    help="torchvision-format ResNet .pth, 'imagenet' (download), 'shapes' (the ResNet pretrain.py "
                         "pretrains on the shapes set, trained on first use) or 'none' (from scratch). Default: "
