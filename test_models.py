@@ -22,6 +22,7 @@ from PIL import Image
 import bench
 import common
 import data as datalib
+import detect
 import experiments
 import focus_detr
 import lite_detr
@@ -694,7 +695,7 @@ def test_smca_gaussian_map_peaks_at_the_predicted_centre():
 
 
 def test_smca_prior_picture_draws_the_map_over_the_image(tmp_path):
-    """The query's Gaussian, written over its image: red where the prior is, the box in green."""
+    """The query's Gaussian, written over its image: warm (red to yellow) where the prior is, the box in green."""
     model, _, _ = smca.build(tiny_smca())
     model.eval()
     image = torch.zeros(3, 96, 128)  # the ImageNet mean: mid grey once de-normalised
@@ -707,7 +708,7 @@ def test_smca_prior_picture_draws_the_map_over_the_image(tmp_path):
     assert png.shape == (96, 128, 3)
     (r, c), (r0, c0) = divmod(int(heat.argmax()), 4), divmod(int(heat.argmin()), 4)
     hot, cold = png[32 * r + 16, 32 * c + 16], png[32 * r0 + 16, 32 * c0 + 16]  # cell centres
-    assert hot[0] - hot[1] > cold[0] - cold[1] + 20  # redder where the prior is high
+    assert hot[0] - hot[2] > cold[0] - cold[2] + 20  # warmer where the prior is high
     assert tuple(png[4, 20]) == (0, 255, 0)  # the box outline
     with pytest.raises(ValueError, match="does not cover"):
         visualize.save_heatmap_png(image, heat, path, cell=16)
@@ -1036,6 +1037,23 @@ def test_sparse_detr_explain_returns_the_dam_its_loss_is_made_of():
                                                                  out["dec_attention_weights"], out["spatial_shapes"]))
     layers, Q, H = out["dec_attention_weights"].shape[1:4]
     assert (dam.sum(1) <= layers * Q * H + 1e-4).all() and (dam.sum(1) > 0.5 * layers * Q * H).all()
+
+
+def test_sparse_detr_selected_tokens_are_exactly_the_ones_the_encoder_updates():
+    """What detect.py --explain outlines (topk_inds[:n_b]) is what the encoder changed: every other
+    token leaves the encoder as it entered it."""
+    torch.manual_seed(0)
+    model, _, _ = sparse_detr.build(tiny_sparse())
+    model.double().eval()
+    pairs = [_alone_and_padded(torch.randn(1, c, h, w, dtype=torch.float64), 2 * h, 2 * w)
+             for c, h, w in [(128, 8, 12), (256, 4, 6), (512, 2, 3)]]
+    feats = [p[1] for p in pairs]
+    with torch.no_grad():
+        src = common.input_tokens(model.input_proj, model.level_embed, feats)[0]
+        memory, _, out = model.encode(feats)
+    for b in range(2):
+        changed = set((memory[b] != src[b]).any(-1).nonzero()[:, 0].tolist())
+        assert changed == set(out["topk_inds"][b, :out["sparse_token_nums"][b]].tolist())
 
 
 def test_sparse_detr_config_errors():
@@ -1494,6 +1512,119 @@ def test_focus_detr_config_errors():
 
 
 # ---------------------------------------------------------------------------------------------
+# detect.py and visualize.py
+# ---------------------------------------------------------------------------------------------
+
+def _tiny_checkpoint(path, data, name="smca", **kw):
+    """A checkpoint as train.py writes it (model, config, args, categories), of a tiny random model."""
+    module = importlib.import_module(name)
+    tiny = {"smca": tiny_smca, "sparse_detr": tiny_sparse, "lite_detr": tiny_lite, "focus_detr": tiny_focus}[name]
+    torch.manual_seed(0)
+    model = module.build(tiny(**kw))[0]
+    torch.nn.init.constant_(model.class_embed.bias if name == "smca" else model.class_embed[-2].bias, 2.0)  # confident
+    cats = {c["id"]: c["name"] for c in json.load(open(os.path.join(data, "annotations", "instances_val.json")))["categories"]}
+    torch.save({"model": model.state_dict(), "model_name": name, "config": dataclasses.asdict(model.cfg),
+                "args": {"data": data, "scales": "shapes"}, "categories": cats}, path)
+    return cats
+
+
+def test_detect_on_a_file_a_folder_and_a_glob_writes_pictures_and_coco_results(tiny_shapes, tmp_path):
+    from pycocotools.coco import COCO
+    ckpt = tmp_path / "ckpt.pth"
+    cats = _tiny_checkpoint(ckpt, tiny_shapes)
+    folder = tmp_path / "photos"
+    os.makedirs(folder)
+    val = os.path.join(tiny_shapes, "val")
+    for f in sorted(os.listdir(val)):
+        Image.open(os.path.join(val, f)).save(folder / f.replace(".jpg", ".png"))
+    (folder / "notes.txt").write_text("not an image")
+    before = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
+    for source, n_images in [(str(folder / "000000.png"), 1), (str(folder), 3), (str(folder / "*.png"), 3)]:
+        out = tmp_path / f"out{n_images}{len(source)}"
+        summary = detect.main(["--checkpoint", str(ckpt), "--source", source, "--out", str(out), "--threshold", "0.05"])
+        assert summary["images"] == n_images and len(summary["skipped"]) == (1 if source == str(folder) else 0)
+        files = detect.source_files(source)
+        images = [f for f in files if f.endswith(".png")]
+        gt = {"images": [{"id": i + 1, "file_name": f, **dict(zip(("width", "height"), Image.open(f).size))}
+                         for i, f in enumerate(images)],
+              "annotations": [], "categories": [{"id": k, "name": v} for k, v in cats.items()]}
+        coco = COCO()
+        coco.dataset = gt
+        coco.createIndex()
+        results = json.load(open(out / "detections.json"))
+        assert results and summary["detections"] == len(results)
+        dt = coco.loadRes(str(out / "detections.json"))  # the COCO results format, ids of the given images
+        for r in dt.dataset["annotations"]:
+            w, h = Image.open(images[r["image_id"] - 1]).size
+            x, y, bw, bh = r["bbox"]
+            assert 0 <= x and 0 <= y and x + bw <= w + 0.01 and y + bh <= h + 0.01 and r["score"] >= 0.05
+            assert r["category_id"] in cats and r["file_name"] == images[r["image_id"] - 1]
+        first = results[0]
+        original = np.asarray(Image.open(images[first["image_id"] - 1]).convert("RGB")).astype(int)
+        drawn = np.asarray(Image.open(out / os.path.basename(images[first["image_id"] - 1]))).astype(int)
+        assert drawn.shape == original.shape
+        x, y, bw, bh = [int(round(v)) for v in first["bbox"]]
+        edge = drawn[min(y, original.shape[0] - 1), x:x + max(bw, 1)]  # the box's top edge
+        assert (edge != original[min(y, original.shape[0] - 1), x:x + max(bw, 1)]).any()
+    assert {f: (folder / f).read_bytes() for f in os.listdir(folder)} == before  # the source is untouched
+
+
+def test_detect_refuses_bad_inputs_and_never_overwrites(tiny_shapes, tmp_path):
+    ckpt = tmp_path / "ckpt.pth"
+    _tiny_checkpoint(ckpt, tiny_shapes)
+    val = os.path.join(tiny_shapes, "val")
+    with pytest.raises(ValueError, match="does not exist"):
+        detect.main(["--checkpoint", str(tmp_path / "absent.pth"), "--source", val])
+    torch.save({"model": {}, "epoch": 3}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a checkpoint of a model of this library"):
+        detect.main(["--checkpoint", str(tmp_path / "other.pth"), "--source", val, "--out", str(tmp_path / "o1")])
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ValueError, match="no files"):
+        detect.main(["--checkpoint", str(ckpt), "--source", str(tmp_path / "empty")])
+    with pytest.raises(ValueError, match="no such file or folder"):
+        detect.main(["--checkpoint", str(ckpt), "--source", str(tmp_path / "nowhere")])
+    with pytest.raises(ValueError, match="no files"):
+        detect.main(["--checkpoint", str(ckpt), "--source", str(tmp_path / "*.jpeg")])
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match="none of the 1 source files is a readable image"):
+        detect.main(["--checkpoint", str(ckpt), "--source", str(tmp_path / "text"), "--out", str(tmp_path / "o2")])
+    with pytest.raises(ValueError, match="inside the source folder"):
+        detect.main(["--checkpoint", str(ckpt), "--source", val, "--out", os.path.join(val, "out")])
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "detections.json").write_text("[]")
+    with pytest.raises(ValueError, match="not empty; nothing is overwritten"):
+        detect.main(["--checkpoint", str(ckpt), "--source", val, "--out", str(tmp_path / "used")])
+    assert (tmp_path / "used" / "detections.json").read_text() == "[]"
+    with pytest.raises(ValueError, match="threshold"):
+        detect.main(["--checkpoint", str(ckpt), "--source", val, "--threshold", "2"])
+
+
+@pytest.mark.parametrize("name,kw", [("smca", {}), ("smca", {"multiscale": True}), ("smca", {"spatial_prior": False}),
+                                     ("sparse_detr", {}), ("lite_detr", {}), ("focus_detr", {})],
+                         ids=["smca", "smca-multiscale", "smca-detr-baseline", "sparse_detr", "lite_detr", "focus_detr"])
+def test_detect_explain_picture_of_each_model(tiny_shapes, tmp_path, name, kw):
+    """--explain writes one mechanism picture per image, for every model (and SMCA's variants)."""
+    ckpt = tmp_path / "ckpt.pth"
+    _tiny_checkpoint(ckpt, tiny_shapes, name, **kw)
+    source = os.path.join(tiny_shapes, "val", "000000.jpg")
+    detect.main(["--checkpoint", str(ckpt), "--source", source, "--out", str(tmp_path / "o"), "--explain"])
+    picture = Image.open(tmp_path / "o" / "000000_explain.png")
+    assert picture.size[0] > 2 * 240 and picture.size[1] > 240  # several panels, enlarged to 240 px or more
+
+
+def test_visualize_token_cells_and_level_maps_follow_the_flattening():
+    """Token t of the flattened levels (finest first) is cell (row, col) of its level, a square of
+    stride 8 * 2^l pixels; level_maps undoes the flattening."""
+    shapes = [(4, 6), (2, 3), (1, 2)]
+    assert visualize.token_cells([0, 7, 24, 25, 29, 30], shapes) == [
+        (0, (0, 0, 7, 7)), (0, (8, 8, 15, 15)), (1, (0, 0, 15, 15)), (1, (16, 0, 31, 15)), (1, (32, 16, 47, 31)),
+        (2, (0, 0, 31, 31))]
+    maps = visualize.level_maps(torch.arange(32.0), shapes)
+    assert [tuple(m.shape) for m in maps] == shapes and maps[1][1, 2] == 24 + 5 and maps[2][0, 1] == 31
+
+
+# ---------------------------------------------------------------------------------------------
 # train.py
 # ---------------------------------------------------------------------------------------------
 
@@ -1523,6 +1654,10 @@ def test_train_resume_matches_uninterrupted_run(tiny_shapes, tmp_path):
     for key in a:
         assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), key
     assert set(result["stats"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    pictures = sorted(os.listdir(tmp_path / "b" / "pictures-after-step-4"))  # the run ends with detect.py's pictures
+    assert pictures == ["000000.jpg", "000000_explain.png", "000001.jpg", "000001_explain.png", "000002.jpg",
+                        "000002_explain.png", "detections.json"]
+    assert torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)["categories"][2] == "circle"
     evaluated = train.main(_train_args(tiny_shapes, tmp_path / "b", "--eval-only"))  # uses b's checkpoint
     assert evaluated["stats"] == pytest.approx(result["stats"])
     # the same output dir without --resume, or with another config, is refused (nothing overwritten)

@@ -22,7 +22,8 @@ model(images, pad_mask) in evaluation.
 Every epoch writes OUTPUT_DIR/checkpoint.pth atomically (model, optimizer, scheduler, AMP scaler,
 epoch, RNG states, config); --resume auto continues from it. OUTPUT_DIR/log.jsonl holds every loss
 term, the grad norm and each evaluation. A non-finite loss stops the run and names the step and
-the image ids; the last checkpoint stays as it was. --time-budget MINUTES stops training when that
+the image ids; the last checkpoint stays as it was. A run ends by drawing its detections and the
+paper's mechanism on the first 4 val images (detect.py's pictures) into OUTPUT_DIR/pictures-after-step-S. --time-budget MINUTES stops training when that
 much training time is spent (a partial epoch then counts as done), saves, evaluates and logs the
 training seconds and the inference ms per image (experiments.py leaderboard reads them).
 """
@@ -302,6 +303,7 @@ class Run:
     rank: int
     world: int
     amp_dtype: object  # None, torch.bfloat16 or torch.float16
+    categories: dict  # category id -> name, from the data (saved in checkpoints for detect.py)
     log_file: object = None  # rank 0: OUTPUT_DIR/log.jsonl, opened for appending
     train_s: float = 0.0  # seconds of training so far, over every resume (--time-budget)
     steps: int = 0  # optimizer steps so far, over every resume
@@ -476,6 +478,7 @@ def save_checkpoint(run, scheduler, epoch, fraction, cfg, path):
                      "scheduler": scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
                      "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch_states},
                      "model_name": run.args.model, "config": dataclasses.asdict(cfg), "args": vars(run.args),
+                     "categories": run.categories,
                      "train_s": run.train_s, "steps": run.steps, "epoch_fraction": fraction}, path)
 
 
@@ -493,8 +496,9 @@ def main(argv=None):
     np.random.seed(args.seed + rank)
     random.seed(args.seed + rank)
 
-    scales = args.scales or ("shapes" if on_shapes else "coco")
-    train_set, val_set = build_data(args, datalib.SHAPES_SCALES if scales == "shapes" else datalib.COCO_SCALES, rank, world)
+    args.scales = args.scales or ("shapes" if on_shapes else "coco")  # recorded in the checkpoint (detect.py reads it)
+    train_set, val_set = build_data(args, datalib.SHAPES_SCALES if args.scales == "shapes" else datalib.COCO_SCALES,
+                                    rank, world)
     cfg = module.shapes_config() if on_shapes else module.Config()
     cfg.num_classes = val_set.num_classes  # largest category id + 1
     cfg = apply_overrides(cfg, args.set)
@@ -510,7 +514,7 @@ def main(argv=None):
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     run = Run(model, criterion, postprocess, optimizer, scaler, args, device, rank, world,
-              {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp])
+              {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp], val_set.categories)
     start_epoch = 0
     if resume:
         ckpt = load_checkpoint(resume)
@@ -544,12 +548,31 @@ def main(argv=None):
             if rank == 0:
                 print(result["text"])
             return result
-        return fit(run, scheduler, cfg, train_set, val_set, start_epoch, ckpt_path)
+        result = fit(run, scheduler, cfg, train_set, val_set, start_epoch, ckpt_path)
+        if rank == 0:
+            write_pictures(run, val_set)
+        return result
     finally:
         if run.log_file:
             run.log_file.close()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def write_pictures(run, val_set, n=4):
+    """The end of a training run: detect.py's pictures (detections, and the paper's mechanism) of the
+    first n val images, in OUTPUT_DIR/pictures-after-step-S (S: the optimizer steps so far; a folder
+    already there is left as it is)."""
+    import detect  # detect.py imports this module
+    out = os.path.join(run.args.output_dir, f"pictures-after-step-{run.steps}")
+    if os.path.exists(out):
+        print(f"pictures of the val images are in {out} (already written)")
+        return
+    model = run.model.module if run.world > 1 else run.model
+    det = detect.Detector(run.args.model, model.eval(), run.postprocess, val_set.transforms, run.categories, run.device)
+    files = [os.path.join(val_set.img_dir, val_set.coco.imgs[i]["file_name"]) for i in val_set.ids[:n]]
+    summary = detect.detect_files(det, files, out, explain=True, log=lambda line: None)
+    print(f"detections (score >= 0.3) and {run.args.model}'s mechanism on {summary['images']} val images: {out}")
 
 
 def fit(run, scheduler, cfg, train_set, val_set, start_epoch, ckpt_path):
