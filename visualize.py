@@ -42,8 +42,8 @@ def text_colour(fill):
 def draw_box(draw, box, colour, width, label=None, size=12):
     """A box with a dark rim (visible on light and dark images) and a label on a filled tag."""
     x0, y0, x1, y1 = [float(v) for v in box]
-    draw.rectangle([x0, y0, x1, y1], outline=(0, 0, 0), width=width + 2)
-    draw.rectangle([x0 + 1, y0 + 1, x1 - 1, y1 - 1], outline=colour, width=width)
+    draw.rectangle([x0 - 1, y0 - 1, x1 + 1, y1 + 1], outline=(0, 0, 0), width=width + 2)  # a dark rim both sides
+    draw.rectangle([x0, y0, x1, y1], outline=colour, width=width)
     if label:
         f = font(size)
         left, top, right, bottom = draw.textbbox((0, 0), label, font=f)
@@ -60,7 +60,7 @@ def draw_detections(image, boxes, labels, scores, names):
     draw = ImageDraw.Draw(out)
     order = {cid: i for i, cid in enumerate(sorted(names))}
     side = min(out.size)
-    width, size = max(1, round(side / 200)), max(10, round(side / 28))
+    width, size = max(2, round(side / 150)), max(10, round(side / 28))
     for box, label, score in sorted(zip(boxes.tolist(), labels.tolist(), scores.tolist()), key=lambda d: d[2]):
         colour = PALETTE[order.get(label, label) % len(PALETTE)]
         draw_box(draw, box, colour, width, f"{names.get(label, str(label))} {score:.2f}", size)
