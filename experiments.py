@@ -6,6 +6,7 @@ continued with `--resume auto`, so running a command again only does what is mis
     python experiments.py converge --epochs 6 --out runs/converge6 --data /path/to/coco
     python experiments.py converge --probe runs/converge/0/checkpoint.pth runs/converge/1/checkpoint.pth
     python experiments.py leaderboard --budget 5         # every model, the same CPU minutes, runs/leaderboard/
+    python experiments.py fine-tokens --checkpoint runs/focus_detr-shapes/checkpoint.pth
 
 converge: the DETR baseline and single-scale SMCA (and, with --multiscale, multi-scale SMCA)
 trained with the same data, seed, schedule and number of steps, evaluated after every epoch. The
@@ -23,6 +24,11 @@ but not across images has learned where boxes usually are and not yet to read th
 leaderboard: each model (and DETR, SMCA with the prior off) trained with train.py's
 --time-budget (the same minutes, seed and data), then the last evaluation of each run in
 OUT/leaderboard.md and .json.
+
+fine-tokens (no training): where a trained Focus-DETR's fine-grained tokens sit. On the first
+--images val images, the share of each encoder layer's kept tokens, and of its fine-grained ones,
+whose cell centre lies inside a ground-truth box, with the MCSP score the model was trained with
+and with the other one (official: the product of raw logits; the paper: of probabilities).
 """
 import argparse
 import json
@@ -36,6 +42,8 @@ import torch.nn.functional as F
 import data as datalib
 import smca
 import train
+import visualize
+from common import box_cxcywh_to_xyxy
 
 # ---------------------------------------------------------------------------------------------
 # converge: SMCA against its DETR baseline, same steps
@@ -200,6 +208,51 @@ def leaderboard(args, argv):
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# fine-tokens: where Focus-DETR's fine-grained tokens sit, under each MCSP score
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def fine_tokens(args, argv):
+    import detect  # detect.py imports train.py, as this file does
+    det = detect.load_detector(args.checkpoint)
+    if det.name != "focus_detr" or not det.model.cfg.foreground_selection:
+        raise ValueError(f"fine-tokens reads a Focus-DETR checkpoint with foreground selection; {args.checkpoint} "
+                         f"is {det.name}")
+    ckpt_args = train.load_checkpoint(args.checkpoint).get("args") or {}
+    root = train.SHAPES_ROOT if ckpt_args.get("data", "shapes") == "shapes" else ckpt_args["data"]
+    val = datalib.CocoDetection(*datalib.find_split(root, "val"), det.transform)
+    if len(val) < args.images:
+        raise ValueError(f"--images {args.images}: {val.ann_file} has {len(val)} images")
+    trained, rows = det.model.cfg.mcsp_score, {}
+    for score in (trained, "prob_product" if trained == "logit_product" else "logit_product"):
+        det.model.cfg.mcsp_score = score
+        counts = {"kept": [0, 0], "fine": [0, 0]}  # [inside a box, all], over images and layers
+        for i in range(args.images):
+            image, target = val[i]
+            H, W = image.shape[1:]
+            boxes = box_cxcywh_to_xyxy(target["boxes"]) * torch.tensor([W, H, W, H])  # (M, 4) pixels
+            out = det.model(image[None], torch.zeros(1, H, W, dtype=torch.bool), explain=True)
+            for key, per_layer in (("kept", out["kept_tokens"]), ("fine", out["fine_tokens"])):
+                for tokens in per_layer:
+                    for _, (x0, y0, x1, y1) in visualize.token_cells([t for t in tokens[0].tolist() if t >= 0],
+                                                                     out["spatial_shapes"]):
+                        cx, cy = (x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2
+                        counts[key][0] += bool(((boxes[:, 0] <= cx) & (cx <= boxes[:, 2]) & (boxes[:, 1] <= cy)
+                                                & (cy <= boxes[:, 3])).any())
+                        counts[key][1] += 1
+        rows[score] = {k: a / max(b, 1) for k, (a, b) in counts.items()}
+    det.model.cfg.mcsp_score = trained
+    names = {"logit_product": "product of raw logits (official)", "prob_product": "product of probabilities (paper)"}
+    lines = [f"`python experiments.py {' '.join(argv)}` (first {args.images} val images, every encoder layer; "
+             f"the model was trained with {trained})", "",
+             "| MCSP score | kept tokens inside a box | fine-grained tokens inside a box |", "|---|---|---|"]
+    lines += [f"| {names[k]}{' (as trained)' if k == trained else ''} | {100 * v['kept']:.1f}% | {100 * v['fine']:.1f}% |"
+              for k, v in rows.items()]
+    print("\n".join(lines))
+    return rows
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,6 +263,9 @@ def main(argv=None):
     c.add_argument("--multiscale", action="store_true", help="also train multi-scale SMCA (third column)")
     b = sub.add_parser("leaderboard", help="every model trained for the same CPU minutes")
     b.add_argument("--budget", type=float, default=10.0, help="training minutes per model (default 10)")
+    f = sub.add_parser("fine-tokens", help="where a trained Focus-DETR's fine-grained tokens sit, by MCSP score")
+    f.add_argument("--checkpoint", required=True, help="a Focus-DETR checkpoint.pth written by train.py")
+    f.add_argument("--images", type=int, default=100, help="how many val images (default 100)")
     for q in (c, b):
         q.add_argument("--data", default="shapes")
         q.add_argument("--seed", type=int, default=42)
@@ -217,7 +273,7 @@ def main(argv=None):
         q.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                        help="further train.py arguments for every run (last on the line, e.g. --train-args --batch-size 4)")
     args = p.parse_args(argv)
-    return converge(args, argv) if args.experiment == "converge" else leaderboard(args, argv)
+    return {"converge": converge, "leaderboard": leaderboard, "fine-tokens": fine_tokens}[args.experiment](args, argv)
 
 
 if __name__ == "__main__":

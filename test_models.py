@@ -2008,3 +2008,16 @@ def test_experiments_converge_table_from_logs_and_skips_finished_runs(tmp_path, 
     experiments.main(["converge", "--epochs", "2", "--out", str(tmp_path), "--multiscale"])
     rows = (tmp_path / "table.md").read_text().splitlines()
     assert rows[-3] == "| 2 | 2.0 / 4.0 | 4.0 / 8.0 | 6.0 / 12.0 |"
+
+def test_experiments_fine_tokens_counts_kept_and_fine_tokens_inside_boxes(tiny_shapes, tmp_path):
+    """The kept tokens do not depend on the MCSP score; the fine-grained share does; both in [0, 1]."""
+    _tiny_checkpoint(tmp_path / "focus.pth", tiny_shapes, "focus_detr")
+    rows = experiments.main(["fine-tokens", "--checkpoint", str(tmp_path / "focus.pth"), "--images", "2"])
+    assert set(rows) == {"logit_product", "prob_product"}
+    assert rows["logit_product"]["kept"] == rows["prob_product"]["kept"]
+    assert all(0 <= v <= 1 for r in rows.values() for v in r.values())
+    _tiny_checkpoint(tmp_path / "smca.pth", tiny_shapes, "smca")
+    with pytest.raises(ValueError, match="reads a Focus-DETR checkpoint"):
+        experiments.main(["fine-tokens", "--checkpoint", str(tmp_path / "smca.pth")])
+    with pytest.raises(ValueError, match="--images 9"):
+        experiments.main(["fine-tokens", "--checkpoint", str(tmp_path / "focus.pth"), "--images", "9"])
