@@ -26,8 +26,8 @@ leaderboard: each model (and DETR, SMCA with the prior off) trained with train.p
 OUT/leaderboard.md and .json.
 
 fine-tokens (no training): where a trained Focus-DETR's fine-grained tokens sit. On the first
---images val images, the share of each encoder layer's kept tokens, and of its fine-grained ones,
-whose cell centre lies inside a ground-truth box, with the MCSP score the model was trained with
+--images val images, the share of all tokens, of each encoder layer's kept tokens and of its
+fine-grained ones whose cell centre lies inside a ground-truth box, with the MCSP score the model was trained with
 and with the other one (official: the product of raw logits; the paper: of probabilities).
 """
 import argparse
@@ -227,13 +227,14 @@ def fine_tokens(args, argv):
     trained, rows = det.model.cfg.mcsp_score, {}
     for score in (trained, "prob_product" if trained == "logit_product" else "logit_product"):
         det.model.cfg.mcsp_score = score
-        counts = {"kept": [0, 0], "fine": [0, 0]}  # [inside a box, all], over images and layers
+        counts = {"all": [0, 0], "kept": [0, 0], "fine": [0, 0]}  # [inside a box, all], over images and layers
         for i in range(args.images):
             image, target = val[i]
             H, W = image.shape[1:]
             boxes = box_cxcywh_to_xyxy(target["boxes"]) * torch.tensor([W, H, W, H])  # (M, 4) pixels
             out = det.model(image[None], torch.zeros(1, H, W, dtype=torch.bool), explain=True)
-            for key, per_layer in (("kept", out["kept_tokens"]), ("fine", out["fine_tokens"])):
+            every = [torch.arange(sum(h * w for h, w in out["spatial_shapes"]))[None]]  # one image, no padding
+            for key, per_layer in (("all", every), ("kept", out["kept_tokens"]), ("fine", out["fine_tokens"])):
                 for tokens in per_layer:
                     for _, (x0, y0, x1, y1) in visualize.token_cells([t for t in tokens[0].tolist() if t >= 0],
                                                                      out["spatial_shapes"]):
@@ -246,9 +247,9 @@ def fine_tokens(args, argv):
     names = {"logit_product": "product of raw logits (official)", "prob_product": "product of probabilities (paper)"}
     lines = [f"`python experiments.py {' '.join(argv)}` (first {args.images} val images, every encoder layer; "
              f"the model was trained with {trained})", "",
-             "| MCSP score | kept tokens inside a box | fine-grained tokens inside a box |", "|---|---|---|"]
-    lines += [f"| {names[k]}{' (as trained)' if k == trained else ''} | {100 * v['kept']:.1f}% | {100 * v['fine']:.1f}% |"
-              for k, v in rows.items()]
+             "| MCSP score | all tokens inside a box | kept tokens | fine-grained tokens |", "|---|---|---|---|"]
+    lines += [f"| {names[k]}{' (as trained)' if k == trained else ''} | {100 * v['all']:.1f}% | {100 * v['kept']:.1f}% | "
+              f"{100 * v['fine']:.1f}% |" for k, v in rows.items()]
     print("\n".join(lines))
     return rows
 

@@ -328,6 +328,19 @@ def test_interface_every_model_takes_the_same_call(name):
     with torch.no_grad():
         plain, explained = model(images, pad_mask), model(images, pad_mask, explain=True)
     assert set(explained) - set(plain) == EXPLAIN_KEYS[name]
+    cfg, Q = model.cfg, model.cfg.num_queries
+    if name == "smca":  # log G per decoder layer (B, H, Q, N) over the level_shapes' cells
+        N = sum(h * w for h, w in explained["level_shapes"])
+        assert [tuple(g.shape) for g in explained["log_priors"]] == [(2, cfg.nheads, Q, N)] * cfg.dec_layers
+    elif name == "sparse_detr":
+        assert explained["dam"].shape == explained["token_pad_mask"].shape
+    elif name == "lite_detr":
+        N = explained["token_pad_mask"].shape[1]
+        assert explained["dec_sampling_locations"].shape == (2, cfg.dec_layers, Q, cfg.nheads, 4, cfg.dec_n_points, 2)
+        assert explained["n_low"] == explained["spatial_shapes"][0][0] * explained["spatial_shapes"][0][1] < N
+    else:
+        assert len(explained["kept_tokens"]) == len(explained["fine_tokens"]) == cfg.enc_layers
+        assert [tuple(t.shape) for t in explained["kept_tokens"]] == [(2, int(k.max())) for k in explained["token_nums"]]
     for key in ("pred_logits", "pred_boxes"):
         assert plain[key].shape[:2] == (2, tiny().num_queries) and torch.equal(plain[key], explained[key])
     assert len(post(plain, torch.tensor([[96, 128], [64, 128]]))) == 2
@@ -1512,119 +1525,6 @@ def test_focus_detr_config_errors():
 
 
 # ---------------------------------------------------------------------------------------------
-# detect.py and visualize.py
-# ---------------------------------------------------------------------------------------------
-
-def _tiny_checkpoint(path, data, name="smca", **kw):
-    """A checkpoint as train.py writes it (model, config, args, categories), of a tiny random model."""
-    module = importlib.import_module(name)
-    tiny = {"smca": tiny_smca, "sparse_detr": tiny_sparse, "lite_detr": tiny_lite, "focus_detr": tiny_focus}[name]
-    torch.manual_seed(0)
-    model = module.build(tiny(**kw))[0]
-    torch.nn.init.constant_(model.class_embed.bias if name == "smca" else model.class_embed[-2].bias, 2.0)  # confident
-    cats = {c["id"]: c["name"] for c in json.load(open(os.path.join(data, "annotations", "instances_val.json")))["categories"]}
-    torch.save({"model": model.state_dict(), "model_name": name, "config": dataclasses.asdict(model.cfg),
-                "args": {"data": data, "scales": "shapes"}, "categories": cats}, path)
-    return cats
-
-
-def test_detect_on_a_file_a_folder_and_a_glob_writes_pictures_and_coco_results(tiny_shapes, tmp_path):
-    from pycocotools.coco import COCO
-    ckpt = tmp_path / "ckpt.pth"
-    cats = _tiny_checkpoint(ckpt, tiny_shapes)
-    folder = tmp_path / "photos"
-    os.makedirs(folder)
-    val = os.path.join(tiny_shapes, "val")
-    for f in sorted(os.listdir(val)):
-        Image.open(os.path.join(val, f)).save(folder / f.replace(".jpg", ".png"))
-    (folder / "notes.txt").write_text("not an image")
-    before = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
-    for source, n_images in [(str(folder / "000000.png"), 1), (str(folder), 3), (str(folder / "*.png"), 3)]:
-        out = tmp_path / f"out{n_images}{len(source)}"
-        summary = detect.main(["--checkpoint", str(ckpt), "--source", source, "--out", str(out), "--threshold", "0.05"])
-        assert summary["images"] == n_images and len(summary["skipped"]) == (1 if source == str(folder) else 0)
-        files = detect.source_files(source)
-        images = [f for f in files if f.endswith(".png")]
-        gt = {"images": [{"id": i + 1, "file_name": f, **dict(zip(("width", "height"), Image.open(f).size))}
-                         for i, f in enumerate(images)],
-              "annotations": [], "categories": [{"id": k, "name": v} for k, v in cats.items()]}
-        coco = COCO()
-        coco.dataset = gt
-        coco.createIndex()
-        results = json.load(open(out / "detections.json"))
-        assert results and summary["detections"] == len(results)
-        dt = coco.loadRes(str(out / "detections.json"))  # the COCO results format, ids of the given images
-        for r in dt.dataset["annotations"]:
-            w, h = Image.open(images[r["image_id"] - 1]).size
-            x, y, bw, bh = r["bbox"]
-            assert 0 <= x and 0 <= y and x + bw <= w + 0.01 and y + bh <= h + 0.01 and r["score"] >= 0.05
-            assert r["category_id"] in cats and r["file_name"] == images[r["image_id"] - 1]
-        first = results[0]
-        original = np.asarray(Image.open(images[first["image_id"] - 1]).convert("RGB")).astype(int)
-        drawn = np.asarray(Image.open(out / os.path.basename(images[first["image_id"] - 1]))).astype(int)
-        assert drawn.shape == original.shape
-        x, y, bw, bh = [int(round(v)) for v in first["bbox"]]
-        edge = drawn[min(y, original.shape[0] - 1), x:x + max(bw, 1)]  # the box's top edge
-        assert (edge != original[min(y, original.shape[0] - 1), x:x + max(bw, 1)]).any()
-    assert {f: (folder / f).read_bytes() for f in os.listdir(folder)} == before  # the source is untouched
-
-
-def test_detect_refuses_bad_inputs_and_never_overwrites(tiny_shapes, tmp_path):
-    ckpt = tmp_path / "ckpt.pth"
-    _tiny_checkpoint(ckpt, tiny_shapes)
-    val = os.path.join(tiny_shapes, "val")
-    with pytest.raises(ValueError, match="does not exist"):
-        detect.main(["--checkpoint", str(tmp_path / "absent.pth"), "--source", val])
-    torch.save({"model": {}, "epoch": 3}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="not a checkpoint of a model of this library"):
-        detect.main(["--checkpoint", str(tmp_path / "other.pth"), "--source", val, "--out", str(tmp_path / "o1")])
-    os.makedirs(tmp_path / "empty")
-    with pytest.raises(ValueError, match="no files"):
-        detect.main(["--checkpoint", str(ckpt), "--source", str(tmp_path / "empty")])
-    with pytest.raises(ValueError, match="no such file or folder"):
-        detect.main(["--checkpoint", str(ckpt), "--source", str(tmp_path / "nowhere")])
-    with pytest.raises(ValueError, match="no files"):
-        detect.main(["--checkpoint", str(ckpt), "--source", str(tmp_path / "*.jpeg")])
-    (tmp_path / "text").mkdir()
-    (tmp_path / "text" / "a.txt").write_text("x")
-    with pytest.raises(ValueError, match="none of the 1 source files is a readable image"):
-        detect.main(["--checkpoint", str(ckpt), "--source", str(tmp_path / "text"), "--out", str(tmp_path / "o2")])
-    with pytest.raises(ValueError, match="inside the source folder"):
-        detect.main(["--checkpoint", str(ckpt), "--source", val, "--out", os.path.join(val, "out")])
-    (tmp_path / "used").mkdir()
-    (tmp_path / "used" / "detections.json").write_text("[]")
-    with pytest.raises(ValueError, match="not empty; nothing is overwritten"):
-        detect.main(["--checkpoint", str(ckpt), "--source", val, "--out", str(tmp_path / "used")])
-    assert (tmp_path / "used" / "detections.json").read_text() == "[]"
-    with pytest.raises(ValueError, match="threshold"):
-        detect.main(["--checkpoint", str(ckpt), "--source", val, "--threshold", "2"])
-
-
-@pytest.mark.parametrize("name,kw", [("smca", {}), ("smca", {"multiscale": True}), ("smca", {"spatial_prior": False}),
-                                     ("sparse_detr", {}), ("lite_detr", {}), ("focus_detr", {})],
-                         ids=["smca", "smca-multiscale", "smca-detr-baseline", "sparse_detr", "lite_detr", "focus_detr"])
-def test_detect_explain_picture_of_each_model(tiny_shapes, tmp_path, name, kw):
-    """--explain writes one mechanism picture per image, for every model (and SMCA's variants)."""
-    ckpt = tmp_path / "ckpt.pth"
-    _tiny_checkpoint(ckpt, tiny_shapes, name, **kw)
-    source = os.path.join(tiny_shapes, "val", "000000.jpg")
-    detect.main(["--checkpoint", str(ckpt), "--source", source, "--out", str(tmp_path / "o"), "--explain"])
-    picture = Image.open(tmp_path / "o" / "000000_explain.png")
-    assert picture.size[0] > 2 * 240 and picture.size[1] > 240  # several panels, enlarged to 240 px or more
-
-
-def test_visualize_token_cells_and_level_maps_follow_the_flattening():
-    """Token t of the flattened levels (finest first) is cell (row, col) of its level, a square of
-    stride 8 * 2^l pixels; level_maps undoes the flattening."""
-    shapes = [(4, 6), (2, 3), (1, 2)]
-    assert visualize.token_cells([0, 7, 24, 25, 29, 30], shapes) == [
-        (0, (0, 0, 7, 7)), (0, (8, 8, 15, 15)), (1, (0, 0, 15, 15)), (1, (16, 0, 31, 15)), (1, (32, 16, 47, 31)),
-        (2, (0, 0, 31, 31))]
-    maps = visualize.level_maps(torch.arange(32.0), shapes)
-    assert [tuple(m.shape) for m in maps] == shapes and maps[1][1, 2] == 24 + 5 and maps[2][0, 1] == 31
-
-
-# ---------------------------------------------------------------------------------------------
 # train.py
 # ---------------------------------------------------------------------------------------------
 
@@ -1951,6 +1851,119 @@ def test_bench_rejects_bad_flags(tiny_shapes):
         bench.main(["--data", "/nowhere/coco"])
     with pytest.raises(SystemExit):
         bench.main(["--model", "detr9000"])
+
+
+# ---------------------------------------------------------------------------------------------
+# detect.py and visualize.py
+# ---------------------------------------------------------------------------------------------
+
+def _tiny_checkpoint(path, data, name="smca", **kw):
+    """A checkpoint as train.py writes it (model, config, args, categories), of a tiny random model."""
+    module = importlib.import_module(name)
+    tiny = {"smca": tiny_smca, "sparse_detr": tiny_sparse, "lite_detr": tiny_lite, "focus_detr": tiny_focus}[name]
+    torch.manual_seed(0)
+    model = module.build(tiny(**kw))[0]
+    torch.nn.init.constant_(model.class_embed.bias if name == "smca" else model.class_embed[-2].bias, 2.0)  # confident
+    cats = {c["id"]: c["name"] for c in json.load(open(os.path.join(data, "annotations", "instances_val.json")))["categories"]}
+    torch.save({"model": model.state_dict(), "model_name": name, "config": dataclasses.asdict(model.cfg),
+                "args": {"data": data, "scales": "shapes"}, "categories": cats}, path)
+    return cats
+
+
+def test_detect_on_a_file_a_folder_and_a_glob_writes_pictures_and_coco_results(tiny_shapes, tmp_path):
+    from pycocotools.coco import COCO
+    ckpt = tmp_path / "ckpt.pth"
+    cats = _tiny_checkpoint(ckpt, tiny_shapes)
+    folder = tmp_path / "photos"
+    os.makedirs(folder)
+    val = os.path.join(tiny_shapes, "val")
+    for f in sorted(os.listdir(val)):
+        Image.open(os.path.join(val, f)).save(folder / f.replace(".jpg", ".png"))
+    (folder / "notes.txt").write_text("not an image")
+    before = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
+    for source, n_images in [(str(folder / "000000.png"), 1), (str(folder), 3), (str(folder / "*.png"), 3)]:
+        out = tmp_path / f"out{n_images}{len(source)}"
+        summary = detect.main(["--checkpoint", str(ckpt), "--source", source, "--out", str(out), "--threshold", "0.05"])
+        assert summary["images"] == n_images and len(summary["skipped"]) == (1 if source == str(folder) else 0)
+        files = detect.source_files(source)
+        images = [f for f in files if f.endswith(".png")]
+        gt = {"images": [{"id": i + 1, "file_name": f, **dict(zip(("width", "height"), Image.open(f).size))}
+                         for i, f in enumerate(images)],
+              "annotations": [], "categories": [{"id": k, "name": v} for k, v in cats.items()]}
+        coco = COCO()
+        coco.dataset = gt
+        coco.createIndex()
+        results = json.load(open(out / "detections.json"))
+        assert results and summary["detections"] == len(results)
+        dt = coco.loadRes(str(out / "detections.json"))  # the COCO results format, ids of the given images
+        for r in dt.dataset["annotations"]:
+            w, h = Image.open(images[r["image_id"] - 1]).size
+            x, y, bw, bh = r["bbox"]
+            assert 0 <= x and 0 <= y and x + bw <= w + 0.01 and y + bh <= h + 0.01 and r["score"] >= 0.05
+            assert r["category_id"] in cats and r["file_name"] == images[r["image_id"] - 1]
+        first = results[0]
+        original = np.asarray(Image.open(images[first["image_id"] - 1]).convert("RGB")).astype(int)
+        drawn = np.asarray(Image.open(out / os.path.basename(images[first["image_id"] - 1]))).astype(int)
+        assert drawn.shape == original.shape
+        x, y, bw, bh = [int(round(v)) for v in first["bbox"]]
+        edge = drawn[min(y, original.shape[0] - 1), x:x + max(bw, 1)]  # the box's top edge
+        assert (edge != original[min(y, original.shape[0] - 1), x:x + max(bw, 1)]).any()
+    assert {f: (folder / f).read_bytes() for f in os.listdir(folder)} == before  # the source is untouched
+
+
+def test_detect_refuses_bad_inputs_and_never_overwrites(tiny_shapes, tmp_path):
+    ckpt = tmp_path / "ckpt.pth"
+    _tiny_checkpoint(ckpt, tiny_shapes)
+    val = os.path.join(tiny_shapes, "val")
+    with pytest.raises(ValueError, match="does not exist"):
+        detect.main(["--checkpoint", str(tmp_path / "absent.pth"), "--source", val])
+    torch.save({"model": {}, "epoch": 3}, tmp_path / "other.pth")
+    with pytest.raises(ValueError, match="not a checkpoint of a model of this library"):
+        detect.main(["--checkpoint", str(tmp_path / "other.pth"), "--source", val, "--out", str(tmp_path / "o1")])
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ValueError, match="no files"):
+        detect.main(["--checkpoint", str(ckpt), "--source", str(tmp_path / "empty")])
+    with pytest.raises(ValueError, match="no such file or folder"):
+        detect.main(["--checkpoint", str(ckpt), "--source", str(tmp_path / "nowhere")])
+    with pytest.raises(ValueError, match="no files"):
+        detect.main(["--checkpoint", str(ckpt), "--source", str(tmp_path / "*.jpeg")])
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("x")
+    with pytest.raises(ValueError, match="none of the 1 source files is a readable image"):
+        detect.main(["--checkpoint", str(ckpt), "--source", str(tmp_path / "text"), "--out", str(tmp_path / "o2")])
+    with pytest.raises(ValueError, match="inside the source folder"):
+        detect.main(["--checkpoint", str(ckpt), "--source", val, "--out", os.path.join(val, "out")])
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "detections.json").write_text("[]")
+    with pytest.raises(ValueError, match="not empty; nothing is overwritten"):
+        detect.main(["--checkpoint", str(ckpt), "--source", val, "--out", str(tmp_path / "used")])
+    assert (tmp_path / "used" / "detections.json").read_text() == "[]"
+    with pytest.raises(ValueError, match="threshold"):
+        detect.main(["--checkpoint", str(ckpt), "--source", val, "--threshold", "2"])
+
+
+@pytest.mark.parametrize("name,kw", [("smca", {}), ("smca", {"multiscale": True}), ("smca", {"spatial_prior": False}),
+                                     ("sparse_detr", {}), ("lite_detr", {}), ("focus_detr", {})],
+                         ids=["smca", "smca-multiscale", "smca-detr-baseline", "sparse_detr", "lite_detr", "focus_detr"])
+def test_detect_explain_picture_of_each_model(tiny_shapes, tmp_path, name, kw):
+    """--explain writes one mechanism picture per image, for every model (and SMCA's variants)."""
+    ckpt = tmp_path / "ckpt.pth"
+    _tiny_checkpoint(ckpt, tiny_shapes, name, **kw)
+    source = os.path.join(tiny_shapes, "val", "000000.jpg")
+    detect.main(["--checkpoint", str(ckpt), "--source", source, "--out", str(tmp_path / "o"), "--explain"])
+    picture = Image.open(tmp_path / "o" / "000000_explain.png")
+    assert picture.size[0] > 2 * 240 and picture.size[1] > 240  # several panels, enlarged to 240 px or more
+
+
+def test_visualize_token_cells_and_level_maps_follow_the_flattening():
+    """Token t of the flattened levels (finest first) is cell (row, col) of its level, a square of
+    stride 8 * 2^l pixels; level_maps undoes the flattening."""
+    shapes = [(4, 6), (2, 3), (1, 2)]
+    assert visualize.token_cells([0, 7, 24, 25, 29, 30], shapes) == [
+        (0, (0, 0, 7, 7)), (0, (8, 8, 15, 15)), (1, (0, 0, 15, 15)), (1, (16, 0, 31, 15)), (1, (32, 16, 47, 31)),
+        (2, (0, 0, 31, 31))]
+    maps = visualize.level_maps(torch.arange(32.0), shapes)
+    assert [tuple(m.shape) for m in maps] == shapes and maps[1][1, 2] == 24 + 5 and maps[2][0, 1] == 31
 
 
 # ---------------------------------------------------------------------------------------------
