@@ -472,25 +472,31 @@ class TokenGeometry:
     proposal_valid: torch.Tensor  # (B, N) False at padding and at proposals leaving (0.01, 0.99)
 
 
-def input_tokens(input_proj, level_embed, feats, masked_groupnorm=True):
+def input_tokens(input_proj, level_embed, feats, masked_groupnorm=True, pad_mask=None, extra_level_mask="exact",
+                 temperature=10000, offset=-0.5):
     """The backbone maps -> the encoder's flattened tokens (Deformable DETR Sec. 4.1).
 
     feats: the backbone's [(C3, m3), (C4, m4), (C5, m5)]; level_embed (L, C). Positions: sine of each
-    level's valid cells (offset -0.5) + the level's embedding. masked_groupnorm=False: the official
-    GroupNorm, statistics over the padding too. -> src (B, N, C), pos (B, N, C), TokenGeometry.
+    level's valid cells (temperature, offset: Deformable DETR's 10000 and -0.5) + the level's
+    embedding. masked_groupnorm=False: the official GroupNorm, statistics over the padding too.
+    Extra levels' masks: "exact" (ceil of half the previous level's valid cells), "interpolate" (the
+    official code: the image's pad_mask (B, H_img, W_img), nearest-resized). -> src (B, N, C), pos, TokenGeometry.
     """
     n_bb = min(len(input_proj), len(feats))  # levels taken from the backbone (its last n_bb maps)
     maps, masks = [], []
     for lvl, proj in enumerate(input_proj):
         if lvl < n_bb:
             x, m = feats[len(feats) - n_bb + lvl]
+            x = proj[0](x)
         else:  # extra level: stride-2 conv on raw C5, then on the previous level
-            x, m = (feats[-1][0] if lvl == n_bb else maps[-1]), halve_mask(masks[-1])
-        maps.append(proj[1](proj[0](x), m if masked_groupnorm else None))  # (B, C, H_l, W_l)
+            x = proj[0](feats[-1][0] if lvl == n_bb else maps[-1])
+            m = (halve_mask(masks[-1]) if extra_level_mask == "exact" else
+                 F.interpolate(pad_mask[None].float(), size=x.shape[-2:])[0].bool())
+        maps.append(proj[1](x, m if masked_groupnorm else None))  # (B, C, H_l, W_l)
         masks.append(m)
     src = torch.cat([x.flatten(2).transpose(1, 2) for x in maps], 1)  # (B, N, C)
-    pos = torch.cat([sine_position_embedding(m, src.shape[-1] // 2, offset=-0.5).to(src).flatten(2).transpose(1, 2)
-                     + level_embed[lvl] for lvl, m in enumerate(masks)], 1)  # (B, N, C)
+    pos = torch.cat([sine_position_embedding(m, src.shape[-1] // 2, temperature, offset=offset).to(src).flatten(2)
+                     .transpose(1, 2) + level_embed[lvl] for lvl, m in enumerate(masks)], 1)  # (B, N, C)
     spatial_shapes = [tuple(m.shape[-2:]) for m in masks]
     valid_ratios = level_valid_ratios(masks)  # (B, L, 2)
     proposals, proposal_valid = token_proposals(masks)  # (B, N, 4), (B, N)
@@ -507,7 +513,7 @@ def proposal_features(memory, valid, enc_output, enc_output_norm):
 
 def proposal_pos_embed(proposals, num_pos_feats=128, temperature=10000, scale=2 * math.pi):
     """Sine embedding of sigmoid(proposals) (B, Q, 4) -> (B, Q, 4 F), F = num_pos_feats (Deformable DETR)."""
-    dim_t = torch.arange(num_pos_feats, dtype=proposals.dtype, device=proposals.device)
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)  # float32 as the official code
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
     pos = proposals.sigmoid()[..., None] * scale / dim_t  # (B, Q, 4, F)
     return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
@@ -529,13 +535,14 @@ def write_back(memory, inds, rows, updated):
     return memory.reshape(B * N, C).index_copy(0, b * N + inds[b, s], updated[b, s]).view(B, N, C)
 
 
-def top_queries(scores, pad_mask, num_queries):
+def top_queries(scores, pad_mask, num_queries, over_padding=False):
     """Two-stage query selection: the num_queries best-scoring tokens of each image, padded tokens
-    never chosen. scores, pad_mask (B, N) -> indices (B, Q)."""
+    never chosen (over_padding=True: ranked like the others, as the official code). scores, pad_mask
+    (B, N) -> indices (B, Q)."""
     if num_queries > pad_mask.shape[1]:
         raise ValueError(f"num_queries {num_queries} exceeds the {pad_mask.shape[1]} encoder tokens of this batch: "
                          f"lower num_queries or use larger images")
-    return scores.masked_fill(pad_mask, float("-inf")).topk(num_queries, dim=1).indices
+    return (scores if over_padding else scores.masked_fill(pad_mask, float("-inf"))).topk(num_queries, dim=1).indices
 
 
 class DeformableEncoderLayer(nn.Module):

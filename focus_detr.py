@@ -44,7 +44,12 @@ Deviations from the paper / official code (OFF's behaviour is the default unless
   the top-down Up() resizes each image's valid region (`upsample_over_padding=True` resizes the
   padded map, as OFF), so an image's scores do not depend on its batch.
 - As in sparse_detr.py: the input GroupNorm skips padding (`masked_groupnorm=False` is OFF's), the
-  extra level's mask is computed exactly, the two-stage top-k never picks padded tokens.
+  extra level's mask is computed exactly (`extra_level_mask="interpolate"` is OFF's), the two-stage
+  top-k never picks padded tokens (`two_stage_over_padding=True` is OFF's).
+- OFF's evaluation sets every padding mask to zero, so its batched inference depends on the batch;
+  ours uses the masks in both modes (at batch size 1 they agree).
+- The encoder's sine positions: temperature 10000, offset -0.5 (OFF's 12-epoch configs); OFF's 24-
+  and 36-epoch R50 / R101 configs use 20 and 0.0: `pos_temperature`, `pos_offset`.
 - The paper says adjacent levels' label ranges overlap by 50% but gives no numbers; OFF ships the
   non-overlapping FCOS ranges (the default); `fg_ranges="overlap"` is one reading of the paper.
 - The MCSP score is OFF's product of raw logits (two negative logits make a positive score);
@@ -227,7 +232,7 @@ class DualAttentionEncoderLayer(DeformableEncoderLayer):
 def box_sine_embed(boxes, num_pos_feats=128, temperature=10000):
     """DINO's gen_sineembed_for_position: boxes (B, Q, 4) cxcywh in [0, 1] -> (B, Q, 4 F),
     the sine / cosine features of y, x, w, h (in that order)."""
-    dim_t = torch.arange(num_pos_feats, dtype=boxes.dtype, device=boxes.device)
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=boxes.device)  # float32 as OFF
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
     pos = boxes[..., None] * (2 * math.pi) / dim_t  # (B, Q, 4, F)
     pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)  # (B, Q, 4, F)
@@ -366,15 +371,17 @@ class FocusDETR(nn.Module):
             fine_tokens          per encoder layer, (B, J_l) the fine-grained token indices (OESM)
                                  (-1 marks batch filler in both)
         """
-        memory, geometry, out = self.encode(self.backbone(images, pad_mask), explain)
+        memory, geometry, out = self.encode(self.backbone(images, pad_mask), pad_mask, explain)
         out.update(self.decode(memory, geometry, targets if self.training else None))
         return out
 
-    def encode(self, feats, explain=False):
+    def encode(self, feats, pad_mask=None, explain=False):
         """Foreground scoring (Sec. 3.2) and the cascade encoder (Sec. 3.3). feats: the backbone's
-        [(C3, m3), (C4, m4), (C5, m5)] -> memory (B, N, C), TokenGeometry, the selection's outputs."""
+        [(C3, m3), (C4, m4), (C5, m5)]; pad_mask the images' (read with extra_level_mask="interpolate")
+        -> memory (B, N, C), TokenGeometry, the selection's outputs."""
         cfg = self.cfg
-        src, pos, geo = input_tokens(self.input_proj, self.level_embed, feats, cfg.masked_groupnorm)  # (B, N, C) x 2
+        src, pos, geo = input_tokens(self.input_proj, self.level_embed, feats, cfg.masked_groupnorm, pad_mask,
+                                     cfg.extra_level_mask, cfg.pos_temperature, cfg.pos_offset)  # (B, N, C) x 2
         pad, ref, shapes = geo.pad_mask, geo.reference_points, geo.spatial_shapes  # (B, N), (B, N, L, 2)
         out = {"spatial_shapes": shapes, "token_pad_mask": pad}
         if not cfg.foreground_selection:  # the dense DINO encoder
@@ -458,7 +465,7 @@ class FocusDETR(nn.Module):
         head = cfg.dec_layers
         enc_logits = self.class_embed[head](enc_feats)  # (B, N, K)
         enc_coord = self.bbox_embed[head](enc_feats) + geo.proposals  # (B, N, 4) logits
-        topk = top_queries(enc_logits.max(-1).values, geo.pad_mask, cfg.num_queries)  # (B, Q)
+        topk = top_queries(enc_logits.max(-1).values, geo.pad_mask, cfg.num_queries, cfg.two_stage_over_padding)
         ref_logit = gather_tokens(enc_coord, topk)  # (B, Q, 4)
         out = {"enc_outputs": {"pred_logits": gather_tokens(enc_logits, topk),  # DINO: the loss sees the Q selected
                                "pred_boxes": ref_logit.sigmoid()}}
@@ -603,6 +610,10 @@ class Config:
     upsample_over_padding: bool = False  # True: OFF's top-down upsampling of the whole padded map
     masked_groupnorm: bool = True  # False: OFF's GroupNorm, whose statistics include the padding
     query_pos_over_padding: bool = False  # True: DINO's query sine embedding of the padded-map box
+    extra_level_mask: str = "exact"  # "interpolate": OFF's extra-level mask, the image's mask resized (nearest)
+    two_stage_over_padding: bool = False  # True: OFF's two-stage top-k, which ranks padded tokens too
+    pos_temperature: float = 10000.0  # the encoder's sine positions (OFF 12-epoch configs; 24 / 36-epoch: 20)
+    pos_offset: float = -0.5  # (OFF 12-epoch configs; 24 / 36-epoch: 0.0)
     # DINO (each can be turned off to compare on a plain two-stage deformable base)
     learnt_init_query: bool = True  # mixed query selection: learned content, positions from the top-k boxes
     look_forward_twice: bool = True
@@ -625,6 +636,10 @@ class Config:
                               ("encoder_values", ENCODER_VALUES), ("fg_ranges", FG_RANGES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.extra_level_mask not in ("exact", "interpolate"):
+            raise ValueError(f"extra_level_mask must be 'exact' or 'interpolate', got {self.extra_level_mask!r}")
+        if not self.pos_temperature > 0:
+            raise ValueError(f"pos_temperature must be > 0, got {self.pos_temperature}")
         if not 0 < self.focus_rho <= 1:
             raise ValueError(f"focus_rho must be in (0, 1], got {self.focus_rho}")
         if len(self.cascade_ratios) != self.enc_layers or not all(0 < r <= 1 for r in self.cascade_ratios):

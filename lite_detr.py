@@ -62,8 +62,8 @@ Deviations from the paper / official code (OFF's behaviour is the default unless
   W_K the key and value maps are sampled in one call. Same numbers, fewer grid_samples.
 - Where KDA is off, the attention has no query_proj (OFF builds an unused one even then).
 - As in sparse_detr.py: the input projections' GroupNorm skips padding (`masked_groupnorm=False`
-  is OFF/DDETR's); the extra level's mask is computed exactly from the C5 mask; the two-stage
-  top-k never picks padded tokens.
+  is OFF/DDETR's); the extra level's mask is computed exactly from the C5 mask (`extra_level_mask=
+  "interpolate"` is DDETR's); the two-stage top-k never picks padded tokens (`two_stage_over_padding`).
 - State-dict keys map onto OFF/DDETR's as in sparse_detr.py (encoder.{i} -> transformer.encoder.layers.{i},
   decoder.{i} -> transformer.decoder.layers.{i}, ...); the small FFN keeps OFF's names
   linear12 / linear22 / norm22.
@@ -292,19 +292,20 @@ class LiteDETR(nn.Module):
             dec_sampling_locations (B, dec_layers, Q, H, L, P, 2), dec_attention_weights (B, dec_layers, Q, H, L, P)
                                  the decoder's cross-attention (key-aware weights with kda_decoder)
         """
-        memory, geometry, n_low = self.encode(self.backbone(images, pad_mask))
+        memory, geometry, n_low = self.encode(self.backbone(images, pad_mask), pad_mask)
         out, locs, weights = self.decode(memory, geometry)
         if explain:
             out.update(spatial_shapes=geometry.spatial_shapes, token_pad_mask=geometry.pad_mask, n_low=n_low,
                        dec_sampling_locations=torch.stack(locs, 1), dec_attention_weights=torch.stack(weights, 1))
         return out
 
-    def encode(self, feats):
+    def encode(self, feats, pad_mask=None):
         """Input tokens and the interleaved encoder (Sec. 3.2). Tokens are [F_L, F_H] (finest levels
-        first). feats: the backbone's [(C3, m3), (C4, m4), (C5, m5)] -> memory (B, N, C),
-        TokenGeometry, n_low = |F_L|."""
+        first). feats: the backbone's [(C3, m3), (C4, m4), (C5, m5)]; pad_mask the images' (read with
+        extra_level_mask="interpolate") -> memory (B, N, C), TokenGeometry, n_low = |F_L|."""
         cfg = self.cfg
-        src, pos, geo = input_tokens(self.input_proj, self.level_embed, feats, cfg.masked_groupnorm)  # (B, N, C) x 2
+        src, pos, geo = input_tokens(self.input_proj, self.level_embed, feats, cfg.masked_groupnorm, pad_mask,
+                                     cfg.extra_level_mask)  # (B, N, C) x 2
         ref, shapes, pad = geo.reference_points, geo.spatial_shapes, geo.pad_mask  # (B, N, L, 2), [(H_l, W_l)], (B, N)
         n_low = sum(h * w for h, w in shapes[:cfg.num_feature_levels - cfg.enc_scale])  # |F_L|
         memory = src  # (B, N, C) all tokens; F_L goes stale between all-token layers
@@ -333,7 +334,7 @@ class LiteDETR(nn.Module):
         head = cfg.dec_layers
         enc_logits = self.class_embed[head](enc_feats)  # (B, N, K)
         enc_coord = self.bbox_embed[head](enc_feats) + geo.proposals  # (B, N, 4) logits
-        topk = top_queries(enc_logits[..., 0], geo.pad_mask, cfg.num_queries)  # (B, Q): class-agnostic loss -> logit 0
+        topk = top_queries(enc_logits[..., 0], geo.pad_mask, cfg.num_queries, cfg.two_stage_over_padding)  # (B, Q)
         ref_logit = gather_tokens(enc_coord, topk).detach()  # (B, Q, 4)
         query = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(ref_logit, cfg.hidden_dim // 2)))  # (B, Q, 2C)
         query_pos, tgt = query.chunk(2, dim=-1)  # (B, Q, C) each
@@ -380,6 +381,8 @@ class Config:
     kda_decoder: bool = False  # KDA in the decoder cross-attention (OFF's Lite-DINO: True)
     kda_key_proj: bool = False  # OFF proj_key: a separate W_K on the input (default: K sampled from V)
     masked_groupnorm: bool = True  # False: DDETR's GroupNorm, whose statistics include the padding
+    extra_level_mask: str = "exact"  # "interpolate": DDETR's extra-level mask, the image's mask resized (nearest)
+    two_stage_over_padding: bool = False  # True: DDETR's two-stage top-k, which ranks padded tokens too
     aux_loss: bool = True
     loss_ce: float = 2.0  # DDETR --cls_loss_coef
     loss_bbox: float = 5.0
@@ -420,6 +423,8 @@ class Config:
             raise ValueError(f"enc_scale must be 1..num_feature_levels ({self.num_feature_levels}), got {self.enc_scale}")
         if self.num_blocks < 1 or self.enc_layers % self.num_blocks:
             raise ValueError(f"num_blocks must divide enc_layers ({self.enc_layers}), got {self.num_blocks}")
+        if self.extra_level_mask not in ("exact", "interpolate"):
+            raise ValueError(f"extra_level_mask must be 'exact' or 'interpolate', got {self.extra_level_mask!r}")
         if self.last_layer_queries not in LAST_LAYER_QUERIES:
             raise ValueError(f"last_layer_queries must be one of {LAST_LAYER_QUERIES}, got {self.last_layer_queries!r}")
         if self.low_ffn not in LOW_FFNS:

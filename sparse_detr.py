@@ -33,8 +33,12 @@ Deviations from the paper / official code (OFF's behaviour is the default unless
 - The input projections' GroupNorm takes its statistics over valid positions only; OFF's counts the
   padding, so an image's features move with its batch. OFF's is `masked_groupnorm=False`.
 - The extra level's padding mask is computed exactly from the C5 mask (ceil of half the valid
-  cells); OFF interpolates the image mask.
-- The two-stage top-300 never picks padded tokens (OFF's can, at no benefit: their boxes are inf).
+  cells); OFF interpolates the image mask, which can differ by a row or column: `extra_level_mask=
+  "interpolate"`.
+- The two-stage top-300 never picks padded tokens (OFF's can, at no benefit: their boxes are inf):
+  `two_stage_over_padding=True` is OFF's.
+- The logged `corr` (not a loss) counts only each image's own n_b selected tokens; OFF's also counts
+  a smaller image's batch-filler rows as selected.
 - DAM splatting: OFF puts the sampling point at loc * (W, H) with no -0.5 shift, half a cell off
   grid_sample's convention; we reproduce it. `dam_half_cell_shift=True` is the corrected variant.
 - The objectness-score selection (the paper's OS baseline; OFF has only unreachable scaffolding) is
@@ -223,19 +227,20 @@ class SparseDETR(nn.Module):
           with explain=True:
             dam (B, N)           the decoder attention map itself (`decoder_attention_map`)
         """
-        memory, geometry, out = self.encode(self.backbone(images, pad_mask))
+        memory, geometry, out = self.encode(self.backbone(images, pad_mask), pad_mask)
         out.update(self.decode(memory, geometry))
         if explain:
             out["dam"] = decoder_attention_map(out["dec_sampling_locations"], out["dec_attention_weights"],
                                                geometry.spatial_shapes, self.cfg.dam_half_cell_shift)
         return out
 
-    def encode(self, feats):
+    def encode(self, feats, pad_mask=None):
         """Input tokens, token selection (Sec. 3.2) and the (sparse) encoder.
-        feats: the backbone's [(C3, m3), (C4, m4), (C5, m5)] -> memory (B, N, C), TokenGeometry,
-        and the selection's outputs (a dict)."""
+        feats: the backbone's [(C3, m3), (C4, m4), (C5, m5)]; pad_mask (B, H_img, W_img) the images'
+        (read with extra_level_mask="interpolate") -> memory (B, N, C), TokenGeometry, the selection's outputs."""
         cfg = self.cfg
-        src, pos, geo = input_tokens(self.input_proj, self.level_embed, feats, cfg.masked_groupnorm)  # (B, N, C) x 2
+        src, pos, geo = input_tokens(self.input_proj, self.level_embed, feats, cfg.masked_groupnorm, pad_mask,
+                                     cfg.extra_level_mask)  # (B, N, C) x 2
         pad, ref = geo.pad_mask, geo.reference_points  # (B, N), (B, N, L, 2)
         out = {"spatial_shapes": geo.spatial_shapes, "token_pad_mask": pad}
         if not cfg.sparse_encoder:  # the dense Deformable DETR encoder
@@ -285,7 +290,7 @@ class SparseDETR(nn.Module):
         enc_logits = self.class_embed[head](enc_feats)  # (B, N, K)
         enc_coord = self.bbox_embed[head](enc_feats) + geo.proposals  # (B, N, 4) logits
         objectness = enc_logits.max(-1).values if cfg.eff_specific_head else enc_logits[..., 0]  # (B, N)
-        topk = top_queries(objectness, geo.pad_mask, cfg.num_queries)  # (B, Q)
+        topk = top_queries(objectness, geo.pad_mask, cfg.num_queries, cfg.two_stage_over_padding)  # (B, Q)
         ref_logit = gather_tokens(enc_coord, topk).detach()  # (B, Q, 4)
         query = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(ref_logit, cfg.hidden_dim // 2)))  # (B, Q, C or 2C)
         if cfg.eff_query_init:  # content = the selected memory (not detached), position from the boxes
@@ -385,6 +390,8 @@ class Config:
     scorer_mean_over_padding: bool = False  # True: OFF's global mean over padded tokens too (batch-dependent)
     masked_groupnorm: bool = True  # False: OFF's GroupNorm, whose statistics include the padding
     dam_half_cell_shift: bool = False  # True: splat at loc * (W, H) - 0.5 (grid_sample's convention); OFF: no shift
+    extra_level_mask: str = "exact"  # "interpolate": OFF's extra-level mask, the image's mask resized (nearest)
+    two_stage_over_padding: bool = False  # True: OFF's two-stage top-k, which ranks padded tokens too
     aux_loss: bool = True
     loss_ce: float = 2.0  # OFF --cls_loss_coef
     loss_bbox: float = 5.0
@@ -396,6 +403,8 @@ class Config:
     def validate(self):
         if not 0 < self.rho <= 1:
             raise ValueError(f"rho must be in (0, 1], got {self.rho}")
+        if self.extra_level_mask not in ("exact", "interpolate"):
+            raise ValueError(f"extra_level_mask must be 'exact' or 'interpolate', got {self.extra_level_mask!r}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
         if self.hidden_dim % self.nheads or self.hidden_dim % 32:
