@@ -27,14 +27,14 @@ Shape letters, the same in every file of the library:
     F  sine frequencies per coordinate   H_l, W_l  level l's map; H_img, W_img  the padded images
 
 Deviations from the DETR / Deformable DETR code these come from:
-- generalized_box_iou never asserts (NaN/inf coordinates -> 0, inverted boxes -> empty) and the
-  matcher replaces non-finite costs by a large value: a diverging prediction gives a large loss
-  instead of killing the run.
-- `Backbone(norm="bn")` is an extra for training from scratch: ordinary BatchNorm instead of
-  DETR's FrozenBatchNorm2d (the default). The stem and layer1 stay frozen in both modes.
+- generalized_box_iou never asserts and the matcher replaces non-finite costs by a large value: a
+  diverging prediction gives a large loss instead of killing the run.
+- `Backbone(norm="bn")`: ordinary BatchNorm instead of FrozenBatchNorm2d, to train from scratch.
 """
+import argparse
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -153,12 +153,8 @@ class ResNet(nn.Module):
 
 
 class Backbone(nn.Module):
-    """ResNet returning C3, C4, C5 (strides 8, 16, 32) each with its padding mask.
-
-    norm="frozen_bn" (DETR): FrozenBatchNorm2d. norm="bn": plain BatchNorm2d with batch statistics,
-    for training from scratch. Either way the stem and layer1 are frozen and layer2-4 trained, as
-    in DETR (from scratch, the frozen stem is a fixed random-feature extractor).
-    """
+    """ResNet returning C3, C4, C5 (strides 8, 16, 32), each with its padding mask. norm="frozen_bn"
+    (DETR) or "bn" (batch statistics, to train from scratch); the stem and layer1 are frozen either way."""
 
     def __init__(self, depth=50, norm="frozen_bn"):
         super().__init__()
@@ -180,42 +176,63 @@ class Backbone(nn.Module):
         return out
 
 
-def load_backbone_weights(backbone, source):
-    """Load a torchvision-format ResNet state dict into `backbone.body`.
-
-    source: a state dict (a whole model's of this library too: its backbone.body.* are taken), a file
-    holding one (bare or under "model"; read weights_only), or "imagenet" (torchvision's download).
-    Raises ValueError naming the source and the missing / unexpected / mis-shaped keys.
-    """
-    name = "the given state dict" if isinstance(source, dict) else repr(source)
-    if isinstance(source, dict):
-        state = source
-    elif source == "imagenet":
-        state = torch.hub.load_state_dict_from_url(RESNET_URLS[backbone.depth], map_location="cpu")
-    else:
+def read_state_dict(source, what):
+    """A state dict, or a file holding one (bare, or under "model" beside other entries such as the
+    official checkpoints' "args"; read weights_only) -> (state dict, the other entries)."""
+    obj = source
+    if not isinstance(source, dict):
         if not os.path.isfile(source):
-            raise ValueError(f"backbone weights: no such file {source!r}")
+            raise ValueError(f"{what}: no such file {source!r}")
         try:
-            state = torch.load(source, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals([argparse.Namespace]):  # the official checkpoints' args
+                obj = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"backbone weights: {source!r} is not a readable torch state dict ({e})") from e
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise ValueError(f"backbone weights: {name} holds a {type(state).__name__}, not a state dict")
-    if any(k.startswith("backbone.body.") for k in state):  # a whole model of this library
-        state = {k[len("backbone.body."):]: v for k, v in state.items() if k.startswith("backbone.body.")}
-    state = {k: v for k, v in state.items()
-             if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
-    own = {k: v for k, v in backbone.body.state_dict().items() if not k.endswith("num_batches_tracked")}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+            raise ValueError(f"{what}: {source!r} is not a readable torch state dict ({e})") from e
+    extra = {}
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj, extra = obj["model"], {k: v for k, v in obj.items() if k != "model"}
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError(f"{what}: {source if isinstance(source, str) else 'the given dict'!r} holds no state dict")
+    return obj, extra
+
+
+def rename_keys(state, rules, ignore=()):
+    """Another code's state dict -> our names: the first (regex, replacement) of `rules` matching a key
+    renames it; keys matching an `ignore` regex are dropped -> (renamed, the keys matching neither)."""
+    out, unused = {}, []
+    for key, value in state.items():
+        if not any(re.match(p, key) for p in ignore):
+            new = next((re.sub(p, r, key) for p, r in rules if re.match(p, key)), None)
+            if new is None:
+                unused.append(key)
+            else:
+                out[new] = value
+    return out, unused
+
+
+def check_state_dict(state, own, what, unused=()):
+    """ValueError naming the keys unless `state` fills every tensor of `own` with its shape, nothing else,
+    and nothing of the source was left `unused`."""
+    own = {k: v for k, v in own.items() if not k.endswith("num_batches_tracked")}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own)) + sorted(unused)
     misshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or misshaped:
-        raise ValueError(
-            f"backbone weights {name} do not fit ResNet-{backbone.depth}: "
-            f"{len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, "
-            f"{len(misshaped)} with another shape {misshaped[:5]}")
+        raise ValueError(f"{what}: {len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected "
+                         f"{unexpected[:5]}, {len(misshaped)} with another shape {misshaped[:5]}")
+
+
+def load_backbone_weights(backbone, source):
+    """Load a torchvision-format ResNet state dict into `backbone.body`. source: what read_state_dict
+    takes (a whole model's of this library too: its backbone.body.*) or "imagenet" (downloaded)."""
+    if source == "imagenet":
+        state = torch.hub.load_state_dict_from_url(RESNET_URLS[backbone.depth], map_location="cpu")
+    else:
+        state = read_state_dict(source, "backbone weights")[0]
+    if any(k.startswith("backbone.body.") for k in state):  # a whole model of this library
+        state = {k[len("backbone.body."):]: v for k, v in state.items() if k.startswith("backbone.body.")}
+    state = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
+    name = repr(source) if isinstance(source, str) else "the given state dict"
+    check_state_dict(state, backbone.body.state_dict(), f"backbone weights {name} do not fit ResNet-{backbone.depth}")
     backbone.body.load_state_dict(state, strict=False)  # everything but BatchNorm's step counters, checked above
 
 
@@ -272,13 +289,9 @@ def valid_image_sizes(pad_mask):
 
 def ms_deform_sample_levels(value, spatial_shapes, sampling_locations):
     """Bilinearly sample every level's value map at the given locations, one level at a time.
-
-    value (B, N, H, D): all levels' tokens flattened, N = sum_l H_l*W_l, H heads of D channels.
-    spatial_shapes: list of (H_l, W_l). sampling_locations (B, Q, H, L, P, 2): (x, y) in [0, 1]
-    relative to each level's map (0 and 1 are the outer edges of the border cells).
-    Yields (B*H, D, Q, P) per level. Points outside the map read zeros (grid_sample's zero
-    padding, align_corners=False), exactly like the official CUDA kernel.
-    """
+    value (B, N, H, D): all levels' tokens; spatial_shapes [(H_l, W_l)]; sampling_locations
+    (B, Q, H, L, P, 2): (x, y) in [0, 1] of each level's map (0 and 1: the outer edges of the border
+    cells) -> yields (B*H, D, Q, P) per level. Points outside read zeros, as the official CUDA kernel."""
     B, N, H, D = value.shape
     assert N == sum(h * w for h, w in spatial_shapes), "value length does not match spatial_shapes"
     values = value.split([h * w for h, w in spatial_shapes], dim=1)
@@ -336,10 +349,7 @@ def init_offset_ring_(sampling_offsets, n_heads, n_levels, n_points):
 
 
 class MSDeformAttn(nn.Module):
-    """Multi-scale deformable attention on common.ms_deform_attn (the grid_sample path).
-
-    Returns the output, the sampling locations and the attention weights (Sparse DETR's DAM reads them).
-    """
+    """Multi-scale deformable attention (Deformable DETR Eq. 3) on ms_deform_attn (the grid_sample path)."""
 
     def __init__(self, d_model, n_levels, n_heads, n_points):
         super().__init__()
@@ -404,12 +414,6 @@ def halve_mask(mask):
     return rows | cols  # (B, ceil(H_l/2), ceil(W_l/2))
 
 
-def level_valid_ratios(masks):
-    """[(B, H_l, W_l)] -> (B, L, 2): the unpadded fraction (w, h) of each level's map."""
-    return torch.stack([valid_image_sizes(m) / torch.tensor([m.shape[2], m.shape[1]], device=m.device)
-                        for m in masks], 1)
-
-
 def encoder_reference_points(spatial_shapes, valid_ratios):
     """Each token's centre, normalised by its level's unpadded size, seen from every level:
     (B, N, L, 2) in [0, 1] of each level's padded map."""
@@ -424,11 +428,9 @@ def encoder_reference_points(spatial_shapes, valid_ratios):
 
 
 def token_proposals(masks):
-    """One box per token: its cell centre, side 0.05 * 2^l of the unpadded image (two-stage).
-
-    masks [(B, H_l, W_l)] -> proposals (B, N, 4) as logits, and valid (B, N): False at padded
-    tokens and at tokens whose box leaves (0.01, 0.99), whose proposals are inf.
-    """
+    """One box per token: its cell centre, side 0.05 * 2^l of the unpadded image (two-stage). masks
+    [(B, H_l, W_l)] -> proposals (B, N, 4) logits, valid (B, N): False at padding and where the box
+    leaves (0.01, 0.99) (proposal inf)."""
     props = []
     for lvl, m in enumerate(masks):
         valid_wh = valid_image_sizes(m)  # (B, 2) valid cells (w, h)
@@ -498,7 +500,8 @@ def input_tokens(input_proj, level_embed, feats, masked_groupnorm=True, pad_mask
     pos = torch.cat([sine_position_embedding(m, src.shape[-1] // 2, temperature, offset=offset).to(src).flatten(2)
                      .transpose(1, 2) + level_embed[lvl] for lvl, m in enumerate(masks)], 1)  # (B, N, C)
     spatial_shapes = [tuple(m.shape[-2:]) for m in masks]
-    valid_ratios = level_valid_ratios(masks)  # (B, L, 2)
+    valid_ratios = torch.stack([valid_image_sizes(m) / torch.tensor([m.shape[2], m.shape[1]], device=m.device)
+                                for m in masks], 1)  # (B, L, 2) the unpadded fraction (w, h) of each level's map
     proposals, proposal_valid = token_proposals(masks)  # (B, N, 4), (B, N)
     geometry = TokenGeometry(spatial_shapes, masks, torch.cat([m.flatten(1) for m in masks], 1), valid_ratios,
                              encoder_reference_points(spatial_shapes, valid_ratios), proposals, proposal_valid)
@@ -525,11 +528,8 @@ def gather_tokens(x, inds):
 
 
 def write_back(memory, inds, rows, updated):
-    """The tokens an encoder layer updated go back into the memory; all others keep their value.
-
-    memory (B, N, C); inds (B, S) token indices; rows (B, S) False at batch filler (rows of an image
-    that updates fewer than S tokens); updated (B, S, C) -> (B, N, C).
-    """
+    """The tokens an encoder layer updated go back into the memory, all others keep their value. memory
+    (B, N, C); inds (B, S); rows (B, S) False at batch filler (an image updating < S); updated (B, S, C)."""
     B, N, C = memory.shape
     b, s = rows.nonzero(as_tuple=True)
     return memory.reshape(B * N, C).index_copy(0, b * N + inds[b, s], updated[b, s]).view(B, N, C)
@@ -615,11 +615,6 @@ def box_cxcywh_to_xyxy(b):
     return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
 
 
-def box_xyxy_to_cxcywh(b):
-    x0, y0, x1, y1 = b.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
-
-
 def _sanitize(boxes):
     """Non-finite coordinates -> 0; an inverted box (x1 < x0) becomes an empty one at x0."""
     boxes = torch.nan_to_num(boxes, nan=0.0, posinf=0.0, neginf=0.0)
@@ -678,10 +673,8 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs, targets):
-        """outputs: pred_logits (B, Q, K), pred_boxes (B, Q, 4); targets: [{labels (M_b,), boxes (M_b, 4)}].
-
-        Returns [(pred_idx, tgt_idx)] per image, int64 tensors of equal length min(Q, M_b).
-        """
+        """outputs: pred_logits (B, Q, K), pred_boxes (B, Q, 4); targets: [{labels (M,), boxes (M, 4)}]
+        -> [(pred_idx, tgt_idx)] per image, int64 tensors of equal length min(Q, M)."""
         B, Q = outputs["pred_logits"].shape[:2]
         logits = outputs["pred_logits"].flatten(0, 1).float()  # (B*Q, K)
         boxes = outputs["pred_boxes"].flatten(0, 1).float()  # (B*Q, 4)
@@ -718,12 +711,9 @@ class SetCriterion(nn.Module):
     For every output set (the last decoder layer, each `aux_outputs` entry, the two-stage
     `enc_outputs` with `encoder_labels` "binary" (class-agnostic, two-stage Deformable DETR) or
     "class" (the real labels), each `enc_aux_outputs` entry) the predictions are Hungarian-matched:
-        loss_ce   = sum of focal loss over all queries and classes / num_boxes
-        loss_bbox = L1 on matched (cx, cy, w, h) / num_boxes
-        loss_giou = (1 - GIoU) on matched boxes / num_boxes
-    where num_boxes is the batch's target count averaged over ranks, at least 1.
-    Returns a dict of unweighted terms (suffix _0, _1, .. for aux, _enc for the two-stage head,
-    _enc_0, .. for encoder layers); `weight_dict` holds each term's weight.
+    loss_ce = focal loss summed over all queries and classes, loss_bbox = L1 and loss_giou = 1 - GIoU
+    on the matched boxes, each / num_boxes (the batch's targets averaged over ranks, at least 1).
+    -> unweighted terms (suffix _0, _1, .. for aux, _enc, _enc_0, ..); weights in `weight_dict`.
     """
 
     def __init__(self, num_classes, matcher=None, weight_ce=2.0, weight_bbox=5.0, weight_giou=2.0,

@@ -72,8 +72,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import (Backbone, DeformableDecoderLayer, DeformableEncoderLayer, HungarianMatcher, InputProjections,
-                    MLP, MSDeformAttn, PostProcess, SetCriterion, box_cxcywh_to_xyxy, gather_tokens, input_tokens,
-                    inverse_sigmoid, proposal_features, sigmoid_focal_loss, top_queries, write_back)
+                    MLP, MSDeformAttn, PostProcess, SetCriterion, box_cxcywh_to_xyxy, check_state_dict,
+                    gather_tokens, input_tokens, inverse_sigmoid, proposal_features, read_state_dict, rename_keys,
+                    sigmoid_focal_loss, top_queries, write_back)
 
 # OFF GenTargets limit_range: the largest distance from a token centre to its box's edges, in
 # pixels, that each level (strides 8, 16, 32, 64) is responsible for (FCOS, non-overlapping)
@@ -570,6 +571,98 @@ class FocusDETRCriterion(SetCriterion):
             zero = outputs["pred_logits"].sum() * 0.0
             losses.update({k: zero for k in self.weight_dict if "_dn" in k})
         return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# The authors' weights (OFF README: R50 at 12 / 24 / 36 epochs; detrex / detectron2 checkpoints)
+# ---------------------------------------------------------------------------------------------
+
+# OFF's 80 contiguous classes -> COCO category ids (the order of instances_val2017.json)
+COCO_IDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32,
+            33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60,
+            61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90]
+# OFF (detrex) state-dict name -> ours, the first matching rule wins. detectron2's ResNet: resN = layerN-1,
+# convK.norm = bnK, shortcut = downsample. detrex layers: attentions.0 the OESM / decoder self-attention,
+# attentions.1 the deformable one; encoder norms.0 / norms.1 after attention / FFN, norm2 after the OESM;
+# decoder norms.0 / .1 / .2 after self-attention / cross-attention / FFN.
+OFFICIAL_KEYS = [
+    (r"^backbone\.stem\.conv1\.weight$", "backbone.body.conv1.weight"),
+    (r"^backbone\.stem\.conv1\.norm\.", "backbone.body.bn1."),
+    *[(rf"^backbone\.res{r}\.(\d+)\.conv(\d)\.weight$", rf"backbone.body.layer{r - 1}.\1.conv\2.weight") for r in (2, 3, 4, 5)],
+    *[(rf"^backbone\.res{r}\.(\d+)\.conv(\d)\.norm\.", rf"backbone.body.layer{r - 1}.\1.bn\2.") for r in (2, 3, 4, 5)],
+    *[(rf"^backbone\.res{r}\.(\d+)\.shortcut\.weight$", rf"backbone.body.layer{r - 1}.\1.downsample.0.weight") for r in (2, 3, 4, 5)],
+    *[(rf"^backbone\.res{r}\.(\d+)\.shortcut\.norm\.", rf"backbone.body.layer{r - 1}.\1.downsample.1.") for r in (2, 3, 4, 5)],
+    (r"^neck\.convs\.(\d)\.conv\.", r"input_proj.\1.0."), (r"^neck\.convs\.(\d)\.norm\.", r"input_proj.\1.1."),
+    (r"^neck\.extra_convs\.0\.conv\.", "input_proj.3.0."), (r"^neck\.extra_convs\.0\.norm\.", "input_proj.3.1."),
+    (r"^transformer\.level_embeds$", "level_embed"), (r"^transformer\.alpha$", "selector.alpha"),
+    (r"^transformer\.enc_mask_predictor\.", "selector.scorer."),
+    (r"^transformer\.(enc_output|enc_output_norm|tgt_embed)\.", r"\1."),
+    (r"^transformer\.decoder\.ref_point_head\.", "ref_point_head."), (r"^transformer\.decoder\.norm\.", "decoder_norm."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.attentions\.0\.attn\.", r"encoder.\1.oesm_attn."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.norm2\.", r"encoder.\1.oesm_norm."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.norms\.0\.", r"encoder.\1.norm1."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.norms\.1\.", r"encoder.\1.norm2."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.attentions\.1\.", r"encoder.\1.self_attn."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.attentions\.0\.attn\.", r"decoder.\1.self_attn."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.attentions\.1\.", r"decoder.\1.cross_attn."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.norms\.0\.", r"decoder.\1.norm2."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.norms\.1\.", r"decoder.\1.norm1."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.norms\.2\.", r"decoder.\1.norm3."),
+    (r"^transformer\.(encoder|decoder)\.layers\.(\d+)\.ffns\.0\.layers\.0\.0\.", r"\1.\2.linear1."),
+    (r"^transformer\.(encoder|decoder)\.layers\.(\d+)\.ffns\.0\.layers\.1\.", r"\1.\2.linear2."),
+    (r"^(class_embed|bbox_embed|label_enc)\.", r"\1."),
+]
+# second names of the same heads: the decoder's view of them and the MCSP (= the two-stage class head)
+OFF_ALIASES = [r"^transformer\.decoder\.(class_embed|bbox_embed)\.", r"^enhance_MCSP_layerlist\.",
+               r"^transformer\.encoder\.enhance_MCSP\."]
+
+
+def from_official(source, class_ids="coco", schedule=None):
+    """An OFF checkpoint (detrex's {"model": state dict} or a bare state dict) -> (Config, our state
+    dict, notes on what was assumed). The sizes, layers, queries, classes and ResNet depth are read
+    from the tensors; OFF's behaviours are switched on (batch_max counts, means and Up() over
+    padding, GroupNorm over padding, the padded-map query embedding, the interpolated extra-level
+    mask, the two-stage top-k over padding). class_ids="coco": OFF's 80 class rows go to their COCO
+    ids (COCO_IDS) of our 91 logits, the other 11 ids get logit -10000 (never detected);
+    "contiguous": 80 logits as OFF. schedule "12ep" / "24ep" / "36ep": the encoder's sine positions
+    of that config (24 / 36 epochs: temperature 20, offset 0); default: read from the file name,
+    else 12ep. focus_rho, the cascade ratios and num_fine_tokens are OFF's defaults (not in the file)."""
+    what = f"official Focus-DETR checkpoint {source if isinstance(source, str) else ''}".strip()
+    state = read_state_dict(source, what)[0]
+    if "transformer.level_embeds" not in state or "neck.convs.0.conv.weight" not in state:
+        raise ValueError(f"{what}: not a Focus-DETR (detrex) state dict (no transformer.level_embeds or neck.convs)")
+    count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})  # noqa: E731
+    if class_ids not in ("coco", "contiguous"):
+        raise ValueError(f"class_ids must be 'coco' or 'contiguous', got {class_ids!r}")
+    name = source.lower() if isinstance(source, str) else ""
+    schedule = schedule or next((s for s in ("24ep", "36ep") if s in name), "12ep")
+    notes = ["focus_rho 0.5, cascade_ratios (1, .8, .6, .6, .4, .2), num_fine_tokens 300: OFF's defaults (not in "
+             "the file)", f"encoder sine positions of the {schedule} config"]
+    d, L = state["transformer.level_embeds"].shape[1], state["transformer.level_embeds"].shape[0]
+    enc_layers, off_classes = count("transformer.encoder.layers."), state["class_embed.0.weight"].shape[0]
+    depth = {6: 50, 23: 101}.get(count("backbone.res4."))
+    if depth is None:
+        notes.append("backbone: no ResNet-50 / 101 weights in the file; ResNet-50 assumed")
+    cfg = Config(hidden_dim=d, nheads=8, num_feature_levels=L, enc_layers=enc_layers,
+                 dec_layers=count("transformer.decoder.layers."), num_queries=state["transformer.tgt_embed.weight"].shape[0],
+                 dim_feedforward=state["transformer.encoder.layers.0.ffns.0.layers.0.0.weight"].shape[0],
+                 num_classes=91 if class_ids == "coco" else off_classes, backbone_depth=depth or 50,
+                 cascade_ratios=Config.cascade_ratios[:enc_layers] if enc_layers <= 6 else (1.0,) * enc_layers,
+                 cascade_counts="batch_max", scorer_mean_over_padding=True, upsample_over_padding=True,
+                 masked_groupnorm=False, query_pos_over_padding=True, extra_level_mask="interpolate",
+                 two_stage_over_padding=True, pos_temperature=10000.0 if schedule == "12ep" else 20.0,
+                 pos_offset=-0.5 if schedule == "12ep" else 0.0)
+    ours, unused = rename_keys(state, OFFICIAL_KEYS, OFF_ALIASES)
+    if class_ids == "coco":  # OFF row k -> our row COCO_IDS[k]
+        if off_classes != len(COCO_IDS):
+            raise ValueError(f"{what}: {off_classes} classes; class_ids='coco' maps COCO's 80 (use 'contiguous')")
+        for key in [k for k in ours if k.startswith("class_embed.") or k == "label_enc.weight"]:
+            full = (torch.full((91,), -1e4) if key.endswith("bias") and key != "label_enc.weight" else
+                    torch.zeros(91, *ours[key].shape[1:])).to(ours[key])
+            full[COCO_IDS] = ours[key]
+            ours[key] = full
+    check_state_dict(ours, FocusDETR(cfg).state_dict(), f"{what} does not fit {cfg}", unused)
+    return cfg, ours, notes
 
 
 # ---------------------------------------------------------------------------------------------

@@ -77,7 +77,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import MLP, Backbone, PostProcess, SetCriterion, halve_mask, sine_position_embedding, valid_image_sizes
+from common import (MLP, Backbone, PostProcess, SetCriterion, check_state_dict, halve_mask, read_state_dict,
+                    rename_keys, sine_position_embedding, valid_image_sizes)
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
@@ -397,6 +398,59 @@ def gaussian_maps(out, image=0, query=0, layer=-1):
         raise ValueError("this model has no spatial prior (spatial_prior=False)")
     maps = log_prior[image, :, query].exp().mean(0)  # (L,) averaged over heads
     return [m.view(h, w) for m, (h, w) in zip(maps.split([h * w for h, w in out["level_shapes"]]), out["level_shapes"])]
+
+
+# ---------------------------------------------------------------------------------------------
+# The authors' weights (OFF README's model zoo: single-scale R50 at 50 / 108 / 250 epochs)
+# ---------------------------------------------------------------------------------------------
+
+# OFF state-dict name -> ours, the first matching rule wins (DETR's names; point1-3 are the prior heads)
+OFFICIAL_KEYS = [
+    (r"^backbone\.0\.body\.", "backbone.body."),
+    (r"^input_proj\.", "input_proj.0."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.", r"encoder.\1."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.multihead_attn\.in_proj_(weight|bias)$", r"decoder.\1.cross_attn.in_proj.\2"),
+    (r"^transformer\.decoder\.layers\.(\d+)\.multihead_attn\.", r"decoder.\1.cross_attn."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.point1\.", r"decoder.\1.center_mlp."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.point2\.", r"decoder.\1.offset_proj."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.point3\.", r"decoder.\1.scale_proj."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.", r"decoder.\1."),
+    (r"^transformer\.decoder\.norm\.", "decoder_norm."),
+    (r"^(query_embed|class_embed|bbox_embed)\.", r"\1."),
+]
+
+
+def from_official(source):
+    """An OFF checkpoint (the file as released, {"model": state dict, "args": ...}, or a bare state
+    dict) -> (Config, our state dict, notes on what was assumed). The configuration is read from the
+    tensors (sizes, layer counts, scale type) and OFF's args when present (beta = --smooth); the
+    92nd class row (DETR's no-object column, never trained under focal loss) is dropped. Raises
+    ValueError naming the keys when the file is not a single-scale SMCA checkpoint."""
+    what = f"official SMCA checkpoint {source if isinstance(source, str) else ''}".strip()
+    state, extra = read_state_dict(source, what)
+    args = vars(extra["args"]) if hasattr(extra.get("args"), "__dict__") else dict(extra.get("args") or {})
+    if "query_embed.weight" not in state or "transformer.decoder.layers.0.norm1.weight" not in state:
+        raise ValueError(f"{what}: not an SMCA-DETR state dict (no query_embed / transformer.decoder.layers.0)")
+    count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})  # noqa: E731
+    notes, blocks = [], count("backbone.0.body.layer3.")
+    point2, point3 = state.get("transformer.decoder.layers.0.point2.weight"), state.get("transformer.decoder.layers.0.point3.weight")
+    H = point2.shape[0] // 2 if point2 is not None else 8
+    cfg = Config(hidden_dim=state["query_embed.weight"].shape[1], num_queries=state["query_embed.weight"].shape[0],
+                 nheads=H, enc_layers=count("transformer.encoder.layers."), dec_layers=count("transformer.decoder.layers."),
+                 dim_feedforward=state["transformer.decoder.layers.0.linear1.weight"].shape[0],
+                 num_classes=min(state["class_embed.weight"].shape[0], 91), spatial_prior=point2 is not None,
+                 scale_type="fixed" if point3 is None else ("independent" if point3.shape[0] == 2 * H else "single"),
+                 beta=float(args.get("smooth", 8.0)), backbone_depth={6: 50, 23: 101}.get(blocks, 50),
+                 dropout=float(args.get("dropout", 0.1)))
+    if "smooth" not in args:
+        notes.append("beta = 8 (OFF --smooth, not in the file)")
+    if blocks not in (6, 23):
+        notes.append("backbone: no ResNet-50 / 101 weights in the file; ResNet-50 assumed")
+    if state["class_embed.weight"].shape[0] == 92:  # DETR's no-object column
+        state = {**state, "class_embed.weight": state["class_embed.weight"][:91], "class_embed.bias": state["class_embed.bias"][:91]}
+    ours, unused = rename_keys(state, OFFICIAL_KEYS)
+    check_state_dict(ours, SMCA(cfg).state_dict(), f"{what} does not fit {cfg}", unused)
+    return cfg, ours, notes
 
 
 # ---------------------------------------------------------------------------------------------

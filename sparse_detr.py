@@ -68,8 +68,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from common import (Backbone, DeformableDecoderLayer, DeformableEncoderLayer, InputProjections, MLP, MSDeformAttn,
-                    PostProcess, SetCriterion, decode_with_box_refinement, gather_tokens, input_tokens,
-                    proposal_features, proposal_pos_embed, top_queries, write_back)
+                    PostProcess, SetCriterion, check_state_dict, decode_with_box_refinement, gather_tokens,
+                    input_tokens, proposal_features, proposal_pos_embed, read_state_dict, rename_keys, top_queries,
+                    write_back)
 
 SELECTIONS = ("dam", "objectness", "random")
 
@@ -359,6 +360,62 @@ class SparseDETRCriterion(SetCriterion):
             scores = torch.where(pad, scores.detach().min(), scores)  # OFF: padding scored at the minimum
             losses["loss_dam"] = F.binary_cross_entropy_with_logits(scores, target)
         return losses
+
+
+# ---------------------------------------------------------------------------------------------
+# The authors' weights (OFF README "Main Results": rho 0.1 .. 0.5, and the Deformable DETR bases)
+# ---------------------------------------------------------------------------------------------
+
+# OFF state-dict name -> ours, the first matching rule wins; OFF_ALIASES are second names of the heads
+OFFICIAL_KEYS = [
+    (r"^backbone\.0\.body\.", "backbone.body."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.", r"encoder.\1."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.", r"decoder.\1."),
+    (r"^transformer\.enc_mask_predictor\.", "scoring."),
+    (r"^transformer\.(level_embed|enc_output|enc_output_norm|pos_trans|pos_trans_norm)\b", r"\1"),
+    (r"^(input_proj|class_embed|bbox_embed)\.", r"\1."),
+]
+OFF_ALIASES = [r"^transformer\.(encoder|decoder)\.(class_embed|bbox_embed)\."]
+
+
+def from_official(source):
+    """An OFF checkpoint (the file as released, {"model": state dict, "args": ...}, or a bare state
+    dict; Sparse DETR or OFF's dense two-stage Deformable DETR) -> (Config, our state dict, notes on
+    what was assumed). Read from the tensors: sizes, layers, levels, points, the scorer (sparse
+    encoder or not), the encoder aux heads, Efficient-DETR query init; from OFF's args when present:
+    rho, nheads, num_queries, eff_specific_head. The official behaviours are switched on
+    (scorer_mean_over_padding, masked_groupnorm=False, extra_level_mask="interpolate",
+    two_stage_over_padding). Raises ValueError naming the keys when the file does not fit."""
+    what = f"official Sparse DETR checkpoint {source if isinstance(source, str) else ''}".strip()
+    state, extra = read_state_dict(source, what)
+    args = vars(extra["args"]) if hasattr(extra.get("args"), "__dict__") else dict(extra.get("args") or {})
+    if "transformer.level_embed" not in state or "transformer.enc_output.weight" not in state:
+        raise ValueError(f"{what}: not a two-stage Deformable / Sparse DETR state dict (no transformer.level_embed "
+                         f"or transformer.enc_output)")
+    count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})  # noqa: E731
+    notes, d, L = [], state["transformer.level_embed"].shape[1], state["transformer.level_embed"].shape[0]
+    enc_layers, dec_layers, H = count("transformer.encoder.layers."), count("transformer.decoder.layers."), args.get("nheads", 8)
+    sparse = any(k.startswith("transformer.enc_mask_predictor.") for k in state)
+    offsets = lambda part: state[f"transformer.{part}.layers.0.{'self' if part == 'encoder' else 'cross'}_attn.sampling_offsets.weight"]  # noqa: E731
+    for key, default in (("nheads", 8), ("num_queries", 300)) + ((("rho", 0.1),) if sparse else ()):
+        if key not in args:
+            notes.append(f"{key} = {default} (OFF's --{key}, not in the file)")
+    if "eff_specific_head" not in args:
+        notes.append("eff_specific_head = eff_query_init (OFF's configs set both; not in the file)")
+    eff_query_init = state["transformer.pos_trans.weight"].shape[0] == d
+    cfg = Config(hidden_dim=d, nheads=H, enc_layers=enc_layers, dec_layers=dec_layers, num_feature_levels=L,
+                 dim_feedforward=state["transformer.encoder.layers.0.linear1.weight"].shape[0],
+                 enc_n_points=offsets("encoder").shape[0] // (2 * H * L), dec_n_points=offsets("decoder").shape[0] // (2 * H * L),
+                 num_queries=args.get("num_queries", 300), num_classes=state["class_embed.0.weight"].shape[0],
+                 sparse_encoder=sparse, rho=float(args.get("rho", 0.1)) if sparse else 0.1,
+                 use_enc_aux_loss=count("class_embed.") > dec_layers + 1, eff_query_init=eff_query_init,
+                 eff_specific_head=bool(args.get("eff_specific_head", eff_query_init)), dropout=float(args.get("dropout", 0.1)),
+                 backbone_depth={6: 50, 23: 101}.get(count("backbone.0.body.layer3."), 50),
+                 scorer_mean_over_padding=True, masked_groupnorm=False, extra_level_mask="interpolate",
+                 two_stage_over_padding=True)
+    ours, unused = rename_keys(state, OFFICIAL_KEYS, OFF_ALIASES)
+    check_state_dict(ours, SparseDETR(cfg).state_dict(), f"{what} does not fit {cfg}", unused)
+    return cfg, ours, notes
 
 
 # ---------------------------------------------------------------------------------------------

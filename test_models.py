@@ -111,6 +111,51 @@ def tiny_shapes(tmp_path_factory):
     return root
 
 
+OFFICIAL = os.path.join(ROOT, "tests", "official")  # golden fixtures of the official code (tests/official/README.md)
+
+
+def _official_file(tmp_path, fixture, backbone_key, extra=None):
+    """The fixture's official state dict with a random ResNet-50 in the official naming (the fixtures
+    leave the backbone out), saved as the authors' files are: {"model": ..., **extra}."""
+    fx = torch.load(os.path.join(OFFICIAL, fixture), weights_only=True)
+    torch.manual_seed(0)
+    backbone = {backbone_key(k): torch.randn_like(v, dtype=torch.float64)
+                for k, v in common.Backbone(50).body.state_dict().items()}
+    path = tmp_path / fixture
+    torch.save({"model": {**fx["state_dict"], **backbone}, **(extra or {})}, path)
+    return fx, str(path), backbone
+
+
+def _run_official_case(model, inputs, **kwargs):
+    """The model's own forward on the fixture's backbone maps, with the pixel padding mask."""
+    H, W = inputs["padded_hw"].tolist()
+    pad = torch.ones(len(inputs["image_hw"]), H, W, dtype=torch.bool)
+    for b, (h, w) in enumerate(inputs["image_hw"].tolist()):
+        pad[b, :h, :w] = False
+    feats = [(f.double(), m) for f, m in zip(inputs["feats"], inputs["masks"])]
+    backbone, model.backbone = model.backbone, GivenFeatures(feats if len(feats) == 3 else [None, None, *feats])
+    try:
+        return model(torch.zeros(pad.shape[0], 3, H, W, dtype=torch.float64), pad, **kwargs)
+    finally:
+        model.backbone = backbone
+
+
+def _max_diff(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _bad_official_files(tmp_path, path, from_official, drop, rename):
+    """A truncated state dict and a renamed key are refused, naming the key."""
+    ckpt = torch.load(path, weights_only=False)
+    for name, edit, message in [("truncated", lambda sd: sd.pop(drop), "1 missing"),
+                                ("renamed", lambda sd: sd.__setitem__(rename + "_x", sd.pop(rename)), "_x")]:
+        sd = dict(ckpt["model"])
+        edit(sd)
+        torch.save({**ckpt, "model": sd}, tmp_path / f"{name}.pth")
+        with pytest.raises(ValueError, match=re.escape(message)):
+            from_official(str(tmp_path / f"{name}.pth"))
+
+
 # ---------------------------------------------------------------------------------------------
 # common.py: backbone, position encoding, deformable sampling, box ops, matcher, criterion
 # ---------------------------------------------------------------------------------------------
@@ -131,7 +176,8 @@ def test_giou_hand_cases_and_degenerate_boxes():
 
 def test_box_conversions_round_trip():
     b = torch.rand(10, 4)
-    assert torch.allclose(common.box_xyxy_to_cxcywh(common.box_cxcywh_to_xyxy(b)), b, atol=1e-6)
+    x0, y0, x1, y1 = common.box_cxcywh_to_xyxy(b).unbind(-1)
+    assert torch.allclose(torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1), b, atol=1e-6)
 
 
 def test_matcher_is_optimal_against_brute_force():
@@ -344,6 +390,41 @@ def test_interface_every_model_takes_the_same_call(name):
     for key in ("pred_logits", "pred_boxes"):
         assert plain[key].shape[:2] == (2, tiny().num_queries) and torch.equal(plain[key], explained[key])
     assert len(post(plain, torch.tensor([[96, 128], [64, 128]]))) == 2
+
+
+def test_input_tokens_extra_level_mask_and_position_switches():
+    """extra_level_mask="interpolate" is the official mask of the extra level (the image's mask
+    resized, nearest), "exact" is halve_mask of C5's; they differ for a 200 x 290 image padded to
+    250 x 330. temperature / offset reach every level's sine positions."""
+    torch.manual_seed(0)
+    pixel = torch.zeros(2, 250, 330, dtype=torch.bool)
+    pixel[1, 200:], pixel[1, :, 290:] = True, True
+    feats = []
+    for c, s in [(8, 8), (16, 16), (32, 32)]:
+        shape = (math.ceil(250 / s), math.ceil(330 / s))
+        feats.append((torch.randn(2, c, *shape), F.interpolate(pixel[None].float(), size=shape)[0].bool()))
+    proj, level_embed = common.InputProjections([8, 16, 32], 32, 4), torch.zeros(4, 32)
+    exact = common.input_tokens(proj, level_embed, feats, pad_mask=pixel)[2].masks[3]
+    official = common.input_tokens(proj, level_embed, feats, pad_mask=pixel, extra_level_mask="interpolate")[2].masks[3]
+    assert torch.equal(exact, common.halve_mask(feats[2][1]))
+    assert torch.equal(official, F.interpolate(pixel[None].float(), size=exact.shape[1:])[0].bool())
+    assert not torch.equal(exact, official)
+    src, pos, geo = common.input_tokens(proj, level_embed, feats, temperature=20, offset=0.0)
+    want = common.sine_position_embedding(geo.masks[1], 16, 20, offset=0.0).flatten(2).transpose(1, 2)
+    n0 = geo.spatial_shapes[0][0] * geo.spatial_shapes[0][1]
+    assert torch.allclose(pos[:, n0:n0 + want.shape[1]], want)
+    assert not torch.allclose(pos, common.input_tokens(proj, level_embed, feats)[1])
+
+
+def test_top_queries_skips_padding_unless_told_otherwise():
+    """The two-stage selection never picks a padded token; over_padding=True (the official code)
+    ranks them like the others."""
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3]])
+    pad = torch.tensor([[False, True, False, False]])
+    assert common.top_queries(scores, pad, 2).tolist() == [[2, 3]]
+    assert common.top_queries(scores, pad, 2, over_padding=True).tolist() == [[1, 2]]
+    with pytest.raises(ValueError, match="num_queries 5 exceeds the 4 encoder tokens"):
+        common.top_queries(scores, pad, 5)
 
 
 def test_copied_blocks_stay_in_sync():
@@ -852,6 +933,36 @@ def test_smca_gradient_flow(multiscale, stride):
     assert dead == NO_GRAD_EXPECTED
 
 
+def test_smca_official_checkpoint_gives_the_official_outputs(tmp_path):
+    """The authors' format ({"model", "args"}; OFF names, 92 class rows) through from_official: the
+    fixture's official outputs to 1e-6 and losses to 1e-5 relative; wrong files refused."""
+    import argparse
+    fx, path, backbone = _official_file(tmp_path, "smca_single_scale.pt", lambda k: f"backbone.0.body.{k}",
+                                        {"args": argparse.Namespace(smooth=8, dropout=0.0, num_queries=20)})
+    cfg, state, notes = smca.from_official(path)
+    assert (cfg.num_queries, cfg.enc_layers, cfg.dec_layers, cfg.dim_feedforward, cfg.scale_type, cfg.num_classes) == \
+        (20, 2, 2, 128, "independent", 91) and notes == []
+    model, criterion, _ = smca.build(cfg)
+    model.double().load_state_dict(state)
+    assert torch.equal(model.backbone.body.layer3[2].conv2.weight, backbone["backbone.0.body.layer3.2.conv2.weight"])
+    with torch.no_grad():
+        out = _run_official_case(model.eval(), fx["inputs"])
+        ref = fx["outputs"]
+        assert _max_diff(out["pred_logits"], ref["pred_logits"][..., :91]) < 1e-6
+        assert _max_diff(out["pred_boxes"], ref["pred_boxes"]) < 1e-6
+        assert _max_diff(out["aux_outputs"][0]["pred_logits"], ref["aux_outputs"][0]["pred_logits"][..., :91]) < 1e-6
+        assert _max_diff(out["centers"], ref["center_logits"].sigmoid()) < 1e-6
+        losses = criterion(_run_official_case(model.train(), fx["inputs"]), fx["targets"])
+    for k, v in fx["losses_91_fp32"].items():
+        if k.startswith("loss"):
+            assert losses[k].item() == pytest.approx(v, rel=1e-5), k
+    other = _official_file(tmp_path, "sparse_detr_rho0.1.pt", lambda k: f"backbone.0.body.{k}")[1]
+    with pytest.raises(ValueError, match="not an SMCA-DETR state dict"):
+        smca.from_official(other)
+    _bad_official_files(tmp_path, path, smca.from_official, "transformer.decoder.layers.1.point3.weight",
+                        "transformer.encoder.layers.0.linear1.weight")
+
+
 def test_smca_config_errors():
     with pytest.raises(ValueError, match="scale_type"):
         smca.build(tiny_smca(scale_type="diagonal"))
@@ -1067,6 +1178,45 @@ def test_sparse_detr_selected_tokens_are_exactly_the_ones_the_encoder_updates():
     for b in range(2):
         changed = set((memory[b] != src[b]).any(-1).nonzero()[:, 0].tolist())
         assert changed == set(out["topk_inds"][b, :out["sparse_token_nums"][b]].tolist())
+
+
+@pytest.mark.parametrize("fixture", ["sparse_detr_rho0.1.pt", "deformable_detr_two_stage_refine.pt"])
+def test_sparse_detr_official_checkpoint_gives_the_official_outputs(tmp_path, fixture):
+    """Sparse DETR rho 0.1 and OFF's dense two-stage Deformable DETR: the configuration read from the
+    file (and its args), the official switches on, the fixture's outputs, selections and losses."""
+    import argparse
+    fx, path, _ = _official_file(tmp_path, fixture, lambda k: f"backbone.0.body.{k}",
+                                 {"args": argparse.Namespace(**fx_args) for fx_args in [
+                                     torch.load(os.path.join(OFFICIAL, fixture), weights_only=True)["args"]]})
+    cfg, state, notes = sparse_detr.from_official(path)
+    sparse = fixture.startswith("sparse")
+    assert (cfg.sparse_encoder, cfg.eff_query_init, cfg.use_enc_aux_loss, cfg.num_queries, cfg.enc_layers) == \
+        (sparse, sparse, sparse, 20, 2) and notes == []
+    assert (cfg.extra_level_mask, cfg.two_stage_over_padding, cfg.masked_groupnorm) == ("interpolate", True, False)
+    model, criterion, _ = sparse_detr.build(cfg)
+    model.double().load_state_dict(state)
+    ref = fx["outputs"]
+    with torch.no_grad():
+        out = _run_official_case(model.eval(), fx["inputs"])
+        for key in ("pred_logits", "pred_boxes"):
+            assert _max_diff(out[key], ref[key]) < 1e-6, key
+            assert _max_diff(out["aux_outputs"][0][key], ref["aux_outputs"][0][key]) < 1e-6, key
+            assert _max_diff(out["enc_outputs"][key], ref["enc_outputs"][key]) < 1e-6, key
+        assert torch.equal(out["token_pad_mask"], ref["mask_flatten"])
+        if sparse:
+            assert _max_diff(out["token_scores"], ref["scorer_logits"]) < 1e-6
+            assert torch.equal(out["sparse_token_nums"], ref["sparse_token_nums"])
+            for b, n in enumerate(ref["sparse_token_nums"].tolist()):
+                assert set(out["topk_inds"][b, :n].tolist()) == set(ref["backbone_topk_proposals"][b, :n].tolist())
+        losses = criterion(_run_official_case(model.train(), fx["inputs"]), fx["targets"])
+    for k, v in fx["losses_fp32"].items():
+        if k.startswith("loss"):
+            assert losses["loss_dam" if k == "loss_mask_prediction" else k].item() == pytest.approx(v, rel=1e-5), k
+    other = _official_file(tmp_path, "smca_single_scale.pt", lambda k: f"backbone.0.body.{k}")[1]
+    with pytest.raises(ValueError, match="not a two-stage Deformable / Sparse DETR state dict"):
+        sparse_detr.from_official(other)
+    _bad_official_files(tmp_path, path, sparse_detr.from_official, "transformer.decoder.layers.1.norm3.bias",
+                        "input_proj.2.0.weight")
 
 
 def test_sparse_detr_config_errors():
@@ -1514,6 +1664,57 @@ def test_focus_detr_explain_returns_the_nested_cascade_and_its_fine_tokens():
             assert fine_ids <= ids and len(fine_ids) == min(model.cfg.num_fine_tokens, int(keep[lid, b]))
             assert previous is None or ids <= previous
             previous = ids
+
+
+def _detectron2_name(key):
+    """torchvision ResNet names -> detectron2's (the official Focus-DETR checkpoints' backbone)."""
+    key = re.sub(r"^conv1\.", "stem.conv1.", re.sub(r"^bn1\.", "stem.conv1.norm.", key))
+    key = re.sub(r"^layer(\d)", lambda m: f"res{int(m.group(1)) + 1}", key)
+    key = re.sub(r"\.bn(\d)\.", r".conv\1.norm.", key)
+    return "backbone." + key.replace("downsample.0.", "shortcut.").replace("downsample.1.", "shortcut.norm.")
+
+
+@pytest.mark.parametrize("class_ids", ["coco", "contiguous"])
+def test_focus_detr_official_checkpoint_gives_the_official_outputs(tmp_path, class_ids):
+    """A detrex checkpoint (detectron2 backbone names) through from_official: the batch (padded)
+    and single-image cases of the fixture, 80 classes mapped onto COCO ids or kept contiguous."""
+    fx, path, backbone = _official_file(tmp_path, "focus_detr_r50_12ep_small.pt", _detectron2_name)
+    cfg, state, notes = focus_detr.from_official(path, class_ids=class_ids)
+    assert (cfg.num_queries, cfg.enc_layers, cfg.cascade_counts, cfg.pos_temperature, cfg.extra_level_mask) == \
+        (30, 2, "batch_max", 10000.0, "interpolate") and any("num_fine_tokens" in n for n in notes)
+    cfg.num_fine_tokens, cfg.dn_number = 16, 0  # the fixture's (OFF's topk_sa is no config value)
+    model, criterion, _ = focus_detr.build(cfg)
+    model.double().load_state_dict(state)
+    assert torch.equal(model.backbone.body.layer2[0].downsample[1].running_var,
+                       backbone["backbone.res3.0.shortcut.norm.running_var"])
+    cols = focus_detr.COCO_IDS if class_ids == "coco" else list(range(80))
+    for case in (fx, fx["single"]):
+        ref = case["outputs"]
+        with torch.no_grad():
+            out = _run_official_case(model.eval(), case["inputs"])
+            for key, ours, theirs in [("logits", out["pred_logits"][..., cols], ref["pred_logits"]),
+                                      ("boxes", out["pred_boxes"], ref["pred_boxes"]),
+                                      ("aux", out["aux_outputs"][0]["pred_logits"][..., cols], ref["aux_outputs"][0]["pred_logits"]),
+                                      ("enc", out["enc_outputs"]["pred_logits"][..., cols], ref["enc_outputs"]["pred_logits"]),
+                                      ("fg", out["fg_logits"], ref["fg_logits"])]:
+                assert _max_diff(ours, theirs) < 1e-6, key
+            assert torch.equal(out["token_nums"], ref["token_nums"])
+            targets = [{**t, "labels": torch.tensor(cols)[t["labels"]]} for t in case["targets"]]
+            losses = criterion(_run_official_case(model.train(), case["inputs"]), targets)
+        names = {"loss_class": "loss_ce", "loss_class_0": "loss_ce_0", "loss_class_enc": "loss_ce_enc",
+                 "select_loss": "loss_select"}
+        for k, v in case["losses_fp32"].items():
+            assert losses[names.get(k, k)].item() == pytest.approx(v, rel=1e-5), k
+    if class_ids == "coco":
+        assert (state["class_embed.0.bias"][[0, 12, 26]] == -1e4).all()  # ids that are no COCO category
+        other = _official_file(tmp_path, "sparse_detr_rho0.1.pt", lambda k: f"backbone.0.body.{k}")[1]
+        with pytest.raises(ValueError, match="not a Focus-DETR"):
+            focus_detr.from_official(other)
+        _bad_official_files(tmp_path, path, focus_detr.from_official, "transformer.encoder.layers.1.norm2.weight",
+                            "neck.convs.1.norm.bias")
+        torch.save(torch.load(path, weights_only=False), tmp_path / "focus_detr_r50_4scale_36ep.pth")
+        cfg36 = focus_detr.from_official(str(tmp_path / "focus_detr_r50_4scale_36ep.pth"))[0]
+        assert (cfg36.pos_temperature, cfg36.pos_offset) == (20.0, 0.0)  # the 24 / 36-epoch configs' encoding
 
 
 def test_focus_detr_config_errors():
