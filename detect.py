@@ -7,7 +7,8 @@
 The checkpoint (what train.py writes) says which model and Config it is, which categories it knows
 (their names; a checkpoint without them uses the names of the data it was trained on when that is
 on this machine, else the ids) and which evaluation transform it was trained for: no model flag
-is repeated. --source is an image file, a folder (every file in it, sorted; what is not a readable
+is repeated. The authors' released SMCA-DETR, Sparse DETR and Focus-DETR weights work the same
+way (recognised by their keys, converted by the model file's from_official; COCO's names). --source is an image file, a folder (every file in it, sorted; what is not a readable
 image is skipped with a warning) or a glob.
 
 Written to --out (default runs/detect/exp, exp2, ... : a new folder every run; an existing,
@@ -37,8 +38,8 @@ from PIL import Image
 import data as datalib
 import train
 import visualize
-from common import box_cxcywh_to_xyxy
-from data.coco import load_rgb
+from common import box_cxcywh_to_xyxy, read_state_dict
+from data.coco import COCO_NAMES, load_rgb
 
 KEEP_FORMAT = (".jpg", ".jpeg", ".png")  # annotated copies keep these formats; others are written as PNG
 
@@ -67,13 +68,40 @@ def checkpoint_categories(ckpt):
     return {c["id"]: c.get("name", str(c["id"])) for c in coco.dataset["categories"]}
 
 
+def official_model(state):
+    """Which model file converts an official state dict (its tell-tale keys), or None."""
+    if "neck.convs.0.conv.weight" in state and "transformer.level_embeds" in state:
+        return "focus_detr"  # detrex / detectron2
+    if "transformer.level_embed" in state:
+        return "sparse_detr"  # Sparse DETR, or its dense two-stage Deformable DETR base
+    if "query_embed.weight" in state and any(".multihead_attn." in k for k in state):
+        return "smca"
+    return None
+
+
 def load_detector(path, device="cpu"):
-    """A train.py checkpoint -> Detector. ValueError for a missing file or one of no model here."""
+    """A train.py checkpoint, or the authors' released weights (SMCA-DETR, Sparse DETR, Focus-DETR:
+    the file as published, converted by the model file's from_official) -> Detector. ValueError for
+    a missing file or one of no model here."""
+    try:  # weights only: the authors' files and plain state dicts
+        state, extra = read_state_dict(path, "checkpoint")
+    except ValueError:  # missing, or one of our checkpoints (numpy RNG states): train.load_checkpoint says
+        state, extra = None, {}
+    if state is not None and "model_name" not in extra and official_model(state):
+        module = importlib.import_module(official_model(state))
+        cfg, converted, notes = module.from_official(path)
+        model, _, postprocess = module.build(cfg)
+        model.load_state_dict(converted)
+        print(f"{path}: the authors' {module.__name__} weights" + "".join(f"; {n}" for n in notes))
+        transform = datalib.make_transforms("val", **datalib.COCO_SCALES)
+        return Detector(module.__name__, model.eval().to(torch.device(device)), postprocess, transform,
+                        dict(COCO_NAMES), torch.device(device))
     ckpt = train.load_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("model_name") not in train.MODELS or \
             not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
-        raise ValueError(f"{path!r} is not a checkpoint of a model of this library ({', '.join(train.MODELS)}); "
-                         f"train.py writes them as OUTPUT_DIR/checkpoint.pth")
+        raise ValueError(f"{path!r} is not a checkpoint of a model of this library ({', '.join(train.MODELS)}) nor "
+                         f"the authors' SMCA-DETR, Sparse DETR or Focus-DETR weights; train.py writes ours as "
+                         f"OUTPUT_DIR/checkpoint.pth")
     module = importlib.import_module(ckpt["model_name"])
     try:
         cfg = module.Config(**ckpt["config"])

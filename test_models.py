@@ -119,7 +119,7 @@ def _official_file(tmp_path, fixture, backbone_key, extra=None):
     leave the backbone out), saved as the authors' files are: {"model": ..., **extra}."""
     fx = torch.load(os.path.join(OFFICIAL, fixture), weights_only=True)
     torch.manual_seed(0)
-    backbone = {backbone_key(k): torch.randn_like(v, dtype=torch.float64)
+    backbone = {backbone_key(k): v.double() + 0.01 * torch.randn_like(v, dtype=torch.float64)  # running_var stays > 0
                 for k, v in common.Backbone(50).body.state_dict().items()}
     path = tmp_path / fixture
     torch.save({"model": {**fx["state_dict"], **backbone}, **(extra or {})}, path)
@@ -2154,6 +2154,28 @@ def test_detect_explain_picture_of_each_model(tiny_shapes, tmp_path, name, kw):
     detect.main(["--checkpoint", str(ckpt), "--source", source, "--out", str(tmp_path / "o"), "--explain"])
     picture = Image.open(tmp_path / "o" / "000000_explain.png")
     assert picture.size[0] > 2 * 240 and picture.size[1] > 240  # several panels, enlarged to 240 px or more
+
+
+def test_detect_and_eval_take_the_authors_weights(tiny_shapes, tmp_path):
+    """The authors' file goes where our checkpoints go: detect.py recognises and converts it (COCO
+    names), train.py --eval-only --official evaluates it; wrong uses are refused."""
+    import argparse
+    _, path, _ = _official_file(tmp_path, "smca_single_scale.pt", lambda k: f"backbone.0.body.{k}",
+                                {"args": argparse.Namespace(smooth=8)})
+    det = detect.load_detector(path)
+    assert det.name == "smca" and det.names[1] == "person" and det.model.cfg.num_queries == 20
+    image = Image.open(os.path.join(tiny_shapes, "val", "000000.jpg")).convert("RGB").resize((96, 64))
+    dets, _ = detect.detect_image(dataclasses.replace(det, transform=datalib.make_transforms("val", **datalib.SHAPES_SCALES)),
+                                  image, threshold=0.0)
+    assert len(dets["scores"]) and set(dets["labels"].tolist()) <= set(det.names)
+    result = train.main(["--model", "smca", "--data", tiny_shapes, "--eval-only", "--official", path, "--scales",
+                         "shapes", "--output-dir", str(tmp_path / "eval"), "--batch-size", "3"])
+    assert set(result["stats"]) >= {"AP", "AP50"} and not os.path.exists(tmp_path / "eval" / "checkpoint.pth")
+    with pytest.raises(ValueError, match="add --eval-only"):
+        train.main(["--model", "smca", "--data", tiny_shapes, "--official", path, "--output-dir", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="no released weights"):
+        train.main(["--model", "lite_detr", "--data", tiny_shapes, "--eval-only", "--official", path,
+                    "--output-dir", str(tmp_path / "y")])
 
 
 def test_visualize_token_cells_and_level_maps_follow_the_flattening():

@@ -76,6 +76,9 @@ def parse_args(argv=None):
                    help="image sizes of the augmentation: 'coco' (short side 480-800, max 1333; the default with "
                         "--data PATH) or 'shapes' (128-192, max 240; the default on shapes)")
     p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--official", default=None, metavar="PATH",
+                   help="with --eval-only: evaluate the authors' released weights (the file as published) through "
+                        "the model file's from_official(); the configuration comes from the file")
     p.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="stop training after this many minutes of training (summed over resumes; checked every "
@@ -424,9 +427,13 @@ def select_device(args):
     return device
 
 
-def build_model(args, module, cfg, on_shapes, rank):
-    """The model file's build, with the backbone weights, --finetune and --lr-backbone 0 applied."""
+def build_model(args, module, cfg, on_shapes, rank, official_state=None):
+    """The model file's build, with the backbone weights (or the authors' whole state dict),
+    --finetune and --lr-backbone 0 applied."""
     model, criterion, postprocess = module.build(cfg)
+    if official_state is not None:
+        model.load_state_dict(official_state)
+        return model, criterion, postprocess
     weights = args.backbone_weights or ("shapes" if on_shapes else "imagenet")
     if weights == "shapes":  # the miniature of the papers' ImageNet backbone (pretrain.py)
         if not on_shapes:
@@ -457,6 +464,8 @@ def checkpoint_to_resume(args, ckpt_path):
     """--resume auto / PATH / none, and --eval-only -> the checkpoint to load, or None."""
     if args.resume == "auto":
         return ckpt_path if os.path.isfile(ckpt_path) else None
+    if args.official:
+        return None  # the weights come from --official
     if args.resume is None and args.eval_only:
         if not os.path.isfile(ckpt_path):
             raise ValueError(f"--eval-only: nothing to evaluate; {ckpt_path} does not exist (pass --resume CKPT)")
@@ -499,12 +508,23 @@ def main(argv=None):
     args.scales = args.scales or ("shapes" if on_shapes else "coco")  # recorded in the checkpoint (detect.py reads it)
     train_set, val_set = build_data(args, datalib.SHAPES_SCALES if args.scales == "shapes" else datalib.COCO_SCALES,
                                     rank, world)
-    cfg = module.shapes_config() if on_shapes else module.Config()
-    cfg.num_classes = val_set.num_classes  # largest category id + 1
+    official_state = None
+    if args.official:  # the authors' weights: their file says the configuration
+        if not args.eval_only:
+            raise ValueError("--official evaluates the authors' weights: add --eval-only")
+        if not hasattr(module, "from_official"):
+            raise ValueError(f"--official: {args.model} has no released weights to convert (Lite DETR's authors "
+                             f"released Lite-DINO only)")
+        cfg, official_state, notes = module.from_official(args.official)
+        if rank == 0:
+            print(f"{args.official}: the authors' {args.model} weights" + "".join(f"; {n}" for n in notes))
+    else:
+        cfg = module.shapes_config() if on_shapes else module.Config()
+        cfg.num_classes = val_set.num_classes  # largest category id + 1
     cfg = apply_overrides(cfg, args.set)
     if cfg.num_classes < val_set.num_classes:
         raise ValueError(f"num_classes {cfg.num_classes} < {val_set.num_classes} (largest category id + 1 in the data)")
-    model, criterion, postprocess = build_model(args, module, cfg, on_shapes, rank)
+    model, criterion, postprocess = build_model(args, module, cfg, on_shapes, rank, official_state)
     model.to(device)
 
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
