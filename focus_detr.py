@@ -27,29 +27,22 @@ Paper symbol -> variable:
     fine-grained tokens J         fine_idx (B, J) in each layer, J = min(num_fine_tokens, k_l)
     OESM                          DualAttentionEncoderLayer.oesm_attn
 
-Parameter count (R50): OFF has 49,330,512 trainable (detectron2 ResNet with only the stem frozen,
-80 contiguous classes); built with num_classes=80 ours has the same 49,339,920 parameters in all,
-of which 49,117,520 train: we also freeze layer1 (212,992), as the other three files. With our 91
-raw-id logits: + 7 heads x 11 x 257 + label_enc 11 x 256 = 22,605 -> 49,140,125 (a test checks).
-The dense DINO base (`foreground_selection=False`) has 47,450,521.
+Parameters (R50): with num_classes=80 the same 49,339,920 as OFF; OFF trains 49,330,512 (stem frozen),
+we 49,117,520 (layer1 frozen too, as the other files); our 91 raw-id logits add 7 x 11 x 257 + 11 x 256
+-> 49,140,125 trainable (a test checks). The dense DINO base (`foreground_selection=False`): 47,450,521.
 
 Deviations from the paper / official code (OFF's behaviour is the default unless said):
-- Token counts per image: layer l of image b updates int(ratio_l * n_b) tokens, n_b = int(0.5 *
-  valid_b) + 1. OFF takes int(ratio_l * max_b n_b) for the whole batch, so a small image keeps more
-  tokens next to a large one; `cascade_counts="batch_max"` is OFF's. Each count is at least 1.
-- The fine-grained tokens are min(num_fine_tokens, k_l) per image, never batch filler, and the
-  OESM attention masks filler keys. OFF takes topk(300) and crashes when a layer keeps fewer than
-  300 tokens (detrex issue #354); in "batch_max" mode we follow OFF except for the min().
-- The scorer's per-level global mean skips padding (`scorer_mean_over_padding=True` is OFF's), and
-  the top-down Up() resizes each image's valid region (`upsample_over_padding=True` resizes the
-  padded map, as OFF), so an image's scores do not depend on its batch.
-- As in sparse_detr.py: the input GroupNorm skips padding (`masked_groupnorm=False` is OFF's), the
-  extra level's mask is computed exactly (`extra_level_mask="interpolate"` is OFF's), the two-stage
-  top-k never picks padded tokens (`two_stage_over_padding=True` is OFF's).
-- OFF's evaluation sets every padding mask to zero, so its batched inference depends on the batch;
-  ours uses the masks in both modes (at batch size 1 they agree).
-- The encoder's sine positions: temperature 10000, offset -0.5 (OFF's 12-epoch configs); OFF's 24-
-  and 36-epoch R50 / R101 configs use 20 and 0.0: `pos_temperature`, `pos_offset`.
+- Token counts: layer l of image b updates int(ratio_l * n_b) tokens, n_b = int(0.5 * valid_b) + 1, at
+  least 1; OFF's int(ratio_l * max_b n_b) for the whole batch is `cascade_counts="batch_max"`.
+- The fine-grained tokens are min(num_fine_tokens, k_l) per image, never batch filler (the OESM masks
+  filler keys); OFF's topk(300) crashes when a layer keeps fewer (detrex #354).
+- Padding never changes an image's scores: the scorer's mean skips it (`scorer_mean_over_padding`),
+  Up() resizes each image's valid region (`upsample_over_padding`), the input GroupNorm skips it
+  (`masked_groupnorm=False`), the extra level's mask is exact (`extra_level_mask="interpolate"`),
+  the two-stage top-k skips padded tokens (`two_stage_over_padding`): each switch restores OFF's.
+  OFF's evaluation even zeroes every padding mask (batched inference depends on the batch there).
+- Encoder sine positions: temperature 10000, offset -0.5 (OFF 12-epoch configs; the 24 / 36-epoch
+  ones use 20 and 0.0: `pos_temperature`, `pos_offset`).
 - The paper says adjacent levels' label ranges overlap by 50% but gives no numbers; OFF ships the
   non-overlapping FCOS ranges (the default); `fg_ranges="overlap"` is one reading of the paper.
 - The MCSP score is OFF's product of raw logits (two negative logits make a positive score);
@@ -57,12 +50,11 @@ Deviations from the paper / official code (OFF's behaviour is the default unless
 - Deformable values: OFF reads the pre-encoder tokens in every layer (`encoder_values="backbone"`);
   the paper (and Sparse DETR) read the updated memory: `encoder_values="memory"`.
 - Backbone: stem and layer1 frozen (OFF: stem only), torchvision ResNet-50 (OFF: r50_v1.pkl).
-- DINO's decoder embeds each query's reference box in padded-map coordinates (box x valid ratio),
-  so a query's position embedding moves with the batch's padding; we embed the box in the image's
-  own coordinates (`query_pos_over_padding=True` is DINO's). Both agree for an unpadded image.
-- 91 class logits indexed by raw category id (OFF: 80 contiguous).
-- inverse_sigmoid clamps at 1e-5 (common.py; detrex 1e-3), which matters only for boxes at 0 or 1.
-- A batch without boxes gives zero denoising losses (OFF too), and no denoising queries.
+- DINO embeds each query's reference box in padded-map coordinates, which move with the batch's
+  padding; we use the image's own (`query_pos_over_padding=True` is DINO's).
+- 91 class logits indexed by raw category id (OFF: 80 contiguous; from_official maps them).
+- inverse_sigmoid clamps at 1e-5 (detrex 1e-3): only boxes at 0 or 1 notice. A batch without boxes
+  gives zero denoising losses (OFF too) and no denoising queries.
 """
 import math
 from dataclasses import dataclass
@@ -115,13 +107,10 @@ class ScoringNetwork(nn.Module):
 
 
 def foreground_labels(boxes, spatial_shapes, image_wh, ranges=FCOS_RANGES):
-    """FCOS-style foreground labels of every token (OFF GenTargets; Sec. 3.2).
-
-    A token of level l (stride s = 8 * 2^l, centre (j s + s // 2, i s + s // 2) in input pixels) is
-    foreground if, for some box, its centre is strictly inside the box and its largest distance to
-    the box's edges lies in ranges[l] = (lo, hi]. boxes: [(M_b, 4)] cxcywh in [0, 1] of the
-    unpadded image; image_wh (B, 2) its size in pixels -> (B, N) float 0 / 1.
-    """
+    """FCOS-style foreground labels of every token (OFF GenTargets; Sec. 3.2): a token of level l
+    (stride s = 8 * 2^l, centre (j s + s // 2, i s + s // 2) in pixels) is foreground if its centre is
+    strictly inside a box and its largest distance to the box's edges lies in ranges[l] = (lo, hi].
+    boxes: [(M, 4)] cxcywh in [0, 1] of the unpadded image; image_wh (B, 2) its pixels -> (B, N) 0 / 1."""
     labels = []
     for b, bx in enumerate(boxes):
         xyxy = box_cxcywh_to_xyxy(bx.float()) * image_wh[b].repeat(2).to(bx.device)  # (M, 4) in pixels
@@ -142,13 +131,9 @@ def foreground_labels(boxes, spatial_shapes, image_wh, ranges=FCOS_RANGES):
 
 class ForegroundTokenSelector(nn.Module):
     """One foreground logit per token, scored level by level from the coarsest down (Sec. 3.2):
-    S_L = MLP_F(T_L), S_l = MLP_F(T_l * (1 + alpha_l * Up(S_{l+1}))). The modulated T only feeds the
-    scorer. alpha: one learnable scalar per pair of adjacent levels (OFF: uniform(-0.3, 0.3)).
-
-    Up is bilinear with align_corners=True (OFF). OFF resizes the whole padded map; by default each
-    image's valid region is resized to its own valid region (`upsample_over_padding=True` is OFF's),
-    so an image's scores do not depend on its batch.
-    """
+    S_L = MLP_F(T_L), S_l = MLP_F(T_l * (1 + alpha_l * Up(S_{l+1}))); the modulated T only feeds the
+    scorer; alpha: one scalar per pair of adjacent levels (OFF: uniform(-0.3, 0.3)). Up: bilinear,
+    align_corners=True, of each image's valid region (`upsample_over_padding`: the padded map, OFF)."""
 
     def __init__(self, d, num_levels, mean_over_padding=False, upsample_over_padding=False):
         super().__init__()
@@ -185,13 +170,9 @@ class ForegroundTokenSelector(nn.Module):
 
 
 def cascade_token_nums(pad_mask, rho, ratios, per_image=True):
-    """How many tokens each encoder layer updates (Sec. 3.2). pad_mask (B, N) ->
-    keep (layers, B): the top keep[l, b] foreground tokens of image b are updated in layer l.
-
-    OFF: n_b = int(rho * valid_b) + 1, K0 = max_b n_b, layer l takes the top int(ratio_l * K0) of
-    every image and writes back at most n_b of them, so an image keeps more tokens when batched with
-    a larger one (per_image=False). Default: int(ratio_l * n_b) for each image, at least 1.
-    """
+    """How many tokens each encoder layer updates (Sec. 3.2): pad_mask (B, N) -> keep (layers, B),
+    int(ratio_l * n_b), n_b = int(rho * valid_b) + 1, at least 1. per_image=False (OFF): the top
+    int(ratio_l * max_b n_b) of every image, at most n_b written back (more next to a larger image)."""
     n = ((~pad_mask).sum(1).to(torch.float64) * rho).floor().long() + 1  # (B,)
     ratios = torch.tensor(ratios, dtype=torch.float64, device=pad_mask.device)[:, None]  # (layers, 1)
     if per_image:
@@ -354,11 +335,9 @@ class FocusDETR(nn.Module):
 
     def forward(self, images, pad_mask, targets=None, explain=False):
         """The shared interface (common.py). images (B, 3, H_img, W_img), pad_mask (B, H_img, W_img)
-        True = padding; targets: in training, the boxes the denoising queries are made from
-        (ignored in eval). Returns a dict:
+        True = padding; targets: in training, what the denoising queries are made of. Returns a dict:
 
-            pred_logits (B, Q, K), pred_boxes (B, Q, 4)  the last decoder layer's matching queries,
-                                 cxcywh in [0, 1] of the unpadded image
+            pred_logits (B, Q, K), pred_boxes (B, Q, 4)  the last decoder layer, cxcywh in [0, 1] of the unpadded image
             aux_outputs          decoder layers 0 .. dec_layers - 2 (when aux_loss)
             enc_outputs          the two-stage head on the Q selected tokens (DINO's loss sees only these)
             spatial_shapes, token_pad_mask (B, N)   the token grid, for the foreground labels
@@ -368,9 +347,8 @@ class FocusDETR(nn.Module):
           in training, with targets and dn_number > 0:
             dn_outputs           the denoising queries' predictions, one dict per decoder layer;  dn_meta
           with explain=True (and foreground selection):
-            kept_tokens          per encoder layer, (B, S_l) the token indices (into N) it updates, best first
-            fine_tokens          per encoder layer, (B, J_l) the fine-grained token indices (OESM)
-                                 (-1 marks batch filler in both)
+            kept_tokens, fine_tokens  per encoder layer, (B, S_l) the token indices (into N) it updates,
+                                 best first, and (B, J_l) its fine-grained ones (OESM); -1 marks filler
         """
         memory, geometry, out = self.encode(self.backbone(images, pad_mask), pad_mask, explain)
         out.update(self.decode(memory, geometry, targets if self.training else None))
@@ -417,10 +395,9 @@ class FocusDETR(nn.Module):
         return memory, geo, out
 
     def fine_grained(self, tgt, fg_s, rows, keep):
-        """The multi-category score predictor (MCSP, Sec. 3.3): s_j = max_c cls_c(x_j) * S_j over the
-        layer's tokens; the top J = min(num_fine_tokens, S) are fine-grained. tgt (B, S, C), fg_s (B, S)
-        their foreground logits, rows (B, S) False at filler, keep (B,) -> fine_idx (B, J) rows of tgt,
-        fine_pad (B, J) True where that row is filler (None in OFF's batch_max mode: no key mask)."""
+        """The multi-category score predictor (MCSP, Sec. 3.3): s_j = max_c cls_c(x_j) * S_j; the top
+        J = min(num_fine_tokens, S) rows of tgt (B, S, C) are fine-grained. fg_s (B, S), rows (B, S) False
+        at filler -> fine_idx (B, J), fine_pad (B, J) True at filler (None in OFF's batch_max mode)."""
         cfg = self.cfg
         cls = self.class_embed[cfg.dec_layers](tgt).max(-1).values.detach()  # (B, S): the two-stage head's best class
         score = cls * fg_s if cfg.mcsp_score == "logit_product" else cls.sigmoid() * fg_s.sigmoid()  # OFF: raw logits
@@ -477,16 +454,11 @@ class FocusDETR(nn.Module):
         return tgt, ref_logit.detach().sigmoid(), out
 
     def run_decoder(self, tgt, reference, memory, geo, attn_mask=None):
-        """DINO's decoder. Layer l reads reference box b_{l-1} (b_0: the selected proposals), embeds
-        it as its query position, and refines it: b_l = sigmoid(bbox_embed_l(h_l) + logit(b_{l-1})),
-        detached before it becomes layer l + 1's reference.
-
-        The predicted box of layer l is then recomputed from the normed state, on top of b_{l-1}:
-        look forward twice (DINO Sec. 3.5, `look_forward_twice=True`) builds it on the UNdetached
-        b_{l-1}, so layer l's box loss also trains layer l - 1's box head; without it (Deformable
-        DETR) on the detached one. tgt (B, Q, C), reference (B, Q, 4) -> per layer logits (B, Q, K),
-        boxes (B, Q, 4) (two lists).
-        """
+        """DINO's decoder. Layer l embeds its reference box b_{l-1} (b_0: the selected proposals) as its
+        query position and refines it, b_l = sigmoid(bbox_embed_l(h_l) + logit(b_{l-1})), detached for
+        layer l + 1. Layer l's predicted box is then rebuilt from the normed state on top of b_{l-1}:
+        look forward twice (DINO Sec. 3.5) uses the UNdetached b_{l-1}, so layer l's box loss also
+        trains layer l - 1's box head (Deformable DETR: the detached one). -> logits, boxes per layer."""
         cfg, C = self.cfg, tgt.shape[-1]
         ratios = torch.cat([geo.valid_ratios, geo.valid_ratios], -1)[:, None]  # (B, 1, L, 4)
         boxes_in, states = [reference], []  # b_{l-1} for every layer, as its box is built on it
@@ -511,24 +483,12 @@ class FocusDETR(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def target_image_wh(targets):
-    """The unpadded image size (w, h) in pixels that each target's boxes are relative to, from the
-    "size" (h, w) that data/ puts in every target (DETR's convention) -> (B, 2)."""
-    if any("size" not in t for t in targets):
-        raise ValueError("Focus-DETR's foreground loss needs each target's 'size' (h, w) of the unpadded image, "
-                         "in pixels (data/ adds it)")
-    return torch.stack([torch.as_tensor(t["size"]).flip(0) for t in targets]).float()
-
-
 class FocusDETRCriterion(SetCriterion):
-    """SetCriterion (decoder layers, the two-stage head on its Q selections with the real labels)
-    plus:
-    loss_select: sigmoid focal loss (0.25, 2) of the foreground logits of all tokens against the
-    FCOS labels, summed per image over its tokens, divided by its positive tokens (at least 1),
-    averaged over the batch (OFF compute_cls_loss); weight 1.5.
-    loss_*_dn (and _dn_0..): the denoising queries' set losses, each copy matched to its own box by
-    construction, normalised by num_boxes x groups (OFF DN criterion).
-    """
+    """SetCriterion (decoder layers, the two-stage head on its Q selections, real labels) plus
+    loss_select: focal loss (0.25, 2) of every token's foreground logit against the FCOS labels, per
+    image summed / its positives (at least 1), averaged (OFF compute_cls_loss; weight 1.5), and
+    loss_*_dn (_dn_0, ..): the denoising copies' set losses, each matched to its own box, / (num_boxes
+    x groups) (OFF DN criterion)."""
 
     def __init__(self, cfg):
         matcher = HungarianMatcher(cfg.match_ce, cfg.match_bbox, cfg.match_giou, cfg.focal_alpha)
@@ -551,8 +511,11 @@ class FocusDETRCriterion(SetCriterion):
         num_boxes = self.num_boxes(targets, outputs["pred_logits"].device) if use_dn else None
         if "fg_logits" in outputs:
             fg = outputs["fg_logits"].float()
-            labels = foreground_labels([t["boxes"] for t in targets], outputs["spatial_shapes"],
-                                       target_image_wh(targets), self.ranges).to(fg.device)  # (B, N)
+            if any("size" not in t for t in targets):  # the unpadded (h, w) the boxes are relative to
+                raise ValueError("Focus-DETR's foreground loss needs each target's 'size' (h, w) in pixels (data/ adds it)")
+            image_wh = torch.stack([torch.as_tensor(t["size"]).flip(0) for t in targets]).float()  # (B, 2)
+            labels = foreground_labels([t["boxes"] for t in targets], outputs["spatial_shapes"], image_wh,
+                                       self.ranges).to(fg.device)  # (B, N)
             per_image = sigmoid_focal_loss(fg, labels, self.focal_alpha, self.focal_gamma).sum(1)
             losses["loss_select"] = (per_image / labels.sum(1).clamp(min=1)).mean()
         if "dn_outputs" in outputs:
@@ -588,10 +551,9 @@ COCO_IDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 2
 OFFICIAL_KEYS = [
     (r"^backbone\.stem\.conv1\.weight$", "backbone.body.conv1.weight"),
     (r"^backbone\.stem\.conv1\.norm\.", "backbone.body.bn1."),
-    *[(rf"^backbone\.res{r}\.(\d+)\.conv(\d)\.weight$", rf"backbone.body.layer{r - 1}.\1.conv\2.weight") for r in (2, 3, 4, 5)],
-    *[(rf"^backbone\.res{r}\.(\d+)\.conv(\d)\.norm\.", rf"backbone.body.layer{r - 1}.\1.bn\2.") for r in (2, 3, 4, 5)],
-    *[(rf"^backbone\.res{r}\.(\d+)\.shortcut\.weight$", rf"backbone.body.layer{r - 1}.\1.downsample.0.weight") for r in (2, 3, 4, 5)],
-    *[(rf"^backbone\.res{r}\.(\d+)\.shortcut\.norm\.", rf"backbone.body.layer{r - 1}.\1.downsample.1.") for r in (2, 3, 4, 5)],
+    *[(rf"^backbone\.res{r}\.(\d+)\.{a}", rf"backbone.body.layer{r - 1}.\1.{b}") for r in (2, 3, 4, 5) for a, b in (
+        (r"conv(\d)\.weight$", r"conv\2.weight"), (r"conv(\d)\.norm\.", r"bn\2."),
+        (r"shortcut\.weight$", "downsample.0.weight"), (r"shortcut\.norm\.", "downsample.1."))],
     (r"^neck\.convs\.(\d)\.conv\.", r"input_proj.\1.0."), (r"^neck\.convs\.(\d)\.norm\.", r"input_proj.\1.1."),
     (r"^neck\.extra_convs\.0\.conv\.", "input_proj.3.0."), (r"^neck\.extra_convs\.0\.norm\.", "input_proj.3.1."),
     (r"^transformer\.level_embeds$", "level_embed"), (r"^transformer\.alpha$", "selector.alpha"),
@@ -618,15 +580,11 @@ OFF_ALIASES = [r"^transformer\.decoder\.(class_embed|bbox_embed)\.", r"^enhance_
 
 
 def from_official(source, class_ids="coco", schedule=None):
-    """An OFF checkpoint (detrex's {"model": state dict} or a bare state dict) -> (Config, our state
-    dict, notes on what was assumed). The sizes, layers, queries, classes and ResNet depth are read
-    from the tensors; OFF's behaviours are switched on (batch_max counts, means and Up() over
-    padding, GroupNorm over padding, the padded-map query embedding, the interpolated extra-level
-    mask, the two-stage top-k over padding). class_ids="coco": OFF's 80 class rows go to their COCO
-    ids (COCO_IDS) of our 91 logits, the other 11 ids get logit -10000 (never detected);
-    "contiguous": 80 logits as OFF. schedule "12ep" / "24ep" / "36ep": the encoder's sine positions
-    of that config (24 / 36 epochs: temperature 20, offset 0); default: read from the file name,
-    else 12ep. focus_rho, the cascade ratios and num_fine_tokens are OFF's defaults (not in the file)."""
+    """An OFF checkpoint (detrex's {"model": state dict}, or bare) -> (Config, our state dict, notes on
+    what was assumed). Sizes, layers, queries, classes and ResNet depth come from the tensors; every
+    OFF behaviour switch is on. class_ids "coco": OFF's 80 class rows go to their COCO ids of our 91
+    logits (the 11 others: logit -10000); "contiguous": OFF's 80. schedule "12ep" / "24ep" / "36ep"
+    (default: from the file name, else 12ep): that config's encoder sine positions."""
     what = f"official Focus-DETR checkpoint {source if isinstance(source, str) else ''}".strip()
     state = read_state_dict(source, what)[0]
     if "transformer.level_embeds" not in state or "neck.convs.0.conv.weight" not in state:
@@ -634,11 +592,9 @@ def from_official(source, class_ids="coco", schedule=None):
     count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})  # noqa: E731
     if class_ids not in ("coco", "contiguous"):
         raise ValueError(f"class_ids must be 'coco' or 'contiguous', got {class_ids!r}")
-    name = source.lower() if isinstance(source, str) else ""
-    schedule = schedule or next((s for s in ("24ep", "36ep") if s in name), "12ep")
-    notes = ["focus_rho 0.5, cascade_ratios (1, .8, .6, .6, .4, .2), num_fine_tokens 300: OFF's defaults (not in "
-             "the file)", f"encoder sine positions of the {schedule} config"]
-    d, L = state["transformer.level_embeds"].shape[1], state["transformer.level_embeds"].shape[0]
+    schedule = schedule or next((s for s in ("24ep", "36ep") if s in str(source).lower()), "12ep")
+    notes = [f"focus_rho, cascade_ratios, num_fine_tokens: OFF's defaults; sine positions of the {schedule} config"]
+    L, d = state["transformer.level_embeds"].shape
     enc_layers, off_classes = count("transformer.encoder.layers."), state["class_embed.0.weight"].shape[0]
     depth = {6: 50, 23: 101}.get(count("backbone.res4."))
     if depth is None:
@@ -725,12 +681,10 @@ class Config:
     num_select: int = 300  # post-process top-k over queries x classes (OFF)
 
     def validate(self):
-        for name, allowed in (("mcsp_score", MCSP_SCORES), ("cascade_counts", CASCADE_COUNTS),
-                              ("encoder_values", ENCODER_VALUES), ("fg_ranges", FG_RANGES)):
+        for name, allowed in (("mcsp_score", MCSP_SCORES), ("cascade_counts", CASCADE_COUNTS), ("fg_ranges", FG_RANGES),
+                              ("encoder_values", ENCODER_VALUES), ("extra_level_mask", ("exact", "interpolate"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.extra_level_mask not in ("exact", "interpolate"):
-            raise ValueError(f"extra_level_mask must be 'exact' or 'interpolate', got {self.extra_level_mask!r}")
         if not self.pos_temperature > 0:
             raise ValueError(f"pos_temperature must be > 0, got {self.pos_temperature}")
         if not 0 < self.focus_rho <= 1:
@@ -757,8 +711,7 @@ def shapes_config():
                   dim_feedforward=512, num_queries=50, num_select=100, num_fine_tokens=100, dn_number=20)
 
 
-# On --data shapes: train.py's shared shapes recipe as it is (2 epochs of 500 steps)
-# OFF: AdamW lr 1e-4, backbone 1e-5, clip 0.1 (train.py's shared recipe); no lr multipliers
+# Recipes: train.py's shared ones as they are (COCO: OFF's AdamW lr 1e-4, backbone 1e-5, clip 0.1)
 
 
 def build(cfg):
@@ -768,12 +721,10 @@ def build(cfg):
 
 
 if __name__ == "__main__":
-    for kw in ({}, {"foreground_selection": False}):
-        model, _, _ = build(Config(**kw))
-        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"Focus-DETR R50 {kw or '(default)'}: {n:,} trainable parameters")
-    model, _, _ = build(Config())
-    model.eval()
+    for kw in ({"foreground_selection": False}, {}):
+        model = build(Config(**kw))[0].eval()
+        print(f"Focus-DETR R50 {kw or '(default)'}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
+              f"trainable parameters")
     images, pad_mask = torch.randn(2, 3, 320, 480), torch.zeros(2, 320, 480, dtype=torch.bool)
     pad_mask[1, 200:, :] = True
     with torch.no_grad():

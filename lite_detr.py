@@ -64,9 +64,8 @@ Deviations from the paper / official code (OFF's behaviour is the default unless
 - As in sparse_detr.py: the input projections' GroupNorm skips padding (`masked_groupnorm=False`
   is OFF/DDETR's); the extra level's mask is computed exactly from the C5 mask (`extra_level_mask=
   "interpolate"` is DDETR's); the two-stage top-k never picks padded tokens (`two_stage_over_padding`).
-- State-dict keys map onto OFF/DDETR's as in sparse_detr.py (encoder.{i} -> transformer.encoder.layers.{i},
-  decoder.{i} -> transformer.decoder.layers.{i}, ...); the small FFN keeps OFF's names
-  linear12 / linear22 / norm22.
+- State-dict names follow DDETR's as sparse_detr.py's OFFICIAL_KEYS maps them; the small FFN keeps
+  OFF's names linear12 / linear22 / norm22. (No Lite-Deformable DETR weights were released.)
 """
 import math
 from dataclasses import dataclass

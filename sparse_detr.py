@@ -50,15 +50,8 @@ Deviations from the paper / official code (OFF's behaviour is the default unless
 - `sparse_encoder=False` is the paper's "Deformable DETR + Top-k & BBR" baseline (dense encoder,
   no scorer, no encoder heads); `eff_query_init=False, eff_specific_head=False` with it is plain
   two-stage + box-refine Deformable DETR.
-- State-dict keys map onto OFF's by renaming prefixes (ours -> OFF):
-      backbone.body.*            -> backbone.0.body.*
-      encoder.{i}.*              -> transformer.encoder.layers.{i}.*   (same inner names)
-      decoder.{i}.*              -> transformer.decoder.layers.{i}.*
-      scoring.*                  -> transformer.enc_mask_predictor.*
-      level_embed, enc_output(_norm), pos_trans(_norm) -> transformer.<same>
-      input_proj.*, class_embed.*, bbox_embed.*        -> unchanged
-  OFF's state dict also holds transformer.decoder.{class,bbox}_embed.*, second references to the
-  same heads; drop them when converting.
+- State-dict names map onto OFF's by the table OFFICIAL_KEYS (from_official converts the authors'
+  files; OFF's second names of the heads, transformer.{encoder,decoder}.{class,bbox}_embed, are dropped).
 """
 import math
 from dataclasses import dataclass
