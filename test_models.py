@@ -427,6 +427,30 @@ def test_top_queries_skips_padding_unless_told_otherwise():
         common.top_queries(scores, pad, 5)
 
 
+@pytest.mark.parametrize("name", ["sparse_detr", "lite_detr", "focus_detr"])
+def test_official_switches_reach_the_two_stage_selection_and_the_extra_level(name, monkeypatch):
+    """two_stage_over_padding and extra_level_mask travel from the Config to the shared functions."""
+    module = importlib.import_module(name)
+    tiny = {"sparse_detr": tiny_sparse, "lite_detr": tiny_lite, "focus_detr": tiny_focus}[name]
+    seen = {}
+
+    def top_queries(*args):
+        seen["over_padding"] = args[3]
+        return common.top_queries(*args)
+
+    def input_tokens(*args):
+        seen["extra"] = args[5]
+        return common.input_tokens(*args)
+    monkeypatch.setattr(module, "top_queries", top_queries)
+    monkeypatch.setattr(module, "input_tokens", input_tokens)
+    model = module.build(tiny(two_stage_over_padding=True, extra_level_mask="interpolate"))[0].eval()
+    images, pad_mask = torch.randn(2, 3, 64, 96), torch.zeros(2, 64, 96, dtype=torch.bool)
+    pad_mask[1, 40:] = True
+    with torch.no_grad():
+        model(images, pad_mask)
+    assert seen == {"over_padding": True, "extra": "interpolate"}
+
+
 def test_copied_blocks_stay_in_sync():
     """Every `# Copied from module.name` block in a model file is a verbatim copy of its source."""
     import importlib
