@@ -7,6 +7,7 @@
     python bench.py --data PATH --images 100 # GMACs averaged over the first 100 val images (as the papers)
     python bench.py --device cuda --amp bf16 # GPU: synchronised timing at batch 1 and 4 (FPS, B4FPS)
     python bench.py --json                   # one JSON record per model configuration, nothing else
+    python bench.py --fast-vs-reference      # the inference fast paths against the readable reference
 
 What is measured, per configuration (R50, the paper's COCO Config, random weights: cost does not
 depend on them):
@@ -132,10 +133,16 @@ FLOP_FORMULAS = {torch.ops.aten.grid_sampler_2d: _grid_sample_flops,
 
 
 def count_gmacs(fn, model=None):
-    """-> (total GMACs, GMACs inside model.encoder) of running fn(); grid_sample and CPU attention included."""
+    """-> (total GMACs, GMACs inside model.encoder) of running fn(); grid_sample and CPU attention
+    included. Counted on the readable path (the inference fast paths do the same work)."""
+    import common
     counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
-    with counter:
-        fn()
+    fast, common.FAST_INFERENCE = common.FAST_INFERENCE, False
+    try:
+        with counter:
+            fn()
+    finally:
+        common.FAST_INFERENCE = fast
     counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     encoder = 0
     if model is not None:
@@ -293,6 +300,46 @@ def print_table(name, records, args):
 
 
 # ---------------------------------------------------------------------------------------------
+# The inference fast paths against the readable reference (common.FAST_INFERENCE)
+# ---------------------------------------------------------------------------------------------
+
+
+def fast_vs_reference(name, args, image):
+    """The suite's baseline and first variant with the fast paths off (the reference) and on,
+    interleaved round by round (a warm-up round, then --repeats) -> one record per configuration:
+    median ms of each, their ratio, and the largest output differences of the fast path."""
+    import common
+    module = importlib.import_module(name)
+    suite, rows = SUITES[name], []
+    variants = [suite.baseline] + [v for v in suite.variants if v.timed][:2 if name == "smca" else 1]
+    inputs = (image[None], torch.zeros(1, *image.shape[1:], dtype=torch.bool, device=image.device))
+    models = []
+    for v in variants:
+        torch.manual_seed(0)
+        models.append(module.build(make_config(module, v.overrides))[0].eval().to(args.device))
+    times = [[[], []] for _ in models]
+    outs = [[None, None] for _ in models]
+    try:
+        with torch.no_grad():
+            for r in range(args.repeats + 1):  # round 0 is the warm-up
+                for i, model in enumerate(models):
+                    for fast in (False, True):
+                        common.FAST_INFERENCE = fast
+                        t0 = time.perf_counter()
+                        outs[i][fast] = model(*inputs)
+                        if r:
+                            times[i][fast].append(time.perf_counter() - t0)
+    finally:
+        common.FAST_INFERENCE = True
+    for v, (t_ref, t_fast), (ref, fast) in zip(variants, times, outs):
+        ms_ref, ms_fast = 1e3 * statistics.median(t_ref), 1e3 * statistics.median(t_fast)
+        rows.append({"model": name, "label": v.label, "ms_reference": ms_ref, "ms_fast": ms_fast,
+                     "speedup": ms_ref / ms_fast, "logits_diff": (ref["pred_logits"] - fast["pred_logits"]).abs().max().item(),
+                     "boxes_diff": (ref["pred_boxes"] - fast["pred_boxes"]).abs().max().item(), "size": args.size_label})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
@@ -306,6 +353,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=("off", "bf16"), default="off")
     p.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON record per configuration instead of tables")
+    p.add_argument("--fast-vs-reference", action="store_true",
+                   help="time each model and its baseline with the inference fast paths off and on, interleaved")
     args = p.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be positive, got {args.threads}")
@@ -338,6 +387,16 @@ def main(argv=None):
         print(f"bench: {args.size_label}, {args.device}, amp {args.amp}, {torch.get_num_threads()} threads, "
               f"median of {args.repeats} after a warm-up; GMACs = FlopCounterMode / 2 + grid_sample 4 per value")
     records = []
+    if args.fast_vs_reference:
+        if not args.json:
+            print("| model | configuration | reference ms | fast ms | speedup | max diff logits / boxes |\n|---|---|---|---|---|---|")
+        for name in args.model or list(SUITES):
+            for r in fast_vs_reference(name, args, images[0]):
+                records.append(r)
+                print(json.dumps(r) if args.json else
+                      f"| {name} | {r['label']} | {r['ms_reference']:.0f} | {r['ms_fast']:.0f} | {r['speedup']:.2f}x | "
+                      f"{r['logits_diff']:.1e} / {r['boxes_diff']:.1e} |", flush=True)
+        return records
     for name in args.model or list(SUITES):
         recs = bench_model(name, args, images)
         records += recs

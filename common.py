@@ -67,10 +67,33 @@ class FrozenBatchNorm2d(nn.Module):
         state_dict.pop(prefix + "num_batches_tracked", None)  # torchvision BatchNorm2d has it
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x):
+    def scale_shift(self):
         scale = self.weight * (self.running_var + self.eps).rsqrt()
-        shift = self.bias - self.running_mean * scale
+        return scale, self.bias - self.running_mean * scale
+
+    def forward(self, x):
+        scale, shift = self.scale_shift()
         return x * scale[None, :, None, None] + shift[None, :, None, None]
+
+
+# Inference fast paths (outside autograd only; tests hold them equal to the readable reference):
+# the backbone folds each FrozenBatchNorm2d into its convolution and runs channels-last, the
+# deformable attention accumulates its weighted sum in place. False: the reference everywhere.
+FAST_INFERENCE = True
+
+
+def fast_inference():
+    return FAST_INFERENCE and not torch.is_grad_enabled()
+
+
+def conv_bn(conv, bn, x):
+    """bn(conv(x)); on the fast path a FrozenBatchNorm2d is folded into the convolution's weights
+    and bias (one op for three)."""
+    if not (isinstance(bn, FrozenBatchNorm2d) and fast_inference()):
+        return bn(conv(x))
+    scale, shift = bn.scale_shift()
+    weight = (conv.weight * scale[:, None, None, None]).contiguous(memory_format=torch.channels_last)
+    return F.conv2d(x, weight, shift, conv.stride, conv.padding)
 
 
 class BasicBlock(nn.Module):
@@ -85,9 +108,10 @@ class BasicBlock(nn.Module):
         self.downsample = _downsample(inplanes, planes * self.expansion, stride, norm)
 
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + identity)
+        identity = x if self.downsample is None else conv_bn(self.downsample[0], self.downsample[1], x)
+        fast = fast_inference()  # in place: no activation is kept for a backward
+        out = conv_bn(self.conv2, self.bn2, F.relu(conv_bn(self.conv1, self.bn1, x), inplace=fast))
+        return F.relu(out.add_(identity) if fast else out + identity, inplace=fast)
 
 
 class Bottleneck(nn.Module):
@@ -104,10 +128,12 @@ class Bottleneck(nn.Module):
         self.downsample = _downsample(inplanes, planes * 4, stride, norm)
 
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = F.relu(self.bn2(self.conv2(out)))
-        return F.relu(self.bn3(self.conv3(out)) + identity)
+        identity = x if self.downsample is None else conv_bn(self.downsample[0], self.downsample[1], x)
+        fast = fast_inference()  # in place: no activation is kept for a backward
+        out = F.relu(conv_bn(self.conv1, self.bn1, x), inplace=fast)
+        out = F.relu(conv_bn(self.conv2, self.bn2, out), inplace=fast)
+        out = conv_bn(self.conv3, self.bn3, out)
+        return F.relu(out.add_(identity) if fast else out + identity, inplace=fast)
 
 
 def _downsample(inplanes, outplanes, stride, norm):
@@ -144,7 +170,9 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))  # stride 4
+        if fast_inference():  # channels-last: the CPU's faster convolution layout
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.maxpool(F.relu(conv_bn(self.conv1, self.bn1, x), inplace=fast_inference()))  # stride 4
         c2 = self.layer1(x)
         c3 = self.layer2(c2)  # stride 8
         c4 = self.layer3(c3)  # stride 16
@@ -325,10 +353,29 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
     """
     B, N, H, D = value.shape
     Q = sampling_locations.shape[1]
+    if fast_inference():
+        return ms_deform_attn_fast(value, spatial_shapes, sampling_locations, attention_weights)
     weights = attention_weights.transpose(1, 2).flatten(0, 1)  # (B*H, Q, L, P)
     out = 0
     for lvl, sampled in enumerate(ms_deform_sample_levels(value, spatial_shapes, sampling_locations)):
         out = out + (sampled * weights[:, None, :, lvl]).sum(-1)  # (B*H, D, Q)
+    return out.view(B, H, D, Q).permute(0, 3, 1, 2).reshape(B, Q, H * D)
+
+
+def ms_deform_attn_fast(value, spatial_shapes, sampling_locations, attention_weights):
+    """ms_deform_attn's numbers, faster outside autograd: the points are sampled points-major, so
+    each point's samples are one contiguous (B*H, D, Q) slab, added in place with its weight (no
+    (B*H, D, Q, P) product is ever made)."""
+    B, N, H, D = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    grids = (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5).reshape(B * H, L, P, Q, 2)
+    weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(B * H, L, P, Q)
+    out = value.new_zeros(B * H, D, Q)
+    for lvl, (v, (h, w)) in enumerate(zip(value.split([h * w for h, w in spatial_shapes], 1), spatial_shapes)):
+        v = v.flatten(2).transpose(1, 2).reshape(B * H, D, h, w)  # (B*H, D, H_l, W_l)
+        sampled = F.grid_sample(v, grids[:, lvl], mode="bilinear", padding_mode="zeros", align_corners=False)
+        for p in range(P):  # sampled (B*H, D, P, Q)
+            out.addcmul_(sampled[:, :, p], weights[:, None, lvl, p])
     return out.view(B, H, D, Q).permute(0, 3, 1, 2).reshape(B, Q, H * D)
 
 
@@ -562,7 +609,8 @@ class DeformableEncoderLayer(nn.Module):
         all tokens; pad_mask (B, N) -> (B, S, C)"""
         attn = self.self_attn(tgt + pos, reference_points, memory, spatial_shapes, pad_mask)[0]
         tgt = self.norm1(tgt + self.dropout(attn))
-        return self.norm2(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
+        hidden = F.relu(self.linear1(tgt), inplace=fast_inference())  # in place outside autograd
+        return self.norm2(tgt + self.dropout(self.linear2(self.dropout(hidden))))
 
 
 class DeformableDecoderLayer(nn.Module):

@@ -390,6 +390,14 @@ def test_interface_every_model_takes_the_same_call(name):
     for key in ("pred_logits", "pred_boxes"):
         assert plain[key].shape[:2] == (2, tiny().num_queries) and torch.equal(plain[key], explained[key])
     assert len(post(plain, torch.tensor([[96, 128], [64, 128]]))) == 2
+    common.FAST_INFERENCE = False  # the readable reference path gives the same detections
+    try:
+        with torch.no_grad():
+            reference = model(images, pad_mask)
+    finally:
+        common.FAST_INFERENCE = True
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.allclose(reference[key], plain[key], atol=1e-4), key
 
 
 def test_input_tokens_extra_level_mask_and_position_switches():
@@ -449,6 +457,50 @@ def test_official_switches_reach_the_two_stage_selection_and_the_extra_level(nam
     with torch.no_grad():
         model(images, pad_mask)
     assert seen == {"over_padding": True, "extra": "interpolate"}
+
+
+@pytest.fixture
+def reference_path(monkeypatch):
+    """Run with the inference fast paths switched off (common.FAST_INFERENCE) inside the test."""
+    def switch(on):
+        monkeypatch.setattr(common, "FAST_INFERENCE", not on)
+    return switch
+
+
+@pytest.mark.parametrize("depth,norm", [(18, "frozen_bn"), (50, "frozen_bn"), (18, "bn")])
+def test_backbone_fast_path_equals_the_reference(depth, norm, reference_path):
+    """Outside autograd the backbone folds FrozenBatchNorm2d into its convolutions, runs channels-last
+    and in place: the same maps within float32 rounding (a few 1e-6 relative after ~50 layers);
+    with autograd on, the fast path is never taken (bit-identical)."""
+    torch.manual_seed(0)
+    bb = common.Backbone(depth, norm).eval()
+    for m in bb.modules():  # non-trivial statistics, so the folding is exercised
+        if isinstance(m, (common.FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5) if isinstance(m.weight, torch.nn.Parameter) else m.weight.uniform_(0.5, 1.5)
+    images, mask = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
+    with torch.no_grad():
+        reference_path(True)
+        ref = bb(images, mask)
+        reference_path(False)
+        fast = bb(images, mask)
+    for (a, ma), (b, mb) in zip(ref, fast):
+        assert torch.equal(ma, mb) and (a - b).abs().max() <= 1e-5 * a.abs().max()
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(bb(images, mask), bb(images, mask)))  # autograd on
+
+
+def test_ms_deform_attn_fast_path_equals_the_reference(reference_path):
+    """The in-place, point-by-point weighted sum gives the level-by-level product's result."""
+    torch.manual_seed(0)
+    shapes = [(6, 8), (3, 4), (2, 2)]
+    value = torch.randn(2, sum(h * w for h, w in shapes), 4, 8)
+    locs, weights = torch.rand(2, 10, 4, 3, 5, 2) * 1.2 - 0.1, torch.rand(2, 10, 4, 3, 5).softmax(-1)
+    with torch.no_grad():
+        reference_path(True)
+        ref = common.ms_deform_attn(value, shapes, locs, weights)
+        reference_path(False)
+        fast = common.ms_deform_attn(value, shapes, locs, weights)
+    assert torch.allclose(ref, fast, atol=1e-6)
 
 
 def test_copied_blocks_stay_in_sync():
@@ -1329,7 +1381,7 @@ def test_lite_detr_kda_matches_naive_per_point_reference(key_proj, ref_dim):
         assert torch.allclose(weights[b, qi, h].flatten(), w, atol=1e-12)
         heads[b, qi, h * D:(h + 1) * D] = sum(wi * v for wi, v in zip(w, vs))
     assert torch.allclose(out, attn.output_proj(heads), atol=1e-10)
-    with torch.no_grad():  # the inference path (kda_core_stacked) gives the same numbers
+    with torch.no_grad():  # the inference fast path (kda_core_fast) gives the same numbers
         out_nograd, _, weights_nograd = attn(query, ref, x, shapes_, pad)
     assert torch.allclose(out_nograd, out, atol=1e-12) and torch.allclose(weights_nograd, weights, atol=1e-12)
 
