@@ -1,20 +1,14 @@
 """Shared parts of the four efficient-DETR models: what no paper contributes and every paper needs.
 
 A model file imports this module (and torch) and nothing else of ours, so one model file plus this
-file is a whole model. Contents: 1. ResNet backbone (torchvision's names, FrozenBatchNorm2d, C3-C5
-with padding masks, torchvision-format weights); 2. sine positions, MLP, valid_image_sizes; 3. the
-multi-scale deformable sampling op in pure PyTorch (F.grid_sample, in place of the CUDA extension);
-4. Deformable DETR's scaffolding, used unchanged by Sparse, Lite and Focus DETR (MSDeformAttn, input
-projections and `TokenGeometry`, two-stage proposals, encoder / decoder layers, the box-refining
-decoder loop, the write-back of updated tokens); 5. box ops (GIoU that never asserts); 6. Hungarian
-matcher, set criterion (focal / L1 / GIoU, aux and encoder terms), post-processing.
+file is a whole model. Contents: 1. ResNet backbone (torchvision's names, FrozenBatchNorm2d, loading
+weights, the inference fast paths); 2. sine positions, MLP; 3. multi-scale deformable sampling in
+pure PyTorch (F.grid_sample, for the CUDA extension); 4. Deformable DETR's scaffolding, used unchanged
+by Sparse, Lite and Focus DETR; 5. box ops; 6. matcher, set criterion, post-processing.
 
-Every model of the library: build(cfg) -> (model, criterion, postprocess), and
-    model(images, pad_mask, targets=None, explain=False) -> dict with pred_logits (B, Q, K),
-    pred_boxes (B, Q, 4) cxcywh in [0, 1] of the UNPADDED image, aux_outputs, and what its loss reads.
-    images (B, 3, H_img, W_img), pad_mask (B, H_img, W_img) True = padding; targets: read only by
-    Focus-DETR in training (denoising); explain=True adds the mechanism's internals (listed in each
-    model's `forward` docstring), at no cost when False.
+Every model: build(cfg) -> (model, criterion, postprocess); model(images, pad_mask, targets=None,
+explain=False) -> dict (pred_logits, pred_boxes, aux_outputs, what its loss reads; its `forward`
+docstring lists the keys); images (B, 3, H_img, W_img), pad_mask (B, H_img, W_img) True = padding.
 
 Shape letters, the same in every file of the library:
     B  images in the batch               Q  decoder queries (denoising ones included where present)
@@ -26,10 +20,8 @@ Shape letters, the same in every file of the library:
     M  target boxes of an image          G  denoising groups
     F  sine frequencies per coordinate   H_l, W_l  level l's map; H_img, W_img  the padded images
 
-Deviations from the DETR / Deformable DETR code these come from:
-- generalized_box_iou never asserts and the matcher replaces non-finite costs by a large value: a
-  diverging prediction gives a large loss instead of killing the run.
-- `Backbone(norm="bn")`: ordinary BatchNorm instead of FrozenBatchNorm2d, to train from scratch.
+Deviations from DETR / Deformable DETR: generalized_box_iou never asserts and the matcher bounds
+non-finite costs (a diverging prediction is a large loss, not a dead run); `Backbone(norm="bn")`.
 """
 import argparse
 import math
@@ -76,9 +68,8 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale[None, :, None, None] + shift[None, :, None, None]
 
 
-# Inference fast paths (outside autograd only; tests hold them equal to the readable reference):
-# the backbone folds each FrozenBatchNorm2d into its convolution and runs channels-last, the
-# deformable attention accumulates its weighted sum in place. False: the reference everywhere.
+# Inference fast paths, outside autograd only (tests hold them equal to the readable reference): the
+# backbone folds FrozenBatchNorm2d into its convolutions, channels-last and in place; ms_deform_attn_fast.
 FAST_INFERENCE = True
 
 
@@ -87,8 +78,7 @@ def fast_inference():
 
 
 def conv_bn(conv, bn, x):
-    """bn(conv(x)); on the fast path a FrozenBatchNorm2d is folded into the convolution's weights
-    and bias (one op for three)."""
+    """bn(conv(x)); on the fast path a FrozenBatchNorm2d folds into the convolution (one op for three)."""
     if not (isinstance(bn, FrozenBatchNorm2d) and fast_inference()):
         return bn(conv(x))
     scale, shift = bn.scale_shift()
@@ -227,20 +217,13 @@ def read_state_dict(source, what):
 def rename_keys(state, rules, ignore=()):
     """Another code's state dict -> our names: the first (regex, replacement) of `rules` matching a key
     renames it; keys matching an `ignore` regex are dropped -> (renamed, the keys matching neither)."""
-    out, unused = {}, []
-    for key, value in state.items():
-        if not any(re.match(p, key) for p in ignore):
-            new = next((re.sub(p, r, key) for p, r in rules if re.match(p, key)), None)
-            if new is None:
-                unused.append(key)
-            else:
-                out[new] = value
-    return out, unused
+    renamed = {k: next((re.sub(p, r, k) for p, r in rules if re.match(p, k)), None)
+               for k in state if not any(re.match(p, k) for p in ignore)}
+    return {new: state[k] for k, new in renamed.items() if new}, [k for k, new in renamed.items() if not new]
 
 
 def check_state_dict(state, own, what, unused=()):
-    """ValueError naming the keys unless `state` fills every tensor of `own` with its shape, nothing else,
-    and nothing of the source was left `unused`."""
+    """ValueError naming the keys unless `state` fills exactly `own`'s tensors and shapes, none left `unused`."""
     own = {k: v for k, v in own.items() if not k.endswith("num_batches_tracked")}
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own)) + sorted(unused)
     misshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
@@ -252,15 +235,13 @@ def check_state_dict(state, own, what, unused=()):
 def load_backbone_weights(backbone, source):
     """Load a torchvision-format ResNet state dict into `backbone.body`. source: what read_state_dict
     takes (a whole model's of this library too: its backbone.body.*) or "imagenet" (downloaded)."""
-    if source == "imagenet":
-        state = torch.hub.load_state_dict_from_url(RESNET_URLS[backbone.depth], map_location="cpu")
-    else:
-        state = read_state_dict(source, "backbone weights")[0]
+    state = (torch.hub.load_state_dict_from_url(RESNET_URLS[backbone.depth], map_location="cpu")
+             if source == "imagenet" else read_state_dict(source, "backbone weights")[0])
     if any(k.startswith("backbone.body.") for k in state):  # a whole model of this library
         state = {k[len("backbone.body."):]: v for k, v in state.items() if k.startswith("backbone.body.")}
     state = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
-    name = repr(source) if isinstance(source, str) else "the given state dict"
-    check_state_dict(state, backbone.body.state_dict(), f"backbone weights {name} do not fit ResNet-{backbone.depth}")
+    check_state_dict(state, backbone.body.state_dict(), f"backbone weights "
+                     f"{source if isinstance(source, str) else 'the given state dict'!r} do not fit ResNet-{backbone.depth}")
     backbone.body.load_state_dict(state, strict=False)  # everything but BatchNorm's step counters, checked above
 
 
@@ -269,13 +250,9 @@ def load_backbone_weights(backbone, source):
 # ---------------------------------------------------------------------------------------------
 
 def sine_position_embedding(mask, num_pos_feats=128, temperature=10000, scale=2 * math.pi, offset=0.0):
-    """DETR's PositionEmbeddingSine(normalize=True): mask (B, H_l, W_l) -> pos (B, 2 F, H_l, W_l).
-
-    Positions count valid cells only and are normalised by the image's valid extent, so an image's
-    encoding does not depend on how much padding its batch added. Channels: y first, then x.
-    offset: added to the cell index before normalising (DETR 0; Deformable DETR and its
-    descendants -0.5, the cell centre).
-    """
+    """DETR's PositionEmbeddingSine(normalize=True): mask (B, H_l, W_l) -> pos (B, 2 F, H_l, W_l), y
+    then x, over valid cells normalised by the image's valid extent (padding-independent). offset:
+    added to the cell index (DETR 0; Deformable DETR -0.5, the cell centre)."""
     not_mask = (~mask).float()
     y_embed = not_mask.cumsum(1)
     x_embed = not_mask.cumsum(2)
@@ -331,12 +308,9 @@ def ms_deform_sample_levels(value, spatial_shapes, sampling_locations):
 
 
 def deform_sampling_locations(reference_points, offsets, spatial_shapes):
-    """Where a deformable attention samples (Deformable DETR Eq. 3 / Sec. 4.1).
-
-    reference_points (B, Q, L, 2) points or (B, Q, L, 4) boxes, in [0, 1] of each level's padded
-    map; offsets (B, Q, H, L, P, 2) -> locations (B, Q, H, L, P, 2). Point references: offsets in
-    cells of each level. Box references: offsets relative to the box, half its size at |offset| = P.
-    """
+    """Where a deformable attention samples (Deformable DETR Eq. 3): reference_points (B, Q, L, 2)
+    points (offsets in cells) or (B, Q, L, 4) boxes (offsets relative to the box, half its size at
+    |offset| = P), offsets (B, Q, H, L, P, 2) -> locations (B, Q, H, L, P, 2) in [0, 1] of each map."""
     if reference_points.shape[-1] == 2:
         wh = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=offsets.dtype, device=offsets.device)  # (L, 2)
         return reference_points[:, :, None, :, None, :] + offsets / wh[None, None, None, :, None, :]
@@ -346,11 +320,8 @@ def deform_sampling_locations(reference_points, offsets, spatial_shapes):
 
 
 def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
-    """Deformable attention core: sum over levels and points of weight * sampled value.
-
-    attention_weights (B, Q, H, L, P) -> output (B, Q, H*D). Accumulates level by level, so the
-    sampled values of all levels are never stacked into one tensor.
-    """
+    """Deformable attention core: sum over levels and points of weight * sampled value, level by level.
+    attention_weights (B, Q, H, L, P) -> output (B, Q, H*D)."""
     B, N, H, D = value.shape
     Q = sampling_locations.shape[1]
     if fast_inference():
@@ -363,9 +334,8 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
 
 
 def ms_deform_attn_fast(value, spatial_shapes, sampling_locations, attention_weights):
-    """ms_deform_attn's numbers, faster outside autograd: the points are sampled points-major, so
-    each point's samples are one contiguous (B*H, D, Q) slab, added in place with its weight (no
-    (B*H, D, Q, P) product is ever made)."""
+    """ms_deform_attn's numbers, faster outside autograd: sampled points-major, each point's samples
+    are a contiguous (B*H, D, Q) slab added in place with its weight (no (B*H, D, Q, P) product)."""
     B, N, H, D = value.shape
     _, Q, _, L, P, _ = sampling_locations.shape
     grids = (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5).reshape(B * H, L, P, Q, 2)
@@ -449,11 +419,8 @@ class MaskedGroupNorm(nn.GroupNorm):
 
 
 def halve_mask(mask):
-    """Padding mask of a stride-2 3x3 conv's output: (B, H_l, W_l) -> (B, ceil(H_l/2), ceil(W_l/2)).
-
-    An image with h x w valid cells has ceil(h/2) x ceil(w/2) valid outputs (padding is at the
-    bottom / right), exactly what the same conv gives on the image alone.
-    """
+    """Padding mask of a stride-2 3x3 conv's output, (B, H_l, W_l) -> (B, ceil(H_l/2), ceil(W_l/2)): h x w
+    valid cells give ceil(h/2) x ceil(w/2), what the same conv gives on the image alone."""
     _, h, w = mask.shape
     valid_w, valid_h = valid_image_sizes(mask).long().unbind(-1)  # (B,) valid cells
     rows = torch.arange((h + 1) // 2, device=mask.device)[None, :, None] >= ((valid_h + 1) // 2)[:, None, None]
@@ -492,9 +459,8 @@ def token_proposals(masks):
 
 
 class InputProjections(nn.ModuleList):
-    """Deformable DETR's input projections: a 1x1 conv + GroupNorm per backbone map taken (the last
-    min(num_levels, len(in_channels)) of C3, C4, C5), then 3x3 stride-2 convs + GroupNorm for the
-    extra levels, the first on raw C5, each next one on the previous level's output."""
+    """Deformable DETR's input projections: 1x1 conv + GroupNorm for the last min(num_levels, 3) of
+    C3-C5, then 3x3 stride-2 conv + GroupNorm per extra level (the first on raw C5, then chained)."""
 
     def __init__(self, in_channels, d, num_levels):
         n_bb = min(num_levels, len(in_channels))
@@ -523,14 +489,10 @@ class TokenGeometry:
 
 def input_tokens(input_proj, level_embed, feats, masked_groupnorm=True, pad_mask=None, extra_level_mask="exact",
                  temperature=10000, offset=-0.5):
-    """The backbone maps -> the encoder's flattened tokens (Deformable DETR Sec. 4.1).
-
-    feats: the backbone's [(C3, m3), (C4, m4), (C5, m5)]; level_embed (L, C). Positions: sine of each
-    level's valid cells (temperature, offset: Deformable DETR's 10000 and -0.5) + the level's
-    embedding. masked_groupnorm=False: the official GroupNorm, statistics over the padding too.
-    Extra levels' masks: "exact" (ceil of half the previous level's valid cells), "interpolate" (the
-    official code: the image's pad_mask (B, H_img, W_img), nearest-resized). -> src (B, N, C), pos, TokenGeometry.
-    """
+    """The backbone's [(C3, m3), (C4, m4), (C5, m5)] -> the encoder's tokens (Deformable DETR Sec. 4.1):
+    src, pos (B, N, C) (sine positions + level_embed (L, C)), TokenGeometry. masked_groupnorm=False:
+    the official GroupNorm over padding; extra_level_mask "exact" (halve_mask) or "interpolate" (the
+    official: the images' pad_mask, nearest-resized)."""
     n_bb = min(len(input_proj), len(feats))  # levels taken from the backbone (its last n_bb maps)
     maps, masks = [], []
     for lvl, proj in enumerate(input_proj):
@@ -583,9 +545,8 @@ def write_back(memory, inds, rows, updated):
 
 
 def top_queries(scores, pad_mask, num_queries, over_padding=False):
-    """Two-stage query selection: the num_queries best-scoring tokens of each image, padded tokens
-    never chosen (over_padding=True: ranked like the others, as the official code). scores, pad_mask
-    (B, N) -> indices (B, Q)."""
+    """Two-stage query selection: scores, pad_mask (B, N) -> the num_queries best tokens (B, Q), padded
+    ones never chosen (over_padding=True: ranked like the others, as the official code)."""
     if num_queries > pad_mask.shape[1]:
         raise ValueError(f"num_queries {num_queries} exceeds the {pad_mask.shape[1]} encoder tokens of this batch: "
                          f"lower num_queries or use larger images")
@@ -593,9 +554,8 @@ def top_queries(scores, pad_mask, num_queries, over_padding=False):
 
 
 class DeformableEncoderLayer(nn.Module):
-    """Deformable DETR's post-norm encoder layer: deformable self-attention (`self_attn`, built by
-    the caller: MSDeformAttn or a paper's variant), then the FFN. The queries may be a subset of
-    the tokens (Sparse, Focus-DETR); the values are always all N of them."""
+    """Deformable DETR's post-norm encoder layer: deformable self-attention (`self_attn`, built by the
+    caller), then the FFN. The queries may be a subset of the tokens; the values are all N of them."""
 
     def __init__(self, d, ffn, dropout, self_attn):
         super().__init__()
@@ -729,8 +689,7 @@ class HungarianMatcher(nn.Module):
         tgt_labels = torch.cat([t["labels"] for t in targets])
         tgt_boxes = torch.cat([t["boxes"] for t in targets]).float()
         if tgt_labels.numel() == 0:
-            empty = torch.empty(0, dtype=torch.int64)
-            return [(empty, empty) for _ in targets]
+            return [(torch.empty(0, dtype=torch.int64),) * 2 for _ in targets]
         cost = (self.cost_class * focal_class_cost(logits, tgt_labels, self.alpha, self.gamma)
                 + self.cost_bbox * torch.cdist(boxes, tgt_boxes, p=1)
                 - self.cost_giou * generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes)))
@@ -754,15 +713,11 @@ def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0):
 
 
 class SetCriterion(nn.Module):
-    """DETR's set loss with sigmoid focal classification, as the four papers use it.
-
-    For every output set (the last decoder layer, each `aux_outputs` entry, the two-stage
-    `enc_outputs` with `encoder_labels` "binary" (class-agnostic, two-stage Deformable DETR) or
-    "class" (the real labels), each `enc_aux_outputs` entry) the predictions are Hungarian-matched:
-    loss_ce = focal loss summed over all queries and classes, loss_bbox = L1 and loss_giou = 1 - GIoU
-    on the matched boxes, each / num_boxes (the batch's targets averaged over ranks, at least 1).
-    -> unweighted terms (suffix _0, _1, .. for aux, _enc, _enc_0, ..); weights in `weight_dict`.
-    """
+    """DETR's set loss with sigmoid focal classification, as the four papers use it. Every output set
+    (the last decoder layer, `aux_outputs`, the two-stage `enc_outputs` with `encoder_labels` "binary"
+    (class-agnostic) or "class", `enc_aux_outputs`) is Hungarian-matched: loss_ce = focal loss over all
+    queries and classes, loss_bbox = L1, loss_giou = 1 - GIoU on the matches, each / num_boxes (the
+    targets averaged over ranks, >= 1) -> unweighted terms (_0, .., _enc, _enc_0, ..); `weight_dict`."""
 
     def __init__(self, num_classes, matcher=None, weight_ce=2.0, weight_bbox=5.0, weight_giou=2.0,
                  focal_alpha=0.25, focal_gamma=2.0, num_aux=0, encoder_labels=None, num_enc_aux=0):
@@ -770,17 +725,13 @@ class SetCriterion(nn.Module):
         self.num_classes = num_classes
         self.matcher = matcher or HungarianMatcher(weight_ce, weight_bbox, weight_giou, focal_alpha, focal_gamma)
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
-        base = {"loss_ce": weight_ce, "loss_bbox": weight_bbox, "loss_giou": weight_giou}
-        self.weight_dict = dict(base)
-        for i in range(num_aux):
-            self.weight_dict.update({f"{k}_{i}": v for k, v in base.items()})
         if encoder_labels not in (None, "binary", "class"):
             raise ValueError(f"encoder_labels must be None, 'binary' or 'class', got {encoder_labels!r}")
         self.encoder_labels = encoder_labels
-        if encoder_labels:
-            self.weight_dict.update({f"{k}_enc": v for k, v in base.items()})
-        for i in range(num_enc_aux):
-            self.weight_dict.update({f"{k}_enc_{i}": v for k, v in base.items()})
+        suffixes = [""] + [f"_{i}" for i in range(num_aux)] + (["_enc"] if encoder_labels else []) \
+            + [f"_enc_{i}" for i in range(num_enc_aux)]
+        self.weight_dict = {f"{k}{s}": v for s in suffixes
+                            for k, v in (("loss_ce", weight_ce), ("loss_bbox", weight_bbox), ("loss_giou", weight_giou))}
 
     def num_boxes(self, targets, device):
         n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
@@ -814,10 +765,9 @@ class SetCriterion(nn.Module):
         losses = self.set_loss(outputs, targets, num_boxes)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update({f"{k}_{i}": v for k, v in self.set_loss(aux, targets, num_boxes).items()})
-        if self.encoder_labels and "enc_outputs" in outputs:
-            enc_targets = targets
-            if self.encoder_labels == "binary":
-                enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+        if self.encoder_labels and "enc_outputs" in outputs:  # "binary": every box is class 0
+            enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets] \
+                if self.encoder_labels == "binary" else targets
             losses.update({f"{k}_enc": v for k, v in self.set_loss(outputs["enc_outputs"], enc_targets, num_boxes).items()})
         for i, aux in enumerate(outputs.get("enc_aux_outputs", [])):
             losses.update({f"{k}_enc_{i}": v for k, v in self.set_loss(aux, targets, num_boxes).items()})
