@@ -8,6 +8,7 @@
     python bench.py --device cuda --amp bf16 # GPU: synchronised timing at batch 1 and 4 (FPS, B4FPS)
     python bench.py --json                   # one JSON record per model configuration, nothing else
     python bench.py --fast-vs-reference      # the inference fast paths against the readable reference
+    python bench.py --profile                # where a forward's time goes, by module and op group
 
 What is measured, per configuration (R50, the paper's COCO Config, random weights: cost does not
 depend on them):
@@ -333,10 +334,70 @@ def fast_vs_reference(name, args, image):
         common.FAST_INFERENCE = True
     for v, (t_ref, t_fast), (ref, fast) in zip(variants, times, outs):
         ms_ref, ms_fast = 1e3 * statistics.median(t_ref), 1e3 * statistics.median(t_fast)
+        # before any top-k: the scores the selections are made from (a near-tie may flip a selection,
+        # after which the outputs legitimately differ)
+        key = next((k for k in ("token_scores", "fg_logits") if k in ref), None)
+        pre = ((ref[key] - fast[key]).abs().max().item() if key else
+               (ref["enc_outputs"]["pred_logits"] - fast["enc_outputs"]["pred_logits"]).abs().max().item()
+               if "enc_outputs" in ref and "fg_logits" not in ref and name != "focus_detr" else None)
         rows.append({"model": name, "label": v.label, "ms_reference": ms_ref, "ms_fast": ms_fast,
                      "speedup": ms_ref / ms_fast, "logits_diff": (ref["pred_logits"] - fast["pred_logits"]).abs().max().item(),
-                     "boxes_diff": (ref["pred_boxes"] - fast["pred_boxes"]).abs().max().item(), "size": args.size_label})
+                     "boxes_diff": (ref["pred_boxes"] - fast["pred_boxes"]).abs().max().item(),
+                     "selection_scores_diff": pre, "size": args.size_label})
     return rows
+
+
+OP_GROUPS = {"convolutions": ("aten::mkldnn_convolution", "aten::convolution"), "grid_sample": ("aten::grid_sampler_2d",),
+             "matrix products": ("aten::addmm", "aten::mm", "aten::bmm", "aten::_native_multi_head_attention"),
+             "elementwise": ("aten::mul", "aten::add", "aten::addcmul_", "aten::add_", "aten::sum", "aten::clamp_min",
+                             "aten::clamp_min_", "aten::div", "aten::sub", "aten::softmax", "aten::_softmax"),
+             "copies": ("aten::copy_", "aten::cat", "aten::fill_", "aten::zero_")}
+
+
+def profile(name, args, image, overrides=None):
+    """One forward of the suite's first timed variant (or `overrides`), reference and fast path: ms in
+    the backbone, the input projections, the encoder, the decoder and the rest (hooks), and the
+    self CPU ms of each op group (torch.profiler). -> {"reference": {...}, "fast": {...}}"""
+    import common
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    module = importlib.import_module(name)
+    v = next(v for v in SUITES[name].variants if v.timed) if overrides is None else Variant("given", overrides)
+    torch.manual_seed(0)
+    model = module.build(make_config(module, v.overrides))[0].eval()
+    inputs = (image[None], torch.zeros(1, *image.shape[1:], dtype=torch.bool))
+    spans = {"backbone": [model.backbone], "input projections": list(model.input_proj),
+             "encoder": [model.encoder], "decoder": [model.decoder]}
+    result = {}
+    try:
+        for mode, fast in (("reference", False), ("fast", True)):
+            common.FAST_INFERENCE = fast
+            seconds, handles = dict.fromkeys(spans, 0.0), []
+            for part, mods in spans.items():
+                for m in mods:
+                    first, last = (m[0], m[-1]) if isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)) else (m, m)
+                    start = {}
+                    handles += [first.register_forward_pre_hook(lambda *a, s=start: s.__setitem__("t", time.perf_counter())),
+                                last.register_forward_hook(lambda *a, s=start, p=part: seconds.__setitem__(
+                                    p, seconds[p] + time.perf_counter() - s["t"]))]
+            with torch.no_grad():
+                model(*inputs)  # warm-up
+                seconds = dict.fromkeys(spans, 0.0)
+                t0 = time.perf_counter()
+                model(*inputs)
+                total = time.perf_counter() - t0
+                for h in handles:
+                    h.remove()
+                with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                    model(*inputs)
+            ops = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+            groups = {g: sum(ops.get(o, 0.0) for o in names) for g, names in OP_GROUPS.items()}
+            result[mode] = {"total": 1e3 * total, **{p: 1e3 * t for p, t in seconds.items()},
+                            "rest": 1e3 * (total - sum(seconds.values())), "ops": groups,
+                            "ops_other": sum(ops.values()) - sum(groups.values())}
+    finally:
+        common.FAST_INFERENCE = True
+    return {"model": name, "label": v.label, **result}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +414,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=("off", "bf16"), default="off")
     p.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON record per configuration instead of tables")
+    p.add_argument("--profile", action="store_true",
+                   help="where one forward's time goes (modules, op groups), reference and fast path")
     p.add_argument("--fast-vs-reference", action="store_true",
                    help="time each model and its baseline with the inference fast paths off and on, interleaved")
     args = p.parse_args(argv)
@@ -387,15 +450,31 @@ def main(argv=None):
         print(f"bench: {args.size_label}, {args.device}, amp {args.amp}, {torch.get_num_threads()} threads, "
               f"median of {args.repeats} after a warm-up; GMACs = FlopCounterMode / 2 + grid_sample 4 per value")
     records = []
+    if args.profile:
+        cols = ["backbone", "input projections", "encoder", "decoder", "rest"]
+        print("| model | path | total ms | " + " | ".join(cols) + " | " + " | ".join(OP_GROUPS) + " | other ops |")
+        print("|---" * (4 + len(cols) + len(OP_GROUPS)) + "|")
+        for name in args.model or list(SUITES):
+            for v in [SUITES[name].baseline, next(v for v in SUITES[name].variants if v.timed)]:
+                r = profile(name, args, images[0], v.overrides)
+                records.append(r)
+                for mode in ("reference", "fast"):
+                    m = r[mode]
+                    print(f"| {name}: {v.label} | {mode} | {m['total']:.0f} | " + " | ".join(f"{m[c]:.0f}" for c in cols)
+                          + " | " + " | ".join(f"{m['ops'][g]:.0f}" for g in OP_GROUPS) + f" | {m['ops_other']:.0f} |",
+                          flush=True)
+        return records
     if args.fast_vs_reference:
         if not args.json:
-            print("| model | configuration | reference ms | fast ms | speedup | max diff logits / boxes |\n|---|---|---|---|---|---|")
+            print("| model | configuration | reference ms | fast ms | speedup | max diff logits / boxes | max diff of the "
+                  "scores a top-k selects from |\n|---|---|---|---|---|---|---|")
         for name in args.model or list(SUITES):
             for r in fast_vs_reference(name, args, images[0]):
                 records.append(r)
                 print(json.dumps(r) if args.json else
                       f"| {name} | {r['label']} | {r['ms_reference']:.0f} | {r['ms_fast']:.0f} | {r['speedup']:.2f}x | "
-                      f"{r['logits_diff']:.1e} / {r['boxes_diff']:.1e} |", flush=True)
+                      f"{r['logits_diff']:.1e} / {r['boxes_diff']:.1e} | "
+                      f"{'-' if r['selection_scores_diff'] is None else format(r['selection_scores_diff'], '.1e')} |", flush=True)
         return records
     for name in args.model or list(SUITES):
         recs = bench_model(name, args, images)
