@@ -77,8 +77,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (MLP, Backbone, PostProcess, SetCriterion, check_state_dict, halve_mask, read_state_dict,
-                    rename_keys, sine_position_embedding, valid_image_sizes)
+from common import (MLP, Backbone, PostProcess, SetCriterion, check_state_dict, fast_inference, halve_mask,
+                    read_state_dict, rename_keys, sine_position_embedding, valid_image_sizes)
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
@@ -203,11 +203,20 @@ class SMCADecoderLayer(nn.Module):
         logs = []
         for j, (stride, (cells_wh, grid)) in enumerate(zip(self.strides, levels)):
             points = (center * cells_wh[:, None, :])[:, :, None, :] + offsets[:, :, j]  # (B, Q, Hp, 2)
+            if fast_inference():  # the same sums, separable: dx^2 per column plus dy^2 per row
+                w = int(grid[-1, 0]) + 1  # the last cell is (W_j - 1, H_j - 1); the grid runs row by row
+                dx2 = (points[..., 0, None] - grid[:w, 0]) ** 2  # (B, Q, Hp, W_j)
+                dy2 = (points[..., 1, None] - grid[::w, 1]) ** 2  # (B, Q, Hp, H_j)
+                if self.scale_type != "fixed":
+                    dx2, dy2 = dx2 * s[:, :, j, :, :1] ** 2, dy2 * s[:, :, j, :, -1:] ** 2
+                sqdist = (dx2[..., None, :] + dy2[..., :, None]).flatten(-2)  # (B, Q, Hp, N_j)
+                logs.append(sqdist.mul_(-(stride / self.ref_stride) / self.beta))  # log G of this scale
+                continue
             sqdist = (points[:, :, :, None, :] - grid) ** 2  # (B, Q, Hp, N_j, 2): (dx^2, dy^2) to every cell
             if self.scale_type != "fixed":
                 sqdist = sqdist * s[:, :, j, :, None, :] ** 2  # s_x^2 dx^2, s_y^2 dy^2
             logs.append(sqdist.sum(-1) * (stride / self.ref_stride))  # MSZ: x0.5 / 1 / 2 at stride 16 / 32 / 64
-        log_g = -torch.cat(logs, dim=-1) / self.beta  # (B, Q, Hp, N)
+        log_g = torch.cat(logs, dim=-1) if fast_inference() else -torch.cat(logs, dim=-1) / self.beta  # (B, Q, Hp, N)
         return log_g.expand(B, Q, self.nheads, log_g.shape[-1]).transpose(1, 2)  # (B, H, Q, N)
 
     def forward(self, tgt, query_pos, memory, pos, pad_mask, levels, center_logit=None):

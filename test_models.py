@@ -1039,6 +1039,25 @@ def test_smca_official_checkpoint_gives_the_official_outputs(tmp_path):
                         "transformer.encoder.layers.0.linear1.weight")
 
 
+@pytest.mark.parametrize("kw", [{}, {"multiscale": True}, {"scale_type": "single"}, {"scale_type": "fixed"}])
+def test_smca_prior_fast_path_equals_the_reference(kw, reference_path):
+    """Outside autograd the Gaussian's squared distances are summed separably (a column term plus a
+    row term) and scaled by -1/beta in place: the same log G as the per-cell reference."""
+    torch.manual_seed(0)
+    model, _, _ = smca.build(tiny_smca(**kw))
+    model.eval()
+    images, pad_mask = torch.randn(2, 3, 96, 160), torch.zeros(2, 96, 160, dtype=torch.bool)
+    pad_mask[1, 64:, 96:] = True
+    with torch.no_grad():
+        reference_path(True)
+        ref = model(images, pad_mask, explain=True)
+        reference_path(False)
+        fast = model(images, pad_mask, explain=True)
+    for a, b in zip(ref["log_priors"], fast["log_priors"]):
+        assert a is None and b is None or torch.allclose(a, b, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(ref["pred_boxes"], fast["pred_boxes"], atol=1e-5)
+
+
 def test_smca_config_errors():
     with pytest.raises(ValueError, match="scale_type"):
         smca.build(tiny_smca(scale_type="diagonal"))
@@ -2110,6 +2129,20 @@ def test_bench_focus_detr_under_bf16_autocast_counts_the_same_work():
     for key in ("gmacs", "encoder_gmacs", "baseline_gmacs", "baseline_encoder_gmacs"):
         assert bf16[key] == pytest.approx(fp32[key], rel=1e-6), key
     assert 0 < fp32["encoder_gmacs"] < fp32["baseline_encoder_gmacs"] < fp32["baseline_gmacs"]
+
+
+def test_bench_smca_fast_vs_reference_and_profile():
+    """--fast-vs-reference times the readable and the fast path of a model and its baseline and
+    reports their output differences; --profile splits a forward by module and op group."""
+    rows = bench.main(["--fast-vs-reference", "--model", "smca", "--size", "64", "96", "--repeats", "1"])
+    assert [r["label"] for r in rows] == ["DETR baseline (prior off)", "SMCA single-scale", "SMCA multi-scale"]
+    assert all(r["ms_reference"] > 0 and r["ms_fast"] > 0 and r["logits_diff"] < 1e-4 for r in rows)
+    (base, smca_row) = bench.main(["--profile", "--model", "smca", "--size", "64", "96"])
+    for mode in ("reference", "fast"):
+        m = smca_row[mode]
+        parts = m["backbone"] + m["input projections"] + m["encoder"] + m["decoder"] + m["rest"]
+        assert m["backbone"] > 0 and m["encoder"] > 0 and parts == pytest.approx(m["total"], rel=1e-6)
+        assert m["ops"]["convolutions"] > 0
 
 
 def test_bench_rejects_bad_flags(tiny_shapes):
