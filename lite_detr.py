@@ -166,18 +166,19 @@ def kda_core_stacked(kv, spatial_shapes, locs, q):
 
 def kda_core_fast(kv, spatial_shapes, locs, q):
     """kda_core's numbers, faster outside autograd: the points are sampled points-major, so each
-    point's keys and values are contiguous (B*H, D, Q) slabs; q . k is a product summed over D, and
-    the weighted values are added in place (no channel-last copy of the samples)."""
+    point's keys and values are contiguous slabs; q . k and the weighted values are accumulated in
+    place (no channel-last copy of the samples, no product tensor)."""
     B, Q, H, D = q.shape
     L, P, Dv = locs.shape[3], locs.shape[4], kv.shape[-1]
-    q = q.permute(0, 2, 3, 1).reshape(B * H, D, 1, Q) / math.sqrt(D)  # (B*H, D, 1, Q)
+    q = q.permute(0, 2, 3, 1).reshape(B * H, D, 1, Q) / math.sqrt(D)  # (B*H, D, 1, Q): broadcast over P
     grids = (2 * locs - 1).permute(0, 2, 3, 4, 1, 5).reshape(B * H, L, P, Q, 2)
-    samples, logits = [], []
+    samples, logits = [], kv.new_zeros(B * H, L, P, Q)
     for lvl, (v, (h, w)) in enumerate(zip(kv.split([h * w for h, w in spatial_shapes], 1), spatial_shapes)):
         v = v.flatten(2).transpose(1, 2).reshape(B * H, Dv, h, w)  # (B*H, Dv, H_l, W_l)
         samples.append(F.grid_sample(v, grids[:, lvl], mode="bilinear", padding_mode="zeros", align_corners=False))
-        logits.append((samples[-1][:, -D:] * q).sum(1))  # (B*H, P, Q): q . k_j / sqrt(D)
-    weights = torch.stack(logits, 1).view(B * H, L * P, Q).softmax(1).view(B * H, L, P, Q)
+        for d in range(D):  # q . k_j / sqrt(D), one channel at a time: contiguous (B*H, P, Q) slabs
+            logits[:, lvl].addcmul_(samples[-1][:, Dv - D + d], q[:, d])
+    weights = logits.view(B * H, L * P, Q).softmax(1).view(B * H, L, P, Q)
     out = kv.new_zeros(B * H, D, Q)
     for lvl, sampled in enumerate(samples):  # sampled (B*H, Dv, P, Q)
         for p in range(P):
