@@ -1865,6 +1865,14 @@ def test_train_resume_matches_uninterrupted_run(tiny_shapes, tmp_path):
         train.main(_train_args(tiny_shapes, tmp_path / "c", "--epochs", "3", "--resume", str(tmp_path / "weights.pth")))
     with pytest.raises(ValueError, match="hidden_dim: checkpoint 32 vs now 64"):
         train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "3", "--resume", "auto") + ["hidden_dim=64"])
+    # a checkpoint written before a Config field existed ran as the field's default: still compatible
+    old = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)
+    del old["config"]["beta"]
+    torch.save(old, tmp_path / "older.pth")
+    train.main(_train_args(tiny_shapes, tmp_path / "c", "--eval-only", "--resume", str(tmp_path / "older.pth")))
+    with pytest.raises(ValueError, match="beta: checkpoint 8.0 vs now 4.0"):
+        train.main(_train_args(tiny_shapes, tmp_path / "d", "--eval-only", "--resume", str(tmp_path / "older.pth"))
+                   + ["beta=4"])
 
 
 def test_train_loader_augments_from_the_datasets_own_random_stream(tiny_shapes):

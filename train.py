@@ -260,8 +260,9 @@ def check_compatible(ckpt, path, model_name, cfg, training):
     if ckpt.get("model_name") != model_name:
         raise ValueError(f"{path!r} is a checkpoint of model {ckpt.get('model_name')!r}, not {model_name!r}")
     ours = dataclasses.asdict(cfg)
-    diff = [f"{k}: checkpoint {ckpt['config'].get(k)!r} vs now {v!r}" for k, v in ours.items()
-            if ckpt["config"].get(k) != v]
+    # a field the checkpoint predates ran as its default (new switches default to the old behaviour)
+    theirs = {f.name: f.default for f in dataclasses.fields(cfg)} | ckpt["config"]
+    diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {v!r}" for k, v in ours.items() if theirs.get(k) != v]
     if diff:
         shown = ", ".join(diff)
         raise ValueError(f"{path!r} was trained with another config ({shown}); use the same --data/--set, "
