@@ -2273,9 +2273,10 @@ def test_detect_explain_picture_of_each_model(tiny_shapes, tmp_path, name, kw):
     assert picture.size[0] > 2 * 240 and picture.size[1] > 240  # several panels, enlarged to 240 px or more
 
 
-def test_detect_and_eval_take_the_authors_weights(tiny_shapes, tmp_path):
+def test_detect_and_eval_take_the_authors_weights(tiny_shapes, tmp_path, monkeypatch):
     """The authors' file goes where our checkpoints go: detect.py recognises and converts it (COCO
-    names), train.py --eval-only --official evaluates it; wrong uses are refused."""
+    names), train.py --eval-only --official evaluates it (also on the readable path); wrong uses are refused."""
+    monkeypatch.setattr(common, "FAST_INFERENCE", True)  # --readable-path switches it off: restored after the test
     import argparse
     _, path, _ = _official_file(tmp_path, "smca_single_scale.pt", lambda k: f"backbone.0.body.{k}",
                                 {"args": argparse.Namespace(smooth=8)})
@@ -2288,6 +2289,9 @@ def test_detect_and_eval_take_the_authors_weights(tiny_shapes, tmp_path):
     result = train.main(["--model", "smca", "--data", tiny_shapes, "--eval-only", "--official", path, "--scales",
                          "shapes", "--output-dir", str(tmp_path / "eval"), "--batch-size", "3"])
     assert set(result["stats"]) >= {"AP", "AP50"} and not os.path.exists(tmp_path / "eval" / "checkpoint.pth")
+    readable = train.main(["--model", "smca", "--data", tiny_shapes, "--eval-only", "--official", path, "--scales",
+                           "shapes", "--output-dir", str(tmp_path / "eval2"), "--batch-size", "3", "--readable-path"])
+    assert readable["stats"] == pytest.approx(result["stats"], abs=1e-6) and common.FAST_INFERENCE is False
     with pytest.raises(ValueError, match="add --eval-only"):
         train.main(["--model", "smca", "--data", tiny_shapes, "--official", path, "--output-dir", str(tmp_path / "x")])
     with pytest.raises(ValueError, match="no released weights"):

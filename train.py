@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 import data as datalib
+import common
 import pretrain
 from common import load_backbone_weights
 from data import shapes
@@ -76,6 +77,8 @@ def parse_args(argv=None):
                    help="image sizes of the augmentation: 'coco' (short side 480-800, max 1333; the default with "
                         "--data PATH) or 'shapes' (128-192, max 240; the default on shapes)")
     p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--readable-path", action="store_true",
+                   help="evaluate on the readable path, without the inference fast paths (common.FAST_INFERENCE)")
     p.add_argument("--official", default=None, metavar="PATH",
                    help="with --eval-only: evaluate the authors' released weights (the file as published) through "
                         "the model file's from_official(); the configuration comes from the file")
@@ -494,6 +497,7 @@ def save_checkpoint(run, scheduler, epoch, fraction, cfg, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    common.FAST_INFERENCE = not args.readable_path
     module = importlib.import_module(args.model)
     on_shapes = args.data == "shapes"
     resolve_recipe(args, module, on_shapes)
