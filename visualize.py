@@ -276,6 +276,8 @@ def explain_focus_detr(image, out):
     (the cascade, green dots, larger for coarser levels) and the fine-grained ones among them that
     run the OESM self-attention (magenta)."""
     shapes = out["spatial_shapes"]
+    if "fg_logits" not in out:  # foreground_selection=False: the dense DINO base selects no tokens
+        return panels([[(grey(image), "every token, every layer")]], "The dense DINO base: no foreground selection")
     fg = out["fg_logits"][0].sigmoid()
     rows = [[(heat_over(image, m, 8 * 2 ** lvl, 0, float(fg.max())), f"level {lvl} (stride {8 * 2 ** lvl}):\n"
               f"foreground score (0 .. {float(fg.max()):.2f})") for lvl, m in enumerate(level_maps(fg, shapes))]]
