@@ -27,9 +27,8 @@ Paper symbol -> variable:
     fine-grained tokens J         fine_idx (B, J) in each layer, J = min(num_fine_tokens, k_l)
     OESM                          DualAttentionEncoderLayer.oesm_attn
 
-Parameters (R50): with num_classes=80 the same 49,339,920 as OFF; OFF trains 49,330,512 (stem frozen),
-we 49,117,520 (layer1 frozen too, as the other files); our 91 raw-id logits add 7 x 11 x 257 + 11 x 256
--> 49,140,125 trainable (a test checks). The dense DINO base (`foreground_selection=False`): 47,450,521.
+Parameters (R50, 80 classes): 49,339,920 as OFF, 49,117,520 trainable (OFF 49,330,512: we also freeze layer1);
+91 logits: 49,140,125 trainable (a test checks). The dense DINO base (`foreground_selection=False`): 47,450,521.
 
 Deviations from the paper / official code (OFF's behaviour is the default unless said):
 - Token counts: layer l of image b updates int(ratio_l * n_b) tokens, n_b = int(0.5 * valid_b) + 1, at
@@ -43,12 +42,10 @@ Deviations from the paper / official code (OFF's behaviour is the default unless
   OFF's evaluation even zeroes every padding mask (batched inference depends on the batch there).
 - Encoder sine positions: temperature 10000, offset -0.5 (OFF 12-epoch configs; the 24 / 36-epoch
   ones use 20 and 0.0: `pos_temperature`, `pos_offset`).
-- The paper says adjacent levels' label ranges overlap by 50% but gives no numbers; OFF ships the
-  non-overlapping FCOS ranges (the default); `fg_ranges="overlap"` is one reading of the paper.
-- The MCSP score is OFF's product of raw logits (two negative logits make a positive score);
-  `mcsp_score="prob_product"` is the probability product the paper describes.
-- Deformable values: OFF reads the pre-encoder tokens in every layer (`encoder_values="backbone"`);
-  the paper (and Sparse DETR) read the updated memory: `encoder_values="memory"`.
+- Label ranges: OFF's non-overlapping FCOS ranges; `fg_ranges="overlap"` is one reading of the paper's
+  unpublished "50% overlap". MCSP score: OFF's product of raw logits (two negative logits score high);
+  `mcsp_score="prob_product"` is the paper's. Deformable values: OFF reads the pre-encoder tokens in
+  every layer; `encoder_values="memory"` is the paper's (and Sparse DETR's) updated memory.
 - Backbone: stem and layer1 frozen (OFF: stem only), torchvision ResNet-50 (OFF: r50_v1.pkl).
 - DINO embeds each query's reference box in padded-map coordinates, which move with the batch's
   padding; we use the image's own (`query_pos_over_padding=True` is DINO's).
@@ -68,8 +65,7 @@ from common import (Backbone, DeformableDecoderLayer, DeformableEncoderLayer, Hu
                     gather_tokens, input_tokens, inverse_sigmoid, proposal_features, read_state_dict, rename_keys,
                     sigmoid_focal_loss, top_queries, write_back)
 
-# OFF GenTargets limit_range: the largest distance from a token centre to its box's edges, in
-# pixels, that each level (strides 8, 16, 32, 64) is responsible for (FCOS, non-overlapping)
+# OFF GenTargets limit_range: each level's (strides 8 .. 64) range of the largest token-to-edge distance, pixels
 FCOS_RANGES = ((-1.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, math.inf))
 # The paper's "adjacent ranges overlap by 50%" (its exact numbers are not published; a reading)
 OVERLAP_RANGES = ((0.0, 128.0), (64.0, 256.0), (128.0, 512.0), (256.0, math.inf))
@@ -77,7 +73,6 @@ OVERLAP_RANGES = ((0.0, 128.0), (64.0, 256.0), (128.0, 512.0), (256.0, math.inf)
 # ---------------------------------------------------------------------------------------------
 # Foreground token selector (Sec. 3.2)
 # ---------------------------------------------------------------------------------------------
-
 
 # Copied from sparse_detr.ScoringNetwork
 class ScoringNetwork(nn.Module):
@@ -182,9 +177,8 @@ def cascade_token_nums(pad_mask, rho, ratios, per_image=True):
 
 # Adapted from common.DeformableEncoderLayer: the OESM self-attention among the fine-grained tokens runs first
 class DualAttentionEncoderLayer(DeformableEncoderLayer):
-    """Post-norm (OFF operation order OESM, deformable attention, norm, FFN, norm): the fine-grained
-    tokens attend to each other (OESM), then all of the layer's foreground tokens run deformable
-    attention into `value`, then the FFN. Without OESM it is the Deformable DETR layer."""
+    """Post-norm, OFF's order: the fine-grained tokens attend to each other (OESM), then all the layer's
+    foreground tokens run deformable attention into `value`, then the FFN (without OESM: Deformable DETR's)."""
 
     def __init__(self, d, ffn, dropout, n_levels, n_heads, n_points, oesm=True):
         nn.Module.__init__(self)  # the parent's modules, built here after OESM's (OFF's order: the same init per seed)
@@ -210,7 +204,6 @@ class DualAttentionEncoderLayer(DeformableEncoderLayer):
 # DINO's decoder side: box sine embedding, denoising queries, decoder layer
 # ---------------------------------------------------------------------------------------------
 
-
 def box_sine_embed(boxes, num_pos_feats=128, temperature=10000):
     """DINO's gen_sineembed_for_position: boxes (B, Q, 4) cxcywh in [0, 1] -> (B, Q, 4 F),
     the sine / cosine features of y, x, w, h (in that order)."""
@@ -224,13 +217,11 @@ def box_sine_embed(boxes, num_pos_feats=128, temperature=10000):
 def prepare_denoising(targets, dn_number, label_noise, box_noise, num_classes, label_enc, num_queries):
     """DINO's contrastive denoising queries (training only).
 
-    Each image's boxes are repeated in G = max(1, dn_number // max_b M_b) groups, each a positive
-    copy (box corners moved by < half the box size times box_noise) and a negative copy (moved by
-    between 1 and 2 times that); a fraction label_noise / 2 of the labels is replaced at random.
-    Returns None when the batch has no boxes, else (label queries (B, Q_dn, C), box logits
-    (B, Q_dn, 4), attention mask (Q_dn + Q, Q_dn + Q) True = blocked, meta {"groups": G,
-    "group_size": 2 max_b M_b}), Q_dn = 2 G max_b M_b. The matching queries cannot see the
-    denoising ones, and no group sees another.
+    Each image's boxes are repeated in G = max(1, dn_number // max_b M_b) groups, each a positive copy
+    (corners moved by < half the box size x box_noise) and a negative one (1 to 2 times that); label_noise
+    / 2 of the labels are replaced at random. -> None without boxes, else label queries (B, Q_dn, C), box
+    logits (B, Q_dn, 4), the attention mask (Q_dn + Q, Q_dn + Q) True = blocked (matching queries do not
+    see the denoising ones, no group another) and meta {"groups": G, "group_size": 2 max_b M_b}.
 
     Where each copy sits, worked through: two images with 2 and 1 boxes and dn_number 4 give
     max_b M_b = 2, G = 4 // 2 = 2 groups and Q_dn = 2 * 2 * 2 = 8 slots per image. Copy c = 0 .. 2G-1
@@ -278,7 +269,6 @@ def prepare_denoising(targets, dn_number, label_noise, box_noise, num_classes, l
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
-
 
 class FocusDETR(nn.Module):
     """ResNet -> 4 levels -> foreground token selector -> cascade encoder of dual-attention layers
@@ -338,14 +328,11 @@ class FocusDETR(nn.Module):
         True = padding; targets: in training, what the denoising queries are made of. Returns a dict:
 
             pred_logits (B, Q, K), pred_boxes (B, Q, 4)  the last decoder layer, cxcywh in [0, 1] of the unpadded image
-            aux_outputs          decoder layers 0 .. dec_layers - 2 (when aux_loss)
-            enc_outputs          the two-stage head on the Q selected tokens (DINO's loss sees only these)
+            aux_outputs, enc_outputs  decoder layers 0 .. dec_layers - 2; the two-stage head on its Q selections
             spatial_shapes, token_pad_mask (B, N)   the token grid, for the foreground labels
-          with foreground selection:
-            fg_logits (B, N)     the foreground scores S (Sec. 3.2; their loss: loss_select)
-            token_nums (enc_layers, B)  k_l: the tokens encoder layer l updates in image b
-          in training, with targets and dn_number > 0:
-            dn_outputs           the denoising queries' predictions, one dict per decoder layer;  dn_meta
+          with foreground selection: fg_logits (B, N) the scores S (Sec. 3.2; loss_select), token_nums
+            (enc_layers, B) k_l, the tokens encoder layer l updates in image b
+          in training, with targets and dn_number > 0: dn_outputs (per decoder layer) and dn_meta
           with explain=True (and foreground selection):
             kept_tokens, fine_tokens  per encoder layer, (B, S_l) the token indices (into N) it updates,
                                  best first, and (B, J_l) its fine-grained ones (OESM); -1 marks filler
@@ -386,18 +373,17 @@ class FocusDETR(nn.Module):
             value = src if cfg.encoder_values == "backbone" else memory  # OFF: the pre-encoder tokens
             tgt = layer(tgt, pos_s, ref_s, value, shapes, pad, fine_idx, fine_pad)  # (B, S, C)
             memory = write_back(memory, inds, rows, tgt)  # the rest keep their value
-            if explain:
+            if explain:  # token indices; -1 marks filler
                 kept.append(inds.masked_fill(~rows, -1))
-                fine = inds.gather(1, fine_idx)  # (B, J) token indices
+                fine = inds.gather(1, fine_idx)  # (B, J)
                 fine_tokens.append(fine if fine_pad is None else fine.masked_fill(fine_pad, -1))
         if explain:
             out.update(kept_tokens=kept, fine_tokens=fine_tokens)
         return memory, geo, out
 
     def fine_grained(self, tgt, fg_s, rows, keep):
-        """The multi-category score predictor (MCSP, Sec. 3.3): s_j = max_c cls_c(x_j) * S_j; the top
-        J = min(num_fine_tokens, S) rows of tgt (B, S, C) are fine-grained. fg_s (B, S), rows (B, S) False
-        at filler -> fine_idx (B, J), fine_pad (B, J) True at filler (None in OFF's batch_max mode)."""
+        """MCSP (Sec. 3.3): s_j = max_c cls_c(x_j) * S_j; its top J = min(num_fine_tokens, S) rows of tgt (B, S, C),
+        fg_s (B, S), rows (B, S) -> fine_idx (B, J), fine_pad (B, J) True at filler (None: OFF's batch_max)."""
         cfg = self.cfg
         cls = self.class_embed[cfg.dec_layers](tgt).max(-1).values.detach()  # (B, S): the two-stage head's best class
         score = cls * fg_s if cfg.mcsp_score == "logit_product" else cls.sigmoid() * fg_s.sigmoid()  # OFF: raw logits
@@ -435,9 +421,8 @@ class FocusDETR(nn.Module):
         return out
 
     def select_queries(self, memory, geo):
-        """DINO's mixed query selection: the Q best tokens of the two-stage head give the reference
-        boxes; the content is learned (tgt_embed) or, without it, the tokens' features.
-        -> content (B, Q, C), reference boxes (B, Q, 4) detached, {"enc_outputs": ...}"""
+        """DINO's mixed query selection: the two-stage head's Q best tokens give the reference boxes, the
+        content is learned (or their features) -> content (B, Q, C), boxes (B, Q, 4) detached, enc_outputs."""
         cfg = self.cfg
         enc_feats = proposal_features(memory, geo.proposal_valid, self.enc_output, self.enc_output_norm)  # (B, N, C)
         head = cfg.dec_layers
@@ -464,8 +449,7 @@ class FocusDETR(nn.Module):
         boxes_in, states = [reference], []  # b_{l-1} for every layer, as its box is built on it
         for lid, layer in enumerate(self.decoder):
             ref_in = reference[:, :, None] * ratios  # (B, Q, L, 4) in each level's padded map
-            # DINO embeds the reference in padded-map coordinates (ref_in), which moves with the batch;
-            # by default we embed it in the image's own coordinates
+            # DINO embeds the box in padded-map coordinates (ref_in), which move with the batch; we: the image's
             pos_box = ref_in[:, :, 0] if cfg.query_pos_over_padding else reference  # (B, Q, 4)
             query_pos = self.ref_point_head(box_sine_embed(pos_box, C // 2))  # (B, Q, C)
             tgt = layer(tgt, query_pos, ref_in, memory, geo.spatial_shapes, geo.pad_mask, attn_mask)[0]
@@ -482,13 +466,11 @@ class FocusDETR(nn.Module):
 # Loss: DINO's set losses (with denoising) plus the foreground selector's focal loss (Sec. 3.2)
 # ---------------------------------------------------------------------------------------------
 
-
 class FocusDETRCriterion(SetCriterion):
-    """SetCriterion (decoder layers, the two-stage head on its Q selections, real labels) plus
-    loss_select: focal loss (0.25, 2) of every token's foreground logit against the FCOS labels, per
-    image summed / its positives (at least 1), averaged (OFF compute_cls_loss; weight 1.5), and
-    loss_*_dn (_dn_0, ..): the denoising copies' set losses, each matched to its own box, / (num_boxes
-    x groups) (OFF DN criterion)."""
+    """SetCriterion (decoder layers, the two-stage head on its Q selections) plus loss_select: focal loss
+    (0.25, 2) of every token's foreground logit against the FCOS labels, summed per image / its positives
+    (>= 1), averaged (OFF compute_cls_loss), and loss_*_dn: the denoising copies' set losses, each copy
+    matched to its own box, / (num_boxes x groups) (OFF DN criterion)."""
 
     def __init__(self, cfg):
         matcher = HungarianMatcher(cfg.match_ce, cfg.match_bbox, cfg.match_giou, cfg.focal_alpha)
@@ -506,8 +488,7 @@ class FocusDETRCriterion(SetCriterion):
 
     def forward(self, outputs, targets):
         losses = super().forward(outputs, targets)
-        use_dn = any(k.endswith("_dn") for k in self.weight_dict)
-        # every rank takes part in the all-reduce, whether or not its batch had boxes for denoising
+        use_dn = any(k.endswith("_dn") for k in self.weight_dict)  # every rank all-reduces, boxes or not:
         num_boxes = self.num_boxes(targets, outputs["pred_logits"].device) if use_dn else None
         if "fg_logits" in outputs:
             fg = outputs["fg_logits"].float()
@@ -526,10 +507,9 @@ class FocusDETRCriterion(SetCriterion):
                 i = torch.arange(len(t["labels"]))
                 g = torch.arange(meta["groups"])[:, None] * meta["group_size"]
                 indices.append(((g + i).flatten(), i.repeat(meta["groups"])))
-            *aux, last = outputs["dn_outputs"]
-            losses.update({f"{k}_dn": v for k, v in self.set_loss(last, targets, num_boxes, indices).items()})
-            for j, a in enumerate(aux if "aux_outputs" in outputs else []):
-                losses.update({f"{k}_dn_{j}": v for k, v in self.set_loss(a, targets, num_boxes, indices).items()})
+            *aux, last = outputs["dn_outputs"]  # aux: the earlier decoder layers, when aux_loss
+            for suffix, a in [("_dn", last)] + [(f"_dn_{j}", a) for j, a in enumerate(aux) if "aux_outputs" in outputs]:
+                losses.update({f"{k}{suffix}": v for k, v in self.set_loss(a, targets, num_boxes, indices).items()})
         elif use_dn:  # no boxes in the batch (or eval): zero DN terms (OFF)
             zero = outputs["pred_logits"].sum() * 0.0
             losses.update({k: zero for k in self.weight_dict if "_dn" in k})
@@ -540,14 +520,9 @@ class FocusDETRCriterion(SetCriterion):
 # The authors' weights (OFF README: R50 at 12 / 24 / 36 epochs; detrex / detectron2 checkpoints)
 # ---------------------------------------------------------------------------------------------
 
-# OFF's 80 contiguous classes -> COCO category ids (the order of instances_val2017.json)
-COCO_IDS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 27, 28, 31, 32,
-            33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60,
-            61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77, 78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90]
-# OFF (detrex) state-dict name -> ours, the first matching rule wins. detectron2's ResNet: resN = layerN-1,
-# convK.norm = bnK, shortcut = downsample. detrex layers: attentions.0 the OESM / decoder self-attention,
-# attentions.1 the deformable one; encoder norms.0 / norms.1 after attention / FFN, norm2 after the OESM;
-# decoder norms.0 / .1 / .2 after self-attention / cross-attention / FFN.
+COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]  # OFF's class k -> COCO id
+# OFF (detrex) name -> ours, the first matching rule wins. detectron2's ResNet: resN = layerN-1, convK.norm = bnK,
+# shortcut = downsample; detrex layers: attentions.0 / .1 the OESM or self-attention / the deformable one.
 OFFICIAL_KEYS = [
     (r"^backbone\.stem\.conv1\.weight$", "backbone.body.conv1.weight"),
     (r"^backbone\.stem\.conv1\.norm\.", "backbone.body.bn1."),
@@ -574,17 +549,16 @@ OFFICIAL_KEYS = [
     (r"^transformer\.(encoder|decoder)\.layers\.(\d+)\.ffns\.0\.layers\.1\.", r"\1.\2.linear2."),
     (r"^(class_embed|bbox_embed|label_enc)\.", r"\1."),
 ]
-# second names of the same heads: the decoder's view of them and the MCSP (= the two-stage class head)
 OFF_ALIASES = [r"^transformer\.decoder\.(class_embed|bbox_embed)\.", r"^enhance_MCSP_layerlist\.",
                r"^transformer\.encoder\.enhance_MCSP\."]
 
 
 def from_official(source, class_ids="coco", schedule=None):
     """An OFF checkpoint (detrex's {"model": state dict}, or bare) -> (Config, our state dict, notes on
-    what was assumed). Sizes, layers, queries, classes and ResNet depth come from the tensors; every
-    OFF behaviour switch is on. class_ids "coco": OFF's 80 class rows go to their COCO ids of our 91
-    logits (the 11 others: logit -10000); "contiguous": OFF's 80. schedule "12ep" / "24ep" / "36ep"
-    (default: from the file name, else 12ep): that config's encoder sine positions."""
+    what was assumed); sizes, layers, queries, classes, depth from the tensors, every OFF behaviour on;
+    OFF_ALIASES (second names of shared heads and the MCSP) dropped. class_ids "coco": the 80 class rows
+    to their COCO ids of our 91 (others: logit -10000); "contiguous": OFF's 80. schedule "12ep" / "24ep" /
+    "36ep" (default: from the file name, else 12ep): that config's encoder sine positions."""
     what = f"official Focus-DETR checkpoint {source if isinstance(source, str) else ''}".strip()
     state = read_state_dict(source, what)[0]
     if "transformer.level_embeds" not in state or "neck.convs.0.conv.weight" not in state:
@@ -597,10 +571,9 @@ def from_official(source, class_ids="coco", schedule=None):
     L, d = state["transformer.level_embeds"].shape
     enc_layers, off_classes = count("transformer.encoder.layers."), state["class_embed.0.weight"].shape[0]
     depth = {6: 50, 23: 101}.get(count("backbone.res4."))
-    if depth is None:
-        notes.append("backbone: no ResNet-50 / 101 weights in the file; ResNet-50 assumed")
+    notes += [] if depth else ["backbone: no ResNet-50 / 101 weights in the file; ResNet-50 assumed"]
     cfg = Config(hidden_dim=d, nheads=8, num_feature_levels=L, enc_layers=enc_layers,
-                 dec_layers=count("transformer.decoder.layers."), num_queries=state["transformer.tgt_embed.weight"].shape[0],
+                 dec_layers=count("transformer.decoder.layers."), num_queries=len(state["transformer.tgt_embed.weight"]),
                  dim_feedforward=state["transformer.encoder.layers.0.ffns.0.layers.0.0.weight"].shape[0],
                  num_classes=91 if class_ids == "coco" else off_classes, backbone_depth=depth or 50,
                  cascade_ratios=Config.cascade_ratios[:enc_layers] if enc_layers <= 6 else (1.0,) * enc_layers,
@@ -613,10 +586,8 @@ def from_official(source, class_ids="coco", schedule=None):
         if off_classes != len(COCO_IDS):
             raise ValueError(f"{what}: {off_classes} classes; class_ids='coco' maps COCO's 80 (use 'contiguous')")
         for key in [k for k in ours if k.startswith("class_embed.") or k == "label_enc.weight"]:
-            full = (torch.full((91,), -1e4) if key.endswith("bias") and key != "label_enc.weight" else
-                    torch.zeros(91, *ours[key].shape[1:])).to(ours[key])
-            full[COCO_IDS] = ours[key]
-            ours[key] = full
+            full = ours[key].new_full((91, *ours[key].shape[1:]), -1e4 if key.endswith("bias") else 0.0)
+            ours[key] = full.index_copy(0, torch.tensor(COCO_IDS), ours[key])
     check_state_dict(ours, FocusDETR(cfg).state_dict(), f"{what} does not fit {cfg}", unused)
     return cfg, ours, notes
 
@@ -685,10 +656,9 @@ class Config:
                               ("encoder_values", ENCODER_VALUES), ("extra_level_mask", ("exact", "interpolate"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if not self.pos_temperature > 0:
-            raise ValueError(f"pos_temperature must be > 0, got {self.pos_temperature}")
-        if not 0 < self.focus_rho <= 1:
-            raise ValueError(f"focus_rho must be in (0, 1], got {self.focus_rho}")
+        if not (self.pos_temperature > 0 and 0 < self.focus_rho <= 1):
+            raise ValueError(f"pos_temperature must be > 0 and focus_rho in (0, 1], got {self.pos_temperature}, "
+                             f"{self.focus_rho}")
         if len(self.cascade_ratios) != self.enc_layers or not all(0 < r <= 1 for r in self.cascade_ratios):
             raise ValueError(f"cascade_ratios needs one ratio in (0, 1] per encoder layer ({self.enc_layers}), "
                              f"got {self.cascade_ratios}")
@@ -698,11 +668,9 @@ class Config:
             raise ValueError(f"hidden_dim {self.hidden_dim} must be divisible by nheads {self.nheads} and by 32 "
                              f"(GroupNorm groups)")
         for name in ("num_classes", "enc_layers", "dec_layers", "num_queries", "num_select", "dim_feedforward",
-                     "enc_n_points", "dec_n_points", "num_fine_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.dn_number < 0:
-            raise ValueError(f"dn_number must be >= 0, got {self.dn_number}")
+                     "enc_n_points", "dec_n_points", "num_fine_tokens", "dn_number"):
+            if getattr(self, name) < (0 if name == "dn_number" else 1):
+                raise ValueError(f"{name} must be {'>= 0' if name == 'dn_number' else '> 0'}, got {getattr(self, name)}")
 
 
 def shapes_config():
