@@ -222,8 +222,8 @@ def fine_tokens(args, argv):
     ckpt_args = train.load_checkpoint(args.checkpoint).get("args") or {}
     root = train.SHAPES_ROOT if ckpt_args.get("data", "shapes") == "shapes" else ckpt_args["data"]
     val = datalib.CocoDetection(*datalib.find_split(root, "val"), det.transform)
-    if len(val) < args.images:
-        raise ValueError(f"--images {args.images}: {val.ann_file} has {len(val)} images")
+    if not 1 <= args.images <= len(val):
+        raise ValueError(f"--images {args.images}: between 1 and the {len(val)} images of {val.ann_file}")
     trained, rows = det.model.cfg.mcsp_score, {}
     for score in (trained, "prob_product" if trained == "logit_product" else "logit_product"):
         det.model.cfg.mcsp_score = score

@@ -26,10 +26,9 @@ def font(size):
     return ImageFont.load_default(size=max(8, int(size)))
 
 
-def input_image(image):
-    """The model's input (3, H, W), ImageNet-normalised -> a PIL RGB image."""
-    rgb = image.detach().float().cpu() * torch.tensor(IMAGENET_STD)[:, None, None] \
-        + torch.tensor(IMAGENET_MEAN)[:, None, None]
+def input_image(image, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The model's input (3, H, W), normalised with mean / std -> a PIL RGB image."""
+    rgb = image.detach().float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     return Image.fromarray((rgb.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy())
 
 
@@ -109,9 +108,7 @@ def save_heatmap_png(image, heatmap, path, cell=1, boxes=(), mean=IMAGENET_MEAN,
     image in grey.
     boxes: xyxy boxes in pixels of `image`, outlined in green.
     """
-    rgb = image.detach().float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
-    pil = Image.fromarray((rgb.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy())
-    img = heat_over(pil, heatmap, cell)
+    img = heat_over(input_image(image, mean, std), heatmap, cell)
     draw = ImageDraw.Draw(img)
     for box in boxes:
         draw.rectangle([float(v) for v in box], outline=(0, 255, 0), width=2)
