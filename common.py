@@ -2,28 +2,38 @@
 
 A model file imports this module (and torch) and nothing else of ours, so one model file plus this
 file is a whole model. Contents: 1. ResNet backbone (torchvision's names, FrozenBatchNorm2d, loading
-weights, the inference fast paths); 2. sine positions, MLP; 3. multi-scale deformable sampling in
-pure PyTorch (F.grid_sample, for the CUDA extension); 4. Deformable DETR's scaffolding, used unchanged
-by Sparse, Lite and Focus DETR; 5. box ops; 6. matcher, set criterion, post-processing.
+weights); 2. sine positions, MLP; 3. multi-scale deformable sampling in pure PyTorch (F.grid_sample,
+for the CUDA extension); 4. Deformable DETR's scaffolding, used unchanged by Sparse, Lite and Focus
+DETR (deformable attention, its initialisation, input tokens and their geometry, two-stage selection,
+encoder and decoder layers, the box-refining decoder); 5. box ops; 6. matcher, set criterion,
+post-processing; 7. checks of configurations, state dicts and the authors' checkpoints; then the
+inference fast paths, each attached to the readable function it equals (`with_fast_path`; switched
+off inside `with fast_paths(False):`).
 
 Every model: build(cfg) -> (model, criterion, postprocess); model(images, pad_mask, targets=None,
 explain=False) -> dict (pred_logits, pred_boxes, aux_outputs, what its loss reads; its `forward`
 docstring lists the keys); images (B, 3, H_img, W_img), pad_mask (B, H_img, W_img) True = padding.
+Inside, `encode(feats, pad_mask, explain) -> (memory, geometry, outputs dict)` and `decode(memory,
+geometry, targets, explain) -> outputs dict`.
 
 Shape letters, the same in every file of the library:
-    B  images in the batch               Q  decoder queries (denoising ones included where present)
+    B  images in the batch               Q  decoder queries (Q_dn: DINO's denoising ones)
     C  channels (hidden_dim)             N  encoder tokens, all levels: N = sum_l H_l * W_l
-    H  attention heads                   S  the tokens an encoder layer updates, a subset of N
+    H  attention heads (nheads)          S  the tokens an encoder layer updates, a subset of N
     D  channels per head, C / H             (Sparse DETR's selected, Focus-DETR's kept tokens)
     L  feature levels                    J  Focus-DETR's fine-grained tokens, a subset of S
     P  sampling points per head, level   K  classes (logits per query)
     M  target boxes of an image          G  denoising groups
-    F  sine frequencies per coordinate   H_l, W_l  level l's map; H_img, W_img  the padded images
+    F  sine frequencies per coordinate   R  sampling points of a level, all layers, queries, heads
+    H_l, W_l, N_l = H_l W_l  level l's map (SMCA: H_j, W_j, N_j of scale j, the paper's index)
+    C_l  the backbone's channels at level l;  H_img, W_img  the padded images
 
 Deviations from DETR / Deformable DETR: generalized_box_iou never asserts and the matcher bounds
 non-finite costs (a diverging prediction is a large loss, not a dead run); `Backbone(norm="bn")`.
 """
 import argparse
+import contextlib
+import functools
 import math
 import os
 import re
@@ -34,6 +44,43 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
+
+# ---------------------------------------------------------------------------------------------
+# The switch of the inference fast paths (the fast paths themselves: the last section)
+# ---------------------------------------------------------------------------------------------
+
+_fast_paths_on = True
+
+
+@contextlib.contextmanager
+def fast_paths(enabled=True):
+    """`with fast_paths(False):` runs the readable code everywhere inside the block (fast paths are on by
+    default and only ever run outside autograd); leaving the block restores what it found."""
+    global _fast_paths_on
+    before, _fast_paths_on = _fast_paths_on, bool(enabled)
+    try:
+        yield
+    finally:
+        _fast_paths_on = before
+
+
+def with_fast_path(readable):
+    """Marks a readable function as having an inference fast path, attached later by `@readable.fast` (in the
+    inference fast paths section at the end of its file). The one place where the two are chosen: the fast
+    one runs when fast paths are on and autograd is off; `readable.readable` is always the readable one."""
+    @functools.wraps(readable)
+    def choose(*args, **kwargs):
+        if choose.fast_path is not None and _fast_paths_on and not torch.is_grad_enabled():
+            return choose.fast_path(*args, **kwargs)
+        return readable(*args, **kwargs)
+
+    def attach(fast):
+        choose.fast_path = fast
+        return fast
+
+    choose.fast_path, choose.fast, choose.readable = None, attach, readable
+    return choose
+
 
 # ---------------------------------------------------------------------------------------------
 # 1. Backbone
@@ -68,24 +115,6 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale[None, :, None, None] + shift[None, :, None, None]
 
 
-# Inference fast paths, outside autograd only (tests hold them equal to the readable reference): the
-# backbone folds FrozenBatchNorm2d into its convolutions, channels-last and in place; ms_deform_attn_fast.
-FAST_INFERENCE = True
-
-
-def fast_inference():
-    return FAST_INFERENCE and not torch.is_grad_enabled()
-
-
-def conv_bn(conv, bn, x):
-    """bn(conv(x)); on the fast path a FrozenBatchNorm2d folds into the convolution (one op for three)."""
-    if not (isinstance(bn, FrozenBatchNorm2d) and fast_inference()):
-        return bn(conv(x))
-    scale, shift = bn.scale_shift()
-    weight = (conv.weight * scale[:, None, None, None]).contiguous(memory_format=torch.channels_last)
-    return F.conv2d(x, weight, shift, conv.stride, conv.padding)
-
-
 class BasicBlock(nn.Module):
     expansion = 1
 
@@ -98,10 +127,9 @@ class BasicBlock(nn.Module):
         self.downsample = _downsample(inplanes, planes * self.expansion, stride, norm)
 
     def forward(self, x):
-        identity = x if self.downsample is None else conv_bn(self.downsample[0], self.downsample[1], x)
-        fast = fast_inference()  # in place: no activation is kept for a backward
-        out = conv_bn(self.conv2, self.bn2, F.relu(conv_bn(self.conv1, self.bn1, x), inplace=fast))
-        return F.relu(out.add_(identity) if fast else out + identity, inplace=fast)
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + identity)
 
 
 class Bottleneck(nn.Module):
@@ -118,12 +146,11 @@ class Bottleneck(nn.Module):
         self.downsample = _downsample(inplanes, planes * 4, stride, norm)
 
     def forward(self, x):
-        identity = x if self.downsample is None else conv_bn(self.downsample[0], self.downsample[1], x)
-        fast = fast_inference()  # in place: no activation is kept for a backward
-        out = F.relu(conv_bn(self.conv1, self.bn1, x), inplace=fast)
-        out = F.relu(conv_bn(self.conv2, self.bn2, out), inplace=fast)
-        out = conv_bn(self.conv3, self.bn3, out)
-        return F.relu(out.add_(identity) if fast else out + identity, inplace=fast)
+        identity = x if self.downsample is None else self.downsample(x)
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + identity)
 
 
 def _downsample(inplanes, outplanes, stride, norm):
@@ -159,10 +186,10 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    @with_fast_path
     def forward(self, x):
-        if fast_inference():  # channels-last: the CPU's faster convolution layout
-            x = x.contiguous(memory_format=torch.channels_last)
-        x = self.maxpool(F.relu(conv_bn(self.conv1, self.bn1, x), inplace=fast_inference()))  # stride 4
+        """images (B, 3, H_img, W_img) -> [C3, C4, C5], (B, C_l, H_l, W_l) at strides 8, 16, 32"""
+        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))  # stride 4
         c2 = self.layer1(x)
         c3 = self.layer2(c2)  # stride 8
         c4 = self.layer3(c3)  # stride 16
@@ -194,44 +221,6 @@ class Backbone(nn.Module):
         return out
 
 
-def read_state_dict(source, what):
-    """A state dict, or a file holding one (bare, or under "model" beside other entries such as the
-    official checkpoints' "args"; read weights_only) -> (state dict, the other entries)."""
-    obj = source
-    if not isinstance(source, dict):
-        if not os.path.isfile(source):
-            raise ValueError(f"{what}: no such file {source!r}")
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):  # the official checkpoints' args
-                obj = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{what}: {source!r} is not a readable torch state dict ({e})") from e
-    extra = {}
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj, extra = obj["model"], {k: v for k, v in obj.items() if k != "model"}
-    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ValueError(f"{what}: {source if isinstance(source, str) else 'the given dict'!r} holds no state dict")
-    return obj, extra
-
-
-def rename_keys(state, rules, ignore=()):
-    """Another code's state dict -> our names: the first (regex, replacement) of `rules` matching a key
-    renames it; keys matching an `ignore` regex are dropped -> (renamed, the keys matching neither)."""
-    renamed = {k: next((re.sub(p, r, k) for p, r in rules if re.match(p, k)), None)
-               for k in state if not any(re.match(p, k) for p in ignore)}
-    return {new: state[k] for k, new in renamed.items() if new}, [k for k, new in renamed.items() if not new]
-
-
-def check_state_dict(state, own, what, unused=()):
-    """ValueError naming the keys unless `state` fills exactly `own`'s tensors and shapes, none left `unused`."""
-    own = {k: v for k, v in own.items() if not k.endswith("num_batches_tracked")}
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own)) + sorted(unused)
-    misshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or misshaped:
-        raise ValueError(f"{what}: {len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected "
-                         f"{unexpected[:5]}, {len(misshaped)} with another shape {misshaped[:5]}")
-
-
 def load_backbone_weights(backbone, source):
     """Load a torchvision-format ResNet state dict into `backbone.body`. source: what read_state_dict
     takes (a whole model's of this library too: its backbone.body.*) or "imagenet" (downloaded)."""
@@ -240,8 +229,8 @@ def load_backbone_weights(backbone, source):
     if any(k.startswith("backbone.body.") for k in state):  # a whole model of this library
         state = {k[len("backbone.body."):]: v for k, v in state.items() if k.startswith("backbone.body.")}
     state = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
-    check_state_dict(state, backbone.body.state_dict(), f"backbone weights "
-                     f"{source if isinstance(source, str) else 'the given state dict'!r} do not fit ResNet-{backbone.depth}")
+    name = source if isinstance(source, str) else "the given state dict"
+    check_state_dict(state, backbone.body.state_dict(), f"backbone weights {name!r} do not fit ResNet-{backbone.depth}")
     backbone.body.load_state_dict(state, strict=False)  # everything but BatchNorm's step counters, checked above
 
 
@@ -269,11 +258,11 @@ def sine_position_embedding(mask, num_pos_feats=128, temperature=10000, scale=2 
 
 
 class MLP(nn.Module):
-    """A few Linear layers with ReLU between them (DETR's box head)."""
+    """A few Linear layers with ReLU between them (DETR's box head): in_dim -> mid_dim ... -> out_dim."""
 
-    def __init__(self, input_dim, hidden_dim, output_dim, num_layers):
+    def __init__(self, in_dim, mid_dim, out_dim, num_layers):
         super().__init__()
-        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        dims = [in_dim] + [mid_dim] * (num_layers - 1) + [out_dim]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
 
     def forward(self, x):
@@ -319,13 +308,12 @@ def deform_sampling_locations(reference_points, offsets, spatial_shapes):
             + offsets / P * reference_points[:, :, None, :, None, 2:] * 0.5)
 
 
+@with_fast_path
 def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
     """Deformable attention core: sum over levels and points of weight * sampled value, level by level.
     attention_weights (B, Q, H, L, P) -> output (B, Q, H*D)."""
     B, N, H, D = value.shape
     Q = sampling_locations.shape[1]
-    if fast_inference():
-        return ms_deform_attn_fast(value, spatial_shapes, sampling_locations, attention_weights)
     weights = attention_weights.transpose(1, 2).flatten(0, 1)  # (B*H, Q, L, P)
     out = 0
     for lvl, sampled in enumerate(ms_deform_sample_levels(value, spatial_shapes, sampling_locations)):
@@ -333,34 +321,19 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
     return out.view(B, H, D, Q).permute(0, 3, 1, 2).reshape(B, Q, H * D)
 
 
-def ms_deform_attn_fast(value, spatial_shapes, sampling_locations, attention_weights):
-    """ms_deform_attn's numbers, faster outside autograd: sampled points-major, each point's samples
-    are a contiguous (B*H, D, Q) slab added in place with its weight (no (B*H, D, Q, P) product)."""
-    B, N, H, D = value.shape
-    _, Q, _, L, P, _ = sampling_locations.shape
-    grids = (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5).reshape(B * H, L, P, Q, 2)
-    weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(B * H, L, P, Q)
-    out = value.new_zeros(B * H, D, Q)
-    for lvl, (v, (h, w)) in enumerate(zip(value.split([h * w for h, w in spatial_shapes], 1), spatial_shapes)):
-        v = v.flatten(2).transpose(1, 2).reshape(B * H, D, h, w)  # (B*H, D, H_l, W_l)
-        sampled = F.grid_sample(v, grids[:, lvl], mode="bilinear", padding_mode="zeros", align_corners=False)
-        for p in range(P):  # sampled (B*H, D, P, Q)
-            out.addcmul_(sampled[:, :, p], weights[:, None, lvl, p])
-    return out.view(B, H, D, Q).permute(0, 3, 1, 2).reshape(B, Q, H * D)
-
-
 # ---------------------------------------------------------------------------------------------
 # 4. Deformable DETR's scaffolding (used unchanged by Sparse, Lite and Focus-DETR)
 # ---------------------------------------------------------------------------------------------
 
-def init_offset_ring_(sampling_offsets, n_heads, n_levels, n_points):
+def init_offset_ring_(sampling_offsets, nheads, num_levels, num_points):
     """Deformable DETR's offset init: weight 0, bias on a ring (head h along angle 2 pi h / H,
     scaled so the larger coordinate is 1, point p at distance p + 1), the same at every level."""
     nn.init.zeros_(sampling_offsets.weight)
-    thetas = torch.arange(n_heads, dtype=torch.float32) * (2.0 * math.pi / n_heads)
+    thetas = torch.arange(nheads, dtype=torch.float32) * (2.0 * math.pi / nheads)
     grid = torch.stack([thetas.cos(), thetas.sin()], -1)  # (H, 2)
-    grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(n_heads, 1, 1, 2)
-    grid = grid.repeat(1, n_levels, n_points, 1) * torch.arange(1, n_points + 1).view(1, 1, -1, 1)  # (H, L, P, 2)
+    grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(nheads, 1, 1, 2)
+    grid = grid.repeat(1, num_levels, num_points, 1)  # (H, L, P, 2)
+    grid = grid * torch.arange(1, num_points + 1).view(1, 1, -1, 1)
     with torch.no_grad():
         sampling_offsets.bias.copy_(grid.view(-1))
 
@@ -368,17 +341,17 @@ def init_offset_ring_(sampling_offsets, n_heads, n_levels, n_points):
 class MSDeformAttn(nn.Module):
     """Multi-scale deformable attention (Deformable DETR Eq. 3) on ms_deform_attn (the grid_sample path)."""
 
-    def __init__(self, d_model, n_levels, n_heads, n_points):
+    def __init__(self, hidden_dim, num_levels, nheads, num_points):
         super().__init__()
-        self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
-        self.value_proj = nn.Linear(d_model, d_model)
-        self.output_proj = nn.Linear(d_model, d_model)
+        self.num_levels, self.nheads, self.num_points = num_levels, nheads, num_points
+        self.sampling_offsets = nn.Linear(hidden_dim, nheads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(hidden_dim, nheads * num_levels * num_points)
+        self.value_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.output_proj = nn.Linear(hidden_dim, hidden_dim)
         self._reset_parameters()
 
     def _reset_parameters(self):
-        init_offset_ring_(self.sampling_offsets, self.n_heads, self.n_levels, self.n_points)
+        init_offset_ring_(self.sampling_offsets, self.nheads, self.num_levels, self.num_points)
         nn.init.zeros_(self.attention_weights.weight)  # uniform attention over levels and points at init
         nn.init.zeros_(self.attention_weights.bias)
         for lin in (self.value_proj, self.output_proj):
@@ -390,7 +363,7 @@ class MSDeformAttn(nn.Module):
         level's padded map; value_input (B, N, C); pad_mask (B, N) -> (B, Q, C), locations
         (B, Q, H, L, P, 2), weights (B, Q, H, L, P)."""
         B, Q, C = query.shape
-        H, L, P = self.n_heads, self.n_levels, self.n_points
+        H, L, P = self.nheads, self.num_levels, self.num_points
         value = self.value_proj(value_input).masked_fill(pad_mask[..., None], 0.0)  # zero at padding
         value = value.view(B, -1, H, C // H)  # (B, N, H, D)
         offsets = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
@@ -398,6 +371,26 @@ class MSDeformAttn(nn.Module):
         locs = deform_sampling_locations(reference_points, offsets, spatial_shapes)  # (B, Q, H, L, P, 2)
         out = ms_deform_attn(value, spatial_shapes, locs, weights)  # (B, Q, C)
         return self.output_proj(out), locs, weights
+
+
+def deformable_detr_init_(model, transformer, heads, attention=(MSDeformAttn,)):
+    """Deformable DETR's initialisation (DeformableTransformer._reset_parameters and the heads'), in its
+    order: xavier_uniform on every matrix of the `transformer` modules, then each deformable attention
+    (of the `attention` types) its own init, the level embeddings normal, the input projections xavier,
+    and each (class, box) head of `heads` the focal prior and a zero last box layer."""
+    for module in transformer:
+        for p in module.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
+    for m in model.modules():
+        if isinstance(m, attention):
+            m._reset_parameters()
+    nn.init.normal_(model.level_embed)
+    model.input_proj.reset_parameters()
+    for cls, box in heads:
+        nn.init.constant_(cls.bias, -math.log((1 - 0.01) / 0.01))  # focal prior: every class at 0.01
+        nn.init.zeros_(box.layers[-1].weight)  # boxes start at their reference / proposal (two-stage:
+        nn.init.zeros_(box.layers[-1].bias)  # Deformable DETR's bias[2:] = -2 is reset to 0 as well)
 
 
 class MaskedGroupNorm(nn.GroupNorm):
@@ -428,15 +421,20 @@ def halve_mask(mask):
     return rows | cols  # (B, ceil(H_l/2), ceil(W_l/2))
 
 
+def cell_grid(h, w, device):
+    """The (x, y) indices of an h x w map's cells, row by row -> (h * w, 2)."""
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    return torch.stack([xs, ys], -1).view(-1, 2)
+
+
 def encoder_reference_points(spatial_shapes, valid_ratios):
     """Each token's centre, normalised by its level's unpadded size, seen from every level:
     (B, N, L, 2) in [0, 1] of each level's padded map."""
     refs = []
     for lvl, (h, w) in enumerate(spatial_shapes):
-        ys, xs = torch.meshgrid(torch.arange(h, device=valid_ratios.device) + 0.5,
-                                torch.arange(w, device=valid_ratios.device) + 0.5, indexing="ij")
-        x = xs.reshape(1, -1) / (valid_ratios[:, None, lvl, 0] * w)  # (B, H_l*W_l)
-        y = ys.reshape(1, -1) / (valid_ratios[:, None, lvl, 1] * h)
+        centres = cell_grid(h, w, valid_ratios.device) + 0.5  # (H_l*W_l, 2)
+        x = centres[None, :, 0] / (valid_ratios[:, None, lvl, 0] * w)  # (B, H_l*W_l)
+        y = centres[None, :, 1] / (valid_ratios[:, None, lvl, 1] * h)
         refs.append(torch.stack([x, y], -1))
     return torch.cat(refs, 1)[:, :, None] * valid_ratios[:, None]  # (B, N, L, 2)
 
@@ -448,10 +446,8 @@ def token_proposals(masks):
     props = []
     for lvl, m in enumerate(masks):
         valid_wh = valid_image_sizes(m)  # (B, 2) valid cells (w, h)
-        ys, xs = torch.meshgrid(torch.arange(m.shape[1], device=m.device), torch.arange(m.shape[2], device=m.device),
-                                indexing="ij")
-        grid = (torch.stack([xs, ys], -1).view(1, -1, 2) + 0.5) / valid_wh[:, None]  # (B, H_l*W_l, 2)
-        props.append(torch.cat([grid, torch.full_like(grid, 0.05 * 2.0 ** lvl)], -1))
+        centres = (cell_grid(m.shape[1], m.shape[2], m.device)[None] + 0.5) / valid_wh[:, None]  # (B, H_l*W_l, 2)
+        props.append(torch.cat([centres, torch.full_like(centres, 0.05 * 2.0 ** lvl)], -1))
     props = torch.cat(props, 1)  # (B, N, 4)
     pad = torch.cat([m.flatten(1) for m in masks], 1)
     valid = ((props > 0.01) & (props < 0.99)).all(-1) & ~pad  # (B, N)
@@ -462,11 +458,13 @@ class InputProjections(nn.ModuleList):
     """Deformable DETR's input projections: 1x1 conv + GroupNorm for the last min(num_levels, 3) of
     C3-C5, then 3x3 stride-2 conv + GroupNorm per extra level (the first on raw C5, then chained)."""
 
-    def __init__(self, in_channels, d, num_levels):
-        n_bb = min(num_levels, len(in_channels))
-        projs = [nn.Sequential(nn.Conv2d(c, d, 1), MaskedGroupNorm(32, d)) for c in in_channels[len(in_channels) - n_bb:]]
+    def __init__(self, in_channels, hidden_dim, num_levels):
+        n_bb = min(num_levels, len(in_channels))  # levels taken from the backbone
+        projs = [nn.Sequential(nn.Conv2d(c, hidden_dim, 1), MaskedGroupNorm(32, hidden_dim))
+                 for c in in_channels[len(in_channels) - n_bb:]]
         for lvl in range(n_bb, num_levels):
-            projs.append(nn.Sequential(nn.Conv2d(in_channels[-1] if lvl == n_bb else d, d, 3, 2, 1), MaskedGroupNorm(32, d)))
+            c = in_channels[-1] if lvl == n_bb else hidden_dim
+            projs.append(nn.Sequential(nn.Conv2d(c, hidden_dim, 3, 2, 1), MaskedGroupNorm(32, hidden_dim)))
         super().__init__(projs)
 
     def reset_parameters(self):  # Deformable DETR: xavier_uniform conv weights, zero biases
@@ -501,16 +499,21 @@ def input_tokens(input_proj, level_embed, feats, masked_groupnorm=True, pad_mask
             x = proj[0](x)
         else:  # extra level: stride-2 conv on raw C5, then on the previous level
             x = proj[0](feats[-1][0] if lvl == n_bb else maps[-1])
-            m = (halve_mask(masks[-1]) if extra_level_mask == "exact" else
-                 F.interpolate(pad_mask[None].float(), size=x.shape[-2:])[0].bool())
+            if extra_level_mask == "exact":
+                m = halve_mask(masks[-1])
+            else:
+                m = F.interpolate(pad_mask[None].float(), size=x.shape[-2:])[0].bool()
         maps.append(proj[1](x, m if masked_groupnorm else None))  # (B, C, H_l, W_l)
         masks.append(m)
     src = torch.cat([x.flatten(2).transpose(1, 2) for x in maps], 1)  # (B, N, C)
-    pos = torch.cat([sine_position_embedding(m, src.shape[-1] // 2, temperature, offset=offset).to(src).flatten(2)
-                     .transpose(1, 2) + level_embed[lvl] for lvl, m in enumerate(masks)], 1)  # (B, N, C)
+    pos = []
+    for lvl, m in enumerate(masks):
+        p = sine_position_embedding(m, src.shape[-1] // 2, temperature, offset=offset).to(src)  # (B, C, H_l, W_l)
+        pos.append(p.flatten(2).transpose(1, 2) + level_embed[lvl])  # (B, H_l*W_l, C)
+    pos = torch.cat(pos, 1)  # (B, N, C)
     spatial_shapes = [tuple(m.shape[-2:]) for m in masks]
-    valid_ratios = torch.stack([valid_image_sizes(m) / torch.tensor([m.shape[2], m.shape[1]], device=m.device)
-                                for m in masks], 1)  # (B, L, 2) the unpadded fraction (w, h) of each level's map
+    sizes = torch.tensor([[m.shape[2], m.shape[1]] for m in masks], device=src.device)  # (L, 2) (W_l, H_l)
+    valid_ratios = torch.stack([valid_image_sizes(m) for m in masks], 1) / sizes  # (B, L, 2) unpadded fraction
     proposals, proposal_valid = token_proposals(masks)  # (B, N, 4), (B, N)
     geometry = TokenGeometry(spatial_shapes, masks, torch.cat([m.flatten(1) for m in masks], 1), valid_ratios,
                              encoder_reference_points(spatial_shapes, valid_ratios), proposals, proposal_valid)
@@ -550,18 +553,41 @@ def top_queries(scores, pad_mask, num_queries, over_padding=False):
     if num_queries > pad_mask.shape[1]:
         raise ValueError(f"num_queries {num_queries} exceeds the {pad_mask.shape[1]} encoder tokens of this batch: "
                          f"lower num_queries or use larger images")
-    return (scores if over_padding else scores.masked_fill(pad_mask, float("-inf"))).topk(num_queries, dim=1).indices
+    if not over_padding:
+        scores = scores.masked_fill(pad_mask, float("-inf"))
+    return scores.topk(num_queries, dim=1).indices
+
+
+@dataclass
+class TwoStage:
+    """The two-stage head on every token (Deformable DETR Sec. 4.1 / A.4) and the tokens it selects."""
+    features: torch.Tensor  # (B, N, C) proposal_features of the memory
+    logits: torch.Tensor  # (B, N, K) class logits of every token
+    boxes: torch.Tensor  # (B, N, 4) box logits: the head's refinement of each token's proposal
+    topk: torch.Tensor  # (B, Q) the selected tokens, best first
+
+
+def two_stage_selection(memory, geometry, enc_output, enc_output_norm, class_head, box_head, num_queries,
+                        rank_by="max_class", over_padding=False):
+    """The two-stage head (class_head, box_head) on every encoder token's proposal features, and its
+    num_queries best tokens, ranked by their best class logit ("max_class": Efficient-DETR, DINO) or the
+    first class's ("first_class": Deformable DETR's class-agnostic objectness) -> TwoStage."""
+    feats = proposal_features(memory, geometry.proposal_valid, enc_output, enc_output_norm)  # (B, N, C)
+    logits = class_head(feats)  # (B, N, K)
+    boxes = box_head(feats) + geometry.proposals  # (B, N, 4) logits
+    objectness = logits.max(-1).values if rank_by == "max_class" else logits[..., 0]  # (B, N)
+    return TwoStage(feats, logits, boxes, top_queries(objectness, geometry.pad_mask, num_queries, over_padding))
 
 
 class DeformableEncoderLayer(nn.Module):
     """Deformable DETR's post-norm encoder layer: deformable self-attention (`self_attn`, built by the
     caller), then the FFN. The queries may be a subset of the tokens; the values are all N of them."""
 
-    def __init__(self, d, ffn, dropout, self_attn):
+    def __init__(self, hidden_dim, dim_feedforward, dropout, self_attn):
         super().__init__()
         self.self_attn = self_attn
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
+        self.norm1, self.norm2 = nn.LayerNorm(hidden_dim), nn.LayerNorm(hidden_dim)
+        self.linear1, self.linear2 = nn.Linear(hidden_dim, dim_feedforward), nn.Linear(dim_feedforward, hidden_dim)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tgt, pos, reference_points, memory, spatial_shapes, pad_mask):
@@ -569,29 +595,29 @@ class DeformableEncoderLayer(nn.Module):
         all tokens; pad_mask (B, N) -> (B, S, C)"""
         attn = self.self_attn(tgt + pos, reference_points, memory, spatial_shapes, pad_mask)[0]
         tgt = self.norm1(tgt + self.dropout(attn))
-        hidden = F.relu(self.linear1(tgt), inplace=fast_inference())  # in place outside autograd
-        return self.norm2(tgt + self.dropout(self.linear2(self.dropout(hidden))))
+        return self.norm2(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
 
 
 class DeformableDecoderLayer(nn.Module):
     """Deformable DETR's post-norm decoder layer: self-attention among the queries (attn_mask, True =
     blocked: DINO's denoising mask), deformable cross-attention (`cross_attn`, built by the caller), FFN."""
 
-    def __init__(self, d, ffn, dropout, n_heads, cross_attn):
+    def __init__(self, hidden_dim, dim_feedforward, dropout, nheads, cross_attn):
         super().__init__()
         self.cross_attn = cross_attn
-        self.norm1 = nn.LayerNorm(d)
-        self.self_attn = nn.MultiheadAttention(d, n_heads, dropout=dropout, batch_first=True)
-        self.norm2 = nn.LayerNorm(d)
-        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
-        self.norm3 = nn.LayerNorm(d)
+        self.norm1 = nn.LayerNorm(hidden_dim)
+        self.self_attn = nn.MultiheadAttention(hidden_dim, nheads, dropout=dropout, batch_first=True)
+        self.norm2 = nn.LayerNorm(hidden_dim)
+        self.linear1, self.linear2 = nn.Linear(hidden_dim, dim_feedforward), nn.Linear(dim_feedforward, hidden_dim)
+        self.norm3 = nn.LayerNorm(hidden_dim)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, pad_mask, attn_mask=None):
         """tgt, query_pos (B, Q, C); reference_points (B, Q, L, 4) boxes -> tgt (B, Q, C), sampling
         locations (B, Q, H, L, P, 2) and attention weights (B, Q, H, L, P) of the cross-attention"""
         q = k = tgt + query_pos
-        tgt = self.norm2(tgt + self.dropout(self.self_attn(q, k, tgt, attn_mask=attn_mask, need_weights=False)[0]))
+        sa = self.self_attn(q, k, tgt, attn_mask=attn_mask, need_weights=False)[0]
+        tgt = self.norm2(tgt + self.dropout(sa))
         ca, locs, weights = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, pad_mask)
         tgt = self.norm1(tgt + self.dropout(ca))
         tgt = self.norm3(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
@@ -612,6 +638,15 @@ def decode_with_box_refinement(decoder, class_embed, bbox_embed, tgt, query_pos,
         per_layer.append((class_embed[lid](tgt), box, loc, w))
         reference = box.detach()
     return tuple(list(x) for x in zip(*per_layer))  # logits, boxes, locs, weights
+
+
+def set_outputs(logits, boxes, aux_loss=True):
+    """Per decoder layer logits (B, Q, K) and boxes (B, Q, 4) -> the output dict: the last layer's as
+    pred_logits / pred_boxes, the earlier ones as aux_outputs (when aux_loss)."""
+    out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+    if aux_loss:
+        out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -728,10 +763,10 @@ class SetCriterion(nn.Module):
         if encoder_labels not in (None, "binary", "class"):
             raise ValueError(f"encoder_labels must be None, 'binary' or 'class', got {encoder_labels!r}")
         self.encoder_labels = encoder_labels
-        suffixes = [""] + [f"_{i}" for i in range(num_aux)] + (["_enc"] if encoder_labels else []) \
-            + [f"_enc_{i}" for i in range(num_enc_aux)]
-        self.weight_dict = {f"{k}{s}": v for s in suffixes
-                            for k, v in (("loss_ce", weight_ce), ("loss_bbox", weight_bbox), ("loss_giou", weight_giou))}
+        suffixes = [""] + [f"_{i}" for i in range(num_aux)] + (["_enc"] if encoder_labels else [])
+        suffixes += [f"_enc_{i}" for i in range(num_enc_aux)]
+        terms = {"loss_ce": weight_ce, "loss_bbox": weight_bbox, "loss_giou": weight_giou}
+        self.weight_dict = {f"{k}{s}": v for s in suffixes for k, v in terms.items()}
 
     def num_boxes(self, targets, device):
         n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
@@ -766,9 +801,11 @@ class SetCriterion(nn.Module):
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update({f"{k}_{i}": v for k, v in self.set_loss(aux, targets, num_boxes).items()})
         if self.encoder_labels and "enc_outputs" in outputs:  # "binary": every box is class 0
-            enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets] \
-                if self.encoder_labels == "binary" else targets
-            losses.update({f"{k}_enc": v for k, v in self.set_loss(outputs["enc_outputs"], enc_targets, num_boxes).items()})
+            enc_targets = targets
+            if self.encoder_labels == "binary":
+                enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
+            enc_losses = self.set_loss(outputs["enc_outputs"], enc_targets, num_boxes)
+            losses.update({f"{k}_enc": v for k, v in enc_losses.items()})
         for i, aux in enumerate(outputs.get("enc_aux_outputs", [])):
             losses.update({f"{k}_enc_{i}": v for k, v in self.set_loss(aux, targets, num_boxes).items()})
         return losses
@@ -792,4 +829,158 @@ class PostProcess(nn.Module):
         boxes = box_cxcywh_to_xyxy(boxes.float()).gather(1, query[..., None].expand(-1, -1, 4))  # (B, k, 4)
         h, w = target_sizes.float().unbind(1)
         boxes = boxes * torch.stack([w, h, w, h], dim=1)[:, None, :]
-        return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+        return [{"scores": s, "labels": c, "boxes": b} for s, c, b in zip(scores, labels, boxes)]
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Checks of what a user gives: configurations, state dicts, the authors' checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def check_choice(cfg, name, allowed):
+    """ValueError unless the Config field `name` is one of `allowed`."""
+    if getattr(cfg, name) not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {getattr(cfg, name)!r}")
+
+
+def check_at_least(cfg, names, minimum=1):
+    """ValueError unless every Config field of `names` is >= minimum."""
+    for name in names:
+        if getattr(cfg, name) < minimum:
+            bound = "positive" if minimum == 1 else f">= {minimum}"
+            raise ValueError(f"{name} must be {bound}, got {getattr(cfg, name)}")
+
+
+def check_deformable_config(cfg):
+    """What every Config on the Deformable DETR base holds (Sparse, Lite and Focus-DETR's)."""
+    check_choice(cfg, "extra_level_mask", ("exact", "interpolate"))
+    if not 1 <= cfg.num_feature_levels <= 4:
+        raise ValueError(f"num_feature_levels must be 1..4, got {cfg.num_feature_levels}")
+    if cfg.hidden_dim % cfg.nheads or cfg.hidden_dim % 32:
+        raise ValueError(f"hidden_dim {cfg.hidden_dim} must be divisible by nheads {cfg.nheads} and by 32 "
+                         f"(GroupNorm groups)")
+    check_at_least(cfg, ("num_classes", "enc_layers", "dec_layers", "num_queries", "num_select", "dim_feedforward",
+                         "enc_n_points", "dec_n_points"))
+
+
+def read_state_dict(source, what):
+    """A state dict, or a file holding one (bare, or under "model" beside other entries such as the
+    official checkpoints' "args"; read weights_only) -> (state dict, the other entries)."""
+    obj = source
+    if not isinstance(source, dict):
+        if not os.path.isfile(source):
+            raise ValueError(f"{what}: no such file {source!r}")
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):  # the official checkpoints' args
+                obj = torch.load(source, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{what}: {source!r} is not a readable torch state dict ({e})") from e
+    extra = {}
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj, extra = obj["model"], {k: v for k, v in obj.items() if k != "model"}
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError(f"{what}: {source if isinstance(source, str) else 'the given dict'!r} holds no state dict")
+    return obj, extra
+
+
+def rename_keys(state, rules, ignore=()):
+    """Another code's state dict -> our names: the first (regex, replacement) of `rules` matching a key
+    renames it; keys matching an `ignore` regex are dropped -> (renamed, the keys matching neither)."""
+    renamed = {k: next((re.sub(p, r, k) for p, r in rules if re.match(p, k)), None)
+               for k in state if not any(re.match(p, k) for p in ignore)}
+    return {new: state[k] for k, new in renamed.items() if new}, [k for k, new in renamed.items() if not new]
+
+
+def check_state_dict(state, own, what, unused=()):
+    """ValueError naming the keys unless `state` fills exactly `own`'s tensors and shapes, none left `unused`."""
+    own = {k: v for k, v in own.items() if not k.endswith("num_batches_tracked")}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own)) + sorted(unused)
+    misshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or misshaped:
+        raise ValueError(f"{what}: {len(missing)} missing {missing[:5]}, {len(unexpected)} unexpected "
+                         f"{unexpected[:5]}, {len(misshaped)} with another shape {misshaped[:5]}")
+
+
+
+
+
+@dataclass
+class OfficialCheckpoint:
+    """The authors' released file, opened for a model file's from_official."""
+    what: str  # how messages name it
+    state: dict  # the state dict, the authors' names
+    args: dict  # the training arguments saved beside it ({} when the file has none)
+
+    def count(self, prefix):
+        """How many numbered children `prefix` has in the state dict (prefix.0., prefix.1., ...): a stack's layers."""
+        return len({k[len(prefix):].split(".")[0] for k in self.state if k.startswith(prefix)})
+
+
+def read_official(source, name, required):
+    """The authors' checkpoint of model `name` (the file as released, {"model": state dict, "args": ...}, or
+    a bare state dict) -> OfficialCheckpoint; a ValueError naming the file unless it holds every `required` key."""
+    what = f"official {name} checkpoint {source if isinstance(source, str) else ''}".strip()
+    state, extra = read_state_dict(source, what)
+    args = extra.get("args")
+    args = vars(args) if hasattr(args, "__dict__") else dict(args or {})
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"{what}: not a state dict of {name} (no {' or '.join(missing)})")
+    return OfficialCheckpoint(what, state, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference fast paths: the same numbers as the readable functions they are attached to, with fewer
+# passes over memory; outside autograd only (with_fast_path chooses), each tested against its readable twin
+# ---------------------------------------------------------------------------------------------
+
+def conv_bn_fast(conv, bn, x):
+    """bn(conv(x)), a FrozenBatchNorm2d folded into the convolution (one op for three)."""
+    if not isinstance(bn, FrozenBatchNorm2d):
+        return bn(conv(x))
+    scale, shift = bn.scale_shift()
+    weight = (conv.weight * scale[:, None, None, None]).contiguous(memory_format=torch.channels_last)
+    return F.conv2d(x, weight, shift, conv.stride, conv.padding)
+
+
+def block_forward_fast(block, x):
+    """BasicBlock / Bottleneck.forward: folded convolutions, ReLU and the residual add in place."""
+    identity = x if block.downsample is None else conv_bn_fast(block.downsample[0], block.downsample[1], x)
+    pairs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+    if isinstance(block, Bottleneck):
+        pairs.append((block.conv3, block.bn3))
+    out = x
+    for i, (conv, bn) in enumerate(pairs):
+        out = conv_bn_fast(conv, bn, out)
+        if i < len(pairs) - 1:
+            out = F.relu_(out)
+    return F.relu_(out.add_(identity))
+
+
+@ResNet.forward.fast
+def resnet_forward_fast(resnet, x):
+    """ResNet.forward in channels-last (the CPU's faster convolution layout), every block by block_forward_fast."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    x = resnet.maxpool(F.relu_(conv_bn_fast(resnet.conv1, resnet.bn1, x)))  # stride 4
+    feats = []
+    for layer in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4):
+        for block in layer:
+            x = block_forward_fast(block, x)
+        feats.append(x)
+    return feats[1:]  # C3, C4, C5
+
+
+@ms_deform_attn.fast
+def ms_deform_attn_fast(value, spatial_shapes, sampling_locations, attention_weights):
+    """ms_deform_attn's numbers, faster outside autograd: sampled points-major, each point's samples
+    are a contiguous (B*H, D, Q) slab added in place with its weight (no (B*H, D, Q, P) product)."""
+    B, N, H, D = value.shape
+    _, Q, _, L, P, _ = sampling_locations.shape
+    grids = (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5).reshape(B * H, L, P, Q, 2)
+    weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(B * H, L, P, Q)
+    out = value.new_zeros(B * H, D, Q)
+    for lvl, (v, (h, w)) in enumerate(zip(value.split([h * w for h, w in spatial_shapes], 1), spatial_shapes)):
+        v = v.flatten(2).transpose(1, 2).reshape(B * H, D, h, w)  # (B*H, D, H_l, W_l)
+        sampled = F.grid_sample(v, grids[:, lvl], mode="bilinear", padding_mode="zeros", align_corners=False)
+        for p in range(P):  # sampled (B*H, D, P, Q)
+            out.addcmul_(sampled[:, :, p], weights[:, None, lvl, p])
+    return out.view(B, H, D, Q).permute(0, 3, 1, 2).reshape(B, Q, H * D)

@@ -60,10 +60,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (Backbone, DeformableDecoderLayer, DeformableEncoderLayer, HungarianMatcher, InputProjections,
-                    MLP, MSDeformAttn, PostProcess, SetCriterion, box_cxcywh_to_xyxy, check_state_dict,
-                    gather_tokens, input_tokens, inverse_sigmoid, proposal_features, read_state_dict, rename_keys,
-                    sigmoid_focal_loss, top_queries, write_back)
+from common import (MLP, Backbone, DeformableDecoderLayer, DeformableEncoderLayer, HungarianMatcher, InputProjections,
+                    MSDeformAttn, PostProcess, SetCriterion, box_cxcywh_to_xyxy, check_at_least, check_choice,
+                    check_deformable_config, check_state_dict, deformable_detr_init_, gather_tokens, input_tokens,
+                    inverse_sigmoid, proposal_features, read_official, rename_keys, set_outputs, sigmoid_focal_loss,
+                    two_stage_selection, write_back)
 
 # OFF GenTargets limit_range: each level's (strides 8 .. 64) range of the largest token-to-edge distance, pixels
 FCOS_RANGES = ((-1.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, math.inf))
@@ -82,22 +83,24 @@ class ScoringNetwork(nn.Module):
     and broadcast back (global context), then 256 -> 128 -> 64 -> 1 with GELU.
     """
 
-    def __init__(self, d, hidden=256, mean_over_padding=False):
+    def __init__(self, in_dim, mid_dim=256, mean_over_padding=False):
         super().__init__()
         self.mean_over_padding = mean_over_padding
-        self.layer1 = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden), nn.GELU())
-        self.layer2 = nn.Sequential(nn.Linear(hidden, hidden // 2), nn.GELU(), nn.Linear(hidden // 2, hidden // 4),
-                                    nn.GELU(), nn.Linear(hidden // 4, 1))
+        self.layer1 = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, mid_dim), nn.GELU())
+        self.layer2 = nn.Sequential(
+            nn.Linear(mid_dim, mid_dim // 2), nn.GELU(),
+            nn.Linear(mid_dim // 2, mid_dim // 4), nn.GELU(),
+            nn.Linear(mid_dim // 4, 1))
 
     def forward(self, x, pad_mask):
         """x (B, N, C), pad_mask (B, N) -> logits (B, N)"""
-        z = self.layer1(x)  # (B, N, hidden)
+        z = self.layer1(x)  # (B, N, mid_dim)
         z_local, z_global = z.chunk(2, dim=-1)
         if self.mean_over_padding:  # OFF
             g = z_global.mean(1, keepdim=True)
         else:
             valid = (~pad_mask)[..., None].to(z)
-            g = (z_global * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True)  # (B, 1, hidden/2)
+            g = (z_global * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True)  # (B, 1, mid_dim / 2)
         return self.layer2(torch.cat([z_local, g.expand_as(z_global)], -1)).squeeze(-1)
 
 
@@ -130,9 +133,10 @@ class ForegroundTokenSelector(nn.Module):
     scorer; alpha: one scalar per pair of adjacent levels (OFF: uniform(-0.3, 0.3)). Up: bilinear,
     align_corners=True, of each image's valid region (`upsample_over_padding`: the padded map, OFF)."""
 
-    def __init__(self, d, num_levels, mean_over_padding=False, upsample_over_padding=False):
+    def __init__(self, hidden_dim, num_levels, mean_over_padding=False, upsample_over_padding=False):
         super().__init__()
-        self.scorer = ScoringNetwork(d, hidden=d, mean_over_padding=mean_over_padding)  # OFF MaskPredictor(d, d)
+        # OFF MaskPredictor(C, C)
+        self.scorer = ScoringNetwork(hidden_dim, mid_dim=hidden_dim, mean_over_padding=mean_over_padding)
         self.alpha = nn.Parameter(torch.empty(num_levels - 1).uniform_(-0.3, 0.3))
         self.upsample_over_padding = upsample_over_padding
 
@@ -176,19 +180,19 @@ def cascade_token_nums(pad_mask, rho, ratios, per_image=True):
 
 
 # Adapted from common.DeformableEncoderLayer: the OESM self-attention among the fine-grained tokens runs first
-class DualAttentionEncoderLayer(DeformableEncoderLayer):
+class DualAttentionEncoderLayer(nn.Module):
     """Post-norm, OFF's order: the fine-grained tokens attend to each other (OESM), then all the layer's
-    foreground tokens run deformable attention into `value`, then the FFN (without OESM: Deformable DETR's)."""
+    foreground tokens run Deformable DETR's encoder layer (deformable attention into `value`, then the
+    FFN). Without OESM it is Deformable DETR's layer."""
 
-    def __init__(self, d, ffn, dropout, n_levels, n_heads, n_points, oesm=True):
-        nn.Module.__init__(self)  # the parent's modules, built here after OESM's (OFF's order: the same init per seed)
-        if oesm:
-            self.oesm_attn = nn.MultiheadAttention(d, n_heads, dropout=dropout, batch_first=True)
-            self.oesm_norm = nn.LayerNorm(d)
-        self.self_attn = MSDeformAttn(d, n_levels, n_heads, n_points)
-        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.linear1, self.linear2 = nn.Linear(d, ffn), nn.Linear(ffn, d)
-        self.dropout = nn.Dropout(dropout)
+    def __init__(self, hidden_dim, dim_feedforward, dropout, num_levels, nheads, num_points, oesm=True):
+        super().__init__()
+        if oesm:  # built before the deformable layer, as OFF orders them: the same initialisation per seed
+            self.oesm_attn = nn.MultiheadAttention(hidden_dim, nheads, dropout=dropout, batch_first=True)
+            self.oesm_norm = nn.LayerNorm(hidden_dim)
+            self.oesm_dropout = nn.Dropout(dropout)
+        self.deformable = DeformableEncoderLayer(hidden_dim, dim_feedforward, dropout,
+                                                 MSDeformAttn(hidden_dim, num_levels, nheads, num_points))
 
     def forward(self, tgt, pos, reference_points, value, spatial_shapes, pad_mask, fine_idx=None, fine_pad=None):
         """tgt, pos (B, S, C) the layer's foreground tokens; value (B, N, C); fine_idx (B, J) rows of
@@ -196,8 +200,16 @@ class DualAttentionEncoderLayer(DeformableEncoderLayer):
         if fine_idx is not None:  # OESM: self-attention among the fine-grained tokens (Sec. 3.3)
             x, p = gather_tokens(tgt, fine_idx), gather_tokens(pos, fine_idx)  # (B, J, C)
             y = self.oesm_attn(x + p, x + p, x, key_padding_mask=fine_pad, need_weights=False)[0]
-            tgt = tgt.scatter(1, fine_idx[..., None].expand(-1, -1, tgt.shape[-1]), self.oesm_norm(x + self.dropout(y)))
-        return super().forward(tgt, pos, reference_points, value, spatial_shapes, pad_mask)
+            x = self.oesm_norm(x + self.oesm_dropout(y))
+            tgt = tgt.scatter(1, fine_idx[..., None].expand(-1, -1, tgt.shape[-1]), x)
+        return self.deformable(tgt, pos, reference_points, value, spatial_shapes, pad_mask)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints written before the deformable part was its own module name its parts one level up
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            if key[len(prefix):].split(".")[0] in ("self_attn", "norm1", "norm2", "linear1", "linear2"):
+                state_dict[prefix + "deformable." + key[len(prefix):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,51 +289,38 @@ class FocusDETR(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        d, L = cfg.hidden_dim, cfg.num_feature_levels
+        C, L = cfg.hidden_dim, cfg.num_feature_levels
         self.cfg = cfg
         self.backbone = Backbone(cfg.backbone_depth, cfg.backbone_norm)
-        self.input_proj = InputProjections(self.backbone.num_channels, d, L)
-        self.level_embed = nn.Parameter(torch.empty(L, d))
+        self.input_proj = InputProjections(self.backbone.num_channels, C, L)
+        self.level_embed = nn.Parameter(torch.empty(L, C))
         focus = cfg.foreground_selection
-        self.selector = (ForegroundTokenSelector(d, L, cfg.scorer_mean_over_padding, cfg.upsample_over_padding)
-                         if focus else None)
+        self.selector = None
+        if focus:
+            self.selector = ForegroundTokenSelector(C, L, cfg.scorer_mean_over_padding, cfg.upsample_over_padding)
         self.encoder = nn.ModuleList(
-            DualAttentionEncoderLayer(d, cfg.dim_feedforward, cfg.dropout, L, cfg.nheads, cfg.enc_n_points, oesm=focus)
+            DualAttentionEncoderLayer(C, cfg.dim_feedforward, cfg.dropout, L, cfg.nheads, cfg.enc_n_points, oesm=focus)
             for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(
-            DeformableDecoderLayer(d, cfg.dim_feedforward, cfg.dropout, cfg.nheads,
-                                   MSDeformAttn(d, L, cfg.nheads, cfg.dec_n_points))
+            DeformableDecoderLayer(C, cfg.dim_feedforward, cfg.dropout, cfg.nheads,
+                                   MSDeformAttn(C, L, cfg.nheads, cfg.dec_n_points))
             for _ in range(cfg.dec_layers))
-        self.decoder_norm = nn.LayerNorm(d)  # DINO: applied to every decoder layer's output before the heads
-        self.ref_point_head = MLP(2 * d, d, d, 2)  # DINO: query position = MLP(sine(reference box))
-        self.enc_output, self.enc_output_norm = nn.Linear(d, d), nn.LayerNorm(d)  # two-stage and scorer input
-        self.tgt_embed = nn.Embedding(cfg.num_queries, d) if cfg.learnt_init_query else None  # mixed query selection
-        self.label_enc = nn.Embedding(cfg.num_classes, d)  # denoising label queries (OFF builds it always)
-        # heads: decoder layers 0..5 and the two-stage head (index dec_layers), which is also the MCSP
-        self.class_embed = nn.ModuleList(nn.Linear(d, cfg.num_classes) for _ in range(cfg.dec_layers + 1))
-        self.bbox_embed = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(cfg.dec_layers + 1))
+        self.decoder_norm = nn.LayerNorm(C)  # DINO: applied to every decoder layer's output before the heads
+        self.ref_point_head = MLP(2 * C, C, C, 2)  # DINO: query position = MLP(sine(reference box))
+        self.enc_output, self.enc_output_norm = nn.Linear(C, C), nn.LayerNorm(C)  # two-stage and scorer input
+        self.tgt_embed = nn.Embedding(cfg.num_queries, C) if cfg.learnt_init_query else None  # mixed query selection
+        self.label_enc = nn.Embedding(cfg.num_classes, C)  # denoising label queries (OFF builds it always)
+        # prediction heads: decoder layers 0..5 and the two-stage head (index dec_layers), which is also the MCSP
+        self.class_embed = nn.ModuleList(nn.Linear(C, cfg.num_classes) for _ in range(cfg.dec_layers + 1))
+        self.bbox_embed = nn.ModuleList(MLP(C, C, 4, 3) for _ in range(cfg.dec_layers + 1))
         self._reset_parameters()
 
     def _reset_parameters(self):
-        # OFF FOCUS_DETRTransformer.init_weights: xavier on every matrix of the transformer (tgt_embed
-        # included), then the deformable inits, level embeddings normal; alpha keeps its uniform init
+        # OFF FOCUS_DETRTransformer.init_weights: Deformable DETR's (common.deformable_detr_init_) on every
+        # matrix of the transformer, tgt_embed included; alpha keeps its uniform init
         transformer = [self.encoder, self.decoder, self.decoder_norm, self.ref_point_head, self.enc_output,
                        self.enc_output_norm] + [m for m in (self.selector, self.tgt_embed) if m is not None]
-        for module in transformer:
-            for p in module.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MSDeformAttn):
-                m._reset_parameters()
-        nn.init.normal_(self.level_embed)
-        self.input_proj.reset_parameters()
-        for cls, box in zip(self.class_embed, self.bbox_embed):
-            nn.init.constant_(cls.bias, -math.log((1 - 0.01) / 0.01))  # focal prior 0.01
-            nn.init.zeros_(box.layers[-1].weight)  # boxes start at their reference
-            nn.init.zeros_(box.layers[-1].bias)
-
-    # -- forward ---------------------------------------------------------------------------------
+        deformable_detr_init_(self, transformer, zip(self.class_embed, self.bbox_embed))
 
     def forward(self, images, pad_mask, targets=None, explain=False):
         """The shared interface (common.py). images (B, 3, H_img, W_img), pad_mask (B, H_img, W_img)
@@ -338,10 +337,10 @@ class FocusDETR(nn.Module):
                                  best first, and (B, J_l) its fine-grained ones (OESM); -1 marks filler
         """
         memory, geometry, out = self.encode(self.backbone(images, pad_mask), pad_mask, explain)
-        out.update(self.decode(memory, geometry, targets if self.training else None))
+        out.update(self.decode(memory, geometry, targets, explain))
         return out
 
-    def encode(self, feats, pad_mask=None, explain=False):
+    def encode(self, feats, pad_mask, explain=False):
         """Foreground scoring (Sec. 3.2) and the cascade encoder (Sec. 3.3). feats: the backbone's
         [(C3, m3), (C4, m4), (C5, m5)]; pad_mask the images' (read with extra_level_mask="interpolate")
         -> memory (B, N, C), TokenGeometry, the selection's outputs."""
@@ -357,10 +356,11 @@ class FocusDETR(nn.Module):
             return memory, geo, out
 
         # --- Sec. 3.2: foreground scores (once) and the nested per-layer token sets ---
-        fg = self.selector(proposal_features(src + pos, geo.proposal_valid, self.enc_output, self.enc_output_norm),
-                           geo.masks)  # (B, N) logits
-        keep = cascade_token_nums(pad, cfg.focus_rho, cfg.cascade_ratios, cfg.cascade_counts == "per_image")  # (layers, B)
-        order = fg.detach().masked_fill(pad, float("-inf")).topk(int(keep.max()), dim=1).indices  # (B, S_0) best first
+        token_feats = proposal_features(src + pos, geo.proposal_valid, self.enc_output, self.enc_output_norm)
+        fg = self.selector(token_feats, geo.masks)  # (B, N) logits
+        per_image = cfg.cascade_counts == "per_image"
+        keep = cascade_token_nums(pad, cfg.focus_rho, cfg.cascade_ratios, per_image)  # (enc_layers, B) k_l
+        order = fg.detach().masked_fill(pad, float("-inf")).topk(int(keep.max()), dim=1).indices  # (B, S) best first
         out.update(fg_logits=fg, token_nums=keep)
 
         # --- Sec. 3.3: each layer updates its top keep[l] tokens with dual attention ---
@@ -382,11 +382,15 @@ class FocusDETR(nn.Module):
         return memory, geo, out
 
     def fine_grained(self, tgt, fg_s, rows, keep):
-        """MCSP (Sec. 3.3): s_j = max_c cls_c(x_j) * S_j; its top J = min(num_fine_tokens, S) rows of tgt (B, S, C),
-        fg_s (B, S), rows (B, S) -> fine_idx (B, J), fine_pad (B, J) True at filler (None: OFF's batch_max)."""
+        """MCSP (Sec. 3.3): s_j = max_c cls_c(x_j) * S_j; its top J = min(num_fine_tokens, S) rows of tgt
+        (B, S, C), fg_s (B, S), rows (B, S) -> fine_idx (B, J), fine_pad (B, J) True at filler (None: OFF's
+        batch_max)."""
         cfg = self.cfg
         cls = self.class_embed[cfg.dec_layers](tgt).max(-1).values.detach()  # (B, S): the two-stage head's best class
-        score = cls * fg_s if cfg.mcsp_score == "logit_product" else cls.sigmoid() * fg_s.sigmoid()  # OFF: raw logits
+        if cfg.mcsp_score == "logit_product":  # OFF: the product of raw logits
+            score = cls * fg_s
+        else:  # the paper: of probabilities
+            score = cls.sigmoid() * fg_s.sigmoid()
         n_fine = min(cfg.num_fine_tokens, tgt.shape[1])
         fine_pad = None
         if cfg.cascade_counts == "per_image":
@@ -394,13 +398,15 @@ class FocusDETR(nn.Module):
             fine_pad = torch.arange(n_fine, device=tgt.device)[None] >= keep.clamp(max=n_fine)[:, None]
         return score.topk(n_fine, dim=1).indices, fine_pad
 
-    def decode(self, memory, geo, targets=None):
-        """DINO: two-stage query selection, denoising queries (training, with targets), and the decoder
-        with box refinement. memory (B, N, C), TokenGeometry -> the detection outputs (a dict)."""
+    def decode(self, memory, geo, targets=None, explain=False):
+        """DINO: two-stage query selection, denoising queries (in training, from the targets), and the
+        decoder with box refinement. memory (B, N, C), TokenGeometry -> the detection outputs (a dict)."""
         cfg = self.cfg
         tgt, reference, out = self.select_queries(memory, geo)  # (B, Q, C), (B, Q, 4)
-        dn = (prepare_denoising(targets, cfg.dn_number, cfg.dn_label_noise, cfg.dn_box_noise, cfg.num_classes,
-                                self.label_enc, cfg.num_queries) if targets is not None else None)
+        dn = None
+        if self.training and targets is not None:
+            dn = prepare_denoising(targets, cfg.dn_number, cfg.dn_label_noise, cfg.dn_box_noise, cfg.num_classes,
+                                   self.label_enc, cfg.num_queries)
         attn_mask, n_dn = None, 0
         if dn is not None:  # the denoising queries go first: [Q_dn denoising, Q matching]
             dn_label, dn_box, attn_mask, out["dn_meta"] = dn
@@ -411,11 +417,8 @@ class FocusDETR(nn.Module):
             # label_enc only gets a gradient through denoising queries; DDP fails on a parameter without
             # one, so (as OFF) it stays in the graph at zero cost when a batch has none
             tgt = tgt + self.label_enc.weight[0, 0] * 0.0
-        logits, boxes = self.run_decoder(tgt, reference, memory, geo, attn_mask)
-        sets = [{"pred_logits": a[:, n_dn:], "pred_boxes": b[:, n_dn:]} for a, b in zip(logits, boxes)]
-        out.update(sets[-1])
-        if cfg.aux_loss:
-            out["aux_outputs"] = sets[:-1]
+        logits, boxes = self.run_decoder(tgt, reference, memory, geo, attn_mask)  # per layer (B, Q_dn + Q, .)
+        out.update(set_outputs([x[:, n_dn:] for x in logits], [x[:, n_dn:] for x in boxes], cfg.aux_loss))
         if n_dn:
             out["dn_outputs"] = [{"pred_logits": a[:, :n_dn], "pred_boxes": b[:, :n_dn]} for a, b in zip(logits, boxes)]
         return out
@@ -424,18 +427,16 @@ class FocusDETR(nn.Module):
         """DINO's mixed query selection: the two-stage head's Q best tokens give the reference boxes, the
         content is learned (or their features) -> content (B, Q, C), boxes (B, Q, 4) detached, enc_outputs."""
         cfg = self.cfg
-        enc_feats = proposal_features(memory, geo.proposal_valid, self.enc_output, self.enc_output_norm)  # (B, N, C)
         head = cfg.dec_layers
-        enc_logits = self.class_embed[head](enc_feats)  # (B, N, K)
-        enc_coord = self.bbox_embed[head](enc_feats) + geo.proposals  # (B, N, 4) logits
-        topk = top_queries(enc_logits.max(-1).values, geo.pad_mask, cfg.num_queries, cfg.two_stage_over_padding)
-        ref_logit = gather_tokens(enc_coord, topk)  # (B, Q, 4)
-        out = {"enc_outputs": {"pred_logits": gather_tokens(enc_logits, topk),  # DINO: the loss sees the Q selected
-                               "pred_boxes": ref_logit.sigmoid()}}
+        sel = two_stage_selection(memory, geo, self.enc_output, self.enc_output_norm, self.class_embed[head],
+                                  self.bbox_embed[head], cfg.num_queries, "max_class", cfg.two_stage_over_padding)
+        ref_logit = gather_tokens(sel.boxes, sel.topk)  # (B, Q, 4)
+        # DINO: the two-stage loss sees the Q selected tokens only
+        out = {"enc_outputs": {"pred_logits": gather_tokens(sel.logits, sel.topk), "pred_boxes": ref_logit.sigmoid()}}
         if self.tgt_embed is not None:  # learned content
             tgt = self.tgt_embed.weight[None].expand(memory.shape[0], -1, -1)  # (B, Q, C)
         else:  # Deformable DETR style: the selected tokens' features
-            tgt = gather_tokens(enc_feats, topk).detach()  # (B, Q, C)
+            tgt = gather_tokens(sel.features, sel.topk).detach()  # (B, Q, C)
         return tgt, ref_logit.detach().sigmoid(), out
 
     def run_decoder(self, tgt, reference, memory, geo, attn_mask=None):
@@ -493,7 +494,8 @@ class FocusDETRCriterion(SetCriterion):
         if "fg_logits" in outputs:
             fg = outputs["fg_logits"].float()
             if any("size" not in t for t in targets):  # the unpadded (h, w) the boxes are relative to
-                raise ValueError("Focus-DETR's foreground loss needs each target's 'size' (h, w) in pixels (data/ adds it)")
+                raise ValueError("Focus-DETR's foreground loss needs each target's 'size' (h, w) in pixels "
+                                 "(data/ adds it)")
             image_wh = torch.stack([torch.as_tensor(t["size"]).flip(0) for t in targets]).float()  # (B, 2)
             labels = foreground_labels([t["boxes"] for t in targets], outputs["spatial_shapes"], image_wh,
                                        self.ranges).to(fg.device)  # (B, N)
@@ -514,82 +516,6 @@ class FocusDETRCriterion(SetCriterion):
             zero = outputs["pred_logits"].sum() * 0.0
             losses.update({k: zero for k in self.weight_dict if "_dn" in k})
         return losses
-
-
-# ---------------------------------------------------------------------------------------------
-# The authors' weights (OFF README: R50 at 12 / 24 / 36 epochs; detrex / detectron2 checkpoints)
-# ---------------------------------------------------------------------------------------------
-
-COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]  # OFF's class k -> COCO id
-# OFF (detrex) name -> ours, the first matching rule wins. detectron2's ResNet: resN = layerN-1, convK.norm = bnK,
-# shortcut = downsample; detrex layers: attentions.0 / .1 the OESM or self-attention / the deformable one.
-OFFICIAL_KEYS = [
-    (r"^backbone\.stem\.conv1\.weight$", "backbone.body.conv1.weight"),
-    (r"^backbone\.stem\.conv1\.norm\.", "backbone.body.bn1."),
-    *[(rf"^backbone\.res{r}\.(\d+)\.{a}", rf"backbone.body.layer{r - 1}.\1.{b}") for r in (2, 3, 4, 5) for a, b in (
-        (r"conv(\d)\.weight$", r"conv\2.weight"), (r"conv(\d)\.norm\.", r"bn\2."),
-        (r"shortcut\.weight$", "downsample.0.weight"), (r"shortcut\.norm\.", "downsample.1."))],
-    (r"^neck\.convs\.(\d)\.conv\.", r"input_proj.\1.0."), (r"^neck\.convs\.(\d)\.norm\.", r"input_proj.\1.1."),
-    (r"^neck\.extra_convs\.0\.conv\.", "input_proj.3.0."), (r"^neck\.extra_convs\.0\.norm\.", "input_proj.3.1."),
-    (r"^transformer\.level_embeds$", "level_embed"), (r"^transformer\.alpha$", "selector.alpha"),
-    (r"^transformer\.enc_mask_predictor\.", "selector.scorer."),
-    (r"^transformer\.(enc_output|enc_output_norm|tgt_embed)\.", r"\1."),
-    (r"^transformer\.decoder\.ref_point_head\.", "ref_point_head."), (r"^transformer\.decoder\.norm\.", "decoder_norm."),
-    (r"^transformer\.encoder\.layers\.(\d+)\.attentions\.0\.attn\.", r"encoder.\1.oesm_attn."),
-    (r"^transformer\.encoder\.layers\.(\d+)\.norm2\.", r"encoder.\1.oesm_norm."),
-    (r"^transformer\.encoder\.layers\.(\d+)\.norms\.0\.", r"encoder.\1.norm1."),
-    (r"^transformer\.encoder\.layers\.(\d+)\.norms\.1\.", r"encoder.\1.norm2."),
-    (r"^transformer\.encoder\.layers\.(\d+)\.attentions\.1\.", r"encoder.\1.self_attn."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.attentions\.0\.attn\.", r"decoder.\1.self_attn."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.attentions\.1\.", r"decoder.\1.cross_attn."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.norms\.0\.", r"decoder.\1.norm2."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.norms\.1\.", r"decoder.\1.norm1."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.norms\.2\.", r"decoder.\1.norm3."),
-    (r"^transformer\.(encoder|decoder)\.layers\.(\d+)\.ffns\.0\.layers\.0\.0\.", r"\1.\2.linear1."),
-    (r"^transformer\.(encoder|decoder)\.layers\.(\d+)\.ffns\.0\.layers\.1\.", r"\1.\2.linear2."),
-    (r"^(class_embed|bbox_embed|label_enc)\.", r"\1."),
-]
-OFF_ALIASES = [r"^transformer\.decoder\.(class_embed|bbox_embed)\.", r"^enhance_MCSP_layerlist\.",
-               r"^transformer\.encoder\.enhance_MCSP\."]
-
-
-def from_official(source, class_ids="coco", schedule=None):
-    """An OFF checkpoint (detrex's {"model": state dict}, or bare) -> (Config, our state dict, notes on
-    what was assumed); sizes, layers, queries, classes, depth from the tensors, every OFF behaviour on;
-    OFF_ALIASES (second names of shared heads and the MCSP) dropped. class_ids "coco": the 80 class rows
-    to their COCO ids of our 91 (others: logit -10000); "contiguous": OFF's 80. schedule "12ep" / "24ep" /
-    "36ep" (default: from the file name, else 12ep): that config's encoder sine positions."""
-    what = f"official Focus-DETR checkpoint {source if isinstance(source, str) else ''}".strip()
-    state = read_state_dict(source, what)[0]
-    if "transformer.level_embeds" not in state or "neck.convs.0.conv.weight" not in state:
-        raise ValueError(f"{what}: not a Focus-DETR (detrex) state dict (no transformer.level_embeds or neck.convs)")
-    count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})  # noqa: E731
-    if class_ids not in ("coco", "contiguous"):
-        raise ValueError(f"class_ids must be 'coco' or 'contiguous', got {class_ids!r}")
-    schedule = schedule or next((s for s in ("24ep", "36ep") if s in str(source).lower()), "12ep")
-    notes = [f"focus_rho, cascade_ratios, num_fine_tokens: OFF's defaults; sine positions of the {schedule} config"]
-    L, d = state["transformer.level_embeds"].shape
-    enc_layers, off_classes = count("transformer.encoder.layers."), state["class_embed.0.weight"].shape[0]
-    depth = {6: 50, 23: 101}.get(count("backbone.res4."))
-    notes += [] if depth else ["backbone: no ResNet-50 / 101 weights in the file; ResNet-50 assumed"]
-    cfg = Config(hidden_dim=d, nheads=8, num_feature_levels=L, enc_layers=enc_layers,
-                 dec_layers=count("transformer.decoder.layers."), num_queries=len(state["transformer.tgt_embed.weight"]),
-                 dim_feedforward=state["transformer.encoder.layers.0.ffns.0.layers.0.0.weight"].shape[0],
-                 num_classes=91 if class_ids == "coco" else off_classes, backbone_depth=depth or 50,
-                 cascade_ratios=Config.cascade_ratios[:enc_layers] if enc_layers <= 6 else (1.0,) * enc_layers,
-                 cascade_counts="batch_max", scorer_mean_over_padding=True, upsample_over_padding=True,
-                 masked_groupnorm=False, query_pos_over_padding=True, extra_level_mask="interpolate",
-                 two_stage_over_padding=True, pos_temperature=10000.0 if schedule == "12ep" else 20.0,
-                 pos_offset=-0.5 if schedule == "12ep" else 0.0)
-    ours, unused = rename_keys(state, OFFICIAL_KEYS, OFF_ALIASES)
-    if class_ids == "coco":  # OFF row k -> our row COCO_IDS[k]
-        if off_classes != len(COCO_IDS):
-            raise ValueError(f"{what}: {off_classes} classes; class_ids='coco' maps COCO's 80 (use 'contiguous')")
-        for key in [k for k in ours if k.startswith("class_embed.") or k == "label_enc.weight"]:
-            full = ours[key].new_full((91, *ours[key].shape[1:]), -1e4 if key.endswith("bias") else 0.0)
-            ours[key] = full.index_copy(0, torch.tensor(COCO_IDS), ours[key])
-    check_state_dict(ours, FocusDETR(cfg).state_dict(), f"{what} does not fit {cfg}", unused)
-    return cfg, ours, notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,10 +578,11 @@ class Config:
     num_select: int = 300  # post-process top-k over queries x classes (OFF)
 
     def validate(self):
-        for name, allowed in (("mcsp_score", MCSP_SCORES), ("cascade_counts", CASCADE_COUNTS), ("fg_ranges", FG_RANGES),
-                              ("encoder_values", ENCODER_VALUES), ("extra_level_mask", ("exact", "interpolate"))):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_deformable_config(self)
+        check_choice(self, "mcsp_score", MCSP_SCORES)
+        check_choice(self, "cascade_counts", CASCADE_COUNTS)
+        check_choice(self, "fg_ranges", FG_RANGES)
+        check_choice(self, "encoder_values", ENCODER_VALUES)
         if not (self.pos_temperature > 0 and 0 < self.focus_rho <= 1):
             raise ValueError(f"pos_temperature must be > 0 and focus_rho in (0, 1], got {self.pos_temperature}, "
                              f"{self.focus_rho}")
@@ -664,13 +591,8 @@ class Config:
                              f"got {self.cascade_ratios}")
         if self.num_feature_levels != 4 and self.foreground_selection:
             raise ValueError("the foreground labels are defined for 4 levels (strides 8..64): num_feature_levels=4")
-        if self.hidden_dim % self.nheads or self.hidden_dim % 32:
-            raise ValueError(f"hidden_dim {self.hidden_dim} must be divisible by nheads {self.nheads} and by 32 "
-                             f"(GroupNorm groups)")
-        for name in ("num_classes", "enc_layers", "dec_layers", "num_queries", "num_select", "dim_feedforward",
-                     "enc_n_points", "dec_n_points", "num_fine_tokens", "dn_number"):
-            if getattr(self, name) < (0 if name == "dn_number" else 1):
-                raise ValueError(f"{name} must be {'>= 0' if name == 'dn_number' else '> 0'}, got {getattr(self, name)}")
+        check_at_least(self, ("num_fine_tokens",))
+        check_at_least(self, ("dn_number",), 0)
 
 
 def shapes_config():
@@ -686,6 +608,95 @@ def build(cfg):
     """-> (model, criterion, postprocess)"""
     cfg.validate()
     return FocusDETR(cfg), FocusDETRCriterion(cfg), PostProcess(cfg.num_select)
+
+
+# ---------------------------------------------------------------------------------------------
+# The authors' weights (OFF README: R50 at 12 / 24 / 36 epochs; detrex / detectron2 checkpoints)
+# ---------------------------------------------------------------------------------------------
+
+COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]  # OFF's class k -> COCO id
+# OFF (detrex) name -> ours, the first matching rule wins. detectron2's ResNet: resN = layerN-1, convK.norm = bnK,
+# shortcut = downsample; detrex layers: attentions.0 / .1 the OESM or self-attention / the deformable one.
+OFFICIAL_KEYS = [
+    (r"^backbone\.stem\.conv1\.weight$", "backbone.body.conv1.weight"),
+    (r"^backbone\.stem\.conv1\.norm\.", "backbone.body.bn1."),
+    *[(rf"^backbone\.res{r}\.(\d+)\.{a}", rf"backbone.body.layer{r - 1}.\1.{b}") for r in (2, 3, 4, 5) for a, b in (
+        (r"conv(\d)\.weight$", r"conv\2.weight"), (r"conv(\d)\.norm\.", r"bn\2."),
+        (r"shortcut\.weight$", "downsample.0.weight"), (r"shortcut\.norm\.", "downsample.1."))],
+    (r"^neck\.convs\.(\d)\.conv\.", r"input_proj.\1.0."), (r"^neck\.convs\.(\d)\.norm\.", r"input_proj.\1.1."),
+    (r"^neck\.extra_convs\.0\.conv\.", "input_proj.3.0."), (r"^neck\.extra_convs\.0\.norm\.", "input_proj.3.1."),
+    (r"^transformer\.level_embeds$", "level_embed"), (r"^transformer\.alpha$", "selector.alpha"),
+    (r"^transformer\.enc_mask_predictor\.", "selector.scorer."),
+    (r"^transformer\.(enc_output|enc_output_norm|tgt_embed)\.", r"\1."),
+    (r"^transformer\.decoder\.ref_point_head\.", "ref_point_head."),
+    (r"^transformer\.decoder\.norm\.", "decoder_norm."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.attentions\.0\.attn\.", r"encoder.\1.oesm_attn."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.norm2\.", r"encoder.\1.oesm_norm."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.norms\.0\.", r"encoder.\1.deformable.norm1."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.norms\.1\.", r"encoder.\1.deformable.norm2."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.attentions\.1\.", r"encoder.\1.deformable.self_attn."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.attentions\.0\.attn\.", r"decoder.\1.self_attn."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.attentions\.1\.", r"decoder.\1.cross_attn."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.norms\.0\.", r"decoder.\1.norm2."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.norms\.1\.", r"decoder.\1.norm1."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.norms\.2\.", r"decoder.\1.norm3."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.ffns\.0\.layers\.0\.0\.", r"encoder.\1.deformable.linear1."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.ffns\.0\.layers\.1\.", r"encoder.\1.deformable.linear2."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.ffns\.0\.layers\.0\.0\.", r"decoder.\1.linear1."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.ffns\.0\.layers\.1\.", r"decoder.\1.linear2."),
+    (r"^(class_embed|bbox_embed|label_enc)\.", r"\1."),
+]
+OFF_ALIASES = [r"^transformer\.decoder\.(class_embed|bbox_embed)\.", r"^enhance_MCSP_layerlist\.",
+               r"^transformer\.encoder\.enhance_MCSP\."]
+
+
+def from_official(source, class_ids="coco", schedule=None):
+    """An OFF checkpoint (detrex's {"model": state dict}, or bare) -> (Config, our state dict, notes on
+    what was assumed); sizes, layers, queries, classes, depth from the tensors, every OFF behaviour on;
+    OFF_ALIASES (second names of shared heads and the MCSP) dropped. class_ids "coco": the 80 class rows
+    to their COCO ids of our 91 (others: logit -10000); "contiguous": OFF's 80. schedule "12ep" / "24ep" /
+    "36ep" (default: from the file name, else 12ep): that config's encoder sine positions."""
+    if class_ids not in ("coco", "contiguous"):
+        raise ValueError(f"class_ids must be 'coco' or 'contiguous', got {class_ids!r}")
+    ckpt = read_official(source, "Focus-DETR (detrex)", ("transformer.level_embeds", "neck.convs.0.conv.weight"))
+    state, what = ckpt.state, ckpt.what
+    schedule = schedule or next((s for s in ("24ep", "36ep") if s in str(source).lower()), "12ep")
+    notes = [f"focus_rho, cascade_ratios, num_fine_tokens: OFF's defaults; sine positions of the {schedule} config"]
+    L, C = state["transformer.level_embeds"].shape
+    enc_layers, off_classes = ckpt.count("transformer.encoder.layers."), state["class_embed.0.weight"].shape[0]
+    depth = {6: 50, 23: 101}.get(ckpt.count("backbone.res4."))
+    if not depth:
+        notes.append("backbone: no ResNet-50 / 101 weights in the file; ResNet-50 assumed")
+    cfg = Config(
+        hidden_dim=C,
+        nheads=8,
+        num_feature_levels=L,
+        enc_layers=enc_layers,
+        dec_layers=ckpt.count("transformer.decoder.layers."),
+        num_queries=len(state["transformer.tgt_embed.weight"]),
+        dim_feedforward=state["transformer.encoder.layers.0.ffns.0.layers.0.0.weight"].shape[0],
+        num_classes=91 if class_ids == "coco" else off_classes,
+        backbone_depth=depth or 50,
+        cascade_ratios=Config.cascade_ratios[:enc_layers] if enc_layers <= 6 else (1.0,) * enc_layers,
+        cascade_counts="batch_max",  # the official behaviours
+        scorer_mean_over_padding=True,
+        upsample_over_padding=True,
+        masked_groupnorm=False,
+        query_pos_over_padding=True,
+        extra_level_mask="interpolate",
+        two_stage_over_padding=True,
+        pos_temperature=10000.0 if schedule == "12ep" else 20.0,
+        pos_offset=-0.5 if schedule == "12ep" else 0.0,
+    )
+    ours, unused = rename_keys(state, OFFICIAL_KEYS, OFF_ALIASES)
+    if class_ids == "coco":  # OFF row k -> our row COCO_IDS[k]
+        if off_classes != len(COCO_IDS):
+            raise ValueError(f"{what}: {off_classes} classes; class_ids='coco' maps COCO's 80 (use 'contiguous')")
+        for key in [k for k in ours if k.startswith("class_embed.") or k == "label_enc.weight"]:
+            full = ours[key].new_full((91, *ours[key].shape[1:]), -1e4 if key.endswith("bias") else 0.0)
+            ours[key] = full.index_copy(0, torch.tensor(COCO_IDS), ours[key])
+    check_state_dict(ours, FocusDETR(cfg).state_dict(), f"{what} does not fit {cfg}", unused)
+    return cfg, ours, notes
 
 
 if __name__ == "__main__":

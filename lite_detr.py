@@ -17,7 +17,8 @@ replaces the predicted attention weights by a softmax of query-key products over
     KDA:          dP = Q W_p;  K, V = Samp(S, p + dP) W_V;  out = softmax(Q W_q K^T / sqrt(d_k)) V   (Sec. 3.3)
 
 Paper symbol -> variable:
-    F_H, F_L                      memory[:, n_low:], memory[:, :n_low]; n_low = tokens of the finest L - enc_scale levels
+    F_H, F_L                      memory[:, n_low:], memory[:, :n_low]; n_low: the tokens of the finest
+                                  L - enc_scale levels
     S1 .. S4 (S1 coarsest)        code levels 3 .. 0 (tokens are flattened finest level first, as OFF)
     H3L1 / H2L2                   Config.enc_scale = 3 / 2
     (A+1)xB                       Config.num_blocks = B; A = enc_layers / B (see below)
@@ -53,8 +54,8 @@ Deviations from the paper / official code (OFF's behaviour is the default unless
 - F_L's FFN in the all-token layers: OFF's `small_expand` (hidden = d_model, ReLU, own LayerNorm
   `norm22`) by default, `low_ffn="small"`. The paper's Lite-DDETR FFN is not published, and its
   Table 3 GFLOPs are lower than OFF's design gives on the DDETR base; they match an all-token layer
-  whose F_L tokens skip the FFN (`low_ffn="none"`) to within a few percent (README,
-  `python bench.py --model lite_detr`). `low_ffn="normal"` gives F_L the full FFN.
+  whose F_L tokens skip the FFN (`low_ffn="none"`) to within a few percent (docs/cost.md,
+  `python -m tools.bench --model lite_detr`). `low_ffn="normal"` gives F_L the full FFN.
 - KDA in the decoder: OFF's single `key_aware` flag puts KDA in the decoder cross-attention too.
   Whether Lite-DDETR did is unknown; the default follows the paper text (KDA in the encoder) and
   `kda_decoder=True` is OFF's Lite-DINO choice.
@@ -74,10 +75,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (Backbone, DeformableDecoderLayer, InputProjections, MLP, MSDeformAttn, PostProcess, SetCriterion,
-                    decode_with_box_refinement, deform_sampling_locations, fast_inference, gather_tokens,
-                    init_offset_ring_, input_tokens, ms_deform_sample_levels, proposal_features, proposal_pos_embed,
-                    top_queries)
+from common import (MLP, Backbone, DeformableDecoderLayer, InputProjections, MSDeformAttn, PostProcess, SetCriterion,
+                    check_choice, check_deformable_config, decode_with_box_refinement, deform_sampling_locations,
+                    deformable_detr_init_, gather_tokens, init_offset_ring_, input_tokens, ms_deform_sample_levels,
+                    proposal_pos_embed, set_outputs, two_stage_selection, with_fast_path)
 
 LAST_LAYER_QUERIES = ("all", "low")
 LOW_FFNS = ("small", "normal", "none")
@@ -96,18 +97,18 @@ class KeyAwareDeformableAttention(nn.Module):
     get weight exp(0) (OFF does not mask them).
     """
 
-    def __init__(self, d_model, n_levels, n_heads, n_points, key_proj=False):
+    def __init__(self, hidden_dim, num_levels, nheads, num_points, key_proj=False):
         super().__init__()
-        self.n_levels, self.n_heads, self.n_points = n_levels, n_heads, n_points
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.value_proj = nn.Linear(d_model, d_model)
-        self.key_proj = nn.Linear(d_model, d_model) if key_proj else None
-        self.query_proj = nn.Linear(d_model, d_model)
-        self.output_proj = nn.Linear(d_model, d_model)
+        self.num_levels, self.nheads, self.num_points = num_levels, nheads, num_points
+        self.sampling_offsets = nn.Linear(hidden_dim, nheads * num_levels * num_points * 2)
+        self.value_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.key_proj = nn.Linear(hidden_dim, hidden_dim) if key_proj else None
+        self.query_proj = nn.Linear(hidden_dim, hidden_dim)
+        self.output_proj = nn.Linear(hidden_dim, hidden_dim)
         self._reset_parameters()
 
     def _reset_parameters(self):
-        init_offset_ring_(self.sampling_offsets, self.n_heads, self.n_levels, self.n_points)  # as MSDeformAttn
+        init_offset_ring_(self.sampling_offsets, self.nheads, self.num_levels, self.num_points)  # as MSDeformAttn
         for lin in (self.value_proj, self.key_proj, self.query_proj, self.output_proj):
             if lin is not None:  # OFF: xavier_uniform, bias 0
                 nn.init.xavier_uniform_(lin.weight)
@@ -116,7 +117,7 @@ class KeyAwareDeformableAttention(nn.Module):
     def forward(self, query, reference_points, value_input, spatial_shapes, pad_mask):
         """As MSDeformAttn.forward; the returned weights are the key-aware softmax (B, Q, H, L, P)."""
         B, Q, C = query.shape
-        H, L, P = self.n_heads, self.n_levels, self.n_points
+        H, L, P = self.nheads, self.num_levels, self.num_points
         D = C // H
         value = self.value_proj(value_input).masked_fill(pad_mask[..., None], 0.0).view(B, -1, H, D)  # (B, N, H, D)
         if self.key_proj is not None:  # sample [V | K] in one call
@@ -125,14 +126,14 @@ class KeyAwareDeformableAttention(nn.Module):
         offsets = self.sampling_offsets(query).view(B, Q, H, L, P, 2)
         locs = deform_sampling_locations(reference_points, offsets, spatial_shapes)  # (B, Q, H, L, P, 2)
         q = self.query_proj(query).view(B, Q, H, D)  # (B, Q, H, D)
-        # the fast path; without it, outside autograd the matmul form (the official's, what bench.py counts)
-        core = kda_core_fast if fast_inference() else kda_core if torch.is_grad_enabled() else kda_core_stacked
-        out, weights = core(value, spatial_shapes, locs, q)  # (B, Q, H*D), (B, Q, H, L, P)
+        out, weights = kda_core(value, spatial_shapes, locs, q)  # (B, Q, H*D), (B, Q, H, L, P)
         return self.output_proj(out), locs, weights
 
 
+@with_fast_path
 def kda_core(kv, spatial_shapes, locs, q):
-    """The KDA core, level by level (the reference; kda_core_fast is the inference fast path).
+    """The KDA core, level by level: softmax(q . k_j / sqrt(D)) over a head's L*P sampled keys, then the
+    weighted sum of the sampled values.
 
     kv (B, N, H, D) values (= keys), or (B, N, H, 2D) [values | keys]; locs (B, Q, H, L, P, 2);
     q (B, Q, H, D) -> out (B, Q, H*D), weights (B, Q, H, L, P).
@@ -148,57 +149,16 @@ def kda_core(kv, spatial_shapes, locs, q):
     return out, weights.view(B, H, Q, L, P).transpose(1, 2)
 
 
-def kda_core_stacked(kv, spatial_shapes, locs, q):
-    """The same numbers as kda_core, faster without autograd on large inputs: the sampled points are
-    laid out channel-last once, then q . k and sum_j w_j v_j are two batched matmuls."""
-    B, Q, H, D = q.shape
-    L, P, Dv = locs.shape[3], locs.shape[4], kv.shape[-1]
-    sampled = kv.new_empty(B * H, Q, L, P, Dv)  # (B*H, Q, L, P, Dv)
-    for lvl, s in enumerate(ms_deform_sample_levels(kv, spatial_shapes, locs)):
-        sampled[:, :, lvl] = s.permute(0, 2, 3, 1)  # (B*H, Dv, Q, P) -> (B*H, Q, P, Dv)
-    sampled = sampled.view(B * H, Q, L * P, Dv)
-    q = q.permute(0, 2, 1, 3).reshape(B * H, Q, 1, D)  # (B*H, Q, 1, D)
-    weights = (torch.matmul(q, sampled[..., -D:].transpose(-1, -2)) / math.sqrt(D)).softmax(-1)  # (B*H, Q, 1, L*P)
-    out = torch.matmul(weights, sampled[..., :D])  # (B*H, Q, 1, D)
-    out = out.view(B, H, Q, D).transpose(1, 2).reshape(B, Q, H * D)
-    return out, weights.view(B, H, Q, L, P).transpose(1, 2)
-
-
-def kda_core_fast(kv, spatial_shapes, locs, q):
-    """kda_core's numbers, faster outside autograd: the points are sampled points-major, so each
-    point's keys and values are contiguous slabs; q . k and the weighted values are accumulated in
-    place (no channel-last copy of the samples, no product tensor)."""
-    B, Q, H, D = q.shape
-    L, P, Dv = locs.shape[3], locs.shape[4], kv.shape[-1]
-    q = q.permute(0, 2, 3, 1).reshape(B * H, D, 1, Q) / math.sqrt(D)  # (B*H, D, 1, Q): broadcast over P
-    grids = (2 * locs - 1).permute(0, 2, 3, 4, 1, 5).reshape(B * H, L, P, Q, 2)
-    samples, logits = [], kv.new_zeros(B * H, L, P, Q)
-    for lvl, (v, (h, w)) in enumerate(zip(kv.split([h * w for h, w in spatial_shapes], 1), spatial_shapes)):
-        v = v.flatten(2).transpose(1, 2).reshape(B * H, Dv, h, w)  # (B*H, Dv, H_l, W_l)
-        samples.append(F.grid_sample(v, grids[:, lvl], mode="bilinear", padding_mode="zeros", align_corners=False))
-        for d in range(D):  # q . k_j / sqrt(D), one channel at a time: contiguous (B*H, P, Q) slabs
-            logits[:, lvl].addcmul_(samples[-1][:, Dv - D + d], q[:, d])
-    weights = logits.view(B * H, L * P, Q).softmax(1).view(B * H, L, P, Q)
-    out = kv.new_zeros(B * H, D, Q)
-    for lvl, sampled in enumerate(samples):  # sampled (B*H, Dv, P, Q)
-        for p in range(P):
-            out.addcmul_(sampled[:, :D, p], weights[:, None, lvl, p])
-    out = out.view(B, H, D, Q).permute(0, 3, 1, 2).reshape(B, Q, H * D)
-    return out, weights.view(B, H, L, P, Q).permute(0, 4, 1, 2, 3)  # (B, Q, H, L, P)
-
-
-def make_attention(key_aware, d, n_levels, n_heads, n_points, key_proj=False):
+def make_attention(key_aware, hidden_dim, num_levels, nheads, num_points, key_proj=False):
+    """KDA, or Deformable DETR's attention where KDA is off."""
     if key_aware:
-        return KeyAwareDeformableAttention(d, n_levels, n_heads, n_points, key_proj)
-    return MSDeformAttn(d, n_levels, n_heads, n_points)
+        return KeyAwareDeformableAttention(hidden_dim, num_levels, nheads, num_points, key_proj)
+    return MSDeformAttn(hidden_dim, num_levels, nheads, num_points)
 
 
 # ---------------------------------------------------------------------------------------------
 # The interleaved encoder (Sec. 3.2) and the decoder
 # ---------------------------------------------------------------------------------------------
-
-
-QUERY_KINDS = ("high", "all", "low")  # which tokens query an encoder layer: F_H, [F_L, F_H] or F_L
 
 
 # Adapted from common.DeformableEncoderLayer: the F_L queries of an all-token layer get their own FFN
@@ -219,15 +179,17 @@ class LiteEncoderLayer(nn.Module):
         low       normal             normal
     """
 
-    def __init__(self, d, ffn, dropout, self_attn, queries="high", low_ffn="small"):
+    def __init__(self, hidden_dim, dim_feedforward, dropout, self_attn, queries="high", low_ffn="small"):
         super().__init__()
+        C = hidden_dim
         self.self_attn = self_attn
-        self.norm1 = nn.LayerNorm(d)
+        self.norm1 = nn.LayerNorm(C)
         self.queries, self.low_ffn = queries, (low_ffn if queries != "high" else None)
         if queries != "low" or low_ffn == "normal":
-            self.linear1, self.linear2, self.norm2 = nn.Linear(d, ffn), nn.Linear(ffn, d), nn.LayerNorm(d)
+            self.linear1, self.linear2 = nn.Linear(C, dim_feedforward), nn.Linear(dim_feedforward, C)
+            self.norm2 = nn.LayerNorm(C)
         if self.low_ffn == "small":
-            self.linear12, self.linear22, self.norm22 = nn.Linear(d, d), nn.Linear(d, d), nn.LayerNorm(d)
+            self.linear12, self.linear22, self.norm22 = nn.Linear(C, C), nn.Linear(C, C), nn.LayerNorm(C)
         self.dropout = nn.Dropout(dropout)
 
     def ffn_high(self, x):
@@ -263,45 +225,33 @@ class LiteDETR(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        d, L = cfg.hidden_dim, cfg.num_feature_levels
+        C, L = cfg.hidden_dim, cfg.num_feature_levels
         self.cfg = cfg
         self.backbone = Backbone(cfg.backbone_depth, cfg.backbone_norm)
-        self.input_proj = InputProjections(self.backbone.num_channels, d, L)
-        self.level_embed = nn.Parameter(torch.empty(L, d))
+        self.input_proj = InputProjections(self.backbone.num_channels, C, L)
+        self.level_embed = nn.Parameter(torch.empty(L, C))
         self.schedule = cfg.schedule()  # "high" / "all" per encoder layer
-        self.encoder = nn.ModuleList(
-            LiteEncoderLayer(d, cfg.dim_feedforward, cfg.dropout,
-                             make_attention(cfg.kda_encoder, d, L, cfg.nheads, cfg.enc_n_points, cfg.kda_key_proj),
-                             queries=cfg.layer_queries(kind), low_ffn=cfg.low_ffn)
-            for kind in self.schedule)
-        self.decoder = nn.ModuleList(
-            DeformableDecoderLayer(d, cfg.dim_feedforward, cfg.dropout, cfg.nheads,
-                                   make_attention(cfg.kda_decoder, d, L, cfg.nheads, cfg.dec_n_points, cfg.kda_key_proj))
-            for _ in range(cfg.dec_layers))
-        self.enc_output, self.enc_output_norm = nn.Linear(d, d), nn.LayerNorm(d)  # two-stage
-        self.pos_trans, self.pos_trans_norm = nn.Linear(2 * d, 2 * d), nn.LayerNorm(2 * d)
-        # heads: decoder layers 0..5 and the two-stage encoder head (index dec_layers)
-        self.class_embed = nn.ModuleList(nn.Linear(d, cfg.num_classes) for _ in range(cfg.dec_layers + 1))
-        self.bbox_embed = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(cfg.dec_layers + 1))
+        self.encoder = nn.ModuleList()
+        for kind in self.schedule:
+            attention = make_attention(cfg.kda_encoder, C, L, cfg.nheads, cfg.enc_n_points, cfg.kda_key_proj)
+            self.encoder.append(LiteEncoderLayer(C, cfg.dim_feedforward, cfg.dropout, attention,
+                                                 queries=cfg.layer_queries(kind), low_ffn=cfg.low_ffn))
+        self.decoder = nn.ModuleList()
+        for _ in range(cfg.dec_layers):
+            attention = make_attention(cfg.kda_decoder, C, L, cfg.nheads, cfg.dec_n_points, cfg.kda_key_proj)
+            self.decoder.append(DeformableDecoderLayer(C, cfg.dim_feedforward, cfg.dropout, cfg.nheads, attention))
+        self.enc_output, self.enc_output_norm = nn.Linear(C, C), nn.LayerNorm(C)  # two-stage
+        self.pos_trans, self.pos_trans_norm = nn.Linear(2 * C, 2 * C), nn.LayerNorm(2 * C)
+        # prediction heads: decoder layers 0..5 and the two-stage encoder head (index dec_layers)
+        self.class_embed = nn.ModuleList(nn.Linear(C, cfg.num_classes) for _ in range(cfg.dec_layers + 1))
+        self.bbox_embed = nn.ModuleList(MLP(C, C, 4, 3) for _ in range(cfg.dec_layers + 1))
         self._reset_parameters()
 
     def _reset_parameters(self):
-        # DDETR DeformableTransformer._reset_parameters: xavier on every matrix, then the deformable inits
-        for module in (self.encoder, self.decoder, self.enc_output, self.pos_trans):
-            for p in module.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, (MSDeformAttn, KeyAwareDeformableAttention)):
-                m._reset_parameters()
-        nn.init.normal_(self.level_embed)
-        self.input_proj.reset_parameters()
-        for cls, box in zip(self.class_embed, self.bbox_embed):
-            nn.init.constant_(cls.bias, -math.log((1 - 0.01) / 0.01))  # focal prior 0.01
-            nn.init.zeros_(box.layers[-1].weight)  # boxes start at the reference / proposal
-            nn.init.zeros_(box.layers[-1].bias)  # (two-stage: DDETR's bias[2:] = -2 is reset to 0)
-
-    # -- forward ---------------------------------------------------------------------------------
+        # DDETR DeformableTransformer._reset_parameters and the heads' (common.deformable_detr_init_), KDA
+        # initialised as MSDeformAttn
+        deformable_detr_init_(self, [self.encoder, self.decoder, self.enc_output, self.pos_trans],
+                              zip(self.class_embed, self.bbox_embed), (MSDeformAttn, KeyAwareDeformableAttention))
 
     def forward(self, images, pad_mask, targets=None, explain=False):
         """The shared interface (common.py). images (B, 3, H_img, W_img), pad_mask (B, H_img, W_img)
@@ -316,17 +266,14 @@ class LiteDETR(nn.Module):
             dec_sampling_locations (B, dec_layers, Q, H, L, P, 2), dec_attention_weights (B, dec_layers, Q, H, L, P)
                                  the decoder's cross-attention (key-aware weights with kda_decoder)
         """
-        memory, geometry, n_low = self.encode(self.backbone(images, pad_mask), pad_mask)
-        out, locs, weights = self.decode(memory, geometry)
-        if explain:
-            out.update(spatial_shapes=geometry.spatial_shapes, token_pad_mask=geometry.pad_mask, n_low=n_low,
-                       dec_sampling_locations=torch.stack(locs, 1), dec_attention_weights=torch.stack(weights, 1))
+        memory, geometry, out = self.encode(self.backbone(images, pad_mask), pad_mask, explain)
+        out.update(self.decode(memory, geometry, targets, explain))
         return out
 
-    def encode(self, feats, pad_mask=None):
+    def encode(self, feats, pad_mask, explain=False):
         """Input tokens and the interleaved encoder (Sec. 3.2). Tokens are [F_L, F_H] (finest levels
         first). feats: the backbone's [(C3, m3), (C4, m4), (C5, m5)]; pad_mask the images' (read with
-        extra_level_mask="interpolate") -> memory (B, N, C), TokenGeometry, n_low = |F_L|."""
+        extra_level_mask="interpolate") -> memory (B, N, C), TokenGeometry, the F_L / F_H split (explain)."""
         cfg = self.cfg
         src, pos, geo = input_tokens(self.input_proj, self.level_embed, feats, cfg.masked_groupnorm, pad_mask,
                                      cfg.extra_level_mask)  # (B, N, C) x 2
@@ -344,33 +291,31 @@ class LiteDETR(nn.Module):
             else:  # paper Fig. 2(b): Q = F_L only, F_H passes through
                 low = layer(memory[:, :n_low], pos[:, :n_low], ref[:, :n_low], memory, shapes, pad)
                 memory = torch.cat([low, high], 1)
-        return memory, geo, n_low
+        out = {"spatial_shapes": shapes, "token_pad_mask": pad, "n_low": n_low} if explain else {}
+        return memory, geo, out
 
-    # The two-stage Deformable DETR decode (sparse_detr.py's with eff_query_init=False,
-    # eff_specific_head=False): queries from the proposals' sine embedding, class-agnostic ranking
-    def decode(self, memory, geo):
-        """Two-stage query selection and the decoder with box refinement. memory (B, N, C),
-        TokenGeometry -> the detection outputs (a dict), and the decoder's sampling locations and
-        attention weights per layer."""
+    def decode(self, memory, geo, targets=None, explain=False):
+        """Deformable DETR's two-stage query selection (class-agnostic ranking, queries from the
+        proposals' sine embedding) and its decoder with box refinement. memory (B, N, C), TokenGeometry
+        -> the detection outputs (a dict)."""
         cfg = self.cfg
         # --- two-stage: the top-scoring encoder tokens become the decoder's queries ---
-        enc_feats = proposal_features(memory, geo.proposal_valid, self.enc_output, self.enc_output_norm)  # (B, N, C)
         head = cfg.dec_layers
-        enc_logits = self.class_embed[head](enc_feats)  # (B, N, K)
-        enc_coord = self.bbox_embed[head](enc_feats) + geo.proposals  # (B, N, 4) logits
-        topk = top_queries(enc_logits[..., 0], geo.pad_mask, cfg.num_queries, cfg.two_stage_over_padding)  # (B, Q)
-        ref_logit = gather_tokens(enc_coord, topk).detach()  # (B, Q, 4)
-        query = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(ref_logit, cfg.hidden_dim // 2)))  # (B, Q, 2C)
-        query_pos, tgt = query.chunk(2, dim=-1)  # (B, Q, C) each
+        sel = two_stage_selection(memory, geo, self.enc_output, self.enc_output_norm, self.class_embed[head],
+                                  self.bbox_embed[head], cfg.num_queries, "first_class", cfg.two_stage_over_padding)
+        ref_logit = gather_tokens(sel.boxes, sel.topk).detach()  # (B, Q, 4)
+        embed = proposal_pos_embed(ref_logit, cfg.hidden_dim // 2)  # (B, Q, 2C)
+        query_pos, tgt = self.pos_trans_norm(self.pos_trans(embed)).chunk(2, dim=-1)  # (B, Q, C) each
 
         # --- decoder with iterative box refinement (common.py) ---
         logits, boxes, locs, weights = decode_with_box_refinement(
             self.decoder, self.class_embed, self.bbox_embed, tgt, query_pos, ref_logit.sigmoid(), memory, geo)
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
-               "enc_outputs": {"pred_logits": enc_logits, "pred_boxes": enc_coord.sigmoid()}}
-        if cfg.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
-        return out, locs, weights
+        out = set_outputs(logits, boxes, cfg.aux_loss)
+        out["enc_outputs"] = {"pred_logits": sel.logits, "pred_boxes": sel.boxes.sigmoid()}
+        if explain:
+            out["dec_sampling_locations"] = torch.stack(locs, 1)  # (B, dec_layers, Q, H, L, P, 2)
+            out["dec_attention_weights"] = torch.stack(weights, 1)  # (B, dec_layers, Q, H, L, P)
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,33 +386,22 @@ class Config:
         return self.last_layer_queries
 
     def validate(self):
-        if not 1 <= self.num_feature_levels <= 4:
-            raise ValueError(f"num_feature_levels must be 1..4, got {self.num_feature_levels}")
+        check_deformable_config(self)
         if not 1 <= self.enc_scale <= self.num_feature_levels:
-            raise ValueError(f"enc_scale must be 1..num_feature_levels ({self.num_feature_levels}), got {self.enc_scale}")
+            raise ValueError(f"enc_scale must be 1..num_feature_levels ({self.num_feature_levels}), "
+                             f"got {self.enc_scale}")
         if self.num_blocks < 1 or self.enc_layers % self.num_blocks:
             raise ValueError(f"num_blocks must divide enc_layers ({self.enc_layers}), got {self.num_blocks}")
-        if self.extra_level_mask not in ("exact", "interpolate"):
-            raise ValueError(f"extra_level_mask must be 'exact' or 'interpolate', got {self.extra_level_mask!r}")
-        if self.last_layer_queries not in LAST_LAYER_QUERIES:
-            raise ValueError(f"last_layer_queries must be one of {LAST_LAYER_QUERIES}, got {self.last_layer_queries!r}")
-        if self.low_ffn not in LOW_FFNS:
-            raise ValueError(f"low_ffn must be one of {LOW_FFNS}, got {self.low_ffn!r}")
+        check_choice(self, "last_layer_queries", LAST_LAYER_QUERIES)
+        check_choice(self, "low_ffn", LOW_FFNS)
         if self.last_layer_queries == "low" and self.enc_scale == self.num_feature_levels:
             raise ValueError("last_layer_queries='low' needs low-level tokens: enc_scale < num_feature_levels")
-        if self.hidden_dim % self.nheads or self.hidden_dim % 32:
-            raise ValueError(f"hidden_dim {self.hidden_dim} must be divisible by nheads {self.nheads} and by 32 "
-                             f"(GroupNorm groups)")
-        for name in ("num_classes", "enc_layers", "dec_layers", "num_queries", "num_select", "dim_feedforward",
-                     "enc_n_points", "dec_n_points"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
 
 def shapes_config():
     """CPU-sized Lite DETR for the built-in shapes set (what `python train.py --model lite_detr` trains).
 
-    A ResNet-18 pretrained on the shapes set (pretrain.py; frozen BatchNorm, as the papers' ImageNet
+    A ResNet-18 pretrained on the shapes set (engine/pretrain.py; frozen BatchNorm, as the papers' ImageNet
     backbone), d 128, no dropout (a few thousand steps are far from overfitting); every mechanism
     of the paper is on.
     """
@@ -480,8 +414,9 @@ def shapes_config():
 SHAPES_RECIPE = {"lr_drop": 1}
 # DDETR recipe (Table 3 rows train 50 epochs): lr 2e-4, backbone 2e-5, drop at 40
 COCO_RECIPE = {"lr": 2e-4, "lr_backbone": 2e-5}
-# DDETR --lr_linear_proj_mult 0.1: parameters whose name contains these train at lr x 0.1
-LR_MULTIPLIERS = {"sampling_offsets": 0.1, "reference_points": 0.1}
+# DDETR --lr_linear_proj_mult 0.1: parameters whose name contains these train at lr x 0.1 (DDETR also
+# names reference_points, a layer of single-stage Deformable DETR that the two-stage model does not have)
+LR_MULTIPLIERS = {"sampling_offsets": 0.1}
 
 
 def build(cfg):
@@ -491,6 +426,35 @@ def build(cfg):
                              weight_giou=cfg.loss_giou, focal_alpha=cfg.focal_alpha,
                              num_aux=cfg.dec_layers - 1 if cfg.aux_loss else 0, encoder_labels="binary")
     return LiteDETR(cfg), criterion, PostProcess(cfg.num_select)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference fast paths (common.with_fast_path chooses them outside autograd; tests compare each with
+# the readable function it is attached to)
+# ---------------------------------------------------------------------------------------------
+
+@kda_core.fast
+def kda_core_fast(kv, spatial_shapes, locs, q):
+    """kda_core's numbers, faster outside autograd: the points are sampled points-major, so each
+    point's keys and values are contiguous slabs; q . k and the weighted values are accumulated in
+    place (no channel-last copy of the samples, no product tensor)."""
+    B, Q, H, D = q.shape
+    L, P, Dv = locs.shape[3], locs.shape[4], kv.shape[-1]
+    q = q.permute(0, 2, 3, 1).reshape(B * H, D, 1, Q) / math.sqrt(D)  # (B*H, D, 1, Q): broadcast over P
+    grids = (2 * locs - 1).permute(0, 2, 3, 4, 1, 5).reshape(B * H, L, P, Q, 2)
+    samples, logits = [], kv.new_zeros(B * H, L, P, Q)
+    for lvl, (v, (h, w)) in enumerate(zip(kv.split([h * w for h, w in spatial_shapes], 1), spatial_shapes)):
+        v = v.flatten(2).transpose(1, 2).reshape(B * H, Dv, h, w)  # (B*H, Dv, H_l, W_l)
+        samples.append(F.grid_sample(v, grids[:, lvl], mode="bilinear", padding_mode="zeros", align_corners=False))
+        for d in range(D):  # q . k_j / sqrt(D), one channel at a time: contiguous (B*H, P, Q) slabs
+            logits[:, lvl].addcmul_(samples[-1][:, Dv - D + d], q[:, d])
+    weights = logits.view(B * H, L * P, Q).softmax(1).view(B * H, L, P, Q)
+    out = kv.new_zeros(B * H, D, Q)
+    for lvl, sampled in enumerate(samples):  # sampled (B*H, Dv, P, Q)
+        for p in range(P):
+            out.addcmul_(sampled[:, :D, p], weights[:, None, lvl, p])
+    out = out.view(B, H, D, Q).permute(0, 3, 1, 2).reshape(B, Q, H * D)
+    return out, weights.view(B, H, L, P, Q).permute(0, 4, 1, 2, 3)  # (B, Q, H, L, P)
 
 
 if __name__ == "__main__":

@@ -77,8 +77,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (MLP, Backbone, PostProcess, SetCriterion, check_state_dict, fast_inference, halve_mask,
-                    read_state_dict, rename_keys, sine_position_embedding, valid_image_sizes)
+from common import (MLP, Backbone, PostProcess, SetCriterion, cell_grid, check_at_least, check_choice,
+                    check_state_dict, halve_mask, read_official, rename_keys, set_outputs, sine_position_embedding,
+                    valid_image_sizes, with_fast_path)
 
 # ---------------------------------------------------------------------------------------------
 # Building blocks
@@ -88,18 +89,19 @@ from common import (MLP, Backbone, PostProcess, SetCriterion, check_state_dict, 
 class EncoderLayer(nn.Module):
     """DETR's post-norm encoder layer: self-attention (positions on q, k) then FFN."""
 
-    def __init__(self, d_model, nheads, dim_feedforward, dropout):
+    def __init__(self, hidden_dim, nheads, dim_feedforward, dropout):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nheads, dropout=dropout, batch_first=True)
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
-        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(hidden_dim, nheads, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(hidden_dim, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, hidden_dim)
+        self.norm1, self.norm2 = nn.LayerNorm(hidden_dim), nn.LayerNorm(hidden_dim)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, src, pos, pad_mask):
         """src, pos (B, N, C); pad_mask (B, N) -> (B, N, C)"""
         q = k = src + pos
-        src = self.norm1(src + self.dropout(self.self_attn(q, k, src, key_padding_mask=pad_mask, need_weights=False)[0]))
+        attn = self.self_attn(q, k, src, key_padding_mask=pad_mask, need_weights=False)[0]
+        src = self.norm1(src + self.dropout(attn))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(src))))
         return self.norm2(src + self.dropout(ffn))
 
@@ -111,11 +113,11 @@ class GaussianCrossAttention(nn.Module):
     GaussianMultiheadAttention; attention dropout as DETR.
     """
 
-    def __init__(self, d_model, nheads, dropout):
+    def __init__(self, hidden_dim, nheads, dropout):
         super().__init__()
         self.nheads = nheads
-        self.in_proj = nn.Linear(d_model, 3 * d_model)
-        self.out_proj = nn.Linear(d_model, d_model)
+        self.in_proj = nn.Linear(hidden_dim, 3 * hidden_dim)
+        self.out_proj = nn.Linear(hidden_dim, hidden_dim)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, query, key, value, pad_mask, log_prior=None, level_sizes=None, alpha=None):
@@ -153,6 +155,31 @@ class GaussianCrossAttention(nn.Module):
 SCALE_TYPES = ("fixed", "single", "independent")  # OFF --dynamic_scale type1 / type2 / type3 (Table 2)
 
 
+@dataclass
+class ScaleGeometry:
+    """Where SMCA's tokens sit, scale by scale in key order: what `encode` hands `decode`."""
+    spatial_shapes: list  # [(H_j, W_j)]
+    pad_mask: torch.Tensor  # (B, N) True = padding, N = sum_j N_j
+    pos: torch.Tensor  # (B, N, C) sine positions (multi-scale: + the level embeddings)
+    cells_wh: list  # per scale (B, 2): the unpadded image's size in that scale's cells, the prior's frame
+    grids: list  # per scale (N_j, 2): each cell's integer (x, y)
+
+
+@with_fast_path
+def gaussian_log_prior(points, grid, scales, factor, beta):
+    """log G of one scale to every one of its cells (Eq. 3-4, as OFF computes it):
+    -(s_x^2 (i - c_x)^2 + s_y^2 (j - c_y)^2) * factor / beta.
+
+    points (B, Q, H, 2): each head's centre c (the shared centre plus its offset) in this scale's cells
+    (H = 1 when head_shared); grid (N_j, 2) the cells' (i, j); scales (B, Q, H, 1) s or (B, Q, H, 2)
+    (s_x, s_y), None for the fixed scale; factor: stride / 32 (multi-scale, MSZ's 0.5 / 1 / 2) or 1
+    -> (B, Q, H, N_j)"""
+    sqdist = (points[:, :, :, None, :] - grid) ** 2  # (B, Q, H, N_j, 2): (dx^2, dy^2) to every cell
+    if scales is not None:
+        sqdist = sqdist * scales[:, :, :, None, :] ** 2  # s_x^2 dx^2, s_y^2 dy^2
+    return -(sqdist.sum(-1) * factor) / beta
+
+
 class SMCADecoderLayer(nn.Module):
     """DETR decoder layer whose cross-attention is modulated by a per-query, per-head Gaussian.
 
@@ -163,64 +190,50 @@ class SMCADecoderLayer(nn.Module):
 
     def __init__(self, cfg, first):
         super().__init__()
-        d, H = cfg.hidden_dim, cfg.nheads
+        C, H = cfg.hidden_dim, cfg.nheads
         self.nheads, self.beta, self.scale_type = H, cfg.beta, cfg.scale_type
         self.strides = cfg.strides()
         self.ref_stride = 32 if cfg.multiscale else self.strides[0]  # distances in f32 cells (MSZ) / the map's own
         self.prior_heads = 1 if cfg.head_shared else H  # Table 2: head-shared vs multi-head modulation
         ffn = cfg.ms_dim_feedforward if cfg.multiscale else cfg.dim_feedforward
-        self.self_attn = nn.MultiheadAttention(d, H, dropout=cfg.dropout, batch_first=True)
-        self.cross_attn = GaussianCrossAttention(d, H, cfg.dropout)
-        self.linear1 = nn.Linear(d, ffn)
-        self.linear2 = nn.Linear(ffn, d)
-        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.self_attn = nn.MultiheadAttention(C, H, dropout=cfg.dropout, batch_first=True)
+        self.cross_attn = GaussianCrossAttention(C, H, cfg.dropout)
+        self.linear1 = nn.Linear(C, ffn)
+        self.linear2 = nn.Linear(ffn, C)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(C), nn.LayerNorm(C), nn.LayerNorm(C)
         self.dropout = nn.Dropout(cfg.dropout)
         self.spatial_prior = cfg.spatial_prior
         self.scale_select = None
         if cfg.multiscale and cfg.scale_selection:
-            self.scale_select = nn.Linear(d, len(self.strides))  # Eq. (7), MSZ point4
+            self.scale_select = nn.Linear(C, len(self.strides))  # Eq. (7), MSZ point4
         if cfg.spatial_prior or self.scale_select is not None:
-            self.norm4 = nn.LayerNorm(d)  # OFF norm4: drives the prior and alpha
+            self.norm4 = nn.LayerNorm(C)  # OFF norm4: drives the prior and alpha
         if cfg.spatial_prior:
             n = len(self.strides) * self.prior_heads  # one offset / scale per (scale, head)
-            self.center_mlp = MLP(d, d, 2, 3) if first else None  # OFF point1 (paper: 2 layers)
-            self.offset_proj = nn.Linear(d, 2 * n)  # OFF point2: (dx, dy) per scale and head
+            self.center_mlp = MLP(C, C, 2, 3) if first else None  # OFF point1 (paper: 2 layers)
+            self.offset_proj = nn.Linear(C, 2 * n)  # OFF point2: (dx, dy) per scale and head
             if cfg.scale_type != "fixed":  # OFF point3: s (single) or (s_x, s_y) (independent)
-                self.scale_proj = nn.Linear(d, n if cfg.scale_type == "single" else 2 * n)
+                self.scale_proj = nn.Linear(C, n if cfg.scale_type == "single" else 2 * n)
 
-    def log_prior(self, out, center_logit, levels):
-        """log G (B, H, Q, N) over all scales' cells.
-
-        out (B, Q, C); centre logit (B, Q, 2); levels: per scale (cells_wh (B, 2) the unpadded size in
-        that scale's cells, grid (N_j, 2) its integer (x, y) cell indices), N = sum_j N_j.
-        """
+    def log_prior(self, out, center_logit, geometry):
+        """log G (B, H, Q, N) over all scales' cells. out (B, Q, C); centre logit (B, Q, 2) as (x, y)."""
         B, Q, _ = out.shape
         n_scales, Hp = len(self.strides), self.prior_heads
         center = center_logit.sigmoid()  # (B, Q, 2) normalised (x, y)
         offsets = self.offset_proj(out).view(B, Q, n_scales, Hp, 2)  # in each scale's cells
+        scales = None
         if self.scale_type != "fixed":
-            s = self.scale_proj(out).view(B, Q, n_scales, Hp, -1)  # (..., 1) single or (..., 2) independent
+            scales = self.scale_proj(out).view(B, Q, n_scales, Hp, -1)  # (..., 1) single or (..., 2) independent
         logs = []
-        for j, (stride, (cells_wh, grid)) in enumerate(zip(self.strides, levels)):
-            points = (center * cells_wh[:, None, :])[:, :, None, :] + offsets[:, :, j]  # (B, Q, Hp, 2)
-            if fast_inference():  # the same sums, separable: dx^2 per column plus dy^2 per row
-                w = int(grid[-1, 0]) + 1  # the last cell is (W_j - 1, H_j - 1); the grid runs row by row
-                dx2 = (points[..., 0, None] - grid[:w, 0]) ** 2  # (B, Q, Hp, W_j)
-                dy2 = (points[..., 1, None] - grid[::w, 1]) ** 2  # (B, Q, Hp, H_j)
-                if self.scale_type != "fixed":
-                    dx2, dy2 = dx2 * s[:, :, j, :, :1] ** 2, dy2 * s[:, :, j, :, -1:] ** 2
-                sqdist = (dx2[..., None, :] + dy2[..., :, None]).flatten(-2)  # (B, Q, Hp, N_j)
-                logs.append(sqdist.mul_(-(stride / self.ref_stride) / self.beta))  # log G of this scale
-                continue
-            sqdist = (points[:, :, :, None, :] - grid) ** 2  # (B, Q, Hp, N_j, 2): (dx^2, dy^2) to every cell
-            if self.scale_type != "fixed":
-                sqdist = sqdist * s[:, :, j, :, None, :] ** 2  # s_x^2 dx^2, s_y^2 dy^2
-            logs.append(sqdist.sum(-1) * (stride / self.ref_stride))  # MSZ: x0.5 / 1 / 2 at stride 16 / 32 / 64
-        log_g = torch.cat(logs, dim=-1) if fast_inference() else -torch.cat(logs, dim=-1) / self.beta  # (B, Q, Hp, N)
+        for j, (stride, cells_wh, grid) in enumerate(zip(self.strides, geometry.cells_wh, geometry.grids)):
+            points = (center * cells_wh[:, None, :])[:, :, None, :] + offsets[:, :, j]  # (B, Q, H, 2) in cells
+            s = None if scales is None else scales[:, :, j]
+            logs.append(gaussian_log_prior(points, grid, s, stride / self.ref_stride, self.beta))  # (B, Q, H, N_j)
+        log_g = torch.cat(logs, dim=-1)  # (B, Q, H, N)
         return log_g.expand(B, Q, self.nheads, log_g.shape[-1]).transpose(1, 2)  # (B, H, Q, N)
 
-    def forward(self, tgt, query_pos, memory, pos, pad_mask, levels, center_logit=None):
-        """tgt, query_pos (B, Q, C); memory, pos (B, N, C); pad_mask (B, N); levels: per scale (cells_wh, grid).
+    def forward(self, tgt, query_pos, memory, geometry, center_logit=None):
+        """tgt, query_pos (B, Q, C); memory (B, N, C); geometry: ScaleGeometry.
 
         Returns tgt (B, Q, C), the centre logit (B, Q, 2) (predicted here in layer 0, else passed
         through), log G (B, H, Q, N) or None, and alpha (B, Q, scales) or None.
@@ -231,13 +244,14 @@ class SMCADecoderLayer(nn.Module):
         if self.spatial_prior:
             if center_logit is None:
                 center_logit = self.center_mlp(out)  # (B, Q, 2) as (x, y)
-            log_prior = self.log_prior(out, center_logit, levels)
+            log_prior = self.log_prior(out, center_logit, geometry)
         if self.scale_select is not None:
             alpha = self.scale_select(out).softmax(-1)  # (B, Q, scales), Eq. (7), per image
         q = k = tgt + query_pos
         tgt = self.norm1(tgt + self.dropout(self.self_attn(q, k, tgt, need_weights=False)[0]))
-        sizes = [len(grid) for _, grid in levels]  # keys per scale, in memory order
-        ca = self.cross_attn(tgt + query_pos, memory + pos, memory, pad_mask, log_prior, sizes, alpha)
+        sizes = [len(grid) for grid in geometry.grids]  # keys per scale, in memory order
+        keys = memory + geometry.pos
+        ca = self.cross_attn(tgt + query_pos, keys, memory, geometry.pad_mask, log_prior, sizes, alpha)
         tgt = self.norm2(tgt + self.dropout(ca))
         tgt = self.norm3(tgt + self.dropout(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
         return tgt, center_logit, log_prior, alpha
@@ -290,29 +304,29 @@ class SMCA(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        d = cfg.hidden_dim
+        C = cfg.hidden_dim
         self.cfg = cfg
         self.strides = cfg.strides()  # (32,) or (16, 32, 64)
         self.backbone = Backbone(cfg.backbone_depth, cfg.backbone_norm)
         c4, c5 = self.backbone.num_channels[1:]
         if cfg.multiscale:  # Sec. 3.3: "3 convolutions project ResNet-50 outputs to 256-d"
             self.input_proj = nn.ModuleList([
-                nn.Conv2d(c4, d, 1),  # f16 from C4
-                nn.Conv2d(c5, d, 1),  # f32 from C5
-                nn.Conv2d(c5, d, 3, stride=2, padding=1)])  # f64 from C5 (MSZ)
-            self.level_embed = nn.Parameter(torch.empty(len(self.strides), d))
+                nn.Conv2d(c4, C, 1),  # f16 from C4
+                nn.Conv2d(c5, C, 1),  # f32 from C5
+                nn.Conv2d(c5, C, 3, stride=2, padding=1)])  # f64 from C5 (MSZ)
+            self.level_embed = nn.Parameter(torch.empty(len(self.strides), C))
             self.encoder = MultiScaleEncoder(cfg)
         else:
-            self.input_proj = nn.ModuleList([nn.Conv2d(c5 if cfg.feature_stride == 32 else c4, d, 1)])
+            self.input_proj = nn.ModuleList([nn.Conv2d(c5 if cfg.feature_stride == 32 else c4, C, 1)])
             if cfg.feature_stride == 16:  # C4: layer4's output is never read, so it does not train
                 self.backbone.body.layer4.requires_grad_(False)
             self.encoder = nn.ModuleList(
-                EncoderLayer(d, cfg.nheads, cfg.dim_feedforward, cfg.dropout) for _ in range(cfg.enc_layers))
+                EncoderLayer(C, cfg.nheads, cfg.dim_feedforward, cfg.dropout) for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(SMCADecoderLayer(cfg, first=(i == 0)) for i in range(cfg.dec_layers))
-        self.decoder_norm = nn.LayerNorm(d)
-        self.query_embed = nn.Embedding(cfg.num_queries, d)
-        self.class_embed = nn.Linear(d, cfg.num_classes)
-        self.bbox_embed = MLP(d, d, 4, 3)
+        self.decoder_norm = nn.LayerNorm(C)
+        self.query_embed = nn.Embedding(cfg.num_queries, C)
+        self.class_embed = nn.Linear(C, cfg.num_classes)
+        self.bbox_embed = MLP(C, C, 4, 3)
         self._reset_parameters()
 
     def _reset_parameters(self):
@@ -343,7 +357,13 @@ class SMCA(nn.Module):
             scale_weights        per decoder layer, alpha (B, Q, scales) (None unless multi-scale with scale selection)
             level_shapes         [(H_j, W_j)]: the cells of each scale, in key order (N = sum_j H_j W_j)
         """
-        feats = self.backbone(images, pad_mask)  # [(C3, m3), (C4, m4), (C5, m5)]
+        memory, geometry, out = self.encode(self.backbone(images, pad_mask), pad_mask, explain)
+        out.update(self.decode(memory, geometry, targets, explain))
+        return out
+
+    def encode(self, feats, pad_mask, explain=False):
+        """The scales' tokens and the encoder (single-scale DETR or Sec. 3.3's). feats: the backbone's
+        [(C3, m3), (C4, m4), (C5, m5)]; pad_mask (B, H_img, W_img) -> memory (B, N, C), ScaleGeometry, {}."""
         image_wh = valid_image_sizes(pad_mask)  # (B, 2) unpadded size in pixels: the prior's frame
         if self.cfg.multiscale:  # f16 from C4; f32 and f64 from C5
             (c4, m4), (c5, m5) = feats[-2:]
@@ -352,9 +372,8 @@ class SMCA(nn.Module):
         else:
             x, m = feats[-1] if self.cfg.feature_stride == 32 else feats[-2]  # C5 (the paper) or C4
             maps, masks = [self.input_proj[0](x)], [m]
-        srcs, poss, pads, levels, shapes = [], [], [], [], []
+        srcs, poss, pads, cells_wh, grids = [], [], [], [], []
         for j, (x, m) in enumerate(zip(maps, masks)):
-            B, _, Hj, Wj = x.shape
             pos = sine_position_embedding(m, self.cfg.hidden_dim // 2).to(x)  # (B, C, H_j, W_j)
             pos = pos.flatten(2).transpose(1, 2)  # (B, N_j, C)
             if self.cfg.multiscale:
@@ -362,22 +381,25 @@ class SMCA(nn.Module):
             srcs.append(x.flatten(2).transpose(1, 2))  # (B, N_j, C)
             poss.append(pos)
             pads.append(m.flatten(1))  # (B, N_j)
-            ys, xs = torch.meshgrid(torch.arange(Hj, device=x.device), torch.arange(Wj, device=x.device), indexing="ij")
-            grid = torch.stack([xs, ys], dim=-1).view(-1, 2).to(x)  # (N_j, 2) integer (x, y) cell indices
-            levels.append((image_wh.to(x) / self.strides[j], grid))  # unpadded size in this scale's cells
-            shapes.append((Hj, Wj))
+            grids.append(cell_grid(*x.shape[-2:], x.device).to(x))  # (N_j, 2) integer (x, y) cell indices
+            cells_wh.append(image_wh.to(x) / self.strides[j])  # (B, 2) unpadded size in this scale's cells
         if self.cfg.multiscale:
             srcs = self.encoder(srcs, poss, pads)
         else:
             for layer in self.encoder:
                 srcs = [layer(srcs[0], poss[0], pads[0])]
-        memory, pos, pad = torch.cat(srcs, 1), torch.cat(poss, 1), torch.cat(pads, 1)  # (B, N, C), (B, N)
+        geometry = ScaleGeometry([tuple(x.shape[-2:]) for x in maps], torch.cat(pads, 1), torch.cat(poss, 1),
+                                 cells_wh, grids)
+        return torch.cat(srcs, 1), geometry, {}  # memory (B, N, C)
 
+    def decode(self, memory, geometry, targets=None, explain=False):
+        """The SMCA decoder (Sec. 3.2) and the heads: boxes regressed around each query's Gaussian centre.
+        memory (B, N, C), ScaleGeometry -> the detection outputs (a dict)."""
         query_pos = self.query_embed.weight[None].expand(memory.shape[0], -1, -1)  # (B, Q, C)
         tgt = torch.zeros_like(query_pos)
         hs, log_priors, alphas, center_logit = [], [], [], None
         for layer in self.decoder:
-            tgt, center_logit, log_prior, alpha = layer(tgt, query_pos, memory, pos, pad, levels, center_logit)
+            tgt, center_logit, log_prior, alpha = layer(tgt, query_pos, memory, geometry, center_logit)
             hs.append(self.decoder_norm(tgt))
             log_priors.append(log_prior)
             alphas.append(alpha)
@@ -387,14 +409,11 @@ class SMCA(nn.Module):
         raw = self.bbox_embed(hs)  # (dec_layers, B, Q, 4) cxcywh logits
         if center_logit is not None:  # boxes are regressed around the Gaussian centre (OFF detr.py)
             raw = torch.cat([raw[..., :2] + center_logit, raw[..., 2:]], dim=-1)
-        boxes = raw.sigmoid()
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-        if self.cfg.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        out = set_outputs(logits, raw.sigmoid(), self.cfg.aux_loss)
         if center_logit is not None:
             out["centers"] = center_logit.sigmoid()
         if explain:
-            out.update(log_priors=log_priors, scale_weights=alphas, level_shapes=shapes)
+            out.update(log_priors=log_priors, scale_weights=alphas, level_shapes=geometry.spatial_shapes)
         return out
 
 
@@ -407,59 +426,6 @@ def gaussian_maps(out, image=0, query=0, layer=-1):
         raise ValueError("this model has no spatial prior (spatial_prior=False)")
     maps = log_prior[image, :, query].exp().mean(0)  # (L,) averaged over heads
     return [m.view(h, w) for m, (h, w) in zip(maps.split([h * w for h, w in out["level_shapes"]]), out["level_shapes"])]
-
-
-# ---------------------------------------------------------------------------------------------
-# The authors' weights (OFF README's model zoo: single-scale R50 at 50 / 108 / 250 epochs)
-# ---------------------------------------------------------------------------------------------
-
-# OFF state-dict name -> ours, the first matching rule wins (DETR's names; point1-3 are the prior heads)
-OFFICIAL_KEYS = [
-    (r"^backbone\.0\.body\.", "backbone.body."),
-    (r"^input_proj\.", "input_proj.0."),
-    (r"^transformer\.encoder\.layers\.(\d+)\.", r"encoder.\1."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.multihead_attn\.in_proj_(weight|bias)$", r"decoder.\1.cross_attn.in_proj.\2"),
-    (r"^transformer\.decoder\.layers\.(\d+)\.multihead_attn\.", r"decoder.\1.cross_attn."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.point1\.", r"decoder.\1.center_mlp."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.point2\.", r"decoder.\1.offset_proj."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.point3\.", r"decoder.\1.scale_proj."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.", r"decoder.\1."),
-    (r"^transformer\.decoder\.norm\.", "decoder_norm."),
-    (r"^(query_embed|class_embed|bbox_embed)\.", r"\1."),
-]
-
-
-def from_official(source):
-    """An OFF checkpoint (the file as released, {"model": state dict, "args": ...}, or a bare state
-    dict) -> (Config, our state dict, notes on what was assumed). The configuration is read from the
-    tensors (sizes, layer counts, scale type) and OFF's args when present (beta = --smooth); the
-    92nd class row (DETR's no-object column, never trained under focal loss) is dropped. Raises
-    ValueError naming the keys when the file is not a single-scale SMCA checkpoint."""
-    what = f"official SMCA checkpoint {source if isinstance(source, str) else ''}".strip()
-    state, extra = read_state_dict(source, what)
-    args = vars(extra["args"]) if hasattr(extra.get("args"), "__dict__") else dict(extra.get("args") or {})
-    if "query_embed.weight" not in state or "transformer.decoder.layers.0.norm1.weight" not in state:
-        raise ValueError(f"{what}: not an SMCA-DETR state dict (no query_embed / transformer.decoder.layers.0)")
-    count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})  # noqa: E731
-    notes, blocks = [], count("backbone.0.body.layer3.")
-    point2, point3 = state.get("transformer.decoder.layers.0.point2.weight"), state.get("transformer.decoder.layers.0.point3.weight")
-    H = point2.shape[0] // 2 if point2 is not None else 8
-    cfg = Config(hidden_dim=state["query_embed.weight"].shape[1], num_queries=state["query_embed.weight"].shape[0],
-                 nheads=H, enc_layers=count("transformer.encoder.layers."), dec_layers=count("transformer.decoder.layers."),
-                 dim_feedforward=state["transformer.decoder.layers.0.linear1.weight"].shape[0],
-                 num_classes=min(state["class_embed.weight"].shape[0], 91), spatial_prior=point2 is not None,
-                 scale_type="fixed" if point3 is None else ("independent" if point3.shape[0] == 2 * H else "single"),
-                 beta=float(args.get("smooth", 8.0)), backbone_depth={6: 50, 23: 101}.get(blocks, 50),
-                 dropout=float(args.get("dropout", 0.1)))
-    if "smooth" not in args:
-        notes.append("beta = 8 (OFF --smooth, not in the file)")
-    if blocks not in (6, 23):
-        notes.append("backbone: no ResNet-50 / 101 weights in the file; ResNet-50 assumed")
-    if state["class_embed.weight"].shape[0] == 92:  # DETR's no-object column
-        state = {**state, "class_embed.weight": state["class_embed.weight"][:91], "class_embed.bias": state["class_embed.bias"][:91]}
-    ours, unused = rename_keys(state, OFFICIAL_KEYS)
-    check_state_dict(ours, SMCA(cfg).state_dict(), f"{what} does not fit {cfg}", unused)
-    return cfg, ours, notes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,20 +467,17 @@ class Config:
         return (16, 32, 64) if self.multiscale else (self.feature_stride,)
 
     def validate(self):
-        if self.scale_type not in SCALE_TYPES:
-            raise ValueError(f"scale_type must be one of {SCALE_TYPES}, got {self.scale_type!r}")
+        check_choice(self, "scale_type", SCALE_TYPES)
         if self.hidden_dim % self.nheads:
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by nheads {self.nheads}")
         if self.hidden_dim % 2:
             raise ValueError("hidden_dim must be even (half of it encodes y, half x)")
-        for name in ("num_classes", "enc_layers", "dec_layers", "num_queries", "num_select", "dim_feedforward"):
-            if getattr(self, name) < (0 if name == "enc_layers" else 1):
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        check_at_least(self, ("num_classes", "dec_layers", "num_queries", "num_select", "dim_feedforward",
+                              "ms_dim_feedforward"))
+        check_at_least(self, ("enc_layers",), 0)
         if not self.ms_encoder or set(self.ms_encoder) - set("IM"):
             raise ValueError(f"ms_encoder must be a string of I (intra-scale) and M (multi-scale) blocks, "
                              f"got {self.ms_encoder!r}")
-        if self.ms_dim_feedforward < 1:
-            raise ValueError(f"ms_dim_feedforward must be positive, got {self.ms_dim_feedforward}")
         if self.feature_stride not in (16, 32):
             raise ValueError(f"feature_stride must be 32 (C5) or 16 (C4), got {self.feature_stride}")
         if not self.beta > 0:
@@ -524,7 +487,7 @@ class Config:
 def shapes_config():
     """CPU-sized SMCA for the built-in shapes set (what `python train.py --model smca` trains).
 
-    A ResNet-18 pretrained on the shapes set (pretrain.py; frozen BatchNorm as DETR's), read at C4
+    A ResNet-18 pretrained on the shapes set (engine/pretrain.py; frozen BatchNorm as DETR's), read at C4
     (stride 16): at 128-192 px a side, C5 is 4-6 cells, so the prior's 2-cell sigma covers the image
     and most objects are a fraction of a cell; on C4 the cells per object are closer to COCO's on
     C5. Every SMCA mechanism is on; `spatial_prior=False` on it is the matching DETR baseline.
@@ -547,6 +510,86 @@ def build(cfg):
                              weight_giou=cfg.loss_giou, focal_alpha=cfg.focal_alpha,
                              num_aux=cfg.dec_layers - 1 if cfg.aux_loss else 0)
     return model, criterion, PostProcess(cfg.num_select)
+
+
+# ---------------------------------------------------------------------------------------------
+# The authors' weights (OFF README's model zoo: single-scale R50 at 50 / 108 / 250 epochs)
+# ---------------------------------------------------------------------------------------------
+
+# OFF state-dict name -> ours, the first matching rule wins (DETR's names; point1-3 are the prior heads)
+OFFICIAL_KEYS = [
+    (r"^backbone\.0\.body\.", "backbone.body."),
+    (r"^input_proj\.", "input_proj.0."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.", r"encoder.\1."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.multihead_attn\.in_proj_(weight|bias)$",
+     r"decoder.\1.cross_attn.in_proj.\2"),
+    (r"^transformer\.decoder\.layers\.(\d+)\.multihead_attn\.", r"decoder.\1.cross_attn."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.point1\.", r"decoder.\1.center_mlp."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.point2\.", r"decoder.\1.offset_proj."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.point3\.", r"decoder.\1.scale_proj."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.", r"decoder.\1."),
+    (r"^transformer\.decoder\.norm\.", "decoder_norm."),
+    (r"^(query_embed|class_embed|bbox_embed)\.", r"\1."),
+]
+
+
+def from_official(source):
+    """An OFF checkpoint (the file as released, {"model": state dict, "args": ...}, or a bare state
+    dict) -> (Config, our state dict, notes on what was assumed). The configuration is read from the
+    tensors (sizes, layer counts, scale type) and OFF's args when present (beta = --smooth); the
+    92nd class row (DETR's no-object column, never trained under focal loss) is dropped. Raises
+    ValueError naming the keys when the file is not a single-scale SMCA checkpoint."""
+    ckpt = read_official(source, "SMCA-DETR", ("query_embed.weight", "transformer.decoder.layers.0.norm1.weight"))
+    state, args, notes = ckpt.state, ckpt.args, []
+    blocks = ckpt.count("backbone.0.body.layer3.")
+    point2 = state.get("transformer.decoder.layers.0.point2.weight")  # (2 H, C): the head offsets
+    point3 = state.get("transformer.decoder.layers.0.point3.weight")  # (2 H or H, C): the scales
+    H = point2.shape[0] // 2 if point2 is not None else 8
+    if point3 is None:
+        scale_type = "fixed"
+    else:
+        scale_type = "independent" if point3.shape[0] == 2 * H else "single"
+    cfg = Config(
+        hidden_dim=state["query_embed.weight"].shape[1],
+        num_queries=state["query_embed.weight"].shape[0],
+        nheads=H,
+        enc_layers=ckpt.count("transformer.encoder.layers."),
+        dec_layers=ckpt.count("transformer.decoder.layers."),
+        dim_feedforward=state["transformer.decoder.layers.0.linear1.weight"].shape[0],
+        num_classes=min(state["class_embed.weight"].shape[0], 91),
+        spatial_prior=point2 is not None,
+        scale_type=scale_type,
+        beta=float(args.get("smooth", 8.0)),
+        backbone_depth={6: 50, 23: 101}.get(blocks, 50),
+        dropout=float(args.get("dropout", 0.1)),
+    )
+    if "smooth" not in args:
+        notes.append("beta = 8 (OFF --smooth, not in the file)")
+    if blocks not in (6, 23):
+        notes.append("backbone: no ResNet-50 / 101 weights in the file; ResNet-50 assumed")
+    if state["class_embed.weight"].shape[0] == 92:  # DETR's no-object column
+        state = {**state, "class_embed.weight": state["class_embed.weight"][:91],
+                 "class_embed.bias": state["class_embed.bias"][:91]}
+    ours, unused = rename_keys(state, OFFICIAL_KEYS)
+    check_state_dict(ours, SMCA(cfg).state_dict(), f"{ckpt.what} does not fit {cfg}", unused)
+    return cfg, ours, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference fast paths (common.with_fast_path chooses them outside autograd; tests compare each with
+# the readable function it is attached to)
+# ---------------------------------------------------------------------------------------------
+
+@gaussian_log_prior.fast
+def gaussian_log_prior_fast(points, grid, scales, factor, beta):
+    """gaussian_log_prior's numbers, separable: dx^2 per column plus dy^2 per row, scaled in place."""
+    w = int(grid[-1, 0]) + 1  # the last cell is (W_j - 1, H_j - 1); the grid runs row by row
+    dx2 = (points[..., 0, None] - grid[:w, 0]) ** 2  # (B, Q, H, W_j)
+    dy2 = (points[..., 1, None] - grid[::w, 1]) ** 2  # (B, Q, H, H_j)
+    if scales is not None:
+        dx2, dy2 = dx2 * scales[..., :1] ** 2, dy2 * scales[..., -1:] ** 2
+    sqdist = (dx2[..., None, :] + dy2[..., :, None]).flatten(-2)  # (B, Q, H, N_j)
+    return sqdist.mul_(-factor / beta)
 
 
 if __name__ == "__main__":

@@ -53,17 +53,16 @@ Deviations from the paper / official code (OFF's behaviour is the default unless
 - State-dict names map onto OFF's by the table OFFICIAL_KEYS (from_official converts the authors'
   files; OFF's second names of the heads, transformer.{encoder,decoder}.{class,bbox}_embed, are dropped).
 """
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (Backbone, DeformableDecoderLayer, DeformableEncoderLayer, InputProjections, MLP, MSDeformAttn,
-                    PostProcess, SetCriterion, check_state_dict, decode_with_box_refinement, gather_tokens,
-                    input_tokens, proposal_features, proposal_pos_embed, read_state_dict, rename_keys, top_queries,
-                    write_back)
+from common import (MLP, Backbone, DeformableDecoderLayer, DeformableEncoderLayer, InputProjections, MSDeformAttn,
+                    PostProcess, SetCriterion, check_choice, check_deformable_config, check_state_dict,
+                    decode_with_box_refinement, deformable_detr_init_, gather_tokens, input_tokens, proposal_features,
+                    proposal_pos_embed, read_official, rename_keys, set_outputs, two_stage_selection, write_back)
 
 SELECTIONS = ("dam", "objectness", "random")
 
@@ -79,22 +78,24 @@ class ScoringNetwork(nn.Module):
     and broadcast back (global context), then 256 -> 128 -> 64 -> 1 with GELU.
     """
 
-    def __init__(self, d, hidden=256, mean_over_padding=False):
+    def __init__(self, in_dim, mid_dim=256, mean_over_padding=False):
         super().__init__()
         self.mean_over_padding = mean_over_padding
-        self.layer1 = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden), nn.GELU())
-        self.layer2 = nn.Sequential(nn.Linear(hidden, hidden // 2), nn.GELU(), nn.Linear(hidden // 2, hidden // 4),
-                                    nn.GELU(), nn.Linear(hidden // 4, 1))
+        self.layer1 = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, mid_dim), nn.GELU())
+        self.layer2 = nn.Sequential(
+            nn.Linear(mid_dim, mid_dim // 2), nn.GELU(),
+            nn.Linear(mid_dim // 2, mid_dim // 4), nn.GELU(),
+            nn.Linear(mid_dim // 4, 1))
 
     def forward(self, x, pad_mask):
         """x (B, N, C), pad_mask (B, N) -> logits (B, N)"""
-        z = self.layer1(x)  # (B, N, hidden)
+        z = self.layer1(x)  # (B, N, mid_dim)
         z_local, z_global = z.chunk(2, dim=-1)
         if self.mean_over_padding:  # OFF
             g = z_global.mean(1, keepdim=True)
         else:
             valid = (~pad_mask)[..., None].to(z)
-            g = (z_global * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True)  # (B, 1, hidden/2)
+            g = (z_global * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True)  # (B, 1, mid_dim / 2)
         return self.layer2(torch.cat([z_local, g.expand_as(z_global)], -1)).squeeze(-1)
 
 
@@ -119,13 +120,13 @@ def decoder_attention_map(locations, weights, spatial_shapes, half_cell_shift=Fa
     loc * (W, H) - 0.5. Corners outside the map are dropped.
     """
     B, L = weights.shape[0], weights.shape[-2]
-    locs = locations.reshape(B, -1, L, locations.shape[-2], 2).transpose(1, 2).flatten(2, 3)  # (B, L, M, 2)
-    w = weights.reshape(B, -1, L, weights.shape[-1]).transpose(1, 2).flatten(2)  # (B, L, M)
+    locs = locations.reshape(B, -1, L, locations.shape[-2], 2).transpose(1, 2).flatten(2, 3)  # (B, L, R, 2)
+    w = weights.reshape(B, -1, L, weights.shape[-1]).transpose(1, 2).flatten(2)  # (B, L, R)
     total = sum(h * wd for h, wd in spatial_shapes)
     dam = torch.zeros(B, total, dtype=w.dtype, device=w.device)
     start = 0
     for lvl, (h, wd) in enumerate(spatial_shapes):
-        f = locs[:, lvl] * torch.tensor([wd, h], dtype=locs.dtype, device=locs.device)  # (B, M, 2) in cells
+        f = locs[:, lvl] * torch.tensor([wd, h], dtype=locs.dtype, device=locs.device)  # (B, R, 2) in cells
         if half_cell_shift:
             f = f - 0.5
         c0 = f.floor()
@@ -151,30 +152,31 @@ class SparseDETR(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        d, L = cfg.hidden_dim, cfg.num_feature_levels
+        C, L = cfg.hidden_dim, cfg.num_feature_levels
         self.cfg = cfg
         self.backbone = Backbone(cfg.backbone_depth, cfg.backbone_norm)
-        self.input_proj = InputProjections(self.backbone.num_channels, d, L)
-        self.level_embed = nn.Parameter(torch.empty(L, d))
+        self.input_proj = InputProjections(self.backbone.num_channels, C, L)
+        self.level_embed = nn.Parameter(torch.empty(L, C))
         self.encoder = nn.ModuleList(
-            DeformableEncoderLayer(d, cfg.dim_feedforward, cfg.dropout, MSDeformAttn(d, L, cfg.nheads, cfg.enc_n_points))
+            DeformableEncoderLayer(C, cfg.dim_feedforward, cfg.dropout,
+                                   MSDeformAttn(C, L, cfg.nheads, cfg.enc_n_points))
             for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(
-            DeformableDecoderLayer(d, cfg.dim_feedforward, cfg.dropout, cfg.nheads,
-                                   MSDeformAttn(d, L, cfg.nheads, cfg.dec_n_points))
+            DeformableDecoderLayer(C, cfg.dim_feedforward, cfg.dropout, cfg.nheads,
+                                   MSDeformAttn(C, L, cfg.nheads, cfg.dec_n_points))
             for _ in range(cfg.dec_layers))
-        self.enc_output, self.enc_output_norm = nn.Linear(d, d), nn.LayerNorm(d)  # two-stage (and scorer input)
-        q_dim = d if cfg.eff_query_init else 2 * d  # Efficient-DETR: content = top-k memory, only pos from boxes
-        self.pos_trans, self.pos_trans_norm = nn.Linear(2 * d, q_dim), nn.LayerNorm(q_dim)
+        self.enc_output, self.enc_output_norm = nn.Linear(C, C), nn.LayerNorm(C)  # two-stage (and scorer input)
+        q_dim = C if cfg.eff_query_init else 2 * C  # Efficient-DETR: content = top-k memory, only pos from boxes
+        self.pos_trans, self.pos_trans_norm = nn.Linear(2 * C, q_dim), nn.LayerNorm(q_dim)
         self.scoring = None
         if cfg.sparse_encoder and cfg.selection == "dam":
-            self.scoring = ScoringNetwork(d, mean_over_padding=cfg.scorer_mean_over_padding)
-        # heads: decoder layers 0..5, the two-stage encoder head (6), encoder aux heads after layers 0..4 (7..)
-        n_heads = cfg.dec_layers + 1 + (cfg.enc_layers - 1 if self.enc_aux else 0)
-        self.class_embed = nn.ModuleList(nn.Linear(d, cfg.num_classes) for _ in range(n_heads))
-        self.bbox_embed = nn.ModuleList(MLP(d, d, 4, 3) for _ in range(n_heads))
+            self.scoring = ScoringNetwork(C, mean_over_padding=cfg.scorer_mean_over_padding)
+        # prediction heads: decoder layers 0..5, the two-stage head (6), encoder aux heads after layers 0..4 (7..)
+        num_pred_heads = cfg.dec_layers + 1 + (cfg.enc_layers - 1 if self.enc_aux else 0)
+        self.class_embed = nn.ModuleList(nn.Linear(C, cfg.num_classes) for _ in range(num_pred_heads))
+        self.bbox_embed = nn.ModuleList(MLP(C, C, 4, 3) for _ in range(num_pred_heads))
         if cfg.sparse_encoder and cfg.selection == "objectness":  # OS baseline: a head on the backbone tokens
-            self.os_class_embed, self.os_bbox_embed = nn.Linear(d, cfg.num_classes), MLP(d, d, 4, 3)
+            self.os_class_embed, self.os_bbox_embed = nn.Linear(C, cfg.num_classes), MLP(C, C, 4, 3)
         self._reset_parameters()
 
     @property
@@ -182,25 +184,14 @@ class SparseDETR(nn.Module):
         return self.cfg.sparse_encoder and self.cfg.use_enc_aux_loss
 
     def _reset_parameters(self):
-        # OFF DeformableTransformer._reset_parameters: xavier on every matrix, then the deformable inits
-        for module in [self.encoder, self.decoder, self.enc_output, self.pos_trans] + ([self.scoring] if self.scoring else []):
-            for p in module.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
-        for m in self.modules():
-            if isinstance(m, MSDeformAttn):
-                m._reset_parameters()
-        nn.init.normal_(self.level_embed)
-        self.input_proj.reset_parameters()
+        # OFF DeformableTransformer._reset_parameters and the heads' (common.deformable_detr_init_)
+        transformer = [self.encoder, self.decoder, self.enc_output, self.pos_trans]
         heads = list(zip(self.class_embed, self.bbox_embed))
+        if self.scoring is not None:
+            transformer.append(self.scoring)
         if hasattr(self, "os_class_embed"):
             heads.append((self.os_class_embed, self.os_bbox_embed))
-        for cls, box in heads:
-            nn.init.constant_(cls.bias, -math.log((1 - 0.01) / 0.01))  # focal prior 0.01
-            nn.init.zeros_(box.layers[-1].weight)  # boxes start at the reference / proposal
-            nn.init.zeros_(box.layers[-1].bias)  # (two-stage: OFF's bias[2:] = -2 is reset to 0)
-
-    # -- forward ---------------------------------------------------------------------------------
+        deformable_detr_init_(self, transformer, heads)
 
     def forward(self, images, pad_mask, targets=None, explain=False):
         """The shared interface (common.py). images (B, 3, H_img, W_img), pad_mask (B, H_img, W_img)
@@ -221,14 +212,11 @@ class SparseDETR(nn.Module):
           with explain=True:
             dam (B, N)           the decoder attention map itself (`decoder_attention_map`)
         """
-        memory, geometry, out = self.encode(self.backbone(images, pad_mask), pad_mask)
-        out.update(self.decode(memory, geometry))
-        if explain:
-            out["dam"] = decoder_attention_map(out["dec_sampling_locations"], out["dec_attention_weights"],
-                                               geometry.spatial_shapes, self.cfg.dam_half_cell_shift)
+        memory, geometry, out = self.encode(self.backbone(images, pad_mask), pad_mask, explain)
+        out.update(self.decode(memory, geometry, targets, explain))
         return out
 
-    def encode(self, feats, pad_mask=None):
+    def encode(self, feats, pad_mask, explain=False):
         """Input tokens, token selection (Sec. 3.2) and the (sparse) encoder.
         feats: the backbone's [(C3, m3), (C4, m4), (C5, m5)]; pad_mask (B, H_img, W_img) the images'
         (read with extra_level_mask="interpolate") -> memory (B, N, C), TokenGeometry, the selection's outputs."""
@@ -244,13 +232,13 @@ class SparseDETR(nn.Module):
             return memory, geo, out
 
         # --- Sec. 3.2: score the backbone tokens and keep the top rho of each image ---
-        token_feats = proposal_features(src + pos, geo.proposal_valid, self.enc_output, self.enc_output_norm)  # (B, N, C)
+        token_feats = proposal_features(src + pos, geo.proposal_valid, self.enc_output, self.enc_output_norm)
         if cfg.selection == "dam":
             scores = self.scoring(token_feats, pad)  # (B, N) logits
         elif cfg.selection == "objectness":
             os_logits = self.os_class_embed(token_feats)  # (B, N, K)
-            out["backbone_outputs"] = {"pred_logits": os_logits,
-                                       "pred_boxes": (geo.proposals + self.os_bbox_embed(token_feats)).sigmoid()}
+            os_boxes = (geo.proposals + self.os_bbox_embed(token_feats)).sigmoid()  # (B, N, 4)
+            out["backbone_outputs"] = {"pred_logits": os_logits, "pred_boxes": os_boxes}
             scores = os_logits.max(-1).values
         else:
             scores = torch.rand(pad.shape, device=src.device)
@@ -274,32 +262,33 @@ class SparseDETR(nn.Module):
             out["enc_aux_outputs"] = enc_aux
         return memory, geo, out
 
-    def decode(self, memory, geo):
+    def decode(self, memory, geo, targets=None, explain=False):
         """Two-stage query selection (Efficient-DETR style by default) and the decoder with box
         refinement. memory (B, N, C), TokenGeometry -> the detection outputs (a dict)."""
         cfg = self.cfg
         # --- two-stage: the top-scoring encoder tokens become the decoder's queries ---
-        enc_feats = proposal_features(memory, geo.proposal_valid, self.enc_output, self.enc_output_norm)  # (B, N, C)
         head = cfg.dec_layers
-        enc_logits = self.class_embed[head](enc_feats)  # (B, N, K)
-        enc_coord = self.bbox_embed[head](enc_feats) + geo.proposals  # (B, N, 4) logits
-        objectness = enc_logits.max(-1).values if cfg.eff_specific_head else enc_logits[..., 0]  # (B, N)
-        topk = top_queries(objectness, geo.pad_mask, cfg.num_queries, cfg.two_stage_over_padding)  # (B, Q)
-        ref_logit = gather_tokens(enc_coord, topk).detach()  # (B, Q, 4)
-        query = self.pos_trans_norm(self.pos_trans(proposal_pos_embed(ref_logit, cfg.hidden_dim // 2)))  # (B, Q, C or 2C)
+        rank_by = "max_class" if cfg.eff_specific_head else "first_class"
+        sel = two_stage_selection(memory, geo, self.enc_output, self.enc_output_norm, self.class_embed[head],
+                                  self.bbox_embed[head], cfg.num_queries, rank_by, cfg.two_stage_over_padding)
+        ref_logit = gather_tokens(sel.boxes, sel.topk).detach()  # (B, Q, 4)
+        embed = proposal_pos_embed(ref_logit, cfg.hidden_dim // 2)  # (B, Q, 2C)
+        query = self.pos_trans_norm(self.pos_trans(embed))  # (B, Q, C), without eff_query_init (B, Q, 2C)
         if cfg.eff_query_init:  # content = the selected memory (not detached), position from the boxes
-            query_pos, tgt = query, gather_tokens(memory, topk)
+            query_pos, tgt = query, gather_tokens(memory, sel.topk)
         else:
             query_pos, tgt = query.chunk(2, dim=-1)  # (B, Q, C) each
 
         # --- decoder with iterative box refinement (common.py) ---
         logits, boxes, locs, weights = decode_with_box_refinement(
             self.decoder, self.class_embed, self.bbox_embed, tgt, query_pos, ref_logit.sigmoid(), memory, geo)
-        out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1],
-               "enc_outputs": {"pred_logits": enc_logits, "pred_boxes": enc_coord.sigmoid()},
-               "dec_sampling_locations": torch.stack(locs, 1), "dec_attention_weights": torch.stack(weights, 1)}
-        if cfg.aux_loss:
-            out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        out = set_outputs(logits, boxes, cfg.aux_loss)
+        out["enc_outputs"] = {"pred_logits": sel.logits, "pred_boxes": sel.boxes.sigmoid()}
+        out["dec_sampling_locations"] = torch.stack(locs, 1)  # (B, dec_layers, Q, H, L, P, 2)
+        out["dec_attention_weights"] = torch.stack(weights, 1)  # (B, dec_layers, Q, H, L, P)
+        if explain:
+            out["dam"] = decoder_attention_map(out["dec_sampling_locations"], out["dec_attention_weights"],
+                                               geo.spatial_shapes, cfg.dam_half_cell_shift)
         return out
 
 
@@ -356,62 +345,6 @@ class SparseDETRCriterion(SetCriterion):
 
 
 # ---------------------------------------------------------------------------------------------
-# The authors' weights (OFF README "Main Results": rho 0.1 .. 0.5, and the Deformable DETR bases)
-# ---------------------------------------------------------------------------------------------
-
-# OFF state-dict name -> ours, the first matching rule wins; OFF_ALIASES are second names of the heads
-OFFICIAL_KEYS = [
-    (r"^backbone\.0\.body\.", "backbone.body."),
-    (r"^transformer\.encoder\.layers\.(\d+)\.", r"encoder.\1."),
-    (r"^transformer\.decoder\.layers\.(\d+)\.", r"decoder.\1."),
-    (r"^transformer\.enc_mask_predictor\.", "scoring."),
-    (r"^transformer\.(level_embed|enc_output|enc_output_norm|pos_trans|pos_trans_norm)\b", r"\1"),
-    (r"^(input_proj|class_embed|bbox_embed)\.", r"\1."),
-]
-OFF_ALIASES = [r"^transformer\.(encoder|decoder)\.(class_embed|bbox_embed)\."]
-
-
-def from_official(source):
-    """An OFF checkpoint (the file as released, {"model": state dict, "args": ...}, or a bare state
-    dict; Sparse DETR or OFF's dense two-stage Deformable DETR) -> (Config, our state dict, notes on
-    what was assumed). Read from the tensors: sizes, layers, levels, points, the scorer (sparse
-    encoder or not), the encoder aux heads, Efficient-DETR query init; from OFF's args when present:
-    rho, nheads, num_queries, eff_specific_head. The official behaviours are switched on
-    (scorer_mean_over_padding, masked_groupnorm=False, extra_level_mask="interpolate",
-    two_stage_over_padding). Raises ValueError naming the keys when the file does not fit."""
-    what = f"official Sparse DETR checkpoint {source if isinstance(source, str) else ''}".strip()
-    state, extra = read_state_dict(source, what)
-    args = vars(extra["args"]) if hasattr(extra.get("args"), "__dict__") else dict(extra.get("args") or {})
-    if "transformer.level_embed" not in state or "transformer.enc_output.weight" not in state:
-        raise ValueError(f"{what}: not a two-stage Deformable / Sparse DETR state dict (no transformer.level_embed "
-                         f"or transformer.enc_output)")
-    count = lambda prefix: len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})  # noqa: E731
-    notes, d, L = [], state["transformer.level_embed"].shape[1], state["transformer.level_embed"].shape[0]
-    enc_layers, dec_layers, H = count("transformer.encoder.layers."), count("transformer.decoder.layers."), args.get("nheads", 8)
-    sparse = any(k.startswith("transformer.enc_mask_predictor.") for k in state)
-    offsets = lambda part: state[f"transformer.{part}.layers.0.{'self' if part == 'encoder' else 'cross'}_attn.sampling_offsets.weight"]  # noqa: E731
-    for key, default in (("nheads", 8), ("num_queries", 300)) + ((("rho", 0.1),) if sparse else ()):
-        if key not in args:
-            notes.append(f"{key} = {default} (OFF's --{key}, not in the file)")
-    if "eff_specific_head" not in args:
-        notes.append("eff_specific_head = eff_query_init (OFF's configs set both; not in the file)")
-    eff_query_init = state["transformer.pos_trans.weight"].shape[0] == d
-    cfg = Config(hidden_dim=d, nheads=H, enc_layers=enc_layers, dec_layers=dec_layers, num_feature_levels=L,
-                 dim_feedforward=state["transformer.encoder.layers.0.linear1.weight"].shape[0],
-                 enc_n_points=offsets("encoder").shape[0] // (2 * H * L), dec_n_points=offsets("decoder").shape[0] // (2 * H * L),
-                 num_queries=args.get("num_queries", 300), num_classes=state["class_embed.0.weight"].shape[0],
-                 sparse_encoder=sparse, rho=float(args.get("rho", 0.1)) if sparse else 0.1,
-                 use_enc_aux_loss=count("class_embed.") > dec_layers + 1, eff_query_init=eff_query_init,
-                 eff_specific_head=bool(args.get("eff_specific_head", eff_query_init)), dropout=float(args.get("dropout", 0.1)),
-                 backbone_depth={6: 50, 23: 101}.get(count("backbone.0.body.layer3."), 50),
-                 scorer_mean_over_padding=True, masked_groupnorm=False, extra_level_mask="interpolate",
-                 two_stage_over_padding=True)
-    ours, unused = rename_keys(state, OFFICIAL_KEYS, OFF_ALIASES)
-    check_state_dict(ours, SparseDETR(cfg).state_dict(), f"{what} does not fit {cfg}", unused)
-    return cfg, ours, notes
-
-
-# ---------------------------------------------------------------------------------------------
 # Config and build
 # ---------------------------------------------------------------------------------------------
 
@@ -453,25 +386,14 @@ class Config:
     def validate(self):
         if not 0 < self.rho <= 1:
             raise ValueError(f"rho must be in (0, 1], got {self.rho}")
-        if self.extra_level_mask not in ("exact", "interpolate"):
-            raise ValueError(f"extra_level_mask must be 'exact' or 'interpolate', got {self.extra_level_mask!r}")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
-        if self.hidden_dim % self.nheads or self.hidden_dim % 32:
-            raise ValueError(f"hidden_dim {self.hidden_dim} must be divisible by nheads {self.nheads} and by 32 "
-                             f"(GroupNorm groups)")
-        if not 1 <= self.num_feature_levels <= 4:
-            raise ValueError(f"num_feature_levels must be 1..4, got {self.num_feature_levels}")
-        for name in ("num_classes", "enc_layers", "dec_layers", "num_queries", "num_select", "dim_feedforward",
-                     "enc_n_points", "dec_n_points"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        check_choice(self, "selection", SELECTIONS)
+        check_deformable_config(self)
 
 
 def shapes_config():
     """CPU-sized Sparse DETR for the built-in shapes set (what `python train.py --model sparse_detr` trains).
 
-    A ResNet-18 pretrained on the shapes set (pretrain.py; frozen BatchNorm, as the papers' ImageNet
+    A ResNet-18 pretrained on the shapes set (engine/pretrain.py; frozen BatchNorm, as the papers' ImageNet
     backbone), d 128, no dropout (a few thousand steps are far from overfitting); every mechanism
     of the paper is on.
     """
@@ -482,14 +404,82 @@ def shapes_config():
 # On --data shapes: train.py's shared shapes recipe as it is (2 epochs of 500 steps, about 10 minutes)
 # OFF main.py: lr 2e-4, backbone 2e-5
 COCO_RECIPE = {"lr": 2e-4, "lr_backbone": 2e-5}
-# OFF main.py --lr_linear_proj_mult 0.1: parameters whose name contains these train at lr x 0.1
-LR_MULTIPLIERS = {"sampling_offsets": 0.1, "reference_points": 0.1}
+# OFF main.py --lr_linear_proj_mult 0.1: parameters whose name contains these train at lr x 0.1 (OFF also
+# names reference_points, a layer of single-stage Deformable DETR that the two-stage model does not have)
+LR_MULTIPLIERS = {"sampling_offsets": 0.1}
 
 
 def build(cfg):
     """-> (model, criterion, postprocess)"""
     cfg.validate()
     return SparseDETR(cfg), SparseDETRCriterion(cfg), PostProcess(cfg.num_select)
+
+
+# ---------------------------------------------------------------------------------------------
+# The authors' weights (OFF README "Main Results": rho 0.1 .. 0.5, and the Deformable DETR bases)
+# ---------------------------------------------------------------------------------------------
+
+# OFF state-dict name -> ours, the first matching rule wins; OFF_ALIASES are second names of the heads
+OFFICIAL_KEYS = [
+    (r"^backbone\.0\.body\.", "backbone.body."),
+    (r"^transformer\.encoder\.layers\.(\d+)\.", r"encoder.\1."),
+    (r"^transformer\.decoder\.layers\.(\d+)\.", r"decoder.\1."),
+    (r"^transformer\.enc_mask_predictor\.", "scoring."),
+    (r"^transformer\.(level_embed|enc_output|enc_output_norm|pos_trans|pos_trans_norm)\b", r"\1"),
+    (r"^(input_proj|class_embed|bbox_embed)\.", r"\1."),
+]
+OFF_ALIASES = [r"^transformer\.(encoder|decoder)\.(class_embed|bbox_embed)\."]
+
+
+def from_official(source):
+    """An OFF checkpoint (the file as released, {"model": state dict, "args": ...}, or a bare state
+    dict; Sparse DETR or OFF's dense two-stage Deformable DETR) -> (Config, our state dict, notes on
+    what was assumed). Read from the tensors: sizes, layers, levels, points, the scorer (sparse
+    encoder or not), the encoder aux heads, Efficient-DETR query init; from OFF's args when present:
+    rho, nheads, num_queries, eff_specific_head. The official behaviours are switched on
+    (scorer_mean_over_padding, masked_groupnorm=False, extra_level_mask="interpolate",
+    two_stage_over_padding). Raises ValueError naming the keys when the file does not fit."""
+    ckpt = read_official(source, "two-stage Deformable / Sparse DETR",
+                         ("transformer.level_embed", "transformer.enc_output.weight"))
+    state, args, notes = ckpt.state, ckpt.args, []
+    L, C = state["transformer.level_embed"].shape
+    H = args.get("nheads", 8)
+    dec_layers = ckpt.count("transformer.decoder.layers.")
+    sparse = any(k.startswith("transformer.enc_mask_predictor.") for k in state)
+    enc_offsets = state["transformer.encoder.layers.0.self_attn.sampling_offsets.weight"]  # (H L P 2, C)
+    dec_offsets = state["transformer.decoder.layers.0.cross_attn.sampling_offsets.weight"]
+    for key, default in (("nheads", 8), ("num_queries", 300)) + ((("rho", 0.1),) if sparse else ()):
+        if key not in args:
+            notes.append(f"{key} = {default} (OFF's --{key}, not in the file)")
+    if "eff_specific_head" not in args:
+        notes.append("eff_specific_head = eff_query_init (OFF's configs set both; not in the file)")
+    eff_query_init = state["transformer.pos_trans.weight"].shape[0] == C
+    cfg = Config(
+        hidden_dim=C,
+        nheads=H,
+        enc_layers=ckpt.count("transformer.encoder.layers."),
+        dec_layers=dec_layers,
+        num_feature_levels=L,
+        dim_feedforward=state["transformer.encoder.layers.0.linear1.weight"].shape[0],
+        enc_n_points=enc_offsets.shape[0] // (2 * H * L),
+        dec_n_points=dec_offsets.shape[0] // (2 * H * L),
+        num_queries=args.get("num_queries", 300),
+        num_classes=state["class_embed.0.weight"].shape[0],
+        sparse_encoder=sparse,
+        rho=float(args.get("rho", 0.1)) if sparse else 0.1,
+        use_enc_aux_loss=ckpt.count("class_embed.") > dec_layers + 1,
+        eff_query_init=eff_query_init,
+        eff_specific_head=bool(args.get("eff_specific_head", eff_query_init)),
+        dropout=float(args.get("dropout", 0.1)),
+        backbone_depth={6: 50, 23: 101}.get(ckpt.count("backbone.0.body.layer3."), 50),
+        scorer_mean_over_padding=True,  # the official behaviours
+        masked_groupnorm=False,
+        extra_level_mask="interpolate",
+        two_stage_over_padding=True,
+    )
+    ours, unused = rename_keys(state, OFFICIAL_KEYS, OFF_ALIASES)
+    check_state_dict(ours, SparseDETR(cfg).state_dict(), f"{ckpt.what} does not fit {cfg}", unused)
+    return cfg, ours, notes
 
 
 if __name__ == "__main__":
