@@ -8,8 +8,9 @@ The checkpoint (what train.py writes) says which model and Config it is, which c
 (their names; a checkpoint without them uses the names of the data it was trained on when that is
 on this machine, else the ids) and which evaluation transform it was trained for: no model flag
 is repeated. The authors' released SMCA-DETR, Sparse DETR and Focus-DETR weights work the same
-way (recognised by their keys, converted by the model file's from_official; COCO's names). --source is an image file, a folder (every file in it, sorted; what is not a readable
-image is skipped with a warning) or a glob.
+way (recognised by their keys, converted by the model file's from_official; COCO's names).
+--source is an image file, a folder (every file in it, sorted; what is not a readable image is
+skipped with a warning) or a glob.
 
 Written to --out (default runs/detect/exp, exp2, ... : a new folder every run; an existing,
 non-empty --out is refused, and so is one inside the source folder, which is never written to):
@@ -25,7 +26,6 @@ non-empty --out is refused, and so is one inside the source folder, which is nev
 import argparse
 import dataclasses
 import glob
-import importlib
 import json
 import os
 import random
@@ -36,10 +36,10 @@ import torch
 from PIL import Image
 
 import data as datalib
-import train
-import visualize
 from common import box_cxcywh_to_xyxy, read_state_dict
 from data.coco import COCO_NAMES, load_rgb
+from engine import visualize
+from engine.runtime import MODELS, SHAPES_ROOT, load_checkpoint, model_module, run_cli, select_device
 
 KEEP_FORMAT = (".jpg", ".jpeg", ".png")  # annotated copies keep these formats; others are written as PNG
 
@@ -62,7 +62,7 @@ def checkpoint_categories(ckpt):
     if not data:
         return {}
     try:
-        coco = datalib.load_coco(datalib.find_split(train.SHAPES_ROOT if data == "shapes" else data, "val")[1])
+        coco = datalib.load_coco(datalib.find_split(SHAPES_ROOT if data == "shapes" else data, "val")[1])
     except (ValueError, OSError):
         return {}
     return {c["id"]: c.get("name", str(c["id"])) for c in coco.dataset["categories"]}
@@ -85,10 +85,10 @@ def load_detector(path, device="cpu"):
     a missing file or one of no model here."""
     try:  # weights only: the authors' files and plain state dicts
         state, extra = read_state_dict(path, "checkpoint")
-    except ValueError:  # missing, or one of our checkpoints (numpy RNG states): train.load_checkpoint says
+    except ValueError:  # missing, or one of our checkpoints (numpy RNG states): load_checkpoint says
         state, extra = None, {}
     if state is not None and "model_name" not in extra and official_model(state):
-        module = importlib.import_module(official_model(state))
+        module = model_module(official_model(state))
         cfg, converted, notes = module.from_official(path)
         model, _, postprocess = module.build(cfg)
         model.load_state_dict(converted)
@@ -96,13 +96,13 @@ def load_detector(path, device="cpu"):
         transform = datalib.make_transforms("val", **datalib.COCO_SCALES)
         return Detector(module.__name__, model.eval().to(torch.device(device)), postprocess, transform,
                         dict(COCO_NAMES), torch.device(device))
-    ckpt = train.load_checkpoint(path)
-    if not isinstance(ckpt, dict) or ckpt.get("model_name") not in train.MODELS or \
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get("model_name") not in MODELS or \
             not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
-        raise ValueError(f"{path!r} is not a checkpoint of a model of this library ({', '.join(train.MODELS)}) nor "
+        raise ValueError(f"{path!r} is not a checkpoint of a model of this library ({', '.join(MODELS)}) nor "
                          f"the authors' SMCA-DETR, Sparse DETR or Focus-DETR weights; train.py writes ours as "
                          f"OUTPUT_DIR/checkpoint.pth")
-    module = importlib.import_module(ckpt["model_name"])
+    module = model_module(ckpt["model_name"])
     try:
         cfg = module.Config(**ckpt["config"])
         model, _, postprocess = module.build(cfg)
@@ -135,14 +135,16 @@ def detect_image(det, image, threshold=0.3, explain=False, top=3):
     result = det.postprocess({**out, "pred_logits": logits}, torch.tensor([[h, w]], device=det.device))[0]
     keep = result["scores"] >= threshold
     dets = {k: v[keep].cpu() for k, v in result.items()}
-    dets["boxes"] = torch.min(dets["boxes"].clamp(min=0), torch.tensor([w, h, w, h], dtype=torch.float32))  # in the image
+    # in the image
+    dets["boxes"] = torch.min(dets["boxes"].clamp(min=0), torch.tensor([w, h, w, h], dtype=torch.float32))
     picture = None
     if explain:
         best = out["pred_logits"][0].float().sigmoid().max(-1).values  # (Q,) each query's best class score
         queries = best.topk(min(top, best.numel())).indices.tolist()
         H, W = x.shape[1:]
         boxes = box_cxcywh_to_xyxy(out["pred_boxes"][0, queries].float().cpu()) * torch.tensor([W, H, W, H])
-        picture = visualize.explain_picture(det.name, x, out, queries, boxes.tolist(), getattr(det.model, "strides", None))
+        strides = getattr(det.model, "strides", None)
+        picture = visualize.explain_picture(det.name, x, out, queries, boxes.tolist(), strides)
     return dets, picture
 
 
@@ -216,8 +218,8 @@ def detect_files(det, files, out, threshold=0.3, explain=False, log=print):
                     os.path.join(out, f"{name}_explain.png"), optimize=True)
         if time.time() - last > 2 or i + 1 == len(files):  # a progress line every 2 s and at the end
             last = time.time()
-            log(f"[{i + 1}/{len(files)}] {path}: " + (f"{len(dets['scores'])} detections" if image is not None else "skipped")
-                + f" ({time.time() - start:.1f} s)")
+            outcome = f"{len(dets['scores'])} detections" if image is not None else "skipped"
+            log(f"[{i + 1}/{len(files)}] {path}: " + outcome + f" ({time.time() - start:.1f} s)")
     n_images = len(files) - len(skipped)
     if n_images == 0:
         raise ValueError(f"none of the {len(files)} source files is a readable image")
@@ -237,7 +239,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not 0 <= args.threshold <= 1:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
-    args.device = train.select_device(args)
+    args.device = select_device(args)
     return args
 
 
@@ -256,4 +258,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    train.run_cli(main)
+    run_cli(main)

@@ -1,17 +1,14 @@
-"""Tests: the shared ops against references, the data pipeline, the models, the training loop.
+"""Tests of the four model files: each model's shapes, masks, padding invariance, gradient flow, each
+paper mechanism against a hand-built or naive reference, the authors' weights against the official code's
+golden fixtures (tests/official), the inference fast paths against the readable code, config errors.
 
-CPU, tiny configurations; the whole file runs in a few minutes on 2 cores.
+CPU, tiny configurations; `python -m pytest -q` runs these and tests/ in about two minutes on 2 cores.
 """
-import dataclasses
 import importlib
 import itertools
-import json
 import math
 import os
-import random
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,337 +16,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import bench
 import common
-import data as datalib
-import detect
-import experiments
 import focus_detr
 import lite_detr
-import pretrain
 import smca
 import sparse_detr
-import train
-import visualize
-from data import shapes
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers shared by the sections below
-# ---------------------------------------------------------------------------------------------
-
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-class GivenFeatures(torch.nn.Module):
-    """A stand-in backbone that returns fixed features: drives a model's own forward past its CNN."""
-
-    def __init__(self, feats):
-        super().__init__()
-        self.feats = feats
-
-    def forward(self, images, pad_mask):
-        return self.feats
-
-
-def after_backbone(model, feats, **kwargs):
-    """model(images, pad_mask, **kwargs) with the backbone's output replaced by `feats`
-    [(map, mask)], the last at stride 32: the image-level pad_mask is that mask upsampled 32x."""
-    mask = feats[-1][1].repeat_interleave(32, 1).repeat_interleave(32, 2)  # (B, H_img, W_img)
-    backbone, model.backbone = model.backbone, GivenFeatures(feats)
-    try:
-        return model(torch.zeros(mask.shape[0], 3, *mask.shape[1:], dtype=feats[0][0].dtype), mask, **kwargs)
-    finally:
-        model.backbone = backbone
-
-
-def _sized(targets, pad_mask):
-    """Add each target's "size" (h, w), its image's unpadded size (what data/ puts in a target)."""
-    valid = ~pad_mask
-    return [{**t, "size": torch.stack([v.any(1).sum(), v.any(0).sum()])} for t, v in zip(targets, valid)]
-
-
-def _random_outputs(B, Q, K, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {"pred_logits": torch.randn(B, Q, K, generator=g),
-            "pred_boxes": torch.rand(B, Q, 4, generator=g) * 0.5 + 0.25}
-
-
-def _random_targets(counts, K, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [{"labels": torch.randint(0, K, (n,), generator=g), "boxes": torch.rand(n, 4, generator=g) * 0.4 + 0.3}
-            for n in counts]
-
-
-def _alone_and_padded(x, H, W):
-    """x (1, C, h, w) -> x with its all-valid mask, and a batch of 2 where x is zero-padded to (H, W)
-    next to a random full-size item, with the matching pad_mask (True = padding)."""
-    _, C, h, w = x.shape
-    batch = torch.zeros(2, C, H, W, dtype=x.dtype)
-    batch[0, :, :h, :w] = x[0]
-    batch[1] = torch.randn(C, H, W, dtype=x.dtype)
-    mask = torch.zeros(2, H, W, dtype=torch.bool)
-    mask[0] = True
-    mask[0, :h, :w] = False
-    return (x, torch.zeros(1, h, w, dtype=torch.bool)), (batch, mask)
-
-
-def _assert_only_box_hidden_layers_without_gradient(model):
-    """After one backward, every trainable parameter has a finite non-zero gradient except the box
-    MLPs' hidden layers: their last layer starts at zero (boxes start at their reference), so on
-    the first step nothing flows back through it (as in the official code)."""
-    dead = {n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().max() > 0)}
-    hidden = {f"bbox_embed.{i}.layers.{j}.{w}" for i in range(len(model.bbox_embed)) for j in (0, 1)
-              for w in ("weight", "bias")}
-    assert dead == hidden, dead ^ hidden
-
-
-@pytest.fixture(scope="session")
-def tiny_shapes(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("shapes") / "set")
-    shapes.generate(root, num_train=8, num_val=3, seed=3)
-    return root
-
-
-OFFICIAL = os.path.join(ROOT, "tests", "official")  # golden fixtures of the official code (tests/official/README.md)
-
-
-def _official_file(tmp_path, fixture, backbone_key, extra=None):
-    """The fixture's official state dict with a random ResNet-50 in the official naming (the fixtures
-    leave the backbone out), saved as the authors' files are: {"model": ..., **extra}."""
-    fx = torch.load(os.path.join(OFFICIAL, fixture), weights_only=True)
-    torch.manual_seed(0)
-    backbone = {backbone_key(k): v.double() + 0.01 * torch.randn_like(v, dtype=torch.float64)  # running_var stays > 0
-                for k, v in common.Backbone(50).body.state_dict().items()}
-    path = tmp_path / fixture
-    torch.save({"model": {**fx["state_dict"], **backbone}, **(extra or {})}, path)
-    return fx, str(path), backbone
-
-
-def _run_official_case(model, inputs, **kwargs):
-    """The model's own forward on the fixture's backbone maps, with the pixel padding mask."""
-    H, W = inputs["padded_hw"].tolist()
-    pad = torch.ones(len(inputs["image_hw"]), H, W, dtype=torch.bool)
-    for b, (h, w) in enumerate(inputs["image_hw"].tolist()):
-        pad[b, :h, :w] = False
-    feats = [(f.double(), m) for f, m in zip(inputs["feats"], inputs["masks"])]
-    backbone, model.backbone = model.backbone, GivenFeatures(feats if len(feats) == 3 else [None, None, *feats])
-    try:
-        return model(torch.zeros(pad.shape[0], 3, H, W, dtype=torch.float64), pad, **kwargs)
-    finally:
-        model.backbone = backbone
-
-
-def _max_diff(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def _bad_official_files(tmp_path, path, from_official, drop, rename):
-    """A truncated state dict and a renamed key are refused, naming the key."""
-    ckpt = torch.load(path, weights_only=False)
-    for name, edit, message in [("truncated", lambda sd: sd.pop(drop), "1 missing"),
-                                ("renamed", lambda sd: sd.__setitem__(rename + "_x", sd.pop(rename)), "_x")]:
-        sd = dict(ckpt["model"])
-        edit(sd)
-        torch.save({**ckpt, "model": sd}, tmp_path / f"{name}.pth")
-        with pytest.raises(ValueError, match=re.escape(message)):
-            from_official(str(tmp_path / f"{name}.pth"))
-
-
-# ---------------------------------------------------------------------------------------------
-# common.py: backbone, position encoding, deformable sampling, box ops, matcher, criterion
-# ---------------------------------------------------------------------------------------------
-
-def test_giou_hand_cases_and_degenerate_boxes():
-    a = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
-    b = torch.tensor([[2.0, 0.0, 3.0, 1.0], [0.0, 0.0, 1.0, 1.0], [0.5, 0.0, 1.5, 1.0]])
-    g = common.generalized_box_iou(a, b)[0]
-    # disjoint: IoU 0, enclosing 3, union 2 -> -1/3; identical -> 1; half overlap: IoU 1/3, enclosing = union
-    assert torch.allclose(g, torch.tensor([-1 / 3, 1.0, 1 / 3]), atol=1e-6)
-    bad = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [float("nan"), 0.0, 1.0, 1.0],
-                        [0.0, 0.0, float("inf"), 1.0]], requires_grad=True)
-    g = common.generalized_box_iou(bad, bad)
-    assert torch.isfinite(g).all()
-    g.sum().backward()
-    assert torch.isfinite(bad.grad).all()
-
-
-def test_box_conversions_round_trip():
-    b = torch.rand(10, 4)
-    x0, y0, x1, y1 = common.box_cxcywh_to_xyxy(b).unbind(-1)
-    assert torch.allclose(torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1), b, atol=1e-6)
-
-
-def test_matcher_is_optimal_against_brute_force():
-    matcher = common.HungarianMatcher()
-    out, tgt = _random_outputs(1, 5, 7), _random_targets([3], 7)
-    src, dst = matcher(out, tgt)[0]
-    # the cost written out independently of the matcher
-    p = out["pred_logits"][0].sigmoid()[:, tgt[0]["labels"]]
-    cls = 0.25 * (1 - p) ** 2 * -torch.log(p + 1e-8) - 0.75 * p ** 2 * -torch.log(1 - p + 1e-8)
-    l1 = (out["pred_boxes"][0][:, None] - tgt[0]["boxes"][None]).abs().sum(-1)
-    giou = common.generalized_box_iou(common.box_cxcywh_to_xyxy(out["pred_boxes"][0]),
-                                      common.box_cxcywh_to_xyxy(tgt[0]["boxes"]))
-    cost = 2 * cls + 5 * l1 - 2 * giou  # (5, 3)
-    best = min(sum(cost[q, j] for j, q in enumerate(perm)) for perm in itertools.permutations(range(5), 3))
-    assert torch.isclose(cost[src, dst].sum(), torch.as_tensor(best), atol=1e-5)
-
-
-def test_matcher_alone_equals_batched_and_handles_empty():
-    matcher = common.HungarianMatcher()
-    out, tgt = _random_outputs(3, 6, 5), _random_targets([2, 0, 4], 5)
-    batched = matcher(out, tgt)
-    assert len(batched[1][0]) == 0 and len(batched[1][1]) == 0
-    for b in range(3):
-        alone = matcher({k: v[b:b + 1] for k, v in out.items()}, [tgt[b]])[0]
-        assert torch.equal(alone[0], batched[b][0]) and torch.equal(alone[1], batched[b][1])
-    assert all(len(i) == 0 for i, _ in matcher(out, _random_targets([0, 0, 0], 5)))
-    nan_out = {k: torch.full_like(v, float("nan")) for k, v in out.items()}
-    assert [len(i) for i, _ in matcher(nan_out, tgt)] == [2, 0, 4]  # no crash on a diverged model
-
-
-def test_criterion_with_an_image_without_boxes():
-    out, tgt = _random_outputs(2, 6, 5), _random_targets([2, 0], 5)
-    out = {k: v.clone().requires_grad_() for k, v in out.items()}
-    crit = common.SetCriterion(5)
-    losses = crit(out, tgt)
-    assert all(torch.isfinite(v) for v in losses.values())
-    # loss_ce written out: focal loss of every logit against one-hot targets at the matched pairs / 2 boxes
-    idx = crit.matcher(out, tgt)
-    onehot = torch.zeros(2, 6, 5)
-    for q, j in zip(*idx[0]):
-        onehot[0, q, tgt[0]["labels"][j]] = 1
-    p = out["pred_logits"].sigmoid()
-    pt = p * onehot + (1 - p) * (1 - onehot)
-    w = 0.25 * onehot + 0.75 * (1 - onehot)
-    expected = (w * -torch.log(pt) * (1 - pt) ** 2).sum() / 2
-    assert torch.allclose(losses["loss_ce"], expected, rtol=1e-5)
-    sum(losses.values()).backward()
-    assert out["pred_logits"].grad[1].abs().sum() > 0  # the empty image still trains its negatives
-    empty = crit({k: v.detach() for k, v in out.items()}, _random_targets([0, 0], 5))
-    assert empty["loss_bbox"] == 0 and torch.isfinite(empty["loss_ce"])
-
-
-def test_postprocess_scales_to_original_size():
-    logits = torch.full((1, 3, 4), -10.0)
-    logits[0, 1, 2] = 5.0
-    boxes = torch.tensor([[[0.5, 0.5, 1.0, 1.0], [0.25, 0.5, 0.5, 0.2], [0.5, 0.5, 0.1, 0.1]]])
-    res = common.PostProcess(num_select=2)({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]))[0]
-    assert res["labels"][0] == 2 and res["scores"][0] > 0.99
-    assert torch.allclose(res["boxes"][0], torch.tensor([0.0, 40.0, 100.0, 60.0]))  # w 200, h 100
-
-
-def test_sine_position_embedding_ignores_padding():
-    alone = common.sine_position_embedding(torch.zeros(1, 3, 4, dtype=torch.bool), 16)
-    mask = torch.ones(1, 5, 7, dtype=torch.bool)
-    mask[:, :3, :4] = False
-    padded = common.sine_position_embedding(mask, 16)
-    assert padded.shape == (1, 32, 5, 7)
-    assert torch.allclose(alone, padded[..., :3, :4], atol=1e-6)
-
-
-def _bilinear_naive(v, x, y):
-    """v (D, H, W); x, y pixel coordinates (align_corners=False); zeros outside."""
-    D, H, W = v.shape
-    x0, y0 = math.floor(x), math.floor(y)
-    out = torch.zeros(D, dtype=v.dtype)
-    for yy, xx in itertools.product((y0, y0 + 1), (x0, x0 + 1)):
-        w = (1 - abs(x - xx)) * (1 - abs(y - yy))
-        if 0 <= xx < W and 0 <= yy < H:
-            out += w * v[:, yy, xx]
-    return out
-
-
-def test_ms_deform_attn_matches_naive_loop():
-    torch.manual_seed(0)
-    shapes_ = [(3, 4), (2, 2), (5, 3)]
-    B, Q, H, D, P = 2, 3, 2, 4, 2
-    L = len(shapes_)
-    value = torch.randn(B, sum(h * w for h, w in shapes_), H, D, dtype=torch.float64)
-    loc = torch.rand(B, Q, H, L, P, 2, dtype=torch.float64) * 1.3 - 0.15  # some outside the map
-    attw = torch.rand(B, Q, H, L, P, dtype=torch.float64)
-    out = common.ms_deform_attn(value, shapes_, loc, attw)
-    starts = np.cumsum([0] + [h * w for h, w in shapes_])
-    ref = torch.zeros(B, Q, H, D, dtype=torch.float64)
-    for b, q, h, lvl, p in itertools.product(range(B), range(Q), range(H), range(L), range(P)):
-        hl, wl = shapes_[lvl]
-        v = value[b, starts[lvl]:starts[lvl + 1], h].T.reshape(D, hl, wl)
-        x, y = loc[b, q, h, lvl, p, 0] * wl - 0.5, loc[b, q, h, lvl, p, 1] * hl - 0.5
-        ref[b, q, h] += attw[b, q, h, lvl, p] * _bilinear_naive(v, x.item(), y.item())
-    assert torch.allclose(out, ref.view(B, Q, H * D), atol=1e-10)
-
-
-def test_halve_mask_matches_a_strided_conv_on_the_image_alone():
-    for h, w in [(3, 4), (5, 5), (1, 2), (4, 7)]:
-        mask = torch.ones(2, 6, 8, dtype=torch.bool)
-        mask[0, :h, :w] = False
-        mask[1] = False
-        half = common.halve_mask(mask)
-        assert half.shape == (2, 3, 4) and not half[1].any()
-        alone = torch.nn.functional.conv2d(torch.ones(1, 1, h, w), torch.ones(1, 1, 3, 3), stride=2, padding=1)
-        assert (~half[0]).sum().item() == alone.numel()
-        assert not half[0, :alone.shape[2], :alone.shape[3]].any()
-
-
-TORCHVISION_PARAMS = {18: 11_689_512, 50: 25_557_032}  # torchvision.models.resnetXX().parameters()
-
-
-@pytest.mark.parametrize("depth", [18, 50])
-def test_resnet_has_torchvision_layout(depth):
-    body = common.ResNet(depth)
-    state = body.state_dict()
-    learnable = sum(v.numel() for k, v in state.items() if not k.endswith(("running_mean", "running_var")))
-    fc = 512 * common.RESNET_SPECS[depth][0].expansion * 1000 + 1000
-    assert learnable + fc == TORCHVISION_PARAMS[depth]
-    assert "layer2.0.downsample.1.running_var" in state and "layer4.1.bn2.weight" in state
-
-
-def _torchvision_format(depth, seed=0):
-    """A state dict as torchvision writes it: BatchNorm's num_batches_tracked and the fc layer included."""
-    g = torch.Generator().manual_seed(seed)
-    state = {k: torch.randn(v.shape, generator=g) for k, v in common.ResNet(depth).state_dict().items()}
-    for k in [k for k in state if k.endswith("running_var")]:
-        state[k] = state[k].abs() + 0.5
-        state[k.replace("running_var", "num_batches_tracked")] = torch.tensor(100)
-    width = 512 * common.RESNET_SPECS[depth][0].expansion
-    state.update({"fc.weight": torch.randn(1000, width, generator=g), "fc.bias": torch.zeros(1000)})
-    return state
-
-
-def test_backbone_loads_torchvision_weights_and_rejects_bad_files(tmp_path):
-    path = tmp_path / "resnet18.pth"
-    state = _torchvision_format(18)
-    torch.save(state, path)
-    bb = common.Backbone(18)
-    common.load_backbone_weights(bb, str(path))
-    assert torch.equal(bb.body.layer3[1].conv2.weight, state["layer3.1.conv2.weight"])
-    assert torch.equal(bb.body.bn1.running_var, state["bn1.running_var"])
-    with pytest.raises(ValueError, match="missing"):
-        common.load_backbone_weights(common.Backbone(50), str(path))
-    del state["layer1.0.conv1.weight"]
-    torch.save(state, tmp_path / "partial.pth")
-    with pytest.raises(ValueError, match=r"1 missing \['layer1.0.conv1.weight'\]"):
-        common.load_backbone_weights(common.Backbone(18), str(tmp_path / "partial.pth"))
-    (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="corrupt.pth"):
-        common.load_backbone_weights(bb, str(tmp_path / "corrupt.pth"))
-    with pytest.raises(ValueError, match="no such file"):
-        common.load_backbone_weights(bb, str(tmp_path / "absent.pth"))
-    # a BatchNorm backbone (the shapes configs) from one of our own checkpoints: backbone.body.* taken
-    trained = common.Backbone(18, "bn")
-    torch.nn.init.normal_(trained.body.layer2[0].conv1.weight)
-    torch.save({"model": {**{f"backbone.body.{k}": v for k, v in trained.body.state_dict().items()},
-                          "class_embed.weight": torch.zeros(3)}, "epoch": 1}, tmp_path / "checkpoint.pth")
-    fresh = common.Backbone(18, "bn")
-    common.load_backbone_weights(fresh, str(tmp_path / "checkpoint.pth"))
-    assert torch.equal(fresh.body.layer2[0].conv1.weight, trained.body.layer2[0].conv1.weight)
-
-
-def test_backbone_freezes_stem_and_layer1():
-    for norm in ("frozen_bn", "bn"):
-        bb = common.Backbone(18, norm)
-        trainable = {n.split(".")[1] for n, p in bb.named_parameters() if p.requires_grad}
-        assert trainable == {"layer2", "layer3", "layer4"}
+from engine import visualize
+from tests.helpers import (OFFICIAL, _alone_and_padded, _assert_only_box_hidden_layers_without_gradient,
+                           _bad_official_files, _bilinear_naive, _max_diff, _official_file, _random_targets,
+                           _run_official_case, _sized, after_backbone, tiny_focus, tiny_lite, tiny_smca, tiny_sparse)
 
 
 EXPLAIN_KEYS = {"smca": {"log_priors", "scale_weights", "level_shapes"}, "sparse_detr": {"dam"},
@@ -386,53 +61,15 @@ def test_interface_every_model_takes_the_same_call(name):
         assert explained["n_low"] == explained["spatial_shapes"][0][0] * explained["spatial_shapes"][0][1] < N
     else:
         assert len(explained["kept_tokens"]) == len(explained["fine_tokens"]) == cfg.enc_layers
-        assert [tuple(t.shape) for t in explained["kept_tokens"]] == [(2, int(k.max())) for k in explained["token_nums"]]
+        kept_shapes = [tuple(t.shape) for t in explained["kept_tokens"]]
+        assert kept_shapes == [(2, int(k.max())) for k in explained["token_nums"]]
     for key in ("pred_logits", "pred_boxes"):
         assert plain[key].shape[:2] == (2, tiny().num_queries) and torch.equal(plain[key], explained[key])
     assert len(post(plain, torch.tensor([[96, 128], [64, 128]]))) == 2
-    common.FAST_INFERENCE = False  # the readable reference path gives the same detections
-    try:
-        with torch.no_grad():
-            reference = model(images, pad_mask)
-    finally:
-        common.FAST_INFERENCE = True
+    with torch.no_grad(), common.fast_paths(False):  # the readable path gives the same detections
+        reference = model(images, pad_mask)
     for key in ("pred_logits", "pred_boxes"):
         assert torch.allclose(reference[key], plain[key], atol=1e-4), key
-
-
-def test_input_tokens_extra_level_mask_and_position_switches():
-    """extra_level_mask="interpolate" is the official mask of the extra level (the image's mask
-    resized, nearest), "exact" is halve_mask of C5's; they differ for a 200 x 290 image padded to
-    250 x 330. temperature / offset reach every level's sine positions."""
-    torch.manual_seed(0)
-    pixel = torch.zeros(2, 250, 330, dtype=torch.bool)
-    pixel[1, 200:], pixel[1, :, 290:] = True, True
-    feats = []
-    for c, s in [(8, 8), (16, 16), (32, 32)]:
-        shape = (math.ceil(250 / s), math.ceil(330 / s))
-        feats.append((torch.randn(2, c, *shape), F.interpolate(pixel[None].float(), size=shape)[0].bool()))
-    proj, level_embed = common.InputProjections([8, 16, 32], 32, 4), torch.zeros(4, 32)
-    exact = common.input_tokens(proj, level_embed, feats, pad_mask=pixel)[2].masks[3]
-    official = common.input_tokens(proj, level_embed, feats, pad_mask=pixel, extra_level_mask="interpolate")[2].masks[3]
-    assert torch.equal(exact, common.halve_mask(feats[2][1]))
-    assert torch.equal(official, F.interpolate(pixel[None].float(), size=exact.shape[1:])[0].bool())
-    assert not torch.equal(exact, official)
-    src, pos, geo = common.input_tokens(proj, level_embed, feats, temperature=20, offset=0.0)
-    want = common.sine_position_embedding(geo.masks[1], 16, 20, offset=0.0).flatten(2).transpose(1, 2)
-    n0 = geo.spatial_shapes[0][0] * geo.spatial_shapes[0][1]
-    assert torch.allclose(pos[:, n0:n0 + want.shape[1]], want)
-    assert not torch.allclose(pos, common.input_tokens(proj, level_embed, feats)[1])
-
-
-def test_top_queries_skips_padding_unless_told_otherwise():
-    """The two-stage selection never picks a padded token; over_padding=True (the official code)
-    ranks them like the others."""
-    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3]])
-    pad = torch.tensor([[False, True, False, False]])
-    assert common.top_queries(scores, pad, 2).tolist() == [[2, 3]]
-    assert common.top_queries(scores, pad, 2, over_padding=True).tolist() == [[1, 2]]
-    with pytest.raises(ValueError, match="num_queries 5 exceeds the 4 encoder tokens"):
-        common.top_queries(scores, pad, 5)
 
 
 @pytest.mark.parametrize("name", ["sparse_detr", "lite_detr", "focus_detr"])
@@ -442,14 +79,14 @@ def test_official_switches_reach_the_two_stage_selection_and_the_extra_level(nam
     tiny = {"sparse_detr": tiny_sparse, "lite_detr": tiny_lite, "focus_detr": tiny_focus}[name]
     seen = {}
 
-    def top_queries(*args):
-        seen["over_padding"] = args[3]
-        return common.top_queries(*args)
+    def two_stage_selection(*args):
+        seen["over_padding"] = args[8]
+        return common.two_stage_selection(*args)
 
     def input_tokens(*args):
         seen["extra"] = args[5]
         return common.input_tokens(*args)
-    monkeypatch.setattr(module, "top_queries", top_queries)
+    monkeypatch.setattr(module, "two_stage_selection", two_stage_selection)
     monkeypatch.setattr(module, "input_tokens", input_tokens)
     model = module.build(tiny(two_stage_over_padding=True, extra_level_mask="interpolate"))[0].eval()
     images, pad_mask = torch.randn(2, 3, 64, 96), torch.zeros(2, 64, 96, dtype=torch.bool)
@@ -457,50 +94,6 @@ def test_official_switches_reach_the_two_stage_selection_and_the_extra_level(nam
     with torch.no_grad():
         model(images, pad_mask)
     assert seen == {"over_padding": True, "extra": "interpolate"}
-
-
-@pytest.fixture
-def reference_path(monkeypatch):
-    """Run with the inference fast paths switched off (common.FAST_INFERENCE) inside the test."""
-    def switch(on):
-        monkeypatch.setattr(common, "FAST_INFERENCE", not on)
-    return switch
-
-
-@pytest.mark.parametrize("depth,norm", [(18, "frozen_bn"), (50, "frozen_bn"), (18, "bn")])
-def test_backbone_fast_path_equals_the_reference(depth, norm, reference_path):
-    """Outside autograd the backbone folds FrozenBatchNorm2d into its convolutions, runs channels-last
-    and in place: the same maps within float32 rounding (a few 1e-6 relative after ~50 layers);
-    with autograd on, the fast path is never taken (bit-identical)."""
-    torch.manual_seed(0)
-    bb = common.Backbone(depth, norm).eval()
-    for m in bb.modules():  # non-trivial statistics, so the folding is exercised
-        if isinstance(m, (common.FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
-            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5) if isinstance(m.weight, torch.nn.Parameter) else m.weight.uniform_(0.5, 1.5)
-    images, mask = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
-    with torch.no_grad():
-        reference_path(True)
-        ref = bb(images, mask)
-        reference_path(False)
-        fast = bb(images, mask)
-    for (a, ma), (b, mb) in zip(ref, fast):
-        assert torch.equal(ma, mb) and (a - b).abs().max() <= 1e-5 * a.abs().max()
-    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(bb(images, mask), bb(images, mask)))  # autograd on
-
-
-def test_ms_deform_attn_fast_path_equals_the_reference(reference_path):
-    """The in-place, point-by-point weighted sum gives the level-by-level product's result."""
-    torch.manual_seed(0)
-    shapes = [(6, 8), (3, 4), (2, 2)]
-    value = torch.randn(2, sum(h * w for h, w in shapes), 4, 8)
-    locs, weights = torch.rand(2, 10, 4, 3, 5, 2) * 1.2 - 0.1, torch.rand(2, 10, 4, 3, 5).softmax(-1)
-    with torch.no_grad():
-        reference_path(True)
-        ref = common.ms_deform_attn(value, shapes, locs, weights)
-        reference_path(False)
-        fast = common.ms_deform_attn(value, shapes, locs, weights)
-    assert torch.allclose(ref, fast, atol=1e-6)
 
 
 def test_copied_blocks_stay_in_sync():
@@ -527,233 +120,10 @@ def test_copied_blocks_stay_in_sync():
     assert checked == ["focus_detr.ScoringNetwork"]  # everything else the models share lives in common.py
 
 
-# ---------------------------------------------------------------------------------------------
-# data/: the shapes set, transforms, the COCO-format dataset, batching, evaluation
-# ---------------------------------------------------------------------------------------------
-
-def test_shapes_generator_is_deterministic_and_coco_like(tiny_shapes, tmp_path):
-    shapes.generate(str(tmp_path / "again"), num_train=8, num_val=3, seed=3)
-    for split in ("train", "val"):
-        a = json.load(open(os.path.join(tiny_shapes, "annotations", f"instances_{split}.json")))
-        b = json.load(open(tmp_path / "again" / "annotations" / f"instances_{split}.json"))
-        assert a == b
-    ids = [c["id"] for c in a["categories"]]
-    assert len(ids) >= 4 and ids != list(range(min(ids), min(ids) + len(ids)))  # non-contiguous
-    ds = datalib.CocoDetection(*datalib.find_split(tiny_shapes, "train"))
-    assert ds.num_classes == max(ids) + 1
-    sizes = {tuple(ds.coco.imgs[i][k] for k in ("width", "height")) for i in ds.ids}
-    assert len(sizes) > 1  # images of varying size, so batches pad
-    with pytest.raises(ValueError, match="not the shapes set asked for .*seed 4"):
-        shapes.ensure(tiny_shapes, 8, 3, seed=4)  # never overwrites another set
-
-
-def test_shapes_set_keeps_cocos_mix_of_sizes_and_several_objects_per_image(tmp_path):
-    """Format 2's promises: at least 3 objects per image on average; small (< 32^2), medium and large
-    (> 96^2) objects all present; every shape of a colour that differs from the background under it."""
-    shapes.generate(str(tmp_path / "s"), num_train=60, num_val=1, seed=5)
-    ann = json.load(open(tmp_path / "s" / "annotations" / "instances_train.json"))
-    areas = np.array([a["area"] for a in ann["annotations"]])
-    assert len(areas) / len(ann["images"]) >= 3
-    assert (areas < 32 ** 2).mean() > 0.15 and (areas > 96 ** 2).mean() > 0.05
-    assert ((areas >= 32 ** 2) & (areas <= 96 ** 2)).mean() > 0.3
-    assert ann["info"]["version"] == shapes.FORMAT_VERSION
-
-
-def test_shapes_ensure_moves_an_older_version_aside_and_refuses_strangers(tiny_shapes, tmp_path):
-    import shutil
-    root = str(tmp_path / "shapes")
-    shutil.copytree(tiny_shapes, root)
-    open(os.path.join(root, "checkpoint_next_to_it.pth"), "w").write("user file")
-    for split in ("train", "val"):  # make it an older version of the set
-        path = os.path.join(root, "annotations", f"instances_{split}.json")
-        d = json.load(open(path))
-        d["info"]["version"] = shapes.FORMAT_VERSION - 1
-        json.dump(d, open(path, "w"))
-    shapes.ensure(root, 8, 3, seed=3)
-    aside = f"{root}-v{shapes.FORMAT_VERSION - 1}"
-    assert open(os.path.join(aside, "checkpoint_next_to_it.pth")).read() == "user file"  # kept, moved aside
-    assert json.load(open(os.path.join(root, "annotations", "instances_val.json")))["info"]["version"] == shapes.FORMAT_VERSION
-    shutil.copytree(aside, root + "2")
-    shutil.copytree(aside, root + "2-v1")  # where it would go is taken: refuse, touch nothing
-    with pytest.raises(ValueError, match="version 1 of the shapes set.*exists"):
-        shapes.ensure(root + "2", 8, 3, seed=3)
-    os.makedirs(tmp_path / "mine")
-    with pytest.raises(ValueError, match="not the shapes set asked for"):
-        shapes.ensure(str(tmp_path / "mine"), 8, 3, seed=3)
-    assert os.listdir(tmp_path / "mine") == []
-
-
-def test_transforms_keep_boxes_on_the_object():
-    """A red rectangle on black: after flip / resize / crop the box must still frame the red pixels."""
-    tf = datalib.make_transforms("train", **datalib.SHAPES_SCALES)
-    arr = np.zeros((180, 240, 3), dtype=np.uint8)
-    arr[40:100, 150:210, 0] = 255
-    img = Image.fromarray(arr)
-    random.seed(0)
-    seen_empty = seen_box = 0
-    for _ in range(40):
-        x, t = tf(img, {"boxes": torch.tensor([[150.0, 40.0, 210.0, 100.0]]), "labels": torch.tensor([3])})
-        red = x[0] * 0.229 + 0.485 > 0.5  # undo the normalisation of the red channel
-        h, w = x.shape[1:]
-        assert tuple(t["size"].tolist()) == (h, w)
-        if len(t["boxes"]) == 0:
-            seen_empty += 1
-            assert red.sum() <= 2 * max(h, w)  # at most a sliver of the object survives the crop
-            continue
-        seen_box += 1
-        ys, xs = torch.nonzero(red, as_tuple=True)
-        cx, cy, bw, bh = (t["boxes"][0] * torch.tensor([w, h, w, h])).tolist()
-        measured = [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
-        assert np.allclose([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], measured, atol=2.0)
-    assert seen_box > 20
-
-
-def _write_coco(root, images, annotations, categories=({"id": 1, "name": "a"}, {"id": 4, "name": "b"})):
-    os.makedirs(os.path.join(root, "val"), exist_ok=True)
-    os.makedirs(os.path.join(root, "annotations"), exist_ok=True)
-    with open(os.path.join(root, "annotations", "instances_val.json"), "w") as f:
-        json.dump({"images": images, "annotations": annotations, "categories": list(categories)}, f)
-
-
-def test_dataset_image_modes_and_box_hygiene(tmp_path):
-    root = str(tmp_path)
-    os.makedirs(os.path.join(root, "val"))
-    modes = {"gray.png": Image.new("L", (40, 30), 128), "pal.png": Image.new("P", (40, 30), 3),
-             "rgba.png": Image.new("RGBA", (40, 30), (1, 2, 3, 4)), "cmyk.jpg": Image.new("CMYK", (40, 30)),
-             "deep.png": Image.fromarray(np.full((30, 40), 60000, dtype=np.uint16))}
-    images = []
-    for i, (name, im) in enumerate(modes.items(), start=1):
-        im.save(os.path.join(root, "val", name))
-        images.append({"id": i, "file_name": name, "width": 40, "height": 30})
-    anns = [{"id": 1, "image_id": 1, "category_id": 4, "bbox": [5, 5, 10, 10], "iscrowd": 0},
-            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [5, 5, 0, 10], "iscrowd": 0},  # zero width
-            {"id": 3, "image_id": 1, "category_id": 1, "bbox": [5, 5, 10, 10], "iscrowd": 1},  # crowd
-            {"id": 4, "image_id": 2, "category_id": 1, "bbox": [30, 20, 20, 20], "iscrowd": 0}]  # clipped
-    _write_coco(root, images, anns)
-    ds = datalib.CocoDetection(*datalib.find_split(root, "val"))
-    assert len(ds) == 5 and ds.num_classes == 5 and ds.dropped_boxes == 1
-    for i in range(5):
-        im, t = ds[i]
-        assert im.mode == "RGB" and im.size == (40, 30)
-    assert ds[4][0].getpixel((0, 0))[0] > 200  # 16-bit 60000 scales to bright, not clipped to white noise
-    assert ds[0][1]["labels"].tolist() == [4]  # crowd and zero-width left out
-    assert ds[1][1]["boxes"].tolist() == [[30.0, 20.0, 40.0, 30.0]]
-    assert len(ds[2][1]["boxes"]) == 0  # images without annotations stay in
-
-
-def test_dataset_errors_name_the_file(tmp_path):
-    root = str(tmp_path)
-    with pytest.raises(ValueError, match="no 'val' split"):
-        datalib.find_split(root, "val")
-    _write_coco(root, [{"id": 7, "file_name": "x.jpg", "width": 10, "height": 10}], [])
-    with pytest.raises(ValueError, match=r"image id 7: file .*x.jpg is missing"):
-        datalib.CocoDetection(*datalib.find_split(root, "val"))
-    (tmp_path / "val" / "x.jpg").write_bytes(b"garbage")
-    ds = datalib.CocoDetection(*datalib.find_split(root, "val"))
-    with pytest.raises(ValueError, match=r"image id 7: cannot read .*x.jpg"):
-        ds[0]
-    _write_coco(root, [{"id": 7, "file_name": "x.jpg"}],
-                [{"id": 9, "image_id": 7, "category_id": 3, "bbox": [0, 0, 1, 1]}])
-    with pytest.raises(ValueError, match="annotation 9 of image id 7 has category_id 3"):
-        datalib.CocoDetection(*datalib.find_split(root, "val"))
-    _write_coco(root, [{"id": 7, "file_name": "x.jpg"}], [{"id": 9, "image_id": 8, "category_id": 1, "bbox": [0, 0, 1, 1]}])
-    with pytest.raises(ValueError, match="image id 8"):
-        datalib.CocoDetection(*datalib.find_split(root, "val"))
-    ann = tmp_path / "annotations" / "instances_val.json"
-    ann.write_text("{not json")
-    with pytest.raises(ValueError, match="instances_val.json is not valid JSON"):
-        datalib.CocoDetection(*datalib.find_split(root, "val"))
-    ann.write_text(json.dumps({"images": []}))
-    with pytest.raises(ValueError, match="lacks the COCO key"):
-        datalib.CocoDetection(*datalib.find_split(root, "val"))
-
-
-def test_collate_pads_bottom_right():
-    a, b = torch.ones(3, 4, 5), torch.ones(3, 6, 3)
-    images, pad_mask, _ = datalib.collate([(a, {}), (b, {})])
-    assert images.shape == (2, 3, 6, 5) and pad_mask.shape == (2, 6, 5)
-    assert not pad_mask[0, :4, :5].any() and pad_mask[0, 4:].all() and pad_mask[1, :, 3:].all()
-    assert images[0, :, 4:].abs().sum() == 0
-    assert torch.equal(common.valid_image_sizes(pad_mask), torch.tensor([[5.0, 4.0], [3.0, 6.0]]))
-
-
-def test_evaluator_perfect_detections_score_one(tiny_shapes):
-    ds = datalib.CocoDetection(*datalib.find_split(tiny_shapes, "val"))
-    ev = datalib.CocoEvaluator(ds.coco)
-    for img_id in ds.ids[:2] * 2:  # an image repeated (as the distributed sampler does) counts once
-        anns = [a for a in ds.coco.imgToAnns[img_id] if not a.get("iscrowd")]
-        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                              for a in anns]).view(-1, 4)
-        ev.update({img_id: {"scores": torch.ones(len(anns)), "labels": torch.tensor([a["category_id"] for a in anns]),
-                            "boxes": boxes}})
-    res = ev.summarize(ds.categories)
-    assert res["stats"]["AP"] == pytest.approx(1.0) and res["stats"]["AP50"] == pytest.approx(1.0)
-    assert all(v == pytest.approx(1.0) or math.isnan(v) for v in res["per_class"].values())
-    assert datalib.CocoEvaluator(ds.coco).summarize()["stats"]["AP"] == 0.0
-
-
-# ---------------------------------------------------------------------------------------------
-# pretrain.py
-# ---------------------------------------------------------------------------------------------
-
-def test_pretrain_crops_are_centred_on_their_object_and_background_has_none(tmp_path):
-    """A hand-built set: one red rectangle (category 5 -> class index 1) on black."""
-    root = tmp_path / "set"
-    os.makedirs(root / "train")
-    os.makedirs(root / "annotations")
-    arr = np.zeros((200, 240, 3), dtype=np.uint8)
-    arr[60:100, 120:180, 0] = 255
-    Image.fromarray(arr).save(root / "train" / "a.png")
-    json.dump({"images": [{"id": 1, "file_name": "a.png", "width": 240, "height": 200}],
-               "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [120, 60, 60, 40], "area": 2400,
-                                "iscrowd": 0}],
-               "categories": shapes.CATEGORIES}, open(root / "annotations" / "instances_train.json", "w"))
-    ds = pretrain.ObjectCrops(str(root), 32)
-    random.seed(0)
-    for _ in range(5):
-        x, label = ds[0]
-        rgb = x * torch.tensor(datalib.transforms.IMAGENET_STD)[:, None, None] + torch.tensor(datalib.transforms.IMAGENET_MEAN)[:, None, None]
-        assert label == 1 and x.shape == (3, 32, 32)
-        assert rgb[0, 16, 16] > 0.9 and rgb[1:, 16, 16].abs().max() < 0.1  # the crop's centre is the object
-        x0, y0, side = ds._background_box(1)
-        assert not (x0 < 150 < x0 + side and y0 < 80 < y0 + side)  # no object centre in a background crop
-
-
-def test_pretrain_writes_a_backbone_the_detectors_load_and_ensure_reuses_it(tiny_shapes, tmp_path):
-    import shutil
-    root = str(tmp_path / "shapes")
-    shutil.copytree(tiny_shapes, root)
-    out = pretrain.pretrain(root, 18, str(tmp_path / "bb.pth"), log=lambda s: None, steps=2, batch_size=4, warmup=1)
-    info = pretrain.read_info(out)
-    assert info["shapes_version"] == shapes.FORMAT_VERSION and info["depth"] == 18 and 0 <= info["accuracy"] <= 1
-    before = torch.load(out, weights_only=True)["model"]
-    backbone = common.Backbone(18, "frozen_bn")
-    common.load_backbone_weights(backbone, out)  # BatchNorm statistics become the frozen ones
-    assert torch.equal(backbone.body.layer3[0].bn1.running_var, before["layer3.0.bn1.running_var"])
-    assert not torch.equal(before["conv1.weight"], common.ResNet(18).conv1.weight)  # the stem trained too
-    shutil.copy(out, pretrain.default_path(root, 18))
-    assert pretrain.ensure(root, 18, log=lambda s: None) == pretrain.default_path(root, 18)  # reused, not retrained
-    with pytest.raises(ValueError, match="not the pretrained ResNet-18 this code would write"):
-        pretrain.ensure(root, 18, seed=1)
-    for bad in (dict(warmup=0), dict(steps=5, warmup=5), dict(crop=16), dict(batch_size=0), dict(lr=0.0)):
-        with pytest.raises(ValueError, match="needs batch_size >= 1, crop >= 32"):
-            pretrain.pretrain(root, 18, str(tmp_path / "bad.pth"), log=lambda s: None, **bad)
-    assert not os.path.exists(tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match="use it with --data shapes"):
-        train.main(["--model", "smca", "--data", root, "--backbone-weights", "shapes", "--output-dir", str(tmp_path / "r")])
-
 
 # ---------------------------------------------------------------------------------------------
 # smca.py
 # ---------------------------------------------------------------------------------------------
-
-def tiny_smca(**kw):
-    base = dict(backbone_depth=18, backbone_norm="bn", hidden_dim=32, nheads=4, enc_layers=1, dec_layers=2,
-                dim_feedforward=64, ms_dim_feedforward=48, ms_encoder="IMI", num_queries=12, num_classes=21,
-                num_select=20)
-    base.update(kw)
-    return smca.Config(**base)
-
 
 def test_smca_parameter_counts_match_official():
     model, _, _ = smca.build(smca.Config())
@@ -800,7 +170,7 @@ def test_smca_log_prior_is_the_papers_gaussian():
     cells_wh = torch.tensor([[4.0, 3.0]])
     ys, xs = torch.meshgrid(torch.arange(3), torch.arange(4), indexing="ij")
     grid = torch.stack([xs, ys], -1).view(-1, 2).float()
-    log_g = layer.log_prior(out, center_logit, [(cells_wh, grid)])  # (B, H, N, L)
+    log_g = layer.log_prior(out, center_logit, smca.ScaleGeometry(None, None, None, [cells_wh], [grid]))  # (B, H, N, L)
     offsets = layer.offset_proj(out).view(B, N, H, 2)
     s = layer.scale_proj(out).view(B, N, H, 2)
     for n, h, cell in itertools.product(range(N), range(H), range(12)):
@@ -825,7 +195,8 @@ def test_smca_multiscale_log_prior_per_scale():
             ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
             grids.append(torch.stack([xs, ys], -1).view(-1, 2).float())
             levels.append((image_wh / stride, grids[-1]))
-        log_g = layer.log_prior(out, center_logit, levels)  # (B, H, N, 48 + 12 + 4)
+        geometry = smca.ScaleGeometry(None, None, None, [c for c, _ in levels], [g for _, g in levels])
+        log_g = layer.log_prior(out, center_logit, geometry)  # (B, H, N, 48 + 12 + 4)
         assert log_g.shape == (B, H, N, 64)
         offsets = layer.offset_proj(out).view(B, N, 3, Hp, 2)
         s = layer.scale_proj(out).view(B, N, 3, Hp, 2)
@@ -1033,25 +404,32 @@ def test_smca_official_checkpoint_gives_the_official_outputs(tmp_path):
         if k.startswith("loss"):
             assert losses[k].item() == pytest.approx(v, rel=1e-5), k
     other = _official_file(tmp_path, "sparse_detr_rho0.1.pt", lambda k: f"backbone.0.body.{k}")[1]
-    with pytest.raises(ValueError, match="not an SMCA-DETR state dict"):
+    with pytest.raises(ValueError, match="not a state dict of SMCA-DETR"):
         smca.from_official(other)
     _bad_official_files(tmp_path, path, smca.from_official, "transformer.decoder.layers.1.point3.weight",
                         "transformer.encoder.layers.0.linear1.weight")
 
 
 @pytest.mark.parametrize("kw", [{}, {"multiscale": True}, {"scale_type": "single"}, {"scale_type": "fixed"}])
-def test_smca_prior_fast_path_equals_the_reference(kw, reference_path):
+def test_smca_prior_fast_path_equals_the_reference(kw):
     """Outside autograd the Gaussian's squared distances are summed separably (a column term plus a
-    row term) and scaled by -1/beta in place: the same log G as the per-cell reference."""
+    row term) and scaled by -1/beta in place: the same log G as the per-cell readable function, alone
+    and inside the whole model (common.fast_paths(False) runs the readable one)."""
     torch.manual_seed(0)
+    grid = common.cell_grid(5, 7, "cpu").float()  # (35, 2)
+    points = torch.rand(2, 3, 4, 2) * 8 - 1  # (B, Q, H, 2) centres, some outside the map
+    for scales in (None, torch.rand(2, 3, 4, 1) + 0.5, torch.rand(2, 3, 4, 2) + 0.5):
+        with torch.no_grad():
+            ref = smca.gaussian_log_prior.readable(points, grid, scales, 0.5, 8.0)
+            fast = smca.gaussian_log_prior_fast(points, grid, scales, 0.5, 8.0)
+        assert torch.allclose(ref, fast, rtol=1e-6, atol=1e-6)
     model, _, _ = smca.build(tiny_smca(**kw))
     model.eval()
     images, pad_mask = torch.randn(2, 3, 96, 160), torch.zeros(2, 96, 160, dtype=torch.bool)
     pad_mask[1, 64:, 96:] = True
     with torch.no_grad():
-        reference_path(True)
-        ref = model(images, pad_mask, explain=True)
-        reference_path(False)
+        with common.fast_paths(False):
+            ref = model(images, pad_mask, explain=True)
         fast = model(images, pad_mask, explain=True)
     for a, b in zip(ref["log_priors"], fast["log_priors"]):
         assert a is None and b is None or torch.allclose(a, b, rtol=1e-5, atol=1e-4)
@@ -1082,7 +460,8 @@ def test_smca_on_c4_reads_c4_in_its_own_cells_and_leaves_layer4_untrained():
     with torch.no_grad():
         layer.offset_proj.weight.zero_()
         layer.offset_proj.bias.zero_()
-    log_g = layer.log_prior(torch.zeros(1, 1, 32), torch.full((1, 1, 2), -20.0), [(torch.tensor([[8.0, 6.0]]), grid)])
+    geometry = smca.ScaleGeometry(None, None, None, [torch.tensor([[8.0, 6.0]])], [grid])
+    log_g = layer.log_prior(torch.zeros(1, 1, 32), torch.full((1, 1, 2), -20.0), geometry)
     assert torch.allclose(log_g[0, 0, 0], torch.tensor([0.0, -4.0 / 8.0]), atol=1e-6)  # -(2 cells)^2 / beta
     assert not any(p.requires_grad for p in model.backbone.body.layer4.parameters())
     assert any(p.requires_grad for p in model.backbone.body.layer3.parameters())
@@ -1091,13 +470,6 @@ def test_smca_on_c4_reads_c4_in_its_own_cells_and_leaves_layer4_untrained():
 # ---------------------------------------------------------------------------------------------
 # sparse_detr.py
 # ---------------------------------------------------------------------------------------------
-
-def tiny_sparse(**kw):
-    base = dict(backbone_depth=18, backbone_norm="bn", hidden_dim=32, nheads=4, enc_layers=3, dec_layers=2,
-                dim_feedforward=64, num_queries=10, num_classes=21, num_select=20, rho=0.3)
-    base.update(kw)
-    return sparse_detr.Config(**base)
-
 
 def test_sparse_detr_parameter_counts_match_official():
     """Counted from the official code built on CPU: rho 0.1, the "+" baseline, plain two-stage."""
@@ -1139,8 +511,10 @@ def _dam_brute_force(locs, weights, shapes, shift):
     B = weights.shape[0]
     dam = torch.zeros(B, sum(h * w for h, w in shapes), dtype=torch.float64)
     starts = [sum(h * w for h, w in shapes[:lvl]) for lvl in range(len(shapes))]
-    flat_l, flat_w = locs.reshape(B, -1, len(shapes), locs.shape[-2], 2), weights.reshape(B, -1, len(shapes), weights.shape[-1])
-    for b, m, lvl, p in itertools.product(range(B), range(flat_w.shape[1]), range(len(shapes)), range(flat_w.shape[-1])):
+    flat_l = locs.reshape(B, -1, len(shapes), locs.shape[-2], 2)
+    flat_w = weights.reshape(B, -1, len(shapes), weights.shape[-1])
+    R, L, P = flat_w.shape[1], len(shapes), flat_w.shape[-1]
+    for b, m, lvl, p in itertools.product(range(B), range(R), range(L), range(P)):
         h, w = shapes[lvl]
         x = flat_l[b, m, lvl, p, 0].item() * w - shift
         y = flat_l[b, m, lvl, p, 1].item() * h - shift
@@ -1219,7 +593,8 @@ def test_sparse_detr_gradients_and_scorer_learns_only_from_dam():
     assert all(torch.isfinite(v) for v in losses.values())
     assert {"loss_dam", "corr", "loss_ce_enc", "loss_giou_enc_1", "loss_bbox_0"} <= set(losses)
     assert 0 <= losses["corr"].item() <= 1
-    set_loss = sum(losses[k] * criterion.weight_dict[k] for k in losses if k in criterion.weight_dict and k != "loss_dam")
+    weighted = [k for k in losses if k in criterion.weight_dict and k != "loss_dam"]
+    set_loss = sum(losses[k] * criterion.weight_dict[k] for k in weighted)
     set_loss.backward(retain_graph=True)
     assert all(p.grad is None or not p.grad.any() for p in model.scoring.parameters())  # top-k passes no gradient
     model.zero_grad()
@@ -1269,7 +644,7 @@ def test_sparse_detr_selected_tokens_are_exactly_the_ones_the_encoder_updates():
     feats = [p[1] for p in pairs]
     with torch.no_grad():
         src = common.input_tokens(model.input_proj, model.level_embed, feats)[0]
-        memory, _, out = model.encode(feats)
+        memory, _, out = model.encode(feats, None)  # pad_mask: read only with extra_level_mask='interpolate'
     for b in range(2):
         changed = set((memory[b] != src[b]).any(-1).nonzero()[:, 0].tolist())
         assert changed == set(out["topk_inds"][b, :out["sparse_token_nums"][b]].tolist())
@@ -1308,7 +683,7 @@ def test_sparse_detr_official_checkpoint_gives_the_official_outputs(tmp_path, fi
         if k.startswith("loss"):
             assert losses["loss_dam" if k == "loss_mask_prediction" else k].item() == pytest.approx(v, rel=1e-5), k
     other = _official_file(tmp_path, "smca_single_scale.pt", lambda k: f"backbone.0.body.{k}")[1]
-    with pytest.raises(ValueError, match="not a two-stage Deformable / Sparse DETR state dict"):
+    with pytest.raises(ValueError, match="not a state dict of two-stage Deformable / Sparse DETR"):
         sparse_detr.from_official(other)
     _bad_official_files(tmp_path, path, sparse_detr.from_official, "transformer.decoder.layers.1.norm3.bias",
                         "input_proj.2.0.weight")
@@ -1328,13 +703,6 @@ def test_sparse_detr_config_errors():
 # lite_detr.py
 # ---------------------------------------------------------------------------------------------
 
-def tiny_lite(**kw):
-    base = dict(backbone_depth=18, backbone_norm="bn", hidden_dim=32, nheads=4, enc_layers=6, dec_layers=2,
-                dim_feedforward=64, num_queries=10, num_classes=21, num_select=20)
-    base.update(kw)
-    return lite_detr.Config(**base)
-
-
 def _lite_feats(B=1, sizes=((8, 10), (4, 5), (2, 3)), dtype=torch.float64):
     return [(torch.randn(B, c, h, w, dtype=dtype), torch.zeros(B, h, w, dtype=torch.bool))
             for c, (h, w) in zip((128, 256, 512), sizes)]
@@ -1353,7 +721,8 @@ def test_lite_detr_parameter_counts_follow_the_derivation():
     assert count(lite_detr.Config(kda_decoder=True)) == 40_959_129 + 12 * kda + 3 * small == 41_750_169
     for low_ffn in ("none", "normal"):  # no small FFN: KDA's change only
         assert count(lite_detr.Config(low_ffn=low_ffn)) == 40_959_129 + 6 * kda
-    assert lite_detr.Config().name == "H3L1-(2+1)x3" and lite_detr.Config(enc_scale=2, num_blocks=2).name == "H2L2-(3+1)x2"
+    assert lite_detr.Config().name == "H3L1-(2+1)x3"
+    assert lite_detr.Config(enc_scale=2, num_blocks=2).name == "H2L2-(3+1)x2"
 
 
 @pytest.mark.parametrize("key_proj", [False, True])
@@ -1402,7 +771,10 @@ def test_lite_detr_kda_matches_naive_per_point_reference(key_proj, ref_dim):
     assert torch.allclose(out, attn.output_proj(heads), atol=1e-10)
     with torch.no_grad():  # the inference fast path (kda_core_fast) gives the same numbers
         out_nograd, _, weights_nograd = attn(query, ref, x, shapes_, pad)
-    assert torch.allclose(out_nograd, out, atol=1e-12) and torch.allclose(weights_nograd, weights, atol=1e-12)
+        with common.fast_paths(False):  # and the readable core outside autograd too
+            out_readable, _, weights_readable = attn(query, ref, x, shapes_, pad)
+    for o, w in ((out_nograd, weights_nograd), (out_readable, weights_readable)):
+        assert torch.allclose(o, out, atol=1e-12) and torch.allclose(w, weights, atol=1e-12)
 
 
 def test_lite_detr_dense_reduction_is_the_deformable_detr_encoder():
@@ -1419,7 +791,8 @@ def test_lite_detr_dense_reduction_is_the_deformable_detr_encoder():
     a, b = after_backbone(lite, feats), after_backbone(dense, feats)
     for key in ("pred_logits", "pred_boxes"):
         assert torch.allclose(a[key], b[key], atol=1e-8), key
-    assert torch.allclose(lite.encode(feats)[0], dense.encode(feats)[0], atol=1e-10)
+    pad_mask = feats[-1][1].repeat_interleave(32, 1).repeat_interleave(32, 2)
+    assert torch.allclose(lite.encode(feats, pad_mask)[0], dense.encode(feats, pad_mask)[0], atol=1e-10)
 
 
 @pytest.mark.parametrize("name,queries", [
@@ -1435,7 +808,9 @@ def test_lite_detr_encoder_schedule(name, queries):
     hooks = [layer.register_forward_hook(lambda m, args, out: calls.append((args[0].shape[1], args[3].clone(), out)))
              for layer in model.encoder]
     feats = _lite_feats()
-    memory, _, n_low = model.encode(feats)
+    pad_mask = feats[-1][1].repeat_interleave(32, 1).repeat_interleave(32, 2)
+    memory, _, out = model.encode(feats, pad_mask, explain=True)
+    n_low = out["n_low"]
     for h in hooks:
         h.remove()
     N = memory.shape[1]
@@ -1491,7 +866,8 @@ def test_lite_detr_gradient_flow_and_empty_targets(kw):
     assert "dec_sampling_locations" not in out  # the decoder's internals come with explain=True only
     assert ((out["pred_boxes"] >= 0) & (out["pred_boxes"] <= 1)).all()
     losses = criterion(out, _random_targets([3, 0], 21))  # image 1 has no boxes
-    assert {"loss_ce", "loss_bbox_0", "loss_giou_enc"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    assert {"loss_ce", "loss_bbox_0", "loss_giou_enc"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
     sum(losses[k] * criterion.weight_dict[k] for k in losses).backward()
     _assert_only_box_hidden_layers_without_gradient(model)
     empty = criterion(model(images, pad_mask), _random_targets([0, 0], 21))
@@ -1529,19 +905,13 @@ def test_lite_detr_config_errors():
 # focus_detr.py
 # ---------------------------------------------------------------------------------------------
 
-def tiny_focus(**kw):
-    base = dict(backbone_depth=18, backbone_norm="bn", hidden_dim=32, nheads=4, dec_layers=2, dim_feedforward=64,
-                num_queries=10, num_classes=21, num_select=20, num_fine_tokens=8, dn_number=6)
-    base.update(kw)
-    return focus_detr.Config(**base)
-
-
 def box_ops_xyxy(b):
     return common.box_cxcywh_to_xyxy(b)
 
 
 def test_focus_detr_parameter_counts_follow_the_official_model():
-    """OFF (80 classes, only the stem frozen): 49,339,920 parameters, 49,330,512 trainable (counted from the official code)."""
+    """OFF (80 classes, only the stem frozen): 49,339,920 parameters, 49,330,512 trainable (counted from the
+    official code)."""
     count = lambda model, trainable: sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)  # noqa: E731
     model = focus_detr.build(focus_detr.Config(num_classes=80))[0]
     layer1 = sum(p.numel() for n, p in model.backbone.named_parameters() if n.startswith("body.layer1"))
@@ -1700,7 +1070,8 @@ def test_focus_detr_denoising_queries_and_mask():
                 assert ((dist_neg >= 1 - 1e-4) | (corner(neg) <= 1e-4) | (corner(neg) >= 1 - 1e-4) | collapsed).all()
                 assert torch.allclose(q_label[b, g * 4 + i], label_enc.weight[t["labels"][i]])  # no label noise
         assert not q_label[1, g * 4 + 1].any()  # image 1 has one box: its second slot is padding
-    assert mask[8:, :8].all() and not mask[:8, 8:].any() and not mask[8:, 8:].any()  # matching queries never see the denoising ones
+    # matching queries never see the denoising ones
+    assert mask[8:, :8].all() and not mask[:8, 8:].any() and not mask[8:, 8:].any()
     assert not mask[:4, :4].any() and mask[:4, 4:8].all() and mask[4:8, :4].all()
     assert focus_detr.prepare_denoising([{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)}],
                                         5, 0.5, 1.0, 5, label_enc, 3) is None
@@ -1787,11 +1158,12 @@ def test_focus_detr_official_checkpoint_gives_the_official_outputs(tmp_path, cla
         ref = case["outputs"]
         with torch.no_grad():
             out = _run_official_case(model.eval(), case["inputs"])
-            for key, ours, theirs in [("logits", out["pred_logits"][..., cols], ref["pred_logits"]),
-                                      ("boxes", out["pred_boxes"], ref["pred_boxes"]),
-                                      ("aux", out["aux_outputs"][0]["pred_logits"][..., cols], ref["aux_outputs"][0]["pred_logits"]),
-                                      ("enc", out["enc_outputs"]["pred_logits"][..., cols], ref["enc_outputs"]["pred_logits"]),
-                                      ("fg", out["fg_logits"], ref["fg_logits"])]:
+            pairs = [("logits", out["pred_logits"][..., cols], ref["pred_logits"]),
+                     ("boxes", out["pred_boxes"], ref["pred_boxes"]),
+                     ("aux", out["aux_outputs"][0]["pred_logits"][..., cols], ref["aux_outputs"][0]["pred_logits"]),
+                     ("enc", out["enc_outputs"]["pred_logits"][..., cols], ref["enc_outputs"]["pred_logits"]),
+                     ("fg", out["fg_logits"], ref["fg_logits"])]
+            for key, ours, theirs in pairs:
                 assert _max_diff(ours, theirs) < 1e-6, key
             assert torch.equal(out["token_nums"], ref["token_nums"])
             targets = [{**t, "labels": torch.tensor(cols)[t["labels"]]} for t in case["targets"]]
@@ -1803,7 +1175,7 @@ def test_focus_detr_official_checkpoint_gives_the_official_outputs(tmp_path, cla
     if class_ids == "coco":
         assert (state["class_embed.0.bias"][[0, 12, 26]] == -1e4).all()  # ids that are no COCO category
         other = _official_file(tmp_path, "sparse_detr_rho0.1.pt", lambda k: f"backbone.0.body.{k}")[1]
-        with pytest.raises(ValueError, match="not a Focus-DETR"):
+        with pytest.raises(ValueError, match="not a state dict of Focus-DETR"):
             focus_detr.from_official(other)
         _bad_official_files(tmp_path, path, focus_detr.from_official, "transformer.encoder.layers.1.norm2.weight",
                             "neck.convs.1.norm.bias")
@@ -1818,565 +1190,3 @@ def test_focus_detr_config_errors():
                     ({"dn_number": -1}, "dn_number"), ({"num_feature_levels": 3}, "4 levels")]:
         with pytest.raises(ValueError, match=msg):
             focus_detr.build(tiny_focus(**kw))
-
-
-# ---------------------------------------------------------------------------------------------
-# train.py
-# ---------------------------------------------------------------------------------------------
-
-TINY_SET = ["--set", "hidden_dim=32", "nheads=4", "enc_layers=1", "dec_layers=2", "dim_feedforward=64",
-            "num_queries=12", "num_select=20"]
-
-
-def _train_args(data, out, *extra):
-    return ["--model", "smca", "--data", data, "--output-dir", str(out), "--batch-size", "4", "--num-workers", "0",
-            "--scales", "shapes", "--backbone-weights", "none",
-            "--lr-drop", "100", "--log-every", "100", *extra, *TINY_SET]
-
-
-def _train_losses(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return {(r["epoch"], r["iter"]): r["loss"] for r in map(json.loads, f) if r["type"] == "train"}
-
-
-def test_train_resume_matches_uninterrupted_run(tiny_shapes, tmp_path):
-    train.main(_train_args(tiny_shapes, tmp_path / "a", "--epochs", "2", "--eval-every", "2"))
-    train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "1"))
-    ckpt = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)
-    assert ckpt["epoch"] == 0 and set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "rng", "config"}
-    result = train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "2", "--resume", "auto"))
-    a, b = _train_losses(tmp_path / "a"), _train_losses(tmp_path / "b")
-    assert len(a) == 4 and set(a) == set(b)  # 2 epochs x 2 iterations
-    for key in a:
-        assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), key
-    assert set(result["stats"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
-    pictures = sorted(os.listdir(tmp_path / "b" / "pictures-after-step-4"))  # the run ends with detect.py's pictures
-    assert pictures == ["000000.jpg", "000000_explain.png", "000001.jpg", "000001_explain.png", "000002.jpg",
-                        "000002_explain.png", "detections.json"]
-    assert torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)["categories"][2] == "circle"
-    evaluated = train.main(_train_args(tiny_shapes, tmp_path / "b", "--eval-only"))  # uses b's checkpoint
-    assert evaluated["stats"] == pytest.approx(result["stats"])
-    # the same output dir without --resume, or with another config, is refused (nothing overwritten)
-    with pytest.raises(ValueError, match="--resume auto"):
-        train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "3"))
-    weights_only = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)
-    torch.save({k: weights_only[k] for k in ("model", "model_name", "config")}, tmp_path / "weights.pth")
-    with pytest.raises(ValueError, match=r"lacks the training state \['optimizer'"):
-        train.main(_train_args(tiny_shapes, tmp_path / "c", "--epochs", "3", "--resume", str(tmp_path / "weights.pth")))
-    with pytest.raises(ValueError, match="hidden_dim: checkpoint 32 vs now 64"):
-        train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "3", "--resume", "auto") + ["hidden_dim=64"])
-    # a checkpoint written before a Config field existed ran as the field's default: still compatible
-    old = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)
-    del old["config"]["beta"]
-    torch.save(old, tmp_path / "older.pth")
-    train.main(_train_args(tiny_shapes, tmp_path / "c", "--eval-only", "--resume", str(tmp_path / "older.pth")))
-    with pytest.raises(ValueError, match="beta: checkpoint 8.0 vs now 4.0"):
-        train.main(_train_args(tiny_shapes, tmp_path / "d", "--eval-only", "--resume", str(tmp_path / "older.pth"))
-                   + ["beta=4"])
-
-
-def test_train_loader_augments_from_the_datasets_own_random_stream(tiny_shapes):
-    """make_loader reseeds the dataset's augmentation stream, never the global `random`: the same
-    (seed, epoch, rank) gives the same batches, and the caller's random state is left alone."""
-    ds = datalib.CocoDetection(*datalib.find_split(tiny_shapes, "train"),
-                               datalib.make_transforms("train", **datalib.SHAPES_SCALES))
-
-    def boxes():
-        return [t["boxes"] for _, _, targets in train.make_loader(ds, 2, True, 0, 1, 0, 1, 0) for t in targets]
-    random.seed(123)
-    state = random.getstate()
-    first = boxes()
-    assert random.getstate() == state
-    assert all(torch.equal(a, b) for a, b in zip(first, boxes()))
-
-
-def test_train_reads_backbone_weights_from_its_own_checkpoints(tmp_path):
-    """--backbone-weights may name a train.py checkpoint (numpy RNG states inside): train.py reads it,
-    common.load_backbone_weights only ever unpickles plain tensors."""
-    model, _, _ = smca.build(tiny_smca())
-    torch.nn.init.normal_(model.backbone.body.layer2[0].conv1.weight)
-    torch.save({"model": model.state_dict(), "rng": {"numpy": np.random.get_state()}}, tmp_path / "ckpt.pth")
-    fresh = common.Backbone(18, "bn")
-    common.load_backbone_weights(fresh, train.backbone_weights(str(tmp_path / "ckpt.pth")))
-    assert torch.equal(fresh.body.layer2[0].conv1.weight, model.backbone.body.layer2[0].conv1.weight)
-    with pytest.raises(ValueError, match="not a readable torch state dict"):
-        common.load_backbone_weights(fresh, str(tmp_path / "ckpt.pth"))
-    with pytest.raises(ValueError, match="no such file"):
-        train.backbone_weights(str(tmp_path / "absent.pth"))
-
-
-def test_train_stops_on_non_finite_loss(tiny_shapes, tmp_path, monkeypatch):
-    real_build = smca.build
-
-    def build_with_nan_on_third_call(cfg):
-        model, criterion, post = real_build(cfg)
-        calls = {"n": 0}
-        forward = criterion.forward
-
-        def poisoned(outputs, targets):
-            losses = forward(outputs, targets)
-            calls["n"] += 1
-            if calls["n"] == 3:  # epoch 1, iteration 0
-                losses["loss_giou"] = losses["loss_giou"] * float("nan")
-            return losses
-        criterion.forward = poisoned
-        return model, criterion, post
-
-    monkeypatch.setattr(smca, "build", build_with_nan_on_third_call)
-    with pytest.raises(FloatingPointError, match=r"epoch 1 iteration 0 \(global step 2\), image ids \[\d+"):
-        train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "2", "--eval-every", "5"))
-    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
-    assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
-
-
-def test_train_finetune_skips_and_lists_what_does_not_fit(tmp_path):
-    source, _, _ = smca.build(tiny_smca(num_classes=21))
-    torch.save({"model": source.state_dict()}, tmp_path / "ckpt.pth")
-    target, _, _ = smca.build(tiny_smca(num_classes=7))
-    report = train.finetune_from(target, str(tmp_path / "ckpt.pth"))
-    assert report["shape_mismatch"] == ["class_embed.bias", "class_embed.weight"]
-    assert report["missing"] == ["class_embed.bias", "class_embed.weight"] and report["unused"] == []
-    assert torch.equal(target.query_embed.weight, source.query_embed.weight)
-    torch.save({"model": {"unrelated": torch.zeros(1)}}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="none of its 1 tensors fits"):
-        train.finetune_from(target, str(tmp_path / "other.pth"))
-
-
-def test_train_rejects_bad_flags(tiny_shapes, tmp_path):
-    with pytest.raises(ValueError, match="no such Config field"):
-        train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1") + ["nonsense=1"])
-    with pytest.raises(ValueError, match="expected a int"):
-        train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1") + ["num_queries=many"])
-    with pytest.raises(ValueError, match="neither 'shapes' nor a folder"):
-        train.main(_train_args(str(tmp_path / "nowhere"), tmp_path, "--epochs", "1"))
-    with pytest.raises(ValueError, match="does not exist"):
-        train.main(_train_args(tiny_shapes, tmp_path, "--eval-only", "--resume", str(tmp_path / "none.pth")))
-    with pytest.raises(ValueError, match="nothing to evaluate"):
-        train.main(_train_args(tiny_shapes, tmp_path / "empty", "--eval-only"))
-    with pytest.raises(ValueError, match="--device 'warp9'"):
-        train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--device", "warp9"))
-    with pytest.raises(ValueError, match="--lr-backbone must be positive"):
-        train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--lr-backbone", "-1"))
-    with pytest.raises(ValueError, match="--lr must be positive"):
-        train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--lr", "0"))
-
-
-def test_train_set_parses_tuples_and_rejects_bad_ones():
-    cfg = train.apply_overrides(focus_detr.Config(), ["cascade_ratios=1,0.5,0.5,0.5,0.25,0.25"])
-    assert cfg.cascade_ratios == (1.0, 0.5, 0.5, 0.5, 0.25, 0.25)
-    with pytest.raises(ValueError, match="expected a tuple"):
-        train.apply_overrides(focus_detr.Config(), ["cascade_ratios=1,half"])
-
-
-def test_train_lr_backbone_zero_freezes_the_backbone(tiny_shapes, tmp_path):
-    """DETR's convention: --lr-backbone 0 trains no backbone parameter; the rest trains, and steps are counted."""
-    train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--lr-backbone", "0"))
-    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
-    assert "backbone" not in [g["name"] for g in ckpt["optimizer"]["param_groups"]]
-    assert {g["name"] for g in ckpt["optimizer"]["param_groups"]} == {"base"}
-    assert ckpt["steps"] == 2  # 8 train images, batch 4
-    with open(tmp_path / "log.jsonl") as f:
-        assert [r["steps"] for r in map(json.loads, f) if r["type"] == "eval"] == [2]
-
-
-def test_train_time_budget_stops_saves_and_evaluates(tiny_shapes, tmp_path):
-    """--time-budget: training stops at the first iteration past the budget, the partial epoch is saved
-    and evaluated (with the training seconds and inference ms logged); a resume trains no further."""
-    with pytest.raises(ValueError, match="--time-budget must be a positive"):
-        train.main(_train_args(tiny_shapes, tmp_path / "x", "--epochs", "1", "--time-budget", "0"))
-    result = train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "3", "--time-budget", "1e-7"))
-    assert set(result["stats"]) >= {"AP", "AP50"}
-    assert len(_train_losses(tmp_path / "b")) == 1  # 1 of the epoch's 2 iterations
-    ckpt = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)
-    assert ckpt["epoch"] == 0 and ckpt["epoch_fraction"] == 0.5 and ckpt["train_s"] > 0
-    with open(tmp_path / "b" / "log.jsonl") as f:
-        evals = [r for r in map(json.loads, f) if r["type"] == "eval"]
-    assert len(evals) == 1 and evals[0]["epoch_fraction"] == 0.5 and evals[0]["infer_ms_per_image"] > 0
-    assert evals[0]["train_s"] == pytest.approx(ckpt["train_s"])
-    train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "3", "--time-budget", "1e-7", "--resume", "auto"))
-    assert len(_train_losses(tmp_path / "b")) == 1  # the budget is spent: nothing more trained
-
-
-def test_train_ddp_two_processes(tiny_shapes, tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "train.py"), *_train_args(tiny_shapes, out, "--epochs", "1", "--batch-size", "2")]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 process(es)" in proc.stdout
-    records = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert sum(r["type"] == "train" for r in records) == 2  # 8 images / 2 ranks / batch 2
-    assert any(r["type"] == "eval" for r in records)
-
-
-# ---------------------------------------------------------------------------------------------
-# bench.py
-# ---------------------------------------------------------------------------------------------
-
-def _bench_tiny(name, cfg, *flags, h=64, w=96):
-    """bench.py's records for one suite applied to a tiny Config, on an h x w random image."""
-    args = bench.parse_args(["--size", str(h), str(w), "--repeats", "1", *flags])
-    args.size_label = f"{h}x{w}"
-    return bench.bench_model(name, args, [torch.randn(3, h, w)], config=cfg)
-
-
-def test_bench_counts_grid_sample_as_four_macs_per_sampled_value():
-    v, grid = torch.randn(2, 3, 5, 7), torch.rand(2, 4, 6, 2) * 2 - 1
-    total, _ = bench.count_gmacs(lambda: F.grid_sample(v, grid, align_corners=False))
-    assert total * 1e9 == pytest.approx(4 * 2 * 3 * 4 * 6)  # one multiply-add per bilinear corner per output value
-    B, Q, H, D, P, shapes = 2, 5, 4, 8, 3, [(6, 8), (3, 4)]
-    value = torch.randn(B, sum(h * w for h, w in shapes), H, D)
-    loc, weights = torch.rand(B, Q, H, len(shapes), P, 2), torch.rand(B, Q, H, len(shapes), P)
-    total, _ = bench.count_gmacs(lambda: common.ms_deform_attn(value, shapes, loc, weights))
-    assert total * 1e9 == pytest.approx(4 * B * Q * H * D * len(shapes) * P)  # the weighted sum is elementwise (not counted)
-    # nn.MultiheadAttention: projections and both attention products, on the CPU kernel and the fused
-    # inference path (query is key is value) alike
-    mha, E, Lq, Lk = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval(), 16, 5, 7
-    for p in mha.parameters():
-        p.requires_grad_(False)
-    q, kv = torch.randn(B, Lq, E), torch.randn(B, Lk, E)
-    with torch.no_grad():
-        total, _ = bench.count_gmacs(lambda: mha(q, kv, kv + 1, need_weights=False))
-        assert total * 1e9 == pytest.approx(B * (2 * Lq * E * E + 2 * Lk * E * E + 2 * Lq * Lk * E))
-        total, _ = bench.count_gmacs(lambda: mha(kv, kv, kv, need_weights=False))
-        assert total * 1e9 == pytest.approx(B * (4 * Lk * E * E + 2 * Lk * Lk * E))
-
-
-@pytest.mark.parametrize("name", list(bench.SUITES))
-def test_bench_baselines_differ_from_their_models_only_where_they_should(name):
-    """Each efficiency comparison changes only the paper's switch: the Config fields, and the
-    parameters those fields add or remove; every other parameter has the same name and shape."""
-    fields = {"smca": {"spatial_prior", "multiscale"}, "sparse_detr": {"sparse_encoder", "rho"},
-              "lite_detr": {"enc_scale", "num_blocks", "kda_encoder", "low_ffn"},
-              "focus_detr": {"foreground_selection"}}[name]
-    params = {"smca": r"decoder\.\d+\.(center_mlp|norm4|offset_proj|scale_proj)\..*",
-              "sparse_detr": r"scoring\..*|(class|bbox)_embed\.\d+\..*",  # the scorer, the encoder-aux heads
-              "lite_detr": r"encoder\.\d+\.(self_attn\.(query_proj|attention_weights)|linear12|linear22|norm22)\..*",
-              "focus_detr": r"selector\..*|encoder\.\d+\.oesm_(attn|norm)\..*"}[name]
-    module = importlib.import_module(name)
-    tiny = {"smca": tiny_smca, "sparse_detr": tiny_sparse, "lite_detr": tiny_lite, "focus_detr": tiny_focus}[name]
-    suite = bench.SUITES[name]
-    base_cfg = bench.make_config(module, suite.baseline.overrides)
-    base = {k: p.shape for k, p in module.build(bench.make_config(module, suite.baseline.overrides, tiny()))[0]
-            .state_dict().items()}
-    for v in suite.variants:
-        cfg = bench.make_config(module, v.overrides)
-        changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(base_cfg, f.name)}
-        assert changed and changed <= fields, (v.label, changed)
-        if "multiscale" in changed:  # another encoder and input projections: the SMCA tests cover it
-            continue
-        ours = {k: p.shape for k, p in module.build(bench.make_config(module, v.overrides, tiny()))[0]
-                .state_dict().items()}
-        differing = (ours.keys() ^ base.keys()) | {k for k in ours.keys() & base.keys() if ours[k] != base[k]}
-        assert differing, v.label
-        assert all(re.fullmatch(params, k) for k in differing), (v.label, sorted(differing))
-
-
-def test_bench_lite_detr_encoder_macs_follow_the_token_updates():
-    """bench.py's count: all-token layers cost the dense layer's per-query part, high-level layers
-    that part x |F_H| / N, and every layer pays the value projection over all N tokens."""
-    cfg = tiny_lite()
-    by_label = {r["label"]: r for r in _bench_tiny("lite_detr", cfg)}
-    # 64 x 96: levels 8x12, 4x6, 2x3, 1x2 -> N = 128 tokens; F_H = the coarsest 3 (32) or 2 (8) levels.
-    # Per layer and query token (d model, F FFN, H heads, L levels, P points): offsets d*2HLP + output
-    # d*d + FFN 2dF + grid_sample 4dLP (+ dense: attention weights d*HLP; + KDA: query d*d and the q.k,
-    # w.v matmuls 2dLP); the value projection d*d per token per layer. The weighted sum is elementwise.
-    d, F_, H, L, P, n = cfg.hidden_dim, cfg.dim_feedforward, cfg.nheads, 4, cfg.enc_n_points, 128
-    per_q_dense = d * 2 * H * L * P + d * d + 2 * d * F_ + 4 * d * L * P + d * H * L * P
-    per_q_kda = d * 2 * H * L * P + d * d + 2 * d * F_ + 4 * d * L * P + d * d + 2 * d * L * P
-    small = 2 * d * d - 2 * d * F_  # F_L's small FFN in the all-token layer instead of the normal one
-    dense_enc = cfg.enc_layers * n * (per_q_dense + d * d)
-    for name, n_high, blocks in (("H3L1-(2+1)x3", 32, 3), ("H3L1-(3+1)x2", 32, 2), ("H3L1-(6+1)x1", 32, 1),
-                                 ("H2L2-(2+1)x3", 8, 3)):
-        lite, no_ffn = by_label[name], by_label[f"{name}, F_L without FFN"]
-        assert lite["baseline_encoder_gmacs"] * 1e9 == pytest.approx(dense_enc, rel=1e-6)
-        want = (6 * n * d * d + (6 - blocks) * n_high * per_q_kda + blocks * n * per_q_kda
-                + blocks * (n - n_high) * small)
-        assert lite["encoder_gmacs"] * 1e9 == pytest.approx(want, rel=1e-6), name
-        assert no_ffn["encoder_gmacs"] * 1e9 == pytest.approx(want - blocks * (n - n_high) * 2 * d * d, rel=1e-6)
-        assert 0 < lite["encoder_ms"] <= lite["ms"] and no_ffn["ms"] is None  # counted, not timed
-
-
-def test_bench_smca_costs_what_detr_costs_plus_the_prior_heads():
-    """Single-scale SMCA adds only the prior's small heads to DETR: same encoder, nearly the same total."""
-    cfg = tiny_smca()
-    single, multi = _bench_tiny("smca", cfg)
-    assert single["encoder_gmacs"] == pytest.approx(single["baseline_encoder_gmacs"], rel=1e-9)
-    assert 1 < single["gmacs"] / single["baseline_gmacs"] < 1.02
-    assert multi["encoder_gmacs"] > single["encoder_gmacs"] and 0 < multi["encoder_ms"] <= multi["ms"]
-
-
-def test_bench_sparse_detr_encoder_macs_follow_rho():
-    """bench.py's count: the sparse encoder's multiply-adds are the per-query part on the S = int(N rho) + 1
-    selected tokens plus the value projection on all N (the paper's slope: ratio 0.087 + 0.913 rho at d 256,
-    FFN 1024, 4 x 4 points; here a tiny config); the records carry every field --json promises."""
-    cfg = tiny_sparse(enc_layers=2)
-    records = _bench_tiny("sparse_detr", cfg)
-    d, F_, H, L, P, n = cfg.hidden_dim, cfg.dim_feedforward, cfg.nheads, 4, cfg.enc_n_points, 128  # 8x12 + 4x6 + 2x3 + 1x2
-    per_q = d * 2 * H * L * P + d * H * L * P + d * d + 2 * d * F_ + 4 * d * L * P  # offsets, weights, output, FFN, grid
-    assert [r["label"] for r in records] == ["rho 0.1", "rho 0.2", "rho 0.3", "rho 0.5"]
-    for r in records:
-        assert set(r) >= {"model", "config", "params", "gmacs", "encoder_gmacs", "baseline_gmacs",
-                          "baseline_encoder_gmacs", "ms", "baseline_ms", "device", "size"}
-        s_ = int(n * r["config"]["rho"]) + 1
-        assert r["encoder_gmacs"] * 1e9 == pytest.approx(2 * (s_ * per_q + n * d * d), rel=1e-6)
-        assert r["baseline_encoder_gmacs"] * 1e9 == pytest.approx(2 * n * (per_q + d * d), rel=1e-6)
-        assert r["params"] > r["baseline_params"]  # the scorer and the encoder-aux heads
-        assert r["device"] == "cpu" and r["size"] == "64x96" and 0 < r["encoder_ms"] <= r["ms"]
-    # the same count at the paper's widths (d 256, FFN 1024, 4 levels x 4 points), per token
-    d, n, s_ = 256, 20000, 2001
-    per_q = 65536 + 32768 + 65536 + 524288 + 4 * 256 * 16  # sampling offsets, weights, output, FFN, grid_sample
-    assert (s_ * per_q + n * d * d) / (n * (per_q + d * d)) == pytest.approx(0.087 + 0.913 * 0.1, abs=0.003)
-
-
-def test_bench_focus_detr_under_bf16_autocast_counts_the_same_work():
-    cfg = tiny_focus()
-    fp32, bf16 = _bench_tiny("focus_detr", cfg)[0], _bench_tiny("focus_detr", cfg, "--amp", "bf16")[0]
-    assert bf16["amp"] == "bf16" and bf16["ms"] > 0
-    for key in ("gmacs", "encoder_gmacs", "baseline_gmacs", "baseline_encoder_gmacs"):
-        assert bf16[key] == pytest.approx(fp32[key], rel=1e-6), key
-    assert 0 < fp32["encoder_gmacs"] < fp32["baseline_encoder_gmacs"] < fp32["baseline_gmacs"]
-
-
-def test_bench_smca_fast_vs_reference_and_profile():
-    """--fast-vs-reference times the readable and the fast path of a model and its baseline and
-    reports their output differences; --profile splits a forward by module and op group."""
-    rows = bench.main(["--fast-vs-reference", "--model", "smca", "--size", "64", "96", "--repeats", "1"])
-    assert [r["label"] for r in rows] == ["DETR baseline (prior off)", "SMCA single-scale", "SMCA multi-scale"]
-    assert all(r["ms_reference"] > 0 and r["ms_fast"] > 0 and r["logits_diff"] < 1e-4 for r in rows)
-    (base, smca_row) = bench.main(["--profile", "--model", "smca", "--size", "64", "96"])
-    for mode in ("reference", "fast"):
-        m = smca_row[mode]
-        assert m["backbone"] > 0 and m["encoder"] > 0 and m["decoder"] > 0
-        assert m["rest"] >= 0  # the hooked modules run inside the forward, never counted twice
-        assert m["ops"]["convolutions"] > 0
-
-
-def test_bench_rejects_bad_flags(tiny_shapes):
-    with pytest.raises(ValueError, match=r"--images 99: .*instances_val.json has only 3 images"):
-        bench.main(["--data", tiny_shapes, "--images", "99"])
-    images = bench._val_images(tiny_shapes, 2, "cpu")  # val transforms: short side 800
-    assert len(images) == 2 and all(min(im.shape[1:]) == 800 or max(im.shape[1:]) in (1332, 1333) for im in images)
-    with pytest.raises(ValueError, match="--size must be at least 64"):
-        bench.main(["--size", "32", "32"])
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="no CUDA device"):
-            bench.main(["--device", "cuda"])
-    with pytest.raises(ValueError, match="--threads must be positive"):
-        bench.main(["--threads", "0"])
-    with pytest.raises(ValueError, match="is not a folder"):
-        bench.main(["--data", "/nowhere/coco"])
-    with pytest.raises(SystemExit):
-        bench.main(["--model", "detr9000"])
-
-
-# ---------------------------------------------------------------------------------------------
-# detect.py and visualize.py
-# ---------------------------------------------------------------------------------------------
-
-def _tiny_checkpoint(path, data, name="smca", **kw):
-    """A checkpoint as train.py writes it (model, config, args, categories), of a tiny random model."""
-    module = importlib.import_module(name)
-    tiny = {"smca": tiny_smca, "sparse_detr": tiny_sparse, "lite_detr": tiny_lite, "focus_detr": tiny_focus}[name]
-    torch.manual_seed(0)
-    model = module.build(tiny(**kw))[0]
-    torch.nn.init.constant_(model.class_embed.bias if name == "smca" else model.class_embed[-2].bias, 2.0)  # confident
-    cats = {c["id"]: c["name"] for c in json.load(open(os.path.join(data, "annotations", "instances_val.json")))["categories"]}
-    torch.save({"model": model.state_dict(), "model_name": name, "config": dataclasses.asdict(model.cfg),
-                "args": {"data": data, "scales": "shapes"}, "categories": cats}, path)
-    return cats
-
-
-def test_detect_on_a_file_a_folder_and_a_glob_writes_pictures_and_coco_results(tiny_shapes, tmp_path):
-    from pycocotools.coco import COCO
-    ckpt = tmp_path / "ckpt.pth"
-    cats = _tiny_checkpoint(ckpt, tiny_shapes)
-    folder = tmp_path / "photos"
-    os.makedirs(folder)
-    val = os.path.join(tiny_shapes, "val")
-    for f in sorted(os.listdir(val)):
-        Image.open(os.path.join(val, f)).save(folder / f.replace(".jpg", ".png"))
-    (folder / "notes.txt").write_text("not an image")
-    before = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
-    for source, n_images in [(str(folder / "000000.png"), 1), (str(folder), 3), (str(folder / "*.png"), 3)]:
-        out = tmp_path / f"out{n_images}{len(source)}"
-        summary = detect.main(["--checkpoint", str(ckpt), "--source", source, "--out", str(out), "--threshold", "0.05"])
-        assert summary["images"] == n_images and len(summary["skipped"]) == (1 if source == str(folder) else 0)
-        files = detect.source_files(source)
-        images = [f for f in files if f.endswith(".png")]
-        gt = {"images": [{"id": i + 1, "file_name": f, **dict(zip(("width", "height"), Image.open(f).size))}
-                         for i, f in enumerate(images)],
-              "annotations": [], "categories": [{"id": k, "name": v} for k, v in cats.items()]}
-        coco = COCO()
-        coco.dataset = gt
-        coco.createIndex()
-        results = json.load(open(out / "detections.json"))
-        assert results and summary["detections"] == len(results)
-        dt = coco.loadRes(str(out / "detections.json"))  # the COCO results format, ids of the given images
-        for r in dt.dataset["annotations"]:
-            w, h = Image.open(images[r["image_id"] - 1]).size
-            x, y, bw, bh = r["bbox"]
-            assert 0 <= x and 0 <= y and x + bw <= w + 0.01 and y + bh <= h + 0.01 and r["score"] >= 0.05
-            assert r["category_id"] in cats and r["file_name"] == images[r["image_id"] - 1]
-        first = results[0]
-        original = np.asarray(Image.open(images[first["image_id"] - 1]).convert("RGB")).astype(int)
-        drawn = np.asarray(Image.open(out / os.path.basename(images[first["image_id"] - 1]))).astype(int)
-        assert drawn.shape == original.shape
-        x, y, bw, bh = [int(round(v)) for v in first["bbox"]]
-        edge = drawn[min(y, original.shape[0] - 1), x:x + max(bw, 1)]  # the box's top edge
-        assert (edge != original[min(y, original.shape[0] - 1), x:x + max(bw, 1)]).any()
-    assert {f: (folder / f).read_bytes() for f in os.listdir(folder)} == before  # the source is untouched
-
-
-def test_detect_refuses_bad_inputs_and_never_overwrites(tiny_shapes, tmp_path):
-    ckpt = tmp_path / "ckpt.pth"
-    _tiny_checkpoint(ckpt, tiny_shapes)
-    val = os.path.join(tiny_shapes, "val")
-    with pytest.raises(ValueError, match="does not exist"):
-        detect.main(["--checkpoint", str(tmp_path / "absent.pth"), "--source", val])
-    torch.save({"model": {}, "epoch": 3}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="not a checkpoint of a model of this library"):
-        detect.main(["--checkpoint", str(tmp_path / "other.pth"), "--source", val, "--out", str(tmp_path / "o1")])
-    os.makedirs(tmp_path / "empty")
-    with pytest.raises(ValueError, match="no files"):
-        detect.main(["--checkpoint", str(ckpt), "--source", str(tmp_path / "empty")])
-    with pytest.raises(ValueError, match="no such file or folder"):
-        detect.main(["--checkpoint", str(ckpt), "--source", str(tmp_path / "nowhere")])
-    with pytest.raises(ValueError, match="no files"):
-        detect.main(["--checkpoint", str(ckpt), "--source", str(tmp_path / "*.jpeg")])
-    (tmp_path / "text").mkdir()
-    (tmp_path / "text" / "a.txt").write_text("x")
-    with pytest.raises(ValueError, match="none of the 1 source files is a readable image"):
-        detect.main(["--checkpoint", str(ckpt), "--source", str(tmp_path / "text"), "--out", str(tmp_path / "o2")])
-    with pytest.raises(ValueError, match="inside the source folder"):
-        detect.main(["--checkpoint", str(ckpt), "--source", val, "--out", os.path.join(val, "out")])
-    (tmp_path / "used").mkdir()
-    (tmp_path / "used" / "detections.json").write_text("[]")
-    with pytest.raises(ValueError, match="not empty; nothing is overwritten"):
-        detect.main(["--checkpoint", str(ckpt), "--source", val, "--out", str(tmp_path / "used")])
-    assert (tmp_path / "used" / "detections.json").read_text() == "[]"
-    with pytest.raises(ValueError, match="threshold"):
-        detect.main(["--checkpoint", str(ckpt), "--source", val, "--threshold", "2"])
-
-
-@pytest.mark.parametrize("name,kw", [("smca", {}), ("smca", {"multiscale": True}), ("smca", {"spatial_prior": False}),
-                                     ("sparse_detr", {}), ("sparse_detr", {"sparse_encoder": False}), ("lite_detr", {}),
-                                     ("focus_detr", {}), ("focus_detr", {"foreground_selection": False})],
-                         ids=["smca", "smca-multiscale", "smca-detr-baseline", "sparse_detr", "sparse_detr-dense",
-                              "lite_detr", "focus_detr", "focus_detr-dense"])
-def test_detect_explain_picture_of_each_model(tiny_shapes, tmp_path, name, kw):
-    """--explain writes one mechanism picture per image, for every model (and SMCA's variants)."""
-    ckpt = tmp_path / "ckpt.pth"
-    _tiny_checkpoint(ckpt, tiny_shapes, name, **kw)
-    source = os.path.join(tiny_shapes, "val", "000000.jpg")
-    detect.main(["--checkpoint", str(ckpt), "--source", source, "--out", str(tmp_path / "o"), "--explain"])
-    picture = Image.open(tmp_path / "o" / "000000_explain.png")
-    assert picture.size[0] >= 240 and picture.size[1] > 240  # panels enlarged to 240 px or more
-
-
-def test_detect_and_eval_take_the_authors_weights(tiny_shapes, tmp_path, monkeypatch):
-    """The authors' file goes where our checkpoints go: detect.py recognises and converts it (COCO
-    names), train.py --eval-only --official evaluates it (also on the readable path); wrong uses are refused."""
-    monkeypatch.setattr(common, "FAST_INFERENCE", True)  # --readable-path switches it off: restored after the test
-    import argparse
-    _, path, _ = _official_file(tmp_path, "smca_single_scale.pt", lambda k: f"backbone.0.body.{k}",
-                                {"args": argparse.Namespace(smooth=8)})
-    det = detect.load_detector(path)
-    assert det.name == "smca" and det.names[1] == "person" and det.model.cfg.num_queries == 20
-    image = Image.open(os.path.join(tiny_shapes, "val", "000000.jpg")).convert("RGB").resize((96, 64))
-    dets, _ = detect.detect_image(dataclasses.replace(det, transform=datalib.make_transforms("val", **datalib.SHAPES_SCALES)),
-                                  image, threshold=0.0)
-    assert len(dets["scores"]) and set(dets["labels"].tolist()) <= set(det.names)
-    result = train.main(["--model", "smca", "--data", tiny_shapes, "--eval-only", "--official", path, "--scales",
-                         "shapes", "--output-dir", str(tmp_path / "eval"), "--batch-size", "3"])
-    assert set(result["stats"]) >= {"AP", "AP50"} and not os.path.exists(tmp_path / "eval" / "checkpoint.pth")
-    readable = train.main(["--model", "smca", "--data", tiny_shapes, "--eval-only", "--official", path, "--scales",
-                           "shapes", "--output-dir", str(tmp_path / "eval2"), "--batch-size", "3", "--readable-path"])
-    assert readable["stats"] == pytest.approx(result["stats"], abs=1e-6) and common.FAST_INFERENCE is False
-    with pytest.raises(ValueError, match="add --eval-only"):
-        train.main(["--model", "smca", "--data", tiny_shapes, "--official", path, "--output-dir", str(tmp_path / "x")])
-    with pytest.raises(ValueError, match="no released weights"):
-        train.main(["--model", "lite_detr", "--data", tiny_shapes, "--eval-only", "--official", path,
-                    "--output-dir", str(tmp_path / "y")])
-
-
-def test_visualize_token_cells_and_level_maps_follow_the_flattening():
-    """Token t of the flattened levels (finest first) is cell (row, col) of its level, a square of
-    stride 8 * 2^l pixels; level_maps undoes the flattening."""
-    shapes = [(4, 6), (2, 3), (1, 2)]
-    assert visualize.token_cells([0, 7, 24, 25, 29, 30], shapes) == [
-        (0, (0, 0, 7, 7)), (0, (8, 8, 15, 15)), (1, (0, 0, 15, 15)), (1, (16, 0, 31, 15)), (1, (32, 16, 47, 31)),
-        (2, (0, 0, 31, 31))]
-    maps = visualize.level_maps(torch.arange(32.0), shapes)
-    assert [tuple(m.shape) for m in maps] == shapes and maps[1][1, 2] == 24 + 5 and maps[2][0, 1] == 31
-
-
-# ---------------------------------------------------------------------------------------------
-# experiments.py
-# ---------------------------------------------------------------------------------------------
-
-def test_experiments_leaderboard_trains_each_model_once_and_tables_them(tiny_shapes, tmp_path, monkeypatch):
-    monkeypatch.setattr(experiments, "LEADERBOARD", [("DETR tiny", "smca", ["--set", "spatial_prior=false"]),
-                                                     ("SMCA tiny", "smca", [])])
-    argv = ["leaderboard", "--budget", "1e-7", "--out", str(tmp_path), "--data", tiny_shapes, "--train-args",
-            "--scales", "shapes", "--batch-size", "4", "--backbone-weights", "none", "--log-every", "100", *TINY_SET]
-    rows = experiments.main(argv)
-    assert [r["model"] for r in rows] == ["DETR tiny", "SMCA tiny"]
-    assert all(r["epochs"] == 0.5 and r["train_min"] > 0 and r["infer_ms"] > 0 for r in rows)
-    with open(tmp_path / "detr_tiny" / "log.jsonl") as f:
-        assert json.loads(f.readline())["config"]["spatial_prior"] is False
-    table = (tmp_path / "leaderboard.md").read_text()
-    assert "| DETR tiny |" in table and "| SMCA tiny |" in table and "experiments.py leaderboard --budget 1e-7" in table
-    assert experiments.main(argv) == rows  # a second call re-reads the spent runs: nothing retrained, nothing lost
-    assert len(_train_losses(tmp_path / "smca_tiny")) == 1
-
-
-def test_experiments_converge_probe_reads_a_checkpoint_and_refuses_others(tiny_shapes, tmp_path):
-    train.main(_train_args(tiny_shapes, tmp_path / "s", "--epochs", "1"))
-    rows = experiments.probe(str(tmp_path / "s" / "checkpoint.pth"), tiny_shapes, n=3, size=64)
-    assert len(rows) == 3 and all(a >= 0 and b >= 0 for a, b in rows.values())
-    assert rows["predicted boxes (images / queries)"][1] > 0  # the queries' boxes differ
-    with pytest.raises(ValueError, match="needs 4 val images"):
-        experiments.probe(str(tmp_path / "s" / "checkpoint.pth"), tiny_shapes, n=4)
-    ckpt = torch.load(tmp_path / "s" / "checkpoint.pth", weights_only=False)
-    ckpt["model_name"] = "sparse_detr"
-    torch.save(ckpt, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="not an smca one"):
-        experiments.probe(str(tmp_path / "other.pth"), tiny_shapes, n=3)
-
-
-def test_experiments_converge_table_from_logs_and_skips_finished_runs(tmp_path, monkeypatch):
-    """experiments.py converge reads each run's eval records (the last one of an epoch wins), does not retrain a
-    run whose last epoch is already evaluated, and counts the steps DETR needed to reach SMCA's AP."""
-    monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"retrained {argv}"))
-    for i in range(3):
-        os.makedirs(tmp_path / str(i))
-        with open(tmp_path / str(i) / "log.jsonl", "w") as f:
-            f.write(json.dumps({"type": "train", "loss": 1.0}) + "\n")
-            for epoch in (0, 1, 1):
-                ap = 0.01 * (i + 1) * (epoch + 1)
-                f.write(json.dumps({"type": "eval", "epoch": epoch, "AP": ap, "AP50": 2 * ap, "epoch_time_s": 60.0,
-                                    "steps": 100 * (epoch + 1)}) + "\n")
-    experiments.main(["converge", "--epochs", "2", "--out", str(tmp_path)])
-    rows = (tmp_path / "table.md").read_text().splitlines()
-    assert rows[-3] == "| 2 | 2.0 / 4.0 | 4.0 / 8.0 |"
-    assert rows[-2] == "| s / epoch, train + eval | 60 | 60 |"
-    # SMCA's AP after epoch 1 (2.0) is DETR's after its epoch 2 (200 steps); SMCA's final 4.0 it never reaches
-    assert rows[-1] == "| DETR steps to reach SMCA's AP of each epoch (SMCA: 1 epoch = 100 steps) | - | 200 (2.0x) / > 200 (> 1.0x) |"
-    experiments.main(["converge", "--epochs", "2", "--out", str(tmp_path), "--multiscale"])
-    rows = (tmp_path / "table.md").read_text().splitlines()
-    assert rows[-3] == "| 2 | 2.0 / 4.0 | 4.0 / 8.0 | 6.0 / 12.0 |"
-
-def test_experiments_fine_tokens_counts_kept_and_fine_tokens_inside_boxes(tiny_shapes, tmp_path):
-    """The kept tokens do not depend on the MCSP score; the fine-grained share does; both in [0, 1]."""
-    _tiny_checkpoint(tmp_path / "focus.pth", tiny_shapes, "focus_detr")
-    rows = experiments.main(["fine-tokens", "--checkpoint", str(tmp_path / "focus.pth"), "--images", "2"])
-    assert set(rows) == {"logit_product", "prob_product"}
-    assert rows["logit_product"]["kept"] == rows["prob_product"]["kept"]
-    assert all(0 <= v <= 1 for r in rows.values() for v in r.values())
-    _tiny_checkpoint(tmp_path / "smca.pth", tiny_shapes, "smca")
-    with pytest.raises(ValueError, match="reads a Focus-DETR checkpoint"):
-        experiments.main(["fine-tokens", "--checkpoint", str(tmp_path / "smca.pth")])
-    with pytest.raises(ValueError, match="--images 9"):
-        experiments.main(["fine-tokens", "--checkpoint", str(tmp_path / "focus.pth"), "--images", "9"])

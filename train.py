@@ -7,7 +7,7 @@
 
 --data shapes (the default) generates the synthetic set under data/shapes on first use and trains
 the model's CPU-sized configuration (`shapes_config()`, with SHAPES_RECIPE below and the model
-file's differences from it) from the ResNet-18 that pretrain.py pretrains on the set (once, on
+file's differences from it) from the ResNet-18 that engine/pretrain.py pretrains on the set (once, on
 first use; --backbone-weights shapes). --data PATH is a COCO-format root (train2017/ val2017/
 annotations/instances_{train,val}2017.json, or train/ val/ annotations/instances_{train,val}.json)
 and trains the paper's configuration with COCO_RECIPE.
@@ -23,19 +23,18 @@ Every epoch writes OUTPUT_DIR/checkpoint.pth atomically (model, optimizer, sched
 epoch, RNG states, config); --resume auto continues from it. OUTPUT_DIR/log.jsonl holds every loss
 term, the grad norm and each evaluation. A non-finite loss stops the run and names the step and
 the image ids; the last checkpoint stays as it was. A run ends by drawing its detections and the
-paper's mechanism on the first 4 val images (detect.py's pictures) into OUTPUT_DIR/pictures-after-step-S. --time-budget MINUTES stops training when that
-much training time is spent (a partial epoch then counts as done), saves, evaluates and logs the
-training seconds and the inference ms per image (experiments.py leaderboard reads them).
+paper's mechanism on the first 4 val images (detect.py's pictures) into
+OUTPUT_DIR/pictures-after-step-S. --time-budget MINUTES stops training when that much training
+time is spent (a partial epoch then counts as done), saves, evaluates and logs the training
+seconds and the inference ms per image (experiments.py leaderboard reads them).
 """
 import argparse
 import dataclasses
 from dataclasses import dataclass
-import importlib
 import json
 import math
 import os
 import random
-import sys
 import time
 
 import numpy as np
@@ -43,13 +42,12 @@ import torch
 import torch.distributed as dist
 
 import data as datalib
-import common
-import pretrain
-from common import load_backbone_weights
+import detect
+from common import fast_paths, load_backbone_weights
 from data import shapes
-
-MODELS = ("smca", "sparse_detr", "lite_detr", "focus_detr")  # the model files (see above for what each provides)
-SHAPES_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes")
+from engine import pretrain
+from engine.runtime import (MODELS, SHAPES_ROOT, backbone_weights, load_checkpoint, model_module, run_cli,
+                            save_atomic, select_device)
 # The paper recipe, shared by the four papers (a model file's COCO_RECIPE overrides some of it)
 COCO_RECIPE = {"epochs": 50, "lr_drop": 40, "batch_size": 2, "lr": 1e-4, "lr_backbone": 1e-5, "eval_every": 1}
 # The CPU recipe on the shapes set (a model file's SHAPES_RECIPE overrides some of it): 2 epochs of
@@ -78,7 +76,7 @@ def parse_args(argv=None):
                         "--data PATH) or 'shapes' (128-192, max 240; the default on shapes)")
     p.add_argument("--eval-only", action="store_true")
     p.add_argument("--readable-path", action="store_true",
-                   help="evaluate on the readable path, without the inference fast paths (common.FAST_INFERENCE)")
+                   help="evaluate on the readable path, without the inference fast paths (common.fast_paths)")
     p.add_argument("--official", default=None, metavar="PATH",
                    help="with --eval-only: evaluate the authors' released weights (the file as published) through "
                         "the model file's from_official(); the configuration comes from the file")
@@ -87,14 +85,16 @@ def parse_args(argv=None):
                    help="stop training after this many minutes of training (summed over resumes; checked every "
                         "iteration), then save and evaluate. experiments.py leaderboard gives every model the same one")
     p.add_argument("--backbone-weights", default=None,
-                   help="torchvision-format ResNet .pth, 'imagenet' (download), 'shapes' (the ResNet pretrain.py "
-                        "pretrains on the shapes set, trained on first use) or 'none' (from scratch). Default: "
+                   help="torchvision-format ResNet .pth, 'imagenet' (download), "
+                        "'shapes' (the ResNet engine/pretrain.py pretrains on the shapes set, trained on first use) "
+                        "or 'none' (from scratch). Default: "
                         "'imagenet' with --data PATH (the papers fine-tune an ImageNet backbone), 'shapes' on shapes")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override model Config fields (repeatable; later wins)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--num-workers", type=int, default=None,
-                   help="data loader processes; default 4 on GPU, 0 on CPU (where workers only take cores from the model)")
+                   help="data loader processes; default 4 on GPU, 0 on CPU "
+                        "(where workers only take cores from the model)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--log-every", type=float, default=5.0, help="seconds between console progress lines")
     return p.parse_args(argv)
@@ -152,7 +152,7 @@ def apply_overrides(cfg, pairs):
     return cfg
 
 
-def build_data(args, recipe_scales, rank, world):
+def build_data(args, recipe_scales, rank):
     if args.data == "shapes":
         if rank == 0:
             shapes.ensure(SHAPES_ROOT)
@@ -166,7 +166,8 @@ def build_data(args, recipe_scales, rank, world):
     val = datalib.CocoDetection(*datalib.find_split(root, "val"), datalib.make_transforms("val", **recipe_scales))
     train = None
     if not args.eval_only:
-        train = datalib.CocoDetection(*datalib.find_split(root, "train"), datalib.make_transforms("train", **recipe_scales))
+        train_transforms = datalib.make_transforms("train", **recipe_scales)
+        train = datalib.CocoDetection(*datalib.find_split(root, "train"), train_transforms)
         if train.num_classes > val.num_classes or train.categories != val.categories:
             raise ValueError(f"train and val annotation files declare different categories "
                              f"({train.ann_file} vs {val.ann_file})")
@@ -209,45 +210,6 @@ def param_groups(model, lr, lr_backbone, multipliers):
                     break
         groups.setdefault(key, {"params": [], "lr": group_lr, "name": key})["params"].append(p)
     return list(groups.values())
-
-
-def save_atomic(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path!r} cannot be read ({e})") from e
-
-
-def _numpy_array_globals():
-    """What unpickling a numpy array needs (numpy 1 and 2 name its module differently)."""
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-
-
-def backbone_weights(source):
-    """--backbone-weights -> what common.load_backbone_weights takes: "imagenet", or the state dict
-    read from a file (torchvision format, pretrain.py's file, or one of our checkpoints, whose
-    backbone is taken). Read with weights_only=True; our checkpoints' RNG states are numpy arrays."""
-    if source == "imagenet":
-        return source
-    if not os.path.isfile(source):
-        raise ValueError(f"backbone weights: no such file {source!r}")
-    try:
-        with torch.serialization.safe_globals(_numpy_array_globals()):
-            return torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"backbone weights: {source!r} is not a readable torch state dict ({e})") from e
 
 
 TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng", "epoch")
@@ -421,16 +383,6 @@ def resolve_recipe(args, module, on_shapes):
         raise ValueError(f"--time-budget must be a positive number of minutes, got {args.time_budget}")
 
 
-def select_device(args):
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise ValueError(f"--device {args.device!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this machine has no CUDA device (or torch is a CPU build)")
-    return device
-
-
 def build_model(args, module, cfg, on_shapes, rank, official_state=None):
     """The model file's build, with the backbone weights (or the authors' whole state dict),
     --finetune and --lr-backbone 0 applied."""
@@ -439,7 +391,7 @@ def build_model(args, module, cfg, on_shapes, rank, official_state=None):
         model.load_state_dict(official_state)
         return model, criterion, postprocess
     weights = args.backbone_weights or ("shapes" if on_shapes else "imagenet")
-    if weights == "shapes":  # the miniature of the papers' ImageNet backbone (pretrain.py)
+    if weights == "shapes":  # the miniature of the papers' ImageNet backbone (engine/pretrain.py)
         if not on_shapes:
             raise ValueError("--backbone-weights shapes is the ResNet pretrained on the built-in shapes set; "
                              "use it with --data shapes, or pass 'imagenet', a file or 'none'")
@@ -497,8 +449,13 @@ def save_checkpoint(run, scheduler, epoch, fraction, cfg, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    common.FAST_INFERENCE = not args.readable_path
-    module = importlib.import_module(args.model)
+    with fast_paths(not args.readable_path):  # --readable-path: evaluation without the inference fast paths
+        return train_or_evaluate(args)
+
+
+def train_or_evaluate(args):
+    """main, once the flags are parsed: recipe -> device -> data -> model -> optimizer / resume -> epochs."""
+    module = model_module(args.model)
     on_shapes = args.data == "shapes"
     resolve_recipe(args, module, on_shapes)
     data_name = "shapes" if on_shapes else os.path.basename(os.path.normpath(args.data))
@@ -511,8 +468,8 @@ def main(argv=None):
     random.seed(args.seed + rank)
 
     args.scales = args.scales or ("shapes" if on_shapes else "coco")  # recorded in the checkpoint (detect.py reads it)
-    train_set, val_set = build_data(args, datalib.SHAPES_SCALES if args.scales == "shapes" else datalib.COCO_SCALES,
-                                    rank, world)
+    scales = datalib.SHAPES_SCALES if args.scales == "shapes" else datalib.COCO_SCALES
+    train_set, val_set = build_data(args, scales, rank)
     official_state = None
     if args.official:  # the authors' weights: their file says the configuration
         if not args.eval_only:
@@ -557,7 +514,8 @@ def main(argv=None):
         if rank == 0:
             print(f"resumed from {resume} (epoch {start_epoch} done)")
     if world > 1:
-        run.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        run.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     os.makedirs(args.output_dir, exist_ok=True)
     run.log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if rank == 0 else None
@@ -588,7 +546,6 @@ def write_pictures(run, val_set, n=4):
     """The end of a training run: detect.py's pictures (detections, and the paper's mechanism) of the
     first n val images, in OUTPUT_DIR/pictures-after-step-S (S: the optimizer steps so far; a folder
     already there is left as it is)."""
-    import detect  # detect.py imports this module
     out = os.path.join(run.args.output_dir, f"pictures-after-step-{run.steps}")
     if os.path.exists(out):
         print(f"pictures of the val images are in {out} (already written)")
@@ -621,22 +578,13 @@ def fit(run, scheduler, cfg, train_set, val_set, start_epoch, ckpt_path):
                      **result["stats"], "per_class": {str(k): v for k, v in result["per_class"].items()}})
             if run.rank == 0:
                 print(result["text"])
-                print(f"epoch {epoch + 1}: AP {result['stats']['AP']:.3f}  AP50 {result['stats']['AP50']:.3f}", flush=True)
+                stats = result["stats"]
+                print(f"epoch {epoch + 1}: AP {stats['AP']:.3f}  AP50 {stats['AP50']:.3f}", flush=True)
         if fraction < 1:
             if run.rank == 0:
                 print(f"--time-budget of {args.time_budget:g} min spent after {fraction:.0%} of epoch {epoch + 1}")
             break
     return result
-
-
-def run_cli(entry):
-    """Run a command-line entry point: a bad input (ValueError) or a diverged run ends with its
-    message and exit status 1, not a traceback."""
-    try:
-        entry()
-    except (ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

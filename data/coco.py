@@ -87,7 +87,8 @@ class CocoDetection(torch.utils.data.Dataset):
             if "file_name" not in info:
                 raise ValueError(f"{self.ann_file}: image id {img_id} has no file_name")
             if info["file_name"] not in files and not os.path.isfile(os.path.join(self.img_dir, info["file_name"])):
-                raise ValueError(f"{self.ann_file}: image id {img_id}: file {os.path.join(self.img_dir, info['file_name'])} is missing")
+                missing = os.path.join(self.img_dir, info["file_name"])
+                raise ValueError(f"{self.ann_file}: image id {img_id}: file {missing} is missing")
         self.targets, dropped = {}, 0
         for img_id in self.ids:
             boxes, labels = [], []
@@ -99,7 +100,8 @@ class CocoDetection(torch.utils.data.Dataset):
                     continue
                 bbox = ann.get("bbox")
                 if bbox is None or len(bbox) != 4:
-                    raise ValueError(f"{self.ann_file}: annotation {ann.get('id')} of image id {img_id} has bbox {bbox!r}, not [x, y, w, h]")
+                    raise ValueError(f"{self.ann_file}: annotation {ann.get('id')} of image id {img_id} "
+                                     f"has bbox {bbox!r}, not [x, y, w, h]")
                 x, y, w, h = map(float, bbox)
                 W, H = self.coco.imgs[img_id].get("width", np.inf), self.coco.imgs[img_id].get("height", np.inf)
                 x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, W), min(y + h, H)

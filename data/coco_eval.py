@@ -62,5 +62,6 @@ class CocoEvaluator:
             p = precision[:, :, k]
             per_class[cat_id] = float(np.mean(p[p > -1])) if (p > -1).any() else float("nan")
         names = class_names or {}
-        rows = [f"{'category':>20s}  AP"] + [f"{names.get(c, str(c)):>20s}  {ap * 100:5.1f}" for c, ap in per_class.items()]
+        class_rows = [f"{names.get(c, str(c)):>20s}  {ap * 100:5.1f}" for c, ap in per_class.items()]
+        rows = [f"{'category':>20s}  AP"] + class_rows
         return {"stats": stats, "per_class": per_class, "text": buf.getvalue() + "\n".join(rows)}

@@ -121,7 +121,8 @@ class ToTensorNormalize:
         x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
         h, w = x.shape[-2:]
         b = target["boxes"]
-        cxcywh = torch.stack([(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], -1)
+        cxcywh = torch.stack(
+            [(b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2, b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], -1)
         target = {**target, "boxes": cxcywh / torch.tensor([w, h, w, h], dtype=torch.float32),
                   "size": torch.tensor([h, w])}
         return x, target

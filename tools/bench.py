@@ -1,22 +1,24 @@
 """Efficiency, measured: every model against its dense baseline, next to what its paper reports.
-(Training experiments, the leaderboard among them, are in experiments.py.)
+(Training experiments, the leaderboard among them, are in tools/experiments.py.)
 
-    python bench.py                          # all four models and their baselines, 800 x 1333, CPU
-    python bench.py --model lite_detr        # one model (smca, sparse_detr, lite_detr, focus_detr)
-    python bench.py --size 512 640 --repeats 5
-    python bench.py --data PATH --images 100 # GMACs averaged over the first 100 val images (as the papers)
-    python bench.py --device cuda --amp bf16 # GPU: synchronised timing at batch 1 and 4 (FPS, B4FPS)
-    python bench.py --json                   # one JSON record per model configuration, nothing else
-    python bench.py --fast-vs-reference      # the inference fast paths against the readable reference
-    python bench.py --profile                # where a forward's time goes, by module and op group
+    python -m tools.bench                          # all four models and their baselines, 800 x 1333, CPU
+    python -m tools.bench --model lite_detr        # one model (smca, sparse_detr, lite_detr, focus_detr)
+    python -m tools.bench --size 512 640 --repeats 5
+    python -m tools.bench --readable-path          # time the readable path (no inference fast paths)
+    python -m tools.bench --data PATH --images 100 # GMACs averaged over the first 100 val images (as the papers)
+    python -m tools.bench --device cuda --amp bf16 # GPU: synchronised timing at batch 1 and 4 (FPS, B4FPS)
+    python -m tools.bench --json                   # one JSON record per model configuration, nothing else
+    python -m tools.bench --fast-vs-reference      # the inference fast paths against the readable reference
+    python -m tools.bench --profile                # where a forward's time goes, by module and op group
 
 What is measured, per configuration (R50, the paper's COCO Config, random weights: cost does not
 depend on them):
 - params: every parameter of the model, frozen ones included (as the papers count them).
 - GMACs: torch.utils.flop_counter.FlopCounterMode (matmuls and convolutions, 2 FLOPs per
   multiply-add) / 2, plus grid_sample at 4 multiply-adds per sampled value (one per bilinear
-  corner, as fvcore counts it), which FlopCounterMode does not see, and the attention products of
-  nn.MultiheadAttention on CPU (FlopCounterMode counts its CUDA kernels only). Elementwise work
+  corner, as fvcore counts it), which FlopCounterMode does not see, the attention products of
+  nn.MultiheadAttention on CPU (FlopCounterMode counts its CUDA kernels only) and Lite DETR's
+  key-aware attention products q . k and sum_j w_j v_j (its readable core computes them elementwise). Elementwise work
   (softmax, norms, deformable attention's weighted sum) is not counted; fvcore, which the papers
   used, skips most of it too. "Encoder" is what runs inside `model.encoder` (the encoder layers; token scoring
   and selection are outside it and show up in the total).
@@ -31,7 +33,6 @@ published (see SUITES below).
 """
 import argparse
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -45,6 +46,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import lite_detr
+from common import fast_paths
+from engine.runtime import model_module, run_cli
 
 # ---------------------------------------------------------------------------------------------
 # What is compared: each model's configurations, its dense baseline, the papers' figures
@@ -133,24 +136,46 @@ FLOP_FORMULAS = {torch.ops.aten.grid_sampler_2d: _grid_sample_flops,
                  torch.ops.aten._native_multi_head_attention: _native_mha_flops}
 
 
+class KeyAwareProducts:
+    """Forward hooks on Lite DETR's key-aware attentions: their q . k and weighted sum of values, B Q H L P D
+    multiply-adds each, which the readable core computes elementwise (FlopCounterMode counts matrix products
+    only) -> FLOPs in all and inside model.encoder."""
+
+    def __init__(self, model):
+        inside = {id(m) for m in model.encoder.modules()} if model is not None else set()
+        self.total = self.encoder = 0
+        self.handles = [m.register_forward_hook(lambda mod, args, out: self.count(out, id(mod) in inside))
+                        for m in (model.modules() if model is not None else [])
+                        if isinstance(m, lite_detr.KeyAwareDeformableAttention)]
+
+    def count(self, out, in_encoder):
+        output, _, weights = out  # (B, Q, C), _, (B, Q, H, L, P)
+        flops = 2 * 2 * weights.numel() * (output.shape[-1] // weights.shape[2])  # two products, D = C / H
+        self.total += flops
+        self.encoder += flops if in_encoder else 0
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
 def count_gmacs(fn, model=None):
-    """-> (total GMACs, GMACs inside model.encoder) of running fn(); grid_sample and CPU attention
-    included. Counted on the readable path (the inference fast paths do the same work)."""
-    import common
+    """-> (total GMACs, GMACs inside model.encoder) of running fn(); grid_sample, CPU attention and
+    key-aware attention included. Counted on the readable path (the inference fast paths do the same work)."""
     counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
-    fast, common.FAST_INFERENCE = common.FAST_INFERENCE, False
+    kda = KeyAwareProducts(model)
     try:
-        with counter:
+        with fast_paths(False), counter:
             fn()
     finally:
-        common.FAST_INFERENCE = fast
+        kda.remove()
     counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     encoder = 0
     if model is not None:
         root = f"{type(model).__name__}.encoder"
         layers = re.compile(re.escape(root) + r"\.\d+")
         encoder = counts[root] if root in counts else sum(v for k, v in counts.items() if layers.fullmatch(k))
-    return counts.get("Global", 0) / 2e9, encoder / 2e9
+    return (counts.get("Global", 0) + kda.total) / 2e9, (encoder + kda.encoder) / 2e9
 
 
 class EncoderTimer:
@@ -251,7 +276,7 @@ def _ratio(ours, paper, derived=False):
 def bench_model(name, args, images, config=None):
     """Measure one suite -> list of records (one per variant, with its baseline's figures).
     `config`: the Config the suite's overrides apply to (default: the model's COCO Config)."""
-    module = importlib.import_module(name)  # the model file of that name
+    module = model_module(name)
     suite = SUITES[name]
     rows = measure(module, [(make_config(module, v.overrides, config), v.timed)
                             for v in [suite.baseline] + suite.variants], args, images)
@@ -277,7 +302,8 @@ def print_table(name, records, args):
     r0 = records[0]
     print(f"\n### {name}: against {r0['baseline']} ({r0['baseline_params'] / 1e6:.1f} M parameters, "
           f"{r0['baseline_gmacs']:.1f} GMACs, encoder {r0['baseline_encoder_gmacs']:.1f}, "
-          f"{r0['baseline_ms']:.0f} ms +- {r0['baseline_ms_spread'] / 2:.0f}, encoder {r0['baseline_encoder_ms']:.0f} ms)")
+          f"{r0['baseline_ms']:.0f} ms +- {r0['baseline_ms_spread'] / 2:.0f}, "
+          f"encoder {r0['baseline_encoder_ms']:.0f} ms)")
     print(f"Paper figures: {suite.source}\n")
     b4 = [b for b in args.batch_sizes[1:]]
     print("| configuration | params (M) | GMACs | vs base | paper | encoder GMACs | vs base | paper | ms | vs base | "
@@ -301,16 +327,19 @@ def print_table(name, records, args):
 
 
 # ---------------------------------------------------------------------------------------------
-# The inference fast paths against the readable reference (common.FAST_INFERENCE)
+# The inference fast paths against the readable reference (common.fast_paths)
 # ---------------------------------------------------------------------------------------------
+
+
+def max_diff(a, b):
+    return (a - b).abs().max().item()
 
 
 def fast_vs_reference(name, args, image):
     """The suite's baseline and first variant with the fast paths off (the reference) and on,
     interleaved round by round (a warm-up round, then --repeats) -> one record per configuration:
     median ms of each, their ratio, and the largest output differences of the fast path."""
-    import common
-    module = importlib.import_module(name)
+    module = model_module(name)
     suite, rows = SUITES[name], []
     variants = [suite.baseline] + [v for v in suite.variants if v.timed][:2 if name == "smca" else 1]
     inputs = (image[None], torch.zeros(1, *image.shape[1:], dtype=torch.bool, device=image.device))
@@ -320,48 +349,78 @@ def fast_vs_reference(name, args, image):
         models.append(module.build(make_config(module, v.overrides))[0].eval().to(args.device))
     times = [[[], []] for _ in models]
     outs = [[None, None] for _ in models]
-    try:
-        with torch.no_grad():
-            for r in range(args.repeats + 1):  # round 0 is the warm-up
-                for i, model in enumerate(models):
-                    for fast in (False, True):
-                        common.FAST_INFERENCE = fast
+    with torch.no_grad():
+        for r in range(args.repeats + 1):  # round 0 is the warm-up
+            for i, model in enumerate(models):
+                for fast in (False, True):
+                    with fast_paths(fast):
                         t0 = time.perf_counter()
                         outs[i][fast] = model(*inputs)
-                        if r:
-                            times[i][fast].append(time.perf_counter() - t0)
-    finally:
-        common.FAST_INFERENCE = True
+                    if r:
+                        times[i][fast].append(time.perf_counter() - t0)
     for v, (t_ref, t_fast), (ref, fast) in zip(variants, times, outs):
         ms_ref, ms_fast = 1e3 * statistics.median(t_ref), 1e3 * statistics.median(t_fast)
         # before any top-k: the scores the selections are made from (a near-tie may flip a selection,
         # after which the outputs legitimately differ)
         key = next((k for k in ("token_scores", "fg_logits") if k in ref), None)
-        pre = ((ref[key] - fast[key]).abs().max().item() if key else
-               (ref["enc_outputs"]["pred_logits"] - fast["enc_outputs"]["pred_logits"]).abs().max().item()
-               if "enc_outputs" in ref and "fg_logits" not in ref and name != "focus_detr" else None)
+        pre = None
+        if key:
+            pre = max_diff(ref[key], fast[key])
+        elif "enc_outputs" in ref and name != "focus_detr":  # DINO's enc_outputs come after its top-k
+            pre = max_diff(ref["enc_outputs"]["pred_logits"], fast["enc_outputs"]["pred_logits"])
         rows.append({"model": name, "label": v.label, "ms_reference": ms_ref, "ms_fast": ms_fast,
-                     "speedup": ms_ref / ms_fast, "logits_diff": (ref["pred_logits"] - fast["pred_logits"]).abs().max().item(),
-                     "boxes_diff": (ref["pred_boxes"] - fast["pred_boxes"]).abs().max().item(),
+                     "speedup": ms_ref / ms_fast, "logits_diff": max_diff(ref["pred_logits"], fast["pred_logits"]),
+                     "boxes_diff": max_diff(ref["pred_boxes"], fast["pred_boxes"]),
                      "selection_scores_diff": pre, "size": args.size_label})
     return rows
 
 
-OP_GROUPS = {"convolutions": ("aten::mkldnn_convolution", "aten::convolution"), "grid_sample": ("aten::grid_sampler_2d",),
+OP_GROUPS = {"convolutions": ("aten::mkldnn_convolution", "aten::convolution"),
+             "grid_sample": ("aten::grid_sampler_2d",),
              "matrix products": ("aten::addmm", "aten::mm", "aten::bmm", "aten::_native_multi_head_attention"),
              "elementwise": ("aten::mul", "aten::add", "aten::addcmul_", "aten::add_", "aten::sum", "aten::clamp_min",
                              "aten::clamp_min_", "aten::div", "aten::sub", "aten::softmax", "aten::_softmax"),
              "copies": ("aten::copy_", "aten::cat", "aten::fill_", "aten::zero_")}
 
 
-def profile(name, args, image, overrides=None):
+def profile_forward(model, inputs, spans, torch_profile, activity):
+    """One timed forward with hooks around each span, then one under torch.profiler (after a warm-up)."""
+    seconds, handles = dict.fromkeys(spans, 0.0), []
+    for part, mods in spans.items():
+        for m in mods:
+            first, last = (m[0], m[-1]) if isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)) else (m, m)
+            start = {}
+
+            def enter(*_, s=start):
+                s["t"] = time.perf_counter()
+
+            def leave(*_, s=start, p=part):
+                seconds[p] += time.perf_counter() - s["t"]
+            handles += [first.register_forward_pre_hook(enter), last.register_forward_hook(leave)]
+    with torch.no_grad():
+        model(*inputs)  # warm-up
+        seconds.update(dict.fromkeys(spans, 0.0))
+        t0 = time.perf_counter()
+        model(*inputs)
+        total = time.perf_counter() - t0
+        for h in handles:
+            h.remove()
+        with torch_profile(activities=[activity.CPU]) as prof:
+            model(*inputs)
+    ops = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
+    groups = {g: sum(ops.get(o, 0.0) for o in names) for g, names in OP_GROUPS.items()}
+    return {"total": 1e3 * total, **{p: 1e3 * t for p, t in seconds.items()},
+            "rest": 1e3 * (total - sum(seconds.values())), "ops": groups,
+            "ops_other": sum(ops.values()) - sum(groups.values())}
+
+
+def profile(name, image, overrides=None):
     """One forward of the suite's first timed variant (or `overrides`), reference and fast path: ms in
     the backbone, the input projections, the encoder, the decoder and the rest (hooks), and the
     self CPU ms of each op group (torch.profiler). -> {"reference": {...}, "fast": {...}}"""
-    import common
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
-    module = importlib.import_module(name)
+    module = model_module(name)
     v = next(v for v in SUITES[name].variants if v.timed) if overrides is None else Variant("given", overrides)
     torch.manual_seed(0)
     model = module.build(make_config(module, v.overrides))[0].eval()
@@ -369,34 +428,9 @@ def profile(name, args, image, overrides=None):
     spans = {"backbone": [model.backbone], "input projections": list(model.input_proj),
              "encoder": [model.encoder], "decoder": [model.decoder]}
     result = {}
-    try:
-        for mode, fast in (("reference", False), ("fast", True)):
-            common.FAST_INFERENCE = fast
-            seconds, handles = dict.fromkeys(spans, 0.0), []
-            for part, mods in spans.items():
-                for m in mods:
-                    first, last = (m[0], m[-1]) if isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)) else (m, m)
-                    start = {}
-                    handles += [first.register_forward_pre_hook(lambda *a, s=start: s.__setitem__("t", time.perf_counter())),
-                                last.register_forward_hook(lambda *a, s=start, p=part: seconds.__setitem__(
-                                    p, seconds[p] + time.perf_counter() - s["t"]))]
-            with torch.no_grad():
-                model(*inputs)  # warm-up
-                seconds = dict.fromkeys(spans, 0.0)
-                t0 = time.perf_counter()
-                model(*inputs)
-                total = time.perf_counter() - t0
-                for h in handles:
-                    h.remove()
-                with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-                    model(*inputs)
-            ops = {e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()}
-            groups = {g: sum(ops.get(o, 0.0) for o in names) for g, names in OP_GROUPS.items()}
-            result[mode] = {"total": 1e3 * total, **{p: 1e3 * t for p, t in seconds.items()},
-                            "rest": 1e3 * (total - sum(seconds.values())), "ops": groups,
-                            "ops_other": sum(ops.values()) - sum(groups.values())}
-    finally:
-        common.FAST_INFERENCE = True
+    for mode, fast in (("reference", False), ("fast", True)):
+        with fast_paths(fast):
+            result[mode] = profile_forward(model, inputs, spans, torch_profile, ProfilerActivity)
     return {"model": name, "label": v.label, **result}
 
 
@@ -414,6 +448,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=("off", "bf16"), default="off")
     p.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON record per configuration instead of tables")
+    p.add_argument("--readable-path", action="store_true",
+                   help="time the readable path, without the inference fast paths (common.fast_paths)")
     p.add_argument("--profile", action="store_true",
                    help="where one forward's time goes (modules, op groups), reference and fast path")
     p.add_argument("--fast-vs-reference", action="store_true",
@@ -437,6 +473,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    with fast_paths(not args.readable_path):  # the timed forwards; GMACs are counted on the readable path
+        return run(args)
+
+
+def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.data:
@@ -447,7 +488,8 @@ def main(argv=None):
         images = [torch.randn(3, *args.size, device=args.device)]
         args.size_label = f"{args.size[0]}x{args.size[1]}"
     if not args.json:
-        print(f"bench: {args.size_label}, {args.device}, amp {args.amp}, {torch.get_num_threads()} threads, "
+        path = "readable path" if args.readable_path else "inference fast paths"
+        print(f"bench: {args.size_label}, {args.device}, amp {args.amp}, {torch.get_num_threads()} threads, {path}, "
               f"median of {args.repeats} after a warm-up; GMACs = FlopCounterMode / 2 + grid_sample 4 per value")
     records = []
     if args.profile:
@@ -456,25 +498,29 @@ def main(argv=None):
         print("|---" * (4 + len(cols) + len(OP_GROUPS)) + "|")
         for name in args.model or list(SUITES):
             for v in [SUITES[name].baseline, next(v for v in SUITES[name].variants if v.timed)]:
-                r = profile(name, args, images[0], v.overrides)
+                r = profile(name, images[0], v.overrides)
                 records.append(r)
                 for mode in ("reference", "fast"):
                     m = r[mode]
-                    print(f"| {name}: {v.label} | {mode} | {m['total']:.0f} | " + " | ".join(f"{m[c]:.0f}" for c in cols)
-                          + " | " + " | ".join(f"{m['ops'][g]:.0f}" for g in OP_GROUPS) + f" | {m['ops_other']:.0f} |",
+                    col_cells = " | ".join(f"{m[c]:.0f}" for c in cols)
+                    op_cells = " | ".join(f"{m['ops'][g]:.0f}" for g in OP_GROUPS)
+                    print(f"| {name}: {v.label} | {mode} | {m['total']:.0f} | " + col_cells
+                          + " | " + op_cells + f" | {m['ops_other']:.0f} |",
                           flush=True)
         return records
     if args.fast_vs_reference:
         if not args.json:
-            print("| model | configuration | reference ms | fast ms | speedup | max diff logits / boxes | max diff of the "
-                  "scores a top-k selects from |\n|---|---|---|---|---|---|---|")
+            print("| model | configuration | reference ms | fast ms | speedup | max diff logits / boxes | "
+                  "max diff of the scores a top-k selects from |\n|---|---|---|---|---|---|---|")
         for name in args.model or list(SUITES):
             for r in fast_vs_reference(name, args, images[0]):
                 records.append(r)
+                sel_diff = r["selection_scores_diff"]
+                sel_text = "-" if sel_diff is None else format(sel_diff, ".1e")
                 print(json.dumps(r) if args.json else
                       f"| {name} | {r['label']} | {r['ms_reference']:.0f} | {r['ms_fast']:.0f} | {r['speedup']:.2f}x | "
                       f"{r['logits_diff']:.1e} / {r['boxes_diff']:.1e} | "
-                      f"{'-' if r['selection_scores_diff'] is None else format(r['selection_scores_diff'], '.1e')} |", flush=True)
+                      f"{sel_text} |", flush=True)
         return records
     for name in args.model or list(SUITES):
         recs = bench_model(name, args, images)
@@ -489,5 +535,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    import train
-    train.run_cli(main)
+    run_cli(main)

@@ -2,11 +2,11 @@
 any run) in folders under --out, reads their log.jsonl files and writes a table. A killed run is
 continued with `--resume auto`, so running a command again only does what is missing.
 
-    python experiments.py converge                      # SMCA's convergence claim, runs/converge/
-    python experiments.py converge --epochs 6 --out runs/converge6 --data /path/to/coco
-    python experiments.py converge --probe runs/converge/0/checkpoint.pth runs/converge/1/checkpoint.pth
-    python experiments.py leaderboard --budget 5         # every model, the same CPU minutes, runs/leaderboard/
-    python experiments.py fine-tokens --checkpoint runs/focus_detr-shapes/checkpoint.pth
+    python -m tools.experiments converge                      # SMCA's convergence claim, runs/converge/
+    python -m tools.experiments converge --epochs 6 --out runs/converge6 --data /path/to/coco
+    python -m tools.experiments converge --probe runs/converge/0/checkpoint.pth runs/converge/1/checkpoint.pth
+    python -m tools.experiments leaderboard --budget 5         # every model, the same CPU minutes, runs/leaderboard/
+    python -m tools.experiments fine-tokens --checkpoint runs/focus_detr-shapes/checkpoint.pth
 
 converge: the DETR baseline and single-scale SMCA (and, with --multiscale, multi-scale SMCA)
 trained with the same data, seed, schedule and number of steps, evaluated after every epoch. The
@@ -40,10 +40,12 @@ import torch
 import torch.nn.functional as F
 
 import data as datalib
+import detect
 import smca
 import train
-import visualize
 from common import box_cxcywh_to_xyxy
+from engine import visualize
+from engine.runtime import SHAPES_ROOT, load_checkpoint, run_cli
 
 # ---------------------------------------------------------------------------------------------
 # converge: SMCA against its DETR baseline, same steps
@@ -106,14 +108,15 @@ def table(results, epochs, variants):
 @torch.no_grad()
 def probe(ckpt_path, root, n=16, size=160):
     """-> {quantity: (variance across images, variance across cells / queries)} for one SMCA checkpoint."""
-    ckpt = train.load_checkpoint(ckpt_path)
+    ckpt = load_checkpoint(ckpt_path)
     if ckpt.get("model_name") != "smca":
         raise ValueError(f"--probe: {ckpt_path} is a {ckpt.get('model_name')!r} checkpoint, not an smca one")
     if ckpt["config"].get("multiscale"):
         raise ValueError(f"--probe reads single-scale checkpoints; {ckpt_path} is multi-scale")
     model = smca.build(smca.Config(**ckpt["config"]))[0].eval()
     model.load_state_dict(ckpt["model"])
-    val = datalib.CocoDetection(*datalib.find_split(root, "val"), datalib.make_transforms("val", **datalib.SHAPES_SCALES))
+    val_transforms = datalib.make_transforms("val", **datalib.SHAPES_SCALES)
+    val = datalib.CocoDetection(*datalib.find_split(root, "val"), val_transforms)
     if len(val) < n:
         raise ValueError(f"--probe needs {n} val images, {root} has {len(val)}")
     images = torch.stack([F.interpolate(val[i][0][None], size=(size, size), mode="bilinear")[0] for i in range(n)])
@@ -134,7 +137,7 @@ def probe(ckpt_path, root, n=16, size=160):
 
 def converge(args, argv):
     if args.probe:
-        root = train.SHAPES_ROOT if args.data == "shapes" else args.data
+        root = SHAPES_ROOT if args.data == "shapes" else args.data
         results = {path: probe(path, root) for path in args.probe}
         for path, rows in results.items():
             print(path)
@@ -158,7 +161,7 @@ def converge(args, argv):
     text = table(results, args.epochs, variants)
     print(text)
     with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(f"`python experiments.py {' '.join(argv)}`\n\n{text}\n")
+        f.write(f"`python -m tools.experiments {' '.join(argv)}`\n\n{text}\n")
     return results
 
 
@@ -191,7 +194,7 @@ def leaderboard(args, argv):
         rows.append({"model": label, "AP": e["AP"], "AP50": e["AP50"], "APs": e["APs"], "APm": e["APm"],
                      "APl": e["APl"], "epochs": e["epoch"] + e.get("epoch_fraction", 1.0),
                      "train_min": e["train_s"] / 60, "infer_ms": e["infer_ms_per_image"]})
-    lines = [f"`python experiments.py {' '.join(argv)}` ({args.budget:g} CPU minutes of training each, seed "
+    lines = [f"`python -m tools.experiments {' '.join(argv)}` ({args.budget:g} CPU minutes of training each, seed "
              f"{args.seed}, {args.data} val, {torch.get_num_threads()} threads)", "",
              "| model | AP | AP50 | APs | APm | APl | epochs done | train (min) | inference (ms / image) |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -214,13 +217,12 @@ def leaderboard(args, argv):
 
 @torch.no_grad()
 def fine_tokens(args, argv):
-    import detect  # detect.py imports train.py, as this file does
     det = detect.load_detector(args.checkpoint)
     if det.name != "focus_detr" or not det.model.cfg.foreground_selection:
         raise ValueError(f"fine-tokens reads a Focus-DETR checkpoint with foreground selection; {args.checkpoint} "
                          f"is {det.name}")
-    ckpt_args = train.load_checkpoint(args.checkpoint).get("args") or {}
-    root = train.SHAPES_ROOT if ckpt_args.get("data", "shapes") == "shapes" else ckpt_args["data"]
+    ckpt_args = load_checkpoint(args.checkpoint).get("args") or {}
+    root = SHAPES_ROOT if ckpt_args.get("data", "shapes") == "shapes" else ckpt_args["data"]
     val = datalib.CocoDetection(*datalib.find_split(root, "val"), det.transform)
     if not 1 <= args.images <= len(val):
         raise ValueError(f"--images {args.images}: between 1 and the {len(val)} images of {val.ann_file}")
@@ -245,11 +247,11 @@ def fine_tokens(args, argv):
         rows[score] = {k: a / max(b, 1) for k, (a, b) in counts.items()}
     det.model.cfg.mcsp_score = trained
     names = {"logit_product": "product of raw logits (official)", "prob_product": "product of probabilities (paper)"}
-    lines = [f"`python experiments.py {' '.join(argv)}` (first {args.images} val images, every encoder layer; "
+    lines = [f"`python -m tools.experiments {' '.join(argv)}` (first {args.images} val images, every encoder layer; "
              f"the model was trained with {trained})", "",
              "| MCSP score | all tokens inside a box | kept tokens | fine-grained tokens |", "|---|---|---|---|"]
-    lines += [f"| {names[k]}{' (as trained)' if k == trained else ''} | {100 * v['all']:.1f}% | {100 * v['kept']:.1f}% | "
-              f"{100 * v['fine']:.1f}% |" for k, v in rows.items()]
+    lines += [f"| {names[k]}{' (as trained)' if k == trained else ''} | {100 * v['all']:.1f}% | "
+              f"{100 * v['kept']:.1f}% | {100 * v['fine']:.1f}% |" for k, v in rows.items()]
     print("\n".join(lines))
     return rows
 
@@ -272,10 +274,11 @@ def main(argv=None):
         q.add_argument("--seed", type=int, default=42)
         q.add_argument("--out", default=None, help="output folder (default runs/converge or runs/leaderboard)")
         q.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
-                       help="further train.py arguments for every run (last on the line, e.g. --train-args --batch-size 4)")
+                       help="further train.py arguments for every run "
+                            "(last on the line, e.g. --train-args --batch-size 4)")
     args = p.parse_args(argv)
     return {"converge": converge, "leaderboard": leaderboard, "fine-tokens": fine_tokens}[args.experiment](args, argv)
 
 
 if __name__ == "__main__":
-    train.run_cli(main)
+    run_cli(main)

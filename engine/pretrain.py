@@ -1,6 +1,6 @@
 """Pretrain the shapes configurations' ResNet on the shapes set: the miniature of ImageNet pretraining.
 
-    python pretrain.py                  # writes data/shapes/backbone_resnet18.pth (about 2.5 minutes on 2 CPU cores)
+    python -m engine.pretrain      # writes data/shapes/backbone_resnet18.pth (about 1.7 minutes on 2 CPU cores)
 
 All four papers fine-tune a ResNet-50 pretrained on ImageNet classification; none trains its
 backbone from scratch, and DETR-family detectors started from random weights sit for a long time
@@ -38,6 +38,7 @@ from common import ResNet
 from data import shapes
 from data.coco import find_split, load_coco, load_rgb
 from data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from engine.runtime import SHAPES_ROOT, run_cli, save_atomic
 
 PRETRAIN_VERSION = 1  # bump when the recipe below changes: an older file is then refused, not reused
 RECIPE = {"steps": 200, "batch_size": 128, "crop": 64, "lr": 2e-3, "weight_decay": 1e-4, "warmup": 20}
@@ -74,7 +75,8 @@ class ObjectCrops(torch.utils.data.Dataset):
         for _ in range(20):  # a square without an object centre in it
             side = random.uniform(24, 0.6 * min(w, h))
             x0, y0 = random.uniform(0, w - side), random.uniform(0, h - side)
-            if not any(x0 < bx + bw / 2 < x0 + side and y0 < by + bh / 2 < y0 + side for bx, by, bw, bh in self.boxes[img_id]):
+            if not any(x0 < bx + bw / 2 < x0 + side and y0 < by + bh / 2 < y0 + side
+                       for bx, by, bw, bh in self.boxes[img_id]):
                 return x0, y0, side
         return None
 
@@ -115,9 +117,11 @@ def pretrain(root, depth=18, out=None, seed=0, log=print, **overrides):
     opt = torch.optim.AdamW(params, lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     steps, warmup = recipe["steps"], recipe["warmup"]
     sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then cosine to zero
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
+        opt,
+        lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
     gen = torch.Generator().manual_seed(seed)
-    sampler = torch.utils.data.RandomSampler(data, replacement=True, num_samples=steps * recipe["batch_size"], generator=gen)
+    sampler = torch.utils.data.RandomSampler(data, replacement=True, num_samples=steps * recipe["batch_size"],
+                                             generator=gen)
     loader = torch.utils.data.DataLoader(data, batch_size=recipe["batch_size"], sampler=sampler)
     body.train()
     start, last, correct, total = time.time(), time.time(), 0, 0
@@ -136,9 +140,7 @@ def pretrain(root, depth=18, out=None, seed=0, log=print, **overrides):
                 f"{(step + 1) / (time.time() - start):.2f} it/s")
     info = {"version": PRETRAIN_VERSION, "shapes_version": shapes.FORMAT_VERSION, "depth": depth, "seed": seed,
             "recipe": recipe, "seconds": round(time.time() - start, 1), "accuracy": round(correct / max(total, 1), 4)}
-    tmp = out + ".tmp"
-    torch.save({"model": body.state_dict(), "info": json.dumps(info)}, tmp)
-    os.replace(tmp, out)
+    save_atomic({"model": body.state_dict(), "info": json.dumps(info)}, out)
     log(f"pretrained backbone written to {out}: {info['seconds']:.0f} s, crop accuracy {info['accuracy']:.3f} "
         f"over the last 50 steps")
     return out
@@ -170,7 +172,7 @@ def ensure(root, depth=18, seed=0, log=print):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "shapes"))
+    p.add_argument("--data", default=SHAPES_ROOT)
     p.add_argument("--depth", type=int, default=18)
     p.add_argument("--out", default=None, help="default: DATA/backbone_resnet<depth>.pth (refuses to overwrite)")
     p.add_argument("--seed", type=int, default=0)
@@ -184,5 +186,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from train import run_cli
     run_cli(main)

@@ -135,8 +135,9 @@ def panels(rows, title=None, pad=4, min_side=240):
         strips.append(strip)
     head = line_h + 6 if title else 0
     title_w = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(title, font=font(12)) + 2 * pad if title else 0
-    out = Image.new("RGB", (int(max(title_w, *(s.size[0] for s in strips))), head + sum(s.size[1] + pad for s in strips)),
-                    (255, 255, 255))
+    out_w = int(max(title_w, *(s.size[0] for s in strips)))
+    out_h = head + sum(s.size[1] + pad for s in strips)
+    out = Image.new("RGB", (out_w, out_h), (255, 255, 255))
     if title:
         ImageDraw.Draw(out).text((pad, 2), title, fill=(0, 0, 0), font=font(12))
     y = head
@@ -221,9 +222,11 @@ def explain_sparse_detr(image, out):
             row.append((pic, f"level {lvl} (stride {8 * 2 ** lvl}): scores,\n{k} of {scores.numel()} tokens selected"))
         rows.append(row)
     dam = out["dam"][0]
-    rows.append([(heat_over(image, m, 8 * 2 ** lvl, 0, float(dam.max())), f"level {lvl}: DAM (one scale\nfor all levels)")
+    rows.append([(heat_over(image, m, 8 * 2 ** lvl, 0, float(dam.max())),
+                  f"level {lvl}: DAM (one scale\nfor all levels)")
                  for lvl, m in enumerate(level_maps(dam, shapes))])
-    return panels(rows, "Sparse DETR: token scores and the selected tokens (Sec. 3.2); the DAM they learn from (Sec. 3.3)")
+    return panels(rows, "Sparse DETR: token scores and the selected tokens (Sec. 3.2); "
+                        "the DAM they learn from (Sec. 3.3)")
 
 
 def explain_lite_detr(image, out, queries, boxes):

@@ -1,0 +1,80 @@
+"""The model registry, checkpoint files, device choice and the command-line runner: what train.py,
+detect.py and the tools share."""
+import importlib
+import os
+import sys
+
+import numpy as np
+import torch
+
+MODELS = ("smca", "sparse_detr", "lite_detr", "focus_detr")  # the model files (train.py's docstring: what each has)
+SHAPES_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "shapes")
+
+
+def model_module(name):
+    """The model file of that name (one of MODELS), imported."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; the models are {', '.join(MODELS)}")
+    return importlib.import_module(name)
+
+
+def select_device(args):
+    """--device (default: cuda if available, else cpu) -> torch.device; a clear error for one this machine lacks."""
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"--device {args.device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no CUDA device (or torch is a CPU build)")
+    return device
+
+
+def run_cli(entry):
+    """Run a command-line entry point: a bad input (ValueError) or a diverged run ends with its
+    message and exit status 1, not a traceback."""
+    try:
+        entry()
+    except (ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def save_atomic(obj, path):
+    """torch.save through a temporary file: a crash mid-write never leaves a broken file at `path`."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """A checkpoint written by train.py (any pickled object; ours hold numpy RNG states)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path!r} cannot be read ({e})") from e
+
+
+def _numpy_array_globals():
+    """What unpickling a numpy array needs (numpy 1 and 2 name its module differently)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def backbone_weights(source):
+    """--backbone-weights -> what common.load_backbone_weights takes: "imagenet", or the state dict
+    read from a file (torchvision format, engine/pretrain.py's file, or one of our checkpoints, whose
+    backbone is taken). Read with weights_only=True; our checkpoints' RNG states are numpy arrays."""
+    if source == "imagenet":
+        return source
+    if not os.path.isfile(source):
+        raise ValueError(f"backbone weights: no such file {source!r}")
+    try:
+        with torch.serialization.safe_globals(_numpy_array_globals()):
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"backbone weights: {source!r} is not a readable torch state dict ({e})") from e

@@ -1,0 +1,177 @@
+"""Tests of tools/bench.py: the counting of multiply-adds, the suites' baselines, the flags.
+"""
+import dataclasses
+import importlib
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+from tools import bench
+from tests.helpers import (tiny_focus, tiny_lite, tiny_smca, tiny_sparse)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench.py
+# ---------------------------------------------------------------------------------------------
+
+def _bench_tiny(name, cfg, *flags, h=64, w=96):
+    """bench.py's records for one suite applied to a tiny Config, on an h x w random image."""
+    args = bench.parse_args(["--size", str(h), str(w), "--repeats", "1", *flags])
+    args.size_label = f"{h}x{w}"
+    return bench.bench_model(name, args, [torch.randn(3, h, w)], config=cfg)
+
+
+def test_bench_counts_grid_sample_as_four_macs_per_sampled_value():
+    v, grid = torch.randn(2, 3, 5, 7), torch.rand(2, 4, 6, 2) * 2 - 1
+    total, _ = bench.count_gmacs(lambda: F.grid_sample(v, grid, align_corners=False))
+    assert total * 1e9 == pytest.approx(4 * 2 * 3 * 4 * 6)  # one multiply-add per bilinear corner per output value
+    B, Q, H, D, P, shapes = 2, 5, 4, 8, 3, [(6, 8), (3, 4)]
+    value = torch.randn(B, sum(h * w for h, w in shapes), H, D)
+    loc, weights = torch.rand(B, Q, H, len(shapes), P, 2), torch.rand(B, Q, H, len(shapes), P)
+    total, _ = bench.count_gmacs(lambda: common.ms_deform_attn(value, shapes, loc, weights))
+    # the weighted sum is elementwise (not counted)
+    assert total * 1e9 == pytest.approx(4 * B * Q * H * D * len(shapes) * P)
+    # nn.MultiheadAttention: projections and both attention products, on the CPU kernel and the fused
+    # inference path (query is key is value) alike
+    mha, E, Lq, Lk = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval(), 16, 5, 7
+    for p in mha.parameters():
+        p.requires_grad_(False)
+    q, kv = torch.randn(B, Lq, E), torch.randn(B, Lk, E)
+    with torch.no_grad():
+        total, _ = bench.count_gmacs(lambda: mha(q, kv, kv + 1, need_weights=False))
+        assert total * 1e9 == pytest.approx(B * (2 * Lq * E * E + 2 * Lk * E * E + 2 * Lq * Lk * E))
+        total, _ = bench.count_gmacs(lambda: mha(kv, kv, kv, need_weights=False))
+        assert total * 1e9 == pytest.approx(B * (4 * Lk * E * E + 2 * Lk * Lk * E))
+
+
+@pytest.mark.parametrize("name", list(bench.SUITES))
+def test_bench_baselines_differ_from_their_models_only_where_they_should(name):
+    """Each efficiency comparison changes only the paper's switch: the Config fields, and the
+    parameters those fields add or remove; every other parameter has the same name and shape."""
+    fields = {"smca": {"spatial_prior", "multiscale"}, "sparse_detr": {"sparse_encoder", "rho"},
+              "lite_detr": {"enc_scale", "num_blocks", "kda_encoder", "low_ffn"},
+              "focus_detr": {"foreground_selection"}}[name]
+    params = {"smca": r"decoder\.\d+\.(center_mlp|norm4|offset_proj|scale_proj)\..*",
+              "sparse_detr": r"scoring\..*|(class|bbox)_embed\.\d+\..*",  # the scorer, the encoder-aux heads
+              "lite_detr": r"encoder\.\d+\.(self_attn\.(query_proj|attention_weights)|linear12|linear22|norm22)\..*",
+              "focus_detr": r"selector\..*|encoder\.\d+\.oesm_(attn|norm)\..*"}[name]
+    module = importlib.import_module(name)
+    tiny = {"smca": tiny_smca, "sparse_detr": tiny_sparse, "lite_detr": tiny_lite, "focus_detr": tiny_focus}[name]
+    suite = bench.SUITES[name]
+    base_cfg = bench.make_config(module, suite.baseline.overrides)
+    base = {k: p.shape for k, p in module.build(bench.make_config(module, suite.baseline.overrides, tiny()))[0]
+            .state_dict().items()}
+    for v in suite.variants:
+        cfg = bench.make_config(module, v.overrides)
+        changed = {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(base_cfg, f.name)}
+        assert changed and changed <= fields, (v.label, changed)
+        if "multiscale" in changed:  # another encoder and input projections: the SMCA tests cover it
+            continue
+        ours = {k: p.shape for k, p in module.build(bench.make_config(module, v.overrides, tiny()))[0]
+                .state_dict().items()}
+        differing = (ours.keys() ^ base.keys()) | {k for k in ours.keys() & base.keys() if ours[k] != base[k]}
+        assert differing, v.label
+        assert all(re.fullmatch(params, k) for k in differing), (v.label, sorted(differing))
+
+
+def test_bench_lite_detr_encoder_macs_follow_the_token_updates():
+    """bench.py's count: all-token layers cost the dense layer's per-query part, high-level layers
+    that part x |F_H| / N, and every layer pays the value projection over all N tokens."""
+    cfg = tiny_lite()
+    by_label = {r["label"]: r for r in _bench_tiny("lite_detr", cfg)}
+    # 64 x 96: levels 8x12, 4x6, 2x3, 1x2 -> N = 128 tokens; F_H = the coarsest 3 (32) or 2 (8) levels.
+    # Per layer and query token (d model, F FFN, H heads, L levels, P points): offsets d*2HLP + output
+    # d*d + FFN 2dF + grid_sample 4dLP (+ dense: attention weights d*HLP; + KDA: query d*d and the q.k,
+    # w.v matmuls 2dLP); the value projection d*d per token per layer. The weighted sum is elementwise.
+    d, F_, H, L, P, n = cfg.hidden_dim, cfg.dim_feedforward, cfg.nheads, 4, cfg.enc_n_points, 128
+    per_q_dense = d * 2 * H * L * P + d * d + 2 * d * F_ + 4 * d * L * P + d * H * L * P
+    per_q_kda = d * 2 * H * L * P + d * d + 2 * d * F_ + 4 * d * L * P + d * d + 2 * d * L * P
+    small = 2 * d * d - 2 * d * F_  # F_L's small FFN in the all-token layer instead of the normal one
+    dense_enc = cfg.enc_layers * n * (per_q_dense + d * d)
+    for name, n_high, blocks in (("H3L1-(2+1)x3", 32, 3), ("H3L1-(3+1)x2", 32, 2), ("H3L1-(6+1)x1", 32, 1),
+                                 ("H2L2-(2+1)x3", 8, 3)):
+        lite, no_ffn = by_label[name], by_label[f"{name}, F_L without FFN"]
+        assert lite["baseline_encoder_gmacs"] * 1e9 == pytest.approx(dense_enc, rel=1e-6)
+        want = (6 * n * d * d + (6 - blocks) * n_high * per_q_kda + blocks * n * per_q_kda
+                + blocks * (n - n_high) * small)
+        assert lite["encoder_gmacs"] * 1e9 == pytest.approx(want, rel=1e-6), name
+        assert no_ffn["encoder_gmacs"] * 1e9 == pytest.approx(want - blocks * (n - n_high) * 2 * d * d, rel=1e-6)
+        assert 0 < lite["encoder_ms"] <= lite["ms"] and no_ffn["ms"] is None  # counted, not timed
+
+
+def test_bench_smca_costs_what_detr_costs_plus_the_prior_heads():
+    """Single-scale SMCA adds only the prior's small heads to DETR: same encoder, nearly the same total."""
+    cfg = tiny_smca()
+    single, multi = _bench_tiny("smca", cfg)
+    assert single["encoder_gmacs"] == pytest.approx(single["baseline_encoder_gmacs"], rel=1e-9)
+    assert 1 < single["gmacs"] / single["baseline_gmacs"] < 1.02
+    assert multi["encoder_gmacs"] > single["encoder_gmacs"] and 0 < multi["encoder_ms"] <= multi["ms"]
+
+
+def test_bench_sparse_detr_encoder_macs_follow_rho():
+    """bench.py's count: the sparse encoder's multiply-adds are the per-query part on the S = int(N rho) + 1
+    selected tokens plus the value projection on all N (the paper's slope: ratio 0.087 + 0.913 rho at d 256,
+    FFN 1024, 4 x 4 points; here a tiny config); the records carry every field --json promises."""
+    cfg = tiny_sparse(enc_layers=2)
+    records = _bench_tiny("sparse_detr", cfg)
+    d, F_, H, L, P = cfg.hidden_dim, cfg.dim_feedforward, cfg.nheads, 4, cfg.enc_n_points
+    n = 128  # 8x12 + 4x6 + 2x3 + 1x2 tokens
+    # offsets, weights, output, FFN, grid
+    per_q = d * 2 * H * L * P + d * H * L * P + d * d + 2 * d * F_ + 4 * d * L * P
+    assert [r["label"] for r in records] == ["rho 0.1", "rho 0.2", "rho 0.3", "rho 0.5"]
+    for r in records:
+        assert set(r) >= {"model", "config", "params", "gmacs", "encoder_gmacs", "baseline_gmacs",
+                          "baseline_encoder_gmacs", "ms", "baseline_ms", "device", "size"}
+        s_ = int(n * r["config"]["rho"]) + 1
+        assert r["encoder_gmacs"] * 1e9 == pytest.approx(2 * (s_ * per_q + n * d * d), rel=1e-6)
+        assert r["baseline_encoder_gmacs"] * 1e9 == pytest.approx(2 * n * (per_q + d * d), rel=1e-6)
+        assert r["params"] > r["baseline_params"]  # the scorer and the encoder-aux heads
+        assert r["device"] == "cpu" and r["size"] == "64x96" and 0 < r["encoder_ms"] <= r["ms"]
+    # the same count at the paper's widths (d 256, FFN 1024, 4 levels x 4 points), per token
+    d, n, s_ = 256, 20000, 2001
+    per_q = 65536 + 32768 + 65536 + 524288 + 4 * 256 * 16  # sampling offsets, weights, output, FFN, grid_sample
+    assert (s_ * per_q + n * d * d) / (n * (per_q + d * d)) == pytest.approx(0.087 + 0.913 * 0.1, abs=0.003)
+
+
+def test_bench_focus_detr_under_bf16_autocast_counts_the_same_work():
+    cfg = tiny_focus()
+    fp32, bf16 = _bench_tiny("focus_detr", cfg)[0], _bench_tiny("focus_detr", cfg, "--amp", "bf16")[0]
+    assert bf16["amp"] == "bf16" and bf16["ms"] > 0
+    for key in ("gmacs", "encoder_gmacs", "baseline_gmacs", "baseline_encoder_gmacs"):
+        assert bf16[key] == pytest.approx(fp32[key], rel=1e-6), key
+    assert 0 < fp32["encoder_gmacs"] < fp32["baseline_encoder_gmacs"] < fp32["baseline_gmacs"]
+
+
+def test_bench_smca_fast_vs_reference_and_profile():
+    """--fast-vs-reference times the readable and the fast path of a model and its baseline and
+    reports their output differences; --profile splits a forward by module and op group."""
+    rows = bench.main(["--fast-vs-reference", "--model", "smca", "--size", "64", "96", "--repeats", "1"])
+    assert [r["label"] for r in rows] == ["DETR baseline (prior off)", "SMCA single-scale", "SMCA multi-scale"]
+    assert all(r["ms_reference"] > 0 and r["ms_fast"] > 0 and r["logits_diff"] < 1e-4 for r in rows)
+    (base, smca_row) = bench.main(["--profile", "--model", "smca", "--size", "64", "96"])
+    for mode in ("reference", "fast"):
+        m = smca_row[mode]
+        assert m["backbone"] > 0 and m["encoder"] > 0 and m["decoder"] > 0
+        assert m["rest"] >= 0  # the hooked modules run inside the forward, never counted twice
+        assert m["ops"]["convolutions"] > 0
+
+
+def test_bench_rejects_bad_flags(tiny_shapes):
+    with pytest.raises(ValueError, match=r"--images 99: .*instances_val.json has only 3 images"):
+        bench.main(["--data", tiny_shapes, "--images", "99"])
+    images = bench._val_images(tiny_shapes, 2, "cpu")  # val transforms: short side 800
+    assert len(images) == 2 and all(min(im.shape[1:]) == 800 or max(im.shape[1:]) in (1332, 1333) for im in images)
+    with pytest.raises(ValueError, match="--size must be at least 64"):
+        bench.main(["--size", "32", "32"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            bench.main(["--device", "cuda"])
+    with pytest.raises(ValueError, match="--threads must be positive"):
+        bench.main(["--threads", "0"])
+    with pytest.raises(ValueError, match="is not a folder"):
+        bench.main(["--data", "/nowhere/coco"])
+    with pytest.raises(SystemExit):
+        bench.main(["--model", "detr9000"])

@@ -1,0 +1,274 @@
+"""Tests of common.py: backbone, position encoding, deformable sampling, token geometry, box ops, matcher,
+criterion, post-processing, and the backbone's and deformable attention's inference fast paths.
+"""
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import common
+from tests.helpers import (_bilinear_naive, _random_outputs, _random_targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# common.py: backbone, position encoding, deformable sampling, box ops, matcher, criterion
+# ---------------------------------------------------------------------------------------------
+
+def test_giou_hand_cases_and_degenerate_boxes():
+    a = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    b = torch.tensor([[2.0, 0.0, 3.0, 1.0], [0.0, 0.0, 1.0, 1.0], [0.5, 0.0, 1.5, 1.0]])
+    g = common.generalized_box_iou(a, b)[0]
+    # disjoint: IoU 0, enclosing 3, union 2 -> -1/3; identical -> 1; half overlap: IoU 1/3, enclosing = union
+    assert torch.allclose(g, torch.tensor([-1 / 3, 1.0, 1 / 3]), atol=1e-6)
+    bad = torch.tensor([[0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [float("nan"), 0.0, 1.0, 1.0],
+                        [0.0, 0.0, float("inf"), 1.0]], requires_grad=True)
+    g = common.generalized_box_iou(bad, bad)
+    assert torch.isfinite(g).all()
+    g.sum().backward()
+    assert torch.isfinite(bad.grad).all()
+
+
+def test_box_conversions_round_trip():
+    b = torch.rand(10, 4)
+    x0, y0, x1, y1 = common.box_cxcywh_to_xyxy(b).unbind(-1)
+    assert torch.allclose(torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], -1), b, atol=1e-6)
+
+
+def test_matcher_is_optimal_against_brute_force():
+    matcher = common.HungarianMatcher()
+    out, tgt = _random_outputs(1, 5, 7), _random_targets([3], 7)
+    src, dst = matcher(out, tgt)[0]
+    # the cost written out independently of the matcher
+    p = out["pred_logits"][0].sigmoid()[:, tgt[0]["labels"]]
+    cls = 0.25 * (1 - p) ** 2 * -torch.log(p + 1e-8) - 0.75 * p ** 2 * -torch.log(1 - p + 1e-8)
+    l1 = (out["pred_boxes"][0][:, None] - tgt[0]["boxes"][None]).abs().sum(-1)
+    giou = common.generalized_box_iou(common.box_cxcywh_to_xyxy(out["pred_boxes"][0]),
+                                      common.box_cxcywh_to_xyxy(tgt[0]["boxes"]))
+    cost = 2 * cls + 5 * l1 - 2 * giou  # (5, 3)
+    best = min(sum(cost[q, j] for j, q in enumerate(perm)) for perm in itertools.permutations(range(5), 3))
+    assert torch.isclose(cost[src, dst].sum(), torch.as_tensor(best), atol=1e-5)
+
+
+def test_matcher_alone_equals_batched_and_handles_empty():
+    matcher = common.HungarianMatcher()
+    out, tgt = _random_outputs(3, 6, 5), _random_targets([2, 0, 4], 5)
+    batched = matcher(out, tgt)
+    assert len(batched[1][0]) == 0 and len(batched[1][1]) == 0
+    for b in range(3):
+        alone = matcher({k: v[b:b + 1] for k, v in out.items()}, [tgt[b]])[0]
+        assert torch.equal(alone[0], batched[b][0]) and torch.equal(alone[1], batched[b][1])
+    assert all(len(i) == 0 for i, _ in matcher(out, _random_targets([0, 0, 0], 5)))
+    nan_out = {k: torch.full_like(v, float("nan")) for k, v in out.items()}
+    assert [len(i) for i, _ in matcher(nan_out, tgt)] == [2, 0, 4]  # no crash on a diverged model
+
+
+def test_criterion_with_an_image_without_boxes():
+    out, tgt = _random_outputs(2, 6, 5), _random_targets([2, 0], 5)
+    out = {k: v.clone().requires_grad_() for k, v in out.items()}
+    crit = common.SetCriterion(5)
+    losses = crit(out, tgt)
+    assert all(torch.isfinite(v) for v in losses.values())
+    # loss_ce written out: focal loss of every logit against one-hot targets at the matched pairs / 2 boxes
+    idx = crit.matcher(out, tgt)
+    onehot = torch.zeros(2, 6, 5)
+    for q, j in zip(*idx[0]):
+        onehot[0, q, tgt[0]["labels"][j]] = 1
+    p = out["pred_logits"].sigmoid()
+    pt = p * onehot + (1 - p) * (1 - onehot)
+    w = 0.25 * onehot + 0.75 * (1 - onehot)
+    expected = (w * -torch.log(pt) * (1 - pt) ** 2).sum() / 2
+    assert torch.allclose(losses["loss_ce"], expected, rtol=1e-5)
+    sum(losses.values()).backward()
+    assert out["pred_logits"].grad[1].abs().sum() > 0  # the empty image still trains its negatives
+    empty = crit({k: v.detach() for k, v in out.items()}, _random_targets([0, 0], 5))
+    assert empty["loss_bbox"] == 0 and torch.isfinite(empty["loss_ce"])
+
+
+def test_postprocess_scales_to_original_size():
+    logits = torch.full((1, 3, 4), -10.0)
+    logits[0, 1, 2] = 5.0
+    boxes = torch.tensor([[[0.5, 0.5, 1.0, 1.0], [0.25, 0.5, 0.5, 0.2], [0.5, 0.5, 0.1, 0.1]]])
+    res = common.PostProcess(num_select=2)({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]))[0]
+    assert res["labels"][0] == 2 and res["scores"][0] > 0.99
+    assert torch.allclose(res["boxes"][0], torch.tensor([0.0, 40.0, 100.0, 60.0]))  # w 200, h 100
+
+
+def test_sine_position_embedding_ignores_padding():
+    alone = common.sine_position_embedding(torch.zeros(1, 3, 4, dtype=torch.bool), 16)
+    mask = torch.ones(1, 5, 7, dtype=torch.bool)
+    mask[:, :3, :4] = False
+    padded = common.sine_position_embedding(mask, 16)
+    assert padded.shape == (1, 32, 5, 7)
+    assert torch.allclose(alone, padded[..., :3, :4], atol=1e-6)
+
+
+def test_ms_deform_attn_matches_naive_loop():
+    torch.manual_seed(0)
+    shapes_ = [(3, 4), (2, 2), (5, 3)]
+    B, Q, H, D, P = 2, 3, 2, 4, 2
+    L = len(shapes_)
+    value = torch.randn(B, sum(h * w for h, w in shapes_), H, D, dtype=torch.float64)
+    loc = torch.rand(B, Q, H, L, P, 2, dtype=torch.float64) * 1.3 - 0.15  # some outside the map
+    attw = torch.rand(B, Q, H, L, P, dtype=torch.float64)
+    out = common.ms_deform_attn(value, shapes_, loc, attw)
+    starts = np.cumsum([0] + [h * w for h, w in shapes_])
+    ref = torch.zeros(B, Q, H, D, dtype=torch.float64)
+    for b, q, h, lvl, p in itertools.product(range(B), range(Q), range(H), range(L), range(P)):
+        hl, wl = shapes_[lvl]
+        v = value[b, starts[lvl]:starts[lvl + 1], h].T.reshape(D, hl, wl)
+        x, y = loc[b, q, h, lvl, p, 0] * wl - 0.5, loc[b, q, h, lvl, p, 1] * hl - 0.5
+        ref[b, q, h] += attw[b, q, h, lvl, p] * _bilinear_naive(v, x.item(), y.item())
+    assert torch.allclose(out, ref.view(B, Q, H * D), atol=1e-10)
+
+
+def test_halve_mask_matches_a_strided_conv_on_the_image_alone():
+    for h, w in [(3, 4), (5, 5), (1, 2), (4, 7)]:
+        mask = torch.ones(2, 6, 8, dtype=torch.bool)
+        mask[0, :h, :w] = False
+        mask[1] = False
+        half = common.halve_mask(mask)
+        assert half.shape == (2, 3, 4) and not half[1].any()
+        alone = torch.nn.functional.conv2d(torch.ones(1, 1, h, w), torch.ones(1, 1, 3, 3), stride=2, padding=1)
+        assert (~half[0]).sum().item() == alone.numel()
+        assert not half[0, :alone.shape[2], :alone.shape[3]].any()
+
+
+TORCHVISION_PARAMS = {18: 11_689_512, 50: 25_557_032}  # torchvision.models.resnetXX().parameters()
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_resnet_has_torchvision_layout(depth):
+    body = common.ResNet(depth)
+    state = body.state_dict()
+    learnable = sum(v.numel() for k, v in state.items() if not k.endswith(("running_mean", "running_var")))
+    fc = 512 * common.RESNET_SPECS[depth][0].expansion * 1000 + 1000
+    assert learnable + fc == TORCHVISION_PARAMS[depth]
+    assert "layer2.0.downsample.1.running_var" in state and "layer4.1.bn2.weight" in state
+
+
+def _torchvision_format(depth, seed=0):
+    """A state dict as torchvision writes it: BatchNorm's num_batches_tracked and the fc layer included."""
+    g = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(v.shape, generator=g) for k, v in common.ResNet(depth).state_dict().items()}
+    for k in [k for k in state if k.endswith("running_var")]:
+        state[k] = state[k].abs() + 0.5
+        state[k.replace("running_var", "num_batches_tracked")] = torch.tensor(100)
+    width = 512 * common.RESNET_SPECS[depth][0].expansion
+    state.update({"fc.weight": torch.randn(1000, width, generator=g), "fc.bias": torch.zeros(1000)})
+    return state
+
+
+def test_backbone_loads_torchvision_weights_and_rejects_bad_files(tmp_path):
+    path = tmp_path / "resnet18.pth"
+    state = _torchvision_format(18)
+    torch.save(state, path)
+    bb = common.Backbone(18)
+    common.load_backbone_weights(bb, str(path))
+    assert torch.equal(bb.body.layer3[1].conv2.weight, state["layer3.1.conv2.weight"])
+    assert torch.equal(bb.body.bn1.running_var, state["bn1.running_var"])
+    with pytest.raises(ValueError, match="missing"):
+        common.load_backbone_weights(common.Backbone(50), str(path))
+    del state["layer1.0.conv1.weight"]
+    torch.save(state, tmp_path / "partial.pth")
+    with pytest.raises(ValueError, match=r"1 missing \['layer1.0.conv1.weight'\]"):
+        common.load_backbone_weights(common.Backbone(18), str(tmp_path / "partial.pth"))
+    (tmp_path / "corrupt.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt.pth"):
+        common.load_backbone_weights(bb, str(tmp_path / "corrupt.pth"))
+    with pytest.raises(ValueError, match="no such file"):
+        common.load_backbone_weights(bb, str(tmp_path / "absent.pth"))
+    # a BatchNorm backbone (the shapes configs) from one of our own checkpoints: backbone.body.* taken
+    trained = common.Backbone(18, "bn")
+    torch.nn.init.normal_(trained.body.layer2[0].conv1.weight)
+    torch.save({"model": {**{f"backbone.body.{k}": v for k, v in trained.body.state_dict().items()},
+                          "class_embed.weight": torch.zeros(3)}, "epoch": 1}, tmp_path / "checkpoint.pth")
+    fresh = common.Backbone(18, "bn")
+    common.load_backbone_weights(fresh, str(tmp_path / "checkpoint.pth"))
+    assert torch.equal(fresh.body.layer2[0].conv1.weight, trained.body.layer2[0].conv1.weight)
+
+
+def test_backbone_freezes_stem_and_layer1():
+    for norm in ("frozen_bn", "bn"):
+        bb = common.Backbone(18, norm)
+        trainable = {n.split(".")[1] for n, p in bb.named_parameters() if p.requires_grad}
+        assert trainable == {"layer2", "layer3", "layer4"}
+
+
+def test_input_tokens_extra_level_mask_and_position_switches():
+    """extra_level_mask="interpolate" is the official mask of the extra level (the image's mask
+    resized, nearest), "exact" is halve_mask of C5's; they differ for a 200 x 290 image padded to
+    250 x 330. temperature / offset reach every level's sine positions."""
+    torch.manual_seed(0)
+    pixel = torch.zeros(2, 250, 330, dtype=torch.bool)
+    pixel[1, 200:], pixel[1, :, 290:] = True, True
+    feats = []
+    for c, s in [(8, 8), (16, 16), (32, 32)]:
+        shape = (math.ceil(250 / s), math.ceil(330 / s))
+        feats.append((torch.randn(2, c, *shape), F.interpolate(pixel[None].float(), size=shape)[0].bool()))
+    proj, level_embed = common.InputProjections([8, 16, 32], 32, 4), torch.zeros(4, 32)
+    exact = common.input_tokens(proj, level_embed, feats, pad_mask=pixel)[2].masks[3]
+    official = common.input_tokens(proj, level_embed, feats, pad_mask=pixel, extra_level_mask="interpolate")[2].masks[3]
+    assert torch.equal(exact, common.halve_mask(feats[2][1]))
+    assert torch.equal(official, F.interpolate(pixel[None].float(), size=exact.shape[1:])[0].bool())
+    assert not torch.equal(exact, official)
+    src, pos, geo = common.input_tokens(proj, level_embed, feats, temperature=20, offset=0.0)
+    want = common.sine_position_embedding(geo.masks[1], 16, 20, offset=0.0).flatten(2).transpose(1, 2)
+    n0 = geo.spatial_shapes[0][0] * geo.spatial_shapes[0][1]
+    assert torch.allclose(pos[:, n0:n0 + want.shape[1]], want)
+    assert not torch.allclose(pos, common.input_tokens(proj, level_embed, feats)[1])
+
+
+def test_top_queries_skips_padding_unless_told_otherwise():
+    """The two-stage selection never picks a padded token; over_padding=True (the official code)
+    ranks them like the others."""
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3]])
+    pad = torch.tensor([[False, True, False, False]])
+    assert common.top_queries(scores, pad, 2).tolist() == [[2, 3]]
+    assert common.top_queries(scores, pad, 2, over_padding=True).tolist() == [[1, 2]]
+    with pytest.raises(ValueError, match="num_queries 5 exceeds the 4 encoder tokens"):
+        common.top_queries(scores, pad, 5)
+
+
+@pytest.mark.parametrize("depth,norm", [(18, "frozen_bn"), (50, "frozen_bn"), (18, "bn")])
+def test_backbone_fast_path_equals_the_reference(depth, norm):
+    """Outside autograd the backbone folds FrozenBatchNorm2d into its convolutions, runs channels-last
+    and in place: the same maps within float32 rounding (a few 1e-6 relative after ~50 layers);
+    with autograd on, the fast path is never taken (bit-identical)."""
+    torch.manual_seed(0)
+    bb = common.Backbone(depth, norm).eval()
+    for m in bb.modules():  # non-trivial statistics, so the folding is exercised
+        if isinstance(m, (common.FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+            weight = m.weight.data if isinstance(m.weight, torch.nn.Parameter) else m.weight
+            weight.uniform_(0.5, 1.5)
+    images, mask = torch.randn(2, 3, 96, 128), torch.zeros(2, 96, 128, dtype=torch.bool)
+    with torch.no_grad():
+        with common.fast_paths(False):
+            ref = bb(images, mask)
+        fast = bb(images, mask)
+        x = torch.randn(2, 3, 64, 96)
+        direct = [(common.ResNet.forward.readable(bb.body, x), common.resnet_forward_fast(bb.body, x))]
+    for a, b in zip(*direct[0]):  # the two functions themselves
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    for (a, ma), (b, mb) in zip(ref, fast):
+        assert torch.equal(ma, mb) and (a - b).abs().max() <= 1e-5 * a.abs().max()
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(bb(images, mask), bb(images, mask)))  # autograd on
+
+
+def test_ms_deform_attn_fast_path_equals_the_reference():
+    """The in-place, point-by-point weighted sum gives the level-by-level product's result."""
+    torch.manual_seed(0)
+    shapes = [(6, 8), (3, 4), (2, 2)]
+    value = torch.randn(2, sum(h * w for h, w in shapes), 4, 8)
+    locs, weights = torch.rand(2, 10, 4, 3, 5, 2) * 1.2 - 0.1, torch.rand(2, 10, 4, 3, 5).softmax(-1)
+    with torch.no_grad():
+        ref = common.ms_deform_attn.readable(value, shapes, locs, weights)
+        fast = common.ms_deform_attn_fast(value, shapes, locs, weights)
+        with common.fast_paths(False):
+            switched_off = common.ms_deform_attn(value, shapes, locs, weights)
+        chosen = common.ms_deform_attn(value, shapes, locs, weights)
+    assert torch.allclose(ref, fast, atol=1e-6)
+    assert torch.equal(switched_off, ref) and torch.equal(chosen, fast)  # with_fast_path chooses, fast_paths switches
