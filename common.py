@@ -373,6 +373,14 @@ class MSDeformAttn(nn.Module):
         return self.output_proj(out), locs, weights
 
 
+def deformable_inputs(cfg):
+    """What a model on the Deformable DETR base reads its tokens with: the backbone, the input
+    projections of cfg.num_feature_levels levels and their level embeddings (L, C) (set by deformable_detr_init_)."""
+    backbone = Backbone(cfg.backbone_depth, cfg.backbone_norm)
+    input_proj = InputProjections(backbone.num_channels, cfg.hidden_dim, cfg.num_feature_levels)
+    return backbone, input_proj, nn.Parameter(torch.empty(cfg.num_feature_levels, cfg.hidden_dim))
+
+
 def deformable_detr_init_(model, transformer, heads, attention=(MSDeformAttn,)):
     """Deformable DETR's initialisation (DeformableTransformer._reset_parameters and the heads'), in its
     order: xavier_uniform on every matrix of the `transformer` modules, then each deformable attention
@@ -830,6 +838,16 @@ class PostProcess(nn.Module):
         h, w = target_sizes.float().unbind(1)
         boxes = boxes * torch.stack([w, h, w, h], dim=1)[:, None, :]
         return [{"scores": s, "labels": c, "boxes": b} for s, c, b in zip(scores, labels, boxes)]
+
+
+def smoke_outputs(model):
+    """The output shapes of `model` (eval mode, no autograd) on two random 320 x 480 images, the second padded
+    below row 200: what each model file's `__main__` prints."""
+    images, pad_mask = torch.randn(2, 3, 320, 480), torch.zeros(2, 320, 480, dtype=torch.bool)
+    pad_mask[1, 200:, :] = True
+    with torch.no_grad():
+        out = model.eval()(images, pad_mask)
+    return {k: tuple(v.shape) for k, v in out.items() if torch.is_tensor(v)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,11 +60,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (MLP, Backbone, DeformableDecoderLayer, DeformableEncoderLayer, HungarianMatcher, InputProjections,
-                    MSDeformAttn, PostProcess, SetCriterion, box_cxcywh_to_xyxy, check_at_least, check_choice,
-                    check_deformable_config, check_state_dict, deformable_detr_init_, gather_tokens, input_tokens,
+from common import (DeformableDecoderLayer, DeformableEncoderLayer, HungarianMatcher, MLP, MSDeformAttn, PostProcess,
+                    SetCriterion, box_cxcywh_to_xyxy, check_at_least, check_choice, check_deformable_config,
+                    check_state_dict, deformable_detr_init_, deformable_inputs, gather_tokens, input_tokens,
                     inverse_sigmoid, proposal_features, read_official, rename_keys, set_outputs, sigmoid_focal_loss,
-                    two_stage_selection, write_back)
+                    smoke_outputs, two_stage_selection, write_back)
 
 # OFF GenTargets limit_range: each level's (strides 8 .. 64) range of the largest token-to-edge distance, pixels
 FCOS_RANGES = ((-1.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, math.inf))
@@ -291,9 +291,7 @@ class FocusDETR(nn.Module):
         super().__init__()
         C, L = cfg.hidden_dim, cfg.num_feature_levels
         self.cfg = cfg
-        self.backbone = Backbone(cfg.backbone_depth, cfg.backbone_norm)
-        self.input_proj = InputProjections(self.backbone.num_channels, C, L)
-        self.level_embed = nn.Parameter(torch.empty(L, C))
+        self.backbone, self.input_proj, self.level_embed = deformable_inputs(cfg)  # ResNet, projections, (L, C)
         focus = cfg.foreground_selection
         self.selector = None
         if focus:
@@ -701,11 +699,7 @@ def from_official(source, class_ids="coco", schedule=None):
 
 if __name__ == "__main__":
     for kw in ({"foreground_selection": False}, {}):
-        model = build(Config(**kw))[0].eval()
-        print(f"Focus-DETR R50 {kw or '(default)'}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
-              f"trainable parameters")
-    images, pad_mask = torch.randn(2, 3, 320, 480), torch.zeros(2, 320, 480, dtype=torch.bool)
-    pad_mask[1, 200:, :] = True
-    with torch.no_grad():
-        out = model(images, pad_mask)
-    print({k: tuple(v.shape) for k, v in out.items() if torch.is_tensor(v)})
+        model = build(Config(**kw))[0]
+        n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"Focus-DETR R50 {kw or '(default)'}: {n:,} trainable parameters")
+    print(smoke_outputs(model))

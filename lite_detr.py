@@ -75,10 +75,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (MLP, Backbone, DeformableDecoderLayer, InputProjections, MSDeformAttn, PostProcess, SetCriterion,
-                    check_choice, check_deformable_config, decode_with_box_refinement, deform_sampling_locations,
-                    deformable_detr_init_, gather_tokens, init_offset_ring_, input_tokens, ms_deform_sample_levels,
-                    proposal_pos_embed, set_outputs, two_stage_selection, with_fast_path)
+from common import (DeformableDecoderLayer, MLP, MSDeformAttn, PostProcess, SetCriterion, check_choice,
+                    check_deformable_config, decode_with_box_refinement, deform_sampling_locations,
+                    deformable_detr_init_, deformable_inputs, gather_tokens, init_offset_ring_, input_tokens,
+                    ms_deform_sample_levels, proposal_pos_embed, set_outputs, smoke_outputs, two_stage_selection,
+                    with_fast_path)
 
 LAST_LAYER_QUERIES = ("all", "low")
 LOW_FFNS = ("small", "normal", "none")
@@ -220,16 +221,14 @@ class LiteEncoderLayer(nn.Module):
 
 
 class LiteDETR(nn.Module):
-    """ResNet -> 4-level interleaved encoder (F_H updated often, F_L once per block) -> two-stage
-    top-k queries -> deformable decoder with box refinement (Deformable DETR's parts: common.py)."""
+    """ResNet -> 4-level interleaved encoder (F_H updated often, F_L once per block) -> Deformable DETR's
+    class-agnostic two-stage queries and its box-refining decoder (common.py)."""
 
     def __init__(self, cfg):
         super().__init__()
         C, L = cfg.hidden_dim, cfg.num_feature_levels
         self.cfg = cfg
-        self.backbone = Backbone(cfg.backbone_depth, cfg.backbone_norm)
-        self.input_proj = InputProjections(self.backbone.num_channels, C, L)
-        self.level_embed = nn.Parameter(torch.empty(L, C))
+        self.backbone, self.input_proj, self.level_embed = deformable_inputs(cfg)  # ResNet, projections, (L, C)
         self.schedule = cfg.schedule()  # "high" / "all" per encoder layer
         self.encoder = nn.ModuleList()
         for kind in self.schedule:
@@ -459,12 +458,7 @@ def kda_core_fast(kv, spatial_shapes, locs, q):
 
 if __name__ == "__main__":
     for name in NAMED:
-        model, _, _ = build(Config.named(name))
+        model = build(Config.named(name))[0]
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"Lite-Deformable DETR R50 {name}: {n:,} trainable parameters, encoder {model.schedule}")
-    model.eval()
-    images, pad_mask = torch.randn(2, 3, 320, 480), torch.zeros(2, 320, 480, dtype=torch.bool)
-    pad_mask[1, 200:, :] = True
-    with torch.no_grad():
-        out = model(images, pad_mask)
-    print({k: tuple(v.shape) for k, v in out.items() if torch.is_tensor(v)})
+    print(smoke_outputs(model))

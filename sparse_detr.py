@@ -59,10 +59,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (MLP, Backbone, DeformableDecoderLayer, DeformableEncoderLayer, InputProjections, MSDeformAttn,
-                    PostProcess, SetCriterion, check_choice, check_deformable_config, check_state_dict,
-                    decode_with_box_refinement, deformable_detr_init_, gather_tokens, input_tokens, proposal_features,
-                    proposal_pos_embed, read_official, rename_keys, set_outputs, two_stage_selection, write_back)
+from common import (DeformableDecoderLayer, DeformableEncoderLayer, MLP, MSDeformAttn, PostProcess, SetCriterion,
+                    check_choice, check_deformable_config, check_state_dict, decode_with_box_refinement,
+                    deformable_detr_init_, deformable_inputs, gather_tokens, input_tokens, proposal_features,
+                    proposal_pos_embed, read_official, rename_keys, set_outputs, smoke_outputs, two_stage_selection,
+                    write_back)
 
 SELECTIONS = ("dam", "objectness", "random")
 
@@ -154,9 +155,7 @@ class SparseDETR(nn.Module):
         super().__init__()
         C, L = cfg.hidden_dim, cfg.num_feature_levels
         self.cfg = cfg
-        self.backbone = Backbone(cfg.backbone_depth, cfg.backbone_norm)
-        self.input_proj = InputProjections(self.backbone.num_channels, C, L)
-        self.level_embed = nn.Parameter(torch.empty(L, C))
+        self.backbone, self.input_proj, self.level_embed = deformable_inputs(cfg)  # ResNet, projections, (L, C)
         self.encoder = nn.ModuleList(
             DeformableEncoderLayer(C, cfg.dim_feedforward, cfg.dropout,
                                    MSDeformAttn(C, L, cfg.nheads, cfg.enc_n_points))
@@ -485,12 +484,7 @@ def from_official(source):
 if __name__ == "__main__":
     for kw in ({}, {"sparse_encoder": False, "use_enc_aux_loss": False},
                {"sparse_encoder": False, "eff_query_init": False, "eff_specific_head": False}):
-        model, _, _ = build(Config(**kw))
+        model = build(Config(**kw))[0]
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"Sparse DETR R50 {kw or '(rho 0.1)'}: {n:,} trainable parameters")
-    model.eval()
-    images, pad_mask = torch.randn(2, 3, 320, 480), torch.zeros(2, 320, 480, dtype=torch.bool)
-    pad_mask[1, 200:, :] = True
-    with torch.no_grad():
-        out = model(images, pad_mask)
-    print({k: tuple(v.shape) for k, v in out.items() if torch.is_tensor(v)})
+    print(smoke_outputs(model))

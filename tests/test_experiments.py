@@ -26,7 +26,8 @@ def test_experiments_leaderboard_trains_each_model_once_and_tables_them(tiny_sha
     with open(tmp_path / "detr_tiny" / "log.jsonl") as f:
         assert json.loads(f.readline())["config"]["spatial_prior"] is False
     table = (tmp_path / "leaderboard.md").read_text()
-    assert "| DETR tiny |" in table and "| SMCA tiny |" in table and "python -m tools.experiments leaderboard --budget 1e-7" in table
+    assert "| DETR tiny |" in table and "| SMCA tiny |" in table
+    assert "python -m tools.experiments leaderboard --budget 1e-7" in table
     assert experiments.main(argv) == rows  # a second call re-reads the spent runs: nothing retrained, nothing lost
     assert len(_train_losses(tmp_path / "smca_tiny")) == 1
 
