@@ -714,7 +714,8 @@ def test_lite_detr_parameter_counts_follow_the_derivation():
     d, H, L, P = 256, 8, 4, 4
     kda = (d * d + d) - (d + 1) * H * L * P  # + query_proj - attention_weights
     small = 2 * (d * d + d) + 2 * d
-    count = lambda cfg: sum(p.numel() for p in lite_detr.build(cfg)[0].parameters() if p.requires_grad)  # noqa: E731
+    def count(cfg):
+        return sum(p.numel() for p in lite_detr.build(cfg)[0].parameters() if p.requires_grad)
     assert count(lite_detr.Config.named("dense")) == 40_959_129
     for name, blocks in [("H3L1-(2+1)x3", 3), ("H3L1-(3+1)x2", 2), ("H3L1-(6+1)x1", 1), ("H2L2-(2+1)x3", 3)]:
         assert count(lite_detr.Config.named(name)) == 40_959_129 + 6 * kda + blocks * small, name
@@ -760,7 +761,8 @@ def test_lite_detr_kda_matches_naive_per_point_reference(key_proj, ref_dim):
             else:
                 lx = r[0] + off[b, qi, h, lvl, p, 0] / P * r[2] * 0.5
                 ly = r[1] + off[b, qi, h, lvl, p, 1] / P * r[3] * 0.5
-            grid = lambda t: t[b, starts[lvl]:starts[lvl + 1], h * D:(h + 1) * D].T.reshape(D, hl, wl)  # noqa: E731
+            def grid(t):
+                return t[b, starts[lvl]:starts[lvl + 1], h * D:(h + 1) * D].T.reshape(D, hl, wl)
             x_px, y_px = (lx * wl - 0.5).item(), (ly * hl - 0.5).item()
             ks.append(_bilinear_naive(grid(key), x_px, y_px))
             vs.append(_bilinear_naive(grid(value), x_px, y_px))
@@ -912,7 +914,8 @@ def box_ops_xyxy(b):
 def test_focus_detr_parameter_counts_follow_the_official_model():
     """OFF (80 classes, only the stem frozen): 49,339,920 parameters, 49,330,512 trainable (counted from the
     official code)."""
-    count = lambda model, trainable: sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)  # noqa: E731
+    def count(model, trainable):
+        return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
     model = focus_detr.build(focus_detr.Config(num_classes=80))[0]
     layer1 = sum(p.numel() for n, p in model.backbone.named_parameters() if n.startswith("body.layer1"))
     assert count(model, False) == 49_339_920 and count(model, True) == 49_330_512 - layer1
@@ -1061,13 +1064,13 @@ def test_focus_detr_denoising_queries_and_mask():
         for b, t in enumerate(targets):
             for i, box in enumerate(t["boxes"]):
                 pos, neg = boxes[b, g * 4 + i], boxes[b, g * 4 + 2 + i]
-                corner = lambda x: box_ops_xyxy(x)  # noqa: E731
-                dist_pos = (corner(pos) - corner(box)).abs() / box[2:].repeat(2) * 2
-                dist_neg = (corner(neg) - corner(box)).abs() / box[2:].repeat(2) * 2
+                dist_pos = (box_ops_xyxy(pos) - box_ops_xyxy(box)).abs() / box[2:].repeat(2) * 2
+                dist_neg = (box_ops_xyxy(neg) - box_ops_xyxy(box)).abs() / box[2:].repeat(2) * 2
                 assert (dist_pos <= 1 + 1e-4).all()  # positives move each corner by < half the box size
                 # negatives by 1 to 2 times that, unless clamped to the image or crossed (collapsed to size 0)
                 collapsed = (neg[2:] <= 1e-4).repeat(2)
-                assert ((dist_neg >= 1 - 1e-4) | (corner(neg) <= 1e-4) | (corner(neg) >= 1 - 1e-4) | collapsed).all()
+                neg_xyxy = box_ops_xyxy(neg)
+                assert ((dist_neg >= 1 - 1e-4) | (neg_xyxy <= 1e-4) | (neg_xyxy >= 1 - 1e-4) | collapsed).all()
                 assert torch.allclose(q_label[b, g * 4 + i], label_enc.weight[t["labels"][i]])  # no label noise
         assert not q_label[1, g * 4 + 1].any()  # image 1 has one box: its second slot is padding
     # matching queries never see the denoising ones
