@@ -7,8 +7,8 @@ for the CUDA extension); 4. Deformable DETR's scaffolding, used unchanged by Spa
 DETR (deformable attention, its initialisation, input tokens and their geometry, two-stage selection,
 encoder and decoder layers, the box-refining decoder); 5. box ops; 6. matcher, set criterion,
 post-processing; 7. checks of configurations, state dicts and the authors' checkpoints; then the
-inference fast paths, each attached to the readable function it equals (`with_fast_path`; switched
-off inside `with fast_paths(False):`).
+fast paths, each attached to the readable function it equals (`with_fast_path`; switched off inside
+`with fast_paths(False):`).
 
 Every model: build(cfg) -> (model, criterion, postprocess); model(images, pad_mask, targets=None,
 explain=False) -> dict (pred_logits, pred_boxes, aux_outputs, what its loss reads; its `forward`
@@ -46,7 +46,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 # ---------------------------------------------------------------------------------------------
-# The switch of the inference fast paths (the fast paths themselves: the last section)
+# The switch of the fast paths (the fast paths themselves: the last section)
 # ---------------------------------------------------------------------------------------------
 
 _fast_paths_on = True
@@ -55,7 +55,7 @@ _fast_paths_on = True
 @contextlib.contextmanager
 def fast_paths(enabled=True):
     """`with fast_paths(False):` runs the readable code everywhere inside the block (fast paths are on by
-    default and only ever run outside autograd); leaving the block restores what it found."""
+    default); leaving the block restores what it found."""
     global _fast_paths_on
     before, _fast_paths_on = _fast_paths_on, bool(enabled)
     try:
@@ -65,20 +65,22 @@ def fast_paths(enabled=True):
 
 
 def with_fast_path(readable):
-    """Marks a readable function as having an inference fast path, attached later by `@readable.fast` (in the
-    inference fast paths section at the end of its file). The one place where the two are chosen: the fast
-    one runs when fast paths are on and autograd is off; `readable.readable` is always the readable one."""
+    """Marks a readable function as having a fast path, attached later by `@readable.fast` (inference only) or
+    `@readable.fast_with_autograd` (inference and training: its gradients are tested equal too), in the fast paths
+    section at the end of its file. The one place where the two are chosen: the fast one runs when fast paths are
+    on and autograd is off, or is on and the fast path supports it; `readable.readable` is always the readable one."""
     @functools.wraps(readable)
     def choose(*args, **kwargs):
-        if choose.fast_path is not None and _fast_paths_on and not torch.is_grad_enabled():
+        if choose.fast_path is not None and _fast_paths_on and (choose.autograd or not torch.is_grad_enabled()):
             return choose.fast_path(*args, **kwargs)
         return readable(*args, **kwargs)
 
-    def attach(fast):
-        choose.fast_path = fast
+    def attach(fast, autograd=False):
+        choose.fast_path, choose.autograd = fast, autograd
         return fast
 
-    choose.fast_path, choose.fast, choose.readable = None, attach, readable
+    choose.fast_path, choose.autograd, choose.readable = None, False, readable
+    choose.fast, choose.fast_with_autograd = attach, functools.partial(attach, autograd=True)
     return choose
 
 
@@ -186,36 +188,54 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def forward(self, x, last_stage=5):
+        """images (B, 3, H_img, W_img) -> [C3, C4, C5], (B, C_l, H_l, W_l) at strides 8, 16, 32
+        (last_stage 4: [C3, C4], layer4 not run)"""
+        return self.stages(self.stem(x), last_stage)
+
     @with_fast_path
-    def forward(self, x):
-        """images (B, 3, H_img, W_img) -> [C3, C4, C5], (B, C_l, H_l, W_l) at strides 8, 16, 32"""
+    def stem(self, x):
+        """images -> C2 (B, C_2, H_img / 4, W_img / 4): conv1, max-pool, layer1"""
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))  # stride 4
-        c2 = self.layer1(x)
+        return self.layer1(x)
+
+    @with_fast_path
+    def stages(self, c2, last_stage=5):
+        """C2 -> [C3, C4, C5] (last_stage 4: [C3, C4])"""
         c3 = self.layer2(c2)  # stride 8
         c4 = self.layer3(c3)  # stride 16
+        if last_stage == 4:
+            return [c3, c4]
         c5 = self.layer4(c4)  # stride 32
         return [c3, c4, c5]
 
 
 class Backbone(nn.Module):
     """ResNet returning C3, C4, C5 (strides 8, 16, 32), each with its padding mask. norm="frozen_bn"
-    (DETR) or "bn" (batch statistics, to train from scratch); the stem and layer1 are frozen either way."""
+    (DETR) or "bn" (batch statistics, to train from scratch); the stem and layer1 are frozen either way.
+    last_stage=4 (a model that reads no C5): C3 and C4 only; layer4 stays (ResNet weights load whole),
+    frozen and not run."""
 
-    def __init__(self, depth=50, norm="frozen_bn"):
+    def __init__(self, depth=50, norm="frozen_bn", last_stage=5):
         super().__init__()
         if norm not in ("frozen_bn", "bn"):
             raise ValueError(f"backbone norm must be 'frozen_bn' or 'bn', got {norm!r}")
-        self.depth = depth
+        if last_stage not in (4, 5):
+            raise ValueError(f"backbone last_stage must be 4 (C3, C4) or 5 (C3, C4, C5), got {last_stage!r}")
+        self.depth, self.last_stage = depth, last_stage
         self.body = ResNet(depth, FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d)
-        self.num_channels = self.body.channels[1:]  # C3, C4, C5
+        self.num_channels = self.body.channels[1:last_stage - 1]  # C3, C4(, C5)
+        trained = ("layer2", "layer3", "layer4")[:last_stage - 2]
         for name, p in self.body.named_parameters():
-            if not name.startswith(("layer2", "layer3", "layer4")):
+            if not name.startswith(trained):
                 p.requires_grad_(False)
 
     def forward(self, images, pad_mask):
         """images (B, 3, H_img, W_img), pad_mask (B, H_img, W_img) -> [(map (B, C_l, H_l, W_l), mask (B, H_l, W_l))]"""
+        with torch.no_grad():  # the stem and layer1 are frozen and the images need no gradient: no graph to record
+            c2 = self.body.stem(images)
         out = []
-        for feat in self.body(images):
+        for feat in self.body.stages(c2, self.last_stage):
             mask = F.interpolate(pad_mask[:, None].float(), size=feat.shape[-2:])[:, 0].bool()
             out.append((feat, mask))
         return out
@@ -947,8 +967,10 @@ def read_official(source, name, required):
 
 
 # ---------------------------------------------------------------------------------------------
-# Inference fast paths: the same numbers as the readable functions they are attached to, with fewer
-# passes over memory; outside autograd only (with_fast_path chooses), each tested against its readable twin
+# Fast paths: the same numbers as the readable functions they are attached to, with fewer passes over memory
+# (with_fast_path chooses: the backbone's outside autograd only, which in training is its frozen stem and layer1;
+# the deformable sampling's in training too, with its backward written out), each tested against its readable
+# twin (values, and gradients where autograd runs it)
 # ---------------------------------------------------------------------------------------------
 
 def conv_bn_fast(conv, bn, x):
@@ -974,31 +996,117 @@ def block_forward_fast(block, x):
     return F.relu_(out.add_(identity))
 
 
-@ResNet.forward.fast
-def resnet_forward_fast(resnet, x):
-    """ResNet.forward in channels-last (the CPU's faster convolution layout), every block by block_forward_fast."""
+@ResNet.stem.fast
+def resnet_stem_fast(resnet, x):
+    """ResNet.stem in channels-last (the CPU's faster convolution layout), every block by block_forward_fast;
+    C2 is returned contiguous, the layout the readable stages train in."""
     x = x.contiguous(memory_format=torch.channels_last)
     x = resnet.maxpool(F.relu_(conv_bn_fast(resnet.conv1, resnet.bn1, x)))  # stride 4
-    feats = []
-    for layer in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4):
+    for block in resnet.layer1:
+        x = block_forward_fast(block, x)
+    return x.contiguous()
+
+
+@ResNet.stages.fast
+def resnet_stages_fast(resnet, c2, last_stage=5):
+    """ResNet.stages in channels-last, every block by block_forward_fast."""
+    x, feats = c2.contiguous(memory_format=torch.channels_last), []
+    for layer in (resnet.layer2, resnet.layer3, resnet.layer4)[:last_stage - 2]:
         for block in layer:
             x = block_forward_fast(block, x)
         feats.append(x)
-    return feats[1:]  # C3, C4, C5
+    return feats  # C3, C4(, C5)
 
 
-@ms_deform_attn.fast
-def ms_deform_attn_fast(value, spatial_shapes, sampling_locations, attention_weights):
-    """ms_deform_attn's numbers, faster outside autograd: sampled points-major, each point's samples
-    are a contiguous (B*H, D, Q) slab added in place with its weight (no (B*H, D, Q, P) product)."""
-    B, N, H, D = value.shape
-    _, Q, _, L, P, _ = sampling_locations.shape
+def level_maps(value, spatial_shapes):
+    """value (B, N, H, D) -> per level (B*H, D, H_l, W_l), the layout grid_sample reads."""
+    B, _, H, D = value.shape
+    return [v.flatten(2).transpose(1, 2).reshape(B * H, D, h, w)
+            for v, (h, w) in zip(value.split([h * w for h, w in spatial_shapes], 1), spatial_shapes)]
+
+
+def level_gradients(grads, B, H):
+    """The inverse of level_maps for gradients: per level (B*H, D, H_l, W_l) -> (B, N, H, D)."""
+    return torch.cat([g.reshape(B, H * g.shape[1], -1).transpose(1, 2).reshape(B, -1, H, g.shape[1]) for g in grads], 1)
+
+
+def points_major(sampling_locations, attention_weights):
+    """(B, Q, H, L, P, 2) locations in [0, 1] and (B, Q, H, L, P) weights -> grid_sample grids (B*H, L, P, Q, 2)
+    in [-1, 1] and weights (B*H, L, P, Q): each point's samples come out as contiguous (B*H, D, Q) slabs."""
+    B, Q, H, L, P, _ = sampling_locations.shape
     grids = (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5).reshape(B * H, L, P, Q, 2)
-    weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(B * H, L, P, Q)
-    out = value.new_zeros(B * H, D, Q)
-    for lvl, (v, (h, w)) in enumerate(zip(value.split([h * w for h, w in spatial_shapes], 1), spatial_shapes)):
-        v = v.flatten(2).transpose(1, 2).reshape(B * H, D, h, w)  # (B*H, D, H_l, W_l)
-        sampled = F.grid_sample(v, grids[:, lvl], mode="bilinear", padding_mode="zeros", align_corners=False)
-        for p in range(P):  # sampled (B*H, D, P, Q)
+    return grids, attention_weights.permute(0, 2, 3, 4, 1).reshape(B * H, L, P, Q)
+
+
+def sample_points_major(maps, grids):
+    """Bilinear samples of every level: per level (B*H, D, P, Q)."""
+    return [F.grid_sample(v, grids[:, lvl], mode="bilinear", padding_mode="zeros", align_corners=False)
+            for lvl, v in enumerate(maps)]
+
+
+def weighted_sum_points_major(samples, weights):
+    """sum over levels and points of weight * sample, added in place: -> (B*H, D, Q)."""
+    out = samples[0].new_zeros(samples[0].shape[0], samples[0].shape[1], samples[0].shape[3])
+    for lvl, sampled in enumerate(samples):
+        for p in range(sampled.shape[2]):
             out.addcmul_(sampled[:, :, p], weights[:, None, lvl, p])
+    return out
+
+
+def sampler_backward(g_samples, maps, grids, lvl, value_grad=True):
+    """grid_sample's backward for one level: (grad wrt the map (B*H, D, H_l, W_l), grad wrt its grid)."""
+    return torch.ops.aten.grid_sampler_2d_backward(g_samples, maps[lvl], grids[:, lvl], 0, 0, False,
+                                                   [value_grad, True])  # bilinear, zeros, align_corners=False
+
+
+class MSDeformAttnFunction(torch.autograd.Function):
+    """ms_deform_attn with its backward written out: the forward keeps the samples (as autograd would keep
+    them), the backward makes one weighted copy per level for grid_sample's backward (no graph of per-point
+    products)."""
+
+    @staticmethod
+    def forward(ctx, value, sampling_locations, attention_weights, spatial_shapes):
+        B, _, H, D = value.shape
+        Q = sampling_locations.shape[1]
+        maps = level_maps(value, spatial_shapes)
+        grids, weights = points_major(sampling_locations, attention_weights)
+        samples = sample_points_major(maps, grids)
+        ctx.save_for_backward(value, sampling_locations, attention_weights, *samples)
+        ctx.spatial_shapes = spatial_shapes
+        out = weighted_sum_points_major(samples, weights)  # (B*H, D, Q)
+        return out.view(B, H, D, Q).permute(0, 3, 1, 2).reshape(B, Q, H * D)
+
+    @staticmethod
+    def backward(ctx, g_out):
+        value, sampling_locations, attention_weights, *samples = ctx.saved_tensors
+        B, _, H, D = value.shape
+        _, Q, _, L, P, _ = sampling_locations.shape
+        g = g_out.reshape(B, Q, H, D).permute(0, 2, 3, 1).reshape(B * H, D, 1, Q)  # broadcast over the points
+        maps = level_maps(value, ctx.spatial_shapes)
+        grids, weights = points_major(sampling_locations, attention_weights)
+        g_maps, g_grids, g_weights = [], [], []
+        for lvl, sampled in enumerate(samples):  # sampled (B*H, D, P, Q)
+            g_weights.append((sampled * g).sum(1))  # (B*H, P, Q): d out / d weight = the sample
+            g_map, g_grid = sampler_backward(g * weights[:, None, lvl], maps, grids, lvl, ctx.needs_input_grad[0])
+            g_maps.append(g_map)
+            g_grids.append(g_grid)  # (B*H, P, Q, 2)
+        g_value = level_gradients(g_maps, B, H) if ctx.needs_input_grad[0] else None
+        g_locs = 2 * torch.stack(g_grids, 1).view(B, H, L, P, Q, 2).permute(0, 4, 1, 2, 3, 5)
+        g_weights = torch.stack(g_weights, 1).view(B, H, L, P, Q).permute(0, 4, 1, 2, 3)
+        return g_value, g_locs, g_weights, None
+
+
+@ms_deform_attn.fast_with_autograd
+def ms_deform_attn_fast(value, spatial_shapes, sampling_locations, attention_weights):
+    """ms_deform_attn's numbers, faster: sampled points-major, each point's samples are a contiguous (B*H, D, Q)
+    slab added in place with its weight (no (B*H, D, Q, P) product); under autograd through MSDeformAttnFunction.
+    Under autocast the readable function runs (grid_sample's own casting rules apply there)."""
+    if torch.is_autocast_enabled(value.device.type):
+        return ms_deform_attn.readable(value, spatial_shapes, sampling_locations, attention_weights)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (value, sampling_locations, attention_weights)):
+        return MSDeformAttnFunction.apply(value, sampling_locations, attention_weights, spatial_shapes)
+    B, _, H, D = value.shape
+    Q = sampling_locations.shape[1]
+    grids, weights = points_major(sampling_locations, attention_weights)
+    out = weighted_sum_points_major(sample_points_major(level_maps(value, spatial_shapes), grids), weights)
     return out.view(B, H, D, Q).permute(0, 3, 1, 2).reshape(B, Q, H * D)

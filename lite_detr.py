@@ -78,8 +78,9 @@ from torch import nn
 from common import (DeformableDecoderLayer, MLP, MSDeformAttn, PostProcess, SetCriterion, check_choice,
                     check_deformable_config, decode_with_box_refinement, deform_sampling_locations,
                     deformable_detr_init_, deformable_inputs, gather_tokens, init_offset_ring_, input_tokens,
-                    ms_deform_sample_levels, proposal_pos_embed, set_outputs, smoke_outputs, two_stage_selection,
-                    with_fast_path)
+                    level_gradients, level_maps, ms_deform_sample_levels, points_major, proposal_pos_embed,
+                    sample_points_major, sampler_backward, set_outputs, smoke_outputs, two_stage_selection,
+                    weighted_sum_points_major, with_fast_path)
 
 LAST_LAYER_QUERIES = ("all", "low")
 LOW_FFNS = ("small", "normal", "none")
@@ -428,32 +429,82 @@ def build(cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# Inference fast paths (common.with_fast_path chooses them outside autograd; tests compare each with
-# the readable function it is attached to)
+# Fast paths (common.with_fast_path chooses them; tests compare each with the readable function it is
+# attached to, values and gradients)
 # ---------------------------------------------------------------------------------------------
 
-@kda_core.fast
-def kda_core_fast(kv, spatial_shapes, locs, q):
-    """kda_core's numbers, faster outside autograd: the points are sampled points-major, so each
-    point's keys and values are contiguous slabs; q . k and the weighted values are accumulated in
-    place (no channel-last copy of the samples, no product tensor)."""
-    B, Q, H, D = q.shape
-    L, P, Dv = locs.shape[3], locs.shape[4], kv.shape[-1]
-    q = q.permute(0, 2, 3, 1).reshape(B * H, D, 1, Q) / math.sqrt(D)  # (B*H, D, 1, Q): broadcast over P
-    grids = (2 * locs - 1).permute(0, 2, 3, 4, 1, 5).reshape(B * H, L, P, Q, 2)
-    samples, logits = [], kv.new_zeros(B * H, L, P, Q)
-    for lvl, (v, (h, w)) in enumerate(zip(kv.split([h * w for h, w in spatial_shapes], 1), spatial_shapes)):
-        v = v.flatten(2).transpose(1, 2).reshape(B * H, Dv, h, w)  # (B*H, Dv, H_l, W_l)
-        samples.append(F.grid_sample(v, grids[:, lvl], mode="bilinear", padding_mode="zeros", align_corners=False))
+def kda_weights_points_major(samples, q, D):
+    """The key-aware weights from points-major samples (B*H, Dv, P, Q) per level (keys: the last D channels) and
+    q (B*H, D, 1, Q) already divided by sqrt(D): softmax over a head's L*P keys of q . k_j -> (B*H, L, P, Q)."""
+    logits = samples[0].new_zeros(samples[0].shape[0], len(samples), samples[0].shape[2], samples[0].shape[3])
+    Dv = samples[0].shape[1]
+    for lvl, sampled in enumerate(samples):
         for d in range(D):  # q . k_j / sqrt(D), one channel at a time: contiguous (B*H, P, Q) slabs
-            logits[:, lvl].addcmul_(samples[-1][:, Dv - D + d], q[:, d])
-    weights = logits.view(B * H, L * P, Q).softmax(1).view(B * H, L, P, Q)
-    out = kv.new_zeros(B * H, D, Q)
-    for lvl, sampled in enumerate(samples):  # sampled (B*H, Dv, P, Q)
-        for p in range(P):
-            out.addcmul_(sampled[:, :D, p], weights[:, None, lvl, p])
+            logits[:, lvl].addcmul_(sampled[:, Dv - D + d], q[:, d])
+    BH, L, P, Q = logits.shape
+    return logits.view(BH, L * P, Q).softmax(1).view(BH, L, P, Q)
+
+
+class KDAFunction(torch.autograd.Function):
+    """kda_core with its backward written out: the softmax's and both products' gradients in a few whole-level
+    ops, then grid_sample's backward per level (no graph of per-channel products)."""
+
+    @staticmethod
+    def forward(ctx, kv, locs, q, spatial_shapes):
+        B, Q, H, D = q.shape
+        maps = level_maps(kv, spatial_shapes)
+        grids, _ = points_major(locs, locs[..., 0])
+        q_s = q.permute(0, 2, 3, 1).reshape(B * H, D, 1, Q) / math.sqrt(D)
+        samples = sample_points_major(maps, grids)  # per level (B*H, Dv, P, Q)
+        weights = kda_weights_points_major(samples, q_s, D)  # (B*H, L, P, Q)
+        out = weighted_sum_points_major([s[:, :D] for s in samples], weights)  # (B*H, D, Q)
+        ctx.save_for_backward(kv, locs, q_s, weights, *samples)
+        ctx.spatial_shapes = spatial_shapes
+        out = out.view(B, H, D, Q).permute(0, 3, 1, 2).reshape(B, Q, H * D)
+        return out, weights.view(B, H, *weights.shape[1:]).permute(0, 4, 1, 2, 3)  # (B, Q, H, L, P)
+
+    @staticmethod
+    def backward(ctx, g_out, g_weights_out):
+        kv, locs, q_s, weights, *samples = ctx.saved_tensors
+        B, Q, H, L, P, _ = locs.shape
+        D, Dv = q_s.shape[1], kv.shape[-1]
+        g = g_out.reshape(B, Q, H, D).permute(0, 2, 3, 1).reshape(B * H, D, 1, Q)
+        g_w = torch.stack([(s[:, :D] * g).sum(1) for s in samples], 1)  # (B*H, L, P, Q): d out / d w = the value
+        if g_weights_out is not None:
+            g_w = g_w + g_weights_out.permute(0, 2, 3, 4, 1).reshape(B * H, L, P, Q)
+        g_logits = weights * (g_w - (weights * g_w).sum((1, 2), keepdim=True))  # the softmax's backward
+        maps = level_maps(kv, ctx.spatial_shapes)
+        grids, _ = points_major(locs, locs[..., 0])
+        g_q, g_maps, g_grids = 0, [], []
+        for lvl, sampled in enumerate(samples):
+            g_v, g_k = g * weights[:, None, lvl], q_s * g_logits[:, None, lvl]  # (B*H, D, P, Q) each
+            g_q = g_q + (sampled[:, Dv - D:] * g_logits[:, None, lvl]).sum(2)  # (B*H, D, Q)
+            g_s = g_v + g_k if Dv == D else torch.cat([g_v, g_k], 1)  # values are the keys, or [values | keys]
+            g_map, g_grid = sampler_backward(g_s, maps, grids, lvl)
+            g_maps.append(g_map)
+            g_grids.append(g_grid)
+        g_locs = 2 * torch.stack(g_grids, 1).view(B, H, L, P, Q, 2).permute(0, 4, 1, 2, 3, 5)
+        g_q = (g_q / math.sqrt(D)).view(B, H, D, Q).permute(0, 3, 1, 2)  # (B, Q, H, D)
+        return level_gradients(g_maps, B, H), g_locs, g_q, None
+
+
+@kda_core.fast_with_autograd
+def kda_core_fast(kv, spatial_shapes, locs, q):
+    """kda_core's numbers, faster: the points are sampled points-major, so each point's keys and values are
+    contiguous slabs; q . k and the weighted values are accumulated in place (no channel-last copy of the samples,
+    no product tensor); under autograd through KDAFunction. Under autocast the readable function runs."""
+    if torch.is_autocast_enabled(kv.device.type):
+        return kda_core.readable(kv, spatial_shapes, locs, q)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (kv, locs, q)):
+        return KDAFunction.apply(kv, locs, q, spatial_shapes)
+    B, Q, H, D = q.shape
+    grids, _ = points_major(locs, locs[..., 0])
+    q_s = q.permute(0, 2, 3, 1).reshape(B * H, D, 1, Q) / math.sqrt(D)
+    samples = sample_points_major(level_maps(kv, spatial_shapes), grids)
+    weights = kda_weights_points_major(samples, q_s, D)
+    out = weighted_sum_points_major([s[:, :D] for s in samples], weights)
     out = out.view(B, H, D, Q).permute(0, 3, 1, 2).reshape(B, Q, H * D)
-    return out, weights.view(B, H, L, P, Q).permute(0, 4, 1, 2, 3)  # (B, Q, H, L, P)
+    return out, weights.view(B, H, *weights.shape[1:]).permute(0, 4, 1, 2, 3)  # (B, Q, H, L, P)
 
 
 if __name__ == "__main__":

@@ -307,8 +307,9 @@ class SMCA(nn.Module):
         C = cfg.hidden_dim
         self.cfg = cfg
         self.strides = cfg.strides()  # (32,) or (16, 32, 64)
-        self.backbone = Backbone(cfg.backbone_depth, cfg.backbone_norm)
-        c4, c5 = self.backbone.num_channels[1:]
+        reads_c5 = cfg.multiscale or cfg.feature_stride == 32
+        self.backbone = Backbone(cfg.backbone_depth, cfg.backbone_norm, last_stage=5 if reads_c5 else 4)
+        c4, c5 = self.backbone.body.channels[2:]  # C4 and C5 channels
         if cfg.multiscale:  # Sec. 3.3: "3 convolutions project ResNet-50 outputs to 256-d"
             self.input_proj = nn.ModuleList([
                 nn.Conv2d(c4, C, 1),  # f16 from C4
@@ -318,8 +319,6 @@ class SMCA(nn.Module):
             self.encoder = MultiScaleEncoder(cfg)
         else:
             self.input_proj = nn.ModuleList([nn.Conv2d(c5 if cfg.feature_stride == 32 else c4, C, 1)])
-            if cfg.feature_stride == 16:  # C4: layer4's output is never read, so it does not train
-                self.backbone.body.layer4.requires_grad_(False)
             self.encoder = nn.ModuleList(
                 EncoderLayer(C, cfg.nheads, cfg.dim_feedforward, cfg.dropout) for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(SMCADecoderLayer(cfg, first=(i == 0)) for i in range(cfg.dec_layers))
@@ -363,14 +362,15 @@ class SMCA(nn.Module):
 
     def encode(self, feats, pad_mask, explain=False):
         """The scales' tokens and the encoder (single-scale DETR or Sec. 3.3's). feats: the backbone's
-        [(C3, m3), (C4, m4), (C5, m5)]; pad_mask (B, H_img, W_img) -> memory (B, N, C), ScaleGeometry, {}."""
+        [(C3, m3), (C4, m4), (C5, m5)] (to C4 at feature_stride 16); pad_mask (B, H_img, W_img) -> memory (B, N, C),
+        ScaleGeometry, {}."""
         image_wh = valid_image_sizes(pad_mask)  # (B, 2) unpadded size in pixels: the prior's frame
         if self.cfg.multiscale:  # f16 from C4; f32 and f64 from C5
             (c4, m4), (c5, m5) = feats[-2:]
             maps = [self.input_proj[0](c4), self.input_proj[1](c5), self.input_proj[2](c5)]
             masks = [m4, m5, halve_mask(m5)]
         else:
-            x, m = feats[-1] if self.cfg.feature_stride == 32 else feats[-2]  # C5 (the paper) or C4
+            x, m = feats[-1]  # C5 (the paper) or C4 (feature_stride 16: the backbone stops at C4)
             maps, masks = [self.input_proj[0](x)], [m]
         srcs, poss, pads, cells_wh, grids = [], [], [], [], []
         for j, (x, m) in enumerate(zip(maps, masks)):
@@ -576,7 +576,7 @@ def from_official(source):
 
 
 # ---------------------------------------------------------------------------------------------
-# Inference fast paths (common.with_fast_path chooses them outside autograd; tests compare each with
+# Fast paths (common.with_fast_path chooses them, here outside autograd only; tests compare each with
 # the readable function it is attached to)
 # ---------------------------------------------------------------------------------------------
 

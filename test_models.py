@@ -332,8 +332,9 @@ def test_smca_padding_invariance(spatial_prior, multiscale, stride, figures):
     # 3 x 4 -> f64 2 x 2 alone; padded, f64 is 3 x 3 of which the same 2 x 2 are valid.
     (c5, m5), (c5_batch, m5_batch) = _alone_and_padded(torch.randn(1, 512, 3, 4, dtype=torch.float64), 5, 6)
     (c4, m4), (c4_batch, m4_batch) = _alone_and_padded(torch.randn(1, 256, 6, 8, dtype=torch.float64), 10, 12)
-    alone = after_backbone(model, [(c4, m4), (c5, m5)], explain=True)  # image 96 x 128 px
-    batched = after_backbone(model, [(c4_batch, m4_batch), (c5_batch, m5_batch)], explain=True)  # padded to 160 x 192
+    n = 1 if stride == 16 and not multiscale else 2  # at feature_stride 16 the backbone stops at C4
+    alone = after_backbone(model, [(c4, m4), (c5, m5)][:n], stride, explain=True)  # image 96 x 128 px
+    batched = after_backbone(model, [(c4_batch, m4_batch), (c5_batch, m5_batch)][:n], stride, explain=True)  # padded
     for key in ("pred_logits", "pred_boxes") + (("centers",) if spatial_prior else ()):
         assert torch.allclose(alone[key][0], batched[key][0], atol=1e-4), key
     for key in ("pred_logits", "pred_boxes"):
@@ -449,7 +450,7 @@ def test_smca_config_errors():
 
 def test_smca_on_c4_reads_c4_in_its_own_cells_and_leaves_layer4_untrained():
     """feature_stride 16 (the shapes config): the encoder reads C4, the prior counts C4 cells (sigma
-    sqrt(beta / 2) cells at init, as on C5), and layer4, whose output nobody reads, does not train."""
+    sqrt(beta / 2) cells at init, as on C5), and layer4, whose output nobody reads, neither trains nor runs."""
     model, _, _ = smca.build(tiny_smca(feature_stride=16))
     model.eval()
     images, pad_mask = torch.randn(1, 3, 96, 128), torch.zeros(1, 96, 128, dtype=torch.bool)
@@ -465,6 +466,10 @@ def test_smca_on_c4_reads_c4_in_its_own_cells_and_leaves_layer4_untrained():
     assert torch.allclose(log_g[0, 0, 0], torch.tensor([0.0, -4.0 / 8.0]), atol=1e-6)  # -(2 cells)^2 / beta
     assert not any(p.requires_grad for p in model.backbone.body.layer4.parameters())
     assert any(p.requires_grad for p in model.backbone.body.layer3.parameters())
+    ran = []
+    model.backbone.body.layer4.register_forward_hook(lambda *_: ran.append(True))
+    model.train()(images, pad_mask)
+    assert not ran  # nor does it run
 
 
 # ---------------------------------------------------------------------------------------------
@@ -777,6 +782,28 @@ def test_lite_detr_kda_matches_naive_per_point_reference(key_proj, ref_dim):
             out_readable, _, weights_readable = attn(query, ref, x, shapes_, pad)
     for o, w in ((out_nograd, weights_nograd), (out_readable, weights_readable)):
         assert torch.allclose(o, out, atol=1e-12) and torch.allclose(w, weights, atol=1e-12)
+
+
+@pytest.mark.parametrize("key_channels", [0, 1])
+def test_lite_kda_fast_path_under_autograd_equals_the_readable_gradients(key_channels):
+    """In training kda_core runs through KDAFunction (its backward written out): the readable core's values and
+    gradients (keys and values, locations, queries; also through the returned weights) in float64, with the values
+    as keys and with [values | keys] (OFF's key projection)."""
+    torch.manual_seed(0)
+    shapes_, B, Q, H, D, P = [(6, 7), (3, 4), (2, 2)], 2, 5, 4, 8, 2
+    N = sum(h * w for h, w in shapes_)
+    kv = torch.randn(B, N, H, D * (1 + key_channels), dtype=torch.float64, requires_grad=True)
+    locs = (torch.rand(B, Q, H, len(shapes_), P, 2, dtype=torch.float64) * 1.4 - 0.2).requires_grad_()
+    q = torch.randn(B, Q, H, D, dtype=torch.float64, requires_grad=True)
+    fast = lite_detr.kda_core(kv, shapes_, locs, q)
+    with common.fast_paths(False):
+        ref = lite_detr.kda_core(kv, shapes_, locs, q)
+    assert type(fast[0].grad_fn).__name__ == "KDAFunctionBackward"
+    g_out, g_w = torch.randn_like(ref[0]), torch.randn_like(ref[1])
+    grads = [torch.autograd.grad((o * g_out).sum() + (w * g_w).sum(), (kv, locs, q)) for o, w in (fast, ref)]
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
+    assert all(torch.allclose(a, b, atol=1e-12, rtol=0) for a, b in zip(fast, ref))
 
 
 def test_lite_detr_dense_reduction_is_the_deformable_detr_encoder():

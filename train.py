@@ -76,7 +76,7 @@ def parse_args(argv=None):
                         "--data PATH) or 'shapes' (128-192, max 240; the default on shapes)")
     p.add_argument("--eval-only", action="store_true")
     p.add_argument("--readable-path", action="store_true",
-                   help="evaluate on the readable path, without the inference fast paths (common.fast_paths)")
+                   help="train and evaluate on the readable path, without the fast paths (common.fast_paths)")
     p.add_argument("--official", default=None, metavar="PATH",
                    help="with --eval-only: evaluate the authors' released weights (the file as published) through "
                         "the model file's from_official(); the configuration comes from the file")
@@ -293,19 +293,42 @@ def out_of_time(run, seconds_this_epoch):
     return bool(spent.item())
 
 
+def forward_loss(run, images, pad_mask, targets):
+    """The forward pass and the set loss of one batch -> (weighted total, {term: unweighted value})."""
+    weights = run.criterion.weight_dict
+    with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+        outputs = run.model(images, pad_mask, targets)
+    losses = run.criterion(outputs, targets)
+    return sum(losses[k] * weights[k] for k in losses if k in weights), losses
+
+
+def optimizer_step(run, loss, mark=None):
+    """Backward, gradient clipping and the optimizer step -> the gradient norm before clipping.
+    `mark(part)`, if given, is called as the backward and the clipping end (bench's training profile)."""
+    optimizer, scaler, clip = run.optimizer, run.scaler, run.args.clip_max_norm
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if mark:
+        mark("backward")
+    scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+    if mark:
+        mark("clip")
+    scaler.step(optimizer)
+    scaler.update()
+    return grad_norm
+
+
 def train_one_epoch(run, epoch, loader):
     """-> the fraction of the epoch trained (1.0 unless the --time-budget ran out in it)."""
-    model, criterion, optimizer, scaler, args = run.model, run.criterion, run.optimizer, run.scaler, run.args
-    weights = criterion.weight_dict
+    model, criterion, optimizer, args = run.model, run.criterion, run.optimizer, run.args
     model.train()
     criterion.train()
     n, start, last_print = len(loader), time.time(), time.time()
     for it, (images, pad_mask, targets) in enumerate(loader):
         images, pad_mask, targets = images.to(run.device), pad_mask.to(run.device), to_device(targets, run.device)
-        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-            outputs = model(images, pad_mask, targets)
-        losses = criterion(outputs, targets)
-        loss = sum(losses[k] * weights[k] for k in losses if k in weights)
+        loss, losses = forward_loss(run, images, pad_mask, targets)
         step = epoch * n + it
         run.steps += 1
         if not all_finite(loss.detach()):
@@ -313,13 +336,7 @@ def train_one_epoch(run, epoch, loader):
             raise FloatingPointError(
                 f"non-finite loss ({loss.item()}) at epoch {epoch} iteration {it} (global step {step}), "
                 f"image ids {ids} on rank {run.rank}; the last good checkpoint is untouched in {args.output_dir}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip_max_norm if args.clip_max_norm > 0 else math.inf)
-        scaler.step(optimizer)
-        scaler.update()
+        grad_norm = optimizer_step(run, loss)
 
         record = {"type": "train", "epoch": epoch, "iter": it, "step": step, "loss": loss.item(),
                   "grad_norm": float(grad_norm), **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
@@ -416,6 +433,18 @@ def build_model(args, module, cfg, on_shapes, rank, official_state=None):
     return model, criterion, postprocess
 
 
+def build_run(args, module, model, criterion, postprocess, device, rank, world, categories):
+    """The optimizer (AdamW on param_groups), the lr schedule, the AMP scaler and the Run that holds them
+    -> (run, scheduler)."""
+    optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.lr_backbone, getattr(module, "LR_MULTIPLIERS", {})),
+                                  lr=args.lr, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    run = Run(model, criterion, postprocess, optimizer, scaler, args, device, rank, world, amp_dtype, categories)
+    return run, scheduler
+
+
 def checkpoint_to_resume(args, ckpt_path):
     """--resume auto / PATH / none, and --eval-only -> the checkpoint to load, or None."""
     if args.resume == "auto":
@@ -449,7 +478,7 @@ def save_checkpoint(run, scheduler, epoch, fraction, cfg, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    with fast_paths(not args.readable_path):  # --readable-path: evaluation without the inference fast paths
+    with fast_paths(not args.readable_path):  # --readable-path: training and evaluation on the readable path
         return train_or_evaluate(args)
 
 
@@ -491,21 +520,16 @@ def train_or_evaluate(args):
 
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
     resume = checkpoint_to_resume(args, ckpt_path)
-    optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.lr_backbone, getattr(module, "LR_MULTIPLIERS", {})),
-                                  lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
-    run = Run(model, criterion, postprocess, optimizer, scaler, args, device, rank, world,
-              {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp], val_set.categories)
+    run, scheduler = build_run(args, module, model, criterion, postprocess, device, rank, world, val_set.categories)
     start_epoch = 0
     if resume:
         ckpt = load_checkpoint(resume)
         check_compatible(ckpt, resume, args.model, cfg, training=not args.eval_only)
         model.load_state_dict(ckpt["model"])
         if not args.eval_only:
-            optimizer.load_state_dict(ckpt["optimizer"])
+            run.optimizer.load_state_dict(ckpt["optimizer"])
             scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
+            run.scaler.load_state_dict(ckpt["scaler"])
             random.setstate(ckpt["rng"]["python"])
             np.random.set_state(ckpt["rng"]["numpy"])
             torch.set_rng_state(ckpt["rng"]["torch"][rank % len(ckpt["rng"]["torch"])])

@@ -30,10 +30,10 @@ class GivenFeatures(torch.nn.Module):
         return self.feats
 
 
-def after_backbone(model, feats, **kwargs):
+def after_backbone(model, feats, last_stride=32, **kwargs):
     """model(images, pad_mask, **kwargs) with the backbone's output replaced by `feats`
-    [(map, mask)], the last at stride 32: the image-level pad_mask is that mask upsampled 32x."""
-    mask = feats[-1][1].repeat_interleave(32, 1).repeat_interleave(32, 2)  # (B, H_img, W_img)
+    [(map, mask)], the last at `last_stride`: the image-level pad_mask is that mask upsampled."""
+    mask = feats[-1][1].repeat_interleave(last_stride, 1).repeat_interleave(last_stride, 2)  # (B, H_img, W_img)
     backbone, model.backbone = model.backbone, GivenFeatures(feats)
     try:
         return model(torch.zeros(mask.shape[0], 3, *mask.shape[1:], dtype=feats[0][0].dtype), mask, **kwargs)

@@ -2,6 +2,7 @@
 """
 import dataclasses
 import importlib
+import math
 import re
 
 import pytest
@@ -157,6 +158,27 @@ def test_bench_smca_fast_vs_reference_and_profile():
         assert m["backbone"] > 0 and m["encoder"] > 0 and m["decoder"] > 0
         assert m["rest"] >= 0  # the hooked modules run inside the forward, never counted twice
         assert m["ops"]["convolutions"] > 0
+
+
+TINY_SETS = {"smca": ("hidden_dim=32", "nheads=4", "enc_layers=1", "dec_layers=2", "dim_feedforward=32"),
+             "sparse_detr": ("hidden_dim=32", "nheads=4", "enc_layers=2", "dec_layers=2", "dim_feedforward=32",
+                             "num_queries=20")}
+
+
+@pytest.mark.parametrize("name", ["smca", "sparse_detr"])
+def test_bench_train_step_profile_splits_the_whole_step(tiny_shapes, name):
+    """--train-step: the parts of a training step (data, forward by module, matcher, losses, the backward split at
+    the gradients of memory and features, clip, optimizer) account for the whole step, each non-negative (a
+    backward split in the wrong order would give a negative part), and training goes on (finite losses)."""
+    r = bench.profile_train_step(name, steps=2, warmup=0, sets=TINY_SETS[name], root=tiny_shapes, backbone="none")
+    assert set(r["ms"]) == set(bench.TRAIN_PARTS)
+    assert all(v >= 0 for v in r["ms"].values()), r["ms"]
+    assert sum(r["ms"].values()) == pytest.approx(r["ms_per_step"], rel=1e-6)
+    for part in ("backbone", "encoder", "decoder", "matcher", "backward: encoder", "backward: backbone",
+                 "optimizer"):
+        assert r["ms"][part] > 0, part
+    assert len(r["loss"]) == 2 and all(math.isfinite(v) for v in r["loss"])
+    assert r["top_ops"] and all(t >= 0 for _, t in r["top_ops"])
 
 
 def test_bench_rejects_bad_flags(tiny_shapes):

@@ -235,8 +235,8 @@ def test_top_queries_skips_padding_unless_told_otherwise():
 @pytest.mark.parametrize("depth,norm", [(18, "frozen_bn"), (50, "frozen_bn"), (18, "bn")])
 def test_backbone_fast_path_equals_the_reference(depth, norm):
     """Outside autograd the backbone folds FrozenBatchNorm2d into its convolutions, runs channels-last
-    and in place: the same maps within float32 rounding (a few 1e-6 relative after ~50 layers);
-    with autograd on, the fast path is never taken (bit-identical)."""
+    and in place: the same maps within float32 rounding (a few 1e-6 relative after ~50 layers).
+    With autograd on only the frozen stem and layer1 (run without a graph) take it; the stages train readable."""
     torch.manual_seed(0)
     bb = common.Backbone(depth, norm).eval()
     for m in bb.modules():  # non-trivial statistics, so the folding is exercised
@@ -250,12 +250,60 @@ def test_backbone_fast_path_equals_the_reference(depth, norm):
             ref = bb(images, mask)
         fast = bb(images, mask)
         x = torch.randn(2, 3, 64, 96)
-        direct = [(common.ResNet.forward.readable(bb.body, x), common.resnet_forward_fast(bb.body, x))]
-    for a, b in zip(*direct[0]):  # the two functions themselves
-        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+        c2, c2_fast = common.ResNet.stem.readable(bb.body, x), common.resnet_stem_fast(bb.body, x)
+        stages = common.ResNet.stages.readable(bb.body, c2), common.resnet_stages_fast(bb.body, c2)
+        direct = [([c2], [c2_fast]), stages]
+    for pair in direct:  # the functions themselves
+        for a, b in zip(*pair):
+            assert (a - b).abs().max() <= 1e-5 * a.abs().max()
     for (a, ma), (b, mb) in zip(ref, fast):
         assert torch.equal(ma, mb) and (a - b).abs().max() <= 1e-5 * a.abs().max()
-    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(bb(images, mask), bb(images, mask)))  # autograd on
+    trained = bb(images, mask)  # autograd on
+    for (a, _), (b, _) in zip(ref, trained):
+        assert b.requires_grad and (a - b).abs().max() <= 1e-5 * a.abs().max()
+    assert all("Function" not in type(b.grad_fn).__name__ for b, _ in trained)
+    with common.fast_paths(False):
+        assert all(torch.equal(a, b) for (a, _), (b, _) in zip(ref, bb(images, mask)))  # the readable path, exactly
+
+
+@pytest.mark.parametrize("value_grad", [True, False])
+def test_ms_deform_attn_fast_path_under_autograd_equals_the_reference(value_grad):
+    """In training the fast path runs through MSDeformAttnFunction, whose backward is written out: the readable
+    function's values and gradients (value, locations, weights) in float64, points outside the maps included;
+    with fast_paths(False) autograd records the readable function."""
+    torch.manual_seed(0)
+    shapes = [(6, 8), (3, 4), (2, 2)]
+    value = torch.randn(2, sum(h * w for h, w in shapes), 4, 8, dtype=torch.float64, requires_grad=value_grad)
+    locs = (torch.rand(2, 10, 4, 3, 5, 2, dtype=torch.float64) * 1.4 - 0.2).requires_grad_()
+    weights = torch.rand(2, 10, 4, 3, 5, dtype=torch.float64).softmax(-1).requires_grad_()
+    inputs = [t for t in (value, locs, weights) if t.requires_grad]
+    fast = common.ms_deform_attn(value, shapes, locs, weights)
+    with common.fast_paths(False):
+        ref = common.ms_deform_attn(value, shapes, locs, weights)
+    assert type(fast.grad_fn).__name__ == "MSDeformAttnFunctionBackward"
+    assert "Function" not in type(ref.grad_fn).__name__
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(fast, inputs, g), torch.autograd.grad(ref, inputs, g)):
+        assert torch.allclose(a, b, atol=1e-12, rtol=0)
+    assert torch.allclose(fast, ref, atol=1e-12, rtol=0)
+
+
+def test_backbone_last_stage_4_skips_layer4():
+    """A model that reads no C5 (SMCA at stride 16) gets C3 and C4, the same maps; layer4 is kept but frozen and
+    never run, so its weights still load and DDP finds no parameter without a gradient."""
+    torch.manual_seed(0)
+    full, short = common.Backbone(18), common.Backbone(18, last_stage=4)
+    short.load_state_dict(full.state_dict())
+    images, mask = torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool)
+    ran = []
+    short.body.layer4.register_forward_hook(lambda *_: ran.append(True))
+    feats = short(images, mask)
+    assert len(feats) == 2 and not ran and short.num_channels == [128, 256]
+    assert all(torch.equal(a, b) and torch.equal(ma, mb) for (a, ma), (b, mb) in zip(feats, full(images, mask)))
+    assert not any(p.requires_grad for p in short.body.layer4.parameters())
+    assert all(p.requires_grad for p in short.body.layer3.parameters())
+    with pytest.raises(ValueError, match="last_stage must be 4"):
+        common.Backbone(18, last_stage=3)
 
 
 def test_ms_deform_attn_fast_path_equals_the_reference():

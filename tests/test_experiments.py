@@ -1,4 +1,4 @@
-"""Tests of tools/experiments.py: converge, leaderboard, fine-tokens.
+"""Tests of tools/experiments.py: converge, leaderboard, speed, fine-tokens.
 """
 import json
 import os
@@ -81,3 +81,38 @@ def test_experiments_fine_tokens_counts_kept_and_fine_tokens_inside_boxes(tiny_s
         experiments.main(["fine-tokens", "--checkpoint", str(tmp_path / "smca.pth")])
     with pytest.raises(ValueError, match="--images 9"):
         experiments.main(["fine-tokens", "--checkpoint", str(tmp_path / "focus.pth"), "--images", "9"])
+
+
+def _fake_run(run_dir, losses, steps, train_s):
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "log.jsonl"), "w") as f:
+        for step, loss in enumerate(losses):
+            f.write(json.dumps({"type": "train", "step": step, "loss": loss}) + "\n")
+        f.write(json.dumps({"type": "eval", "steps": steps, "train_s": train_s, "AP": 0.0}) + "\n")
+
+
+def test_experiments_speed_tables_finished_runs_without_rerunning_them(tmp_path):
+    """speed re-reads runs already in --out (nothing trains): steps/s of each checkout, median over rounds, the
+    ratio, and the largest relative loss difference at the steps both took; a --vs without train.py is refused."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "train.py").write_text("raise SystemExit('must not run')\n")
+    out = tmp_path / "speed"
+    for r, (this_s, other_s) in enumerate([(20.0, 40.0), (25.0, 40.0), (30.0, 60.0)]):
+        _fake_run(out / f"smca-other-{r}", [10.0, 8.0], 40, other_s)
+        _fake_run(out / f"smca-this-{r}", [10.0, 8.8, 7.0], 40, this_s)
+    rows = experiments.main(["speed", "--vs", str(other), "--models", "smca", "--rounds", "3", "--out", str(out)])
+    (row,) = rows
+    assert row["steps_per_s_other"] == pytest.approx(1.0) and row["steps_per_s_this"] == pytest.approx(1.6)
+    assert row["ratio"] == pytest.approx(1.6) and row["common_steps"] == 2
+    assert row["max_rel_loss_diff"] == pytest.approx(0.1)
+    table = (out / "speed.md").read_text()
+    assert "| smca | 1.000 | 1.600 | 1.60x | 2 | 1.0e-01 |" in table
+    with pytest.raises(ValueError, match="no train.py there"):
+        experiments.main(["speed", "--vs", str(tmp_path / "nowhere"), "--out", str(out)])
+    _fake_run(out / "broken", [1.0], 1, 1.0)
+    os.remove(out / "broken" / "log.jsonl")
+    with open(out / "broken" / "log.jsonl", "w") as f:
+        f.write(json.dumps({"type": "train", "step": 0, "loss": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="has no evaluation"):
+        experiments.train_log(str(out / "broken"))

@@ -33,6 +33,8 @@ published (see SUITES below).
 """
 import argparse
 import dataclasses
+import functools
+import itertools
 import json
 import math
 import os
@@ -45,9 +47,12 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import data as datalib
 import lite_detr
+import train
 from common import fast_paths
-from engine.runtime import model_module, run_cli
+from data import shapes
+from engine.runtime import SHAPES_ROOT, model_module, run_cli
 
 # ---------------------------------------------------------------------------------------------
 # What is compared: each model's configurations, its dense baseline, the papers' figures
@@ -435,6 +440,143 @@ def profile(name, image, overrides=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# One training step of a model's shapes recipe, part by part (--train-step)
+# ---------------------------------------------------------------------------------------------
+
+TRAIN_PARTS = ("data", "backbone", "encoder", "decoder", "forward rest", "matcher", "losses",
+               "backward: decoder, heads, losses", "backward: encoder", "backward: backbone", "clip", "optimizer")
+
+
+def _grad_tensors(x):
+    if torch.is_tensor(x):
+        return [x] if x.requires_grad else []
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _grad_tensors(v)]
+    return []
+
+
+class StepClock:
+    """Wall-clock seconds of the parts of training steps. The forward by wrapping the model's backbone, encode
+    and decode and the criterion's matcher; the backward split at the moments the gradient of the encoder's
+    memory and the first of the backbone's features' gradients are complete (tensor hooks): the CPU autograd
+    engine runs the graph in reverse creation order, so the decoder's backward (heads and losses included) ends
+    when memory's gradient is complete and the encoder's (with the input projections but the last few) when the
+    deepest feature's is (C3 and C4 feed the later stages: theirs complete inside the backbone's backward)."""
+
+    def __init__(self, model, criterion):
+        self.seconds, self.grad_done = dict.fromkeys(TRAIN_PARTS, 0.0), {}
+        for obj, method, part in ((model.backbone, "forward", "backbone"), (model, "encode", "encoder"),
+                                  (model, "decode", "decoder"), (criterion.matcher, "forward", "matcher"),
+                                  (criterion, "forward", "criterion")):
+            self._wrap(obj, method, part)
+        self.seconds["criterion"] = 0.0
+
+    def _wrap(self, obj, method, part):
+        inner = getattr(obj, method)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = inner(*args, **kwargs)
+            self.seconds[part] += time.perf_counter() - t0
+            watched = {"backbone": out, "encoder": out[0] if isinstance(out, tuple) else None}.get(part)
+            for t in _grad_tensors(watched):
+                t.register_hook(functools.partial(self._stamp, part))
+            return out
+        setattr(obj, method, timed)  # an instance attribute: the model calls self.encode(...), which finds it
+
+    def _stamp(self, part, grad):
+        self.grad_done.setdefault(part, time.perf_counter())  # the first of the part's outputs to be complete
+
+    def step(self, run, batch_iter):
+        """One training step (train.forward_loss, train.optimizer_step) with its parts timed -> (seconds, loss)."""
+        sec, t0 = self.seconds, time.perf_counter()
+        images, pad_mask, targets = next(batch_iter)
+        images, pad_mask, targets = images.to(run.device), pad_mask.to(run.device), train.to_device(targets, run.device)
+        t1 = time.perf_counter()
+        sec["data"] += t1 - t0
+        before = {p: sec[p] for p in ("backbone", "encoder", "decoder", "criterion")}
+        loss, _ = train.forward_loss(run, images, pad_mask, targets)
+        t2 = time.perf_counter()
+        sec["forward rest"] += (t2 - t1) - sum(sec[p] - before[p] for p in before)
+        marks = {}
+        self.grad_done.clear()
+        train.optimizer_step(run, loss, mark=lambda part: marks.setdefault(part, time.perf_counter()))
+        t3 = time.perf_counter()
+        if "encoder" not in self.grad_done:
+            raise RuntimeError("the encoder's memory got no gradient: its backward cannot be told from the decoder's")
+        mem, feats = self.grad_done["encoder"], self.grad_done.get("backbone", marks["backward"])  # frozen: none
+        sec["backward: decoder, heads, losses"] += mem - t2
+        sec["backward: encoder"] += feats - mem
+        sec["backward: backbone"] += marks["backward"] - feats
+        sec["clip"] += marks["clip"] - marks["backward"]
+        sec["optimizer"] += t3 - marks["clip"]
+        return t3 - t0, loss.item()
+
+
+def training_run(name, sets=(), amp="off", root=None, backbone="shapes"):
+    """train.py's set-up of a model's shapes recipe on the shapes set at `root` (default: the built-in one, generated
+    on first use), with the shapes-pretrained backbone (trained on first use) or `backbone` 'none'
+    -> (run, train_set); nothing is written but the built-in set and its backbone, if missing."""
+    argv = ["--model", name, "--amp", amp, "--backbone-weights", backbone] + (["--set", *sets] if sets else [])
+    args = train.parse_args(argv)
+    module = model_module(name)
+    train.resolve_recipe(args, module, True)
+    args.num_workers = 0
+    if root is None:
+        root = SHAPES_ROOT
+        shapes.ensure(root)
+    train_set = datalib.CocoDetection(*datalib.find_split(root, "train"),
+                                      datalib.make_transforms("train", **datalib.SHAPES_SCALES))
+    cfg = train.apply_overrides(module.shapes_config(), args.set)
+    cfg.num_classes = train_set.num_classes
+    torch.manual_seed(args.seed)
+    model, criterion, postprocess = train.build_model(args, module, cfg, True, 0)
+    run, _ = train.build_run(args, module, model, criterion, postprocess, torch.device("cpu"), 0, 1,
+                             train_set.categories)
+    return run, train_set
+
+
+def profile_train_step(name, steps, warmup=2, sets=(), amp="off", top_ops=8, root=None, backbone="shapes"):
+    """`steps` timed training steps of the shapes recipe (after `warmup`), the same batches every call (train.py's,
+    seed 42); then one step under torch.profiler -> {"model", "steps_per_s", "ms": {part: ms per step},
+    "top_ops": [(op, self CPU ms)], "loss": [the timed steps' losses]}."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    run, train_set = training_run(name, sets, amp, root, backbone)
+    run.model.train()
+    run.criterion.train()
+    clock = StepClock(run.model, run.criterion)
+    batches = (batch for epoch in itertools.count()  # train.py's batches, epoch after epoch
+               for batch in train.make_loader(train_set, run.args.batch_size, True, run.args.seed, epoch, 0, 1, 0))
+    for _ in range(warmup):
+        clock.step(run, batches)
+    clock.seconds = dict.fromkeys(clock.seconds, 0.0)
+    timed = [clock.step(run, batches) for _ in range(steps)]
+    total = sum(t for t, _ in timed)
+    sec = clock.seconds
+    ms = {p: 1e3 * sec[p] / steps for p in TRAIN_PARTS if p not in ("losses",)}
+    ms["losses"] = 1e3 * (sec["criterion"] - sec["matcher"]) / steps
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        clock.step(run, batches)
+    ops = sorted(((e.key, e.self_cpu_time_total / 1e3) for e in prof.key_averages()), key=lambda kv: -kv[1])
+    return {"model": name, "steps": steps, "steps_per_s": steps / total, "ms_per_step": 1e3 * total / steps,
+            "ms": {p: ms[p] for p in TRAIN_PARTS}, "top_ops": ops[:top_ops], "amp": amp, "sets": list(sets),
+            "loss": [loss for _, loss in timed]}
+
+
+def print_train_profile(records):
+    print("| model | steps/s | ms per step | " + " | ".join(TRAIN_PARTS) + " |")
+    print("|---" * (3 + len(TRAIN_PARTS)) + "|")
+    for r in records:
+        label = r["model"] + "".join(f" {s}" for s in r["sets"]) + (f" (amp {r['amp']})" if r["amp"] != "off" else "")
+        print(f"| {label} | {r['steps_per_s']:.2f} | {r['ms_per_step']:.0f} | "
+              + " | ".join(f"{r['ms'][p]:.0f}" for p in TRAIN_PARTS) + " |")
+    print("\nself CPU ms of the most expensive ops in one profiled step:")
+    for r in records:
+        print(f"- {r['model']}: " + ", ".join(f"{op} {t:.0f}" for op, t in r["top_ops"]))
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
@@ -452,6 +594,11 @@ def parse_args(argv=None):
                    help="time the readable path, without the inference fast paths (common.fast_paths)")
     p.add_argument("--profile", action="store_true",
                    help="where one forward's time goes (modules, op groups), reference and fast path")
+    p.add_argument("--train-step", action="store_true",
+                   help="where a training step of each model's shapes recipe spends its time, part by part")
+    p.add_argument("--steps", type=int, default=5, help="with --train-step: timed steps per model, after 2 warm-up")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="with --train-step: override the shapes Config (as train.py --set)")
     p.add_argument("--fast-vs-reference", action="store_true",
                    help="time each model and its baseline with the inference fast paths off and on, interleaved")
     args = p.parse_args(argv)
@@ -459,8 +606,8 @@ def parse_args(argv=None):
         raise ValueError(f"--threads must be positive, got {args.threads}")
     if min(args.size) < 64:
         raise ValueError(f"--size must be at least 64 x 64, got {args.size}")
-    if args.repeats < 1 or args.images < 1:
-        raise ValueError("--repeats and --images must be positive")
+    if args.repeats < 1 or args.images < 1 or args.steps < 1:
+        raise ValueError("--repeats, --images and --steps must be positive")
     if args.device not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -480,6 +627,18 @@ def main(argv=None):
 def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.train_step:
+        records = []
+        if not args.json:
+            print(f"bench --train-step: each model's shapes recipe (batch 8), {torch.get_num_threads()} threads, "
+                  f"amp {args.amp}; ms per step, mean of {args.steps} after 2 warm-up steps")
+        for name in args.model or list(SUITES):
+            records.append(profile_train_step(name, args.steps, sets=args.set, amp=args.amp))
+            if args.json:
+                print(json.dumps(records[-1]), flush=True)
+        if not args.json:
+            print_train_profile(records)
+        return records
     if args.data:
         images = _val_images(args.data, args.images, args.device)
         args.size_label = f"first {args.images} val images of {args.data}, timed on the first"

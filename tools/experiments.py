@@ -7,6 +7,7 @@ continued with `--resume auto`, so running a command again only does what is mis
     python -m tools.experiments converge --probe runs/converge/0/checkpoint.pth runs/converge/1/checkpoint.pth
     python -m tools.experiments leaderboard --budget 5         # every model, the same CPU minutes, runs/leaderboard/
     python -m tools.experiments fine-tokens --checkpoint runs/focus_detr-shapes/checkpoint.pth
+    python -m tools.experiments speed --vs ../older-checkout   # training steps/s against another checkout
 
 converge: the DETR baseline and single-scale SMCA (and, with --multiscale, multi-scale SMCA)
 trained with the same data, seed, schedule and number of steps, evaluated after every epoch. The
@@ -25,6 +26,11 @@ leaderboard: each model (and DETR, SMCA with the prior off) trained with train.p
 --time-budget (the same minutes, seed and data), then the last evaluation of each run in
 OUT/leaderboard.md and .json.
 
+speed: each model's shapes recipe trained for --budget minutes (default 1) by this checkout's train.py and by
+another checkout's (--vs; e.g. `git worktree add ../before COMMIT`, sharing data/shapes), alternating, each in its
+own process with the same seed; OUT/speed.md: steps per second of each, their ratio, and the largest relative
+difference of the losses at the steps both took.
+
 fine-tokens (no training): where a trained Focus-DETR's fine-grained tokens sit. On the first
 --images val images, the share of all tokens, of each encoder layer's kept tokens and of its
 fine-grained ones whose cell centre lies inside a ground-truth box, with the MCSP score the model was trained with
@@ -34,6 +40,8 @@ import argparse
 import json
 import os
 import re
+import statistics
+import subprocess
 import sys
 
 import torch
@@ -45,7 +53,7 @@ import smca
 import train
 from common import box_cxcywh_to_xyxy
 from engine import visualize
-from engine.runtime import SHAPES_ROOT, load_checkpoint, run_cli
+from engine.runtime import MODELS, SHAPES_ROOT, load_checkpoint, run_cli
 
 # ---------------------------------------------------------------------------------------------
 # converge: SMCA against its DETR baseline, same steps
@@ -212,6 +220,83 @@ def leaderboard(args, argv):
 
 
 # ---------------------------------------------------------------------------------------------
+# speed: training steps per second of this checkout against another, runs alternating
+# ---------------------------------------------------------------------------------------------
+
+def train_log(run_dir):
+    """-> (the losses of the train records by step, the last evaluation record) of a run's log.jsonl."""
+    losses, last_eval = {}, None
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("type") == "train":
+                losses[r["step"]] = r["loss"]
+            elif r.get("type") == "eval":
+                last_eval = r
+    if last_eval is None or "train_s" not in last_eval:
+        raise ValueError(f"{run_dir}/log.jsonl has no evaluation with the training seconds (an unfinished run?)")
+    return losses, last_eval
+
+
+def speed(args, argv):
+    """Each model's shapes recipe trained for --budget minutes by train.py of this checkout and of --vs (another
+    checkout, e.g. a worktree of an older commit), alternating (other, this) for --rounds rounds, each a separate
+    process with the same seed -> steps per second of each, their ratio, and how far the losses of the steps both
+    took apart are. Runs already in --out are re-read, not repeated."""
+    other = os.path.abspath(args.vs)
+    if not os.path.isfile(os.path.join(other, "train.py")):
+        raise ValueError(f"--vs {args.vs!r}: no train.py there (pass another checkout of this repository)")
+    if not args.budget > 0 or args.rounds < 1:
+        raise ValueError("--budget and --rounds must be positive")
+    here, out = os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.abspath(args.out or "runs/speed")
+    rows = []
+    for model in args.models:
+        rates = {"other": [], "this": []}
+        logs = {}
+        for r in range(args.rounds):
+            for tree, root in (("other", other), ("this", here)):
+                run_dir = os.path.join(out, f"{model}-{tree}-{r}")
+                cmd = [sys.executable, "train.py", "--model", model, "--seed", str(args.seed), "--time-budget",
+                       str(args.budget), "--output-dir", run_dir, "--resume", "auto"] + args.train_args
+                if not os.path.exists(os.path.join(run_dir, "log.jsonl")) or not _has_eval(run_dir):
+                    print(f"== {model} ({tree}, round {r + 1}): cd {root} && {' '.join(cmd[1:])}", flush=True)
+                    subprocess.run(cmd, cwd=root, check=True, stdout=subprocess.DEVNULL)
+                losses, e = train_log(run_dir)
+                rates[tree].append(e["steps"] / e["train_s"])
+                logs.setdefault(tree, losses)
+        common_steps = sorted(set(logs["other"]) & set(logs["this"]))
+        diffs = [abs(logs["this"][s] - logs["other"][s]) / abs(logs["other"][s]) for s in common_steps]
+        this, that = statistics.median(rates["this"]), statistics.median(rates["other"])
+        rows.append({"model": model, "steps_per_s_other": that, "steps_per_s_this": this, "ratio": this / that,
+                     "common_steps": len(common_steps), "max_rel_loss_diff": max(diffs) if diffs else None,
+                     "rates": rates})
+    lines = [f"`python -m tools.experiments {' '.join(argv)}` (--vs {other}; {args.budget:g} min of training per run, "
+             f"{args.rounds} round(s) alternating, median steps/s; {torch.get_num_threads()} threads)", "",
+             "| model | steps/s (--vs) | steps/s (this) | ratio | steps both took | largest relative loss difference "
+             "at the same step |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        diff = "-" if r["max_rel_loss_diff"] is None else f"{r['max_rel_loss_diff']:.1e}"
+        lines.append(f"| {r['model']} | {r['steps_per_s_other']:.3f} | {r['steps_per_s_this']:.3f} | "
+                     f"{r['ratio']:.2f}x | {r['common_steps']} | {diff} |")
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "speed.md"), "w") as f:
+        f.write(text + "\n")
+    with open(os.path.join(out, "speed.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return rows
+
+
+def _has_eval(run_dir):
+    try:
+        train_log(run_dir)
+        return True
+    except ValueError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
 # fine-tokens: where Focus-DETR's fine-grained tokens sit, under each MCSP score
 # ---------------------------------------------------------------------------------------------
 
@@ -266,18 +351,26 @@ def main(argv=None):
     c.add_argument("--multiscale", action="store_true", help="also train multi-scale SMCA (third column)")
     b = sub.add_parser("leaderboard", help="every model trained for the same CPU minutes")
     b.add_argument("--budget", type=float, default=10.0, help="training minutes per model (default 10)")
+    v = sub.add_parser("speed", help="training steps per second of this checkout against another")
+    v.add_argument("--vs", required=True, metavar="CHECKOUT", help="the other checkout (e.g. a git worktree)")
+    v.add_argument("--budget", type=float, default=1.0, help="training minutes per run (default 1)")
+    v.add_argument("--rounds", type=int, default=1, help="runs of each checkout per model, alternating")
+    v.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     f = sub.add_parser("fine-tokens", help="where a trained Focus-DETR's fine-grained tokens sit, by MCSP score")
     f.add_argument("--checkpoint", required=True, help="a Focus-DETR checkpoint.pth written by train.py")
     f.add_argument("--images", type=int, default=100, help="how many val images (default 100)")
     for q in (c, b):
         q.add_argument("--data", default="shapes")
+    for q in (c, b, v):
         q.add_argument("--seed", type=int, default=42)
-        q.add_argument("--out", default=None, help="output folder (default runs/converge or runs/leaderboard)")
+        q.add_argument("--out", default=None, help="output folder (default runs/converge, runs/leaderboard or "
+                                                   "runs/speed)")
         q.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                        help="further train.py arguments for every run "
                             "(last on the line, e.g. --train-args --batch-size 4)")
     args = p.parse_args(argv)
-    return {"converge": converge, "leaderboard": leaderboard, "fine-tokens": fine_tokens}[args.experiment](args, argv)
+    experiments = {"converge": converge, "leaderboard": leaderboard, "speed": speed, "fine-tokens": fine_tokens}
+    return experiments[args.experiment](args, argv)
 
 
 if __name__ == "__main__":
