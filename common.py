@@ -64,14 +64,20 @@ def fast_paths(enabled=True):
         _fast_paths_on = before
 
 
+def _autocast_on():
+    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+
+
 def with_fast_path(readable):
     """Marks a readable function as having a fast path, attached later by `@readable.fast` (inference only) or
-    `@readable.fast_with_autograd` (inference and training: its gradients are tested equal too), in the fast paths
-    section at the end of its file. The one place where the two are chosen: the fast one runs when fast paths are
-    on and autograd is off, or is on and the fast path supports it; `readable.readable` is always the readable one."""
+    `@readable.fast_with_autograd` (inference and training, through an autograd Function whose gradients are
+    tested equal too), in the fast paths section at the end of its file. The one place where the two are chosen:
+    the fast one runs when fast paths are on and autograd is off, or, attached with autograd, whenever autocast is
+    off (an autograd Function gets no autocast casts); `readable.readable` is always the readable one."""
     @functools.wraps(readable)
     def choose(*args, **kwargs):
-        if choose.fast_path is not None and _fast_paths_on and (choose.autograd or not torch.is_grad_enabled()):
+        if choose.fast_path is not None and _fast_paths_on and (
+                (choose.autograd and not _autocast_on()) or (not choose.autograd and not torch.is_grad_enabled())):
             return choose.fast_path(*args, **kwargs)
         return readable(*args, **kwargs)
 
@@ -230,9 +236,13 @@ class Backbone(nn.Module):
             if not name.startswith(trained):
                 p.requires_grad_(False)
 
+    def stem_parameters(self):
+        return [p for name, p in self.body.named_parameters() if not name.startswith(("layer2", "layer3", "layer4"))]
+
     def forward(self, images, pad_mask):
         """images (B, 3, H_img, W_img), pad_mask (B, H_img, W_img) -> [(map (B, C_l, H_l, W_l), mask (B, H_l, W_l))]"""
-        with torch.no_grad():  # the stem and layer1 are frozen and the images need no gradient: no graph to record
+        stem_grad = images.requires_grad or any(p.requires_grad for p in self.stem_parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and stem_grad):  # frozen (the default): no graph to record
             c2 = self.body.stem(images)
         out = []
         for feat in self.body.stages(c2, self.last_stage):
@@ -999,7 +1009,8 @@ def block_forward_fast(block, x):
 @ResNet.stem.fast
 def resnet_stem_fast(resnet, x):
     """ResNet.stem in channels-last (the CPU's faster convolution layout), every block by block_forward_fast;
-    C2 is returned contiguous, the layout the readable stages train in."""
+    C2 is returned contiguous, the layout the readable stages train in (resnet_stages_fast turns it back: one
+    copy each way of C2, a few percent of the backbone's time)."""
     x = x.contiguous(memory_format=torch.channels_last)
     x = resnet.maxpool(F.relu_(conv_bn_fast(resnet.conv1, resnet.bn1, x)))  # stride 4
     for block in resnet.layer1:
@@ -1030,11 +1041,14 @@ def level_gradients(grads, B, H):
     return torch.cat([g.reshape(B, H * g.shape[1], -1).transpose(1, 2).reshape(B, -1, H, g.shape[1]) for g in grads], 1)
 
 
-def points_major(sampling_locations, attention_weights):
+def points_major(sampling_locations, attention_weights=None):
     """(B, Q, H, L, P, 2) locations in [0, 1] and (B, Q, H, L, P) weights -> grid_sample grids (B*H, L, P, Q, 2)
-    in [-1, 1] and weights (B*H, L, P, Q): each point's samples come out as contiguous (B*H, D, Q) slabs."""
+    in [-1, 1] and weights (B*H, L, P, Q) (None without): each point's samples come out as contiguous (B*H, D, Q)
+    slabs."""
     B, Q, H, L, P, _ = sampling_locations.shape
     grids = (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5).reshape(B * H, L, P, Q, 2)
+    if attention_weights is None:
+        return grids, None
     return grids, attention_weights.permute(0, 2, 3, 4, 1).reshape(B * H, L, P, Q)
 
 
@@ -1053,10 +1067,11 @@ def weighted_sum_points_major(samples, weights):
     return out
 
 
-def sampler_backward(g_samples, maps, grids, lvl, value_grad=True):
-    """grid_sample's backward for one level: (grad wrt the map (B*H, D, H_l, W_l), grad wrt its grid)."""
+def sampler_backward(g_samples, maps, grids, lvl, value_grad=True, grid_grad=True):
+    """grid_sample's backward for one level: (grad wrt the map (B*H, D, H_l, W_l), grad wrt its grid), each None
+    when not asked for."""
     return torch.ops.aten.grid_sampler_2d_backward(g_samples, maps[lvl], grids[:, lvl], 0, 0, False,
-                                                   [value_grad, True])  # bilinear, zeros, align_corners=False
+                                                   [value_grad, grid_grad])  # bilinear, zeros, align_corners=False
 
 
 class MSDeformAttnFunction(torch.autograd.Function):
@@ -1077,6 +1092,7 @@ class MSDeformAttnFunction(torch.autograd.Function):
         return out.view(B, H, D, Q).permute(0, 3, 1, 2).reshape(B, Q, H * D)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g_out):
         value, sampling_locations, attention_weights, *samples = ctx.saved_tensors
         B, _, H, D = value.shape
@@ -1087,11 +1103,13 @@ class MSDeformAttnFunction(torch.autograd.Function):
         g_maps, g_grids, g_weights = [], [], []
         for lvl, sampled in enumerate(samples):  # sampled (B*H, D, P, Q)
             g_weights.append((sampled * g).sum(1))  # (B*H, P, Q): d out / d weight = the sample
-            g_map, g_grid = sampler_backward(g * weights[:, None, lvl], maps, grids, lvl, ctx.needs_input_grad[0])
+            g_map, g_grid = sampler_backward(g * weights[:, None, lvl], maps, grids, lvl, *ctx.needs_input_grad[:2])
             g_maps.append(g_map)
             g_grids.append(g_grid)  # (B*H, P, Q, 2)
         g_value = level_gradients(g_maps, B, H) if ctx.needs_input_grad[0] else None
-        g_locs = 2 * torch.stack(g_grids, 1).view(B, H, L, P, Q, 2).permute(0, 4, 1, 2, 3, 5)
+        g_locs = None
+        if ctx.needs_input_grad[1]:
+            g_locs = 2 * torch.stack(g_grids, 1).view(B, H, L, P, Q, 2).permute(0, 4, 1, 2, 3, 5)
         g_weights = torch.stack(g_weights, 1).view(B, H, L, P, Q).permute(0, 4, 1, 2, 3)
         return g_value, g_locs, g_weights, None
 
@@ -1099,10 +1117,7 @@ class MSDeformAttnFunction(torch.autograd.Function):
 @ms_deform_attn.fast_with_autograd
 def ms_deform_attn_fast(value, spatial_shapes, sampling_locations, attention_weights):
     """ms_deform_attn's numbers, faster: sampled points-major, each point's samples are a contiguous (B*H, D, Q)
-    slab added in place with its weight (no (B*H, D, Q, P) product); under autograd through MSDeformAttnFunction.
-    Under autocast the readable function runs (grid_sample's own casting rules apply there)."""
-    if torch.is_autocast_enabled(value.device.type):
-        return ms_deform_attn.readable(value, spatial_shapes, sampling_locations, attention_weights)
+    slab added in place with its weight (no (B*H, D, Q, P) product); under autograd through MSDeformAttnFunction."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (value, sampling_locations, attention_weights)):
         return MSDeformAttnFunction.apply(value, sampling_locations, attention_weights, spatial_shapes)
     B, _, H, D = value.shape

@@ -453,52 +453,57 @@ class KDAFunction(torch.autograd.Function):
     def forward(ctx, kv, locs, q, spatial_shapes):
         B, Q, H, D = q.shape
         maps = level_maps(kv, spatial_shapes)
-        grids, _ = points_major(locs, locs[..., 0])
+        grids, _ = points_major(locs)
         q_s = q.permute(0, 2, 3, 1).reshape(B * H, D, 1, Q) / math.sqrt(D)
         samples = sample_points_major(maps, grids)  # per level (B*H, Dv, P, Q)
         weights = kda_weights_points_major(samples, q_s, D)  # (B*H, L, P, Q)
         out = weighted_sum_points_major([s[:, :D] for s in samples], weights)  # (B*H, D, Q)
         ctx.save_for_backward(kv, locs, q_s, weights, *samples)
         ctx.spatial_shapes = spatial_shapes
+        ctx.set_materialize_grads(False)  # the weights output is read only by pictures: no zero gradient for it
         out = out.view(B, H, D, Q).permute(0, 3, 1, 2).reshape(B, Q, H * D)
         return out, weights.view(B, H, *weights.shape[1:]).permute(0, 4, 1, 2, 3)  # (B, Q, H, L, P)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g_out, g_weights_out):
         kv, locs, q_s, weights, *samples = ctx.saved_tensors
         B, Q, H, L, P, _ = locs.shape
         D, Dv = q_s.shape[1], kv.shape[-1]
+        if g_out is None:
+            g_out = q_s.new_zeros(B, Q, H * D)
         g = g_out.reshape(B, Q, H, D).permute(0, 2, 3, 1).reshape(B * H, D, 1, Q)
         g_w = torch.stack([(s[:, :D] * g).sum(1) for s in samples], 1)  # (B*H, L, P, Q): d out / d w = the value
         if g_weights_out is not None:
             g_w = g_w + g_weights_out.permute(0, 2, 3, 4, 1).reshape(B * H, L, P, Q)
         g_logits = weights * (g_w - (weights * g_w).sum((1, 2), keepdim=True))  # the softmax's backward
         maps = level_maps(kv, ctx.spatial_shapes)
-        grids, _ = points_major(locs, locs[..., 0])
+        grids, _ = points_major(locs)
         g_q, g_maps, g_grids = 0, [], []
         for lvl, sampled in enumerate(samples):
             g_v, g_k = g * weights[:, None, lvl], q_s * g_logits[:, None, lvl]  # (B*H, D, P, Q) each
             g_q = g_q + (sampled[:, Dv - D:] * g_logits[:, None, lvl]).sum(2)  # (B*H, D, Q)
             g_s = g_v + g_k if Dv == D else torch.cat([g_v, g_k], 1)  # values are the keys, or [values | keys]
-            g_map, g_grid = sampler_backward(g_s, maps, grids, lvl)
+            g_map, g_grid = sampler_backward(g_s, maps, grids, lvl, *ctx.needs_input_grad[:2])
             g_maps.append(g_map)
             g_grids.append(g_grid)
-        g_locs = 2 * torch.stack(g_grids, 1).view(B, H, L, P, Q, 2).permute(0, 4, 1, 2, 3, 5)
+        g_kv = level_gradients(g_maps, B, H) if ctx.needs_input_grad[0] else None
+        g_locs = None
+        if ctx.needs_input_grad[1]:
+            g_locs = 2 * torch.stack(g_grids, 1).view(B, H, L, P, Q, 2).permute(0, 4, 1, 2, 3, 5)
         g_q = (g_q / math.sqrt(D)).view(B, H, D, Q).permute(0, 3, 1, 2)  # (B, Q, H, D)
-        return level_gradients(g_maps, B, H), g_locs, g_q, None
+        return g_kv, g_locs, g_q, None
 
 
 @kda_core.fast_with_autograd
 def kda_core_fast(kv, spatial_shapes, locs, q):
     """kda_core's numbers, faster: the points are sampled points-major, so each point's keys and values are
     contiguous slabs; q . k and the weighted values are accumulated in place (no channel-last copy of the samples,
-    no product tensor); under autograd through KDAFunction. Under autocast the readable function runs."""
-    if torch.is_autocast_enabled(kv.device.type):
-        return kda_core.readable(kv, spatial_shapes, locs, q)
+    no product tensor); under autograd through KDAFunction."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (kv, locs, q)):
         return KDAFunction.apply(kv, locs, q, spatial_shapes)
     B, Q, H, D = q.shape
-    grids, _ = points_major(locs, locs[..., 0])
+    grids, _ = points_major(locs)
     q_s = q.permute(0, 2, 3, 1).reshape(B * H, D, 1, Q) / math.sqrt(D)
     samples = sample_points_major(level_maps(kv, spatial_shapes), grids)
     weights = kda_weights_points_major(samples, q_s, D)

@@ -173,7 +173,7 @@ def test_bench_train_step_profile_splits_the_whole_step(tiny_shapes, name):
     r = bench.profile_train_step(name, steps=2, warmup=0, sets=TINY_SETS[name], root=tiny_shapes, backbone="none")
     assert set(r["ms"]) == set(bench.TRAIN_PARTS)
     assert all(v >= 0 for v in r["ms"].values()), r["ms"]
-    assert sum(r["ms"].values()) == pytest.approx(r["ms_per_step"], rel=1e-6)
+    assert sum(r["ms"].values()) == pytest.approx(r["ms_per_step"], rel=1e-6)  # nothing counted twice or lost
     for part in ("backbone", "encoder", "decoder", "matcher", "backward: encoder", "backward: backbone",
                  "optimizer"):
         assert r["ms"][part] > 0, part
@@ -191,6 +191,10 @@ def test_bench_rejects_bad_flags(tiny_shapes):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             bench.main(["--device", "cuda"])
+    with pytest.raises(ValueError, match="--train-step runs the shapes recipe on the CPU"):
+        bench.main(["--train-step", "--size", "64", "64"])
+    with pytest.raises(ValueError, match="--set overrides the shapes Config of --train-step"):
+        bench.main(["--set", "rho=0.2"])
     with pytest.raises(ValueError, match="--threads must be positive"):
         bench.main(["--threads", "0"])
     with pytest.raises(ValueError, match="is not a folder"):

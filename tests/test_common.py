@@ -258,7 +258,13 @@ def test_backbone_fast_path_equals_the_reference(depth, norm):
             assert (a - b).abs().max() <= 1e-5 * a.abs().max()
     for (a, ma), (b, mb) in zip(ref, fast):
         assert torch.equal(ma, mb) and (a - b).abs().max() <= 1e-5 * a.abs().max()
-    trained = bb(images, mask)  # autograd on
+    calls, fast_stem = [], common.ResNet.stem.fast_path
+    common.ResNet.stem.fast_path = lambda *a: calls.append(torch.is_grad_enabled()) or fast_stem(*a)
+    try:
+        trained = bb(images, mask)  # autograd on: the frozen stem runs its fast path, without a graph
+    finally:
+        common.ResNet.stem.fast_path = fast_stem
+    assert calls == [False]
     for (a, _), (b, _) in zip(ref, trained):
         assert b.requires_grad and (a - b).abs().max() <= 1e-5 * a.abs().max()
     assert all("Function" not in type(b.grad_fn).__name__ for b, _ in trained)
@@ -304,6 +310,9 @@ def test_backbone_last_stage_4_skips_layer4():
     assert all(p.requires_grad for p in short.body.layer3.parameters())
     with pytest.raises(ValueError, match="last_stage must be 4"):
         common.Backbone(18, last_stage=3)
+    short.body.conv1.weight.requires_grad_(True)  # a stem that trains gets its gradient (the readable stem runs)
+    short(images, mask)[1][0].sum().backward()
+    assert short.body.conv1.weight.grad is not None
 
 
 def test_ms_deform_attn_fast_path_equals_the_reference():

@@ -99,8 +99,8 @@ def test_experiments_speed_tables_finished_runs_without_rerunning_them(tmp_path)
     (other / "train.py").write_text("raise SystemExit('must not run')\n")
     out = tmp_path / "speed"
     for r, (this_s, other_s) in enumerate([(20.0, 40.0), (25.0, 40.0), (30.0, 60.0)]):
-        _fake_run(out / f"smca-other-{r}", [10.0, 8.0], 40, other_s)
-        _fake_run(out / f"smca-this-{r}", [10.0, 8.8, 7.0], 40, this_s)
+        _fake_run(out / f"smca-other-1min-{r}", [10.0, 8.0], 40, other_s)
+        _fake_run(out / f"smca-this-1min-{r}", [10.0, 8.8, 7.0], 40, this_s)
     rows = experiments.main(["speed", "--vs", str(other), "--models", "smca", "--rounds", "3", "--out", str(out)])
     (row,) = rows
     assert row["steps_per_s_other"] == pytest.approx(1.0) and row["steps_per_s_this"] == pytest.approx(1.6)

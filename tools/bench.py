@@ -10,6 +10,7 @@
     python -m tools.bench --json                   # one JSON record per model configuration, nothing else
     python -m tools.bench --fast-vs-reference      # the inference fast paths against the readable reference
     python -m tools.bench --profile                # where a forward's time goes, by module and op group
+    python -m tools.bench --train-step             # where a training step of each shapes recipe spends its time
 
 What is measured, per configuration (R50, the paper's COCO Config, random weights: cost does not
 depend on them):
@@ -460,8 +461,8 @@ class StepClock:
     and decode and the criterion's matcher; the backward split at the moments the gradient of the encoder's
     memory and the first of the backbone's features' gradients are complete (tensor hooks): the CPU autograd
     engine runs the graph in reverse creation order, so the decoder's backward (heads and losses included) ends
-    when memory's gradient is complete and the encoder's (with the input projections but the last few) when the
-    deepest feature's is (C3 and C4 feed the later stages: theirs complete inside the backbone's backward)."""
+    when memory's gradient is complete and the encoder's (with the input projections) when the deepest
+    feature's is (C3 and C4 feed the later stages: theirs complete inside the backbone's backward)."""
 
     def __init__(self, model, criterion):
         self.seconds, self.grad_done = dict.fromkeys(TRAIN_PARTS, 0.0), {}
@@ -478,7 +479,7 @@ class StepClock:
             t0 = time.perf_counter()
             out = inner(*args, **kwargs)
             self.seconds[part] += time.perf_counter() - t0
-            watched = {"backbone": out, "encoder": out[0] if isinstance(out, tuple) else None}.get(part)
+            watched = {"backbone": out, "encoder": out[0] if isinstance(out, tuple) else out}.get(part)
             for t in _grad_tensors(watched):
                 t.register_hook(functools.partial(self._stamp, part))
             return out
@@ -591,7 +592,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON record per configuration instead of tables")
     p.add_argument("--readable-path", action="store_true",
-                   help="time the readable path, without the inference fast paths (common.fast_paths)")
+                   help="time the readable path, without the fast paths (common.fast_paths)")
     p.add_argument("--profile", action="store_true",
                    help="where one forward's time goes (modules, op groups), reference and fast path")
     p.add_argument("--train-step", action="store_true",
@@ -606,6 +607,13 @@ def parse_args(argv=None):
         raise ValueError(f"--threads must be positive, got {args.threads}")
     if min(args.size) < 64:
         raise ValueError(f"--size must be at least 64 x 64, got {args.size}")
+    if args.train_step and (args.device != "cpu" or args.data or args.profile or args.fast_vs_reference
+                            or args.size != [800, 1333]):
+        raise ValueError("--train-step runs the shapes recipe on the CPU: it takes --model, --steps, --set, --amp, "
+                         "--threads, --readable-path and --json, not --device, --data, --size, --profile or "
+                         "--fast-vs-reference")
+    if args.set and not args.train_step:
+        raise ValueError("--set overrides the shapes Config of --train-step; the other modes bench the suites")
     if args.repeats < 1 or args.images < 1 or args.steps < 1:
         raise ValueError("--repeats, --images and --steps must be positive")
     if args.device not in ("cpu", "cuda"):

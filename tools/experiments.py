@@ -27,7 +27,8 @@ leaderboard: each model (and DETR, SMCA with the prior off) trained with train.p
 OUT/leaderboard.md and .json.
 
 speed: each model's shapes recipe trained for --budget minutes (default 1) by this checkout's train.py and by
-another checkout's (--vs; e.g. `git worktree add ../before COMMIT`, sharing data/shapes), alternating, each in its
+another checkout's (--vs; e.g. `git worktree add ../before COMMIT` and `ln -s $PWD/data/shapes ../before/data/`, so
+both train on the same set and pretrained backbone), alternating, each in its
 own process with the same seed; OUT/speed.md: steps per second of each, their ratio, and the largest relative
 difference of the losses at the steps both took.
 
@@ -210,11 +211,17 @@ def leaderboard(args, argv):
         lines.append(f"| {r['model']} | {100 * r['AP']:.1f} | {100 * r['AP50']:.1f} | {100 * r['APs']:.1f} | "
                      f"{100 * r['APm']:.1f} | {100 * r['APl']:.1f} | {r['epochs']:.2f} | {r['train_min']:.1f} | "
                      f"{r['infer_ms']:.0f} |")
+    return write_table(out, "leaderboard", lines, rows)
+
+
+def write_table(out, name, lines, rows):
+    """Print the table and write it as OUT/NAME.md, its rows as OUT/NAME.json -> rows."""
     text = "\n".join(lines)
     print(text)
-    with open(os.path.join(out, "leaderboard.md"), "w") as f:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{name}.md"), "w") as f:
         f.write(text + "\n")
-    with open(os.path.join(out, "leaderboard.json"), "w") as f:
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
         json.dump(rows, f, indent=1)
     return rows
 
@@ -241,8 +248,9 @@ def train_log(run_dir):
 def speed(args, argv):
     """Each model's shapes recipe trained for --budget minutes by train.py of this checkout and of --vs (another
     checkout, e.g. a worktree of an older commit), alternating (other, this) for --rounds rounds, each a separate
-    process with the same seed -> steps per second of each, their ratio, and how far the losses of the steps both
-    took apart are. Runs already in --out are re-read, not repeated."""
+    process with the same seed, the order reversed every other round -> steps per second of each, their ratio, and
+    how far the losses of the steps both took apart are. Runs already in --out (named by model, checkout, budget
+    and round) are re-read, not repeated."""
     other = os.path.abspath(args.vs)
     if not os.path.isfile(os.path.join(other, "train.py")):
         raise ValueError(f"--vs {args.vs!r}: no train.py there (pass another checkout of this repository)")
@@ -254,18 +262,22 @@ def speed(args, argv):
         rates = {"other": [], "this": []}
         logs = {}
         for r in range(args.rounds):
-            for tree, root in (("other", other), ("this", here)):
-                run_dir = os.path.join(out, f"{model}-{tree}-{r}")
+            order = (("other", other), ("this", here))
+            for tree, root in order if r % 2 == 0 else order[::-1]:  # ABBA: the machine's drift touches both alike
+                run_dir = os.path.join(out, f"{model}-{tree}-{args.budget:g}min-{r}")
                 cmd = [sys.executable, "train.py", "--model", model, "--seed", str(args.seed), "--time-budget",
                        str(args.budget), "--output-dir", run_dir, "--resume", "auto"] + args.train_args
-                if not os.path.exists(os.path.join(run_dir, "log.jsonl")) or not _has_eval(run_dir):
+                if not _has_eval(run_dir):
                     print(f"== {model} ({tree}, round {r + 1}): cd {root} && {' '.join(cmd[1:])}", flush=True)
-                    subprocess.run(cmd, cwd=root, check=True, stdout=subprocess.DEVNULL)
+                    done = subprocess.run(cmd, cwd=root, stdout=subprocess.DEVNULL)
+                    if done.returncode:
+                        raise ValueError(f"the run in {run_dir} failed (exit {done.returncode}): cd {root} && "
+                                         f"{' '.join(cmd[1:])}")
                 losses, e = train_log(run_dir)
                 rates[tree].append(e["steps"] / e["train_s"])
                 logs.setdefault(tree, losses)
         common_steps = sorted(set(logs["other"]) & set(logs["this"]))
-        diffs = [abs(logs["this"][s] - logs["other"][s]) / abs(logs["other"][s]) for s in common_steps]
+        diffs = [abs(logs["this"][s] - logs["other"][s]) / max(abs(logs["other"][s]), 1e-12) for s in common_steps]
         this, that = statistics.median(rates["this"]), statistics.median(rates["other"])
         rows.append({"model": model, "steps_per_s_other": that, "steps_per_s_this": this, "ratio": this / that,
                      "common_steps": len(common_steps), "max_rel_loss_diff": max(diffs) if diffs else None,
@@ -278,17 +290,12 @@ def speed(args, argv):
         diff = "-" if r["max_rel_loss_diff"] is None else f"{r['max_rel_loss_diff']:.1e}"
         lines.append(f"| {r['model']} | {r['steps_per_s_other']:.3f} | {r['steps_per_s_this']:.3f} | "
                      f"{r['ratio']:.2f}x | {r['common_steps']} | {diff} |")
-    text = "\n".join(lines)
-    print(text)
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "speed.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(out, "speed.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    return rows
+    return write_table(out, "speed", lines, rows)
 
 
 def _has_eval(run_dir):
+    if not os.path.exists(os.path.join(run_dir, "log.jsonl")):
+        return False
     try:
         train_log(run_dir)
         return True
