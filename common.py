@@ -216,6 +216,9 @@ class ResNet(nn.Module):
         return [c3, c4, c5]
 
 
+STAGES = ("layer2", "layer3", "layer4")  # the ResNet stages a Backbone trains (C3, C4, C5)
+
+
 class Backbone(nn.Module):
     """ResNet returning C3, C4, C5 (strides 8, 16, 32), each with its padding mask. norm="frozen_bn"
     (DETR) or "bn" (batch statistics, to train from scratch); the stem and layer1 are frozen either way.
@@ -231,13 +234,13 @@ class Backbone(nn.Module):
         self.depth, self.last_stage = depth, last_stage
         self.body = ResNet(depth, FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d)
         self.num_channels = self.body.channels[1:last_stage - 1]  # C3, C4(, C5)
-        trained = ("layer2", "layer3", "layer4")[:last_stage - 2]
         for name, p in self.body.named_parameters():
-            if not name.startswith(trained):
+            if not name.startswith(STAGES[:last_stage - 2]):
                 p.requires_grad_(False)
 
     def stem_parameters(self):
-        return [p for name, p in self.body.named_parameters() if not name.startswith(("layer2", "layer3", "layer4"))]
+        """The parameters of the stem and layer1 (frozen unless a user unfreezes them)."""
+        return [p for name, p in self.body.named_parameters() if not name.startswith(STAGES)]
 
     def forward(self, images, pad_mask):
         """images (B, 3, H_img, W_img), pad_mask (B, H_img, W_img) -> [(map (B, C_l, H_l, W_l), mask (B, H_l, W_l))]"""
@@ -1117,11 +1120,5 @@ class MSDeformAttnFunction(torch.autograd.Function):
 @ms_deform_attn.fast_with_autograd
 def ms_deform_attn_fast(value, spatial_shapes, sampling_locations, attention_weights):
     """ms_deform_attn's numbers, faster: sampled points-major, each point's samples are a contiguous (B*H, D, Q)
-    slab added in place with its weight (no (B*H, D, Q, P) product); under autograd through MSDeformAttnFunction."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (value, sampling_locations, attention_weights)):
-        return MSDeformAttnFunction.apply(value, sampling_locations, attention_weights, spatial_shapes)
-    B, _, H, D = value.shape
-    Q = sampling_locations.shape[1]
-    grids, weights = points_major(sampling_locations, attention_weights)
-    out = weighted_sum_points_major(sample_points_major(level_maps(value, spatial_shapes), grids), weights)
-    return out.view(B, H, D, Q).permute(0, 3, 1, 2).reshape(B, Q, H * D)
+    slab added in place with its weight (no (B*H, D, Q, P) product); MSDeformAttnFunction, also outside autograd."""
+    return MSDeformAttnFunction.apply(value, sampling_locations, attention_weights, spatial_shapes)

@@ -499,17 +499,8 @@ class KDAFunction(torch.autograd.Function):
 def kda_core_fast(kv, spatial_shapes, locs, q):
     """kda_core's numbers, faster: the points are sampled points-major, so each point's keys and values are
     contiguous slabs; q . k and the weighted values are accumulated in place (no channel-last copy of the samples,
-    no product tensor); under autograd through KDAFunction."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (kv, locs, q)):
-        return KDAFunction.apply(kv, locs, q, spatial_shapes)
-    B, Q, H, D = q.shape
-    grids, _ = points_major(locs)
-    q_s = q.permute(0, 2, 3, 1).reshape(B * H, D, 1, Q) / math.sqrt(D)
-    samples = sample_points_major(level_maps(kv, spatial_shapes), grids)
-    weights = kda_weights_points_major(samples, q_s, D)
-    out = weighted_sum_points_major([s[:, :D] for s in samples], weights)
-    out = out.view(B, H, D, Q).permute(0, 3, 1, 2).reshape(B, Q, H * D)
-    return out, weights.view(B, H, *weights.shape[1:]).permute(0, 4, 1, 2, 3)  # (B, Q, H, L, P)
+    no product tensor); KDAFunction, also outside autograd."""
+    return KDAFunction.apply(kv, locs, q, spatial_shapes)
 
 
 if __name__ == "__main__":

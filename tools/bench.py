@@ -465,12 +465,11 @@ class StepClock:
     feature's is (C3 and C4 feed the later stages: theirs complete inside the backbone's backward)."""
 
     def __init__(self, model, criterion):
-        self.seconds, self.grad_done = dict.fromkeys(TRAIN_PARTS, 0.0), {}
+        self.seconds, self.grad_done = dict.fromkeys(TRAIN_PARTS + ("criterion",), 0.0), {}
         for obj, method, part in ((model.backbone, "forward", "backbone"), (model, "encode", "encoder"),
                                   (model, "decode", "decoder"), (criterion.matcher, "forward", "matcher"),
                                   (criterion, "forward", "criterion")):
             self._wrap(obj, method, part)
-        self.seconds["criterion"] = 0.0
 
     def _wrap(self, obj, method, part):
         inner = getattr(obj, method)
@@ -555,13 +554,13 @@ def profile_train_step(name, steps, warmup=2, sets=(), amp="off", top_ops=8, roo
     timed = [clock.step(run, batches) for _ in range(steps)]
     total = sum(t for t, _ in timed)
     sec = clock.seconds
-    ms = {p: 1e3 * sec[p] / steps for p in TRAIN_PARTS if p not in ("losses",)}
-    ms["losses"] = 1e3 * (sec["criterion"] - sec["matcher"]) / steps
+    sec["losses"] = sec["criterion"] - sec["matcher"]
+    ms = {p: 1e3 * sec[p] / steps for p in TRAIN_PARTS}
     with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         clock.step(run, batches)
     ops = sorted(((e.key, e.self_cpu_time_total / 1e3) for e in prof.key_averages()), key=lambda kv: -kv[1])
     return {"model": name, "steps": steps, "steps_per_s": steps / total, "ms_per_step": 1e3 * total / steps,
-            "ms": {p: ms[p] for p in TRAIN_PARTS}, "top_ops": ops[:top_ops], "amp": amp, "sets": list(sets),
+            "ms": ms, "top_ops": ops[:top_ops], "amp": amp, "sets": list(sets),
             "loss": [loss for _, loss in timed]}
 
 
