@@ -64,20 +64,15 @@ def fast_paths(enabled=True):
         _fast_paths_on = before
 
 
-def _autocast_on():
-    return torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
-
-
 def with_fast_path(readable):
     """Marks a readable function as having a fast path, attached later by `@readable.fast` (inference only) or
-    `@readable.fast_with_autograd` (inference and training, through an autograd Function whose gradients are
-    tested equal too), in the fast paths section at the end of its file. The one place where the two are chosen:
-    the fast one runs when fast paths are on and autograd is off, or, attached with autograd, whenever autocast is
-    off (an autograd Function gets no autocast casts); `readable.readable` is always the readable one."""
+    `@readable.fast_with_autograd` (inference and training: its gradients are tested equal too, and it runs under
+    autocast as well), in the fast paths section at the end of its file. The one place where the two are chosen:
+    the fast one runs when fast paths are on and autograd is off, or always, attached with autograd;
+    `readable.readable` is always the readable one."""
     @functools.wraps(readable)
     def choose(*args, **kwargs):
-        if choose.fast_path is not None and _fast_paths_on and (
-                (choose.autograd and not _autocast_on()) or (not choose.autograd and not torch.is_grad_enabled())):
+        if choose.fast_path is not None and _fast_paths_on and (choose.autograd or not torch.is_grad_enabled()):
             return choose.fast_path(*args, **kwargs)
         return readable(*args, **kwargs)
 
@@ -223,7 +218,9 @@ class Backbone(nn.Module):
     """ResNet returning C3, C4, C5 (strides 8, 16, 32), each with its padding mask. norm="frozen_bn"
     (DETR) or "bn" (batch statistics, to train from scratch); the stem and layer1 are frozen either way.
     last_stage=4 (a model that reads no C5): C3 and C4 only; layer4 stays (ResNet weights load whole),
-    frozen and not run."""
+    frozen and not run. `amp_dtype` (None: the caller's precision; train.py --amp bf16-backbone sets bfloat16):
+    the ResNet runs under autocast in that dtype and its features come out in float32, so only the
+    convolutions, where bf16 hardware pays most, leave float32."""
 
     def __init__(self, depth=50, norm="frozen_bn", last_stage=5):
         super().__init__()
@@ -231,7 +228,7 @@ class Backbone(nn.Module):
             raise ValueError(f"backbone norm must be 'frozen_bn' or 'bn', got {norm!r}")
         if last_stage not in (4, 5):
             raise ValueError(f"backbone last_stage must be 4 (C3, C4) or 5 (C3, C4, C5), got {last_stage!r}")
-        self.depth, self.last_stage = depth, last_stage
+        self.depth, self.last_stage, self.amp_dtype = depth, last_stage, None
         self.body = ResNet(depth, FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d)
         self.num_channels = self.body.channels[1:last_stage - 1]  # C3, C4(, C5)
         for name, p in self.body.named_parameters():
@@ -245,12 +242,15 @@ class Backbone(nn.Module):
     def forward(self, images, pad_mask):
         """images (B, 3, H_img, W_img), pad_mask (B, H_img, W_img) -> [(map (B, C_l, H_l, W_l), mask (B, H_l, W_l))]"""
         stem_grad = images.requires_grad or any(p.requires_grad for p in self.stem_parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and stem_grad):  # frozen (the default): no graph to record
-            c2 = self.body.stem(images)
+        amp = self.amp_dtype is not None
+        with torch.autocast(images.device.type, self.amp_dtype) if amp else contextlib.nullcontext():
+            with torch.set_grad_enabled(torch.is_grad_enabled() and stem_grad):  # frozen (default): no graph to record
+                c2 = self.body.stem(images)
+            feats = self.body.stages(c2, self.last_stage)
         out = []
-        for feat in self.body.stages(c2, self.last_stage):
+        for feat in feats:
             mask = F.interpolate(pad_mask[:, None].float(), size=feat.shape[-2:])[:, 0].bool()
-            out.append((feat, mask))
+            out.append((feat.float() if amp else feat, mask))
         return out
 
 
@@ -981,9 +981,9 @@ def read_official(source, name, required):
 
 # ---------------------------------------------------------------------------------------------
 # Fast paths: the same numbers as the readable functions they are attached to, with fewer passes over memory
-# (with_fast_path chooses: the backbone's outside autograd only, which in training is its frozen stem and layer1;
-# the deformable sampling's in training too, with its backward written out), each tested against its readable
-# twin (values, and gradients where autograd runs it)
+# (with_fast_path chooses: the backbone's stem outside autograd only, which in training is the frozen stem and
+# layer1; its stages and the deformable sampling in training too), each tested against its readable twin (values,
+# and gradients where autograd runs it)
 # ---------------------------------------------------------------------------------------------
 
 def conv_bn_fast(conv, bn, x):
@@ -1011,19 +1011,19 @@ def block_forward_fast(block, x):
 
 @ResNet.stem.fast
 def resnet_stem_fast(resnet, x):
-    """ResNet.stem in channels-last (the CPU's faster convolution layout), every block by block_forward_fast;
-    C2 is returned contiguous, the layout the readable stages train in (resnet_stages_fast turns it back: one
-    copy each way of C2, a few percent of the backbone's time)."""
+    """ResNet.stem in channels-last (the CPU's faster convolution layout, oneDNN's for bf16 above all), every
+    block by block_forward_fast."""
     x = x.contiguous(memory_format=torch.channels_last)
     x = resnet.maxpool(F.relu_(conv_bn_fast(resnet.conv1, resnet.bn1, x)))  # stride 4
     for block in resnet.layer1:
         x = block_forward_fast(block, x)
-    return x.contiguous()
+    return x
 
 
-@ResNet.stages.fast
+@ResNet.stages.fast_with_autograd
 def resnet_stages_fast(resnet, c2, last_stage=5):
-    """ResNet.stages in channels-last, every block by block_forward_fast."""
+    """ResNet.stages in channels-last, every block by block_forward_fast; in training too (autograd records the
+    folded convolutions: the gradients reach conv.weight through the product with the frozen scale)."""
     x, feats = c2.contiguous(memory_format=torch.channels_last), []
     for layer in (resnet.layer2, resnet.layer3, resnet.layer4)[:last_stage - 2]:
         for block in layer:
@@ -1117,7 +1117,22 @@ class MSDeformAttnFunction(torch.autograd.Function):
         return g_value, g_locs, g_weights, None
 
 
+def float32_under_autocast(fn):
+    """fn run with autocast off and its floating-point tensor arguments in float32 while autocast is on (an
+    autograd Function gets no autocast casts): the deformable sampling stays in float32 under mixed precision,
+    as detrex runs its CUDA op."""
+    @functools.wraps(fn)
+    def run(*args):
+        device = next(a.device.type for a in args if torch.is_tensor(a))
+        if not torch.is_autocast_enabled(device):
+            return fn(*args)
+        with torch.autocast(device, enabled=False):
+            return fn(*(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
+    return run
+
+
 @ms_deform_attn.fast_with_autograd
+@float32_under_autocast
 def ms_deform_attn_fast(value, spatial_shapes, sampling_locations, attention_weights):
     """ms_deform_attn's numbers, faster: sampled points-major, each point's samples are a contiguous (B*H, D, Q)
     slab added in place with its weight (no (B*H, D, Q, P) product); MSDeformAttnFunction, also outside autograd."""

@@ -77,10 +77,10 @@ from torch import nn
 
 from common import (DeformableDecoderLayer, MLP, MSDeformAttn, PostProcess, SetCriterion, check_choice,
                     check_deformable_config, decode_with_box_refinement, deform_sampling_locations,
-                    deformable_detr_init_, deformable_inputs, gather_tokens, init_offset_ring_, input_tokens,
-                    level_gradients, level_maps, ms_deform_sample_levels, points_major, proposal_pos_embed,
-                    sample_points_major, sampler_backward, set_outputs, smoke_outputs, two_stage_selection,
-                    weighted_sum_points_major, with_fast_path)
+                    deformable_detr_init_, deformable_inputs, float32_under_autocast, gather_tokens,
+                    init_offset_ring_, input_tokens, level_gradients, level_maps, ms_deform_sample_levels,
+                    points_major, proposal_pos_embed, sample_points_major, sampler_backward, set_outputs,
+                    smoke_outputs, two_stage_selection, weighted_sum_points_major, with_fast_path)
 
 LAST_LAYER_QUERIES = ("all", "low")
 LOW_FFNS = ("small", "normal", "none")
@@ -496,6 +496,7 @@ class KDAFunction(torch.autograd.Function):
 
 
 @kda_core.fast_with_autograd
+@float32_under_autocast
 def kda_core_fast(kv, spatial_shapes, locs, q):
     """kda_core's numbers, faster: the points are sampled points-major, so each point's keys and values are
     contiguous slabs; q . k and the weighted values are accumulated in place (no channel-last copy of the samples,

@@ -804,6 +804,10 @@ def test_lite_kda_fast_path_under_autograd_equals_the_readable_gradients(key_cha
     for a, b in zip(*grads):
         assert torch.allclose(a, b, atol=1e-12, rtol=0)
     assert all(torch.allclose(a, b, atol=1e-12, rtol=0) for a, b in zip(fast, ref))
+    with torch.autocast("cpu", torch.bfloat16):  # under autocast it runs in float32 (bf16 inputs cast up)
+        half = lite_detr.kda_core(kv.bfloat16(), shapes_, locs.float(), q.bfloat16())
+    assert type(half[0].grad_fn).__name__ == "KDAFunctionBackward" and half[0].dtype == torch.float32
+    assert torch.allclose(half[0].double(), ref[0], atol=0.05 * ref[0].abs().max().item())
 
 
 def test_lite_detr_dense_reduction_is_the_deformable_detr_encoder():

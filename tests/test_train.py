@@ -191,3 +191,24 @@ def test_train_ddp_two_processes(tiny_shapes, tmp_path):
     records = [json.loads(line) for line in open(out / "log.jsonl")]
     assert sum(r["type"] == "train" for r in records) == 2  # 8 images / 2 ranks / batch 2
     assert any(r["type"] == "eval" for r in records)
+
+
+def test_train_bf16_backbone_and_the_fused_optimizer(tiny_shapes, tmp_path):
+    """--amp bf16-backbone trains with only the ResNet in bf16 (its features float32); the fused AdamW's
+    update is the for-loop AdamW's up to rounding, parameter groups and their learning rates included."""
+    train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--amp", "bf16-backbone"))
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert all(g["fused"] for g in ckpt["optimizer"]["param_groups"]) and ckpt["args"]["amp"] == "bf16-backbone"
+    assert all(np.isfinite(v) for v in _train_losses(tmp_path).values())
+    torch.manual_seed(0)
+    model = smca.build(tiny_smca())[0]
+    groups = train.param_groups(model, 1e-3, 1e-4, {})
+    copy = [dict(g, params=[p.detach().clone().requires_grad_() for p in g["params"]]) for g in groups]
+    fused, loop = torch.optim.AdamW(groups, weight_decay=1e-4, fused=True), torch.optim.AdamW(copy, weight_decay=1e-4)
+    for _ in range(3):
+        for a, b in zip(*([p for g in gs for p in g["params"]] for gs in (groups, copy))):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        fused.step(), loop.step()
+    for a, b in zip(*([p for g in gs for p in g["params"]] for gs in (groups, copy))):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -230,6 +230,7 @@ def measure(module, configs, args, images):
     for cfg, timed in configs:
         torch.manual_seed(0)
         model = module.build(cfg)[0].eval().to(device)
+        model.backbone.amp_dtype = torch.bfloat16 if args.amp == "bf16-backbone" else None
         for p in model.parameters():  # no autograd anywhere (FlopCounterMode's module tracker trips over
             p.requires_grad_(False)   # views of parameters taken under no_grad, e.g. SMCA's query embedding)
         with torch.no_grad(), amp:
@@ -587,7 +588,8 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=100, help="with --data: how many val images (default 100)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration, after one warm-up")
     p.add_argument("--device", default="cpu", help="cpu or cuda (times batch 1 and batch 4 on cuda)")
-    p.add_argument("--amp", choices=("off", "bf16"), default="off")
+    p.add_argument("--amp", choices=("off", "bf16", "bf16-backbone"), default="off",
+                   help="bf16 autocast of the whole model, or only of its ResNet (train.py's --amp)")
     p.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON record per configuration instead of tables")
     p.add_argument("--readable-path", action="store_true",
