@@ -46,8 +46,8 @@ import detect
 from common import fast_paths, load_backbone_weights
 from data import shapes
 from engine import pretrain
-from engine.runtime import (MODELS, SHAPES_ROOT, backbone_weights, load_checkpoint, model_module, run_cli,
-                            save_atomic, select_device)
+from engine.runtime import (MODELS, SHAPES_ROOT, backbone_weights, cpu_has_bf16, load_checkpoint, model_module,
+                            run_cli, save_atomic, select_device)
 # The paper recipe, shared by the four papers (a model file's COCO_RECIPE overrides some of it)
 COCO_RECIPE = {"epochs": 50, "lr_drop": 40, "batch_size": 2, "lr": 1e-4, "lr_backbone": 1e-5, "eval_every": 1}
 # The CPU recipe on the shapes set (a model file's SHAPES_RECIPE overrides some of it): 2 epochs of
@@ -496,6 +496,9 @@ def train_or_evaluate(args):
     data_name = "shapes" if on_shapes else os.path.basename(os.path.normpath(args.data))
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.model}-{data_name}")
     rank, world, device = init_distributed(select_device(args))
+    if device.type == "cpu" and args.amp.startswith("bf16") and not cpu_has_bf16() and rank == 0:
+        print(f"warning: --amp {args.amp} on a CPU without bf16 instructions (AVX512-BF16 or AMX): bf16 is emulated "
+              f"there, about 10x slower than float32")
     if args.num_workers is None:
         args.num_workers = 4 if device.type == "cuda" else 0
     torch.manual_seed(args.seed + rank)

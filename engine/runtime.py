@@ -29,6 +29,12 @@ def select_device(args):
     return device
 
 
+def cpu_has_bf16():
+    """Does this CPU compute bf16 natively (AVX512-BF16 or AMX)? Without, bf16 products are emulated: 10x
+    slower than float32 (measured on an AVX2 CPU)."""
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def run_cli(entry):
     """Run a command-line entry point: a bad input (ValueError) or a diverged run ends with its
     message and exit status 1, not a traceback."""

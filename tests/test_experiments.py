@@ -108,6 +108,11 @@ def test_experiments_speed_tables_finished_runs_without_rerunning_them(tmp_path)
     assert row["max_rel_loss_diff"] == pytest.approx(0.1)
     table = (out / "speed.md").read_text()
     assert "| smca | 1.000 | 1.600 | 1.60x | 2 | 1.0e-01 |" in table
+    _fake_run(out / "smca-this-amp_bf16-backbone-1min-0", [10.0, 8.0], 40, 10.0)  # --this-args: its own runs
+    (flagged,) = experiments.main(["speed", "--vs", str(other), "--models", "smca", "--out", str(out),
+                                   "--this-args=--amp bf16-backbone"])
+    assert flagged["steps_per_s_this"] == pytest.approx(4.0) and flagged["steps_per_s_other"] == pytest.approx(1.0)
+    assert "| model | steps/s (--vs) | steps/s (this --amp bf16-backbone) |" in (out / "speed.md").read_text()
     with pytest.raises(ValueError, match="no train.py there"):
         experiments.main(["speed", "--vs", str(tmp_path / "nowhere"), "--out", str(out)])
     _fake_run(out / "broken", [1.0], 1, 1.0)

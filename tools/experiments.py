@@ -30,7 +30,8 @@ speed: each model's shapes recipe trained for --budget minutes (default 1) by th
 another checkout's (--vs; e.g. `git worktree add ../before COMMIT` and `ln -s $PWD/data/shapes ../before/data/`, so
 both train on the same set and pretrained backbone), alternating, each in its
 own process with the same seed; OUT/speed.md: steps per second of each, their ratio, and the largest relative
-difference of the losses at the steps both took.
+difference of the losses at the steps both took. --this-args="--amp bf16-backbone" gives this checkout's runs
+flags the other may lack (its runs are named by them; the other's runs are shared).
 
 fine-tokens (no training): where a trained Focus-DETR's fine-grained tokens sit. On the first
 --images val images, the share of all tokens, of each encoder layer's kept tokens and of its
@@ -41,6 +42,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -257,6 +259,8 @@ def speed(args, argv):
     if not args.budget > 0 or args.rounds < 1:
         raise ValueError("--budget and --rounds must be positive")
     here, out = os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.abspath(args.out or "runs/speed")
+    this_args = shlex.split(args.this_args)
+    this_name = "this" + ("-" + re.sub(r"[^A-Za-z0-9.-]+", "_", " ".join(this_args).strip("-")) if this_args else "")
     rows = []
     for model in args.models:
         rates = {"other": [], "this": []}
@@ -264,9 +268,10 @@ def speed(args, argv):
         for r in range(args.rounds):
             order = (("other", other), ("this", here))
             for tree, root in order if r % 2 == 0 else order[::-1]:  # ABBA: the machine's drift touches both alike
-                run_dir = os.path.join(out, f"{model}-{tree}-{args.budget:g}min-{r}")
+                run_dir = os.path.join(out, f"{model}-{this_name if tree == 'this' else tree}-{args.budget:g}min-{r}")
                 cmd = [sys.executable, "train.py", "--model", model, "--seed", str(args.seed), "--time-budget",
-                       str(args.budget), "--output-dir", run_dir, "--resume", "auto"] + args.train_args
+                       str(args.budget), "--output-dir", run_dir, "--resume", "auto"] + args.train_args + \
+                    (this_args if tree == "this" else [])
                 if not _has_eval(run_dir):
                     print(f"== {model} ({tree}, round {r + 1}): cd {root} && {' '.join(cmd[1:])}", flush=True)
                     done = subprocess.run(cmd, cwd=root, stdout=subprocess.DEVNULL)
@@ -284,8 +289,8 @@ def speed(args, argv):
                      "rates": rates})
     lines = [f"`python -m tools.experiments {' '.join(argv)}` (--vs {other}; {args.budget:g} min of training per run, "
              f"{args.rounds} round(s) alternating, median steps/s; {torch.get_num_threads()} threads)", "",
-             "| model | steps/s (--vs) | steps/s (this) | ratio | steps both took | largest relative loss difference "
-             "at the same step |", "|---|---|---|---|---|---|"]
+             f"| model | steps/s (--vs) | steps/s (this{''.join(' ' + a for a in this_args)}) | ratio | "
+             "steps both took | largest relative loss difference at the same step |", "|---|---|---|---|---|---|"]
     for r in rows:
         diff = "-" if r["max_rel_loss_diff"] is None else f"{r['max_rel_loss_diff']:.1e}"
         lines.append(f"| {r['model']} | {r['steps_per_s_other']:.3f} | {r['steps_per_s_this']:.3f} | "
@@ -363,6 +368,8 @@ def main(argv=None):
     v.add_argument("--budget", type=float, default=1.0, help="training minutes per run (default 1)")
     v.add_argument("--rounds", type=int, default=1, help="runs of each checkout per model, alternating")
     v.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    v.add_argument("--this-args", default="", help='train.py flags for this checkout\'s runs only, one string '
+                   '(e.g. --this-args="--amp bf16-backbone")')
     f = sub.add_parser("fine-tokens", help="where a trained Focus-DETR's fine-grained tokens sit, by MCSP score")
     f.add_argument("--checkpoint", required=True, help="a Focus-DETR checkpoint.pth written by train.py")
     f.add_argument("--images", type=int, default=100, help="how many val images (default 100)")
