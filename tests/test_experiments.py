@@ -107,7 +107,7 @@ def test_experiments_speed_tables_finished_runs_without_rerunning_them(tmp_path)
     assert row["ratio"] == pytest.approx(1.6) and row["common_steps"] == 2
     assert row["max_rel_loss_diff"] == pytest.approx(0.1)
     table = (out / "speed.md").read_text()
-    assert "| smca | 1.000 | 1.600 | 1.60x | 2 | 1.0e-01 |" in table
+    assert "| smca | 1.000 | 1.600 | 1.60x | 2 | 9.000 / 9.400 | 1.0e-01 |" in table
     _fake_run(out / "smca-this-amp_bf16-backbone-1min-0", [10.0, 8.0], 40, 10.0)  # --this-args: its own runs
     (flagged,) = experiments.main(["speed", "--vs", str(other), "--models", "smca", "--out", str(out),
                                    "--this-args=--amp bf16-backbone"])

@@ -28,10 +28,10 @@ OUT/leaderboard.md and .json.
 
 speed: each model's shapes recipe trained for --budget minutes (default 1) by this checkout's train.py and by
 another checkout's (--vs; e.g. `git worktree add ../before COMMIT` and `ln -s $PWD/data/shapes ../before/data/`, so
-both train on the same set and pretrained backbone), alternating, each in its
-own process with the same seed; OUT/speed.md: steps per second of each, their ratio, and the largest relative
-difference of the losses at the steps both took. --this-args="--amp bf16-backbone" gives this checkout's runs
-flags the other may lack (its runs are named by them; the other's runs are shared).
+both train on the same set and pretrained backbone), alternating, each in its own process with the same seed;
+OUT/speed.md: steps per second of each, their ratio, the mean loss of each over the steps both took and the
+largest relative difference of their losses at one step. --this-args="--amp bf16-backbone" gives this checkout's
+runs flags the other may lack (its runs are named by them; the other's runs are shared).
 
 fine-tokens (no training): where a trained Focus-DETR's fine-grained tokens sit. On the first
 --images val images, the share of all tokens, of each encoder layer's kept tokens and of its
@@ -284,17 +284,20 @@ def speed(args, argv):
         common_steps = sorted(set(logs["other"]) & set(logs["this"]))
         diffs = [abs(logs["this"][s] - logs["other"][s]) / max(abs(logs["other"][s]), 1e-12) for s in common_steps]
         this, that = statistics.median(rates["this"]), statistics.median(rates["other"])
+        means = {t: statistics.mean(logs[t][s] for s in common_steps) if common_steps else None for t in logs}
         rows.append({"model": model, "steps_per_s_other": that, "steps_per_s_this": this, "ratio": this / that,
                      "common_steps": len(common_steps), "max_rel_loss_diff": max(diffs) if diffs else None,
-                     "rates": rates})
+                     "mean_loss_other": means["other"], "mean_loss_this": means["this"], "rates": rates})
     lines = [f"`python -m tools.experiments {' '.join(argv)}` (--vs {other}; {args.budget:g} min of training per run, "
              f"{args.rounds} round(s) alternating, median steps/s; {torch.get_num_threads()} threads)", "",
              f"| model | steps/s (--vs) | steps/s (this{''.join(' ' + a for a in this_args)}) | ratio | "
-             "steps both took | largest relative loss difference at the same step |", "|---|---|---|---|---|---|"]
+             "steps both took | their mean loss (--vs / this) | largest relative loss difference at the same step |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         diff = "-" if r["max_rel_loss_diff"] is None else f"{r['max_rel_loss_diff']:.1e}"
+        mean = "-" if r["mean_loss_this"] is None else f"{r['mean_loss_other']:.3f} / {r['mean_loss_this']:.3f}"
         lines.append(f"| {r['model']} | {r['steps_per_s_other']:.3f} | {r['steps_per_s_this']:.3f} | "
-                     f"{r['ratio']:.2f}x | {r['common_steps']} | {diff} |")
+                     f"{r['ratio']:.2f}x | {r['common_steps']} | {mean} | {diff} |")
     return write_table(out, "speed", lines, rows)
 
 
