@@ -70,9 +70,11 @@ def parse_args(argv=None):
     p.add_argument("--lr-backbone", type=float, help="0 freezes the whole backbone (as DETR's --lr_backbone 0)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--clip-max-norm", type=float, default=0.1, help="0 turns clipping off")
-    p.add_argument("--amp", choices=AMP_MODES, default="off",
+    p.add_argument("--amp", choices=AMP_MODES, default=None,
                    help="mixed precision: bf16 or fp16 autocast of the whole model; bf16-backbone: only the ResNet "
-                   "in bf16 (where a CPU's AMX or a GPU's tensor cores pay most), the transformer in float32")
+                   "in bf16 (where a CPU's AMX or a GPU's tensor cores pay most), the transformer in float32. "
+                   "Default: the recipe's (a model's shapes recipe may say bf16-backbone: on a CPU with bf16 "
+                   "instructions only), else off")
     p.add_argument("--resume", default=None, help="'auto' (OUTPUT_DIR/checkpoint.pth if present) or a checkpoint path")
     p.add_argument("--finetune", default=None, help="initialise from a checkpoint's model weights; keys whose "
                    "shape differs (e.g. another class count) are skipped and listed")
@@ -401,6 +403,9 @@ def resolve_recipe(args, module, on_shapes):
             setattr(args, key, recipe[key])
         if getattr(args, key) < 0 or (getattr(args, key) == 0 and key != "lr_backbone"):
             raise ValueError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    if args.amp is None:  # a recipe's "amp" holds on a CPU that computes bf16 natively; float32 elsewhere
+        amp = recipe.get("amp", "off")
+        args.amp = amp if amp == "off" or (select_device(args).type == "cpu" and cpu_has_bf16()) else "off"
     if args.time_budget is not None and not args.time_budget > 0:
         raise ValueError(f"--time-budget must be a positive number of minutes, got {args.time_budget}")
 

@@ -212,3 +212,21 @@ def test_train_bf16_backbone_and_the_fused_optimizer(tiny_shapes, tmp_path):
         fused.step(), loop.step()
     for a, b in zip(*([p for g in gs for p in g["params"]] for gs in (groups, copy))):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_train_recipe_amp_holds_only_where_the_cpu_computes_bf16(monkeypatch):
+    """SMCA's shapes recipe says bf16-backbone: train.py takes it on a CPU with bf16 instructions, float32 on one
+    without, never on COCO (the papers' float32) and never over an explicit --amp."""
+    def resolved(*flags, data="shapes"):
+        args = train.parse_args(["--model", "smca", "--data", data, "--device", "cpu", *flags])
+        train.resolve_recipe(args, smca, data == "shapes")
+        return args.amp, args.epochs
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    assert resolved() == ("bf16-backbone", 4) and resolved("--amp", "off") == ("off", 4)
+    assert resolved(data="coco")[0] == "off"
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
+    assert resolved() == ("off", 4) and resolved("--amp", "bf16-backbone")[0] == "bf16-backbone"
+    assert train.parse_args(["--model", "focus_detr"]).amp is None
+    args = train.parse_args(["--model", "focus_detr", "--device", "cpu"])
+    train.resolve_recipe(args, focus_detr, True)
+    assert args.amp == "off"  # its recipe keeps float32

@@ -514,11 +514,12 @@ class StepClock:
         return t3 - t0, loss.item()
 
 
-def training_run(name, sets=(), amp="off", root=None, backbone="shapes"):
+def training_run(name, sets=(), amp=None, root=None, backbone="shapes"):
     """train.py's set-up of a model's shapes recipe on the shapes set at `root` (default: the built-in one, generated
     on first use), with the shapes-pretrained backbone (trained on first use) or `backbone` 'none'
     -> (run, train_set); nothing is written but the built-in set and its backbone, if missing."""
-    argv = ["--model", name, "--amp", amp, "--backbone-weights", backbone] + (["--set", *sets] if sets else [])
+    argv = ["--model", name, "--backbone-weights", backbone] + (["--amp", amp] if amp else []) + \
+        (["--set", *sets] if sets else [])
     args = train.parse_args(argv)
     module = model_module(name)
     train.resolve_recipe(args, module, True)
@@ -537,7 +538,7 @@ def training_run(name, sets=(), amp="off", root=None, backbone="shapes"):
     return run, train_set
 
 
-def profile_train_step(name, steps, warmup=2, sets=(), amp="off", top_ops=8, root=None, backbone="shapes"):
+def profile_train_step(name, steps, warmup=2, sets=(), amp=None, top_ops=8, root=None, backbone="shapes"):
     """`steps` timed training steps of the shapes recipe (after `warmup`), the same batches every call (train.py's,
     seed 42); then one step under torch.profiler -> {"model", "steps_per_s", "ms": {part: ms per step},
     "top_ops": [(op, self CPU ms)], "loss": [the timed steps' losses]}."""
@@ -561,7 +562,7 @@ def profile_train_step(name, steps, warmup=2, sets=(), amp="off", top_ops=8, roo
         clock.step(run, batches)
     ops = sorted(((e.key, e.self_cpu_time_total / 1e3) for e in prof.key_averages()), key=lambda kv: -kv[1])
     return {"model": name, "steps": steps, "steps_per_s": steps / total, "ms_per_step": 1e3 * total / steps,
-            "ms": ms, "top_ops": ops[:top_ops], "amp": amp, "sets": list(sets),
+            "ms": ms, "top_ops": ops[:top_ops], "amp": run.args.amp, "sets": list(sets),
             "loss": [loss for _, loss in timed]}
 
 
@@ -588,8 +589,9 @@ def parse_args(argv=None):
     p.add_argument("--images", type=int, default=100, help="with --data: how many val images (default 100)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration, after one warm-up")
     p.add_argument("--device", default="cpu", help="cpu or cuda (times batch 1 and batch 4 on cuda)")
-    p.add_argument("--amp", choices=("off", "bf16", "bf16-backbone"), default="off",
-                   help="bf16 autocast of the whole model, or only of its ResNet (train.py's --amp)")
+    p.add_argument("--amp", choices=("off", "bf16", "bf16-backbone"), default=None,
+                   help="bf16 autocast of the whole model, or only of its ResNet (train.py's --amp); default off, "
+                   "with --train-step the model's shapes recipe's, as train.py")
     p.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON record per configuration instead of tables")
     p.add_argument("--readable-path", action="store_true",
@@ -624,6 +626,8 @@ def parse_args(argv=None):
     if args.data and not os.path.isdir(args.data):
         raise ValueError(f"--data {args.data!r} is not a folder")
     args.batch_sizes = [1, 4] if args.device == "cuda" else [1]
+    if not args.train_step:
+        args.amp = args.amp or "off"
     return args
 
 
@@ -640,7 +644,7 @@ def run(args):
         records = []
         if not args.json:
             print(f"bench --train-step: each model's shapes recipe (batch 8), {torch.get_num_threads()} threads, "
-                  f"amp {args.amp}; ms per step, mean of {args.steps} after 2 warm-up steps")
+                  f"amp {args.amp or 'as train.py'}; ms per step, mean of {args.steps} after 2 warm-up steps")
         for name in args.model or list(SUITES):
             records.append(profile_train_step(name, args.steps, sets=args.set, amp=args.amp))
             if args.json:
