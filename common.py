@@ -1121,13 +1121,16 @@ def float32_under_autocast(fn):
     """fn run with autocast off and its floating-point tensor arguments in float32 while autocast is on (an
     autograd Function gets no autocast casts): the deformable sampling stays in float32 under mixed precision,
     as detrex runs its CUDA op."""
+    def up(a):
+        return a.float() if torch.is_tensor(a) and a.is_floating_point() else a
+
     @functools.wraps(fn)
-    def run(*args):
-        device = next(a.device.type for a in args if torch.is_tensor(a))
+    def run(*args, **kwargs):
+        device = next(a.device.type for a in (*args, *kwargs.values()) if torch.is_tensor(a))
         if not torch.is_autocast_enabled(device):
-            return fn(*args)
+            return fn(*args, **kwargs)
         with torch.autocast(device, enabled=False):
-            return fn(*(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args))
+            return fn(*map(up, args), **{k: up(v) for k, v in kwargs.items()})
     return run
 
 

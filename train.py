@@ -14,7 +14,8 @@ and trains the paper's configuration with COCO_RECIPE.
 
 What train.py reads from a model file (the module named by --model):
     Config, build(cfg) -> (model, criterion, postprocess), shapes_config()   required
-    SHAPES_RECIPE, COCO_RECIPE   optional: where the model's recipe differs from the shared one below
+    SHAPES_RECIPE, COCO_RECIPE   optional: where the model's recipe differs from the shared one below (its
+                                 "amp" is taken on a CPU with AMX only, float32 elsewhere)
     LR_MULTIPLIERS               optional: {substring of a parameter name: lr multiplier}
 and calls the model as common.py's interface says: model(images, pad_mask, targets) in training,
 model(images, pad_mask) in evaluation.
@@ -46,12 +47,13 @@ import detect
 from common import fast_paths, load_backbone_weights
 from data import shapes
 from engine import pretrain
-from engine.runtime import (MODELS, SHAPES_ROOT, backbone_weights, cpu_has_bf16, load_checkpoint, model_module,
-                            run_cli, save_atomic, select_device)
+from engine.runtime import (MODELS, SHAPES_ROOT, backbone_weights, cpu_has_amx, cpu_has_bf16, load_checkpoint,
+                            model_module, run_cli, save_atomic, select_device)
 # The paper recipe, shared by the four papers (a model file's COCO_RECIPE overrides some of it)
 COCO_RECIPE = {"epochs": 50, "lr_drop": 40, "batch_size": 2, "lr": 1e-4, "lr_backbone": 1e-5, "eval_every": 1}
 # The CPU recipe on the shapes set (a model file's SHAPES_RECIPE overrides some of it): 2 epochs of
-# 500 steps of 8 images, lr / 10 after the second, the shapes-pretrained backbone at a quarter of the lr
+# 500 steps of 8 images, lr / 10 after the second, the shapes-pretrained backbone at a quarter of the lr, float32
+# (no "amp": a model's SHAPES_RECIPE may add "amp": "bf16-backbone", honoured on a CPU with AMX only)
 SHAPES_RECIPE = {"epochs": 2, "lr_drop": 2, "batch_size": 8, "lr": 4e-4, "lr_backbone": 1e-4, "eval_every": 1}
 
 
@@ -73,8 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--amp", choices=AMP_MODES, default=None,
                    help="mixed precision: bf16 or fp16 autocast of the whole model; bf16-backbone: only the ResNet "
                    "in bf16 (where a CPU's AMX or a GPU's tensor cores pay most), the transformer in float32. "
-                   "Default: the recipe's (a model's shapes recipe may say bf16-backbone: on a CPU with bf16 "
-                   "instructions only), else off")
+                   "Default: the recipe's (SMCA's shapes recipe says bf16-backbone, taken on a CPU with AMX only), "
+                   "else off. Evaluation runs as training does")
     p.add_argument("--resume", default=None, help="'auto' (OUTPUT_DIR/checkpoint.pth if present) or a checkpoint path")
     p.add_argument("--finetune", default=None, help="initialise from a checkpoint's model weights; keys whose "
                    "shape differs (e.g. another class count) are skipped and listed")
@@ -403,9 +405,9 @@ def resolve_recipe(args, module, on_shapes):
             setattr(args, key, recipe[key])
         if getattr(args, key) < 0 or (getattr(args, key) == 0 and key != "lr_backbone"):
             raise ValueError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
-    if args.amp is None:  # a recipe's "amp" holds on a CPU that computes bf16 natively; float32 elsewhere
+    if args.amp is None:  # a recipe's "amp" holds on a CPU with AMX, where it was measured; float32 elsewhere
         amp = recipe.get("amp", "off")
-        args.amp = amp if amp == "off" or (select_device(args).type == "cpu" and cpu_has_bf16()) else "off"
+        args.amp = amp if amp == "off" or (select_device(args).type == "cpu" and cpu_has_amx()) else "off"
     if args.time_budget is not None and not args.time_budget > 0:
         raise ValueError(f"--time-budget must be a positive number of minutes, got {args.time_budget}")
 
@@ -539,6 +541,11 @@ def train_or_evaluate(args):
     if resume:
         ckpt = load_checkpoint(resume)
         check_compatible(ckpt, resume, args.model, cfg, training=not args.eval_only)
+        trained_amp = (ckpt.get("args") or {}).get("amp") or "off"
+        if not args.eval_only and trained_amp != args.amp:
+            raise ValueError(f"{resume} was trained with --amp {trained_amp}, this run would use --amp {args.amp} (the "
+                             f"recipe's on this machine, or the flag): pass --amp {trained_amp} to continue it as it "
+                             f"was trained, or --amp {args.amp} to switch")
         model.load_state_dict(ckpt["model"])
         if not args.eval_only:
             run.optimizer.load_state_dict(ckpt["optimizer"])

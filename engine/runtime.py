@@ -35,6 +35,11 @@ def cpu_has_bf16():
     return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
+def cpu_has_amx():
+    """Does this CPU have AMX (Intel's bf16 matrix units, where `--amp bf16-backbone` was measured)?"""
+    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
 def run_cli(entry):
     """Run a command-line entry point: a bad input (ValueError) or a diverged run ends with its
     message and exit status 1, not a traceback."""

@@ -518,7 +518,7 @@ def training_run(name, sets=(), amp=None, root=None, backbone="shapes"):
     """train.py's set-up of a model's shapes recipe on the shapes set at `root` (default: the built-in one, generated
     on first use), with the shapes-pretrained backbone (trained on first use) or `backbone` 'none'
     -> (run, train_set); nothing is written but the built-in set and its backbone, if missing."""
-    argv = ["--model", name, "--backbone-weights", backbone] + (["--amp", amp] if amp else []) + \
+    argv = ["--model", name, "--device", "cpu", "--backbone-weights", backbone] + (["--amp", amp] if amp else []) + \
         (["--set", *sets] if sets else [])
     args = train.parse_args(argv)
     module = model_module(name)
