@@ -499,8 +499,8 @@ def shapes_config():
 
 
 # where train.py's shapes recipe differs for this model: 4 epochs of 500 steps (lr / 10 after 3), the ResNet in bf16
-# on a CPU with bf16 instructions (there the 2,000 steps take less time than 1,500 in float32 and end at a higher AP:
-# docs/training-speed.md)
+# on a CPU with AMX (there the 2,000 steps take less time than 1,500 in float32 and end at a higher AP:
+# docs/training-speed.md; float32 elsewhere)
 SHAPES_RECIPE = {"epochs": 4, "lr_drop": 3, "amp": "bf16-backbone"}
 
 

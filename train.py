@@ -76,7 +76,7 @@ def parse_args(argv=None):
                    help="mixed precision: bf16 or fp16 autocast of the whole model; bf16-backbone: only the ResNet "
                    "in bf16 (where a CPU's AMX or a GPU's tensor cores pay most), the transformer in float32. "
                    "Default: the recipe's (SMCA's shapes recipe says bf16-backbone, taken on a CPU with AMX only), "
-                   "else off. Evaluation runs as training does")
+                   "else off; a resumed run keeps its checkpoint's unless given. Evaluation runs as training does")
     p.add_argument("--resume", default=None, help="'auto' (OUTPUT_DIR/checkpoint.pth if present) or a checkpoint path")
     p.add_argument("--finetune", default=None, help="initialise from a checkpoint's model weights; keys whose "
                    "shape differs (e.g. another class count) are skipped and listed")
@@ -499,9 +499,15 @@ def train_or_evaluate(args):
     """main, once the flags are parsed: recipe -> device -> data -> model -> optimizer / resume -> epochs."""
     module = model_module(args.model)
     on_shapes = args.data == "shapes"
+    amp_given = args.amp is not None
     resolve_recipe(args, module, on_shapes)
     data_name = "shapes" if on_shapes else os.path.basename(os.path.normpath(args.data))
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.model}-{data_name}")
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    resume = checkpoint_to_resume(args, ckpt_path)
+    ckpt = load_checkpoint(resume) if resume else None
+    if ckpt is not None and not args.eval_only and not amp_given:  # a resumed run keeps the precision it trained in
+        args.amp = (ckpt.get("args") or {}).get("amp") or "off"
     rank, world, device = init_distributed(select_device(args))
     if device.type == "cpu" and args.amp.startswith("bf16") and not cpu_has_bf16() and rank == 0:
         print(f"warning: --amp {args.amp} on a CPU without bf16 instructions (AVX512-BF16 or AMX): bf16 is emulated "
@@ -534,18 +540,10 @@ def train_or_evaluate(args):
     model, criterion, postprocess = build_model(args, module, cfg, on_shapes, rank, official_state)
     model.to(device)
 
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    resume = checkpoint_to_resume(args, ckpt_path)
     run, scheduler = build_run(args, module, model, criterion, postprocess, device, rank, world, val_set.categories)
     start_epoch = 0
     if resume:
-        ckpt = load_checkpoint(resume)
         check_compatible(ckpt, resume, args.model, cfg, training=not args.eval_only)
-        trained_amp = (ckpt.get("args") or {}).get("amp") or "off"
-        if not args.eval_only and trained_amp != args.amp:
-            raise ValueError(f"{resume} was trained with --amp {trained_amp}, this run would use --amp {args.amp} (the "
-                             f"recipe's on this machine, or the flag): pass --amp {trained_amp} to continue it as it "
-                             f"was trained, or --amp {args.amp} to switch")
         model.load_state_dict(ckpt["model"])
         if not args.eval_only:
             run.optimizer.load_state_dict(ckpt["optimizer"])
