@@ -22,6 +22,8 @@ non-empty --out is refused, and so is one inside the source folder, which is nev
 - detections.json: every detection at or above --threshold in the COCO results format
   ({"image_id", "file_name", "category_id", "bbox": [x, y, w, h] in pixels of the original image,
   "score"}), image ids 1, 2, ... in the order the images were read.
+A photo whose EXIF orientation tag says it is turned (as phones store portraits) is turned upright first, as a
+viewer shows it: the model sees it upright, and the pictures and the boxes are in the upright image's pixels.
 """
 import argparse
 import dataclasses
@@ -193,7 +195,7 @@ def detect_files(det, files, out, threshold=0.3, explain=False, log=print):
     results, skipped, used, start, last = [], [], set(), time.time(), 0.0
     for i, path in enumerate(files):
         try:
-            image = load_rgb(path)
+            image = load_rgb(path, exif_orientation=True)  # as a viewer shows it: boxes in those coordinates
         except Exception as e:  # not an image, truncated, unreadable
             print(f"warning: skipped {path}: not a readable image ({type(e).__name__}: {e})", file=sys.stderr)
             skipped.append(path)

@@ -19,7 +19,7 @@ import random
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from pycocotools.coco import COCO
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,14 @@ def find_split(root, split):
     raise ValueError(f"no '{split}' split under {root!r}; looked for: " + "; ".join(tried))
 
 
-def load_rgb(path):
-    """Open any PIL-readable image as 8-bit RGB (grayscale, palette, RGBA, CMYK, 16-bit, float)."""
+def load_rgb(path, exif_orientation=False):
+    """Open any PIL-readable image as 8-bit RGB (grayscale, palette, RGBA, CMYK, 16-bit, float). exif_orientation:
+    turn it as its EXIF orientation tag says (as phones store portraits and viewers show them; detect.py does),
+    not for a dataset, whose boxes are in the stored pixels' coordinates (COCO's, DETR's loaders)."""
     with Image.open(path) as img:
         img.load()
+        if exif_orientation:
+            img = ImageOps.exif_transpose(img)
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
             a = np.asarray(img, dtype=np.float64)
             hi = 65535.0 if a.max() > 255 else 255.0

@@ -132,3 +132,33 @@ def test_detect_and_eval_take_the_authors_weights(tiny_shapes, tmp_path, monkeyp
     with pytest.raises(ValueError, match="no released weights"):
         train.main(["--model", "lite_detr", "--data", tiny_shapes, "--eval-only", "--official", path,
                     "--output-dir", str(tmp_path / "y")])
+
+
+def test_detect_turns_a_photo_upright_by_its_exif_orientation(tiny_shapes, tmp_path, monkeypatch):
+    """A JPEG stored on its side with EXIF orientation 6 (as a phone stores a portrait) is detected and drawn
+    upright: the model gets the upright image, the picture has its size, the boxes lie inside it."""
+    ckpt = tmp_path / "ckpt.pth"
+    _tiny_checkpoint(ckpt, tiny_shapes)
+    upright = Image.open(os.path.join(tiny_shapes, "val", "000000.jpg")).convert("RGB")
+    upright = upright.crop((0, 0, upright.width, upright.height * 2 // 3))  # not square: a turn changes the size
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the stored pixels are to be turned 90 degrees clockwise to be shown
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # the stored pixels: turned counter-clockwise
+    os.makedirs(tmp_path / "photos")
+    photo = tmp_path / "photos" / "portrait.jpg"
+    stored.save(photo, quality=98, exif=exif)
+    assert Image.open(photo).size == (upright.height, upright.width)
+    seen = []
+    detect_image = detect.detect_image
+    monkeypatch.setattr(detect, "detect_image", lambda det, image, *a: seen.append(image) or detect_image(det, image,
+                                                                                                            *a))
+    detect.main(["--checkpoint", str(ckpt), "--source", str(photo), "--out", str(tmp_path / "out"),
+                 "--threshold", "0"])
+    (image,) = seen
+    assert image.size == upright.size
+    diff = np.abs(np.asarray(image).astype(int) - np.asarray(upright).astype(int)).mean()
+    assert diff < 3  # the upright pixels, up to JPEG's rounding
+    assert Image.open(tmp_path / "out" / "portrait.jpg").size == upright.size
+    results = json.load(open(tmp_path / "out" / "detections.json"))
+    assert results and all(r["bbox"][0] + r["bbox"][2] <= upright.width + 0.01 and
+                           r["bbox"][1] + r["bbox"][3] <= upright.height + 0.01 for r in results)
