@@ -64,6 +64,28 @@ def fast_paths(enabled=True):
         _fast_paths_on = before
 
 
+_recompute_samples = False
+
+
+@contextlib.contextmanager
+def recompute_sampling(enabled=True):
+    """`with recompute_sampling():` the deformable sampling's training fast paths keep only their inputs for the
+    backward pass and sample again there: the same numbers, one more grid_sample per level in the backward, and
+    at COCO scale most of what a deformable encoder holds for the backward gone (the samples, (B*H, D, P, Q) per
+    level and layer; tools/bench.py --train-memory). The readable path keeps what autograd keeps."""
+    global _recompute_samples
+    before, _recompute_samples = _recompute_samples, bool(enabled)
+    try:
+        yield
+    finally:
+        _recompute_samples = before
+
+
+def recomputes_samples():
+    """Is recompute_sampling on (read by the model files' own sampling fast paths)?"""
+    return _recompute_samples
+
+
 def with_fast_path(readable):
     """Marks a readable function as having a fast path, attached later by `@readable.fast` (inference only) or
     `@readable.fast_with_autograd` (inference and training: its gradients are tested equal too, and it runs under
@@ -710,9 +732,10 @@ def box_area(boxes):
 
 
 def inverse_sigmoid(x, eps=1e-5):
-    """logit(x) with x clamped to [eps, 1 - eps] (Deformable DETR's, for box refinement)."""
-    x = x.clamp(min=eps, max=1 - eps)
-    return torch.log(x / (1 - x))
+    """log(x / (1 - x)) for x in [0, 1], numerator and denominator each clamped at eps (Deformable DETR's, for box
+    refinement; detrex's has eps 1e-3): x = 1 gives log(1 / eps)."""
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
 def box_iou(boxes1, boxes2, eps=1e-7):
@@ -1079,8 +1102,8 @@ def sampler_backward(g_samples, maps, grids, lvl, value_grad=True, grid_grad=Tru
 
 class MSDeformAttnFunction(torch.autograd.Function):
     """ms_deform_attn with its backward written out: the forward keeps the samples (as autograd would keep
-    them), the backward makes one weighted copy per level for grid_sample's backward (no graph of per-point
-    products)."""
+    them; under recompute_sampling the backward samples again), the backward makes one weighted copy per level
+    for grid_sample's backward (no graph of per-point products)."""
 
     @staticmethod
     def forward(ctx, value, sampling_locations, attention_weights, spatial_shapes):
@@ -1089,7 +1112,7 @@ class MSDeformAttnFunction(torch.autograd.Function):
         maps = level_maps(value, spatial_shapes)
         grids, weights = points_major(sampling_locations, attention_weights)
         samples = sample_points_major(maps, grids)
-        ctx.save_for_backward(value, sampling_locations, attention_weights, *samples)
+        ctx.save_for_backward(value, sampling_locations, attention_weights, *([] if _recompute_samples else samples))
         ctx.spatial_shapes = spatial_shapes
         out = weighted_sum_points_major(samples, weights)  # (B*H, D, Q)
         return out.view(B, H, D, Q).permute(0, 3, 1, 2).reshape(B, Q, H * D)
@@ -1103,6 +1126,7 @@ class MSDeformAttnFunction(torch.autograd.Function):
         g = g_out.reshape(B, Q, H, D).permute(0, 2, 3, 1).reshape(B * H, D, 1, Q)  # broadcast over the points
         maps = level_maps(value, ctx.spatial_shapes)
         grids, weights = points_major(sampling_locations, attention_weights)
+        samples = samples or sample_points_major(maps, grids)  # recompute_sampling: sampled again
         g_maps, g_grids, g_weights = [], [], []
         for lvl, sampled in enumerate(samples):  # sampled (B*H, D, P, Q)
             g_weights.append((sampled * g).sum(1))  # (B*H, P, Q): d out / d weight = the sample

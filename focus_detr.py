@@ -50,8 +50,10 @@ Deviations from the paper / official code (OFF's behaviour is the default unless
 - DINO embeds each query's reference box in padded-map coordinates, which move with the batch's
   padding; we use the image's own (`query_pos_over_padding=True` is DINO's).
 - 91 class logits indexed by raw category id (OFF: 80 contiguous; from_official maps them).
-- inverse_sigmoid clamps at 1e-5 (detrex 1e-3): only boxes at 0 or 1 notice. A batch without boxes
-  gives zero denoising losses (OFF too) and no denoising queries.
+- Box logits clamp at detrex's 1e-3 (`box_logit_eps`; Deformable DETR's 1e-5): only boxes at 0 or 1 notice,
+  as the padded tokens that OFF's two-stage top-k can pick (`two_stage_over_padding`), whose boxes are 1, and
+  denoising boxes clipped at the image's edge. A batch without boxes gives zero denoising losses (OFF too) and
+  no denoising queries.
 """
 import math
 from dataclasses import dataclass
@@ -226,14 +228,15 @@ def box_sine_embed(boxes, num_pos_feats=128, temperature=10000):
     return torch.cat([pos[:, :, 1], pos[:, :, 0], pos[:, :, 2], pos[:, :, 3]], -1)
 
 
-def prepare_denoising(targets, dn_number, label_noise, box_noise, num_classes, label_enc, num_queries):
+def prepare_denoising(targets, dn_number, label_noise, box_noise, num_classes, label_enc, num_queries, eps=1e-3):
     """DINO's contrastive denoising queries (training only).
 
     Each image's boxes are repeated in G = max(1, dn_number // max_b M_b) groups, each a positive copy
     (corners moved by < half the box size x box_noise) and a negative one (1 to 2 times that); label_noise
     / 2 of the labels are replaced at random. -> None without boxes, else label queries (B, Q_dn, C), box
     logits (B, Q_dn, 4), the attention mask (Q_dn + Q, Q_dn + Q) True = blocked (matching queries do not
-    see the denoising ones, no group another) and meta {"groups": G, "group_size": 2 max_b M_b}.
+    see the denoising ones, no group another) and meta {"groups": G, "group_size": 2 max_b M_b}. The box logits
+    clamp at `eps` (detrex's inverse_sigmoid).
 
     Where each copy sits, worked through: two images with 2 and 1 boxes and dn_number 4 give
     max_b M_b = 2, G = 4 // 2 = 2 groups and Q_dn = 2 * 2 * 2 = 8 slots per image. Copy c = 0 .. 2G-1
@@ -270,7 +273,7 @@ def prepare_denoising(targets, dn_number, label_noise, box_noise, num_classes, l
     query_label = torch.zeros(B, n_dn, label_enc.embedding_dim, device=device)  # (B, Q_dn, C)
     query_box = torch.zeros(B, n_dn, 4, device=device)  # (B, Q_dn, 4); empty slots: box logit 0 (OFF)
     query_label[batch, slot] = label_enc(labels).to(query_label.dtype)
-    query_box[batch, slot] = inverse_sigmoid(boxes)
+    query_box[batch, slot] = inverse_sigmoid(boxes, eps)
     mask = torch.zeros(n_dn + num_queries, n_dn + num_queries, dtype=torch.bool, device=device)
     mask[n_dn:, :n_dn] = True  # matching queries do not see the denoising ones
     group = torch.arange(n_dn, device=device) // (2 * single)
@@ -404,7 +407,7 @@ class FocusDETR(nn.Module):
         dn = None
         if self.training and targets is not None:
             dn = prepare_denoising(targets, cfg.dn_number, cfg.dn_label_noise, cfg.dn_box_noise, cfg.num_classes,
-                                   self.label_enc, cfg.num_queries)
+                                   self.label_enc, cfg.num_queries, cfg.box_logit_eps)
         attn_mask, n_dn = None, 0
         if dn is not None:  # the denoising queries go first: [Q_dn denoising, Q matching]
             dn_label, dn_box, attn_mask, out["dn_meta"] = dn
@@ -452,12 +455,13 @@ class FocusDETR(nn.Module):
             pos_box = ref_in[:, :, 0] if cfg.query_pos_over_padding else reference  # (B, Q, 4)
             query_pos = self.ref_point_head(box_sine_embed(pos_box, C // 2))  # (B, Q, C)
             tgt = layer(tgt, query_pos, ref_in, memory, geo.spatial_shapes, geo.pad_mask, attn_mask)[0]
-            refined = (self.bbox_embed[lid](tgt) + inverse_sigmoid(reference)).sigmoid()  # b_l
+            refined = (self.bbox_embed[lid](tgt) + inverse_sigmoid(reference, cfg.box_logit_eps)).sigmoid()  # b_l
             reference = refined.detach()
             states.append(self.decoder_norm(tgt))
             boxes_in.append(refined if cfg.look_forward_twice else reference)
         logits = [self.class_embed[lid](h) for lid, h in enumerate(states)]  # DINO's heads read the normed states
-        boxes = [(self.bbox_embed[lid](h) + inverse_sigmoid(boxes_in[lid])).sigmoid() for lid, h in enumerate(states)]
+        boxes = [(self.bbox_embed[lid](h) + inverse_sigmoid(boxes_in[lid], cfg.box_logit_eps)).sigmoid()
+                 for lid, h in enumerate(states)]
         return logits, boxes
 
 
@@ -556,6 +560,7 @@ class Config:
     query_pos_over_padding: bool = False  # True: DINO's query sine embedding of the padded-map box
     extra_level_mask: str = "exact"  # "interpolate": OFF's extra-level mask, the image's mask resized (nearest)
     two_stage_over_padding: bool = False  # True: OFF's two-stage top-k, which ranks padded tokens too
+    box_logit_eps: float = 1e-3  # detrex's inverse_sigmoid clamp (Deformable DETR's: 1e-5)
     pos_temperature: float = 10000.0  # the encoder's sine positions (OFF 12-epoch configs; 24 / 36-epoch: 20)
     pos_offset: float = -0.5  # (OFF 12-epoch configs; 24 / 36-epoch: 0.0)
     # DINO (each can be turned off to compare on a plain two-stage deformable base)

@@ -75,11 +75,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import (DeformableDecoderLayer, MLP, MSDeformAttn, PostProcess, SetCriterion, check_choice,
+from common import (MLP, DeformableDecoderLayer, MSDeformAttn, PostProcess, SetCriterion, check_choice,
                     check_deformable_config, decode_with_box_refinement, deform_sampling_locations,
-                    deformable_detr_init_, deformable_inputs, float32_under_autocast, gather_tokens,
-                    init_offset_ring_, input_tokens, level_gradients, level_maps, ms_deform_sample_levels,
-                    points_major, proposal_pos_embed, sample_points_major, sampler_backward, set_outputs,
+                    deformable_detr_init_, deformable_inputs, float32_under_autocast, gather_tokens, init_offset_ring_,
+                    input_tokens, level_gradients, level_maps, ms_deform_sample_levels, points_major,
+                    proposal_pos_embed, recomputes_samples, sample_points_major, sampler_backward, set_outputs,
                     smoke_outputs, two_stage_selection, weighted_sum_points_major, with_fast_path)
 
 LAST_LAYER_QUERIES = ("all", "low")
@@ -458,7 +458,7 @@ class KDAFunction(torch.autograd.Function):
         samples = sample_points_major(maps, grids)  # per level (B*H, Dv, P, Q)
         weights = kda_weights_points_major(samples, q_s, D)  # (B*H, L, P, Q)
         out = weighted_sum_points_major([s[:, :D] for s in samples], weights)  # (B*H, D, Q)
-        ctx.save_for_backward(kv, locs, q_s, weights, *samples)
+        ctx.save_for_backward(kv, locs, q_s, weights, *([] if recomputes_samples() else samples))
         ctx.spatial_shapes = spatial_shapes
         ctx.set_materialize_grads(False)  # the weights output is read only by pictures: no zero gradient for it
         out = out.view(B, H, D, Q).permute(0, 3, 1, 2).reshape(B, Q, H * D)
@@ -470,6 +470,9 @@ class KDAFunction(torch.autograd.Function):
         kv, locs, q_s, weights, *samples = ctx.saved_tensors
         B, Q, H, L, P, _ = locs.shape
         D, Dv = q_s.shape[1], kv.shape[-1]
+        maps = level_maps(kv, ctx.spatial_shapes)
+        grids, _ = points_major(locs)
+        samples = samples or sample_points_major(maps, grids)  # common.recompute_sampling: sampled again
         if g_out is None:
             g_out = q_s.new_zeros(B, Q, H * D)
         g = g_out.reshape(B, Q, H, D).permute(0, 2, 3, 1).reshape(B * H, D, 1, Q)
@@ -477,8 +480,6 @@ class KDAFunction(torch.autograd.Function):
         if g_weights_out is not None:
             g_w = g_w + g_weights_out.permute(0, 2, 3, 4, 1).reshape(B * H, L, P, Q)
         g_logits = weights * (g_w - (weights * g_w).sum((1, 2), keepdim=True))  # the softmax's backward
-        maps = level_maps(kv, ctx.spatial_shapes)
-        grids, _ = points_major(locs)
         g_q, g_maps, g_grids = 0, [], []
         for lvl, sampled in enumerate(samples):
             g_v, g_k = g * weights[:, None, lvl], q_s * g_logits[:, None, lvl]  # (B*H, D, P, Q) each

@@ -784,21 +784,24 @@ def test_lite_detr_kda_matches_naive_per_point_reference(key_proj, ref_dim):
         assert torch.allclose(o, out, atol=1e-12) and torch.allclose(w, weights, atol=1e-12)
 
 
-@pytest.mark.parametrize("key_channels", [0, 1])
-def test_lite_kda_fast_path_under_autograd_equals_the_readable_gradients(key_channels):
+@pytest.mark.parametrize("key_channels,recompute", [(0, False), (1, False), (1, True)])
+def test_lite_kda_fast_path_under_autograd_equals_the_readable_gradients(key_channels, recompute):
     """In training kda_core runs through KDAFunction (its backward written out): the readable core's values and
     gradients (keys and values, locations, queries; also through the returned weights) in float64, with the values
-    as keys and with [values | keys] (OFF's key projection)."""
+    as keys and with [values | keys] (OFF's key projection); under common.recompute_sampling it keeps its four
+    inputs only (not the samples) and gives the same."""
     torch.manual_seed(0)
     shapes_, B, Q, H, D, P = [(6, 7), (3, 4), (2, 2)], 2, 5, 4, 8, 2
     N = sum(h * w for h, w in shapes_)
     kv = torch.randn(B, N, H, D * (1 + key_channels), dtype=torch.float64, requires_grad=True)
     locs = (torch.rand(B, Q, H, len(shapes_), P, 2, dtype=torch.float64) * 1.4 - 0.2).requires_grad_()
     q = torch.randn(B, Q, H, D, dtype=torch.float64, requires_grad=True)
-    fast = lite_detr.kda_core(kv, shapes_, locs, q)
+    with common.recompute_sampling(recompute):
+        fast = lite_detr.kda_core(kv, shapes_, locs, q)
     with common.fast_paths(False):
         ref = lite_detr.kda_core(kv, shapes_, locs, q)
     assert type(fast[0].grad_fn).__name__ == "KDAFunctionBackward"
+    assert len(fast[0].grad_fn.saved_tensors) == (4 if recompute else 4 + len(shapes_))
     g_out, g_w = torch.randn_like(ref[0]), torch.randn_like(ref[1])
     grads = [torch.autograd.grad((o * g_out).sum() + (w * g_w).sum(), (kv, locs, q)) for o, w in (fast, ref)]
     for a, b in zip(*grads):
@@ -1054,6 +1057,35 @@ def test_focus_detr_padding_invariance(figures):
                     f"{torch.cdist(a, b, p=1).min(1).values.max().item():.2e}"))
 
 
+def test_focus_detr_padded_batch_box_logits_clamp_as_detrex():
+    """OFF's two-stage top-k over padding picks padded tokens when the queries outnumber an image's valid tokens;
+    their reference boxes are 1 (sigmoid of OFF's inf proposals), and the box refinement's inverse_sigmoid clamp
+    decides what layer 1 gets: detrex's 1e-3 (box_logit_eps) against Deformable DETR's 1e-5 changes the padded
+    image's outputs from decoder layer 1 on, never layer 0's logits nor the unpadded image's. This is the
+    padded-batch difference to OFF an independent float64 check found (layer 0 equal, then 2e-2)."""
+    official = dict(cascade_counts="batch_max", scorer_mean_over_padding=True, upsample_over_padding=True,
+                    masked_groupnorm=False, query_pos_over_padding=True, extra_level_mask="interpolate",
+                    two_stage_over_padding=True)
+    torch.manual_seed(0)
+    model, _, _ = focus_detr.build(tiny_focus(num_queries=200, num_select=50, **official))  # 128 valid tokens
+    model.double().eval()
+    pairs = [_alone_and_padded(torch.randn(1, c, h, w, dtype=torch.float64), 2 * h, 2 * w)
+             for c, h, w in [(128, 8, 12), (256, 4, 6), (512, 2, 3)]]
+    outs = {}
+    for eps in (1e-3, 1e-5):
+        model.cfg.box_logit_eps = eps
+        outs[eps] = after_backbone(model, [p[1] for p in pairs])
+    ours, ddetr = outs[1e-3], outs[1e-5]
+    for key in ("pred_logits", "pred_boxes"):  # the unpadded image: no box at 1, the clamp never bites
+        assert torch.equal(ours[key][1], ddetr[key][1])
+    layer0, layer0_ddetr = ours["aux_outputs"][0], ddetr["aux_outputs"][0]
+    assert torch.equal(layer0["pred_logits"][0], layer0_ddetr["pred_logits"][0])  # layer 0's states: no clamp yet
+    # its boxes, built on b_0 = 1: sigmoid(delta + log(1 / eps)) = 0.999 here, against 1 - 1e-5
+    assert (layer0["pred_boxes"][0] - layer0_ddetr["pred_boxes"][0]).abs().max() > 5e-4
+    assert (ours["pred_logits"][0] - ddetr["pred_logits"][0]).abs().max() > 1e-3  # from layer 1 on: differ
+    assert torch.isfinite(ours["pred_logits"]).all()
+
+
 def test_focus_detr_selector_learns_only_from_its_focal_loss_and_dn_is_training_only():
     torch.manual_seed(0)
     model, criterion, post = focus_detr.build(tiny_focus())
@@ -1098,10 +1130,11 @@ def test_focus_detr_denoising_queries_and_mask():
                 dist_pos = (box_ops_xyxy(pos) - box_ops_xyxy(box)).abs() / box[2:].repeat(2) * 2
                 dist_neg = (box_ops_xyxy(neg) - box_ops_xyxy(box)).abs() / box[2:].repeat(2) * 2
                 assert (dist_pos <= 1 + 1e-4).all()  # positives move each corner by < half the box size
-                # negatives by 1 to 2 times that, unless clamped to the image or crossed (collapsed to size 0)
-                collapsed = (neg[2:] <= 1e-4).repeat(2)
+                # negatives by 1 to 2 times that, unless clamped to the image or crossed (collapsed to size 0); the
+                # box logits clamp at detrex's 1e-3, so a 0 comes back as sigmoid(log(1e-3)), about 1e-3
+                collapsed = (neg[2:] <= 2e-3).repeat(2)
                 neg_xyxy = box_ops_xyxy(neg)
-                assert ((dist_neg >= 1 - 1e-4) | (neg_xyxy <= 1e-4) | (neg_xyxy >= 1 - 1e-4) | collapsed).all()
+                assert ((dist_neg >= 1 - 1e-4) | (neg_xyxy <= 2e-3) | (neg_xyxy >= 1 - 2e-3) | collapsed).all()
                 assert torch.allclose(q_label[b, g * 4 + i], label_enc.weight[t["labels"][i]])  # no label noise
         assert not q_label[1, g * 4 + 1].any()  # image 1 has one box: its second slot is padding
     # matching queries never see the denoising ones

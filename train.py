@@ -44,13 +44,14 @@ import torch.distributed as dist
 
 import data as datalib
 import detect
-from common import fast_paths, load_backbone_weights
+from common import fast_paths, load_backbone_weights, recompute_sampling
 from data import shapes
 from engine import pretrain
 from engine.runtime import (MODELS, SHAPES_ROOT, backbone_weights, cpu_has_amx, cpu_has_bf16, load_checkpoint,
-                            model_module, run_cli, save_atomic, select_device)
+                            machine_name, model_module, run_cli, save_atomic, select_device)
 # The paper recipe, shared by the four papers (a model file's COCO_RECIPE overrides some of it)
-COCO_RECIPE = {"epochs": 50, "lr_drop": 40, "batch_size": 2, "lr": 1e-4, "lr_backbone": 1e-5, "eval_every": 1}
+COCO_RECIPE = {"epochs": 50, "lr_drop": 40, "batch_size": 2, "lr": 1e-4, "lr_backbone": 1e-5, "eval_every": 1,
+               "recompute_sampling": "on"}  # at 800 x 1333 the deformable samples are most of the backward's memory
 # The CPU recipe on the shapes set (a model file's SHAPES_RECIPE overrides some of it): 2 epochs of
 # 500 steps of 8 images, lr / 10 after the second, the shapes-pretrained backbone at a quarter of the lr, float32
 # (no "amp": a model's SHAPES_RECIPE may add "amp": "bf16-backbone", honoured on a CPU with AMX only)
@@ -77,6 +78,10 @@ def parse_args(argv=None):
                    "in bf16 (where a CPU's AMX or a GPU's tensor cores pay most), the transformer in float32. "
                    "Default: the recipe's (SMCA's shapes recipe says bf16-backbone, taken on a CPU with AMX only), "
                    "else off; a resumed run keeps its checkpoint's unless given. Evaluation runs as training does")
+    p.add_argument("--recompute-sampling", choices=("on", "off"), default=None,
+                   help="on: the deformable sampling keeps only its inputs for the backward and samples again there "
+                        "(the same numbers, less memory, a slower backward; common.recompute_sampling). Default: on "
+                        "with --data PATH (COCO scale), off on shapes")
     p.add_argument("--resume", default=None, help="'auto' (OUTPUT_DIR/checkpoint.pth if present) or a checkpoint path")
     p.add_argument("--finetune", default=None, help="initialise from a checkpoint's model weights; keys whose "
                    "shape differs (e.g. another class count) are skipped and listed")
@@ -405,6 +410,8 @@ def resolve_recipe(args, module, on_shapes):
             setattr(args, key, recipe[key])
         if getattr(args, key) < 0 or (getattr(args, key) == 0 and key != "lr_backbone"):
             raise ValueError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
+    if args.recompute_sampling is None:
+        args.recompute_sampling = recipe.get("recompute_sampling", "off")
     if args.amp is None:  # a recipe's "amp" holds on a CPU with AMX, where it was measured; float32 elsewhere
         amp = recipe.get("amp", "off")
         args.amp = amp if amp == "off" or (select_device(args).type == "cpu" and cpu_has_amx()) else "off"
@@ -566,7 +573,9 @@ def train_or_evaluate(args):
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{args.model} on {args.data}: {n_params:,} trainable parameters, {world} process(es) on {device}, "
               f"{len(train_set) if train_set else 0} train / {len(val_set)} val images, output {args.output_dir}")
-        run.log({"type": "start", "args": vars(args), "config": dataclasses.asdict(cfg), "start_epoch": start_epoch})
+        run.log({"type": "start", "args": vars(args), "config": dataclasses.asdict(cfg), "start_epoch": start_epoch,
+                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+                 f"{machine_name()} (CPU, {torch.get_num_threads()} threads)", "world_size": world})
     try:
         if args.eval_only:
             result = evaluate(run, val_set)
@@ -574,7 +583,8 @@ def train_or_evaluate(args):
             if rank == 0:
                 print(result["text"])
             return result
-        result = fit(run, scheduler, cfg, train_set, val_set, start_epoch, ckpt_path)
+        with recompute_sampling(args.recompute_sampling == "on"):
+            result = fit(run, scheduler, cfg, train_set, val_set, start_epoch, ckpt_path)
         if rank == 0:
             write_pictures(run, val_set)
         return result

@@ -271,21 +271,24 @@ def test_backbone_fast_path_equals_the_reference(depth, norm):
         assert all(torch.equal(a, b) for (a, _), (b, _) in zip(ref, bb(images, mask)))  # the readable path, exactly
 
 
-@pytest.mark.parametrize("value_grad", [True, False])
-def test_ms_deform_attn_fast_path_under_autograd_equals_the_reference(value_grad):
+@pytest.mark.parametrize("value_grad,recompute", [(True, False), (False, False), (True, True)])
+def test_ms_deform_attn_fast_path_under_autograd_equals_the_reference(value_grad, recompute):
     """In training the fast path runs through MSDeformAttnFunction, whose backward is written out: the readable
     function's values and gradients (value, locations, weights) in float64, points outside the maps included;
-    with fast_paths(False) autograd records the readable function."""
+    with fast_paths(False) autograd records the readable function. Under recompute_sampling it keeps only its
+    three inputs for the backward (not the samples of the 3 levels) and gives the same gradients."""
     torch.manual_seed(0)
     shapes = [(6, 8), (3, 4), (2, 2)]
     value = torch.randn(2, sum(h * w for h, w in shapes), 4, 8, dtype=torch.float64, requires_grad=value_grad)
     locs = (torch.rand(2, 10, 4, 3, 5, 2, dtype=torch.float64) * 1.4 - 0.2).requires_grad_()
     weights = torch.rand(2, 10, 4, 3, 5, dtype=torch.float64).softmax(-1).requires_grad_()
     inputs = [t for t in (value, locs, weights) if t.requires_grad]
-    fast = common.ms_deform_attn(value, shapes, locs, weights)
+    with common.recompute_sampling(recompute):
+        fast = common.ms_deform_attn(value, shapes, locs, weights)
     with common.fast_paths(False):
         ref = common.ms_deform_attn(value, shapes, locs, weights)
     assert type(fast.grad_fn).__name__ == "MSDeformAttnFunctionBackward"
+    assert len(fast.grad_fn.saved_tensors) == (3 if recompute else 3 + len(shapes)) and not common.recomputes_samples()
     assert "Function" not in type(ref.grad_fn).__name__
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(fast, inputs, g), torch.autograd.grad(ref, inputs, g)):
@@ -400,3 +403,11 @@ def test_ms_deform_attn_fast_path_equals_the_reference():
         chosen = common.ms_deform_attn(value, shapes, locs, weights)
     assert torch.allclose(ref, fast, atol=1e-6)
     assert torch.equal(switched_off, ref) and torch.equal(chosen, fast)  # with_fast_path chooses, fast_paths switches
+
+
+def test_inverse_sigmoid_clamps_numerator_and_denominator_as_deformable_detr():
+    x = torch.tensor([0.0, 1.0, 0.5, 0.25, 1.5], dtype=torch.float64)
+    expected = torch.tensor([math.log(1e-3), math.log(1 / 1e-3), 0.0, math.log(1 / 3), math.log(1 / 1e-3)],
+                            dtype=torch.float64)
+    assert torch.allclose(common.inverse_sigmoid(x, 1e-3), expected, atol=1e-12)
+    assert common.inverse_sigmoid(torch.tensor([1.0], dtype=torch.float64)).item() == pytest.approx(math.log(1e5))

@@ -13,6 +13,7 @@ import torch
 import common
 import data as datalib
 import focus_detr
+import lite_detr
 import smca
 import train
 from tests.helpers import (ROOT, _train_args, _train_losses, tiny_smca)
@@ -229,3 +230,13 @@ def test_train_recipe_amp_holds_only_where_the_cpu_has_amx(monkeypatch):
     args = train.parse_args(["--model", "focus_detr", "--device", "cpu"])
     train.resolve_recipe(args, focus_detr, True)
     assert args.amp == "off"  # its recipe keeps float32
+
+
+def test_train_recipe_recomputes_the_deformable_sampling_at_coco_scale_only():
+    def resolved(*flags, data="shapes"):
+        args = train.parse_args(["--model", "lite_detr", "--data", data, "--device", "cpu", *flags])
+        train.resolve_recipe(args, lite_detr, data == "shapes")
+        return args.recompute_sampling
+    assert resolved() == "off" and resolved(data="coco") == "on"
+    assert resolved("--recompute-sampling", "on") == "on"
+    assert resolved("--recompute-sampling", "off", data="coco") == "off"
