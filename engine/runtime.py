@@ -2,6 +2,7 @@
 detect.py and the tools share."""
 import importlib
 import os
+import platform
 import sys
 
 import numpy as np
@@ -38,6 +39,15 @@ def cpu_has_bf16():
 def cpu_has_amx():
     """Does this CPU have AMX (Intel's bf16 matrix units, where `--amp bf16-backbone` was measured)?"""
     return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+
+
+def machine_name():
+    """The processor's name (from /proc/cpuinfo on Linux), for logs and tables."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def run_cli(entry):

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import sparse_detr
 from tools import bench
 from tests.helpers import (tiny_focus, tiny_lite, tiny_smca, tiny_sparse)
 
@@ -201,3 +202,44 @@ def test_bench_rejects_bad_flags(tiny_shapes):
         bench.main(["--data", "/nowhere/coco"])
     with pytest.raises(SystemExit):
         bench.main(["--model", "detr9000"])
+
+
+def test_bench_saved_for_backward_splits_what_autograd_keeps_by_part():
+    """The parts' bytes add up to every saved storage counted once; the backbone's equal what the backbone alone
+    saves; parameters are not counted; deformable attention inside the encoder and decoder is told apart."""
+    torch.manual_seed(0)
+    model = sparse_detr.build(tiny_sparse())[0].train()
+    images, pad_mask = torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool)
+    saved = bench.SavedForBackward(model)
+    with saved.hooks():
+        out = model(images, pad_mask)
+    saved.remove()
+    every, params = {}, {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def count(t):
+        every.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        model(images, pad_mask)
+    assert sum(saved.bytes.values()) == sum(v for k, v in every.items() if k not in params)
+    assert set(saved.bytes) == set(bench.MEMORY_PARTS)
+    every.clear()
+    with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+        model.backbone(images, pad_mask)
+    assert saved.bytes["backbone"] == sum(v for k, v in every.items() if k not in params) > 0
+    assert out["pred_logits"].requires_grad
+
+
+def test_bench_memory_step_runs_a_coco_configuration_and_reports_its_peak():
+    """One COCO-configuration step (small images): its peak and split; recomputing the sampling keeps less in the
+    deformable attention (the samples: B*H x D x P x Q floats per level and layer) and nothing else changes."""
+    label = bench.SUITES["sparse_detr"].baseline.label
+    kept, recomputed = (bench.memory_step("sparse_detr", label, 1, (160, 256), "cpu", recompute=r) for r in (0, 1))
+    assert recomputed["peak_gb"] > 0.1 and recomputed["saved_total_gb"] > 0 and recomputed["step_s"] > 0
+    assert set(kept["saved_gb"]) == set(bench.MEMORY_PARTS)
+    part = "encoder: deformable attention"
+    tokens = sum(math.ceil(160 / s) * math.ceil(256 / s) for s in (8, 16, 32, 64))  # the dense encoder's queries
+    samples = 6 * 4 * 4 * 256 * tokens * 4 / 1e9  # layers x levels x points x (heads x head dim) x queries, float32
+    assert kept["saved_gb"][part] - recomputed["saved_gb"][part] == pytest.approx(samples, rel=1e-6)
+    for p in set(bench.MEMORY_PARTS) - {part, "decoder: deformable attention"}:
+        assert kept["saved_gb"][p] == pytest.approx(recomputed["saved_gb"][p], rel=1e-9)

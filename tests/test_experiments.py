@@ -35,8 +35,9 @@ def test_experiments_leaderboard_trains_each_model_once_and_tables_them(tiny_sha
 def test_experiments_converge_probe_reads_a_checkpoint_and_refuses_others(tiny_shapes, tmp_path):
     train.main(_train_args(tiny_shapes, tmp_path / "s", "--epochs", "1"))
     rows = experiments.probe(str(tmp_path / "s" / "checkpoint.pth"), tiny_shapes, n=3, size=64)
-    assert len(rows) == 3 and all(a >= 0 and b >= 0 for a, b in rows.values())
+    assert len(rows) == 5 and all(a >= 0 and b >= 0 for a, b in rows.values())
     assert rows["predicted boxes (images / queries)"][1] > 0  # the queries' boxes differ
+    assert rows["backbone's last map (images / cells)"][0] > 0  # a backbone reads its image
     with pytest.raises(ValueError, match="needs 4 val images"):
         experiments.probe(str(tmp_path / "s" / "checkpoint.pth"), tiny_shapes, n=4)
     ckpt = torch.load(tmp_path / "s" / "checkpoint.pth", weights_only=False)
@@ -121,3 +122,115 @@ def test_experiments_speed_tables_finished_runs_without_rerunning_them(tmp_path)
         f.write(json.dumps({"type": "train", "step": 0, "loss": 1.0}) + "\n")
     with pytest.raises(ValueError, match="has no evaluation"):
         experiments.train_log(str(out / "broken"))
+
+
+# claims -------------------------------------------------------------------------------------
+
+def _claim_log(run_dir, argv, aps, steps_per_epoch=100, epochs=None):
+    """A run's log.jsonl as train.py writes it: the start record of `argv`, then one eval per AP."""
+    os.makedirs(run_dir, exist_ok=True)
+    args = vars(train.parse_args(argv))
+    args["epochs"] = epochs or len(aps)
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps({"type": "start", "args": args, "device": "test CPU"}) + "\n")
+        for e, ap in enumerate(aps):
+            f.write(json.dumps({"type": "eval", "epoch": e, "steps": steps_per_epoch * (e + 1), "AP": ap,
+                                "AP50": 2 * ap, "APs": ap / 2}) + "\n")
+
+
+def _two_claims():
+    run = experiments.ClaimRun
+    return [experiments.Claim("SMCA-DETR", "smca", "faster", [run("DETR", ["spatial_prior=false"], 34.8, 86),
+                                                              run("SMCA", [], 41.0, 86)]),
+            experiments.Claim("Sparse DETR", "sparse_detr", "cheaper", [run("dense", ["sparse_encoder=false"], 46.0,
+                                                                            177.3),
+                                                                        run("rho 0.1", ["rho=0.1"], 45.3, 105.4)])]
+
+
+def test_experiments_claims_tables_finished_runs_continues_unfinished_and_refuses_others(tmp_path, monkeypatch):
+    """claims re-reads finished runs (nothing trained), measures each claim's costs once (OUT/costs.json), tables
+    the APs, their ratios to the dense base and the paper's beside them, counts the steps DETR needed to reach
+    SMCA's AP; an unfinished run is continued with --resume auto; a folder holding another run is refused."""
+    monkeypatch.setattr(experiments, "CLAIMS", _two_claims())
+    costs = {"DETR": (2.0, 1.0, 10.0, 100.0), "SMCA": (2.0, 1.0, 11.0, 110.0), "dense": (4.0, 2.0, 20.0, 200.0),
+             "rho 0.1": (3.0, 0.5, 15.0, 120.0)}
+    measured = []
+
+    def fake_costs(claim, root):
+        measured.append(claim.model)
+        return {r.label: dict(zip(("gmacs", "encoder_gmacs", "infer_ms", "train_ms"), costs[r.label]))
+                for r in claim.runs}
+    monkeypatch.setattr(experiments, "claim_costs", fake_costs)
+    monkeypatch.setattr(experiments.shapes, "ensure", lambda root: root)
+    monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"retrained {argv}"))
+    out = str(tmp_path / "claims")
+    args = experiments.main.__globals__["argparse"].Namespace(data="shapes", seed=42, budget=None, train_args=[])
+    aps = {"DETR": [0.01, 0.05, 0.10], "SMCA": [0.04, 0.08, 0.2], "dense": [0.2, 0.4], "rho 0.1": [0.1, 0.3]}
+    for claim in experiments.CLAIMS:
+        for run in claim.runs:
+            run_dir = experiments.claim_dir(out, claim, run)
+            _claim_log(run_dir, experiments.claim_argv(args, claim, run, run_dir), aps[run.label])
+    rows = experiments.main(["claims", "--out", out])
+    assert measured == ["smca", "sparse_detr"]
+    rho = next(r for r in rows if r["label"] == "rho 0.1")
+    assert rho["AP_ratio"] == pytest.approx(0.75) and rho["encoder_gmacs_ratio"] == pytest.approx(0.25)
+    assert rho["paper_ap_ratio"] == pytest.approx(45.3 / 46.0) and rho["device"] == "test CPU"
+    text = open(os.path.join(out, "claims.md")).read()
+    assert ("| rho 0.1 | 10.0, 30.0 | 60.0 | 15.0 | 0.75 | 0.50 (0.25x) | 3.00 (0.75x) | 120 (0.60x) | 15.0 (0.75x) "
+            "| 45.3 (0.98x) | 105.4 (0.59x) |") in text
+    assert "| dense | 20.0, 40.0 | 80.0 | 20.0 | - | 2.00 | 4.00 | 200 | 20.0 | 46.0 | 177.3 |" in text
+    # SMCA's 4.0 and 8.0 are passed by DETR after its steps 200 (5.0) and 300 (10.0); SMCA's 20.0 never
+    assert "DETR steps to reach SMCA's AP after each of SMCA's epochs (100 steps each): 200 (2.0x) / 300 (1.5x)" \
+        " / > 300 (> 1.0x)." in text
+    assert "trained on test CPU" in text and os.path.exists(os.path.join(out, "claims.png"))
+    assert experiments.main(["claims", "--out", out]) == rows and measured == ["smca", "sparse_detr"]  # costs kept
+
+    claim, run = experiments.CLAIMS[1], experiments.CLAIMS[1].runs[1]
+    unfinished = experiments.claim_dir(out, claim, run)
+    os.remove(os.path.join(unfinished, "log.jsonl"))
+    _claim_log(unfinished, experiments.claim_argv(args, claim, run, unfinished), [0.1], epochs=2)
+    monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"--table-only trained {argv}"))
+    rows = experiments.main(["claims", "--out", out, "--table-only"])
+    assert next(r for r in rows if r["label"] == "rho 0.1")["finished"] is False
+    assert "| rho 0.1 | 10.0 (unfinished: 100 steps) |" in open(os.path.join(out, "claims.md")).read()
+    trained = []
+
+    def continue_run(argv):
+        trained.append(argv)
+        _claim_log(unfinished, argv, [0.1, 0.35])
+    monkeypatch.setattr(train, "main", continue_run)
+    rows = experiments.main(["claims", "--out", out])
+    assert len(trained) == 1 and trained[0][trained[0].index("--output-dir") + 1] == unfinished
+    assert "--resume" in trained[0] and "--set" in trained[0] and "rho=0.1" in trained[0]
+    assert next(r for r in rows if r["label"] == "rho 0.1")["AP"] == pytest.approx(0.35)
+    with pytest.raises(ValueError, match="holds another run .*time_budget None.*asked: time_budget 0.5"):
+        experiments.main(["claims", "--out", out, "--budget", "0.5"])
+
+
+def test_experiments_claims_picture_places_each_run_by_encoder_cost_and_ap(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "CLAIMS", _two_claims())
+    rows = [{"paper": "Sparse DETR", "label": "dense", "base": True, "AP": 0.40, "encoder_gmacs_ratio": 1.0},
+            {"paper": "Sparse DETR", "label": "rho 0.1", "base": False, "AP": 0.30, "encoder_gmacs_ratio": 0.25},
+            {"paper": "SMCA-DETR", "label": "DETR", "base": True, "AP": None, "encoder_gmacs_ratio": 1.0}]
+    image = experiments.claims_picture(rows, str(tmp_path / "claims.png"))
+    assert image.size == experiments.PLOT["size"] and os.path.exists(tmp_path / "claims.png")
+    blue = experiments.PAPER_COLOURS["Sparse DETR"]
+    px, py = experiments.plot_xy(0.25, 30.0, 50.0)  # y axis to 50: the largest AP (40) rounded up past half a tick
+    assert image.getpixel((round(px), round(py))) == blue  # the efficient run: a filled point
+    bx, by = experiments.plot_xy(1.0, 40.0, 50.0)
+    assert image.getpixel((round(bx), round(by))) == (255, 255, 255)  # the base: hollow ...
+    assert image.getpixel((round(bx) + 4, round(by))) == blue  # ... in its paper's colour
+    mx, my = experiments.plot_xy(0.625, 35.0, 50.0)  # halfway along the line joining them
+    assert image.getpixel((round(mx), round(my))) == blue
+
+
+def test_experiments_train_runs_in_parallel_processes_and_reports_failures(tmp_path):
+    """--jobs N: each run its own `python train.py ARGV` process in the checkout, logging to OUTPUT_DIR/train.out;
+    every run is tried, the failed ones named once all have ended."""
+    (tmp_path / "train.py").write_text("import sys, time\ntime.sleep(0.2)\nprint('ran', sys.argv[1:])\n"
+                                       "sys.exit(1 if 'fail' in sys.argv else 0)\n")
+    argvs = [["--output-dir", str(tmp_path / f"run{i}")] + (["fail"] if i == 1 else []) for i in range(3)]
+    with pytest.raises(ValueError, match=r"these runs failed: .*run1 \(exit 1"):
+        experiments.train_runs(argvs, 2, str(tmp_path))
+    for i in range(3):
+        assert "ran ['--output-dir'" in (tmp_path / f"run{i}" / "train.out").read_text()

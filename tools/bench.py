@@ -11,6 +11,7 @@
     python -m tools.bench --fast-vs-reference      # the inference fast paths against the readable reference
     python -m tools.bench --profile                # where a forward's time goes, by module and op group
     python -m tools.bench --train-step             # where a training step of each shapes recipe spends its time
+    python -m tools.bench --train-memory           # peak memory of a COCO training step, batch 1 and 2, by part
 
 What is measured, per configuration (R50, the paper's COCO Config, random weights: cost does not
 depend on them):
@@ -40,20 +41,25 @@ import json
 import math
 import os
 import re
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import data as datalib
 import lite_detr
 import train
-from common import fast_paths
+from common import fast_paths, recompute_sampling
 from data import shapes
 from engine.runtime import SHAPES_ROOT, model_module, run_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 # ---------------------------------------------------------------------------------------------
 # What is compared: each model's configurations, its dense baseline, the papers' figures
@@ -579,6 +585,155 @@ def print_train_profile(records):
 
 
 # ---------------------------------------------------------------------------------------------
+# Training memory at COCO scale (--train-memory)
+# ---------------------------------------------------------------------------------------------
+
+DEFORMABLE = ("MSDeformAttn", "KeyAwareDeformableAttention")  # the modules that run the deformable sampling
+
+
+class SavedForBackward:
+    """Bytes the autograd graph keeps for the backward pass, by part: a saved-tensor hook counts each saved
+    tensor's storage once (parameters, which stay anyway, excluded) against the innermost part running when it
+    was saved: the backbone, the encoder and decoder layers, and in those the deformable attention modules
+    (their projections, sampling and weighted sum); everything else (input projections, token selection,
+    heads, the losses) is "rest"."""
+
+    def __init__(self, model):
+        self.bytes, self.seen, self.stack = {}, set(), ["rest"]
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.handles = []
+        parts = [(model.backbone, "backbone")]
+        for name in ("encoder", "decoder"):
+            whole = getattr(model, name)
+            parts += [(m, f"{name}: deformable attention") for m in whole.modules() if type(m).__name__ in DEFORMABLE]
+            layers = list(whole) if isinstance(whole, nn.ModuleList) else [whole]  # a ModuleList is never called
+            parts += [(layer, f"{name}: rest") for layer in layers]
+        for module, part in parts:
+            self.handles.append(module.register_forward_pre_hook(functools.partial(self._enter, part)))
+            self.handles.append(module.register_forward_hook(self._leave))
+
+    def _enter(self, part, module, args):
+        self.stack.append(part)
+
+    def _leave(self, module, args, output):
+        self.stack.pop()  # a forward hook's return value would replace the output: none
+
+    def pack(self, t):
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key not in self.params and key not in self.seen:
+            self.seen.add(key)
+            self.bytes[self.stack[-1]] = self.bytes.get(self.stack[-1], 0) + storage.nbytes()
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def coco_training_run(name, overrides, device):
+    """train.py's set-up of a model's COCO recipe (random backbone: memory does not depend on the weights) for
+    the configuration `overrides` of its COCO Config -> run."""
+    args = train.parse_args(["--model", name, "--data", "coco", "--device", device, "--backbone-weights", "none"])
+    module = model_module(name)
+    train.resolve_recipe(args, module, False)
+    torch.manual_seed(0)
+    model, criterion, postprocess = train.build_model(args, module, make_config(module, overrides), False, 0)
+    model.to(device)
+    return train.build_run(args, module, model, criterion, postprocess, torch.device(device), 0, 1, {})[0]
+
+
+def memory_step(name, label, batch, size, device, recompute=True):
+    """One training step (forward, loss, backward, AdamW) of a COCO configuration on `batch` random images of
+    `size` with 3 boxes each, in this process, the deformable sampling recomputed in the backward or not (train.py
+    --recompute-sampling; on in the COCO recipe) -> its record: peak memory (the process's peak RSS on the CPU,
+    torch's peak allocation on CUDA), the bytes saved for the backward pass by part, the step's seconds."""
+    suite = SUITES[name]
+    variant = next(v for v in [suite.baseline] + suite.variants if v.label == label)
+    run = coco_training_run(name, variant.overrides, device)
+    run.model.train()
+    run.criterion.train()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, 3, *size, generator=g).to(device)
+    pad_mask = torch.zeros(batch, *size, dtype=torch.bool, device=device)
+    targets = [{"labels": torch.randint(1, 91, (3,), generator=g).to(device),
+                "boxes": (torch.rand(3, 4, generator=g) * 0.4 + 0.2).to(device),
+                "size": torch.tensor(size, device=device)} for _ in range(batch)]
+    saved = SavedForBackward(run.model)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with saved.hooks(), recompute_sampling(recompute):
+        loss, _ = train.forward_loss(run, images, pad_mask, targets)
+    train.optimizer_step(run, loss)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    saved.remove()
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss: KiB on Linux
+    return {"model": name, "label": label, "batch": batch, "size": list(size), "device": device,
+            "recompute_sampling": recompute, "peak_gb": peak / 1e9,
+            "saved_gb": {k: v / 1e9 for k, v in saved.bytes.items()},
+            "saved_total_gb": sum(saved.bytes.values()) / 1e9, "step_s": seconds}
+
+
+MEMORY_PARTS = ("backbone", "encoder: deformable attention", "encoder: rest", "decoder: deformable attention",
+                "decoder: rest", "rest")
+
+
+def train_memory(args):
+    """Each model's COCO configuration and its dense base, batch 1 and 2, each step in its own process on the CPU
+    (so each peak RSS is its own; on CUDA torch's peak is reset per step) -> records, and the table."""
+    records = []
+    for name in args.model or list(SUITES):
+        suite = SUITES[name]
+        for v in [suite.baseline, next(v for v in suite.variants if v.timed)]:
+            for batch in args.batch_sizes_memory:
+                if args.device == "cuda":  # torch's peak allocation is reset for each step: one process does
+                    records.append(memory_step(name, v.label, batch, tuple(args.size), "cuda",
+                                               args.recompute_sampling == "on"))
+                    torch.cuda.empty_cache()
+                    if args.json:
+                        print(json.dumps(records[-1]), flush=True)
+                    continue
+                cmd = [sys.executable, "-m", "tools.bench", "--memory-step", name, v.label, str(batch),
+                       "--size", *map(str, args.size), "--device", args.device, "--recompute-sampling",
+                       args.recompute_sampling] + (["--readable-path"] if args.readable_path else [])
+                done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                if done.returncode:
+                    raise ValueError(f"the memory step of {name} ({v.label}, batch {batch}) failed:\n{done.stderr}")
+                records.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                if args.json:
+                    print(json.dumps(records[-1]), flush=True)
+    if not args.json:
+        print_memory_table(records, args)
+    return records
+
+
+def print_memory_table(records, args):
+    what = "peak RSS of the process" if args.device == "cpu" else "torch's peak CUDA allocation"
+    print(f"\none training step (forward, loss, backward, AdamW) at {args.size[0]} x {args.size[1]}, 3 boxes per "
+          f"image, {args.device}, {torch.get_num_threads()} threads, --recompute-sampling {args.recompute_sampling}"
+          f"{', readable path' if args.readable_path else ''}; peak: {what}; GB saved for the backward pass by part "
+          "(storages counted once, parameters excluded)\n")
+    print("| model | configuration | batch | peak GB | per added image GB | saved for backward GB | "
+          + " | ".join(MEMORY_PARTS) + " | step s |")
+    print("|---" * (7 + len(MEMORY_PARTS)) + "|")
+    for r in records:
+        one = next((o for o in records if (o["model"], o["label"], o["batch"]) == (r["model"], r["label"], 1)), None)
+        added = None if one is None or r["batch"] == 1 else (r["peak_gb"] - one["peak_gb"]) / (r["batch"] - 1)
+        per_image = "-" if added is None else f"{added:.2f}"
+        print(f"| {r['model']} | {r['label']} | {r['batch']} | {r['peak_gb']:.2f} | {per_image} | "
+              f"{r['saved_total_gb']:.2f} | " + " | ".join(f"{r['saved_gb'].get(p, 0.0):.2f}" for p in MEMORY_PARTS)
+              + f" | {r['step_s']:.0f} |", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
@@ -603,6 +758,13 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="with --train-step: timed steps per model, after 2 warm-up")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="with --train-step: override the shapes Config (as train.py --set)")
+    p.add_argument("--train-memory", action="store_true",
+                   help="peak memory of one training step of each COCO configuration and its dense base at --size, "
+                        "batch 1 and 2, each in its own process, and what each part saves for the backward pass")
+    p.add_argument("--memory-step", nargs=3, metavar=("MODEL", "LABEL", "BATCH"),
+                   help="(what --train-memory runs in each process) one step, printed as JSON")
+    p.add_argument("--recompute-sampling", choices=("on", "off"), default="on",
+                   help="with --train-memory: as train.py's flag (default on, as the COCO recipe)")
     p.add_argument("--fast-vs-reference", action="store_true",
                    help="time each model and its baseline with the inference fast paths off and on, interleaved")
     args = p.parse_args(argv)
@@ -626,6 +788,9 @@ def parse_args(argv=None):
     if args.data and not os.path.isdir(args.data):
         raise ValueError(f"--data {args.data!r} is not a folder")
     args.batch_sizes = [1, 4] if args.device == "cuda" else [1]
+    args.batch_sizes_memory = [1, 2]
+    if args.memory_step and args.memory_step[0] not in SUITES:
+        raise ValueError(f"--memory-step: no model {args.memory_step[0]!r}; models are {', '.join(SUITES)}")
     if not args.train_step:
         args.amp = args.amp or "off"
     return args
@@ -640,6 +805,13 @@ def main(argv=None):
 def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.memory_step:
+        name, label, batch = args.memory_step
+        print(json.dumps(memory_step(name, label, int(batch), tuple(args.size), args.device,
+                                     args.recompute_sampling == "on")))
+        return None
+    if args.train_memory:
+        return train_memory(args)
     if args.train_step:
         records = []
         if not args.json:

@@ -5,6 +5,8 @@ continued with `--resume auto`, so running a command again only does what is mis
     python -m tools.experiments converge                      # SMCA's convergence claim, runs/converge/
     python -m tools.experiments converge --epochs 6 --out runs/converge6 --data /path/to/coco
     python -m tools.experiments converge --probe runs/converge/0/checkpoint.pth runs/converge/1/checkpoint.pth
+    python -m tools.experiments claims                        # each paper's claim: efficient model vs dense base
+    python -m tools.experiments claims --budget 0.2 --out runs/claims-check   # a quick check of the whole command
     python -m tools.experiments leaderboard --budget 5         # every model, the same CPU minutes, runs/leaderboard/
     python -m tools.experiments fine-tokens --checkpoint runs/focus_detr-shapes/checkpoint.pth
     python -m tools.experiments speed --vs ../older-checkout   # training steps/s against another checkout
@@ -18,9 +20,20 @@ the N steps it was given.
 
 converge --probe CKPT... reads trained SMCA / DETR checkpoints instead: on the first 16 val
 images, each resized to 160 x 160 (no padding, so cells and queries line up across images), how
-much the encoder output, the first decoder layer's cross-attention output and the predicted boxes
-vary across images against across cells or queries. A model whose predictions vary across queries
-but not across images has learned where boxes usually are and not yet to read the image.
+much the backbone's last map, the encoder's input (that map projected) and output, the first decoder
+layer's cross-attention output and the predicted boxes vary across images against across cells or
+queries. A model whose predictions vary across queries but not across images has learned where boxes
+usually are and not yet to read the image; the first quantity that stops varying across images shows where
+the image is lost.
+
+claims: each paper's efficient model and its own dense base (the Config switches that reduce it to the base),
+trained with the same seed, data order, recipe (the model's shapes recipe) and number of steps, evaluated after
+each epoch; Sparse DETR at rho 0.1 and 0.3 and with the objectness and random selections, Lite DETR's default
+schedule and a cheaper one. Then every configuration's cost on this machine (bench.py's GMACs, inference ms,
+training ms per step; kept in OUT/costs.json), and OUT/claims.md / .json (per paper: AP after each epoch, the
+ratios to the base, the paper's figures beside them) and OUT/claims.png (AP against encoder multiply-adds). Runs
+are folders OUT/MODEL/RUN; a finished one is re-read, an unfinished one continued (--resume auto), a folder
+holding a run of other arguments refused. --jobs N trains N runs at once, each in its own process.
 
 leaderboard: each model (and DETR, SMCA with the prior off) trained with train.py's
 --time-budget (the same minutes, seed and data), then the last evaluation of each run in
@@ -40,23 +53,28 @@ and with the other one (official: the product of raw logits; the paper: of proba
 """
 import argparse
 import json
+import math
 import os
 import re
 import shlex
 import statistics
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 import data as datalib
 import detect
 import smca
 import train
 from common import box_cxcywh_to_xyxy
+from data import shapes
 from engine import visualize
-from engine.runtime import MODELS, SHAPES_ROOT, load_checkpoint, run_cli
+from engine.runtime import MODELS, SHAPES_ROOT, load_checkpoint, machine_name, model_module, run_cli
 
 # ---------------------------------------------------------------------------------------------
 # converge: SMCA against its DETR baseline, same steps
@@ -99,18 +117,19 @@ def steps_to_reach(detr, smca_evals, epochs):
 
 
 def table(results, epochs, variants):
+    """epochs: {variant name: the epochs it trained}; the rows run to the longest."""
     head = "| epoch | " + " | ".join(f"{name} AP / AP50" for name, _ in variants) + " |"
     rows = [head, "|---" * (len(variants) + 1) + "|"]
-    for e in range(epochs):
+    for e in range(max(epochs.values())):
         cells = []
         for name, _ in variants:
             rec = results[name].get(e)
             cells.append(f"{100 * rec['AP']:.1f} / {100 * rec['AP50']:.1f}" if rec else "-")
         rows.append(f"| {e + 1} | " + " | ".join(cells) + " |")
-    secs = [results[name].get(epochs - 1, {}).get("epoch_time_s") for name, _ in variants]
+    secs = [results[name].get(epochs[name] - 1, {}).get("epoch_time_s") for name, _ in variants]
     rows.append("| s / epoch, train + eval | " + " | ".join(f"{s:.0f}" if s else "-" for s in secs) + " |")
     detr, single = results[variants[0][0]], results[variants[1][0]]
-    reach = steps_to_reach(detr, single, epochs)
+    reach = steps_to_reach(detr, single, epochs[variants[1][0]])
     rows.append(f"| DETR steps to reach SMCA's AP of each epoch (SMCA: 1 epoch = {single.get(0, {}).get('steps', '?')} "
                 f"steps) | " + " | ".join(["-", " / ".join(reach)] + ["-"] * (len(variants) - 2)) + " |")
     return "\n".join(rows)
@@ -132,7 +151,9 @@ def probe(ckpt_path, root, n=16, size=160):
         raise ValueError(f"--probe needs {n} val images, {root} has {len(val)}")
     images = torch.stack([F.interpolate(val[i][0][None], size=(size, size), mode="bilinear")[0] for i in range(n)])
     seen = {}
-    hooks = [model.encoder[-1].register_forward_hook(lambda m, i, o: seen.__setitem__("memory", o)),
+    hooks = [model.backbone.register_forward_hook(lambda m, i, o: seen.__setitem__("features", o[-1][0])),
+             model.input_proj[0].register_forward_hook(lambda m, i, o: seen.__setitem__("tokens", o)),
+             model.encoder[-1].register_forward_hook(lambda m, i, o: seen.__setitem__("memory", o)),
              model.decoder[0].cross_attn.register_forward_hook(lambda m, i, o: seen.__setitem__("cross0", o))]
     out = model(images, torch.zeros(n, size, size, dtype=torch.bool))
     for h in hooks:
@@ -141,7 +162,12 @@ def probe(ckpt_path, root, n=16, size=160):
     def spread(x):  # x (images, cells or queries, C): summed over channels
         return x.var(0).sum(-1).mean().item(), x.mean(0).var(0).sum(-1).item()
 
-    return {"encoder output (images / cells)": spread(seen["memory"]),
+    def cells(x):  # (images, C, H, W) -> (images, H*W, C)
+        return x.flatten(2).transpose(1, 2)
+
+    return {"backbone's last map (images / cells)": spread(cells(seen["features"])),
+            "encoder input, the projected map (images / cells)": spread(cells(seen["tokens"])),
+            "encoder output (images / cells)": spread(seen["memory"]),
             "decoder layer 0 cross-attention (images / queries)": spread(seen["cross0"]),
             "predicted boxes (images / queries)": spread(out["pred_boxes"])}
 
@@ -155,25 +181,356 @@ def converge(args, argv):
             for name, (across_images, across_other) in rows.items():
                 print(f"  {name}: variance {across_images:.3g} / {across_other:.3g}")
         return results
-    if args.epochs <= 0:
-        raise ValueError(f"--epochs must be positive, got {args.epochs}")
+    baseline_epochs = args.epochs if args.baseline_epochs is None else args.baseline_epochs
+    if args.epochs <= 0 or baseline_epochs <= 0:
+        raise ValueError(f"--epochs and --baseline-epochs must be positive, got {args.epochs}, {baseline_epochs}")
     out = args.out or os.path.join("runs", "converge")
     results, variants = {}, VARIANTS + ([MULTISCALE] if args.multiscale else [])
+    epochs = {name: baseline_epochs if i == 0 else args.epochs for i, (name, _) in enumerate(variants)}
     for i, (name, overrides) in enumerate(variants):
         run_dir = os.path.join(out, f"{i}")
         print(f"== {name}: {run_dir}", flush=True)
-        done = evals(run_dir)
-        if args.epochs - 1 not in done:
+        if not (epochs[name] - 1 in evals(run_dir) or run_finished(run_dir)):  # finished, or its --time-budget spent
             sets = ["--set", *overrides] if overrides else []
-            train.main(["--model", "smca", "--data", args.data, "--output-dir", run_dir, "--epochs", str(args.epochs),
-                        "--lr-drop", str(args.epochs), "--eval-every", "1", "--seed", str(args.seed),
-                        "--resume", "auto", *sets, *args.train_args])
+            train.main(["--model", "smca", "--data", args.data, "--output-dir", run_dir, "--epochs",
+                        str(epochs[name]), "--lr-drop", str(epochs[name]), "--eval-every", "1", "--seed",
+                        str(args.seed), "--resume", "auto", *sets, *args.train_args])
         results[name] = evals(run_dir)
-    text = table(results, args.epochs, variants)
+    text = table(results, epochs, variants)
     print(text)
     with open(os.path.join(out, "table.md"), "w") as f:
         f.write(f"`python -m tools.experiments {' '.join(argv)}`\n\n{text}\n")
     return results
+
+
+# ---------------------------------------------------------------------------------------------
+# claims: each paper's efficient model against its own dense base, trained alike
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class ClaimRun:
+    label: str
+    sets: list  # --set overrides of the model's shapes Config ([]: the model's bare run)
+    paper_ap: float = None  # the paper's COCO val AP of this configuration (R50)
+    paper_gflops: float = None  # ... its whole-model GFLOPs (fvcore: 1 per multiply-add)
+    paper_encoder_gflops: float = None  # ... its encoder's, where published
+    paper_note: str = ""
+
+
+@dataclass
+class Claim:
+    paper: str
+    model: str
+    claim: str  # the paper's claim, in its own figures
+    runs: list  # [ClaimRun], the dense base first
+
+
+CLAIMS = [
+    Claim("SMCA-DETR", "smca", "converges about 10x faster than DETR at the same cost: single-scale SMCA 41.0 AP at "
+          "50 epochs, the DETR baseline 34.8 at 50 (DETR 42.0 at 500)", [
+              ClaimRun("DETR baseline (prior off)", ["spatial_prior=false"], 34.8, 86, None, "50 epochs (Table 2)"),
+              ClaimRun("SMCA single-scale", [], 41.0, 86, None, "50 epochs (Table 1)")]),
+    Claim("Sparse DETR", "sparse_detr", "rho 0.1 keeps 45.3 of the dense base's 46.0 AP at 105 of its 177 GFLOPs; "
+          "rho 0.3 keeps 46.0; the DAM-trained scorer selects better than objectness (Fig. 4), random worse still", [
+              ClaimRun("dense: Deformable DETR + top-k & BBR", ["sparse_encoder=false", "use_enc_aux_loss=false"],
+                       46.0, 177.3),
+              ClaimRun("rho 0.1 (DAM scorer)", ["rho=0.1"], 45.3, 105.4),
+              ClaimRun("rho 0.3 (DAM scorer)", ["rho=0.3"], 46.0, 120.5),
+              ClaimRun("rho 0.1, objectness selection", ["rho=0.1", "selection=objectness"], None, None, None,
+                       "below the DAM scorer at every rho (Fig. 4)"),
+              ClaimRun("rho 0.1, random selection", ["rho=0.1", "selection=random"], None, None, None,
+                       "the preliminary experiment: below both")]),
+    Claim("Lite DETR", "lite_detr", "H3L1-(2+1)x3 keeps 46.7 of Deformable DETR's 46.8 AP with 39 of its 90 encoder "
+          "GFLOPs (Table 3)", [
+              ClaimRun("dense: Deformable DETR", ["enc_scale=4", "num_blocks=1", "kda_encoder=false"], 46.8, 177, 90),
+              ClaimRun("H3L1-(2+1)x3", [], 46.7, 123, 39),
+              ClaimRun("H3L1-(3+1)x2", ["num_blocks=2"], 46.2, 119, 35)]),
+    Claim("Focus-DETR", "focus_detr", "keeps 50.4 of DINO's 50.9 AP at 154 of its 279 GFLOPs (36 epochs; 48.8 against "
+          "detrex DINO's 49.2 at 12)", [
+              ClaimRun("dense: DINO", ["foreground_selection=false"], 50.9, 279, None, "36 epochs; 49.2 at 12"),
+              ClaimRun("Focus-DETR", [], 50.4, 154, None, "36 epochs; 48.8 at 12")]),
+]
+
+
+def claim_dir(out, claim, run):
+    return os.path.join(out, claim.model, re.sub(r"[^a-z0-9.]+", "_", run.label.lower()).strip("_"))
+
+
+def start_record(run_dir):
+    """The first 'start' record of a run's log.jsonl (train.py's arguments and Config), or None."""
+    path = os.path.join(run_dir, "log.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec.get("type") == "start":
+                    return rec
+    return None
+
+
+def run_finished(run_dir):
+    """Whether a run's log.jsonl holds the evaluation that ends its training: of its last epoch, or of the
+    epoch where its --time-budget ran out."""
+    start, done = start_record(run_dir), evals(run_dir)
+    if start is None or not done:
+        return False
+    last, budget = done[max(done)], start["args"].get("time_budget")
+    return (max(done) == start["args"]["epochs"] - 1 or last.get("epoch_fraction", 1.0) < 1
+            or (budget is not None and last.get("train_s", 0.0) >= 60 * budget))
+
+
+def claim_argv(args, claim, run, run_dir):
+    return (["--model", claim.model, "--data", args.data, "--output-dir", run_dir, "--seed", str(args.seed),
+             "--eval-every", "1", "--resume", "auto"] + (["--set", *run.sets] if run.sets else [])
+            + (["--time-budget", str(args.budget)] if args.budget else []) + args.train_args)
+
+
+def check_same_run(run_dir, argv):
+    """A run folder already in --out must hold the run asked for now (model, data, seed, --set, --time-budget):
+    never continue or overwrite another one."""
+    start = start_record(run_dir)
+    if start is None:
+        return
+    asked = train.parse_args(argv)
+    keys = ("model", "data", "seed", "set", "time_budget")
+    differ = [k for k in keys if start["args"].get(k) != getattr(asked, k)]
+    if differ:
+        held = ", ".join(f"{k} {start['args'].get(k)!r}" for k in differ)
+        wanted = ", ".join(f"{k} {getattr(asked, k)!r}" for k in differ)
+        raise ValueError(f"{run_dir} holds another run ({held}; asked: {wanted}): pass another --out")
+
+
+def train_runs(argvs, jobs, here):
+    """train.py on each argv: in this process one after another (jobs 1), else `jobs` processes at a time, each
+    logging to its OUTPUT_DIR/train.out. Every run is tried; a failure is raised once all have ended."""
+    if jobs == 1:
+        for argv in argvs:
+            train.main(argv)
+        return
+    pending, running, failed = list(argvs), [], []
+    while pending or running:
+        while pending and len(running) < jobs:
+            argv = pending.pop(0)
+            run_dir = argv[argv.index("--output-dir") + 1]
+            os.makedirs(run_dir, exist_ok=True)
+            log = open(os.path.join(run_dir, "train.out"), "a")
+            running.append((run_dir, log, subprocess.Popen([sys.executable, "train.py", *argv], cwd=here,
+                                                           stdout=log, stderr=subprocess.STDOUT)))
+        time.sleep(0.5)
+        for item in [r for r in running if r[2].poll() is not None]:
+            running.remove(item)
+            item[1].close()
+            if item[2].returncode:
+                failed.append(f"{item[0]} (exit {item[2].returncode}, see its train.out)")
+    if failed:
+        raise ValueError("these runs failed: " + "; ".join(failed))
+
+
+def claim_costs(claim, root, images=8, repeats=5, train_steps=3):
+    """One claim's configurations measured in this process on this machine -> {label: {"gmacs", "encoder_gmacs",
+    "infer_ms", "train_ms"}}: bench.py's counters (GMACs averaged over the first `images` val images at the shapes
+    val size), the median of `repeats` eval-mode forwards of the first image (float32, the runs interleaved) and
+    bench.py's training step of the shapes recipe (`train_steps` steps after one warm-up, the recipe's amp)."""
+    from tools import bench
+    module = model_module(claim.model)
+    val = datalib.CocoDetection(*datalib.find_split(root, "val"),
+                                datalib.make_transforms("val", **datalib.SHAPES_SCALES))
+    configs = []
+    for run in claim.runs:
+        cfg = train.apply_overrides(module.shapes_config(), run.sets)
+        cfg.num_classes = val.num_classes
+        configs.append((cfg, True))
+    timing = argparse.Namespace(device="cpu", amp="off", batch_sizes=[1], repeats=repeats)
+    rows = bench.measure(module, configs, timing, [val[i][0] for i in range(min(images, len(val)))])
+    out = {}
+    for run, row in zip(claim.runs, rows):
+        step = bench.profile_train_step(claim.model, train_steps, warmup=1, sets=run.sets, root=root)
+        out[run.label] = {"gmacs": row["gmacs"], "encoder_gmacs": row["encoder_gmacs"], "infer_ms": row["ms"],
+                          "train_ms": step["ms_per_step"]}
+    return out
+
+
+def claim_rows(out, costs):
+    """Every run of CLAIMS as a dict: its evaluations, its costs and its ratios to its claim's dense base."""
+    rows = []
+    for claim in CLAIMS:
+        base = None
+        for run in claim.runs:
+            run_dir = claim_dir(out, claim, run)
+            done, start = evals(run_dir), start_record(run_dir)
+            last = done[max(done)] if done else {}
+            row = {"paper": claim.paper, "model": claim.model, "label": run.label, "sets": run.sets,
+                   "base": base is None, "run_dir": run_dir, "device": (start or {}).get("device"),
+                   "finished": run_finished(run_dir),
+                   "epochs": [{k: rec.get(k) for k in ("epoch", "steps", "AP", "AP50", "APs")}
+                              for _, rec in sorted(done.items())],
+                   "AP": last.get("AP"), "AP50": last.get("AP50"), "APs": last.get("APs"), "steps": last.get("steps"),
+                   "paper_ap": run.paper_ap, "paper_gflops": run.paper_gflops,
+                   "paper_encoder_gflops": run.paper_encoder_gflops, "paper_note": run.paper_note,
+                   **costs.get(claim.model, {}).get(run.label, {})}
+            base = base or row
+            for key in ("AP", "gmacs", "encoder_gmacs", "train_ms", "infer_ms", "paper_ap", "paper_gflops",
+                        "paper_encoder_gflops"):
+                ours, theirs = row.get(key), base.get(key)
+                row[f"{key}_ratio"] = ours / theirs if ours is not None and theirs else None
+            rows.append(row)
+    return rows
+
+
+def _pct(x):
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
+def _cell(value, ratio, fmt):
+    return "-" if value is None else f"{value:{fmt}}" + ("" if ratio is None else f" ({ratio:.2f}x)")
+
+
+def claims_table(rows, header):
+    lines = [header, ""]
+    for claim in CLAIMS:
+        mine = [r for r in rows if r["paper"] == claim.paper]
+        lines += [f"### {claim.paper}", "", f"The paper: {claim.claim}.", "",
+                  "| run | AP after each epoch | AP50 | APs | AP / base | encoder GMACs (/ base) | GMACs (/ base) | "
+                  "train ms / step (/ base) | inference ms (/ base) | paper: AP (/ base) | paper: GFLOPs (/ base) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in mine:
+            per_epoch = ", ".join(_pct(e["AP"]) for e in r["epochs"]) or "-"
+            if r["epochs"] and not r["finished"]:
+                per_epoch += f" (unfinished: {r['steps']} steps)"
+            paper_ap = _cell(r["paper_ap"], None if r["base"] else r["paper_ap_ratio"], ".1f")
+            gflops = _cell(r["paper_gflops"], None if r["base"] else r["paper_gflops_ratio"], "g")
+            if r["paper_encoder_gflops"] is not None:
+                gflops += "; encoder " + _cell(r["paper_encoder_gflops"],
+                                               None if r["base"] else r["paper_encoder_gflops_ratio"], "g")
+            note = f"; {r['paper_note']}" if r["paper_note"] else ""
+            ratio = lambda key: None if r["base"] else r[f"{key}_ratio"]  # noqa: E731
+            base_ap = mine[0]["AP"]
+            ap_ratio = ("-" if r["base"] or r["AP_ratio"] is None else "- (the base at chance)" if base_ap < 0.01
+                        else f"{r['AP_ratio']:.2f}")
+            lines.append(f"| {r['label']} | {per_epoch} | {_pct(r['AP50'])} | {_pct(r['APs'])} | {ap_ratio} | "
+                         f"{_cell(r.get('encoder_gmacs'), ratio('encoder_gmacs'), '.2f')} | "
+                         f"{_cell(r.get('gmacs'), ratio('gmacs'), '.2f')} | "
+                         f"{_cell(r.get('train_ms'), ratio('train_ms'), '.0f')} | "
+                         f"{_cell(r.get('infer_ms'), ratio('infer_ms'), '.1f')} | {paper_ap} | {gflops}{note} |")
+        if claim.model == "smca" and len(mine) == 2 and mine[0]["epochs"] and mine[1]["epochs"]:
+            detr = {e["epoch"]: e for e in mine[0]["epochs"]}
+            single = {e["epoch"]: e for e in mine[1]["epochs"]}
+            reach = steps_to_reach(detr, single, max(single) + 1)
+            lines += ["", f"DETR steps to reach SMCA's AP after each of SMCA's epochs ({mine[1]['epochs'][0]['steps']}"
+                      f" steps each): {' / '.join(reach)}."]
+        lines.append("")
+    return lines
+
+
+PAPER_COLOURS = {"SMCA-DETR": (214, 39, 40), "Sparse DETR": (31, 119, 180), "Lite DETR": (44, 160, 44),
+                 "Focus-DETR": (148, 103, 189)}
+PLOT = {"size": (760, 520), "box": (70, 40, 560, 460), "x": (0.0, 1.1)}  # picture, plot area (l, t, r, b), x range
+
+
+def plot_xy(x, y, y_max):
+    """Data (encoder MACs / base, AP in %) -> pixel of the claims picture."""
+    (left, top, right, bottom), (x0, x1) = PLOT["box"], PLOT["x"]
+    return left + (x - x0) / (x1 - x0) * (right - left), bottom - y / y_max * (bottom - top)
+
+
+def claims_picture(rows, path):
+    """The papers' Fig. 1 in miniature: AP on the shapes val split against encoder multiply-adds relative to each
+    paper's dense base, one point per finished run (the base hollow), each efficient model joined to its base."""
+    done = [r for r in rows if r["AP"] is not None and r.get("encoder_gmacs_ratio") is not None]
+    y_max = max([10.0] + [math.ceil(100 * r["AP"] / 10 + 0.5) * 10 for r in done])
+    image = Image.new("RGB", PLOT["size"], "white")
+    draw = ImageDraw.Draw(image)
+    left, top, right, bottom = PLOT["box"]
+    small = visualize.font(11)
+    draw.rectangle(PLOT["box"], outline=(0, 0, 0))
+    for i in range(12):  # x ticks every 0.1
+        px, _ = plot_xy(i / 10, 0, y_max)
+        draw.line([(px, bottom), (px, bottom + 4)], fill=(0, 0, 0))
+        draw.text((px - 8, bottom + 6), f"{i / 10:.1f}", fill=(0, 0, 0), font=small)
+    for v in range(0, int(y_max) + 1, 10):
+        _, py = plot_xy(0, v, y_max)
+        draw.line([(left - 4, py), (left, py)], fill=(0, 0, 0))
+        draw.line([(left, py), (right, py)], fill=(235, 235, 235))
+        draw.text((left - 28, py - 6), f"{v}", fill=(0, 0, 0), font=small)
+    draw.text((left, bottom + 22), "encoder multiply-adds, relative to the paper's dense base (bench.py's counters)",
+              fill=(0, 0, 0), font=visualize.font(12))
+    draw.text((left, 12), "AP (%) on the shapes val split: each efficient model and its dense base, trained alike",
+              fill=(0, 0, 0), font=visualize.font(13))
+    for claim in CLAIMS:
+        colour = PAPER_COLOURS[claim.paper]
+        mine = [r for r in done if r["paper"] == claim.paper]
+        base = next((r for r in mine if r["base"]), None)
+        points = [(r, plot_xy(r["encoder_gmacs_ratio"], 100 * r["AP"], y_max)) for r in mine]
+        for r, (px, py) in points:
+            if base is not None and not r["base"]:
+                draw.line([plot_xy(1.0, 100 * base["AP"], y_max), (px, py)], fill=colour, width=2)
+        for r, (px, py) in points:
+            draw.ellipse([px - 5, py - 5, px + 5, py + 5], outline=colour, width=2,
+                         fill="white" if r["base"] else colour)
+            draw.text((px + 8, py - 6), r["label"].split(":")[0], fill=colour, font=small)
+    for i, claim in enumerate(CLAIMS):  # legend
+        y = top + 10 + 22 * i
+        draw.ellipse([right + 16, y, right + 26, y + 10], fill=PAPER_COLOURS[claim.paper])
+        draw.text((right + 32, y - 2), claim.paper, fill=(0, 0, 0), font=visualize.font(12))
+    draw.ellipse([right + 16, top + 110, right + 26, top + 120], outline=(0, 0, 0), width=2, fill="white")
+    draw.text((right + 32, top + 108), "dense base", fill=(0, 0, 0), font=visualize.font(12))
+    image.save(path)
+    return image
+
+
+def claims(args, argv):
+    """Train every run of CLAIMS that --out does not hold finished (the same seed, data order and recipe within a
+    claim), measure each configuration's cost on this machine (once: kept in OUT/costs.json), then write
+    OUT/claims.md, OUT/claims.json and OUT/claims.png."""
+    if args.budget is not None and not args.budget > 0:
+        raise ValueError(f"--budget must be a positive number of minutes, got {args.budget}")
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be positive, got {args.jobs}")
+    if args.train_only and args.table_only:
+        raise ValueError("--train-only and --table-only exclude each other")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = os.path.abspath(args.out or os.path.join("runs", "claims"))
+    todo = []
+    for claim in CLAIMS:
+        for run in claim.runs:
+            run_dir = claim_dir(out, claim, run)
+            argv_run = claim_argv(args, claim, run, run_dir)
+            check_same_run(run_dir, argv_run)
+            if args.table_only:
+                continue
+            if run_finished(run_dir):
+                print(f"== {claim.paper}, {run.label}: finished in {run_dir}", flush=True)
+            else:
+                print(f"== {claim.paper}, {run.label}: python train.py {shlex.join(argv_run)}", flush=True)
+                todo.append(argv_run)
+    if args.data == "shapes" and todo:
+        shapes.ensure(SHAPES_ROOT)  # once, before parallel runs would each try
+    train_runs(todo, args.jobs, here)
+    if args.train_only:
+        print(f"trained; `python -m tools.experiments claims --out {out}` measures the costs and writes the table")
+        return None
+    root = SHAPES_ROOT if args.data == "shapes" else args.data
+    cost_path = os.path.join(out, "costs.json")
+    costs = {}
+    if os.path.exists(cost_path):
+        with open(cost_path) as f:
+            costs = json.load(f)
+    for claim in CLAIMS:
+        if set(costs.get(claim.model, {})) != {run.label for run in claim.runs}:
+            print(f"== measuring the cost of {claim.paper}'s configurations on this machine", flush=True)
+            costs[claim.model] = claim_costs(claim, root)
+            costs["machine"] = f"{machine_name()}, {torch.get_num_threads()} threads"
+            with open(cost_path, "w") as f:
+                json.dump(costs, f, indent=1)
+    rows = claim_rows(out, costs)
+    devices = sorted({r["device"] for r in rows if r["device"]})
+    header = (f"`python -m tools.experiments {' '.join(argv)}`: trained on {', '.join(devices) or '?'} "
+              f"(seed {args.seed}, {args.data} val); costs measured on {costs.get('machine', '?')} "
+              f"(OUT/costs.json: delete it to measure again). AP in %; ratios against each paper's dense base.")
+    write_table(out, "claims", claims_table(rows, header), rows)
+    claims_picture(rows, os.path.join(out, "claims.png"))
+    print(f"the picture: {os.path.join(out, 'claims.png')}")
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,8 +719,19 @@ def main(argv=None):
     sub = p.add_subparsers(dest="experiment", required=True)
     c = sub.add_parser("converge", help="SMCA against its DETR baseline, same seed and steps")
     c.add_argument("--epochs", type=int, default=3, help="epochs per model, no lr drop (default 3)")
+    c.add_argument("--baseline-epochs", type=int, help="epochs of the DETR baseline (default: --epochs), to see "
+                   "how many steps it needs to reach SMCA's AP")
     c.add_argument("--probe", nargs="+", metavar="CKPT", help="probe trained smca checkpoints instead of training")
     c.add_argument("--multiscale", action="store_true", help="also train multi-scale SMCA (third column)")
+    m = sub.add_parser("claims", help="each paper's efficient model against its dense base, trained alike")
+    m.add_argument("--budget", type=float, default=None, metavar="MINUTES",
+                   help="train each run for this many minutes (train.py --time-budget), for a quick check of the "
+                        "whole command; default: each model's full shapes recipe")
+    m.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default 1; "
+                   "on a machine with many cores or a GPU)")
+    m.add_argument("--train-only", action="store_true", help="train the runs, measure nothing, write no table")
+    m.add_argument("--table-only", action="store_true", help="train nothing: the table and picture of the runs --out "
+                   "holds now (an unfinished one marked with its steps)")
     b = sub.add_parser("leaderboard", help="every model trained for the same CPU minutes")
     b.add_argument("--budget", type=float, default=10.0, help="training minutes per model (default 10)")
     v = sub.add_parser("speed", help="training steps per second of this checkout against another")
@@ -376,17 +744,18 @@ def main(argv=None):
     f = sub.add_parser("fine-tokens", help="where a trained Focus-DETR's fine-grained tokens sit, by MCSP score")
     f.add_argument("--checkpoint", required=True, help="a Focus-DETR checkpoint.pth written by train.py")
     f.add_argument("--images", type=int, default=100, help="how many val images (default 100)")
-    for q in (c, b):
+    for q in (c, m, b):
         q.add_argument("--data", default="shapes")
-    for q in (c, b, v):
+    for q in (c, m, b, v):
         q.add_argument("--seed", type=int, default=42)
-        q.add_argument("--out", default=None, help="output folder (default runs/converge, runs/leaderboard or "
-                                                   "runs/speed)")
+        q.add_argument("--out", default=None, help="output folder (default runs/converge, runs/claims, "
+                                                   "runs/leaderboard or runs/speed)")
         q.add_argument("--train-args", nargs=argparse.REMAINDER, default=[],
                        help="further train.py arguments for every run "
                             "(last on the line, e.g. --train-args --batch-size 4)")
     args = p.parse_args(argv)
-    experiments = {"converge": converge, "leaderboard": leaderboard, "speed": speed, "fine-tokens": fine_tokens}
+    experiments = {"converge": converge, "claims": claims, "leaderboard": leaderboard, "speed": speed,
+                   "fine-tokens": fine_tokens}
     return experiments[args.experiment](args, argv)
 
 
