@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
@@ -84,6 +85,22 @@ def recompute_sampling(enabled=True):
 def recomputes_samples():
     """Is recompute_sampling on (read by the model files' own sampling fast paths)?"""
     return _recompute_samples
+
+
+def checkpoint_layers(layers):
+    """Activation checkpointing of each module in `layers` (torch.utils.checkpoint, non-reentrant): in training
+    a layer keeps only its inputs for the backward pass and runs its forward again there (the same numbers, the
+    RNG state restored; one more forward of those layers); outside autograd it runs as it is. train.py
+    --checkpoint-encoder applies it to a model's encoder layers. -> layers"""
+    for layer in layers:
+        layer.forward = functools.partial(_checkpointed, layer.forward)  # an instance attribute: __call__ finds it
+    return layers
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def with_fast_path(readable):

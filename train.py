@@ -44,14 +44,16 @@ import torch.distributed as dist
 
 import data as datalib
 import detect
-from common import fast_paths, load_backbone_weights, recompute_sampling
+from common import checkpoint_layers, fast_paths, load_backbone_weights, recompute_sampling
 from data import shapes
 from engine import pretrain
 from engine.runtime import (MODELS, SHAPES_ROOT, backbone_weights, cpu_has_amx, cpu_has_bf16, load_checkpoint,
                             machine_name, model_module, run_cli, save_atomic, select_device)
 # The paper recipe, shared by the four papers (a model file's COCO_RECIPE overrides some of it)
+# (at 800 x 1333 the deformable samples and the encoder's activations are most of a step's memory: both are
+# recomputed in the backward pass by default there, docs/memory.md)
 COCO_RECIPE = {"epochs": 50, "lr_drop": 40, "batch_size": 2, "lr": 1e-4, "lr_backbone": 1e-5, "eval_every": 1,
-               "recompute_sampling": "on"}  # at 800 x 1333 the deformable samples are most of the backward's memory
+               "recompute_sampling": "on", "checkpoint_encoder": "on"}
 # The CPU recipe on the shapes set (a model file's SHAPES_RECIPE overrides some of it): 2 epochs of
 # 500 steps of 8 images, lr / 10 after the second, the shapes-pretrained backbone at a quarter of the lr, float32
 # (no "amp": a model's SHAPES_RECIPE may add "amp": "bf16-backbone", honoured on a CPU with AMX only)
@@ -82,6 +84,10 @@ def parse_args(argv=None):
                    help="on: the deformable sampling keeps only its inputs for the backward and samples again there "
                         "(the same numbers, less memory, a slower backward; common.recompute_sampling). Default: on "
                         "with --data PATH (COCO scale), off on shapes")
+    p.add_argument("--checkpoint-encoder", choices=("on", "off"), default=None,
+                   help="on: activation checkpointing of the encoder layers (each keeps only its inputs for the "
+                        "backward and runs again there; the same numbers, less memory, a slower step; "
+                        "common.checkpoint_layers). Default: on with --data PATH, off on shapes")
     p.add_argument("--resume", default=None, help="'auto' (OUTPUT_DIR/checkpoint.pth if present) or a checkpoint path")
     p.add_argument("--finetune", default=None, help="initialise from a checkpoint's model weights; keys whose "
                    "shape differs (e.g. another class count) are skipped and listed")
@@ -410,8 +416,9 @@ def resolve_recipe(args, module, on_shapes):
             setattr(args, key, recipe[key])
         if getattr(args, key) < 0 or (getattr(args, key) == 0 and key != "lr_backbone"):
             raise ValueError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
-    if args.recompute_sampling is None:
-        args.recompute_sampling = recipe.get("recompute_sampling", "off")
+    for key in ("recompute_sampling", "checkpoint_encoder"):
+        if getattr(args, key) is None:
+            setattr(args, key, recipe.get(key, "off"))
     if args.amp is None:  # a recipe's "amp" holds on a CPU with AMX, where it was measured; float32 elsewhere
         amp = recipe.get("amp", "off")
         args.amp = amp if amp == "off" or (select_device(args).type == "cpu" and cpu_has_amx()) else "off"
@@ -450,6 +457,17 @@ def build_model(args, module, cfg, on_shapes, rank, official_state=None):
     if args.lr_backbone == 0:  # DETR's convention: --lr_backbone 0 keeps the whole backbone frozen
         model.backbone.requires_grad_(False)
     return model, criterion, postprocess
+
+
+def encoder_layers(model):
+    """A model's encoder layers: model.encoder itself when it is a ModuleList, else the one ModuleList it holds
+    (SMCA's multi-scale encoder's blocks)."""
+    if isinstance(model.encoder, torch.nn.ModuleList):
+        return list(model.encoder)
+    lists = [m for m in model.encoder.children() if isinstance(m, torch.nn.ModuleList)]
+    if len(lists) != 1:
+        raise ValueError(f"--checkpoint-encoder: {type(model.encoder).__name__} holds no one list of layers")
+    return list(lists[0])
 
 
 def build_run(args, module, model, criterion, postprocess, device, rank, world, categories):
@@ -546,6 +564,8 @@ def train_or_evaluate(args):
         raise ValueError(f"num_classes {cfg.num_classes} < {val_set.num_classes} (largest category id + 1 in the data)")
     model, criterion, postprocess = build_model(args, module, cfg, on_shapes, rank, official_state)
     model.to(device)
+    if args.checkpoint_encoder == "on":
+        checkpoint_layers(encoder_layers(model))
 
     run, scheduler = build_run(args, module, model, criterion, postprocess, device, rank, world, val_set.categories)
     start_epoch = 0

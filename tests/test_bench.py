@@ -234,7 +234,8 @@ def test_bench_memory_step_runs_a_coco_configuration_and_reports_its_peak():
     """One COCO-configuration step (small images): its peak and split; recomputing the sampling keeps less in the
     deformable attention (the samples: B*H x D x P x Q floats per level and layer) and nothing else changes."""
     label = bench.SUITES["sparse_detr"].baseline.label
-    kept, recomputed = (bench.memory_step("sparse_detr", label, 1, (160, 256), "cpu", recompute=r) for r in (0, 1))
+    kept, recomputed = (bench.memory_step("sparse_detr", label, 1, (160, 256), "cpu", recompute=r, checkpoint=False)
+                        for r in (0, 1))
     assert recomputed["peak_gb"] > 0.1 and recomputed["saved_total_gb"] > 0 and recomputed["step_s"] > 0
     assert set(kept["saved_gb"]) == set(bench.MEMORY_PARTS)
     part = "encoder: deformable attention"
@@ -243,3 +244,7 @@ def test_bench_memory_step_runs_a_coco_configuration_and_reports_its_peak():
     assert kept["saved_gb"][part] - recomputed["saved_gb"][part] == pytest.approx(samples, rel=1e-6)
     for p in set(bench.MEMORY_PARTS) - {part, "decoder: deformable attention"}:
         assert kept["saved_gb"][p] == pytest.approx(recomputed["saved_gb"][p], rel=1e-9)
+    checkpointed = bench.memory_step("sparse_detr", label, 1, (160, 256), "cpu")  # the COCO recipe: both on
+    encoder = [p for p in bench.MEMORY_PARTS if p.startswith("encoder")]  # only what the checkpoints keep: inputs
+    assert sum(checkpointed["saved_gb"].get(p, 0) for p in encoder) < 0.1 * sum(kept["saved_gb"][p] for p in encoder)
+    assert checkpointed["saved_gb"]["backbone"] == pytest.approx(kept["saved_gb"]["backbone"], rel=1e-9)

@@ -411,3 +411,30 @@ def test_inverse_sigmoid_clamps_numerator_and_denominator_as_deformable_detr():
                             dtype=torch.float64)
     assert torch.allclose(common.inverse_sigmoid(x, 1e-3), expected, atol=1e-12)
     assert common.inverse_sigmoid(torch.tensor([1.0], dtype=torch.float64)).item() == pytest.approx(math.log(1e5))
+
+
+def test_checkpoint_layers_trains_like_the_plain_layers():
+    """Activation checkpointing of the encoder layers (train.py --checkpoint-encoder): the same outputs and every
+    parameter's gradient in float64, with the sampling recomputed too; outside autograd the layers run as they are."""
+    import train
+    from tests.helpers import tiny_sparse
+    import sparse_detr
+    images, pad_mask = torch.randn(2, 3, 96, 128, dtype=torch.float64), torch.zeros(2, 96, 128, dtype=torch.bool)
+    pad_mask[1, 64:, :] = True
+    results = []
+    for checkpointed in (False, True):
+        torch.manual_seed(0)
+        model = sparse_detr.build(tiny_sparse(sparse_encoder=False, use_enc_aux_loss=False))[0].double().train()
+        if checkpointed:
+            common.checkpoint_layers(train.encoder_layers(model))
+        with common.recompute_sampling(checkpointed):
+            out = model(images, pad_mask)
+            (out["pred_logits"].sum() + out["pred_boxes"].square().sum()).backward()
+        results.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        with torch.no_grad():
+            results[-1][0]["eval"] = model.eval()(images, pad_mask)["pred_logits"]
+    (a, ga), (b, gb) = results
+    for key in ("pred_logits", "pred_boxes", "eval"):
+        assert torch.allclose(a[key], b[key], atol=1e-12, rtol=0), key
+    assert ga.keys() == gb.keys() and any("encoder" in n for n in ga)
+    assert all(torch.allclose(ga[n], gb[n], atol=1e-10, rtol=0) for n in ga)

@@ -232,11 +232,16 @@ def test_train_recipe_amp_holds_only_where_the_cpu_has_amx(monkeypatch):
     assert args.amp == "off"  # its recipe keeps float32
 
 
-def test_train_recipe_recomputes_the_deformable_sampling_at_coco_scale_only():
+def test_train_recipe_recomputes_the_sampling_and_checkpoints_the_encoder_at_coco_scale_only(tiny_shapes, tmp_path):
     def resolved(*flags, data="shapes"):
         args = train.parse_args(["--model", "lite_detr", "--data", data, "--device", "cpu", *flags])
         train.resolve_recipe(args, lite_detr, data == "shapes")
-        return args.recompute_sampling
-    assert resolved() == "off" and resolved(data="coco") == "on"
-    assert resolved("--recompute-sampling", "on") == "on"
-    assert resolved("--recompute-sampling", "off", data="coco") == "off"
+        return args.recompute_sampling, args.checkpoint_encoder
+    assert resolved() == ("off", "off") and resolved(data="coco") == ("on", "on")
+    assert resolved("--recompute-sampling", "on") == ("on", "off")
+    assert resolved("--recompute-sampling", "off", "--checkpoint-encoder", "off", data="coco") == ("off", "off")
+    plain = train.main(_train_args(tiny_shapes, tmp_path / "plain", "--epochs", "1"))
+    both = train.main(_train_args(tiny_shapes, tmp_path / "both", "--epochs", "1", "--recompute-sampling", "on",
+                                  "--checkpoint-encoder", "on"))  # the same run, computed with less memory
+    assert _train_losses(tmp_path / "plain") == pytest.approx(_train_losses(tmp_path / "both"), rel=1e-5)
+    assert plain["stats"]["AP"] == pytest.approx(both["stats"]["AP"], abs=1e-6)

@@ -55,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import data as datalib
 import lite_detr
 import train
-from common import fast_paths, recompute_sampling
+from common import checkpoint_layers, fast_paths, recompute_sampling
 from data import shapes
 from engine.runtime import SHAPES_ROOT, model_module, run_cli
 
@@ -646,14 +646,18 @@ def coco_training_run(name, overrides, device):
     return train.build_run(args, module, model, criterion, postprocess, torch.device(device), 0, 1, {})[0]
 
 
-def memory_step(name, label, batch, size, device, recompute=True):
+def memory_step(name, label, batch, size, device, recompute=True, checkpoint=True):
     """One training step (forward, loss, backward, AdamW) of a COCO configuration on `batch` random images of
-    `size` with 3 boxes each, in this process, the deformable sampling recomputed in the backward or not (train.py
-    --recompute-sampling; on in the COCO recipe) -> its record: peak memory (the process's peak RSS on the CPU,
-    torch's peak allocation on CUDA), the bytes saved for the backward pass by part, the step's seconds."""
+    `size` with 3 boxes each, in this process, the deformable sampling recomputed in the backward or not and the
+    encoder layers checkpointed or not (train.py --recompute-sampling, --checkpoint-encoder; both on in the COCO
+    recipe) -> its record: peak memory (the process's peak RSS on the CPU, torch's peak allocation on CUDA), the
+    bytes saved for the backward pass by part (a checkpointed layer's inputs, which it holds itself, not seen),
+    the step's seconds."""
     suite = SUITES[name]
     variant = next(v for v in [suite.baseline] + suite.variants if v.label == label)
     run = coco_training_run(name, variant.overrides, device)
+    if checkpoint:
+        checkpoint_layers(train.encoder_layers(run.model))
     run.model.train()
     run.criterion.train()
     g = torch.Generator().manual_seed(0)
@@ -667,9 +671,10 @@ def memory_step(name, label, batch, size, device, recompute=True):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    with saved.hooks(), recompute_sampling(recompute):
-        loss, _ = train.forward_loss(run, images, pad_mask, targets)
-    train.optimizer_step(run, loss)
+    with recompute_sampling(recompute):
+        with saved.hooks():
+            loss, _ = train.forward_loss(run, images, pad_mask, targets)
+        train.optimizer_step(run, loss)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
@@ -677,7 +682,7 @@ def memory_step(name, label, batch, size, device, recompute=True):
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # ru_maxrss: KiB on Linux
     return {"model": name, "label": label, "batch": batch, "size": list(size), "device": device,
-            "recompute_sampling": recompute, "peak_gb": peak / 1e9,
+            "recompute_sampling": recompute, "checkpoint_encoder": checkpoint, "peak_gb": peak / 1e9,
             "saved_gb": {k: v / 1e9 for k, v in saved.bytes.items()},
             "saved_total_gb": sum(saved.bytes.values()) / 1e9, "step_s": seconds}
 
@@ -696,14 +701,15 @@ def train_memory(args):
             for batch in args.batch_sizes_memory:
                 if args.device == "cuda":  # torch's peak allocation is reset for each step: one process does
                     records.append(memory_step(name, v.label, batch, tuple(args.size), "cuda",
-                                               args.recompute_sampling == "on"))
+                                               args.recompute_sampling == "on", args.checkpoint_encoder == "on"))
                     torch.cuda.empty_cache()
                     if args.json:
                         print(json.dumps(records[-1]), flush=True)
                     continue
                 cmd = [sys.executable, "-m", "tools.bench", "--memory-step", name, v.label, str(batch),
                        "--size", *map(str, args.size), "--device", args.device, "--recompute-sampling",
-                       args.recompute_sampling] + (["--readable-path"] if args.readable_path else [])
+                       args.recompute_sampling, "--checkpoint-encoder", args.checkpoint_encoder] + \
+                    (["--readable-path"] if args.readable_path else [])
                 done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 if done.returncode:
                     raise ValueError(f"the memory step of {name} ({v.label}, batch {batch}) failed:\n{done.stderr}")
@@ -718,7 +724,8 @@ def train_memory(args):
 def print_memory_table(records, args):
     what = "peak RSS of the process" if args.device == "cpu" else "torch's peak CUDA allocation"
     print(f"\none training step (forward, loss, backward, AdamW) at {args.size[0]} x {args.size[1]}, 3 boxes per "
-          f"image, {args.device}, {torch.get_num_threads()} threads, --recompute-sampling {args.recompute_sampling}"
+          f"image, {args.device}, {torch.get_num_threads()} threads, --recompute-sampling {args.recompute_sampling} "
+          f"--checkpoint-encoder {args.checkpoint_encoder}"
           f"{', readable path' if args.readable_path else ''}; peak: {what}; GB saved for the backward pass by part "
           "(storages counted once, parameters excluded)\n")
     print("| model | configuration | batch | peak GB | per added image GB | saved for backward GB | "
@@ -765,6 +772,8 @@ def parse_args(argv=None):
                    help="(what --train-memory runs in each process) one step, printed as JSON")
     p.add_argument("--recompute-sampling", choices=("on", "off"), default="on",
                    help="with --train-memory: as train.py's flag (default on, as the COCO recipe)")
+    p.add_argument("--checkpoint-encoder", choices=("on", "off"), default="on",
+                   help="with --train-memory: as train.py's flag (default on, as the COCO recipe)")
     p.add_argument("--fast-vs-reference", action="store_true",
                    help="time each model and its baseline with the inference fast paths off and on, interleaved")
     args = p.parse_args(argv)
@@ -808,7 +817,7 @@ def run(args):
     if args.memory_step:
         name, label, batch = args.memory_step
         print(json.dumps(memory_step(name, label, int(batch), tuple(args.size), args.device,
-                                     args.recompute_sampling == "on")))
+                                     args.recompute_sampling == "on", args.checkpoint_encoder == "on")))
         return None
     if args.train_memory:
         return train_memory(args)
