@@ -248,3 +248,13 @@ def test_bench_memory_step_runs_a_coco_configuration_and_reports_its_peak():
     encoder = [p for p in bench.MEMORY_PARTS if p.startswith("encoder")]  # only what the checkpoints keep: inputs
     assert sum(checkpointed["saved_gb"].get(p, 0) for p in encoder) < 0.1 * sum(kept["saved_gb"][p] for p in encoder)
     assert checkpointed["saved_gb"]["backbone"] == pytest.approx(kept["saved_gb"]["backbone"], rel=1e-9)
+
+
+def test_bench_data_throughput_times_each_stage_of_the_coco_transform(tmp_path):
+    from PIL import Image
+    (path,) = bench.coco_like_photos(str(tmp_path), 1)
+    assert Image.open(path).size == (640, 480) and Image.open(path).format == "JPEG"
+    r = bench.data_throughput(bench.parse_args(["--data-throughput", "--images", "3"]))
+    assert set(r["ms"]) == set(bench.DATA_STAGES) and all(v > 0 for v in r["ms"].values())
+    assert r["images_per_s"] == pytest.approx(1e3 / sum(r["ms"].values()))
+    assert r["workers_needed"] == pytest.approx(64 / r["images_per_s"])

@@ -12,6 +12,7 @@
     python -m tools.bench --profile                # where a forward's time goes, by module and op group
     python -m tools.bench --train-step             # where a training step of each shapes recipe spends its time
     python -m tools.bench --train-memory           # peak memory of a COCO training step, batch 1 and 2, by part
+    python -m tools.bench --data-throughput        # images/s of the COCO training transform in one worker
 
 What is measured, per configuration (R50, the paper's COCO Config, random weights: cost does not
 depend on them):
@@ -741,6 +742,76 @@ def print_memory_table(records, args):
 
 
 # ---------------------------------------------------------------------------------------------
+# The COCO training transform's throughput (--data-throughput)
+# ---------------------------------------------------------------------------------------------
+
+DATA_STAGES = ("decode", "flip", "resize / crop", "to tensor, normalise")
+
+
+def coco_like_photos(folder, n, size=(640, 480), seed=0):
+    """n JPEGs of COCO's most common size (640 x 480, quality 90) into `folder`, photo-like for the decoder
+    (smooth colour fields with edges and fine texture, not noise) -> their paths."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(seed)
+    w, h = size
+    paths = []
+    for i in range(n):
+        coarse = torch.rand(1, 3, h // 32, w // 32, generator=g)
+        field = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)[0]
+        texture = 0.08 * torch.randn(3, h, w, generator=g)
+        pixels = ((field + texture).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+        path = os.path.join(folder, f"{i:06d}.jpg")
+        Image.fromarray(pixels).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def data_throughput(args):
+    """The COCO training transform (data.make_transforms("train", **COCO_SCALES): flip, multi-scale resize or
+    resize-crop-resize, to tensor and normalise) on COCO-sized JPEGs in one process, the work of one loader
+    worker, stage by stage -> {"images_per_s", "ms": {stage: ms per image}}, and the workers it takes to feed
+    8 GPUs x 2 images at 4 steps per second."""
+    import random
+    import tempfile
+
+    from data.coco import load_rgb
+    folder = tempfile.mkdtemp(prefix="coco-like-")
+    paths = coco_like_photos(folder, args.images)
+    flip, select, to_tensor = datalib.make_transforms("train", **datalib.COCO_SCALES).transforms
+    rng = random.Random(0)
+    ms = dict.fromkeys(DATA_STAGES, 0.0)
+    for rep in range(2):  # the first pass warms the caches; the second is timed
+        for path in paths:
+            target = {"boxes": torch.tensor([[10.0, 20.0, 200.0, 300.0], [300.0, 100.0, 600.0, 400.0]]),
+                      "labels": torch.tensor([1, 2])}
+            t0 = time.perf_counter()
+            image = load_rgb(path)
+            t1 = time.perf_counter()
+            image, target = flip(image, target, rng)
+            t2 = time.perf_counter()
+            image, target = select(image, target, rng)
+            t3 = time.perf_counter()
+            to_tensor(image, target, rng)
+            t4 = time.perf_counter()
+            if rep:
+                for stage, dt in zip(DATA_STAGES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                    ms[stage] += 1e3 * dt / len(paths)
+    for path in paths:
+        os.remove(path)
+    os.rmdir(folder)
+    per_image = sum(ms.values())
+    rate, need = 1e3 / per_image, 8 * 2 * 4
+    record = {"images_per_s": rate, "ms": ms, "threads": torch.get_num_threads(), "images": args.images,
+              "needed_images_per_s": need, "workers_needed": need / rate}
+    print(f"COCO training transform, one process ({torch.get_num_threads()} torch threads), {args.images} "
+          f"640 x 480 JPEGs: {rate:.1f} images/s; ms per image: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in ms.items())
+          + f". 8 GPUs x 2 images x 4 steps/s = {need} images/s: {need / rate:.1f} such workers "
+            f"({need / rate / 8:.1f} per GPU)")
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
@@ -774,6 +845,9 @@ def parse_args(argv=None):
                    help="with --train-memory: as train.py's flag (default on, as the COCO recipe)")
     p.add_argument("--checkpoint-encoder", choices=("on", "off"), default="on",
                    help="with --train-memory: as train.py's flag (default on, as the COCO recipe)")
+    p.add_argument("--data-throughput", action="store_true",
+                   help="images per second of the COCO training transform in one process (a loader worker) on "
+                        "--images synthetic 640 x 480 JPEGs (default 100), stage by stage")
     p.add_argument("--fast-vs-reference", action="store_true",
                    help="time each model and its baseline with the inference fast paths off and on, interleaved")
     args = p.parse_args(argv)
@@ -814,6 +888,8 @@ def main(argv=None):
 def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.data_throughput:
+        return data_throughput(args)
     if args.memory_step:
         name, label, batch = args.memory_step
         print(json.dumps(memory_step(name, label, int(batch), tuple(args.size), args.device,

@@ -1,0 +1,48 @@
+"""Tests of tools/export.py: torch.export of each model for a fixed size, outputs equal to eager."""
+import pytest
+import torch
+
+import focus_detr
+import lite_detr
+import smca
+import sparse_detr
+from tests.helpers import _tiny_checkpoint, tiny_focus, tiny_lite, tiny_sparse
+from tools import export
+
+
+@pytest.mark.parametrize("module,cfg", [
+    (lite_detr, tiny_lite(enc_layers=2, num_blocks=1)),  # H3L1-(1+1)x1: both kinds of layer
+    (sparse_detr, tiny_sparse(sparse_encoder=False, use_enc_aux_loss=False)),  # the dense base
+    (focus_detr, tiny_focus(foreground_selection=False)),  # the dense DINO base
+], ids=["lite_detr", "sparse_detr dense base", "focus_detr dense base"])
+def test_export_program_computes_what_the_model_does(module, cfg):
+    torch.manual_seed(0)
+    model = module.build(cfg)[0].eval()
+    program, diff = export.export(model, (64, 96))
+    images, pad_mask = torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool)  # another input
+    with torch.no_grad():
+        eager = model(images, pad_mask)
+        logits, boxes = program.module()(images, pad_mask)
+    assert diff <= 1e-4
+    assert torch.allclose(logits, eager["pred_logits"], atol=1e-5) and torch.allclose(boxes, eager["pred_boxes"],
+                                                                                       atol=1e-5)
+
+
+@pytest.mark.parametrize("module,cfg", [(sparse_detr, tiny_sparse()), (focus_detr, tiny_focus())],
+                         ids=["sparse_detr", "focus_detr"])
+def test_export_names_why_token_selection_does_not_export(module, cfg):
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="does not export: it sizes a tensor by a count computed from the padding"):
+        export.export(module.build(cfg)[0].eval(), (64, 96))
+
+
+def test_export_command_writes_a_loadable_program_and_never_overwrites(tiny_shapes, tmp_path):
+    ckpt = tmp_path / "smca.pth"
+    _tiny_checkpoint(ckpt, tiny_shapes, "smca")
+    out = export.main(["--checkpoint", str(ckpt), "--size", "64", "96", "--out", str(tmp_path / "smca.pt2")])
+    program = torch.export.load(out).module()
+    images, pad_mask = torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool)
+    logits, boxes = program(images, pad_mask)
+    assert logits.shape[:2] == boxes.shape[:2] and boxes.shape[-1] == 4 and smca.Config().num_queries > 0
+    with pytest.raises(ValueError, match="exists; nothing is overwritten"):
+        export.main(["--checkpoint", str(ckpt), "--size", "64", "96", "--out", out])

@@ -1,0 +1,101 @@
+"""Export a trained model with torch.export (no extra dependency) for one fixed input size, and check that the
+exported program computes what the model does.
+
+    python -m tools.export --checkpoint runs/smca-shapes/checkpoint.pth --out smca.pt2            # 160 x 160
+    python -m tools.export --checkpoint CKPT --size 800 1216 --out model.pt2
+    python -m tools.export --model lite_detr --size 800 1333 --out lite.pt2   # the COCO Config, random weights
+
+The exported program takes (images (1, 3, H, W) float32, normalised as data/ does, pad_mask (1, H, W) bool, all
+False) of exactly the size it was exported at, and returns (pred_logits (1, Q, K), pred_boxes (1, Q, 4), cxcywh
+in [0, 1]); `torch.export.load(path).module()(images, pad_mask)` runs it. Before saving, its outputs on a random
+input are compared with the eager model's (at most 1e-4 apart, else nothing is written). An existing --out is
+never overwritten.
+
+What exports: SMCA-DETR (single- and multi-scale), Lite DETR (every schedule), and the dense bases of Sparse DETR
+and Focus-DETR. Sparse DETR's sparse encoder and Focus-DETR's token selection do not yet: they size tensors by
+each image's token count, which they compute from the padding mask (`int(...)` of a tensor), and torch.export
+cannot trace a size that depends on a tensor's values; the command says so rather than failing with a trace.
+The program is the readable path (common.fast_paths(False)), traced without autograd.
+"""
+import argparse
+import os
+
+import torch
+from torch import nn
+
+from common import fast_paths
+from engine.runtime import MODELS, load_checkpoint, model_module, run_cli
+
+
+class Detections(nn.Module):
+    """A detector as (images, pad_mask) -> (pred_logits, pred_boxes): the two outputs an exported program needs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, pad_mask):
+        out = self.model(images, pad_mask)
+        return out["pred_logits"], out["pred_boxes"]
+
+
+def load_model(args):
+    """--checkpoint (train.py's; its model, Config and val size) or --model (the COCO Config, random weights)
+    -> (model name, model in eval mode, (H, W): --size, else 160 x 160 on shapes, 800 x 1333)."""
+    if args.checkpoint:
+        import detect
+        det = detect.load_detector(args.checkpoint)
+        ckpt_args = load_checkpoint(args.checkpoint).get("args") or {}
+        val = 160 if ckpt_args.get("data", "shapes") == "shapes" else 800
+        return det.name, det.model.eval(), tuple(args.size or (val, val))
+    module = model_module(args.model)
+    torch.manual_seed(0)
+    return args.model, module.build(module.Config())[0].eval(), tuple(args.size or (800, 1333))
+
+
+def export(model, size, tolerance=1e-4):
+    """-> the torch.export program of `model` for one (1, 3, *size) input, its outputs checked against eager."""
+    wrapped = Detections(model).eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(1, 3, *size, generator=g)
+    pad_mask = torch.zeros(1, *size, dtype=torch.bool)
+    try:  # inference (no set_grad_enabled regions in the program: they do not load back) on the readable path
+        with torch.no_grad(), fast_paths(False):  # (SMCA's inference fast path reads a map's width from a tensor)
+            program = torch.export.export(wrapped, (images, pad_mask))
+    except Exception as e:  # torch.export's errors are long traces; the first line says what
+        if "data-dependent" in str(e):
+            raise ValueError(f"{type(model).__name__} does not export: it sizes a tensor by a count computed from "
+                             f"the padding mask (data-dependent for torch.export; see tools/export.py). "
+                             f"torch.export said: {str(e).splitlines()[0]}") from None
+        raise
+    with torch.no_grad():
+        eager = wrapped(images, pad_mask)
+        exported = program.module()(images, pad_mask)
+    diff = max((a - b).abs().max().item() for a, b in zip(eager, exported))
+    if diff > tolerance:
+        raise ValueError(f"the exported program's outputs differ from the model's by {diff:.2e} (> {tolerance})")
+    return program, diff
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a checkpoint.pth written by train.py")
+    src.add_argument("--model", choices=MODELS, help="the model's COCO Config with random weights")
+    p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
+                   help="the input size (default: 160 x 160 for a shapes checkpoint, else 800 x 1333)")
+    p.add_argument("--out", required=True, help="the .pt2 file to write (never overwritten)")
+    args = p.parse_args(argv)
+    if os.path.exists(args.out):
+        raise ValueError(f"--out {args.out!r} exists; nothing is overwritten: pass another --out")
+    if args.size and min(args.size) < 32:
+        raise ValueError(f"--size must be at least 32 x 32, got {args.size}")
+    name, model, size = load_model(args)
+    program, diff = export(model, size)
+    torch.export.save(program, args.out)
+    print(f"{name} exported for {size[0]} x {size[1]} inputs to {args.out} (outputs within {diff:.1e} of the model's)")
+    return args.out
+
+
+if __name__ == "__main__":
+    run_cli(main)
