@@ -50,10 +50,11 @@ Deviations from the paper / official code (OFF's behaviour is the default unless
 - DINO embeds each query's reference box in padded-map coordinates, which move with the batch's
   padding; we use the image's own (`query_pos_over_padding=True` is DINO's).
 - 91 class logits indexed by raw category id (OFF: 80 contiguous; from_official maps them).
-- Box logits clamp at detrex's 1e-3 (`box_logit_eps`; Deformable DETR's 1e-5): only boxes at 0 or 1 notice,
-  as the padded tokens that OFF's two-stage top-k can pick (`two_stage_over_padding`), whose boxes are 1, and
-  denoising boxes clipped at the image's edge. A batch without boxes gives zero denoising losses (OFF too) and
-  no denoising queries.
+- A batch without boxes gives zero denoising losses (OFF too) and no denoising queries.
+
+As OFF: box logits clamp at detrex's 1e-3 (`box_logit_eps`; Deformable DETR's is 1e-5). Only boxes at 0 or 1
+notice: denoising boxes clipped at the image's edge, and the padded tokens that OFF's two-stage top-k can pick
+(`two_stage_over_padding`), whose boxes are 1; with 1e-5 a padded batch's decoder differs from OFF's from layer 1 on.
 """
 import math
 from dataclasses import dataclass
@@ -596,6 +597,9 @@ class Config:
             raise ValueError("the foreground labels are defined for 4 levels (strides 8..64): num_feature_levels=4")
         check_at_least(self, ("num_fine_tokens",))
         check_at_least(self, ("dn_number",), 0)
+        if not 0 < self.box_logit_eps < 0.5:
+            raise ValueError(f"box_logit_eps clamps box logits at log(eps / (1 - eps)): it must be in (0, 0.5), "
+                             f"got {self.box_logit_eps}")
 
 
 def shapes_config():

@@ -460,14 +460,14 @@ def build_model(args, module, cfg, on_shapes, rank, official_state=None):
 
 
 def encoder_layers(model):
-    """A model's encoder layers: model.encoder itself when it is a ModuleList, else the one ModuleList it holds
-    (SMCA's multi-scale encoder's blocks)."""
-    if isinstance(model.encoder, torch.nn.ModuleList):
-        return list(model.encoder)
-    lists = [m for m in model.encoder.children() if isinstance(m, torch.nn.ModuleList)]
-    if len(lists) != 1:
-        raise ValueError(f"--checkpoint-encoder: {type(model.encoder).__name__} holds no one list of layers")
-    return list(lists[0])
+    """A model's encoder layers: the modules of model.encoder's ModuleLists, nested ones flattened (SMCA's
+    multi-scale encoder holds its blocks, with intra_share=false a list per block)."""
+    def flat(module):
+        if isinstance(module, torch.nn.ModuleList):
+            return [layer for m in module for layer in flat(m)]
+        lists = [m for m in module.children() if isinstance(m, torch.nn.ModuleList)]
+        return [layer for m in lists for layer in flat(m)] if lists else [module]
+    return flat(model.encoder)
 
 
 def build_run(args, module, model, criterion, postprocess, device, rank, world, categories):

@@ -258,3 +258,10 @@ def test_bench_data_throughput_times_each_stage_of_the_coco_transform(tmp_path):
     assert set(r["ms"]) == set(bench.DATA_STAGES) and all(v > 0 for v in r["ms"].values())
     assert r["images_per_s"] == pytest.approx(1e3 / sum(r["ms"].values()))
     assert r["workers_needed"] == pytest.approx(64 / r["images_per_s"])
+
+
+def test_bench_memory_step_refuses_an_unknown_configuration_or_batch():
+    with pytest.raises(ValueError, match="has no configuration 'rho 0.9'; it has"):
+        bench.parse_args(["--memory-step", "sparse_detr", "rho 0.9", "1"])
+    with pytest.raises(ValueError, match="positive integer, got '0'"):
+        bench.parse_args(["--memory-step", "sparse_detr", "rho 0.1", "0"])

@@ -1,5 +1,6 @@
 """Tests of tools/experiments.py: converge, leaderboard, speed, fine-tokens.
 """
+import importlib
 import json
 import os
 
@@ -129,8 +130,10 @@ def test_experiments_speed_tables_finished_runs_without_rerunning_them(tmp_path)
 def _claim_log(run_dir, argv, aps, steps_per_epoch=100, epochs=None):
     """A run's log.jsonl as train.py writes it: the start record of `argv`, then one eval per AP."""
     os.makedirs(run_dir, exist_ok=True)
-    args = vars(train.parse_args(argv))
-    args["epochs"] = epochs or len(aps)
+    parsed = train.parse_args(argv)
+    train.resolve_recipe(parsed, importlib.import_module(parsed.model), True)  # train.py logs the resolved recipe
+    args = vars(parsed)
+    assert args["epochs"] == (epochs or len(aps))
     with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
         f.write(json.dumps({"type": "start", "args": args, "device": "test CPU"}) + "\n")
         for e, ap in enumerate(aps):
@@ -165,7 +168,8 @@ def test_experiments_claims_tables_finished_runs_continues_unfinished_and_refuse
     monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"retrained {argv}"))
     out = str(tmp_path / "claims")
     args = experiments.main.__globals__["argparse"].Namespace(data="shapes", seed=42, budget=None, train_args=[])
-    aps = {"DETR": [0.01, 0.05, 0.10], "SMCA": [0.04, 0.08, 0.2], "dense": [0.2, 0.4], "rho 0.1": [0.1, 0.3]}
+    aps = {"DETR": [0.01, 0.05, 0.10, 0.12], "SMCA": [0.04, 0.08, 0.2, 0.3], "dense": [0.2, 0.4],
+           "rho 0.1": [0.1, 0.3]}  # each model's shapes recipe: SMCA 4 epochs, Sparse DETR 2
     for claim in experiments.CLAIMS:
         for run in claim.runs:
             run_dir = experiments.claim_dir(out, claim, run)
@@ -179,9 +183,9 @@ def test_experiments_claims_tables_finished_runs_continues_unfinished_and_refuse
     assert ("| rho 0.1 | 10.0, 30.0 | 60.0 | 15.0 | 0.75 | 0.50 (0.25x) | 3.00 (0.75x) | 120 (0.60x) | 15.0 (0.75x) "
             "| 45.3 (0.98x) | 105.4 (0.59x) |") in text
     assert "| dense | 20.0, 40.0 | 80.0 | 20.0 | - | 2.00 | 4.00 | 200 | 20.0 | 46.0 | 177.3 |" in text
-    # SMCA's 4.0 and 8.0 are passed by DETR after its steps 200 (5.0) and 300 (10.0); SMCA's 20.0 never
+    # SMCA's 4.0 and 8.0 are passed by DETR after its steps 200 (5.0) and 300 (10.0); SMCA's 20.0 and 30.0 never
     assert "DETR steps to reach SMCA's AP after each of SMCA's epochs (100 steps each): 200 (2.0x) / 300 (1.5x)" \
-        " / > 300 (> 1.0x)." in text
+        " / > 400 (> 1.3x) / > 400 (> 1.0x)." in text
     assert "trained on test CPU" in text and os.path.exists(os.path.join(out, "claims.png"))
     assert experiments.main(["claims", "--out", out]) == rows and measured == ["smca", "sparse_detr"]  # costs kept
 
@@ -205,6 +209,14 @@ def test_experiments_claims_tables_finished_runs_continues_unfinished_and_refuse
     assert next(r for r in rows if r["label"] == "rho 0.1")["AP"] == pytest.approx(0.35)
     with pytest.raises(ValueError, match="holds another run .*time_budget None.*asked: time_budget 0.5"):
         experiments.main(["claims", "--out", out, "--budget", "0.5"])
+
+
+def test_experiments_run_finished_reads_the_epochs_asked_for(tmp_path):
+    """A run finished at its own epochs is unfinished for more (converge --baseline-epochs continues it)."""
+    argv = ["--model", "sparse_detr", "--output-dir", str(tmp_path / "r")]
+    _claim_log(str(tmp_path / "r"), argv, [0.1, 0.2])
+    assert experiments.run_finished(str(tmp_path / "r")) and experiments.run_finished(str(tmp_path / "r"), 2)
+    assert not experiments.run_finished(str(tmp_path / "r"), 3)
 
 
 def test_experiments_claims_picture_places_each_run_by_encoder_cost_and_ap(tmp_path, monkeypatch):

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+import detect
 import focus_detr
 import lite_detr
-import smca
 import sparse_detr
 from tests.helpers import _tiny_checkpoint, tiny_focus, tiny_lite, tiny_sparse
 from tools import export
@@ -43,6 +43,11 @@ def test_export_command_writes_a_loadable_program_and_never_overwrites(tiny_shap
     program = torch.export.load(out).module()
     images, pad_mask = torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool)
     logits, boxes = program(images, pad_mask)
-    assert logits.shape[:2] == boxes.shape[:2] and boxes.shape[-1] == 4 and smca.Config().num_queries > 0
+    model = detect.load_detector(str(ckpt)).model.eval()
+    with torch.no_grad():
+        eager = model(images, pad_mask)
+    assert logits.shape == eager["pred_logits"].shape and logits.shape[1] == model.cfg.num_queries
+    assert torch.allclose(logits, eager["pred_logits"], atol=1e-5) and torch.allclose(boxes, eager["pred_boxes"],
+                                                                                       atol=1e-5)
     with pytest.raises(ValueError, match="exists; nothing is overwritten"):
         export.main(["--checkpoint", str(ckpt), "--size", "64", "96", "--out", out])

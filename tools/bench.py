@@ -37,6 +37,7 @@ published (see SUITES below).
 import argparse
 import dataclasses
 import functools
+import gc
 import itertools
 import json
 import math
@@ -669,6 +670,8 @@ def memory_step(name, label, batch, size, device, recompute=True, checkpoint=Tru
                 "size": torch.tensor(size, device=device)} for _ in range(batch)]
     saved = SavedForBackward(run.model)
     if device == "cuda":
+        gc.collect()  # the models measured before in this process (checkpoint_layers makes reference cycles)
+        torch.cuda.empty_cache()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -710,7 +713,8 @@ def train_memory(args):
                 cmd = [sys.executable, "-m", "tools.bench", "--memory-step", name, v.label, str(batch),
                        "--size", *map(str, args.size), "--device", args.device, "--recompute-sampling",
                        args.recompute_sampling, "--checkpoint-encoder", args.checkpoint_encoder] + \
-                    (["--readable-path"] if args.readable_path else [])
+                    (["--readable-path"] if args.readable_path else []) + \
+                    (["--threads", str(args.threads)] if args.threads else [])
                 done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 if done.returncode:
                     raise ValueError(f"the memory step of {name} ({v.label}, batch {batch}) failed:\n{done.stderr}")
@@ -872,8 +876,15 @@ def parse_args(argv=None):
         raise ValueError(f"--data {args.data!r} is not a folder")
     args.batch_sizes = [1, 4] if args.device == "cuda" else [1]
     args.batch_sizes_memory = [1, 2]
-    if args.memory_step and args.memory_step[0] not in SUITES:
-        raise ValueError(f"--memory-step: no model {args.memory_step[0]!r}; models are {', '.join(SUITES)}")
+    if args.memory_step:
+        name, label, batch = args.memory_step
+        if name not in SUITES:
+            raise ValueError(f"--memory-step: no model {name!r}; models are {', '.join(SUITES)}")
+        labels = [v.label for v in [SUITES[name].baseline] + SUITES[name].variants]
+        if label not in labels:
+            raise ValueError(f"--memory-step: {name} has no configuration {label!r}; it has {labels}")
+        if not batch.isdigit() or int(batch) < 1:
+            raise ValueError(f"--memory-step: the batch size must be a positive integer, got {batch!r}")
     if not args.train_step:
         args.amp = args.amp or "off"
     return args

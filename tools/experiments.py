@@ -190,7 +190,7 @@ def converge(args, argv):
     for i, (name, overrides) in enumerate(variants):
         run_dir = os.path.join(out, f"{i}")
         print(f"== {name}: {run_dir}", flush=True)
-        if not (epochs[name] - 1 in evals(run_dir) or run_finished(run_dir)):  # finished, or its --time-budget spent
+        if not (epochs[name] - 1 in evals(run_dir) or run_finished(run_dir, epochs[name])):  # or its budget spent
             sets = ["--set", *overrides] if overrides else []
             train.main(["--model", "smca", "--data", args.data, "--output-dir", run_dir, "--epochs",
                         str(epochs[name]), "--lr-drop", str(epochs[name]), "--eval-every", "1", "--seed",
@@ -257,25 +257,25 @@ def claim_dir(out, claim, run):
 
 
 def start_record(run_dir):
-    """The first 'start' record of a run's log.jsonl (train.py's arguments and Config), or None."""
-    path = os.path.join(run_dir, "log.jsonl")
+    """The last 'start' record of a run's log.jsonl (train.py's arguments and Config as last started), or None."""
+    path, found = os.path.join(run_dir, "log.jsonl"), None
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
                 rec = json.loads(line)
                 if rec.get("type") == "start":
-                    return rec
-    return None
+                    found = rec
+    return found
 
 
-def run_finished(run_dir):
-    """Whether a run's log.jsonl holds the evaluation that ends its training: of its last epoch, or of the
-    epoch where its --time-budget ran out."""
+def run_finished(run_dir, epochs=None):
+    """Whether a run's log.jsonl holds the evaluation that ends its training: of its last epoch (`epochs`, default
+    the epochs it was last started with), or of the epoch where its --time-budget ran out."""
     start, done = start_record(run_dir), evals(run_dir)
     if start is None or not done:
         return False
     last, budget = done[max(done)], start["args"].get("time_budget")
-    return (max(done) == start["args"]["epochs"] - 1 or last.get("epoch_fraction", 1.0) < 1
+    return (max(done) >= (epochs or start["args"]["epochs"]) - 1 or last.get("epoch_fraction", 1.0) < 1
             or (budget is not None and last.get("train_s", 0.0) >= 60 * budget))
 
 
@@ -286,13 +286,15 @@ def claim_argv(args, claim, run, run_dir):
 
 
 def check_same_run(run_dir, argv):
-    """A run folder already in --out must hold the run asked for now (model, data, seed, --set, --time-budget):
-    never continue or overwrite another one."""
+    """A run folder already in --out must hold the run asked for now (model, data, seed, --set, --time-budget and
+    the recipe: epochs, lr drop, batch size, lrs, amp): never continue or overwrite another one."""
     start = start_record(run_dir)
     if start is None:
         return
     asked = train.parse_args(argv)
-    keys = ("model", "data", "seed", "set", "time_budget")
+    train.resolve_recipe(asked, model_module(asked.model), asked.data == "shapes")  # as train.py logs them
+    keys = ("model", "data", "seed", "set", "time_budget", "epochs", "lr_drop", "batch_size", "lr", "lr_backbone",
+            "amp")
     differ = [k for k in keys if start["args"].get(k) != getattr(asked, k)]
     if differ:
         held = ", ".join(f"{k} {start['args'].get(k)!r}" for k in differ)
@@ -303,11 +305,14 @@ def check_same_run(run_dir, argv):
 def train_runs(argvs, jobs, here):
     """train.py on each argv: in this process one after another (jobs 1), else `jobs` processes at a time, each
     logging to its OUTPUT_DIR/train.out. Every run is tried; a failure is raised once all have ended."""
+    failed = []
     if jobs == 1:
         for argv in argvs:
-            train.main(argv)
-        return
-    pending, running, failed = list(argvs), [], []
+            try:
+                train.main(argv)
+            except ValueError as e:  # a bad input or a diverged run: the next runs still train
+                failed.append(f"{argv[argv.index('--output-dir') + 1]} ({e})")
+    pending, running = list(argvs) if jobs > 1 else [], []
     while pending or running:
         while pending and len(running) < jobs:
             argv = pending.pop(0)
@@ -435,7 +440,8 @@ def plot_xy(x, y, y_max):
 
 def claims_picture(rows, path):
     """The papers' Fig. 1 in miniature: AP on the shapes val split against encoder multiply-adds relative to each
-    paper's dense base, one point per finished run (the base hollow), each efficient model joined to its base."""
+    paper's dense base, one point per run with an evaluation (its last; the base hollow), each efficient model
+    joined to its base."""
     done = [r for r in rows if r["AP"] is not None and r.get("encoder_gmacs_ratio") is not None]
     y_max = max([10.0] + [math.ceil(100 * r["AP"] / 10 + 0.5) * 10 for r in done])
     image = Image.new("RGB", PLOT["size"], "white")

@@ -46,8 +46,8 @@ def load_model(args):
         import detect
         det = detect.load_detector(args.checkpoint)
         ckpt_args = load_checkpoint(args.checkpoint).get("args") or {}
-        val = 160 if ckpt_args.get("data", "shapes") == "shapes" else 800
-        return det.name, det.model.eval(), tuple(args.size or (val, val))
+        default = (160, 160) if ckpt_args.get("data", "shapes") == "shapes" else (800, 1333)
+        return det.name, det.model.eval(), tuple(args.size or default)
     module = model_module(args.model)
     torch.manual_seed(0)
     return args.model, module.build(module.Config())[0].eval(), tuple(args.size or (800, 1333))
