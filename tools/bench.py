@@ -48,6 +48,7 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -598,10 +599,11 @@ class SavedForBackward:
     tensor's storage once (parameters, which stay anyway, excluded) against the innermost part running when it
     was saved: the backbone, the encoder and decoder layers, and in those the deformable attention modules
     (their projections, sampling and weighted sum); everything else (input projections, token selection,
-    heads, the losses) is "rest"."""
+    heads, the losses) is "rest". A storage is known by its address while a tensor saved on it lives: a graph the
+    forward drops frees its tensors, and a later one at the same address is counted anew."""
 
     def __init__(self, model):
-        self.bytes, self.seen, self.stack = {}, set(), ["rest"]
+        self.bytes, self.seen, self.stack = {}, {}, ["rest"]  # seen: address -> weak reference to a saved tensor
         self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         self.handles = []
         parts = [(model.backbone, "backbone")]
@@ -623,8 +625,8 @@ class SavedForBackward:
     def pack(self, t):
         storage = t.untyped_storage()
         key = storage.data_ptr()
-        if key not in self.params and key not in self.seen:
-            self.seen.add(key)
+        if key not in self.params and (key not in self.seen or self.seen[key]() is None):
+            self.seen[key] = weakref.ref(t)
             self.bytes[self.stack[-1]] = self.bytes.get(self.stack[-1], 0) + storage.nbytes()
         return t
 
