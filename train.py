@@ -462,12 +462,15 @@ def build_model(args, module, cfg, on_shapes, rank, official_state=None):
 def encoder_layers(model):
     """A model's encoder layers: the modules of model.encoder's ModuleLists, nested ones flattened (SMCA's
     multi-scale encoder holds its blocks, with intra_share=false a list per block)."""
-    def flat(module):
-        if isinstance(module, torch.nn.ModuleList):
-            return [layer for m in module for layer in flat(m)]
-        lists = [m for m in module.children() if isinstance(m, torch.nn.ModuleList)]
-        return [layer for m in lists for layer in flat(m)] if lists else [module]
-    return flat(model.encoder)
+    def flat(layers):  # a ModuleList's items, each a layer or a list of layers
+        return [x for m in layers for x in (flat(m) if isinstance(m, torch.nn.ModuleList) else [m])]
+    if isinstance(model.encoder, torch.nn.ModuleList):
+        return flat(model.encoder)
+    lists = [m for m in model.encoder.children() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"--checkpoint-encoder: {type(model.encoder).__name__} holds no list of layers")
+    layers = [layer for m in lists for layer in flat(m)]
+    return [layer for i, layer in enumerate(layers) if all(layer is not other for other in layers[:i])]  # shared once
 
 
 def build_run(args, module, model, criterion, postprocess, device, rank, world, categories):

@@ -246,3 +246,19 @@ def test_train_recipe_recomputes_the_sampling_and_checkpoints_the_encoder_at_coc
     # the same run (a deformable encoder: both switches bite), computed with less memory
     assert _train_losses(tmp_path / "plain") == pytest.approx(_train_losses(tmp_path / "both"), rel=1e-6)
     assert runs[0]["stats"]["AP"] == pytest.approx(runs[1]["stats"]["AP"], abs=1e-6)
+
+
+def test_train_encoder_layers_finds_every_model_s_encoder_layers_once():
+    """--checkpoint-encoder wraps these: each encoder layer, once (a shared one too), never a sub-module."""
+    from tests.helpers import tiny_focus, tiny_lite, tiny_sparse
+    import sparse_detr
+    for model, names in [(smca.build(tiny_smca())[0], {"EncoderLayer"}),
+                         (smca.build(tiny_smca(multiscale=True))[0], {"EncoderLayer"}),
+                         (smca.build(tiny_smca(multiscale=True, intra_share=False))[0], {"EncoderLayer"}),
+                         (sparse_detr.build(tiny_sparse())[0], {"DeformableEncoderLayer"}),
+                         (lite_detr.build(tiny_lite())[0], {"LiteEncoderLayer"}),
+                         (focus_detr.build(tiny_focus())[0], {"DualAttentionEncoderLayer"})]:
+        layers = train.encoder_layers(model)
+        assert {type(layer).__name__ for layer in layers} == names
+        assert len({id(layer) for layer in layers}) == len(layers) == len({id(m) for m in model.encoder.modules()
+                                                                           if type(m).__name__ in names})
