@@ -109,7 +109,10 @@ def sparse_token_nums(pad_mask, rho):
 def select_tokens(scores, pad_mask, nums):
     """Top-n_b tokens per image, padded to S = max n_b; padded tokens rank last. -> (B, S)"""
     scores = scores.detach().masked_fill(pad_mask, float("-inf"))
-    return scores.topk(int(nums.max()), dim=1).indices  # (B, S)
+    S = nums.max().item()
+    torch._check(S >= 1)  # the bounds torch.export needs to trace S, a count read from the mask (tools/export.py)
+    torch._check(S <= scores.shape[1])
+    return scores.topk(S, dim=1).indices  # (B, S)
 
 
 def decoder_attention_map(locations, weights, spatial_shapes, half_cell_shift=False):

@@ -11,10 +11,11 @@ in [0, 1]); `torch.export.load(path).module()(images, pad_mask)` runs it. Before
 input are compared with the eager model's (at most 1e-4 apart, else nothing is written). An existing --out is
 never overwritten.
 
-What exports: SMCA-DETR (single- and multi-scale), Lite DETR (every schedule), and the dense bases of Sparse DETR
-and Focus-DETR. Sparse DETR's sparse encoder and Focus-DETR's token selection do not yet: they size tensors by
-each image's token count, which they compute from the padding mask (`int(...)` of a tensor), and torch.export
-cannot trace a size that depends on a tensor's values; the command says so rather than failing with a trace.
+What exports: SMCA-DETR, Lite DETR, Sparse DETR (its selected-token count, read from the mask, is bounded with
+torch._check for torch.export) and the dense bases of Sparse DETR and Focus-DETR. Focus-DETR's token selection does
+not yet: it sizes tensors by each image's token counts and valid map sizes, computed from the padding mask
+(`int(...)` of a tensor), and torch.export cannot trace a size that depends on a tensor's values; the command
+says so rather than failing with a trace.
 The program is the readable path (common.fast_paths(False)), traced without autograd.
 """
 import argparse
