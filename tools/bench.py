@@ -42,16 +42,20 @@ import itertools
 import json
 import math
 import os
+import random
 import re
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -60,6 +64,7 @@ import lite_detr
 import train
 from common import checkpoint_layers, fast_paths, recompute_sampling
 from data import shapes
+from data.coco import load_rgb
 from engine.runtime import SHAPES_ROOT, model_module, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
@@ -672,7 +677,7 @@ def memory_step(name, label, batch, size, device, recompute=True, checkpoint=Tru
                 "size": torch.tensor(size, device=device)} for _ in range(batch)]
     saved = SavedForBackward(run.model)
     if device == "cuda":
-        gc.collect()  # the models measured before in this process (checkpoint_layers makes reference cycles)
+        gc.collect()  # free the models measured before in this process (checkpoint_layers makes reference cycles)
         torch.cuda.empty_cache()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -697,35 +702,41 @@ MEMORY_PARTS = ("backbone", "encoder: deformable attention", "encoder: rest", "d
                 "decoder: rest", "rest")
 
 
+MEMORY_BATCHES = (1, 2)
+
+
 def train_memory(args):
-    """Each model's COCO configuration and its dense base, batch 1 and 2, each step in its own process on the CPU
-    (so each peak RSS is its own; on CUDA torch's peak is reset per step) -> records, and the table."""
+    """Each model's COCO configuration and its dense base at MEMORY_BATCHES, each step in its own process on the
+    CPU (so each peak RSS is its own; on CUDA torch's peak is reset per step, in this process) -> records, and the
+    table."""
     records = []
     for name in args.model or list(SUITES):
         suite = SUITES[name]
         for v in [suite.baseline, next(v for v in suite.variants if v.timed)]:
-            for batch in args.batch_sizes_memory:
-                if args.device == "cuda":  # torch's peak allocation is reset for each step: one process does
+            for batch in MEMORY_BATCHES:
+                if args.device == "cuda":
                     records.append(memory_step(name, v.label, batch, tuple(args.size), "cuda",
                                                args.recompute_sampling == "on", args.checkpoint_encoder == "on"))
-                    torch.cuda.empty_cache()
-                    if args.json:
-                        print(json.dumps(records[-1]), flush=True)
-                    continue
-                cmd = [sys.executable, "-m", "tools.bench", "--memory-step", name, v.label, str(batch),
-                       "--size", *map(str, args.size), "--device", args.device, "--recompute-sampling",
-                       args.recompute_sampling, "--checkpoint-encoder", args.checkpoint_encoder] + \
-                    (["--readable-path"] if args.readable_path else []) + \
-                    (["--threads", str(args.threads)] if args.threads else [])
-                done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-                if done.returncode:
-                    raise ValueError(f"the memory step of {name} ({v.label}, batch {batch}) failed:\n{done.stderr}")
-                records.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                else:
+                    records.append(memory_step_in_a_process(name, v.label, batch, args))
                 if args.json:
                     print(json.dumps(records[-1]), flush=True)
     if not args.json:
         print_memory_table(records, args)
     return records
+
+
+def memory_step_in_a_process(name, label, batch, args):
+    """memory_step in a fresh `python -m tools.bench --memory-step` process (its own peak RSS) -> its record."""
+    cmd = [sys.executable, "-m", "tools.bench", "--memory-step", name, label, str(batch),
+           "--size", *map(str, args.size), "--device", args.device, "--recompute-sampling", args.recompute_sampling,
+           "--checkpoint-encoder", args.checkpoint_encoder]
+    cmd += ["--readable-path"] if args.readable_path else []
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        raise ValueError(f"the memory step of {name} ({label}, batch {batch}) failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def print_memory_table(records, args):
@@ -757,13 +768,12 @@ DATA_STAGES = ("decode", "flip", "resize / crop", "to tensor, normalise")
 def coco_like_photos(folder, n, size=(640, 480), seed=0):
     """n JPEGs of COCO's most common size (640 x 480, quality 90) into `folder`, photo-like for the decoder
     (smooth colour fields with edges and fine texture, not noise) -> their paths."""
-    from PIL import Image
     g = torch.Generator().manual_seed(seed)
     w, h = size
     paths = []
     for i in range(n):
         coarse = torch.rand(1, 3, h // 32, w // 32, generator=g)
-        field = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)[0]
+        field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=False)[0]
         texture = 0.08 * torch.randn(3, h, w, generator=g)
         pixels = ((field + texture).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
         path = os.path.join(folder, f"{i:06d}.jpg")
@@ -777,10 +787,6 @@ def data_throughput(args):
     resize-crop-resize, to tensor and normalise) on COCO-sized JPEGs in one process, the work of one loader
     worker, stage by stage -> {"images_per_s", "ms": {stage: ms per image}}, and the workers it takes to feed
     8 GPUs x 2 images at 4 steps per second."""
-    import random
-    import tempfile
-
-    from data.coco import load_rgb
     folder = tempfile.mkdtemp(prefix="coco-like-")
     paths = coco_like_photos(folder, args.images)
     flip, select, to_tensor = datalib.make_transforms("train", **datalib.COCO_SCALES).transforms
@@ -877,7 +883,6 @@ def parse_args(argv=None):
     if args.data and not os.path.isdir(args.data):
         raise ValueError(f"--data {args.data!r} is not a folder")
     args.batch_sizes = [1, 4] if args.device == "cuda" else [1]
-    args.batch_sizes_memory = [1, 2]
     if args.memory_step:
         name, label, batch = args.memory_step
         if name not in SUITES:

@@ -75,6 +75,7 @@ from common import box_cxcywh_to_xyxy
 from data import shapes
 from engine import visualize
 from engine.runtime import MODELS, SHAPES_ROOT, load_checkpoint, machine_name, model_module, run_cli
+from tools import bench
 
 # ---------------------------------------------------------------------------------------------
 # converge: SMCA against its DETR baseline, same steps
@@ -280,7 +281,7 @@ def run_finished(run_dir, epochs=None):
 
 
 def claim_argv(args, claim, run, run_dir):
-    return (["--model", claim.model, "--data", args.data, "--output-dir", run_dir, "--seed", str(args.seed),
+    return (["--model", claim.model, "--data", "shapes", "--output-dir", run_dir, "--seed", str(args.seed),
              "--eval-every", "1", "--resume", "auto"] + (["--set", *run.sets] if run.sets else [])
             + (["--time-budget", str(args.budget)] if args.budget else []) + args.train_args)
 
@@ -312,7 +313,15 @@ def train_runs(argvs, jobs, here):
                 train.main(argv)
             except ValueError as e:  # a bad input or a diverged run: the next runs still train
                 failed.append(f"{argv[argv.index('--output-dir') + 1]} ({e})")
-    pending, running = list(argvs) if jobs > 1 else [], []
+    else:
+        failed = _train_in_processes(argvs, jobs, here)
+    if failed:
+        raise ValueError("these runs failed: " + "; ".join(failed))
+
+
+def _train_in_processes(argvs, jobs, here):
+    """`python train.py ARGV` for each argv, `jobs` processes at a time -> the failed runs, described."""
+    pending, running, failed = list(argvs), [], []
     while pending or running:
         while pending and len(running) < jobs:
             argv = pending.pop(0)
@@ -327,8 +336,7 @@ def train_runs(argvs, jobs, here):
             item[1].close()
             if item[2].returncode:
                 failed.append(f"{item[0]} (exit {item[2].returncode}, see its train.out)")
-    if failed:
-        raise ValueError("these runs failed: " + "; ".join(failed))
+    return failed
 
 
 def claim_costs(claim, root, images=8, repeats=5, train_steps=3):
@@ -336,7 +344,6 @@ def claim_costs(claim, root, images=8, repeats=5, train_steps=3):
     "infer_ms", "train_ms"}}: bench.py's counters (GMACs averaged over the first `images` val images at the shapes
     val size), the median of `repeats` eval-mode forwards of the first image (float32, the runs interleaved) and
     bench.py's training step of the shapes recipe (`train_steps` steps after one warm-up, the recipe's amp)."""
-    from tools import bench
     module = model_module(claim.model)
     val = datalib.CocoDetection(*datalib.find_split(root, "val"),
                                 datalib.make_transforms("val", **datalib.SHAPES_SCALES))
@@ -408,15 +415,17 @@ def claims_table(rows, header):
                 gflops += "; encoder " + _cell(r["paper_encoder_gflops"],
                                                None if r["base"] else r["paper_encoder_gflops_ratio"], "g")
             note = f"; {r['paper_note']}" if r["paper_note"] else ""
-            ratio = lambda key: None if r["base"] else r[f"{key}_ratio"]  # noqa: E731
-            base_ap = mine[0]["AP"]
-            ap_ratio = ("-" if r["base"] or r["AP_ratio"] is None else "- (the base at chance)" if base_ap < 0.01
-                        else f"{r['AP_ratio']:.2f}")
+            if r["base"] or r["AP_ratio"] is None:
+                ap_ratio = "-"
+            elif mine[0]["AP"] < 0.01:  # a ratio to chance-level AP says nothing
+                ap_ratio = "- (the base at chance)"
+            else:
+                ap_ratio = f"{r['AP_ratio']:.2f}"
+            costs = [_cell(r.get(key), None if r["base"] else r[f"{key}_ratio"], fmt)
+                     for key, fmt in (("encoder_gmacs", ".2f"), ("gmacs", ".2f"), ("train_ms", ".0f"),
+                                      ("infer_ms", ".1f"))]
             lines.append(f"| {r['label']} | {per_epoch} | {_pct(r['AP50'])} | {_pct(r['APs'])} | {ap_ratio} | "
-                         f"{_cell(r.get('encoder_gmacs'), ratio('encoder_gmacs'), '.2f')} | "
-                         f"{_cell(r.get('gmacs'), ratio('gmacs'), '.2f')} | "
-                         f"{_cell(r.get('train_ms'), ratio('train_ms'), '.0f')} | "
-                         f"{_cell(r.get('infer_ms'), ratio('infer_ms'), '.1f')} | {paper_ap} | {gflops}{note} |")
+                         + " | ".join(costs) + f" | {paper_ap} | {gflops}{note} |")
         if claim.model == "smca" and len(mine) == 2 and mine[0]["epochs"] and mine[1]["epochs"]:
             detr = {e["epoch"]: e for e in mine[0]["epochs"]}
             single = {e["epoch"]: e for e in mine[1]["epochs"]}
@@ -509,13 +518,12 @@ def claims(args, argv):
             else:
                 print(f"== {claim.paper}, {run.label}: python train.py {shlex.join(argv_run)}", flush=True)
                 todo.append(argv_run)
-    if args.data == "shapes" and todo:
+    if todo:
         shapes.ensure(SHAPES_ROOT)  # once, before parallel runs would each try
     train_runs(todo, args.jobs, here)
     if args.train_only:
         print(f"trained; `python -m tools.experiments claims --out {out}` measures the costs and writes the table")
         return None
-    root = SHAPES_ROOT if args.data == "shapes" else args.data
     cost_path = os.path.join(out, "costs.json")
     costs = {}
     if os.path.exists(cost_path):
@@ -524,14 +532,14 @@ def claims(args, argv):
     for claim in CLAIMS:
         if set(costs.get(claim.model, {})) != {run.label for run in claim.runs}:
             print(f"== measuring the cost of {claim.paper}'s configurations on this machine", flush=True)
-            costs[claim.model] = claim_costs(claim, root)
+            costs[claim.model] = claim_costs(claim, SHAPES_ROOT)
             costs["machine"] = f"{machine_name()}, {torch.get_num_threads()} threads"
             with open(cost_path, "w") as f:
                 json.dump(costs, f, indent=1)
     rows = claim_rows(out, costs)
     devices = sorted({r["device"] for r in rows if r["device"]})
     header = (f"`python -m tools.experiments {' '.join(argv)}`: trained on {', '.join(devices) or '?'} "
-              f"(seed {args.seed}, {args.data} val); costs measured on {costs.get('machine', '?')} "
+              f"(seed {args.seed}, shapes val); costs measured on {costs.get('machine', '?')} "
               f"(OUT/costs.json: delete it to measure again). AP in %; ratios against each paper's dense base.")
     write_table(out, "claims", claims_table(rows, header), rows)
     claims_picture(rows, os.path.join(out, "claims.png"))
@@ -750,7 +758,7 @@ def main(argv=None):
     f = sub.add_parser("fine-tokens", help="where a trained Focus-DETR's fine-grained tokens sit, by MCSP score")
     f.add_argument("--checkpoint", required=True, help="a Focus-DETR checkpoint.pth written by train.py")
     f.add_argument("--images", type=int, default=100, help="how many val images (default 100)")
-    for q in (c, m, b):
+    for q in (c, b):  # claims: the shapes set (its costs are the shapes configurations')
         q.add_argument("--data", default="shapes")
     for q in (c, m, b, v):
         q.add_argument("--seed", type=int, default=42)
