@@ -104,6 +104,9 @@ def parse_args(argv=None):
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="stop training after this many minutes of training (summed over resumes; checked every "
                         "iteration), then save and evaluate. experiments.py leaderboard gives every model the same one")
+    p.add_argument("--max-steps", type=int, default=None, metavar="N",
+                   help="stop training after N optimizer steps (counted over resumes), then save and evaluate; "
+                        "a partial epoch then counts as done, as with --time-budget")
     p.add_argument("--backbone-weights", default=None,
                    help="torchvision-format ResNet .pth, 'imagenet' (download), "
                         "'shapes' (the ResNet engine/pretrain.py pretrains on the shapes set, trained on first use) "
@@ -303,7 +306,10 @@ class Run:
 
 
 def out_of_time(run, seconds_this_epoch):
-    """Has the --time-budget run out? Rank 0's clock decides for every rank (they must stop together)."""
+    """Has the --time-budget run out, or have --max-steps steps been taken? Rank 0's clock decides for every rank
+    (they must stop together; the step count is the same on every rank)."""
+    if run.args.max_steps is not None and run.steps >= run.args.max_steps:
+        return True
     budget = run.args.time_budget
     if budget is None:
         return False
@@ -311,6 +317,13 @@ def out_of_time(run, seconds_this_epoch):
     if run.world > 1:
         dist.broadcast(spent, 0)
     return bool(spent.item())
+
+
+def limit_text(args):
+    """The limits --time-budget and --max-steps set, in words (for the messages when one ends training)."""
+    limits = [f"--time-budget of {args.time_budget:g} min" if args.time_budget is not None else None,
+              f"--max-steps {args.max_steps}" if args.max_steps is not None else None]
+    return " / ".join(text for text in limits if text)
 
 
 def forward_loss(run, images, pad_mask, targets):
@@ -368,6 +381,8 @@ def train_one_epoch(run, epoch, loader):
             eta = (n - it - 1) / rate + (args.epochs - epoch - 1) * n / rate
             if args.time_budget is not None:
                 eta = max(0.0, min(eta, 60 * args.time_budget - run.train_s - (time.time() - start)))
+            if args.max_steps is not None:
+                eta = max(0.0, min(eta, (args.max_steps - run.steps) / rate))
             print(f"epoch {epoch + 1}/{args.epochs} it {it + 1}/{n}  loss {loss.item():.3f} "
                   f"(ce {losses['loss_ce'].item():.3f} l1 {losses['loss_bbox'].item():.3f} "
                   f"giou {losses['loss_giou'].item():.3f})  grad {float(grad_norm):.2f}  "
@@ -424,6 +439,8 @@ def resolve_recipe(args, module, on_shapes):
         args.amp = amp if amp == "off" or (select_device(args).type == "cpu" and cpu_has_amx()) else "off"
     if args.time_budget is not None and not args.time_budget > 0:
         raise ValueError(f"--time-budget must be a positive number of minutes, got {args.time_budget}")
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise ValueError(f"--max-steps must be a positive number of steps, got {args.max_steps}")
 
 
 def build_model(args, module, cfg, on_shapes, rank, official_state=None):
@@ -639,7 +656,7 @@ def fit(run, scheduler, cfg, train_set, val_set, start_epoch, ckpt_path):
     for epoch in range(start_epoch, args.epochs):
         if out_of_time(run, 0.0):
             if run.rank == 0:
-                print(f"the --time-budget of {args.time_budget:g} min is spent ({run.train_s / 60:.1f} min "
+                print(f"the {limit_text(args)} is reached ({run.train_s / 60:.1f} min, {run.steps} steps "
                       f"trained); nothing left to train in {args.output_dir}")
             break
         t0 = time.time()
@@ -647,7 +664,8 @@ def fit(run, scheduler, cfg, train_set, val_set, start_epoch, ckpt_path):
         fraction = train_one_epoch(run, epoch, loader)
         scheduler.step()
         save_checkpoint(run, scheduler, epoch, fraction, cfg, ckpt_path)
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs or fraction < 1:
+        steps_done = args.max_steps is not None and run.steps >= args.max_steps
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs or fraction < 1 or steps_done:
             result = evaluate(run, val_set)
             run.log({"type": "eval", "epoch": epoch, "epoch_fraction": fraction, "epoch_time_s": time.time() - t0,
                      "train_s": run.train_s, "steps": run.steps, "infer_ms_per_image": result["infer_ms_per_image"],
@@ -656,9 +674,9 @@ def fit(run, scheduler, cfg, train_set, val_set, start_epoch, ckpt_path):
                 print(result["text"])
                 stats = result["stats"]
                 print(f"epoch {epoch + 1}: AP {stats['AP']:.3f}  AP50 {stats['AP50']:.3f}", flush=True)
-        if fraction < 1:
+        if fraction < 1 or steps_done:
             if run.rank == 0:
-                print(f"--time-budget of {args.time_budget:g} min spent after {fraction:.0%} of epoch {epoch + 1}")
+                print(f"the {limit_text(args)} is reached after {fraction:.0%} of epoch {epoch + 1}")
             break
     return result
 

@@ -167,7 +167,8 @@ def test_experiments_claims_tables_finished_runs_continues_unfinished_and_refuse
     monkeypatch.setattr(experiments.shapes, "ensure", lambda root: root)
     monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"retrained {argv}"))
     out = str(tmp_path / "claims")
-    args = experiments.main.__globals__["argparse"].Namespace(data="shapes", seed=42, budget=None, train_args=[])
+    args = experiments.main.__globals__["argparse"].Namespace(data="shapes", seed=42, budget=None, steps=None,
+                                                                 train_args=[])
     aps = {"DETR": [0.01, 0.05, 0.10, 0.12], "SMCA": [0.04, 0.08, 0.2, 0.3], "dense": [0.2, 0.4],
            "rho 0.1": [0.1, 0.3]}  # each model's shapes recipe: SMCA 4 epochs, Sparse DETR 2
     for claim in experiments.CLAIMS:
@@ -219,6 +220,31 @@ def test_experiments_run_finished_reads_the_epochs_asked_for(tmp_path):
     assert not experiments.run_finished(str(tmp_path / "r"), 3)
 
 
+def test_experiments_claims_steps_end_a_run_and_name_its_folder(tmp_path, monkeypatch):
+    """claims --steps N: every run gets train.py --max-steps N; a run whose last evaluation is at N steps is
+    finished (even at an epoch's end); a folder of another --steps is refused."""
+    argv = ["--model", "sparse_detr", "--output-dir", str(tmp_path / "r"), "--max-steps", "100"]
+    _claim_log(str(tmp_path / "r"), argv, [0.1], epochs=2)  # 100 steps: the end of epoch 1 of 2
+    assert experiments.run_finished(str(tmp_path / "r"))
+    _claim_log(str(tmp_path / "s"), argv[:-1] + ["200"], [0.1], epochs=2)
+    assert not experiments.run_finished(str(tmp_path / "s"))
+    monkeypatch.setattr(experiments, "CLAIMS", _two_claims()[1:])
+    monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"trained {argv}"))
+    out = str(tmp_path / "claims")
+    args = experiments.main.__globals__["argparse"].Namespace(data="shapes", seed=42, budget=None, steps=300,
+                                                             train_args=[])
+    claim = experiments.CLAIMS[0]
+    for run in claim.runs:
+        run_dir = experiments.claim_dir(out, claim, run)
+        run_argv = experiments.claim_argv(args, claim, run, run_dir)
+        assert run_argv[run_argv.index("--max-steps") + 1] == "300"
+        _claim_log(run_dir, run_argv, [0.2], steps_per_epoch=300, epochs=2)
+    with pytest.raises(ValueError, match="holds another run .*max_steps 300.*asked: max_steps 200"):
+        experiments.main(["claims", "--out", out, "--steps", "200", "--table-only"])
+    with pytest.raises(ValueError, match="--steps must be a positive"):
+        experiments.main(["claims", "--out", out, "--steps", "0"])
+
+
 def test_experiments_claims_picture_places_each_run_by_encoder_cost_and_ap(tmp_path, monkeypatch):
     monkeypatch.setattr(experiments, "CLAIMS", _two_claims())
     rows = [{"paper": "Sparse DETR", "label": "dense", "base": True, "AP": 0.40, "encoder_gmacs_ratio": 1.0},
@@ -239,10 +265,14 @@ def test_experiments_claims_picture_places_each_run_by_encoder_cost_and_ap(tmp_p
 def test_experiments_train_runs_in_parallel_processes_and_reports_failures(tmp_path):
     """--jobs N: each run its own `python train.py ARGV` process in the checkout, logging to OUTPUT_DIR/train.out;
     every run is tried, the failed ones named once all have ended."""
-    (tmp_path / "train.py").write_text("import sys, time\ntime.sleep(0.2)\nprint('ran', sys.argv[1:])\n"
+    (tmp_path / "train.py").write_text("import os, sys, time\ntime.sleep(0.2)\nprint('ran', sys.argv[1:])\n"
+                                       "print('threads', os.environ['OMP_NUM_THREADS'])\n"
                                        "sys.exit(1 if 'fail' in sys.argv else 0)\n")
     argvs = [["--output-dir", str(tmp_path / f"run{i}")] + (["fail"] if i == 1 else []) for i in range(3)]
     with pytest.raises(ValueError, match=r"these runs failed: .*run1 \(exit 1"):
         experiments.train_runs(argvs, 2, str(tmp_path))
     for i in range(3):
-        assert "ran ['--output-dir'" in (tmp_path / f"run{i}" / "train.out").read_text()
+        out = (tmp_path / f"run{i}" / "train.out").read_text()
+        assert "ran ['--output-dir'" in out
+        if "OMP_NUM_THREADS" not in os.environ:  # each process its share of the cores
+            assert f"threads {max(1, (os.cpu_count() or 1) // 2)}" in out

@@ -181,6 +181,25 @@ def test_train_time_budget_stops_saves_and_evaluates(tiny_shapes, tmp_path):
     assert len(_train_losses(tmp_path / "b")) == 1  # the budget is spent: nothing more trained
 
 
+def test_train_max_steps_stops_saves_evaluates_and_holds_over_a_resume(tiny_shapes, tmp_path):
+    """--max-steps N: training stops after N optimizer steps, across epochs and resumes; the partial epoch is
+    saved and evaluated; a resume with the same N trains no further."""
+    with pytest.raises(ValueError, match="--max-steps must be a positive"):
+        train.main(_train_args(tiny_shapes, tmp_path / "x", "--epochs", "1", "--max-steps", "0"))
+    train.main(_train_args(tiny_shapes, tmp_path / "m", "--epochs", "3", "--max-steps", "3"))
+    assert len(_train_losses(tmp_path / "m")) == 3  # epoch 1 (2 iterations), then 1 of epoch 2's
+    ckpt = torch.load(tmp_path / "m" / "checkpoint.pth", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["epoch_fraction"] == 0.5 and ckpt["steps"] == 3
+    with open(tmp_path / "m" / "log.jsonl") as f:
+        evals = [r for r in map(json.loads, f) if r["type"] == "eval"]
+    assert [(e["epoch"], e["steps"]) for e in evals] == [(0, 2), (1, 3)]
+    train.main(_train_args(tiny_shapes, tmp_path / "m", "--epochs", "3", "--max-steps", "3", "--resume", "auto"))
+    assert len(_train_losses(tmp_path / "m")) == 3
+    train.main(_train_args(tiny_shapes, tmp_path / "e", "--epochs", "3", "--eval-every", "5", "--max-steps", "2"))
+    with open(tmp_path / "e" / "log.jsonl") as f:  # N at an epoch's end: evaluated there all the same
+        assert [r["steps"] for r in map(json.loads, f) if r["type"] == "eval"] == [2]
+
+
 def test_train_ddp_two_processes(tiny_shapes, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -271,31 +271,33 @@ def start_record(run_dir):
 
 def run_finished(run_dir, epochs=None):
     """Whether a run's log.jsonl holds the evaluation that ends its training: of its last epoch (`epochs`, default
-    the epochs it was last started with), or of the epoch where its --time-budget ran out."""
+    the epochs it was last started with), or of the epoch where its --time-budget or --max-steps ran out."""
     start, done = start_record(run_dir), evals(run_dir)
     if start is None or not done:
         return False
-    last, budget = done[max(done)], start["args"].get("time_budget")
+    last, budget, max_steps = done[max(done)], start["args"].get("time_budget"), start["args"].get("max_steps")
     return (max(done) >= (epochs or start["args"]["epochs"]) - 1 or last.get("epoch_fraction", 1.0) < 1
-            or (budget is not None and last.get("train_s", 0.0) >= 60 * budget))
+            or (budget is not None and last.get("train_s", 0.0) >= 60 * budget)
+            or (max_steps is not None and last.get("steps", 0) >= max_steps))
 
 
 def claim_argv(args, claim, run, run_dir):
     return (["--model", claim.model, "--data", "shapes", "--output-dir", run_dir, "--seed", str(args.seed),
              "--eval-every", "1", "--resume", "auto"] + (["--set", *run.sets] if run.sets else [])
-            + (["--time-budget", str(args.budget)] if args.budget else []) + args.train_args)
+            + (["--time-budget", str(args.budget)] if args.budget else [])
+            + (["--max-steps", str(args.steps)] if args.steps else []) + args.train_args)
 
 
 def check_same_run(run_dir, argv):
-    """A run folder already in --out must hold the run asked for now (model, data, seed, --set, --time-budget and
-    the recipe: epochs, lr drop, batch size, lrs, amp): never continue or overwrite another one."""
+    """A run folder already in --out must hold the run asked for now (model, data, seed, --set, --time-budget,
+    --max-steps and the recipe: epochs, lr drop, batch size, lrs, amp): never continue or overwrite another one."""
     start = start_record(run_dir)
     if start is None:
         return
     asked = train.parse_args(argv)
     train.resolve_recipe(asked, model_module(asked.model), asked.data == "shapes")  # as train.py logs them
-    keys = ("model", "data", "seed", "set", "time_budget", "epochs", "lr_drop", "batch_size", "lr", "lr_backbone",
-            "amp")
+    keys = ("model", "data", "seed", "set", "time_budget", "max_steps", "epochs", "lr_drop", "batch_size", "lr",
+            "lr_backbone", "amp")
     differ = [k for k in keys if start["args"].get(k) != getattr(asked, k)]
     if differ:
         held = ", ".join(f"{k} {start['args'].get(k)!r}" for k in differ)
@@ -320,15 +322,19 @@ def train_runs(argvs, jobs, here):
 
 
 def _train_in_processes(argvs, jobs, here):
-    """`python train.py ARGV` for each argv, `jobs` processes at a time -> the failed runs, described."""
+    """`python train.py ARGV` for each argv, `jobs` processes at a time -> the failed runs, described. Each process
+    gets its share of this machine's cores as its torch threads (OMP_NUM_THREADS, unless set already): processes
+    that each take every core fight over them and run many times slower."""
     pending, running, failed = list(argvs), [], []
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     while pending or running:
         while pending and len(running) < jobs:
             argv = pending.pop(0)
             run_dir = argv[argv.index("--output-dir") + 1]
             os.makedirs(run_dir, exist_ok=True)
             log = open(os.path.join(run_dir, "train.out"), "a")
-            running.append((run_dir, log, subprocess.Popen([sys.executable, "train.py", *argv], cwd=here,
+            running.append((run_dir, log, subprocess.Popen([sys.executable, "train.py", *argv], cwd=here, env=env,
                                                            stdout=log, stderr=subprocess.STDOUT)))
         time.sleep(0.5)
         for item in [r for r in running if r[2].poll() is not None]:
@@ -499,6 +505,8 @@ def claims(args, argv):
     OUT/claims.md, OUT/claims.json and OUT/claims.png."""
     if args.budget is not None and not args.budget > 0:
         raise ValueError(f"--budget must be a positive number of minutes, got {args.budget}")
+    if args.steps is not None and args.steps <= 0:
+        raise ValueError(f"--steps must be a positive number of steps, got {args.steps}")
     if args.jobs < 1:
         raise ValueError(f"--jobs must be positive, got {args.jobs}")
     if args.train_only and args.table_only:
@@ -524,6 +532,7 @@ def claims(args, argv):
     if args.train_only:
         print(f"trained; `python -m tools.experiments claims --out {out}` measures the costs and writes the table")
         return None
+    os.makedirs(out, exist_ok=True)
     cost_path = os.path.join(out, "costs.json")
     costs = {}
     if os.path.exists(cost_path):
@@ -741,8 +750,11 @@ def main(argv=None):
     m.add_argument("--budget", type=float, default=None, metavar="MINUTES",
                    help="train each run for this many minutes (train.py --time-budget), for a quick check of the "
                         "whole command; default: each model's full shapes recipe")
-    m.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process (default 1; "
-                   "on a machine with many cores or a GPU)")
+    m.add_argument("--steps", type=int, default=None, metavar="N",
+                   help="train each run for N optimizer steps (train.py --max-steps; every run of a pair the same), "
+                        "then evaluate; default: each model's full shapes recipe")
+    m.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process with its "
+                   "share of the cores as threads (default 1)")
     m.add_argument("--train-only", action="store_true", help="train the runs, measure nothing, write no table")
     m.add_argument("--table-only", action="store_true", help="train nothing: the table and picture of the runs --out "
                    "holds now (an unfinished one marked with its steps)")
