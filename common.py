@@ -614,6 +614,16 @@ def proposal_pos_embed(proposals, num_pos_feats=128, temperature=10000, scale=2 
     return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
 
 
+def max_count(counts, upper):
+    """The largest of per-image token counts (a tensor) as the int that sizes a batch's top-k or slice. A value
+    read from a tensor is unknown to torch.export when it traces; the two bounds tell it the count is a valid
+    size (1 .. upper), so the models export (tools/export.py). Eager: only the int."""
+    n = counts.max().item()
+    torch._check(n >= 1)
+    torch._check(n <= upper)
+    return n
+
+
 def gather_tokens(x, inds):
     """x (B, N, ...) -> the rows inds (B, S) -> (B, S, ...)."""
     return x.gather(1, inds.view(*inds.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:]))

@@ -66,8 +66,8 @@ from torch import nn
 from common import (DeformableDecoderLayer, DeformableEncoderLayer, HungarianMatcher, MLP, MSDeformAttn, PostProcess,
                     SetCriterion, box_cxcywh_to_xyxy, check_at_least, check_choice, check_deformable_config,
                     check_state_dict, deformable_detr_init_, deformable_inputs, gather_tokens, input_tokens,
-                    inverse_sigmoid, proposal_features, read_official, rename_keys, set_outputs, sigmoid_focal_loss,
-                    smoke_outputs, two_stage_selection, write_back)
+                    inverse_sigmoid, max_count, proposal_features, read_official, rename_keys, set_outputs,
+                    sigmoid_focal_loss, smoke_outputs, two_stage_selection, write_back)
 
 # OFF GenTargets limit_range: each level's (strides 8 .. 64) range of the largest token-to-edge distance, pixels
 FCOS_RANGES = ((-1.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, math.inf))
@@ -130,6 +130,20 @@ def foreground_labels(boxes, spatial_shapes, image_wh, ranges=FCOS_RANGES):
     return torch.stack(labels).float()  # (B, N)
 
 
+def bilinear_matrix(n_from, n_to, size_from, size_to, dtype=torch.float32):
+    """1-D bilinear resizing (F.interpolate's align_corners=True) of each image's first n_from cells onto its first
+    n_to cells, as a matrix: n_from, n_to (B,) -> (B, size_to, size_from); rows past n_to are zero. Counts stay
+    tensors, so the resize has no per-image loop and exports (tools/export.py)."""
+    i = torch.arange(size_to, device=n_to.device, dtype=dtype)  # (size_to,) target cells
+    scale = (n_from - 1).to(dtype) / (n_to - 1).clamp(min=1).to(dtype)  # (B,) as F.interpolate: 0 when n_to is 1
+    src = i[None] * scale[:, None]  # (B, size_to) where each target cell reads the source
+    i0 = src.floor().long().clamp(max=size_from - 1)
+    i1 = torch.minimum(i0 + 1, (n_from - 1).clamp(min=0)[:, None])
+    lam = (src - i0).clamp(0, 1)[..., None]  # (B, size_to, 1)
+    weights = F.one_hot(i0, size_from) * (1 - lam) + F.one_hot(i1, size_from) * lam
+    return weights * (i[None] < n_to[:, None])[..., None]
+
+
 class ForegroundTokenSelector(nn.Module):
     """One foreground logit per token, scored level by level from the coarsest down (Sec. 3.2):
     S_L = MLP_F(T_L), S_l = MLP_F(T_l * (1 + alpha_l * Up(S_{l+1}))); the modulated T only feeds the
@@ -147,13 +161,12 @@ class ForegroundTokenSelector(nn.Module):
         """score (B, 1, h, w) -> (B, 1, H, W) of the finer level (bilinear, align_corners=True)."""
         if self.upsample_over_padding:
             return F.interpolate(score, size=mask_to.shape[-2:], mode="bilinear", align_corners=True)
-        out = score.new_zeros(score.shape[0], 1, *mask_to.shape[-2:])
-        for b in range(score.shape[0]):
-            h, w = int((~mask_from[b]).any(1).sum()), int((~mask_from[b]).any(0).sum())
-            H, W = int((~mask_to[b]).any(1).sum()), int((~mask_to[b]).any(0).sum())
-            out[b, :, :H, :W] = F.interpolate(score[b:b + 1, :, :h, :w], size=(H, W), mode="bilinear",
-                                              align_corners=True)[0]
-        return out
+        # each image's valid h x w region onto its valid H x W one: Up = A_rows S A_cols^T, no per-image sizes
+        rows = bilinear_matrix((~mask_from).any(2).sum(1), (~mask_to).any(2).sum(1), mask_from.shape[1],
+                               mask_to.shape[1], score.dtype)  # (B, H, h)
+        cols = bilinear_matrix((~mask_from).any(1).sum(1), (~mask_to).any(1).sum(1), mask_from.shape[2],
+                               mask_to.shape[2], score.dtype)  # (B, W, w)
+        return (rows @ score[:, 0] @ cols.transpose(1, 2))[:, None]  # (B, 1, H, W), zero over the padding
 
     def forward(self, feats, masks):
         """feats (B, N, C) the tokens' proposal features; masks [(B, H_l, W_l)] -> logits (B, N)."""
@@ -362,13 +375,13 @@ class FocusDETR(nn.Module):
         fg = self.selector(token_feats, geo.masks)  # (B, N) logits
         per_image = cfg.cascade_counts == "per_image"
         keep = cascade_token_nums(pad, cfg.focus_rho, cfg.cascade_ratios, per_image)  # (enc_layers, B) k_l
-        order = fg.detach().masked_fill(pad, float("-inf")).topk(int(keep.max()), dim=1).indices  # (B, S) best first
+        order = fg.detach().masked_fill(pad, float("-inf")).topk(max_count(keep, pad.shape[1]), dim=1).indices  # (B, S)
         out.update(fg_logits=fg, token_nums=keep)
 
         # --- Sec. 3.3: each layer updates its top keep[l] tokens with dual attention ---
         memory, kept, fine_tokens = src, [], []
         for lid, layer in enumerate(self.encoder):
-            inds = order[:, :int(keep[lid].max())]  # (B, S) I_l: a prefix of one ranking, so the sets nest
+            inds = order[:, :max_count(keep[lid], order.shape[1])]  # (B, S_l) I_l: a prefix of one ranking (nested)
             rows = torch.arange(inds.shape[1], device=src.device)[None] < keep[lid][:, None]  # (B, S) False: filler
             tgt, pos_s, ref_s = gather_tokens(memory, inds), gather_tokens(pos, inds), gather_tokens(ref, inds)
             fine_idx, fine_pad = self.fine_grained(tgt, fg.detach().gather(1, inds), rows, keep[lid])  # (B, J)
@@ -393,9 +406,9 @@ class FocusDETR(nn.Module):
             score = cls * fg_s
         else:  # the paper: of probabilities
             score = cls.sigmoid() * fg_s.sigmoid()
-        n_fine = min(cfg.num_fine_tokens, tgt.shape[1])
+        n_fine = max_count(keep.clamp(max=cfg.num_fine_tokens), tgt.shape[1])  # J = min(num_fine_tokens, S)
         fine_pad = None
-        if cfg.cascade_counts == "per_image":
+        if cfg.cascade_counts == "per_image" and tgt.shape[0] > 1:  # a lone image has no filler (J <= its k_l)
             score = score.masked_fill(~rows, float("-inf"))  # filler rows are never fine-grained
             fine_pad = torch.arange(n_fine, device=tgt.device)[None] >= keep.clamp(max=n_fine)[:, None]
         return score.topk(n_fine, dim=1).indices, fine_pad

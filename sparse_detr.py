@@ -61,7 +61,7 @@ from torch import nn
 
 from common import (DeformableDecoderLayer, DeformableEncoderLayer, MLP, MSDeformAttn, PostProcess, SetCriterion,
                     check_choice, check_deformable_config, check_state_dict, decode_with_box_refinement,
-                    deformable_detr_init_, deformable_inputs, gather_tokens, input_tokens, proposal_features,
+                    deformable_detr_init_, deformable_inputs, gather_tokens, input_tokens, max_count, proposal_features,
                     proposal_pos_embed, read_official, rename_keys, set_outputs, smoke_outputs, two_stage_selection,
                     write_back)
 
@@ -109,10 +109,7 @@ def sparse_token_nums(pad_mask, rho):
 def select_tokens(scores, pad_mask, nums):
     """Top-n_b tokens per image, padded to S = max n_b; padded tokens rank last. -> (B, S)"""
     scores = scores.detach().masked_fill(pad_mask, float("-inf"))
-    S = nums.max().item()
-    torch._check(S >= 1)  # the bounds torch.export needs to trace S, a count read from the mask (tools/export.py)
-    torch._check(S <= scores.shape[1])
-    return scores.topk(S, dim=1).indices  # (B, S)
+    return scores.topk(max_count(nums, scores.shape[1]), dim=1).indices  # (B, S), S = max n_b
 
 
 def decoder_attention_map(locations, weights, spatial_shapes, half_cell_shift=False):

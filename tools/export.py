@@ -5,17 +5,18 @@ exported program computes what the model does.
     python -m tools.export --checkpoint CKPT --size 800 1216 --out model.pt2
     python -m tools.export --model lite_detr --size 800 1333 --out lite.pt2   # the COCO Config, random weights
 
-The exported program takes (images (1, 3, H, W) float32, normalised as data/ does, pad_mask (1, H, W) bool, all
-False) of exactly the size it was exported at, and returns (pred_logits (1, Q, K), pred_boxes (1, Q, 4), cxcywh
-in [0, 1]); `torch.export.load(path).module()(images, pad_mask)` runs it. Before saving, its outputs on a random
+The exported program takes (images (1, 3, H, W) float32, normalised as data/ does, pad_mask (1, H, W) bool, True
+where the image is padding: all False for an image of exactly that size) of the size it was exported at, and
+returns (pred_logits (1, Q, K), pred_boxes (1, Q, 4), cxcywh in [0, 1]); `torch.export.load(path).module()(images,
+pad_mask)` runs it. Before saving, its outputs on a random
 input are compared with the eager model's (at most 1e-4 apart, else nothing is written). An existing --out is
 never overwritten.
 
-What exports: SMCA-DETR, Lite DETR, Sparse DETR (its selected-token count, read from the mask, is bounded with
-torch._check for torch.export) and the dense bases of Sparse DETR and Focus-DETR. Focus-DETR's token selection does
-not yet: it sizes tensors by each image's token counts and valid map sizes, computed from the padding mask
-(`int(...)` of a tensor), and torch.export cannot trace a size that depends on a tensor's values; the command
-says so rather than failing with a trace.
+What exports: all four models and their dense bases. Sparse DETR and Focus-DETR size their token sets by counts
+read from the padding mask; common.max_count bounds each such count with torch._check, Focus-DETR resizes its
+scores per image with interpolation matrices (focus_detr.bilinear_matrix) rather than per-image sizes, and the
+exported program keeps these counts as values computed at run time (checked against eager on a padded mask too,
+in the tests).
 The program is the readable path (common.fast_paths(False)), traced without autograd.
 """
 import argparse
@@ -64,11 +65,8 @@ def export(model, size, tolerance=1e-4):
         with torch.no_grad(), fast_paths(False):  # (SMCA's inference fast path reads a map's width from a tensor)
             program = torch.export.export(wrapped, (images, pad_mask))
     except Exception as e:  # torch.export's errors are long traces; the first line says what
-        if "data-dependent" in str(e):
-            raise ValueError(f"{type(model).__name__} does not export: it sizes a tensor by a count computed from "
-                             f"the padding mask (data-dependent for torch.export; see tools/export.py). "
-                             f"torch.export said: {str(e).splitlines()[0]}") from None
-        raise
+        raise ValueError(f"{type(model).__name__} does not export: torch.export said: "
+                         f"{str(e).strip().splitlines()[0]}") from None
     with torch.no_grad():
         eager = wrapped(images, pad_mask)
         exported = program.module()(images, pad_mask)
