@@ -120,6 +120,19 @@ class GaussianCrossAttention(nn.Module):
         self.out_proj = nn.Linear(hidden_dim, hidden_dim)
         self.dropout = nn.Dropout(dropout)
 
+    def logits(self, query, key, pad_mask, log_prior=None):
+        """QK^T / sqrt(d) + log G, padded keys at -inf: query (B, Q, C), key (B, N, C) -> (B, H, Q, N)."""
+        B, Q, C = query.shape
+        H = self.nheads
+        w_q, w_k = self.in_proj.weight.chunk(3)[:2]
+        b_q, b_k = self.in_proj.bias.chunk(3)[:2]
+        q = F.linear(query, w_q, b_q).view(B, Q, H, C // H).transpose(1, 2)  # (B, H, Q, D)
+        k = F.linear(key, w_k, b_k).view(B, -1, H, C // H).transpose(1, 2)  # (B, H, N, D)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(C // H)  # (B, H, Q, N)
+        if log_prior is not None:
+            logits = logits + log_prior  # Eq. (5): the Gaussian enters as log G, exp is never taken
+        return logits.masked_fill(pad_mask[:, None, None, :], float("-inf"))
+
     def forward(self, query, key, value, pad_mask, log_prior=None, level_sizes=None, alpha=None):
         """query (B, Q, C); key, value (B, N, C); pad_mask (B, N); log_prior (B, H, Q, N) -> (B, Q, C).
 
@@ -128,16 +141,9 @@ class GaussianCrossAttention(nn.Module):
         product of the concatenated weights with the concatenated values.
         """
         B, Q, C = query.shape
-        H = self.nheads
-        w_q, w_k, w_v = self.in_proj.weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj.bias.chunk(3)
-        q = F.linear(query, w_q, b_q).view(B, Q, H, C // H).transpose(1, 2)  # (B, H, Q, D)
-        k = F.linear(key, w_k, b_k).view(B, -1, H, C // H).transpose(1, 2)  # (B, H, N, D)
-        v = F.linear(value, w_v, b_v).view(B, -1, H, C // H).transpose(1, 2)  # (B, H, N, D)
-        logits = q @ k.transpose(-1, -2) / math.sqrt(C // H)  # (B, H, Q, N)
-        if log_prior is not None:
-            logits = logits + log_prior  # Eq. (5): the Gaussian enters as log G, exp is never taken
-        logits = logits.masked_fill(pad_mask[:, None, None, :], float("-inf"))
+        logits = self.logits(query, key, pad_mask, log_prior)  # (B, H, Q, N)
+        w_v, b_v = self.in_proj.weight.chunk(3)[2], self.in_proj.bias.chunk(3)[2]
+        v = F.linear(value, w_v, b_v).view(B, -1, self.nheads, C // self.nheads).transpose(1, 2)  # (B, H, N, D)
         if alpha is None:
             attn = logits.softmax(dim=-1)
         else:

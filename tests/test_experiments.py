@@ -36,7 +36,9 @@ def test_experiments_leaderboard_trains_each_model_once_and_tables_them(tiny_sha
 def test_experiments_converge_probe_reads_a_checkpoint_and_refuses_others(tiny_shapes, tmp_path):
     train.main(_train_args(tiny_shapes, tmp_path / "s", "--epochs", "1"))
     rows = experiments.probe(str(tmp_path / "s" / "checkpoint.pth"), tiny_shapes, n=3, size=64)
-    assert len(rows) == 5 and all(a >= 0 and b >= 0 for a, b in rows.values())
+    assert len(rows) == 6 and all(a >= 0 and b >= 0 for a, b in rows.values())
+    cells = next(v for k, v in rows.items() if k.startswith("cells a query's cross-attention reads"))
+    assert all(1 <= c <= 16 for c in cells)  # 64 x 64 at stride 16: 16 cells; uniform weights read all 16
     assert rows["predicted boxes (images / queries)"][1] > 0  # the queries' boxes differ
     assert rows["backbone's last map (images / cells)"][0] > 0  # a backbone reads its image
     with pytest.raises(ValueError, match="needs 4 val images"):

@@ -22,9 +22,9 @@ converge --probe CKPT... reads trained SMCA / DETR checkpoints instead: on the f
 images, each resized to 160 x 160 (no padding, so cells and queries line up across images), how
 much the backbone's last map, the encoder's input (that map projected) and output, the first decoder
 layer's cross-attention output and the predicted boxes vary across images against across cells or
-queries. A model whose predictions vary across queries but not across images has learned where boxes
-usually are and not yet to read the image; the first quantity that stops varying across images shows where
-the image is lost.
+queries, and how many cells one query's cross-attention reads (exp of its weights' entropy; first and last
+layer). A model whose predictions vary across queries but not across images has learned where boxes usually are
+and not yet to read the image; the first quantity that stops varying across images shows where the image is lost.
 
 claims: each paper's efficient model and its own dense base (the Config switches that reduce it to the base),
 trained with the same seed, data order, recipe (the model's shapes recipe) and number of steps, evaluated after
@@ -156,9 +156,15 @@ def probe(ckpt_path, root, n=16, size=160):
              model.input_proj[0].register_forward_hook(lambda m, i, o: seen.__setitem__("tokens", o)),
              model.encoder[-1].register_forward_hook(lambda m, i, o: seen.__setitem__("memory", o)),
              model.decoder[0].cross_attn.register_forward_hook(lambda m, i, o: seen.__setitem__("cross0", o))]
+    for lid in (0, len(model.decoder) - 1):  # the cross-attention's inputs, for its weights
+        hooks.append(model.decoder[lid].cross_attn.register_forward_hook(
+            lambda m, i, o, lid=lid: seen.__setitem__(f"weights{lid}", m.logits(*i[:2], i[3], i[4]).softmax(-1))))
     out = model(images, torch.zeros(n, size, size, dtype=torch.bool))
     for h in hooks:
         h.remove()
+
+    def attended_cells(weights):  # (images, heads, queries, cells) -> exp(entropy): how many cells one query reads
+        return (-(weights * weights.clamp_min(1e-30).log()).sum(-1)).exp().mean().item()
 
     def spread(x):  # x (images, cells or queries, C): summed over channels
         return x.var(0).sum(-1).mean().item(), x.mean(0).var(0).sum(-1).item()
@@ -170,7 +176,10 @@ def probe(ckpt_path, root, n=16, size=160):
             "encoder input, the projected map (images / cells)": spread(cells(seen["tokens"])),
             "encoder output (images / cells)": spread(seen["memory"]),
             "decoder layer 0 cross-attention (images / queries)": spread(seen["cross0"]),
-            "predicted boxes (images / queries)": spread(out["pred_boxes"])}
+            "predicted boxes (images / queries)": spread(out["pred_boxes"]),
+            f"cells a query's cross-attention reads, exp(entropy), of {seen['weights0'].shape[-1]} (decoder layer 0 / "
+            f"layer {len(model.decoder) - 1})": (attended_cells(seen["weights0"]),
+                                                  attended_cells(seen[f"weights{len(model.decoder) - 1}"]))}
 
 
 def converge(args, argv):
@@ -179,8 +188,8 @@ def converge(args, argv):
         results = {path: probe(path, root) for path in args.probe}
         for path, rows in results.items():
             print(path)
-            for name, (across_images, across_other) in rows.items():
-                print(f"  {name}: variance {across_images:.3g} / {across_other:.3g}")
+            for name, (a, b) in rows.items():
+                print(f"  {name}: {'variance ' if '(images /' in name else ''}{a:.3g} / {b:.3g}")
         return results
     baseline_epochs = args.epochs if args.baseline_epochs is None else args.baseline_epochs
     if args.epochs <= 0 or baseline_epochs <= 0:
