@@ -133,15 +133,17 @@ def foreground_labels(boxes, spatial_shapes, image_wh, ranges=FCOS_RANGES):
 def bilinear_matrix(n_from, n_to, size_from, size_to, dtype=torch.float32):
     """1-D bilinear resizing (F.interpolate's align_corners=True) of each image's first n_from cells onto its first
     n_to cells, as a matrix: n_from, n_to (B,) -> (B, size_to, size_from); rows past n_to are zero. Counts stay
-    tensors, so the resize has no per-image loop and exports (tools/export.py)."""
-    i = torch.arange(size_to, device=n_to.device, dtype=dtype)  # (size_to,) target cells
-    scale = (n_from - 1).to(dtype) / (n_to - 1).clamp(min=1).to(dtype)  # (B,) as F.interpolate: 0 when n_to is 1
+    tensors, so the resize has no per-image loop and exports (tools/export.py). Computed in float32 at least (as
+    F.interpolate's positions under bf16), returned in `dtype`."""
+    compute = torch.promote_types(dtype, torch.float32)
+    i = torch.arange(size_to, device=n_to.device, dtype=compute)  # (size_to,) target cells
+    scale = (n_from - 1).to(compute) / (n_to - 1).clamp(min=1).to(compute)  # (B,) as F.interpolate: 0 if n_to is 1
     src = i[None] * scale[:, None]  # (B, size_to) where each target cell reads the source
     i0 = src.floor().long().clamp(max=size_from - 1)
     i1 = torch.minimum(i0 + 1, (n_from - 1).clamp(min=0)[:, None])
     lam = (src - i0).clamp(0, 1)[..., None]  # (B, size_to, 1)
     weights = F.one_hot(i0, size_from) * (1 - lam) + F.one_hot(i1, size_from) * lam
-    return weights * (i[None] < n_to[:, None])[..., None]
+    return (weights * (i[None] < n_to[:, None])[..., None]).to(dtype)
 
 
 class ForegroundTokenSelector(nn.Module):
@@ -399,7 +401,7 @@ class FocusDETR(nn.Module):
     def fine_grained(self, tgt, fg_s, rows, keep):
         """MCSP (Sec. 3.3): s_j = max_c cls_c(x_j) * S_j; its top J = min(num_fine_tokens, S) rows of tgt
         (B, S, C), fg_s (B, S), rows (B, S) -> fine_idx (B, J), fine_pad (B, J) True at filler (None: OFF's
-        batch_max)."""
+        batch_max, and a lone image, which has no filler: its J <= k_l; the OESM then runs unmasked, as exported)."""
         cfg = self.cfg
         cls = self.class_embed[cfg.dec_layers](tgt).max(-1).values.detach()  # (B, S): the two-stage head's best class
         if cfg.mcsp_score == "logit_product":  # OFF: the product of raw logits
@@ -600,8 +602,8 @@ class Config:
         check_choice(self, "cascade_counts", CASCADE_COUNTS)
         check_choice(self, "fg_ranges", FG_RANGES)
         check_choice(self, "encoder_values", ENCODER_VALUES)
-        if not (self.pos_temperature > 0 and 0 < self.focus_rho <= 1):
-            raise ValueError(f"pos_temperature must be > 0 and focus_rho in (0, 1], got {self.pos_temperature}, "
+        if not (self.pos_temperature > 0 and 0 < self.focus_rho < 1):  # layer 1 updates int(rho * valid) + 1
+            raise ValueError(f"pos_temperature must be > 0 and focus_rho in (0, 1), got {self.pos_temperature}, "
                              f"{self.focus_rho}")
         if len(self.cascade_ratios) != self.enc_layers or not all(0 < r <= 1 for r in self.cascade_ratios):
             raise ValueError(f"cascade_ratios needs one ratio in (0, 1] per encoder layer ({self.enc_layers}), "

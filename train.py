@@ -105,8 +105,9 @@ def parse_args(argv=None):
                    help="stop training after this many minutes of training (summed over resumes; checked every "
                         "iteration), then save and evaluate. experiments.py leaderboard gives every model the same one")
     p.add_argument("--max-steps", type=int, default=None, metavar="N",
-                   help="stop training after N optimizer steps (counted over resumes), then save and evaluate; "
-                        "a partial epoch then counts as done, as with --time-budget")
+                   help="stop training after N iterations (optimizer steps, counted over resumes), then save and "
+                        "evaluate; a partial epoch then counts as done, as with --time-budget. The lr drop stays at "
+                        "its epoch (--lr-drop)")
     p.add_argument("--backbone-weights", default=None,
                    help="torchvision-format ResNet .pth, 'imagenet' (download), "
                         "'shapes' (the ResNet engine/pretrain.py pretrains on the shapes set, trained on first use) "
@@ -319,11 +320,11 @@ def out_of_time(run, seconds_this_epoch):
     return bool(spent.item())
 
 
-def limit_text(args):
-    """The limits --time-budget and --max-steps set, in words (for the messages when one ends training)."""
-    limits = [f"--time-budget of {args.time_budget:g} min" if args.time_budget is not None else None,
-              f"--max-steps {args.max_steps}" if args.max_steps is not None else None]
-    return " / ".join(text for text in limits if text)
+def limit_text(run):
+    """Which limit ended training, in words: --max-steps once its steps are taken, else the --time-budget."""
+    if run.args.max_steps is not None and run.steps >= run.args.max_steps:
+        return f"--max-steps {run.args.max_steps}"
+    return f"--time-budget of {run.args.time_budget:g} min"
 
 
 def forward_loss(run, images, pad_mask, targets):
@@ -656,7 +657,7 @@ def fit(run, scheduler, cfg, train_set, val_set, start_epoch, ckpt_path):
     for epoch in range(start_epoch, args.epochs):
         if out_of_time(run, 0.0):
             if run.rank == 0:
-                print(f"the {limit_text(args)} is reached ({run.train_s / 60:.1f} min, {run.steps} steps "
+                print(f"the {limit_text(run)} is reached ({run.train_s / 60:.1f} min, {run.steps} steps "
                       f"trained); nothing left to train in {args.output_dir}")
             break
         t0 = time.time()
@@ -676,7 +677,7 @@ def fit(run, scheduler, cfg, train_set, val_set, start_epoch, ckpt_path):
                 print(f"epoch {epoch + 1}: AP {stats['AP']:.3f}  AP50 {stats['AP50']:.3f}", flush=True)
         if fraction < 1 or steps_done:
             if run.rank == 0:
-                print(f"the {limit_text(args)} is reached after {fraction:.0%} of epoch {epoch + 1}")
+                print(f"the {limit_text(run)} is reached after {fraction:.0%} of epoch {epoch + 1}")
             break
     return result
 

@@ -50,6 +50,15 @@ def test_experiments_converge_probe_reads_a_checkpoint_and_refuses_others(tiny_s
         experiments.probe(str(tmp_path / "other.pth"), tiny_shapes, n=3)
 
 
+def test_experiments_attended_cells_counts_the_cells_a_query_reads():
+    uniform, one_hot = torch.full((2, 3, 16), 1 / 16), torch.eye(16)[:3]
+    assert experiments.attended_cells(uniform) == pytest.approx(16)
+    assert experiments.attended_cells(one_hot) == pytest.approx(1)
+    half = torch.zeros(1, 16)
+    half[0, :4] = 0.25  # uniform over 4 of the 16
+    assert experiments.attended_cells(half) == pytest.approx(4)
+
+
 def test_experiments_converge_table_from_logs_and_skips_finished_runs(tmp_path, monkeypatch):
     """experiments.py converge reads each run's eval records (the last one of an epoch wins), does not retrain a
     run whose last epoch is already evaluated, and counts the steps DETR needed to reach SMCA's AP."""
@@ -277,4 +286,5 @@ def test_experiments_train_runs_in_parallel_processes_and_reports_failures(tmp_p
         out = (tmp_path / f"run{i}" / "train.out").read_text()
         assert "ran ['--output-dir'" in out
         if "OMP_NUM_THREADS" not in os.environ:  # each process its share of the cores
-            assert f"threads {max(1, (os.cpu_count() or 1) // 2)}" in out
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            assert f"threads {max(1, cores // 2)}" in out

@@ -136,6 +136,12 @@ def table(results, epochs, variants):
     return "\n".join(rows)
 
 
+def attended_cells(weights):
+    """Attention weights (..., cells), each row summing to 1 -> how many cells a row reads, exp of its entropy
+    (uniform over k cells: k), averaged over the rows."""
+    return (-(weights * weights.clamp_min(1e-30).log()).sum(-1)).exp().mean().item()
+
+
 @torch.no_grad()
 def probe(ckpt_path, root, n=16, size=160):
     """-> {quantity: (variance across images, variance across cells / queries)} for one SMCA checkpoint."""
@@ -162,9 +168,6 @@ def probe(ckpt_path, root, n=16, size=160):
     out = model(images, torch.zeros(n, size, size, dtype=torch.bool))
     for h in hooks:
         h.remove()
-
-    def attended_cells(weights):  # (images, heads, queries, cells) -> exp(entropy): how many cells one query reads
-        return (-(weights * weights.clamp_min(1e-30).log()).sum(-1)).exp().mean().item()
 
     def spread(x):  # x (images, cells or queries, C): summed over channels
         return x.var(0).sum(-1).mean().item(), x.mean(0).var(0).sum(-1).item()
@@ -336,7 +339,8 @@ def _train_in_processes(argvs, jobs, here):
     that each take every core fight over them and run many times slower."""
     pending, running, failed = list(argvs), [], []
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // jobs)))
     while pending or running:
         while pending and len(running) < jobs:
             argv = pending.pop(0)

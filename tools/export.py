@@ -65,8 +65,8 @@ def export(model, size, tolerance=1e-4):
         with torch.no_grad(), fast_paths(False):  # (SMCA's inference fast path reads a map's width from a tensor)
             program = torch.export.export(wrapped, (images, pad_mask))
     except Exception as e:  # torch.export's errors are long traces; the first line says what
-        raise ValueError(f"{type(model).__name__} does not export: torch.export said: "
-                         f"{str(e).strip().splitlines()[0]}") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{type(model).__name__} does not export: torch.export said: {first}") from e
     with torch.no_grad():
         eager = wrapped(images, pad_mask)
         exported = program.module()(images, pad_mask)
