@@ -358,7 +358,7 @@ def _train_in_processes(argvs, jobs, here):
     return failed
 
 
-def claim_costs(claim, root, images=8, repeats=5, train_steps=3):
+def claim_costs(claim, root, images=8, repeats=5, train_steps=5):
     """One claim's configurations measured in this process on this machine -> {label: {"gmacs", "encoder_gmacs",
     "infer_ms", "train_ms"}}: bench.py's counters (GMACs averaged over the first `images` val images at the shapes
     val size), the median of `repeats` eval-mode forwards of the first image (float32, the runs interleaved) and
@@ -421,8 +421,9 @@ def claims_table(rows, header):
     for claim in CLAIMS:
         mine = [r for r in rows if r["paper"] == claim.paper]
         lines += [f"### {claim.paper}", "", f"The paper: {claim.claim}.", "",
-                  "| run | AP after each epoch | AP50 | APs | AP / base | encoder GMACs (/ base) | GMACs (/ base) | "
-                  "train ms / step (/ base) | inference ms (/ base) | paper: AP (/ base) | paper: GFLOPs (/ base) |",
+                  "| run | AP after each epoch (or --steps) | AP50 | APs | AP / base | encoder GMACs (/ base) | "
+                  "GMACs (/ base) | train ms / step (/ base) | inference ms (/ base) | paper: AP (/ base) | "
+                  "paper: GFLOPs (/ base) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in mine:
             per_epoch = ", ".join(_pct(e["AP"]) for e in r["epochs"]) or "-"
@@ -543,7 +544,8 @@ def claims(args, argv):
         shapes.ensure(SHAPES_ROOT)  # once, before parallel runs would each try
     train_runs(todo, args.jobs, here)
     if args.train_only:
-        print(f"trained; `python -m tools.experiments claims --out {out}` measures the costs and writes the table")
+        again = " ".join(a for a in argv if a != "--train-only")
+        print(f"trained; `python -m tools.experiments {again}` measures the costs and writes the table")
         return None
     os.makedirs(out, exist_ok=True)
     cost_path = os.path.join(out, "costs.json")
