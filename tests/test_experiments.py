@@ -273,9 +273,10 @@ def test_experiments_claims_picture_places_each_run_by_encoder_cost_and_ap(tmp_p
     assert image.getpixel((round(mx), round(my))) == blue
 
 
-def test_experiments_train_runs_in_parallel_processes_and_reports_failures(tmp_path):
-    """--jobs N: each run its own `python train.py ARGV` process in the checkout, logging to OUTPUT_DIR/train.out;
-    every run is tried, the failed ones named once all have ended."""
+def test_experiments_train_runs_in_parallel_processes_and_reports_failures(tmp_path, monkeypatch):
+    """--jobs N: each run its own `python train.py ARGV` process in the checkout, logging to OUTPUT_DIR/train.out,
+    with its share of the cores as threads; every run is tried, the failed ones named once all have ended."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     (tmp_path / "train.py").write_text("import os, sys, time\ntime.sleep(0.2)\nprint('ran', sys.argv[1:])\n"
                                        "print('threads', os.environ['OMP_NUM_THREADS'])\n"
                                        "sys.exit(1 if 'fail' in sys.argv else 0)\n")
@@ -285,6 +286,5 @@ def test_experiments_train_runs_in_parallel_processes_and_reports_failures(tmp_p
     for i in range(3):
         out = (tmp_path / f"run{i}" / "train.out").read_text()
         assert "ran ['--output-dir'" in out
-        if "OMP_NUM_THREADS" not in os.environ:  # each process its share of the cores
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-            assert f"threads {max(1, cores // 2)}" in out
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        assert f"threads {max(1, cores // 2)}" in out  # each process its share of the cores

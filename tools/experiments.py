@@ -162,9 +162,15 @@ def probe(ckpt_path, root, n=16, size=160):
              model.input_proj[0].register_forward_hook(lambda m, i, o: seen.__setitem__("tokens", o)),
              model.encoder[-1].register_forward_hook(lambda m, i, o: seen.__setitem__("memory", o)),
              model.decoder[0].cross_attn.register_forward_hook(lambda m, i, o: seen.__setitem__("cross0", o))]
-    for lid in (0, len(model.decoder) - 1):  # the cross-attention's inputs, for its weights
-        hooks.append(model.decoder[lid].cross_attn.register_forward_hook(
-            lambda m, i, o, lid=lid: seen.__setitem__(f"weights{lid}", m.logits(*i[:2], i[3], i[4]).softmax(-1))))
+
+    def keep_weights(name):  # a cross-attention's weights, softmax(QK^T / sqrt(d) + log G), from its inputs
+        def hook(module, args, output):
+            query, key, _, pad_mask, log_prior = args[:5]
+            seen[name] = module.logits(query, key, pad_mask, log_prior).softmax(-1)  # (images, H, Q, N)
+        return hook
+
+    last = len(model.decoder) - 1
+    hooks += [model.decoder[lid].cross_attn.register_forward_hook(keep_weights(f"weights{lid}")) for lid in (0, last)]
     out = model(images, torch.zeros(n, size, size, dtype=torch.bool))
     for h in hooks:
         h.remove()
@@ -181,8 +187,7 @@ def probe(ckpt_path, root, n=16, size=160):
             "decoder layer 0 cross-attention (images / queries)": spread(seen["cross0"]),
             "predicted boxes (images / queries)": spread(out["pred_boxes"]),
             f"cells a query's cross-attention reads, exp(entropy), of {seen['weights0'].shape[-1]} (decoder layer 0 / "
-            f"layer {len(model.decoder) - 1})": (attended_cells(seen["weights0"]),
-                                                  attended_cells(seen[f"weights{len(model.decoder) - 1}"]))}
+            f"layer {last})": (attended_cells(seen["weights0"]), attended_cells(seen[f"weights{last}"]))}
 
 
 def converge(args, argv):
