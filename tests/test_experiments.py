@@ -3,6 +3,7 @@
 import importlib
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -155,19 +156,47 @@ def _claim_log(run_dir, argv, aps, steps_per_epoch=100, epochs=None):
 def _two_claims():
     run = experiments.ClaimRun
     return [experiments.Claim("SMCA-DETR", "smca", "faster", [run("DETR", ["spatial_prior=false"], 34.8, 86),
-                                                              run("SMCA", [], 41.0, 86)]),
+                                                              run("SMCA", [], 41.0, 86)],
+                              run("DETR long", ["spatial_prior=false"], train_args=("--epochs", "6"))),
             experiments.Claim("Sparse DETR", "sparse_detr", "cheaper", [run("dense", ["sparse_encoder=false"], 46.0,
                                                                             177.3),
-                                                                        run("rho 0.1", ["rho=0.1"], 45.3, 105.4)])]
+                                                                        run("rho 0.1", ["rho=0.1"], 45.3, 105.4),
+                                                                        run("random", ["selection=random"],
+                                                                            all_seeds=False)])]
 
 
-def test_experiments_claims_tables_finished_runs_continues_unfinished_and_refuses_others(tmp_path, monkeypatch):
-    """claims re-reads finished runs (nothing trained), measures each claim's costs once (OUT/costs.json), tables
-    the APs, their ratios to the dense base and the paper's beside them, counts the steps DETR needed to reach
-    SMCA's AP; an unfinished run is continued with --resume auto; a folder holding another run is refused."""
+def _claims_args(**kw):
+    return experiments.main.__globals__["argparse"].Namespace(**{"data": "shapes", "seed": 42, "budget": None,
+                                                                  "steps": None, "train_args": [], **kw})
+
+
+CLAIM_APS = {  # (label, seed) -> AP after each epoch (each model's shapes recipe: SMCA 4 epochs, Sparse DETR 2)
+    ("DETR", 42): [0.01, 0.05, 0.10, 0.12], ("SMCA", 42): [0.04, 0.08, 0.2, 0.3],
+    ("DETR", 43): [0.02, 0.04, 0.08, 0.10], ("SMCA", 43): [0.05, 0.09, 0.2, 0.25],
+    ("DETR long", 42): [0.01, 0.05, 0.10, 0.20, 0.25, 0.31],
+    ("dense", 42): [0.2, 0.4], ("rho 0.1", 42): [0.1, 0.3], ("random", 42): [0.1, 0.2],
+    ("dense", 43): [0.2, 0.5], ("rho 0.1", 43): [0.1, 0.5]}
+
+
+def _claim_runs_logged(out, seeds=(42, 43)):
+    args = _claims_args()
+    for claim, run, seed in experiments.claim_runs(list(seeds)):
+        run_dir = experiments.claim_dir(out, claim, run, seed)
+        _claim_log(run_dir, experiments.claim_argv(args, claim, run, run_dir, seed), CLAIM_APS[run.label, seed])
+        with open(os.path.join(run_dir, "log.jsonl"), "a") as f:  # a train record: compacted in the record
+            f.write(json.dumps({"type": "train", "epoch": 0, "iter": 0, "step": 0, "loss": 1.2345678912}) + "\n")
+
+
+def test_experiments_claims_tables_seeds_keeps_records_and_rebuilds_from_them_alone(tmp_path, monkeypatch):
+    """claims --seeds 2: each claim's base and efficient model with both seeds, a side run and the long baseline with
+    the first; finished runs are re-read (nothing trained), each kept as a record (its log.jsonl, gzipped, train
+    numbers to 4 digits), costs measured once; the table gives each seed's AP, their mean and range, the per-seed
+    difference to the base of the same seed and whether the paper's claim holds within it; --table-only rebuilds the
+    same table from the records alone (a fresh clone); an unfinished run is continued, a folder of another run
+    refused."""
     monkeypatch.setattr(experiments, "CLAIMS", _two_claims())
     costs = {"DETR": (2.0, 1.0, 10.0, 100.0), "SMCA": (2.0, 1.0, 11.0, 110.0), "dense": (4.0, 2.0, 20.0, 200.0),
-             "rho 0.1": (3.0, 0.5, 15.0, 120.0)}
+             "rho 0.1": (3.0, 0.5, 15.0, 120.0), "random": (3.0, 0.5, 14.0, 110.0)}
     measured = []
 
     def fake_costs(claim, root):
@@ -177,50 +206,69 @@ def test_experiments_claims_tables_finished_runs_continues_unfinished_and_refuse
     monkeypatch.setattr(experiments, "claim_costs", fake_costs)
     monkeypatch.setattr(experiments.shapes, "ensure", lambda root: root)
     monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"retrained {argv}"))
-    out = str(tmp_path / "claims")
-    args = experiments.main.__globals__["argparse"].Namespace(data="shapes", seed=42, budget=None, steps=None,
-                                                                 train_args=[])
-    aps = {"DETR": [0.01, 0.05, 0.10, 0.12], "SMCA": [0.04, 0.08, 0.2, 0.3], "dense": [0.2, 0.4],
-           "rho 0.1": [0.1, 0.3]}  # each model's shapes recipe: SMCA 4 epochs, Sparse DETR 2
-    for claim in experiments.CLAIMS:
-        for run in claim.runs:
-            run_dir = experiments.claim_dir(out, claim, run)
-            _claim_log(run_dir, experiments.claim_argv(args, claim, run, run_dir), aps[run.label])
-    rows = experiments.main(["claims", "--out", out])
+    out, records = str(tmp_path / "claims"), str(tmp_path / "records")
+    _claim_runs_logged(out)
+    rows = experiments.main(["claims", "--out", out, "--records", records, "--seeds", "2"])
     assert measured == ["smca", "sparse_detr"]
+    record = experiments.claim_record(records, experiments.CLAIMS[1], experiments.CLAIMS[1].runs[1], 43)
+    kept = list(experiments.log_records(record))
+    assert [r["AP"] for r in kept if r["type"] == "eval"] == [0.1, 0.5] and kept[-1]["loss"] == 1.235
     rho = next(r for r in rows if r["label"] == "rho 0.1")
-    assert rho["AP_ratio"] == pytest.approx(0.75) and rho["encoder_gmacs_ratio"] == pytest.approx(0.25)
-    assert rho["paper_ap_ratio"] == pytest.approx(45.3 / 46.0) and rho["device"] == "test CPU"
-    text = open(os.path.join(out, "claims.md")).read()
-    assert ("| rho 0.1 | 10.0, 30.0 | 60.0 | 15.0 | 0.75 | 0.50 (0.25x) | 3.00 (0.75x) | 120 (0.60x) | 15.0 (0.75x) "
-            "| 45.3 (0.98x) | 105.4 (0.59x) |") in text
-    assert "| dense | 20.0, 40.0 | 80.0 | 20.0 | - | 2.00 | 4.00 | 200 | 20.0 | 46.0 | 177.3 |" in text
-    # SMCA's 4.0 and 8.0 are passed by DETR after its steps 200 (5.0) and 300 (10.0); SMCA's 20.0 and 30.0 never
-    assert "DETR steps to reach SMCA's AP after each of SMCA's epochs (100 steps each): 200 (2.0x) / 300 (1.5x)" \
-        " / > 400 (> 1.3x) / > 400 (> 1.0x)." in text
-    assert "trained on test CPU" in text and os.path.exists(os.path.join(out, "claims.png"))
-    assert experiments.main(["claims", "--out", out]) == rows and measured == ["smca", "sparse_detr"]  # costs kept
+    assert list(rho["seeds"]) == [42, 43] and rho["AP"] == pytest.approx(0.4)
+    assert rho["diff"] == {42: pytest.approx(-0.1), 43: pytest.approx(0.0)}
+    assert rho["verdict"] == "within the spread: 1 of 2 seed(s) at or above the paper's -1.5% of the base"
+    text = open(os.path.join(records, "claims.md")).read()
+    assert ("| rho 0.1 | 42, 43 | 30.0 / 50.0 | 40.0 (30.0 to 50.0) | 80.0 | 20.0 | -10.0 / +0.0 | -5.0 (-10.0 to "
+            "+0.0) | within the spread: 1 of 2 seed(s) at or above the paper's -1.5% of the base | 0.50 (0.25x) | "
+            "3.00 (0.75x) | 120 (0.60x) | 15.0 (0.75x) | 45.3 (0.98x) | 105.4 (0.59x) |") in text
+    assert "| random | 42 | 20.0 | 20.0 | 40.0 | 10.0 | -20.0 | -20.0 | below the base |" in text
+    assert "| SMCA | 42, 43 | 30.0 / 25.0 | 27.5 (25.0 to 30.0) |" in text
+    assert "| SMCA | 4.5 (4.0 / 5.0) | 8.5 (8.0 / 9.0) | 20.0 (20.0 / 20.0) | 27.5 (30.0 / 25.0) |" in text
+    # the long baseline passes SMCA's 4.0 / 8.0 / 20.0 / 30.0 after 200 / 300 / 400 / 600 of its steps
+    assert ("Steps the DETR baseline needs to reach SMCA's AP after each of SMCA's epochs (seed 42; SMCA's epochs "
+            "end at 100, 200, 300, 400 steps): 200 (2.0x) / 300 (1.5x) / 400 (1.3x) / 600 (1.5x).") in text
+    assert "trained on test CPU" in text and os.path.exists(os.path.join(records, "claims.png"))
+
+    shutil.rmtree(out)  # a fresh clone: the records alone
+    monkeypatch.setattr(experiments, "claim_costs", lambda *a: pytest.fail("--table-only measured"))
+    again = experiments.main(["claims", "--out", out, "--records", records, "--seeds", "2", "--table-only"])
+    assert open(os.path.join(records, "claims.md")).read() == text.replace("--records " + records + " --seeds 2",
+                                                                           "--records " + records + " --seeds 2 "
+                                                                           "--table-only")
+    assert [r["AP"] for r in again] == [r["AP"] for r in rows]
 
     claim, run = experiments.CLAIMS[1], experiments.CLAIMS[1].runs[1]
-    unfinished = experiments.claim_dir(out, claim, run)
-    os.remove(os.path.join(unfinished, "log.jsonl"))
-    _claim_log(unfinished, experiments.claim_argv(args, claim, run, unfinished), [0.1], epochs=2)
-    monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"--table-only trained {argv}"))
-    rows = experiments.main(["claims", "--out", out, "--table-only"])
-    assert next(r for r in rows if r["label"] == "rho 0.1")["finished"] is False
-    assert "| rho 0.1 | 10.0 (unfinished: 100 steps) |" in open(os.path.join(out, "claims.md")).read()
+    os.remove(experiments.claim_record(records, claim, run, 43))
+    unfinished = experiments.claim_dir(out, claim, run, 43)
+    args = _claims_args()
+    _claim_log(unfinished, experiments.claim_argv(args, claim, run, unfinished, 43), [0.1], epochs=2)
+    rows = experiments.main(["claims", "--out", out, "--records", records, "--seeds", "2", "--table-only"])
+    assert next(r for r in rows if r["label"] == "rho 0.1")["seeds"][43]["finished"] is False
+    assert "| rho 0.1 | 42, 43 | 30.0 / 10.0 (unfinished: 100 steps) |" in open(os.path.join(records,
+                                                                                          "claims.md")).read()
     trained = []
 
     def continue_run(argv):
         trained.append(argv)
         _claim_log(unfinished, argv, [0.1, 0.35])
     monkeypatch.setattr(train, "main", continue_run)
-    rows = experiments.main(["claims", "--out", out])
+    rows = experiments.main(["claims", "--out", out, "--records", records, "--seeds", "2"])
     assert len(trained) == 1 and trained[0][trained[0].index("--output-dir") + 1] == unfinished
-    assert "--resume" in trained[0] and "--set" in trained[0] and "rho=0.1" in trained[0]
-    assert next(r for r in rows if r["label"] == "rho 0.1")["AP"] == pytest.approx(0.35)
+    assert "--seed" in trained[0] and trained[0][trained[0].index("--seed") + 1] == "43"
+    assert os.path.exists(experiments.claim_record(records, claim, run, 43))  # kept as soon as it finished
+    assert next(r for r in rows if r["label"] == "rho 0.1")["seeds"][43]["AP"] == pytest.approx(0.35)
     with pytest.raises(ValueError, match="holds another run .*time_budget None.*asked: time_budget 0.5"):
-        experiments.main(["claims", "--out", out, "--budget", "0.5"])
+        experiments.main(["claims", "--out", out, "--records", records, "--seeds", "2", "--budget", "0.5"])
+
+
+def test_experiments_claims_seeds_a_count_or_a_list():
+    assert experiments.parse_seeds("3", 42) == [42, 43, 44] and experiments.parse_seeds("7,1", 42) == [7, 1]
+    for bad in ("0", "x", "1,1"):
+        with pytest.raises(ValueError, match="--seeds"):
+            experiments.parse_seeds(bad, 42)
+    runs = [(c.model, r.label, s) for c, r, s in experiments.claim_runs([5, 6])]
+    assert ("sparse_detr", "rho 0.3 (DAM scorer)", 5) in runs and ("sparse_detr", "rho 0.3 (DAM scorer)", 6) not in runs
+    assert ("sparse_detr", "rho 0.1 (DAM scorer)", 6) in runs and runs[-1][2] == 5  # the long baseline last
 
 
 def test_experiments_run_finished_reads_the_epochs_asked_for(tmp_path):
@@ -242,34 +290,39 @@ def test_experiments_claims_steps_end_a_run_and_name_its_folder(tmp_path, monkey
     monkeypatch.setattr(experiments, "CLAIMS", _two_claims()[1:])
     monkeypatch.setattr(train, "main", lambda argv: pytest.fail(f"trained {argv}"))
     out = str(tmp_path / "claims")
-    args = experiments.main.__globals__["argparse"].Namespace(data="shapes", seed=42, budget=None, steps=300,
-                                                             train_args=[])
-    claim = experiments.CLAIMS[0]
-    for run in claim.runs:
-        run_dir = experiments.claim_dir(out, claim, run)
-        run_argv = experiments.claim_argv(args, claim, run, run_dir)
-        assert run_argv[run_argv.index("--max-steps") + 1] == "300"
+    args = _claims_args(steps=300)
+    for claim, run, seed in experiments.claim_runs([42]):
+        run_dir = experiments.claim_dir(out, claim, run, seed)
+        run_argv = experiments.claim_argv(args, claim, run, run_dir, seed)
+        assert run_argv[run_argv.index("--max-steps") + 1] == "300" and run_dir.endswith("seed-42")
         _claim_log(run_dir, run_argv, [0.2], steps_per_epoch=300, epochs=2)
     with pytest.raises(ValueError, match="holds another run .*max_steps 300.*asked: max_steps 200"):
-        experiments.main(["claims", "--out", out, "--steps", "200", "--table-only"])
+        experiments.main(["claims", "--out", out, "--steps", "200", "--seeds", "1"])
     with pytest.raises(ValueError, match="--steps must be a positive"):
         experiments.main(["claims", "--out", out, "--steps", "0"])
 
 
 def test_experiments_claims_picture_places_each_run_by_encoder_cost_and_ap(tmp_path, monkeypatch):
     monkeypatch.setattr(experiments, "CLAIMS", _two_claims())
-    rows = [{"paper": "Sparse DETR", "label": "dense", "base": True, "AP": 0.40, "encoder_gmacs_ratio": 1.0},
-            {"paper": "Sparse DETR", "label": "rho 0.1", "base": False, "AP": 0.30, "encoder_gmacs_ratio": 0.25},
-            {"paper": "SMCA-DETR", "label": "DETR", "base": True, "AP": None, "encoder_gmacs_ratio": 1.0}]
+
+    def row(paper, label, base, aps, ratio):
+        return {"paper": paper, "label": label, "base": base, "long": False, "encoder_gmacs_ratio": ratio,
+                "AP": None if not aps else sum(aps) / len(aps), "AP_min": min(aps, default=None),
+                "AP_max": max(aps, default=None), "seeds": {i: {"AP": a} for i, a in enumerate(aps)}}
+    rows = [row("Sparse DETR", "dense", True, [0.40], 1.0), row("Sparse DETR", "rho 0.1", False, [0.25, 0.35], 0.25),
+            row("SMCA-DETR", "DETR", True, [], 1.0)]
     image = experiments.claims_picture(rows, str(tmp_path / "claims.png"))
     assert image.size == experiments.PLOT["size"] and os.path.exists(tmp_path / "claims.png")
     blue = experiments.PAPER_COLOURS["Sparse DETR"]
     px, py = experiments.plot_xy(0.25, 30.0, 50.0)  # y axis to 50: the largest AP (40) rounded up past half a tick
-    assert image.getpixel((round(px), round(py))) == blue  # the efficient run: a filled point
+    assert image.getpixel((round(px), round(py))) == blue  # the efficient run's mean: a filled point
+    for ap in (25.0, 35.0):  # each seed: a small point
+        sx, sy = experiments.plot_xy(0.25, ap, 50.0)
+        assert image.getpixel((round(sx), round(sy))) == blue
     bx, by = experiments.plot_xy(1.0, 40.0, 50.0)
     assert image.getpixel((round(bx), round(by))) == (255, 255, 255)  # the base: hollow ...
     assert image.getpixel((round(bx) + 4, round(by))) == blue  # ... in its paper's colour
-    mx, my = experiments.plot_xy(0.625, 35.0, 50.0)  # halfway along the line joining them
+    mx, my = experiments.plot_xy(0.625, 35.0, 50.0)  # halfway along the line joining the means
     assert image.getpixel((round(mx), round(my))) == blue
 
 

@@ -52,6 +52,7 @@ fine-grained ones whose cell centre lies inside a ground-truth box, with the MCS
 and with the other one (official: the product of raw logits; the paper: of probabilities).
 """
 import argparse
+import gzip
 import json
 import math
 import os
@@ -88,17 +89,21 @@ VARIANTS = [  # (name, --set overrides)
 MULTISCALE = ("SMCA multi-scale", ["multiscale=true"])
 
 
+def log_records(where):
+    """The records of a run's log: `where` is a run folder (its log.jsonl) or a run's record file (.jsonl.gz, as
+    claims keeps them in docs/). Nothing when there is no log."""
+    path = where if where.endswith(".jsonl.gz") else os.path.join(where, "log.jsonl")
+    if not os.path.exists(path):
+        return
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+        for line in f:
+            yield json.loads(line)
+
+
 def evals(run_dir):
-    """The eval records of a run's log.jsonl, by epoch (a resumed run may repeat one: keep the last)."""
-    path = os.path.join(run_dir, "log.jsonl")
-    out = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                rec = json.loads(line)
-                if rec.get("type") == "eval":
-                    out[rec["epoch"]] = rec
-    return out
+    """The eval records of a run's log.jsonl (or record file), by epoch (a resumed run may repeat one: keep the
+    last)."""
+    return {rec["epoch"]: rec for rec in log_records(run_dir) if rec.get("type") == "eval"}
 
 
 def steps_to_reach(detr, smca_evals, epochs):
@@ -233,6 +238,8 @@ class ClaimRun:
     paper_gflops: float = None  # ... its whole-model GFLOPs (fvcore: 1 per multiply-add)
     paper_encoder_gflops: float = None  # ... its encoder's, where published
     paper_note: str = ""
+    all_seeds: bool = True  # False: a side run of the claim, trained with the first seed only
+    train_args: tuple = ()  # train.py flags beside the model's shapes recipe (the long baseline's epochs)
 
 
 @dataclass
@@ -241,28 +248,32 @@ class Claim:
     model: str
     claim: str  # the paper's claim, in its own figures
     runs: list  # [ClaimRun], the dense base first
+    long_base: ClaimRun = None  # the base trained much longer, first seed only (SMCA's convergence ratio)
 
 
 CLAIMS = [
     Claim("SMCA-DETR", "smca", "converges about 10x faster than DETR at the same cost: single-scale SMCA 41.0 AP at "
           "50 epochs, the DETR baseline 34.8 at 50 (DETR 42.0 at 500)", [
               ClaimRun("DETR baseline (prior off)", ["spatial_prior=false"], 34.8, 86, None, "50 epochs (Table 2)"),
-              ClaimRun("SMCA single-scale", [], 41.0, 86, None, "50 epochs (Table 1)")]),
+              ClaimRun("SMCA single-scale", [], 41.0, 86, None, "50 epochs (Table 1)")],
+          # 10x SMCA's recipe steps (20,000 of 8 images) at a constant lr (--lr-drop past the end: no drop)
+          ClaimRun("DETR baseline, 10x SMCA's steps, constant lr", ["spatial_prior=false"],
+                   train_args=("--epochs", "40", "--lr-drop", "41"))),
     Claim("Sparse DETR", "sparse_detr", "rho 0.1 keeps 45.3 of the dense base's 46.0 AP at 105 of its 177 GFLOPs; "
           "rho 0.3 keeps 46.0; the DAM-trained scorer selects better than objectness (Fig. 4), random worse still", [
               ClaimRun("dense: Deformable DETR + top-k & BBR", ["sparse_encoder=false", "use_enc_aux_loss=false"],
                        46.0, 177.3),
               ClaimRun("rho 0.1 (DAM scorer)", ["rho=0.1"], 45.3, 105.4),
-              ClaimRun("rho 0.3 (DAM scorer)", ["rho=0.3"], 46.0, 120.5),
+              ClaimRun("rho 0.3 (DAM scorer)", ["rho=0.3"], 46.0, 120.5, all_seeds=False),
               ClaimRun("rho 0.1, objectness selection", ["rho=0.1", "selection=objectness"], None, None, None,
-                       "below the DAM scorer at every rho (Fig. 4)"),
+                       "below the DAM scorer at every rho (Fig. 4)", all_seeds=False),
               ClaimRun("rho 0.1, random selection", ["rho=0.1", "selection=random"], None, None, None,
-                       "the preliminary experiment: below both")]),
+                       "the preliminary experiment: below both", all_seeds=False)]),
     Claim("Lite DETR", "lite_detr", "H3L1-(2+1)x3 keeps 46.7 of Deformable DETR's 46.8 AP with 39 of its 90 encoder "
           "GFLOPs (Table 3)", [
               ClaimRun("dense: Deformable DETR", ["enc_scale=4", "num_blocks=1", "kda_encoder=false"], 46.8, 177, 90),
               ClaimRun("H3L1-(2+1)x3", [], 46.7, 123, 39),
-              ClaimRun("H3L1-(3+1)x2", ["num_blocks=2"], 46.2, 119, 35)]),
+              ClaimRun("H3L1-(3+1)x2", ["num_blocks=2"], 46.2, 119, 35, all_seeds=False)]),
     Claim("Focus-DETR", "focus_detr", "keeps 50.4 of DINO's 50.9 AP at 154 of its 279 GFLOPs (36 epochs; 48.8 against "
           "detrex DINO's 49.2 at 12)", [
               ClaimRun("dense: DINO", ["foreground_selection=false"], 50.9, 279, None, "36 epochs; 49.2 at 12"),
@@ -270,19 +281,71 @@ CLAIMS = [
 ]
 
 
-def claim_dir(out, claim, run):
-    return os.path.join(out, claim.model, re.sub(r"[^a-z0-9.]+", "_", run.label.lower()).strip("_"))
+RECORDS = os.path.join("docs", "claims-records")  # the full-recipe runs' records, committed (claims --table-only)
+
+
+def claim_dir(out, claim, run, seed):
+    """A claim run's folder: OUT/MODEL/RUN/seed-S (train.py's checkpoint and log.jsonl)."""
+    return os.path.join(out, claim.model, re.sub(r"[^a-z0-9.]+", "_", run.label.lower()).strip("_"), f"seed-{seed}")
+
+
+def claim_record(records, claim, run, seed):
+    """A finished claim run's record: RECORDS/MODEL/RUN/seed-S.jsonl.gz (its log.jsonl, compacted by save_record)."""
+    return claim_dir(records, claim, run, seed) + ".jsonl.gz"
+
+
+def compact(value):
+    """A train record's number to 4 significant digits (a loss curve needs no more; the records stay small)."""
+    return float(f"{value:.4g}") if isinstance(value, float) else value
+
+
+def save_record(run_dir, path):
+    """A finished run's log.jsonl -> its record file, gzipped: start and eval records as logged, the per-iteration
+    train records with their numbers to 4 significant digits. Written atomically; an existing record is kept."""
+    if os.path.exists(path):
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with gzip.open(path + ".tmp", "wt") as f:
+        for rec in log_records(run_dir):
+            if rec.get("type") == "train":
+                rec = {k: compact(v) for k, v in rec.items()}
+            f.write(json.dumps(rec) + "\n")
+    os.replace(path + ".tmp", path)
+
+
+def parse_seeds(text, first):
+    """--seeds: a count N (the seeds first, first + 1, ..., first + N - 1; first is --seed) or a comma-separated
+    list of seeds -> the list."""
+    try:
+        if "," not in text:
+            count = int(text)
+            if count < 1:
+                raise ValueError
+            return [first + i for i in range(count)]
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected a positive count or a comma-separated list of seeds") from None
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: a seed is repeated")
+    return seeds
+
+
+def claim_runs(seeds, long=True):
+    """Every (claim, run, seed) to train, claim by claim and seed by seed: each claim's base and efficient model
+    with every seed, its side runs (all_seeds False) with the first seed only; then (long) the long baselines, first
+    seed only."""
+    runs = [(claim, run, seed) for claim in CLAIMS for seed in seeds for run in claim.runs
+            if run.all_seeds or seed == seeds[0]]
+    return runs + [(claim, claim.long_base, seeds[0]) for claim in CLAIMS if long and claim.long_base]
 
 
 def start_record(run_dir):
-    """The last 'start' record of a run's log.jsonl (train.py's arguments and Config as last started), or None."""
-    path, found = os.path.join(run_dir, "log.jsonl"), None
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                rec = json.loads(line)
-                if rec.get("type") == "start":
-                    found = rec
+    """The last 'start' record of a run's log.jsonl or record file (train.py's arguments and Config as last
+    started), or None."""
+    found = None
+    for rec in log_records(run_dir):
+        if rec.get("type") == "start":
+            found = rec
     return found
 
 
@@ -298,11 +361,11 @@ def run_finished(run_dir, epochs=None):
             or (max_steps is not None and last.get("steps", 0) >= max_steps))
 
 
-def claim_argv(args, claim, run, run_dir):
-    return (["--model", claim.model, "--data", "shapes", "--output-dir", run_dir, "--seed", str(args.seed),
+def claim_argv(args, claim, run, run_dir, seed):
+    return (["--model", claim.model, "--data", "shapes", "--output-dir", run_dir, "--seed", str(seed),
              "--eval-every", "1", "--resume", "auto"] + (["--set", *run.sets] if run.sets else [])
             + (["--time-budget", str(args.budget)] if args.budget else [])
-            + (["--max-steps", str(args.steps)] if args.steps else []) + args.train_args)
+            + (["--max-steps", str(args.steps)] if args.steps else []) + list(run.train_args) + args.train_args)
 
 
 def check_same_run(run_dir, argv):
@@ -319,26 +382,29 @@ def check_same_run(run_dir, argv):
     if differ:
         held = ", ".join(f"{k} {start['args'].get(k)!r}" for k in differ)
         wanted = ", ".join(f"{k} {getattr(asked, k)!r}" for k in differ)
-        raise ValueError(f"{run_dir} holds another run ({held}; asked: {wanted}): pass another --out")
+        raise ValueError(f"{run_dir} holds another run ({held}; asked: {wanted}): pass another --out (or --records)")
 
 
-def train_runs(argvs, jobs, here):
+def train_runs(argvs, jobs, here, ended=None):
     """train.py on each argv: in this process one after another (jobs 1), else `jobs` processes at a time, each
-    logging to its OUTPUT_DIR/train.out. Every run is tried; a failure is raised once all have ended."""
+    logging to its OUTPUT_DIR/train.out. `ended(argv)`, if given, is called as each run ends (claims keeps its
+    record). Every run is tried; a failure is raised once all have ended."""
     failed = []
+    ended = ended or (lambda argv: None)
     if jobs == 1:
         for argv in argvs:
             try:
                 train.main(argv)
             except ValueError as e:  # a bad input or a diverged run: the next runs still train
                 failed.append(f"{argv[argv.index('--output-dir') + 1]} ({e})")
+            ended(argv)
     else:
-        failed = _train_in_processes(argvs, jobs, here)
+        failed = _train_in_processes(argvs, jobs, here, ended)
     if failed:
         raise ValueError("these runs failed: " + "; ".join(failed))
 
 
-def _train_in_processes(argvs, jobs, here):
+def _train_in_processes(argvs, jobs, here, ended):
     """`python train.py ARGV` for each argv, `jobs` processes at a time -> the failed runs, described. Each process
     gets its share of this machine's cores as its torch threads (OMP_NUM_THREADS, unless set already): processes
     that each take every core fight over them and run many times slower."""
@@ -352,14 +418,15 @@ def _train_in_processes(argvs, jobs, here):
             run_dir = argv[argv.index("--output-dir") + 1]
             os.makedirs(run_dir, exist_ok=True)
             log = open(os.path.join(run_dir, "train.out"), "a")
-            running.append((run_dir, log, subprocess.Popen([sys.executable, "train.py", *argv], cwd=here, env=env,
+            running.append((run_dir, log, argv, subprocess.Popen([sys.executable, "train.py", *argv], cwd=here, env=env,
                                                            stdout=log, stderr=subprocess.STDOUT)))
         time.sleep(0.5)
-        for item in [r for r in running if r[2].poll() is not None]:
-            running.remove(item)
-            item[1].close()
-            if item[2].returncode:
-                failed.append(f"{item[0]} (exit {item[2].returncode}, see its train.out)")
+        for run_dir, log, argv, process in [r for r in running if r[3].poll() is not None]:
+            running.remove((run_dir, log, argv, process))
+            log.close()
+            if process.returncode:
+                failed.append(f"{run_dir} (exit {process.returncode}, see its train.out)")
+            ended(argv)
     return failed
 
 
@@ -386,31 +453,68 @@ def claim_costs(claim, root, images=8, repeats=5, train_steps=5):
     return out
 
 
-def claim_rows(out, costs):
-    """Every run of CLAIMS as a dict: its evaluations, its costs and its ratios to its claim's dense base."""
+def spread(values):
+    """[x] -> (mean, min, max) of the values present (None: no value)."""
+    values = [v for v in values if v is not None]
+    return (statistics.mean(values), min(values), max(values)) if values else (None, None, None)
+
+
+def claim_rows(claim_sources, costs):
+    """Every run of CLAIMS as a dict: per seed its evaluations (from its record, or its run folder while it has none)
+    and the difference to its claim's dense base of the same seed (same data order); the mean and spread over the
+    seeds; its costs and their ratios to the base; the paper's figures. claim_sources: {(model, label, seed): the
+    record or run folder}."""
     rows = []
     for claim in CLAIMS:
         base = None
-        for run in claim.runs:
-            run_dir = claim_dir(out, claim, run)
-            done, start = evals(run_dir), start_record(run_dir)
-            last = done[max(done)] if done else {}
+        for run in claim.runs + ([claim.long_base] if claim.long_base else []):
+            seeds = {}
+            for (model, label, seed), where in sorted(claim_sources.items(), key=lambda kv: kv[0][2]):
+                if (model, label) != (claim.model, run.label):
+                    continue
+                done, start = evals(where), start_record(where)
+                last = done[max(done)] if done else {}
+                seeds[seed] = {"source": where, "device": (start or {}).get("device"), "finished": run_finished(where),
+                               "epochs": [{k: rec.get(k) for k in ("epoch", "steps", "AP", "AP50", "APs")}
+                                          for _, rec in sorted(done.items())],
+                               **{k: last.get(k) for k in ("AP", "AP50", "APs", "steps")}}
             row = {"paper": claim.paper, "model": claim.model, "label": run.label, "sets": run.sets,
-                   "base": base is None, "run_dir": run_dir, "device": (start or {}).get("device"),
-                   "finished": run_finished(run_dir),
-                   "epochs": [{k: rec.get(k) for k in ("epoch", "steps", "AP", "AP50", "APs")}
-                              for _, rec in sorted(done.items())],
-                   "AP": last.get("AP"), "AP50": last.get("AP50"), "APs": last.get("APs"), "steps": last.get("steps"),
+                   "base": base is None, "long": run is claim.long_base, "seeds": seeds,
                    "paper_ap": run.paper_ap, "paper_gflops": run.paper_gflops,
                    "paper_encoder_gflops": run.paper_encoder_gflops, "paper_note": run.paper_note,
                    **costs.get(claim.model, {}).get(run.label, {})}
+            for key in ("AP", "AP50", "APs"):
+                row[key], row[f"{key}_min"], row[f"{key}_max"] = spread([v[key] for v in seeds.values()])
+            if base is not None and not row["long"]:  # per seed: this run's AP minus the base's of the same seed
+                diffs = {seed: v["AP"] - base["seeds"][seed]["AP"] for seed, v in seeds.items()
+                         if v["AP"] is not None and base["seeds"].get(seed, {}).get("AP") is not None}
+                row["diff"] = diffs
+                row["diff_mean"], row["diff_min"], row["diff_max"] = spread(list(diffs.values()))
             base = base or row
             for key in ("AP", "gmacs", "encoder_gmacs", "train_ms", "infer_ms", "paper_ap", "paper_gflops",
                         "paper_encoder_gflops"):
                 ours, theirs = row.get(key), base.get(key)
                 row[f"{key}_ratio"] = ours / theirs if ours is not None and theirs else None
+            row["verdict"] = None if row["base"] or row["long"] else verdict(row, base)
             rows.append(row)
     return rows
+
+
+def verdict(row, base):
+    """Does the paper's claim hold here, within the spread of seeds? The paper's AP difference to its base, relative
+    to the base (e.g. -0.7 / 46.0 for Sparse DETR at rho 0.1), against each seed's relative difference here."""
+    diffs = [d / base["seeds"][seed]["AP"] for seed, d in row.get("diff", {}).items() if base["seeds"][seed]["AP"]]
+    if not diffs:
+        return None
+    if row["paper_ap"] is None or base["paper_ap"] is None:  # a claim in words (a side run): the order only
+        return f"{'above' if min(diffs) > 0 else 'below' if max(diffs) < 0 else 'on both sides of'} the base"
+    paper = (row["paper_ap"] - base["paper_ap"]) / base["paper_ap"]
+    n = f"{sum(d >= paper for d in diffs)} of {len(diffs)} seed(s)"
+    if min(diffs) >= paper:
+        return f"holds: {n} at or above the paper's {100 * paper:+.1f}% of the base"
+    if max(diffs) >= paper:
+        return f"within the spread: {n} at or above the paper's {100 * paper:+.1f}% of the base"
+    return f"does not hold: {n} at or above the paper's {100 * paper:+.1f}% of the base"
 
 
 def _pct(x):
@@ -421,44 +525,78 @@ def _cell(value, ratio, fmt):
     return "-" if value is None else f"{value:{fmt}}" + ("" if ratio is None else f" ({ratio:.2f}x)")
 
 
+def _mean_range(mean, low, high, scale=100.0, sign=False):
+    """'mean (low to high)' in AP points, or '-'."""
+    if mean is None:
+        return "-"
+    fmt = "+.1f" if sign else ".1f"
+    return f"{scale * mean:{fmt}}" + ("" if low == high else f" ({scale * low:{fmt}} to {scale * high:{fmt}})")
+
+
 def claims_table(rows, header):
     lines = [header, ""]
     for claim in CLAIMS:
-        mine = [r for r in rows if r["paper"] == claim.paper]
+        mine = [r for r in rows if r["paper"] == claim.paper and not r["long"]]
         lines += [f"### {claim.paper}", "", f"The paper: {claim.claim}.", "",
-                  "| run | AP after each epoch (or --steps) | AP50 | APs | AP / base | encoder GMACs (/ base) | "
+                  "| run | seeds | AP at the end, each seed | AP mean (min to max) | AP50 | APs | AP - base, each seed "
+                  "(same data order) | mean (min to max) | the paper's claim here | encoder GMACs (/ base) | "
                   "GMACs (/ base) | train ms / step (/ base) | inference ms (/ base) | paper: AP (/ base) | "
                   "paper: GFLOPs (/ base) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in mine:
-            per_epoch = ", ".join(_pct(e["AP"]) for e in r["epochs"]) or "-"
-            if r["epochs"] and not r["finished"]:
-                per_epoch += f" (unfinished: {r['steps']} steps)"
+            seeds = r["seeds"]
+            each = " / ".join(_pct(v["AP"]) + ("" if v["finished"] else f" (unfinished: {v['steps']} steps)")
+                              for v in seeds.values()) or "-"
+            diffs = " / ".join(f"{100 * d:+.1f}" for d in r.get("diff", {}).values()) or "-"
             paper_ap = _cell(r["paper_ap"], None if r["base"] else r["paper_ap_ratio"], ".1f")
             gflops = _cell(r["paper_gflops"], None if r["base"] else r["paper_gflops_ratio"], "g")
             if r["paper_encoder_gflops"] is not None:
                 gflops += "; encoder " + _cell(r["paper_encoder_gflops"],
                                                None if r["base"] else r["paper_encoder_gflops_ratio"], "g")
             note = f"; {r['paper_note']}" if r["paper_note"] else ""
-            if r["base"] or r["AP_ratio"] is None:
-                ap_ratio = "-"
-            elif mine[0]["AP"] < 0.01:  # a ratio to chance-level AP says nothing
-                ap_ratio = "- (the base at chance)"
-            else:
-                ap_ratio = f"{r['AP_ratio']:.2f}"
             costs = [_cell(r.get(key), None if r["base"] else r[f"{key}_ratio"], fmt)
                      for key, fmt in (("encoder_gmacs", ".2f"), ("gmacs", ".2f"), ("train_ms", ".0f"),
                                       ("infer_ms", ".1f"))]
-            lines.append(f"| {r['label']} | {per_epoch} | {_pct(r['AP50'])} | {_pct(r['APs'])} | {ap_ratio} | "
-                         + " | ".join(costs) + f" | {paper_ap} | {gflops}{note} |")
-        if claim.model == "smca" and len(mine) == 2 and mine[0]["epochs"] and mine[1]["epochs"]:
-            detr = {e["epoch"]: e for e in mine[0]["epochs"]}
-            single = {e["epoch"]: e for e in mine[1]["epochs"]}
-            reach = steps_to_reach(detr, single, max(single) + 1)
-            lines += ["", f"DETR steps to reach SMCA's AP after each of SMCA's epochs ({mine[1]['epochs'][0]['steps']}"
-                      f" steps each): {' / '.join(reach)}."]
+            diff = "-" if r["base"] else _mean_range(r["diff_mean"], r["diff_min"], r["diff_max"], sign=True)
+            lines.append(f"| {r['label']} | {', '.join(map(str, seeds)) or '-'} | {each} | "
+                         f"{_mean_range(r['AP'], r['AP_min'], r['AP_max'])} | {_pct(r['AP50'])} | {_pct(r['APs'])} | "
+                         f"{'-' if r['base'] else diffs} | {diff} | {r['verdict'] or '-'} | " + " | ".join(costs)
+                         + f" | {paper_ap} | {gflops}{note} |")
+        epochs = max((len(v["epochs"]) for r in mine for v in r["seeds"].values()), default=0)
+        if epochs:
+            lines += ["", "AP after each epoch: the mean over the seeds (each seed's).", "",
+                      "| run | " + " | ".join(f"epoch {e + 1}" for e in range(epochs)) + " |",
+                      "|---|" + "---|" * epochs]
+            for r in mine:
+                cells = []
+                for e in range(epochs):
+                    aps = [v["epochs"][e]["AP"] for v in r["seeds"].values() if len(v["epochs"]) > e]
+                    cells.append("-" if not aps else f"{_pct(statistics.mean(aps))} ("
+                                 + " / ".join(_pct(a) for a in aps) + ")")
+                lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+        long = next((r for r in rows if r["paper"] == claim.paper and r["long"]), None)
+        if long is not None:
+            lines += ["", *long_base_lines(long, mine[1] if len(mine) > 1 else None)]
         lines.append("")
     return lines
+
+
+def long_base_lines(long, efficient):
+    """SMCA's ratio: the DETR baseline's long run against SMCA's run of the same seed, epoch by epoch."""
+    seed, run = next(iter(long["seeds"].items()), (None, None))
+    if run is None or not run["epochs"]:
+        return [f"{long['label']}: not trained yet."]
+    out = [f"{long['label']} (seed {seed}, {run['steps']} steps{'' if run['finished'] else ', unfinished'}): AP "
+           + ", ".join(f"{_pct(e['AP'])} after {e['steps']}" for e in run["epochs"]) + "."]
+    mine = (efficient or {}).get("seeds", {}).get(seed)
+    if mine and mine["epochs"]:
+        detr = {e["epoch"]: e for e in run["epochs"]}
+        smca_epochs = {e["epoch"]: e for e in mine["epochs"]}
+        reach = steps_to_reach(detr, smca_epochs, max(smca_epochs) + 1)
+        out.append(f"Steps the DETR baseline needs to reach SMCA's AP after each of SMCA's epochs (seed {seed}; "
+                   f"SMCA's epochs end at {', '.join(str(e['steps']) for e in mine['epochs'])} steps): "
+                   f"{' / '.join(reach)}.")
+    return out
 
 
 PAPER_COLOURS = {"SMCA-DETR": (214, 39, 40), "Sparse DETR": (31, 119, 180), "Lite DETR": (44, 160, 44),
@@ -474,10 +612,10 @@ def plot_xy(x, y, y_max):
 
 def claims_picture(rows, path):
     """The papers' Fig. 1 in miniature: AP on the shapes val split against encoder multiply-adds relative to each
-    paper's dense base, one point per run with an evaluation (its last; the base hollow), each efficient model
-    joined to its base."""
-    done = [r for r in rows if r["AP"] is not None and r.get("encoder_gmacs_ratio") is not None]
-    y_max = max([10.0] + [math.ceil(100 * r["AP"] / 10 + 0.5) * 10 for r in done])
+    paper's dense base: per run its seeds' APs as small points and their mean as a large one (the base hollow),
+    a bar from the lowest seed to the highest, each efficient model's mean joined to its base's."""
+    done = [r for r in rows if r["AP"] is not None and r.get("encoder_gmacs_ratio") is not None and not r["long"]]
+    y_max = max([10.0] + [math.ceil(100 * r["AP_max"] / 10 + 0.5) * 10 for r in done])
     image = Image.new("RGB", PLOT["size"], "white")
     draw = ImageDraw.Draw(image)
     left, top, right, bottom = PLOT["box"]
@@ -500,11 +638,19 @@ def claims_picture(rows, path):
         colour = PAPER_COLOURS[claim.paper]
         mine = [r for r in done if r["paper"] == claim.paper]
         base = next((r for r in mine if r["base"]), None)
-        points = [(r, plot_xy(r["encoder_gmacs_ratio"], 100 * r["AP"], y_max)) for r in mine]
-        for r, (px, py) in points:
+        for r in mine:
+            px, py = plot_xy(r["encoder_gmacs_ratio"], 100 * r["AP"], y_max)
             if base is not None and not r["base"]:
                 draw.line([plot_xy(1.0, 100 * base["AP"], y_max), (px, py)], fill=colour, width=2)
-        for r, (px, py) in points:
+        for r in mine:
+            px, py = plot_xy(r["encoder_gmacs_ratio"], 100 * r["AP"], y_max)
+            _, low = plot_xy(0, 100 * r["AP_min"], y_max)
+            _, high = plot_xy(0, 100 * r["AP_max"], y_max)
+            draw.line([(px, low), (px, high)], fill=colour, width=1)  # the seeds' range
+            for v in r["seeds"].values():
+                if v["AP"] is not None:
+                    _, sy = plot_xy(0, 100 * v["AP"], y_max)
+                    draw.ellipse([px - 2, sy - 2, px + 2, sy + 2], fill=colour)
             draw.ellipse([px - 5, py - 5, px + 5, py + 5], outline=colour, width=2,
                          fill="white" if r["base"] else colour)
             draw.text((px + 8, py - 6), r["label"].split(":")[0], fill=colour, font=small)
@@ -514,14 +660,17 @@ def claims_picture(rows, path):
         draw.text((right + 32, y - 2), claim.paper, fill=(0, 0, 0), font=visualize.font(12))
     draw.ellipse([right + 16, top + 110, right + 26, top + 120], outline=(0, 0, 0), width=2, fill="white")
     draw.text((right + 32, top + 108), "dense base", fill=(0, 0, 0), font=visualize.font(12))
+    draw.text((right + 16, top + 132), "large: mean of the seeds", fill=(0, 0, 0), font=visualize.font(11))
+    draw.text((right + 16, top + 148), "small, bar: each seed", fill=(0, 0, 0), font=visualize.font(11))
     image.save(path)
     return image
 
 
 def claims(args, argv):
-    """Train every run of CLAIMS that --out does not hold finished (the same seed, data order and recipe within a
-    claim), measure each configuration's cost on this machine (once: kept in OUT/costs.json), then write
-    OUT/claims.md, OUT/claims.json and OUT/claims.png."""
+    """Train every run of CLAIMS (each seed of --seeds) that neither --records nor --out holds finished (the same
+    seed, data order and recipe within a claim), keeping each finished run's record in --records; measure each
+    configuration's cost on this machine (once: kept in RECORDS/costs.json), then write RECORDS/claims.md,
+    claims.json and claims.png from the records (a run without one yet: from its folder in --out)."""
     if args.budget is not None and not args.budget > 0:
         raise ValueError(f"--budget must be a positive number of minutes, got {args.budget}")
     if args.steps is not None and args.steps <= 0:
@@ -532,47 +681,61 @@ def claims(args, argv):
         raise ValueError("--train-only and --table-only exclude each other")
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = os.path.abspath(args.out or os.path.join("runs", "claims"))
-    todo = []
-    for claim in CLAIMS:
-        for run in claim.runs:
-            run_dir = claim_dir(out, claim, run)
-            argv_run = claim_argv(args, claim, run, run_dir)
-            check_same_run(run_dir, argv_run)
-            if args.table_only:
-                continue
-            if run_finished(run_dir):
-                print(f"== {claim.paper}, {run.label}: finished in {run_dir}", flush=True)
-            else:
-                print(f"== {claim.paper}, {run.label}: python train.py {shlex.join(argv_run)}", flush=True)
-                todo.append(argv_run)
+    quick = args.budget is not None or args.steps is not None  # not the full recipes: records stay beside the runs
+    records = os.path.abspath(args.records or (os.path.join(out, "records") if quick else os.path.join(here, RECORDS)))
+    seeds = parse_seeds(args.seeds, args.seed)
+    todo, record_of = [], {}
+    for claim, run, seed in claim_runs(seeds):
+        run_dir, record = claim_dir(out, claim, run, seed), claim_record(records, claim, run, seed)
+        argv_run = claim_argv(args, claim, run, run_dir, seed)
+        record_of[run_dir] = record
+        if args.table_only:  # the records are read as they are (a machine with AMX resolves SMCA's amp otherwise)
+            continue
+        check_same_run(record, argv_run)
+        check_same_run(run_dir, argv_run)
+        if os.path.exists(record) or run_finished(run_dir):
+            save_record(run_dir, record)  # a run finished before its record was kept
+            print(f"== {claim.paper}, {run.label}, seed {seed}: finished ({record})", flush=True)
+        else:
+            print(f"== {claim.paper}, {run.label}, seed {seed}: python train.py {shlex.join(argv_run)}", flush=True)
+            todo.append(argv_run)
     if todo:
         shapes.ensure(SHAPES_ROOT)  # once, before parallel runs would each try
-    train_runs(todo, args.jobs, here)
+
+    def keep_record(argv):  # each run's record as soon as it has finished
+        run_dir = argv[argv.index("--output-dir") + 1]
+        if run_finished(run_dir):
+            save_record(run_dir, record_of[run_dir])
+            print(f"== finished: {run_dir}; its record: {record_of[run_dir]}", flush=True)
+    train_runs(todo, args.jobs, here, keep_record)
     if args.train_only:
         again = " ".join(a for a in argv if a != "--train-only")
         print(f"trained; `python -m tools.experiments {again}` measures the costs and writes the table")
         return None
-    os.makedirs(out, exist_ok=True)
-    cost_path = os.path.join(out, "costs.json")
+    os.makedirs(records, exist_ok=True)
+    cost_path = os.path.join(records, "costs.json")
     costs = {}
     if os.path.exists(cost_path):
         with open(cost_path) as f:
             costs = json.load(f)
     for claim in CLAIMS:
-        if set(costs.get(claim.model, {})) != {run.label for run in claim.runs}:
+        if not args.table_only and set(costs.get(claim.model, {})) != {run.label for run in claim.runs}:
             print(f"== measuring the cost of {claim.paper}'s configurations on this machine", flush=True)
             costs[claim.model] = claim_costs(claim, SHAPES_ROOT)
             costs["machine"] = f"{machine_name()}, {torch.get_num_threads()} threads"
             with open(cost_path, "w") as f:
                 json.dump(costs, f, indent=1)
-    rows = claim_rows(out, costs)
-    devices = sorted({r["device"] for r in rows if r["device"]})
-    header = (f"`python -m tools.experiments {' '.join(argv)}`: trained on {', '.join(devices) or '?'} "
-              f"(seed {args.seed}, shapes val); costs measured on {costs.get('machine', '?')} "
-              f"(OUT/costs.json: delete it to measure again). AP in %; ratios against each paper's dense base.")
-    write_table(out, "claims", claims_table(rows, header), rows)
-    claims_picture(rows, os.path.join(out, "claims.png"))
-    print(f"the picture: {os.path.join(out, 'claims.png')}")
+    sources = {(claim.model, run.label, seed): (record_of[d] if os.path.exists(record_of[d]) else d)
+               for claim, run, seed in claim_runs(seeds) for d in [claim_dir(out, claim, run, seed)]}
+    rows = claim_rows(sources, costs)
+    devices = sorted({v["device"] for r in rows for v in r["seeds"].values() if v["device"]})
+    header = (f"`python -m tools.experiments {' '.join(argv)}`: trained on {', '.join(devices) or '?'} (seeds "
+              f"{', '.join(map(str, seeds))}; shapes val); costs measured on {costs.get('machine', '?')} "
+              f"({os.path.relpath(cost_path, here)}: delete it to measure again). AP in %; ratios and differences "
+              f"against each paper's dense base.")
+    write_table(records, "claims", claims_table(rows, header), rows)
+    claims_picture(rows, os.path.join(records, "claims.png"))
+    print(f"the table and the picture: {os.path.join(records, 'claims.md')}, {os.path.join(records, 'claims.png')}")
     return rows
 
 
@@ -775,6 +938,12 @@ def main(argv=None):
                         "then evaluate; default: each model's full shapes recipe")
     m.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process with its "
                    "share of the cores as threads (default 1)")
+    m.add_argument("--seeds", default="3", help="a count N (the seeds --seed, --seed + 1, ...) or a comma-separated "
+                   "list: each claim's base and efficient model train with every seed, its side runs with the first "
+                   "(default 3)")
+    m.add_argument("--records", default=None, metavar="DIR",
+                   help="where each finished run's record (its log.jsonl, gzipped) is kept and the table is read "
+                        f"from; default {RECORDS} of the checkout (committed), OUT/records with --budget or --steps")
     m.add_argument("--train-only", action="store_true", help="train the runs, measure nothing, write no table")
     m.add_argument("--table-only", action="store_true", help="train nothing: the table and picture of the runs --out "
                    "holds now (an unfinished one marked with its steps)")
