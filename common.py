@@ -859,8 +859,13 @@ class SetCriterion(nn.Module):
         terms = {"loss_ce": weight_ce, "loss_bbox": weight_bbox, "loss_giou": weight_giou}
         self.weight_dict = {f"{k}{s}": v for s in suffixes for k, v in terms.items()}
 
+    accumulated_boxes = None  # train.py --accum-steps: the mean box count of the batches accumulated into one step
+
     def num_boxes(self, targets, device):
-        n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        """What the box losses divide by: the batch's box count (or, for a batch accumulated with others into one
+        optimizer step, `accumulated_boxes`), averaged over the processes, at least 1 (DETR's normaliser)."""
+        count = sum(len(t["labels"]) for t in targets) if self.accumulated_boxes is None else self.accumulated_boxes
+        n = torch.tensor([float(count)], device=device)
         world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         if world > 1:
             dist.all_reduce(n)

@@ -623,7 +623,27 @@ def shapes_config():
                   dim_feedforward=512, num_queries=50, num_select=100, num_fine_tokens=100, dn_number=20)
 
 
-# Recipes: train.py's shared ones as they are (COCO: OFF's AdamW lr 1e-4, backbone 1e-5, clip 0.1)
+# train.py's COCO recipe: the official detrex configs (focus_detr_r50_4scale_{12,24,36}ep.py, configs/common/
+# coco_schedule.py, optim.py); the default schedule is the paper's headline one, 36 epochs (50.4 AP)
+COCO_RECIPE = {
+    "epochs": 36,  # 270k iterations of total batch 16 (7,500 per epoch)
+    "lr_drop": 20,  # lr_multiplier_24_36ep = default_coco_scheduler(36, 20, 0): x 0.1 after epoch 20 (DINO: 33)
+    "lr": 1e-4,  # optim.py AdamW lr
+    "lr_backbone": 1e-5,  # optim.py: lr x 0.1 for every parameter whose name contains "backbone"
+    "batch_size": 2,  # images per GPU: dataloader.train.total_batch_size 16 on 8 GPUs
+    "total_batch": 16,  # dataloader.train.total_batch_size
+    "weight_decay": 1e-4,  # optim.py
+    "weight_decay_norm": 0.0,  # optim.py: get_default_optimizer_params(weight_decay_norm=0.0)
+    "clip_max_norm": 0.1,  # train.clip_grad.params.max_norm
+    "config": {"pos_temperature": 20.0, "pos_offset": 0.0},  # the 24 / 36-epoch configs' encoder sine positions
+}
+# --schedule NAME: the three official schedules (what differs from COCO_RECIPE); the first is the default
+COCO_SCHEDULES = {
+    "36ep": {},
+    "24ep": {"epochs": 24},  # 180k iterations, the same drop at epoch 20
+    "12ep": {"epochs": 12, "lr_drop": 11,  # 90k iterations, x 0.1 at 82.5k
+             "config": {"pos_temperature": 10000.0, "pos_offset": -0.5}},  # the 12-epoch config's sine positions
+}
 
 
 def build(cfg):
@@ -677,13 +697,23 @@ def from_official(source, class_ids="coco", schedule=None):
     what was assumed); sizes, layers, queries, classes, depth from the tensors, every OFF behaviour on;
     OFF_ALIASES (second names of shared heads and the MCSP) dropped. class_ids "coco": the 80 class rows
     to their COCO ids of our 91 (others: logit -10000); "contiguous": OFF's 80. schedule "12ep" / "24ep" /
-    "36ep" (default: from the file name, else 12ep): that config's encoder sine positions."""
+    "36ep" (None: guessed from the file name, 12ep when it names neither 24ep nor 36ep; a note says so): that
+    config's encoder sine positions. ValueError for another class_ids or schedule."""
     if class_ids not in ("coco", "contiguous"):
         raise ValueError(f"class_ids must be 'coco' or 'contiguous', got {class_ids!r}")
+    if schedule not in (None, "12ep", "24ep", "36ep"):
+        raise ValueError(f"schedule must be '12ep', '24ep' or '36ep' (the official configs' sine positions), "
+                         f"got {schedule!r}")
     ckpt = read_official(source, "Focus-DETR (detrex)", ("transformer.level_embeds", "neck.convs.0.conv.weight"))
     state, what = ckpt.state, ckpt.what
-    schedule = schedule or next((s for s in ("24ep", "36ep") if s in str(source).lower()), "12ep")
-    notes = [f"focus_rho, cascade_ratios, num_fine_tokens: OFF's defaults; sine positions of the {schedule} config"]
+    positions = f"sine positions of the {schedule} config (as stated)"
+    if schedule is None:
+        named = next((s for s in ("24ep", "36ep") if s in str(source).lower()), None)
+        schedule = named or "12ep"
+        positions = (f"sine positions of the {schedule} config, guessed from the file name "
+                     f"({f'it names {named}' if named else 'it names no 24ep / 36ep'}); to state it: schedule= "
+                     f"(detect.py, tools.export: --official-schedule 12ep / 24ep / 36ep)")
+    notes = [f"focus_rho, cascade_ratios, num_fine_tokens: OFF's defaults; {positions}"]
     L, C = state["transformer.level_embeds"].shape
     enc_layers, off_classes = ckpt.count("transformer.encoder.layers."), state["class_embed.0.weight"].shape[0]
     depth = {6: 50, 23: 101}.get(ckpt.count("backbone.res4."))

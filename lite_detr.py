@@ -412,8 +412,18 @@ def shapes_config():
 # where train.py's shapes recipe differs for this model: lr / 10 after the first of its 2 epochs (about
 # 20 minutes on 2 CPU cores; its six all-level KDA layers make it the slowest per step)
 SHAPES_RECIPE = {"lr_drop": 1}
-# DDETR recipe (Table 3 rows train 50 epochs): lr 2e-4, backbone 2e-5, drop at 40
-COCO_RECIPE = {"lr": 2e-4, "lr_backbone": 2e-5}
+# train.py's COCO recipe: Deformable DETR's (the paper's Table 3 rows train 50 epochs "as Deformable DETR"; the authors
+# release no Lite-Deformable DETR code): its README and main.py defaults
+COCO_RECIPE = {
+    "epochs": 50,  # Table 3 (Deformable DETR main.py --epochs 50)
+    "lr_drop": 40,  # Deformable DETR main.py --lr_drop 40
+    "lr": 2e-4,  # Deformable DETR main.py --lr
+    "lr_backbone": 2e-5,  # Deformable DETR main.py --lr_backbone
+    "batch_size": 2,  # images per GPU: Deformable DETR main.py --batch_size 2
+    "total_batch": 32,  # Deformable DETR README: "total batch size of 32" (16 GPUs x 2)
+    "weight_decay": 1e-4,  # Deformable DETR main.py --weight_decay
+    "clip_max_norm": 0.1,  # Deformable DETR main.py --clip_max_norm
+}
 # DDETR --lr_linear_proj_mult 0.1: parameters whose name contains these train at lr x 0.1 (DDETR also
 # names reference_points, a layer of single-stage Deformable DETR that the two-stage model does not have)
 LR_MULTIPLIERS = {"sampling_offsets": 0.1}

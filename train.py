@@ -30,6 +30,7 @@ time is spent (a partial epoch then counts as done), saves, evaluates and logs t
 seconds and the inference ms per image (experiments.py leaderboard reads them).
 """
 import argparse
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 import json
@@ -44,20 +45,28 @@ import torch.distributed as dist
 
 import data as datalib
 import detect
-from common import checkpoint_layers, fast_paths, load_backbone_weights, recompute_sampling
+from common import checkpoint_layers, fast_paths, load_backbone_weights, recompute_sampling, RESNET_URLS
 from data import shapes
-from engine import pretrain
+from engine import curves, pretrain
 from engine.runtime import (MODELS, SHAPES_ROOT, backbone_weights, cpu_has_amx, cpu_has_bf16, load_checkpoint,
                             machine_name, model_module, run_cli, save_atomic, select_device)
-# The paper recipe, shared by the four papers (a model file's COCO_RECIPE overrides some of it)
-# (at 800 x 1333 the deformable samples and the encoder's activations are most of a step's memory: both are
-# recomputed in the backward pass by default there, docs/memory.md)
-COCO_RECIPE = {"epochs": 50, "lr_drop": 40, "batch_size": 2, "lr": 1e-4, "lr_backbone": 1e-5, "eval_every": 1,
-               "recompute_sampling": "on", "checkpoint_encoder": "on"}
+# What every run needs beside a model file's COCO_RECIPE (the paper's epochs, lr drop, lrs, images per GPU, the
+# total batch it assumes, weight decay, clip; each model file gives them with their sources). At 800 x 1333 the
+# deformable samples and the encoder's activations are most of a step's memory: both are recomputed in the backward
+# pass by default there (docs/memory.md)
+COCO_RECIPE = {"accum_steps": 1, "eval_every": 1, "recompute_sampling": "on", "checkpoint_encoder": "on"}
 # The CPU recipe on the shapes set (a model file's SHAPES_RECIPE overrides some of it): 2 epochs of
 # 500 steps of 8 images, lr / 10 after the second, the shapes-pretrained backbone at a quarter of the lr, float32
 # (no "amp": a model's SHAPES_RECIPE may add "amp": "bf16-backbone", honoured on a CPU with AMX only)
-SHAPES_RECIPE = {"epochs": 2, "lr_drop": 2, "batch_size": 8, "lr": 4e-4, "lr_backbone": 1e-4, "eval_every": 1}
+SHAPES_RECIPE = {"epochs": 2, "lr_drop": 2, "batch_size": 8, "lr": 4e-4, "lr_backbone": 1e-4, "weight_decay": 1e-4,
+                 "clip_max_norm": 0.1, "accum_steps": 1, "eval_every": 1}
+# The flags a recipe fills, and that a resumed run may change: each given on resume is applied from there on and
+# named in one line at the start; each not given keeps the checkpoint's value. (--max-steps and --time-budget are
+# limits of the invocation: counted over resumes, but applied only when given. The model's Config (--set, the data's
+# classes, a schedule's Config) cannot change: a resume under another is refused.)
+RECIPE_FLAGS = ("epochs", "lr_drop", "batch_size", "lr", "lr_backbone", "weight_decay", "clip_max_norm", "accum_steps",
+                "eval_every")
+RESUMED_FLAGS = RECIPE_FLAGS + ("amp", "seed", "scales", "recompute_sampling", "checkpoint_encoder", "max_bad_images")
 
 
 AMP_MODES = ("off", "bf16", "fp16", "bf16-backbone")
@@ -68,18 +77,26 @@ def parse_args(argv=None):
     p.add_argument("--model", choices=MODELS, required=True)
     p.add_argument("--data", default="shapes", help="'shapes' (built in) or a COCO-format root folder")
     p.add_argument("--output-dir", default=None, help="default: runs/<model>-<data name>")
+    p.add_argument("--schedule", default=None, help="with --data PATH: one of the model file's named COCO schedules "
+                   "(Focus-DETR: 12ep, 24ep, 36ep; default its paper's headline one)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--lr-drop", type=int, help="epoch after which the lr is multiplied by 0.1")
-    p.add_argument("--batch-size", type=int, help="images per process")
+    p.add_argument("--batch-size", type=int, help="images per process and step (before --accum-steps)")
+    p.add_argument("--accum-steps", type=int, help="gradient accumulation: each optimizer step sums the gradients of "
+                   "K batches, its loss normalised as one batch of K x batch-size images would be (DDP synchronises "
+                   "once per step). Total batch = processes x batch size x K. Default 1")
     p.add_argument("--lr", type=float)
     p.add_argument("--lr-backbone", type=float, help="0 freezes the whole backbone (as DETR's --lr_backbone 0)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--clip-max-norm", type=float, default=0.1, help="0 turns clipping off")
+    p.add_argument("--weight-decay", type=float, help="AdamW's (default: the recipe's, 1e-4 in every paper)")
+    p.add_argument("--clip-max-norm", type=float, help="gradient clipping; 0 turns it off (default: the recipe's, 0.1)")
     p.add_argument("--amp", choices=AMP_MODES, default=None,
                    help="mixed precision: bf16 or fp16 autocast of the whole model; bf16-backbone: only the ResNet "
                    "in bf16 (where a CPU's AMX or a GPU's tensor cores pay most), the transformer in float32. "
                    "Default: the recipe's (SMCA's shapes recipe says bf16-backbone, taken on a CPU with AMX only), "
-                   "else off; a resumed run keeps its checkpoint's unless given. Evaluation runs as training does")
+                   "else off. Evaluation runs as training does")
+    p.add_argument("--tf32", choices=("on", "off"), default="on",
+                   help="on CUDA: TF32 matrix products and convolutions (float32 ranges, 10-bit mantissa; much faster "
+                        "on Ampere and later, as DETR-style training usually runs). Default on")
     p.add_argument("--recompute-sampling", choices=("on", "off"), default=None,
                    help="on: the deformable sampling keeps only its inputs for the backward and samples again there "
                         "(the same numbers, less memory, a slower backward; common.recompute_sampling). Default: on "
@@ -88,7 +105,9 @@ def parse_args(argv=None):
                    help="on: activation checkpointing of the encoder layers (each keeps only its inputs for the "
                         "backward and runs again there; the same numbers, less memory, a slower step; "
                         "common.checkpoint_layers). Default: on with --data PATH, off on shapes")
-    p.add_argument("--resume", default=None, help="'auto' (OUTPUT_DIR/checkpoint.pth if present) or a checkpoint path")
+    p.add_argument("--resume", default=None, help="'auto' (OUTPUT_DIR/checkpoint.pth if present) or a checkpoint "
+                   "path. Flags given on resume apply from there on (named at the start); flags not given keep "
+                   "the checkpoint's values")
     p.add_argument("--finetune", default=None, help="initialise from a checkpoint's model weights; keys whose "
                    "shape differs (e.g. another class count) are skipped and listed")
     p.add_argument("--scales", choices=("coco", "shapes"), default=None,
@@ -103,19 +122,22 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="stop training after this many minutes of training (summed over resumes; checked every "
-                        "iteration), then save and evaluate. experiments.py leaderboard gives every model the same one")
+                   "iteration), then save and evaluate. experiments.py leaderboard gives every model the same one")
     p.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="stop training after N iterations (optimizer steps, counted over resumes), then save and "
                         "evaluate; a partial epoch then counts as done, as with --time-budget. The lr drop stays at "
                         "its epoch (--lr-drop)")
+    p.add_argument("--max-bad-images", type=int, default=None, metavar="N",
+                   help="an image that cannot be decoded is skipped with a warning; the run stops once more than N "
+                        "different ones were skipped (default 10)")
     p.add_argument("--backbone-weights", default=None,
                    help="torchvision-format ResNet .pth, 'imagenet' (download), "
-                        "'shapes' (the ResNet engine/pretrain.py pretrains on the shapes set, trained on first use) "
-                        "or 'none' (from scratch). Default: "
-                        "'imagenet' with --data PATH (the papers fine-tune an ImageNet backbone), 'shapes' on shapes")
+                   "'shapes' (the ResNet engine/pretrain.py pretrains on the shapes set, trained on first use) "
+                   "or 'none' (from scratch). Default: "
+                   "'imagenet' with --data PATH (the papers fine-tune an ImageNet backbone), 'shapes' on shapes")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override model Config fields (repeatable; later wins)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=None, help="default 42")
     p.add_argument("--num-workers", type=int, default=None,
                    help="data loader processes; default 4 on GPU, 0 on CPU "
                         "(where workers only take cores from the model)")
@@ -129,15 +151,49 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 
 def init_distributed(device):
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: NCCL on GPU, gloo on CPU."""
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: NCCL on GPU, gloo on CPU -> (rank, local rank, world, device).
+    On one or several nodes alike: torchrun's own rendezvous (--nnodes, --rdzv-endpoint) forms the group."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, device
+        return 0, 0, 1, device
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    return dist.get_rank(), local_rank, dist.get_world_size(), device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def on_each_node(prepare, rank, local_rank):
+    """Run `prepare` (which makes files a node reads unless they are there already: the shapes set, its pretrained
+    backbone, a download) on global rank 0 first, then on the first process of every other node: a node without a
+    shared disk makes its own copy, and nodes that share one never write the same file at once."""
+    if rank == 0:
+        prepare()
+    barrier()
+    if local_rank == 0 and rank != 0:
+        prepare()
+    barrier()
+
+
+def from_rank0(make, rank):
+    """`make()` on rank 0, its result (or the ValueError it raised) given to every rank: a decision taken once."""
+    if not dist.is_initialized():
+        return make()
+    box = [None]
+    if rank == 0:
+        try:
+            box = [("ok", make())]
+        except ValueError as e:
+            box = [("error", str(e))]
+    dist.broadcast_object_list(box, src=0)
+    if box[0][0] == "error":
+        raise ValueError(box[0][1])
+    return box[0][1]
 
 
 def all_finite(t):
@@ -146,6 +202,27 @@ def all_finite(t):
     if dist.is_initialized():
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
+
+
+def mean_over_ranks(values, device):
+    """{name: float} -> the same names, each averaged over the ranks (the logged losses of a DDP step)."""
+    if not dist.is_initialized():
+        return values
+    names = sorted(values)
+    t = torch.tensor([values[k] for k in names], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(names, (t / dist.get_world_size()).tolist()))
+
+
+def param_fingerprints(model, world):
+    """Every rank's sum of its parameters (float64): equal when the ranks hold the same model, as DDP must keep
+    them."""
+    mine = sum(p.detach().double().sum() for p in model.parameters()).item()
+    if world == 1:
+        return [mine]
+    prints = [None] * world
+    dist.all_gather_object(prints, mine)
+    return prints
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,12 +253,9 @@ def apply_overrides(cfg, pairs):
     return cfg
 
 
-def build_data(args, recipe_scales, rank):
-    if args.data == "shapes":
-        if rank == 0:
-            shapes.ensure(SHAPES_ROOT)
-        if dist.is_initialized():
-            dist.barrier()
+def build_data(args, recipe_scales, rank, local_rank):
+    if args.data == "shapes":  # made on each node that lacks it (several nodes need no shared disk)
+        on_each_node(lambda: shapes.ensure(SHAPES_ROOT), rank, local_rank)
         root = SHAPES_ROOT
     else:
         root = args.data
@@ -195,31 +269,44 @@ def build_data(args, recipe_scales, rank):
         if train.num_classes > val.num_classes or train.categories != val.categories:
             raise ValueError(f"train and val annotation files declare different categories "
                              f"({train.ann_file} vs {val.ann_file})")
+    if rank == 0:
+        for split in (train, val):
+            if split is not None and split.size_mismatches:
+                print(f"warning: {split.ann_file}: {len(split.size_mismatches)} image(s) are not the size their "
+                      f"annotation says (boxes clipped to the file's pixels); first: "
+                      + "; ".join(split.size_mismatches[:5]))
     return train, val
 
 
-def _reseed_worker(worker_id):
-    """Each loader process restarts its dataset copy's augmentation stream from its own torch seed."""
-    info = torch.utils.data.get_worker_info()
-    info.dataset.reseed(info.seed)
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler whose indices carry the augmentation's stream: (index, seed * 100003 + epoch * 1009 +
+    rank, position in the epoch); the dataset restarts its random stream from it at each pass
+    (CocoDetection.__getitem__), so order and augmentation depend only on (seed, epoch, rank) and the loader's worker:
+    a resumed run sees what an uninterrupted one saw, with persistent workers too."""
+
+    def __iter__(self):
+        stream = self.seed * 100003 + self.epoch * 1009 + self.rank
+        return ((i, stream, position) for position, i in enumerate(super().__iter__()))
 
 
-def make_loader(dataset, batch_size, shuffle, seed, epoch, rank, world, workers):
-    """A loader whose order and augmentation depend only on (seed, epoch, rank): resume-exact. The
-    augmentation draws from the dataset's own random stream (CocoDetection.rng), reseeded here."""
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
+def make_loader(dataset, batch_size, shuffle, seed, epoch, rank, world, workers, cuda=False):
+    """A loader whose order and augmentation depend only on (seed, epoch, rank): resume-exact. For another epoch,
+    `loader.sampler.set_epoch(e)`. On CUDA its batches come in pinned memory and its workers persist over epochs."""
+    sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
     sampler.set_epoch(epoch)
-    seed = seed * 100003 + epoch * 1009 + rank
-    dataset.reseed(seed)  # num_workers == 0: the loop's own process augments
-    gen = torch.Generator().manual_seed(seed)  # worker seeds
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=datalib.collate,
-                                       num_workers=workers, generator=gen, drop_last=False,
-                                       worker_init_fn=_reseed_worker if workers else None)
+                                       num_workers=workers, drop_last=False, pin_memory=cuda,
+                                       persistent_workers=cuda and workers > 0)
 
 
-def param_groups(model, lr, lr_backbone, multipliers):
+NORM_LAYERS = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d)
+
+
+def param_groups(model, lr, lr_backbone, multipliers, weight_decay, weight_decay_norm=None):
     """AdamW groups: backbone at lr_backbone, parameters whose name contains a key of `multipliers`
-    at lr * multiplier (a model file's LR_MULTIPLIERS), the rest at lr."""
+    at lr * multiplier (a model file's LR_MULTIPLIERS), the rest at lr; each group's `base_lr` is its lr before the
+    drop. weight_decay_norm (a recipe's; detrex's 0.0): the weight decay of normalisation layers' parameters."""
+    norm = {id(p) for m in model.modules() if isinstance(m, NORM_LAYERS) for p in m.parameters(recurse=False)}
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -232,11 +319,22 @@ def param_groups(model, lr, lr_backbone, multipliers):
                 if sub in name:
                     key, group_lr = sub, lr * mult
                     break
-        groups.setdefault(key, {"params": [], "lr": group_lr, "name": key})["params"].append(p)
+        decay = weight_decay
+        if weight_decay_norm is not None and id(p) in norm:
+            key, decay = key + "_norm", weight_decay_norm
+        groups.setdefault(key, {"params": [], "lr": group_lr, "base_lr": group_lr, "weight_decay": decay,
+                                "name": key})["params"].append(p)
     return list(groups.values())
 
 
-TRAINING_STATE = ("optimizer", "scheduler", "scaler", "rng", "epoch")
+def set_lr(optimizer, epoch, lr_drop):
+    """Each group's lr for `epoch` (0-based): its base lr, x 0.1 from epoch lr_drop on (DETR's StepLR, written as a
+    function of the epoch so that a resumed run takes a changed --lr-drop or --lr)."""
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * 0.1 ** (epoch // lr_drop)
+
+
+TRAINING_STATE = ("optimizer", "scaler", "rng", "epoch")
 
 
 def check_compatible(ckpt, path, model_name, cfg, training):
@@ -283,6 +381,17 @@ def to_device(targets, device):
     return [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
 
 
+def json_safe(value):
+    """NaN and infinities (a class with no ground truth has AP NaN) -> None, so log.jsonl stays JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 @dataclass
 class Run:
     """What the training and evaluation loops share."""
@@ -300,10 +409,13 @@ class Run:
     log_file: object = None  # rank 0: OUTPUT_DIR/log.jsonl, opened for appending
     train_s: float = 0.0  # seconds of training so far, over every resume (--time-budget)
     steps: int = 0  # optimizer steps so far, over every resume
+    best_ap: float = -1.0  # the best evaluated AP so far (checkpoint_best.pth holds its weights)
+    bad_images: dict = dataclasses.field(default_factory=dict)  # image id -> why it could not be read (this rank)
 
     def log(self, record):
         if self.log_file:
-            self.log_file.write(json.dumps(record) + "\n")
+            self.log_file.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+            self.log_file.flush()
 
 
 def out_of_time(run, seconds_this_epoch):
@@ -336,14 +448,34 @@ def forward_loss(run, images, pad_mask, targets):
     return sum(losses[k] * weights[k] for k in losses if k in weights), losses
 
 
-def optimizer_step(run, loss, mark=None):
-    """Backward, gradient clipping and the optimizer step -> the gradient norm before clipping.
-    `mark(part)`, if given, is called as the backward and the clipping end (bench's training profile)."""
+def accumulated_loss(run, batches):
+    """Forward and backward of the batches of one optimizer step (--accum-steps), their loss normalised as one
+    batch of all their images would be: the box losses divide by the batches' mean box count (the criterion's
+    accumulated_boxes), and each batch's loss by the number of batches. DDP synchronises the gradients in the last
+    backward only. -> (the step's loss, {term: value}), each the mean over the batches."""
+    k = len(batches)
+    run.criterion.accumulated_boxes = sum(len(t["labels"]) for _, _, ts in batches for t in ts) / k if k > 1 else None
+    total, terms = 0.0, {}
+    try:
+        for i, (images, pad_mask, targets) in enumerate(batches):
+            last = run.world == 1 or i == k - 1
+            with contextlib.nullcontext() if last else run.model.no_sync():
+                loss, losses = forward_loss(run, images, pad_mask, targets)
+                if not all_finite(loss.detach()):
+                    return loss, losses
+                run.scaler.scale(loss / k).backward()
+            total = total + loss.detach() / k
+            for name, v in losses.items():
+                terms[name] = terms.get(name, 0.0) + v.detach() / k
+    finally:
+        run.criterion.accumulated_boxes = None
+    return total, terms
+
+
+def optimizer_step(run, mark=None):
+    """Gradient clipping and the optimizer step (the gradients already summed) -> the gradient norm before
+    clipping. `mark(part)`, if given, is called as the clipping ends (bench's training profile)."""
     optimizer, scaler, clip = run.optimizer, run.scaler, run.args.clip_max_norm
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if mark:
-        mark("backward")
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
@@ -351,30 +483,69 @@ def optimizer_step(run, loss, mark=None):
         mark("clip")
     scaler.step(optimizer)
     scaler.update()
+    optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
 
+def note_bad_images(run, skipped):
+    """Count the images of a batch that could not be read (collate lists them: [(image id, error)]); stop the run
+    once more than --max-bad-images different ones were skipped on any rank."""
+    for image_id, error in skipped:
+        if image_id not in run.bad_images:
+            run.bad_images[image_id] = error
+            print(f"warning: skipped image id {image_id} (rank {run.rank}): {error}", flush=True)
+    count = torch.tensor([float(len(run.bad_images))], device=run.device)
+    if run.world > 1:
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    if count.item() > run.args.max_bad_images:
+        named = "; ".join(f"id {i}: {e}" for i, e in list(run.bad_images.items())[:5])
+        raise ValueError(f"stopped: {int(count.item())} images could not be read (more than --max-bad-images "
+                         f"{run.args.max_bad_images}); {named}. Fix or remove them, or raise --max-bad-images; "
+                         f"the last checkpoint in {run.args.output_dir} is untouched")
+
+
+def step_batches(loader, k, device):
+    """A loader's batches, on the device, grouped k at a time (one optimizer step each; the epoch's last group may
+    hold fewer) -> lists of (images, pad_mask, targets, skipped: [(image id, error)] of what could not be read)."""
+    group = []
+    for images, pad_mask, targets in loader:
+        group.append((images.to(device, non_blocking=True), pad_mask.to(device, non_blocking=True),
+                      to_device(targets, device), targets.skipped))
+        if len(group) == k:
+            yield group
+            group = []
+    if group:
+        yield group
+
+
 def train_one_epoch(run, epoch, loader):
-    """-> the fraction of the epoch trained (1.0 unless the --time-budget ran out in it)."""
+    """-> the fraction of the epoch trained (1.0 unless the --time-budget or --max-steps ran out in it)."""
     model, criterion, optimizer, args = run.model, run.criterion, run.optimizer, run.args
     model.train()
     criterion.train()
-    n, start, last_print = len(loader), time.time(), time.time()
-    for it, (images, pad_mask, targets) in enumerate(loader):
-        images, pad_mask, targets = images.to(run.device), pad_mask.to(run.device), to_device(targets, run.device)
-        loss, losses = forward_loss(run, images, pad_mask, targets)
+    optimizer.zero_grad(set_to_none=True)
+    n = math.ceil(len(loader) / args.accum_steps)  # optimizer steps in the epoch
+    start, last_print = time.time(), time.time()
+    for it, group in enumerate(step_batches(loader, args.accum_steps, run.device)):
+        for *_, skipped in group:
+            note_bad_images(run, skipped)
+        batches = [(images, pad_mask, targets) for images, pad_mask, targets, _ in group if len(targets)]
+        if not batches:
+            continue
         step = epoch * n + it
         run.steps += 1
+        loss, losses = accumulated_loss(run, batches)
         if not all_finite(loss.detach()):
-            ids = [t["image_id"] for t in targets]
+            ids = [t["image_id"] for _, _, targets in batches for t in targets]
             raise FloatingPointError(
                 f"non-finite loss ({loss.item()}) at epoch {epoch} iteration {it} (global step {step}), "
                 f"image ids {ids} on rank {run.rank}; the last good checkpoint is untouched in {args.output_dir}")
-        grad_norm = optimizer_step(run, loss)
+        grad_norm = optimizer_step(run)
 
-        record = {"type": "train", "epoch": epoch, "iter": it, "step": step, "loss": loss.item(),
-                  "grad_norm": float(grad_norm), **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups},
-                  **{k: v.item() for k, v in losses.items()}}
+        values = mean_over_ranks({"loss": float(loss), "grad_norm": float(grad_norm),
+                                  **{k: float(v) for k, v in losses.items()}}, run.device)
+        record = {"type": "train", "epoch": epoch, "iter": it, "step": step, **values,
+                  **{f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}}
         run.log(record)
         if run.rank == 0 and (time.time() - last_print > args.log_every or it == n - 1):
             last_print = time.time()
@@ -384,10 +555,10 @@ def train_one_epoch(run, epoch, loader):
                 eta = max(0.0, min(eta, 60 * args.time_budget - run.train_s - (time.time() - start)))
             if args.max_steps is not None:
                 eta = max(0.0, min(eta, (args.max_steps - run.steps) / rate))
-            print(f"epoch {epoch + 1}/{args.epochs} it {it + 1}/{n}  loss {loss.item():.3f} "
-                  f"(ce {losses['loss_ce'].item():.3f} l1 {losses['loss_bbox'].item():.3f} "
-                  f"giou {losses['loss_giou'].item():.3f})  grad {float(grad_norm):.2f}  "
-                  f"lr {record.get('lr_base', 0.0):.2e}  {rate:.2f} it/s  ETA {eta / 60:.1f} min", flush=True)
+            print(f"epoch {epoch + 1}/{args.epochs} it {it + 1}/{n}  loss {values['loss']:.3f} "
+                  f"(ce {values['loss_ce']:.3f} l1 {values['loss_bbox']:.3f} giou {values['loss_giou']:.3f})  "
+                  f"grad {values['grad_norm']:.2f}  lr {record.get('lr_base', 0.0):.2e}  {rate:.2f} it/s  "
+                  f"ETA {eta / 60:.1f} min", flush=True)
         if it + 1 < n and out_of_time(run, time.time() - start):
             run.train_s += time.time() - start
             return (it + 1) / n
@@ -397,13 +568,20 @@ def train_one_epoch(run, epoch, loader):
 
 @torch.no_grad()
 def evaluate(run, dataset):
+    """COCO evaluation of the val set: each rank detects on its share, rank 0 computes the summary, every rank
+    gets it."""
     model, device = run.model, run.device
     model.eval()
-    loader = make_loader(dataset, run.args.batch_size, False, 0, 0, run.rank, run.world, run.args.num_workers)
+    loader = make_loader(dataset, run.args.batch_size, False, 0, 0, run.rank, run.world, run.args.num_workers,
+                         device.type == "cuda")
     evaluator = datalib.CocoEvaluator(dataset.coco)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seconds, count = 0.0, 0
     for images, pad_mask, targets in loader:
+        for image_id, error in targets.skipped:
+            print(f"warning: evaluation skipped image id {image_id}: {error}", flush=True)
+        if not len(targets):
+            continue
         images, pad_mask = images.to(device), pad_mask.to(device)
         sync()
         t0 = time.perf_counter()
@@ -423,14 +601,33 @@ def evaluate(run, dataset):
 # main: recipe -> device -> data -> model -> optimizer / resume -> epochs
 # ---------------------------------------------------------------------------------------------
 
+def recipe_of(args, module, on_shapes):
+    """The recipe a run follows: on shapes the shared SHAPES_RECIPE and the model file's differences; on COCO the
+    model file's COCO_RECIPE (the paper's), one of its COCO_SCHEDULES by --schedule (default: the first), and the
+    shared run settings."""
+    schedules = getattr(module, "COCO_SCHEDULES", {})
+    if on_shapes:
+        if args.schedule is not None:
+            raise ValueError("--schedule names one of a paper's COCO schedules: use it with --data PATH")
+        return dict(SHAPES_RECIPE, **getattr(module, "SHAPES_RECIPE", {}))
+    if args.schedule is not None and args.schedule not in schedules:
+        named = f"its schedules are {', '.join(schedules)}" if schedules else "it has one schedule"
+        raise ValueError(f"--schedule {args.schedule!r}: not a COCO schedule of {args.model} ({named})")
+    if schedules and args.schedule is None:
+        args.schedule = next(iter(schedules))
+    recipe = dict(COCO_RECIPE, **module.COCO_RECIPE)
+    schedule = schedules.get(args.schedule, {})
+    return {**recipe, **schedule, "config": {**recipe.get("config", {}), **schedule.get("config", {})}}
+
+
 def resolve_recipe(args, module, on_shapes):
-    """Fill the flags left unset from the recipe: the shared one, then the model file's differences."""
-    recipe = dict(SHAPES_RECIPE, **getattr(module, "SHAPES_RECIPE", {})) if on_shapes else \
-        dict(COCO_RECIPE, **getattr(module, "COCO_RECIPE", {}))
-    for key in ("epochs", "lr_drop", "batch_size", "lr", "lr_backbone", "eval_every"):
+    """Fill the flags left unset from the recipe (recipe_of) -> the recipe."""
+    recipe = recipe_of(args, module, on_shapes)
+    for key in RECIPE_FLAGS:
         if getattr(args, key) is None:
             setattr(args, key, recipe[key])
-        if getattr(args, key) < 0 or (getattr(args, key) == 0 and key != "lr_backbone"):
+        if getattr(args, key) < 0 or (getattr(args, key) == 0 and key not in ("lr_backbone", "weight_decay",
+                                                                              "clip_max_norm")):
             raise ValueError(f"--{key.replace('_', '-')} must be positive, got {getattr(args, key)}")
     for key in ("recompute_sampling", "checkpoint_encoder"):
         if getattr(args, key) is None:
@@ -438,13 +635,40 @@ def resolve_recipe(args, module, on_shapes):
     if args.amp is None:  # a recipe's "amp" holds on a CPU with AMX, where it was measured; float32 elsewhere
         amp = recipe.get("amp", "off")
         args.amp = amp if amp == "off" or (select_device(args).type == "cpu" and cpu_has_amx()) else "off"
+    args.seed = 42 if args.seed is None else args.seed
+    args.max_bad_images = 10 if args.max_bad_images is None else args.max_bad_images
     if args.time_budget is not None and not args.time_budget > 0:
         raise ValueError(f"--time-budget must be a positive number of minutes, got {args.time_budget}")
     if args.max_steps is not None and args.max_steps <= 0:
         raise ValueError(f"--max-steps must be a positive number of steps, got {args.max_steps}")
+    if args.max_bad_images < 0:
+        raise ValueError(f"--max-bad-images must be 0 or more, got {args.max_bad_images}")
+    return recipe
 
 
-def build_model(args, module, cfg, on_shapes, rank, official_state=None):
+def resumed_flags(args, ckpt, given):
+    """A resumed run: each flag of RESUMED_FLAGS not given now takes the checkpoint's value; each given that differs
+    from it is applied -> 'name old -> new' of those, for the line that starts the run."""
+    before = ckpt.get("args") or {}
+    changed = []
+    for key in RESUMED_FLAGS:
+        if key not in before:
+            continue
+        if key not in given:
+            setattr(args, key, before[key])
+        elif getattr(args, key) != before[key]:
+            changed.append(f"{key.replace('_', '-')} {before[key]} -> {getattr(args, key)}")
+    return changed
+
+
+def given_flags(argv):
+    """The RESUMED_FLAGS named on the command line (their values given, not from a recipe or checkpoint)."""
+    defaults = parse_args(["--model", "smca"])
+    asked = parse_args(argv)
+    return {k for k in RESUMED_FLAGS if getattr(asked, k) != getattr(defaults, k)}
+
+
+def build_model(args, module, cfg, on_shapes, rank, official_state=None, local_rank=0):
     """The model file's build, with the backbone weights (or the authors' whole state dict),
     --finetune and --lr-backbone 0 applied."""
     model, criterion, postprocess = module.build(cfg)
@@ -456,17 +680,21 @@ def build_model(args, module, cfg, on_shapes, rank, official_state=None):
         if not on_shapes:
             raise ValueError("--backbone-weights shapes is the ResNet pretrained on the built-in shapes set; "
                              "use it with --data shapes, or pass 'imagenet', a file or 'none'")
-        if rank == 0:
-            pretrain.ensure(SHAPES_ROOT, cfg.backbone_depth)
-        if dist.is_initialized():
-            dist.barrier()
+        on_each_node(lambda: pretrain.ensure(SHAPES_ROOT, cfg.backbone_depth), rank, local_rank)
         weights = pretrain.default_path(SHAPES_ROOT, cfg.backbone_depth)
+    if weights == "imagenet":  # downloaded once per node into torch's hub cache, then read from there
+        try:
+            on_each_node(lambda: torch.hub.load_state_dict_from_url(RESNET_URLS[cfg.backbone_depth],
+                                                                    map_location="cpu"), rank, local_rank)
+        except Exception as e:  # no network, a proxy, a full disk
+            raise ValueError(f"could not download the ImageNet ResNet-{cfg.backbone_depth} weights "
+                             f"({type(e).__name__}: {e}); pass --backbone-weights PATH to a torchvision-format file, "
+                             f"or 'none'") from e
     if weights != "none":
         try:
             load_backbone_weights(model.backbone, backbone_weights(weights))
-        except (OSError, RuntimeError) as e:  # a failed download
-            raise ValueError(f"could not download the ImageNet ResNet-{cfg.backbone_depth} weights ({e}); pass "
-                             f"--backbone-weights PATH to a torchvision-format file, or 'none'") from e
+        except RuntimeError as e:  # a state dict that load_state_dict refuses
+            raise ValueError(f"backbone weights {weights!r} do not load into ResNet-{cfg.backbone_depth}: {e}") from e
     if args.finetune:
         report = finetune_from(model, args.finetune)
         if rank == 0:
@@ -491,70 +719,146 @@ def encoder_layers(model):
     return [layer for i, layer in enumerate(layers) if all(layer is not other for other in layers[:i])]  # shared once
 
 
-def build_run(args, module, model, criterion, postprocess, device, rank, world, categories):
+def build_run(args, module, model, criterion, postprocess, device, rank, world, categories, recipe=None):
     """The optimizer (AdamW on param_groups; fused: one kernel for all parameters, the for-loop's update up to
-    rounding), the lr schedule, the AMP scaler and the Run that holds them -> (run, scheduler)."""
-    optimizer = torch.optim.AdamW(param_groups(model, args.lr, args.lr_backbone, getattr(module, "LR_MULTIPLIERS", {})),
-                                  lr=args.lr, weight_decay=args.weight_decay, fused=device.type in ("cpu", "cuda"))
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, args.lr_drop)
+    rounding), the AMP scaler and the Run that holds them."""
+    groups = param_groups(model, args.lr, args.lr_backbone, getattr(module, "LR_MULTIPLIERS", {}), args.weight_decay,
+                          (recipe or {}).get("weight_decay_norm"))
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)  # autocast of the whole model
     model.backbone.amp_dtype = torch.bfloat16 if args.amp == "bf16-backbone" else None
-    run = Run(model, criterion, postprocess, optimizer, scaler, args, device, rank, world, amp_dtype, categories)
-    return run, scheduler
+    return Run(model, criterion, postprocess, optimizer, scaler, args, device, rank, world, amp_dtype, categories)
 
 
 def checkpoint_to_resume(args, ckpt_path):
-    """--resume auto / PATH / none, and --eval-only -> the checkpoint to load, or None."""
-    if args.resume == "auto":
-        return ckpt_path if os.path.isfile(ckpt_path) else None
+    """--resume auto / PATH / none, and --eval-only -> the checkpoint to load, or None; refuses what would evaluate
+    nothing or overwrite another run's checkpoint."""
     if args.official:
         return None  # the weights come from --official
+    if args.resume == "auto":
+        if os.path.isfile(ckpt_path):
+            return ckpt_path
+        if args.eval_only:
+            raise ValueError(f"--eval-only --resume auto: nothing to evaluate; {ckpt_path} does not exist")
+        return None
     if args.resume is None and args.eval_only:
         if not os.path.isfile(ckpt_path):
             raise ValueError(f"--eval-only: nothing to evaluate; {ckpt_path} does not exist (pass --resume CKPT)")
         return ckpt_path
     if args.resume is None and os.path.isfile(ckpt_path):
         raise ValueError(f"{ckpt_path} exists: pass --resume auto to continue that run, or another --output-dir")
+    if (args.resume is not None and not args.eval_only and os.path.isfile(ckpt_path)
+            and os.path.realpath(args.resume) != os.path.realpath(ckpt_path)):
+        raise ValueError(f"{ckpt_path} exists and would be overwritten by the run continued from {args.resume}: "
+                         f"pass another --output-dir (or --resume auto to continue the run that is there)")
     return args.resume
 
 
-def save_checkpoint(run, scheduler, epoch, fraction, cfg, path):
-    """Rank 0 writes everything a resume needs; every rank takes part (each one's RNG state)."""
-    torch_states = [torch.get_rng_state()]
-    if run.world > 1:  # every rank's dropout stream, so a resumed DDP run continues each one
-        torch_states = [None] * run.world
-        dist.all_gather_object(torch_states, torch.get_rng_state())
-    if run.rank == 0:
-        model = run.model.module if run.world > 1 else run.model
-        save_atomic({"model": model.state_dict(), "optimizer": run.optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
-                     "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch_states},
-                     "model_name": run.args.model, "config": dataclasses.asdict(cfg), "args": vars(run.args),
-                     "categories": run.categories,
-                     "train_s": run.train_s, "steps": run.steps, "epoch_fraction": fraction}, path)
+def numpy_state():
+    """numpy's global RNG state with its key as a list (a checkpoint of plain types loads with weights_only)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), pos, has_gauss, cached]
+
+
+def restore_rng(rng, rank):
+    """The RNG states a checkpoint saved: Python's, numpy's, this rank's torch CPU (and CUDA) stream."""
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+    name, keys, pos, has_gauss, cached = rng["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(rng["torch"][rank % len(rng["torch"])])
+    if rng.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"][rank % len(rng["cuda"])])
+
+
+def checkpoint_state(run, epoch, fraction, cfg):
+    """Everything a resume needs (plain types and tensors: it loads with weights_only); every rank takes part (each
+    one's RNG state), rank 0 gets the dict, the others None."""
+    def gathered(state):
+        if run.world == 1:
+            return [state]
+        states = [None] * run.world
+        dist.all_gather_object(states, state)
+        return states
+    torch_states = gathered(torch.get_rng_state())
+    cuda_states = gathered(torch.cuda.get_rng_state()) if run.device.type == "cuda" else None
+    if run.rank != 0:
+        return None
+    model = run.model.module if run.world > 1 else run.model
+    return {"model": model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(), "epoch": epoch,
+            "rng": {"python": random.getstate(), "numpy": numpy_state(), "torch": torch_states, "cuda": cuda_states},
+            "model_name": run.args.model, "config": dataclasses.asdict(cfg), "args": vars(run.args),
+            "categories": run.categories, "world_size": run.world, "best_ap": run.best_ap,
+            "train_s": run.train_s, "steps": run.steps, "epoch_fraction": fraction}
 
 
 def main(argv=None):
     args = parse_args(argv)
     with fast_paths(not args.readable_path):  # --readable-path: training and evaluation on the readable path
-        return train_or_evaluate(args)
+        return train_or_evaluate(args, given_flags(argv))
 
 
-def train_or_evaluate(args):
-    """main, once the flags are parsed: recipe -> device -> data -> model -> optimizer / resume -> epochs."""
+def start_log(out, start_epoch, resumed):
+    """OUTPUT_DIR/log.jsonl for appending. A resumed run redoes the epochs from start_epoch: their records from the
+    interrupted attempt move to log-redone.jsonl (appended there, kept), so log.jsonl holds each step once."""
+    path = os.path.join(out, "log.jsonl")
+    if resumed and os.path.exists(path):
+        with open(path) as f:
+            lines = f.readlines()
+        redo = [(rec := json.loads(line)).get("type") != "start" and rec.get("epoch", -1) >= start_epoch
+                for line in lines]
+        if any(redo):
+            with open(os.path.join(out, "log-redone.jsonl"), "a") as f:
+                f.writelines(line for line, r in zip(lines, redo) if r)
+            with open(path + ".tmp", "w") as f:
+                f.writelines(line for line, r in zip(lines, redo) if not r)
+            os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
+def recipe_text(args, recipe, world):
+    """The resolved recipe, in the lines that start a run (and OUTPUT_DIR/recipe.json)."""
+    total = world * args.batch_size * args.accum_steps
+    lines = [f"recipe: {args.epochs} epochs, lr {args.lr:g} (backbone {args.lr_backbone:g}) x 0.1 after epoch "
+             f"{args.lr_drop}, AdamW weight decay {args.weight_decay:g}, clip {args.clip_max_norm:g}, total batch "
+             f"{total} = {world} process(es) x {args.batch_size} images x {args.accum_steps} accumulated, amp "
+             f"{args.amp}" + (f", schedule {args.schedule}" if args.schedule else "")]
+    paper = recipe.get("total_batch")
+    if paper and paper != total:
+        k = paper / (world * args.batch_size)
+        how = (f"--accum-steps {int(k)} reaches it" if k == int(k) and k >= 1 else
+               f"processes x --batch-size x --accum-steps = {paper} reaches it")
+        lines.append(f"note: the paper trains with a total batch of {paper} (its lr is for that batch); here "
+                     f"{total}: {how}")
+    return lines
+
+
+def train_or_evaluate(args, given=frozenset()):
+    """main, once the flags are parsed: device -> resume decision -> recipe -> data -> model -> optimizer -> epochs.
+    `given`: the flags named on the command line (a resumed run keeps the checkpoint's value of the others)."""
     module = model_module(args.model)
     on_shapes = args.data == "shapes"
-    amp_given = args.amp is not None
-    resolve_recipe(args, module, on_shapes)
+    rank, local_rank, world, device = init_distributed(select_device(args))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
     data_name = "shapes" if on_shapes else os.path.basename(os.path.normpath(args.data))
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.model}-{data_name}")
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    resume = checkpoint_to_resume(args, ckpt_path)
-    ckpt = load_checkpoint(resume) if resume else None
-    if ckpt is not None and not args.eval_only and not amp_given:  # a resumed run keeps the precision it trained in
-        args.amp = (ckpt.get("args") or {}).get("amp") or "off"
-    rank, world, device = init_distributed(select_device(args))
+    try:
+        resume = from_rank0(lambda: checkpoint_to_resume(args, ckpt_path), rank)  # decided once, for every rank
+        ckpt = from_rank0(lambda: load_checkpoint(resume), rank) if resume else None  # the same one on every rank
+        changed = resumed_flags(args, ckpt, given) if ckpt is not None and not args.eval_only else []
+        recipe = resolve_recipe(args, module, on_shapes)
+        return run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt, resume, changed, recipe)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt, resume, changed, recipe):
+    """train_or_evaluate's body, the process group formed and the checkpoint (if any) read."""
     if device.type == "cpu" and args.amp.startswith("bf16") and not cpu_has_bf16() and rank == 0:
         print(f"warning: --amp {args.amp} on a CPU without bf16 instructions (AVX512-BF16 or AMX): bf16 is emulated "
               f"there, about 10x slower than float32")
@@ -566,7 +870,7 @@ def train_or_evaluate(args):
 
     args.scales = args.scales or ("shapes" if on_shapes else "coco")  # recorded in the checkpoint (detect.py reads it)
     scales = datalib.SHAPES_SCALES if args.scales == "shapes" else datalib.COCO_SCALES
-    train_set, val_set = build_data(args, scales, rank)
+    train_set, val_set = build_data(args, scales, rank, local_rank)
     official_state = None
     if args.official:  # the authors' weights: their file says the configuration
         if not args.eval_only:
@@ -580,43 +884,58 @@ def train_or_evaluate(args):
     else:
         cfg = module.shapes_config() if on_shapes else module.Config()
         cfg.num_classes = val_set.num_classes  # largest category id + 1
+        cfg = apply_overrides(cfg, [f"{k}={v}" for k, v in recipe.get("config", {}).items()])  # the schedule's
     cfg = apply_overrides(cfg, args.set)
     if cfg.num_classes < val_set.num_classes:
         raise ValueError(f"num_classes {cfg.num_classes} < {val_set.num_classes} (largest category id + 1 in the data)")
-    model, criterion, postprocess = build_model(args, module, cfg, on_shapes, rank, official_state)
+    if ckpt is not None:
+        check_compatible(ckpt, resume, args.model, cfg, training=not args.eval_only)
+    model, criterion, postprocess = build_model(args, module, cfg, on_shapes, rank, official_state, local_rank)
     model.to(device)
     if args.checkpoint_encoder == "on":
         checkpoint_layers(encoder_layers(model))
 
-    run, scheduler = build_run(args, module, model, criterion, postprocess, device, rank, world, val_set.categories)
+    run = build_run(args, module, model, criterion, postprocess, device, rank, world, val_set.categories, recipe)
     start_epoch = 0
-    if resume:
-        check_compatible(ckpt, resume, args.model, cfg, training=not args.eval_only)
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         if not args.eval_only:
+            bases = {g["name"]: (g["base_lr"], g["weight_decay"]) for g in run.optimizer.param_groups}
             run.optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
+            for g in run.optimizer.param_groups:  # this run's lrs and weight decay (a changed flag applies)
+                g["base_lr"], g["weight_decay"] = bases[g["name"]]
             run.scaler.load_state_dict(ckpt["scaler"])
-            random.setstate(ckpt["rng"]["python"])
-            np.random.set_state(ckpt["rng"]["numpy"])
-            torch.set_rng_state(ckpt["rng"]["torch"][rank % len(ckpt["rng"]["torch"])])
+            restore_rng(ckpt["rng"], rank)
         start_epoch = ckpt.get("epoch", -1) + 1
         run.train_s, run.steps = ckpt.get("train_s", 0.0), ckpt.get("steps", 0)
+        run.best_ap = ckpt.get("best_ap", -1.0)
+        before = (ckpt.get("world_size") or world) * (ckpt.get("args") or {}).get("batch_size", args.batch_size) * \
+            (ckpt.get("args") or {}).get("accum_steps", 1)
+        if not args.eval_only and before != world * args.batch_size * args.accum_steps:
+            changed.append(f"total batch {before} -> {world * args.batch_size * args.accum_steps} (the lr is not "
+                           f"rescaled: pass --lr for that)")
         if rank == 0:
-            print(f"resumed from {resume} (epoch {start_epoch} done)")
+            print(f"resumed at epoch {start_epoch} from {resume}" + "".join(f"; {c}" for c in changed))
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         run.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    run.log_file = open(os.path.join(args.output_dir, "log.jsonl"), "a") if rank == 0 else None
     if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        run.log_file = start_log(args.output_dir, start_epoch, ckpt is not None and not args.eval_only)
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{args.model} on {args.data}: {n_params:,} trainable parameters, {world} process(es) on {device}, "
               f"{len(train_set) if train_set else 0} train / {len(val_set)} val images, output {args.output_dir}")
+        if not args.eval_only:
+            text = recipe_text(args, recipe, world)
+            print("\n".join(text))
+            with open(os.path.join(args.output_dir, "recipe.json"), "w") as f:
+                json.dump({"args": vars(args), "recipe": recipe, "world_size": world, "summary": text,
+                           "config": dataclasses.asdict(cfg)}, f, indent=1)
         run.log({"type": "start", "args": vars(args), "config": dataclasses.asdict(cfg), "start_epoch": start_epoch,
                  "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-                 f"{machine_name()} (CPU, {torch.get_num_threads()} threads)", "world_size": world})
+                 f"{machine_name()} (CPU, {torch.get_num_threads()} threads)", "world_size": world,
+                 "resumed_changes": changed})
     try:
         if args.eval_only:
             result = evaluate(run, val_set)
@@ -625,22 +944,25 @@ def train_or_evaluate(args):
                 print(result["text"])
             return result
         with recompute_sampling(args.recompute_sampling == "on"):
-            result = fit(run, scheduler, cfg, train_set, val_set, start_epoch, ckpt_path)
+            result = fit(run, cfg, train_set, val_set, start_epoch, args.output_dir)
         if rank == 0:
             write_pictures(run, val_set)
         return result
     finally:
         if run.log_file:
             run.log_file.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 def write_pictures(run, val_set, n=4):
     """The end of a training run: detect.py's pictures (detections, and the paper's mechanism) of the
-    first n val images, in OUTPUT_DIR/pictures-after-step-S (S: the optimizer steps so far; a folder
-    already there is left as it is)."""
+    first n val images in OUTPUT_DIR/pictures-after-step-S (S: the optimizer steps so far; a folder
+    already there is left as it is), and the picture of the losses and AP over the run (engine/curves.py) as
+    OUTPUT_DIR/curves-after-step-S.png."""
     out = os.path.join(run.args.output_dir, f"pictures-after-step-{run.steps}")
+    curves_path = os.path.join(run.args.output_dir, f"curves-after-step-{run.steps}.png")
+    if not os.path.exists(curves_path):
+        curves.save_curves(run.args.output_dir, curves_path)
+        print(f"the losses and AP over the run: {curves_path}")
     if os.path.exists(out):
         print(f"pictures of the val images are in {out} (already written)")
         return
@@ -651,9 +973,22 @@ def write_pictures(run, val_set, n=4):
     print(f"detections (score >= 0.3) and {run.args.model}'s mechanism on {summary['images']} val images: {out}")
 
 
-def fit(run, scheduler, cfg, train_set, val_set, start_epoch, ckpt_path):
-    """The epochs from start_epoch: train, save, evaluate every --eval-every. -> the last evaluation."""
+def save_checkpoints(run, state, epoch, out):
+    """Rank 0 writes OUTPUT_DIR/checkpoint.pth, and keeps beside it checkpoint_before_lr_drop.pth (the last epoch
+    before the drop) and checkpoint_best.pth (the best AP so far, when this epoch's evaluation is it)."""
+    if state is None:
+        return
+    save_atomic(state, os.path.join(out, "checkpoint.pth"))
+    if epoch + 1 == run.args.lr_drop and epoch + 1 < run.args.epochs:
+        save_atomic(state, os.path.join(out, "checkpoint_before_lr_drop.pth"))
+
+
+def fit(run, cfg, train_set, val_set, start_epoch, out):
+    """The epochs from start_epoch: train, save, evaluate every --eval-every (a new best AP saved again as
+    checkpoint_best.pth). -> the last evaluation."""
     args, result = run.args, None
+    loader = make_loader(train_set, args.batch_size, True, args.seed, start_epoch, run.rank, run.world,
+                         args.num_workers, run.device.type == "cuda")
     for epoch in range(start_epoch, args.epochs):
         if out_of_time(run, 0.0):
             if run.rank == 0:
@@ -661,16 +996,28 @@ def fit(run, scheduler, cfg, train_set, val_set, start_epoch, ckpt_path):
                       f"trained); nothing left to train in {args.output_dir}")
             break
         t0 = time.time()
-        loader = make_loader(train_set, args.batch_size, True, args.seed, epoch, run.rank, run.world, args.num_workers)
+        loader.sampler.set_epoch(epoch)
+        set_lr(run.optimizer, epoch, args.lr_drop)
         fraction = train_one_epoch(run, epoch, loader)
-        scheduler.step()
-        save_checkpoint(run, scheduler, epoch, fraction, cfg, ckpt_path)
+        state = checkpoint_state(run, epoch, fraction, cfg)
+        prints = param_fingerprints(run.model, run.world)
+        if len(set(prints)) > 1:
+            raise ValueError(f"the processes' parameters differ after epoch {epoch + 1} (sums {prints}): DDP is out "
+                             f"of sync; the checkpoint of epoch {epoch} in {args.output_dir} is kept")
+        save_checkpoints(run, state, epoch, out)
+        run.log({"type": "checkpoint", "epoch": epoch, "steps": run.steps, "param_sums": prints})
         steps_done = args.max_steps is not None and run.steps >= args.max_steps
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs or fraction < 1 or steps_done:
             result = evaluate(run, val_set)
             run.log({"type": "eval", "epoch": epoch, "epoch_fraction": fraction, "epoch_time_s": time.time() - t0,
                      "train_s": run.train_s, "steps": run.steps, "infer_ms_per_image": result["infer_ms_per_image"],
                      **result["stats"], "per_class": {str(k): v for k, v in result["per_class"].items()}})
+            if result["stats"]["AP"] > run.best_ap:
+                run.best_ap = result["stats"]["AP"]
+                if state is not None:
+                    state["best_ap"] = run.best_ap
+                    save_atomic(state, os.path.join(out, "checkpoint.pth"))
+                    save_atomic(state, os.path.join(out, "checkpoint_best.pth"))
             if run.rank == 0:
                 print(result["text"])
                 stats = result["stats"]

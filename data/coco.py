@@ -9,6 +9,12 @@ COCO, as in the official DETR code). Crowd boxes are left out of training target
 sees them); boxes of zero or negative width or height, or lying outside their image, are dropped
 and counted in the log; the rest are clipped to the image. Images without annotations stay in as
 negatives.
+
+The image files' sizes are read (from their headers) when the set is opened: an image whose file is not the size
+its annotation's width / height says (a set exported with the wrong orientation, say) is counted and reported, the
+first few named, and its boxes are clipped to the file's pixels. An image that cannot be decoded when an item is
+read (a truncated JPEG) does not raise: the item is (None, {"image_id", "error"}), and `collate` leaves it out of
+the batch and lists it in the batch's targets' `.skipped` (train.py counts them and stops past a limit).
 """
 import contextlib
 import io
@@ -77,7 +83,8 @@ class CocoDetection(torch.utils.data.Dataset):
 
     def __init__(self, img_dir, ann_file, transforms=None):
         self.img_dir, self.ann_file, self.transforms = img_dir, ann_file, transforms
-        self.rng = random.Random(0)  # the augmentation's randomness; train.py reseeds it per epoch and worker
+        self.rng = random.Random(0)  # the augmentation's randomness; train.py's sampler restarts it every epoch
+        self.stream, self.position = 0, -1
         self.coco = load_coco(ann_file)
         self.ids = sorted(self.coco.imgs)
         self.categories = {c["id"]: c.get("name", str(c["id"])) for c in self.coco.dataset["categories"]}
@@ -93,6 +100,24 @@ class CocoDetection(torch.utils.data.Dataset):
             if info["file_name"] not in files and not os.path.isfile(os.path.join(self.img_dir, info["file_name"])):
                 missing = os.path.join(self.img_dir, info["file_name"])
                 raise ValueError(f"{self.ann_file}: image id {img_id}: file {missing} is missing")
+        self.sizes, mismatched = {}, []  # image id -> (w, h) of the file
+        for img_id in self.ids:
+            info = self.coco.imgs[img_id]
+            path = os.path.join(self.img_dir, info["file_name"])
+            try:
+                with Image.open(path) as img:  # the header only
+                    self.sizes[img_id] = img.size
+            except Exception:  # not decodable: __getitem__ skips it when it comes (the run counts it)
+                self.sizes[img_id] = (info.get("width", np.inf), info.get("height", np.inf))
+                continue
+            if (info.get("width"), info.get("height")) not in ((None, None), self.sizes[img_id]):
+                mismatched.append(f"id {img_id} ({info['file_name']}: file {self.sizes[img_id][0]} x "
+                                  f"{self.sizes[img_id][1]}, annotation {info.get('width')} x {info.get('height')})")
+        self.size_mismatches = mismatched
+        if mismatched:
+            log.warning("%s: %d image(s) are not the size their annotation says; their boxes are clipped to the "
+                        "file's pixels (boxes given for a rotated or rescaled export are wrong there). First: %s",
+                        self.ann_file, len(mismatched), "; ".join(mismatched[:5]))
         self.targets, dropped = {}, 0
         for img_id in self.ids:
             boxes, labels = [], []
@@ -107,7 +132,7 @@ class CocoDetection(torch.utils.data.Dataset):
                     raise ValueError(f"{self.ann_file}: annotation {ann.get('id')} of image id {img_id} "
                                      f"has bbox {bbox!r}, not [x, y, w, h]")
                 x, y, w, h = map(float, bbox)
-                W, H = self.coco.imgs[img_id].get("width", np.inf), self.coco.imgs[img_id].get("height", np.inf)
+                W, H = self.sizes[img_id]
                 x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, W), min(y + h, H)
                 if not (w > 0 and h > 0 and x1 > x0 and y1 > y0):
                     dropped += 1
@@ -121,23 +146,34 @@ class CocoDetection(torch.utils.data.Dataset):
             log.warning("%s: dropped %d boxes with zero or negative width/height or outside their image",
                         self.ann_file, dropped)
 
-    def reseed(self, seed):
-        """Restart the augmentation's random stream (the dataset's own; the global `random` is untouched)."""
-        self.rng.seed(seed)
+    def reseed(self, stream):
+        """Restart the augmentation's random stream (the dataset's own; the global `random` is untouched). In a
+        loader's worker process the stream is the worker's own: `stream` offset by its worker id."""
+        self.stream, self.position = stream, -1
+        worker = torch.utils.data.get_worker_info()
+        self.rng.seed(stream if worker is None else stream + 7919 * (worker.id + 1))
 
     def __len__(self):
         return len(self.ids)
 
     def __getitem__(self, idx):
+        """idx: an index, or (index, stream, position in the epoch) as train.py's sampler gives it: the
+        augmentation's random stream restarts from `stream` at the start of each pass (a new stream, or a position
+        not after the last one this process read)."""
+        if isinstance(idx, tuple):
+            idx, stream, position = idx
+            if stream != self.stream or position <= self.position:
+                self.reseed(stream)
+            self.position = position
         img_id = self.ids[idx]
         path = os.path.join(self.img_dir, self.coco.imgs[img_id]["file_name"])
         try:
             image = load_rgb(path)
-        except Exception as e:
-            raise ValueError(f"image id {img_id}: cannot read {path}: {e}") from e
+        except Exception as e:  # truncated or corrupt: the batch goes on without it (collate lists it)
+            return None, {"image_id": img_id, "error": f"cannot read {path}: {type(e).__name__}: {e}"}
         w, h = image.size
         boxes, labels = self.targets[img_id]
-        # clip again to the real image size (the json's width/height may be absent or wrong)
+        # clip again to the decoded size (a file changed since the set was opened)
         boxes = torch.min(boxes, torch.tensor([w, h, w, h], dtype=torch.float32))
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         target = {"boxes": boxes[keep], "labels": labels[keep], "image_id": img_id, "orig_size": torch.tensor([h, w])}
@@ -174,12 +210,24 @@ def load_coco(ann_file):
     return coco
 
 
-def collate(batch):
-    """Pad a list of (image (3, H_i, W_i), target) to images (B, 3, H_img, W_img) and pad_mask (B, H_img, W_img).
+class Targets(list):
+    """A batch's targets, with `skipped`: [(image id, error)] of the items that could not be read."""
+    skipped = ()
 
-    Padding goes to the bottom and right; pad_mask is True on padding.
-    """
+
+def collate(batch):
+    """Pad a list of (image (3, H_i, W_i), target) to images (B, 3, H_img, W_img) and pad_mask (B, H_img, W_img)
+    -> (images, pad_mask, targets). Padding goes to the bottom and right; pad_mask is True on padding. Items whose
+    image is None (unreadable) are left out and listed in targets.skipped; a batch of none left has B = 0."""
+    skipped = [(t["image_id"], t["error"]) for im, t in batch if im is None]
+    batch = [(im, t) for im, t in batch if im is not None]
+    if not batch:
+        targets = Targets()
+        targets.skipped = skipped
+        return torch.zeros(0, 3, 1, 1), torch.zeros(0, 1, 1, dtype=torch.bool), targets
     images, targets = zip(*batch)
+    targets = Targets(targets)
+    targets.skipped = skipped
     H = max(im.shape[1] for im in images)
     W = max(im.shape[2] for im in images)
     out = images[0].new_zeros(len(images), 3, H, W)
@@ -187,4 +235,4 @@ def collate(batch):
     for i, im in enumerate(images):
         out[i, :, : im.shape[1], : im.shape[2]] = im
         pad_mask[i, : im.shape[1], : im.shape[2]] = False
-    return out, pad_mask, list(targets)
+    return out, pad_mask, targets

@@ -1,8 +1,9 @@
 """COCO box evaluation with pycocotools, correct under DDP.
 
-Each rank `update`s with its detections; `summarize` gathers them on every rank, keeps one set of
-detections per image id (the DistributedSampler repeats images to even out ranks), and runs
-COCOeval on the images that were evaluated. Returns AP, AP50, AP75, APs, APm, APl and per-class AP.
+Each rank `update`s with its detections; `summarize` gathers them on rank 0, keeps one set of
+detections per image id (the DistributedSampler repeats images to even out ranks), runs COCOeval
+there once on the images that were evaluated, and gives every rank the result. Returns AP, AP50,
+AP75, APs, APm, APl and per-class AP (NaN for a class with no ground truth among those images).
 """
 import contextlib
 import io
@@ -29,20 +30,25 @@ class CocoEvaluator:
                 {"image_id": int(img_id), "category_id": int(c), "bbox": b, "score": float(s)}
                 for c, b, s in zip(p["labels"].tolist(), xywh, p["scores"].tolist())]
 
-    def gather(self):
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, self.results)
+    def summarize(self, class_names=None):
+        """Returns {"stats": {name: value}, "per_class": {category_id: AP}, "text": printable table}, on every
+        rank; COCOeval runs on rank 0 only."""
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return self._summarize(self.results, class_names)
+        parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(self.results, parts, dst=0)
+        result = [None]
+        if dist.get_rank() == 0:
             merged = {}
             for part in parts:
                 merged.update(part)  # a repeated image id carries the same detections: keep one
-            self.results = merged
+            result = [self._summarize(merged, class_names)]
+        dist.broadcast_object_list(result, src=0)
+        return result[0]
 
-    def summarize(self, class_names=None):
-        """Returns {"stats": {name: value}, "per_class": {category_id: AP}, "text": printable table}."""
-        self.gather()
-        img_ids = sorted(self.results)
-        dets = [d for i in img_ids for d in self.results[i]]
+    def _summarize(self, results, class_names):
+        img_ids = sorted(results)
+        dets = [d for i in img_ids for d in results[i]]
         if not img_ids or not dets:
             stats = {k: 0.0 for k in STAT_NAMES}
             return {"stats": stats, "per_class": {}, "text": "no detections: every AP is 0"}

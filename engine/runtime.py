@@ -1,7 +1,9 @@
 """The model registry, checkpoint files, device choice and the command-line runner: what train.py,
 detect.py and the tools share."""
+import argparse
 import importlib
 import os
+import pickle
 import platform
 import sys
 
@@ -67,12 +69,27 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def safe_globals():
+    """What a checkpoint may hold beside tensors and plain containers: an argparse Namespace (the authors' files
+    keep their flags in one) and numpy arrays (the RNG state in our checkpoints of before 2026-12)."""
+    return [argparse.Namespace, *_numpy_array_globals()]
+
+
 def load_checkpoint(path):
-    """A checkpoint written by train.py (any pickled object; ours hold numpy RNG states)."""
+    """A checkpoint file (ours, the authors', a state dict), read with weights_only=True: unpickling builds only
+    tensors, plain containers and safe_globals(), so a file from anywhere cannot run code when opened. A file that
+    needs more is refused, saying how to re-save one you trust."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(safe_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"checkpoint {path!r} holds objects other than tensors and plain data, so opening it could run code; it "
+            f"is not loaded (torch said: {str(e).strip().splitlines()[0]}). If you trust the file, re-save its "
+            f"tensors once: python -c \"import torch; c = torch.load('{path}', weights_only=False); "
+            f"torch.save({{'model': c['model'] if 'model' in c else c}}, 'weights.pth')\"") from e
     except Exception as e:
         raise ValueError(f"checkpoint {path!r} cannot be read ({e})") from e
 
@@ -89,13 +106,13 @@ def _numpy_array_globals():
 def backbone_weights(source):
     """--backbone-weights -> what common.load_backbone_weights takes: "imagenet", or the state dict
     read from a file (torchvision format, engine/pretrain.py's file, or one of our checkpoints, whose
-    backbone is taken). Read with weights_only=True; our checkpoints' RNG states are numpy arrays."""
+    backbone is taken). Read with weights_only=True (safe_globals())."""
     if source == "imagenet":
         return source
     if not os.path.isfile(source):
         raise ValueError(f"backbone weights: no such file {source!r}")
     try:
-        with torch.serialization.safe_globals(_numpy_array_globals()):
+        with torch.serialization.safe_globals(safe_globals()):
             return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"backbone weights: {source!r} is not a readable torch state dict ({e})") from e

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import re
 import random
 
 import numpy as np
@@ -139,8 +140,10 @@ def test_dataset_errors_name_the_file(tmp_path):
         datalib.CocoDetection(*datalib.find_split(root, "val"))
     (tmp_path / "val" / "x.jpg").write_bytes(b"garbage")
     ds = datalib.CocoDetection(*datalib.find_split(root, "val"))
-    with pytest.raises(ValueError, match=r"image id 7: cannot read .*x.jpg"):
-        ds[0]
+    image, target = ds[0]  # not decodable: the item says so, collate leaves it out (train.py counts it)
+    assert image is None and target["image_id"] == 7 and re.search(r"cannot read .*x.jpg", target["error"])
+    images, pad_mask, targets = datalib.collate([(image, target)])
+    assert images.shape[0] == 0 and len(targets) == 0 and targets.skipped == [(7, target["error"])]
     _write_coco(root, [{"id": 7, "file_name": "x.jpg"}],
                 [{"id": 9, "image_id": 7, "category_id": 3, "bbox": [0, 0, 1, 1]}])
     with pytest.raises(ValueError, match="annotation 9 of image id 7 has category_id 3"):

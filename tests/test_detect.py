@@ -12,7 +12,10 @@ from PIL import Image
 import common
 import data as datalib
 import detect
+import focus_detr
 import train
+from engine.runtime import run_cli
+from test_models import _detectron2_name
 from tests.helpers import (_official_file, _tiny_checkpoint)
 
 
@@ -33,10 +36,18 @@ def test_detect_on_a_file_a_folder_and_a_glob_writes_pictures_and_coco_results(t
     before = {f: (folder / f).read_bytes() for f in os.listdir(folder)}
     for source, n_images in [(str(folder / "000000.png"), 1), (str(folder), 3), (str(folder / "*.png"), 3)]:
         out = tmp_path / f"out{n_images}{len(source)}"
-        summary = detect.main(["--checkpoint", str(ckpt), "--source", source, "--out", str(out), "--threshold", "0.05"])
-        assert summary["images"] == n_images and len(summary["skipped"]) == (1 if source == str(folder) else 0)
+        argv = ["--checkpoint", str(ckpt), "--source", source, "--out", str(out), "--threshold", "0.05"]
         files = detect.source_files(source)
         images = [f for f in files if f.endswith(".png")]
+        if source == str(folder):  # notes.txt is skipped: the run ends with an error, after writing everything
+            with pytest.raises(ValueError, match=r"1 file\(s\) skipped \(not readable images\) of the 4 source"):
+                detect.main(argv)
+            n_detections = None
+        else:
+            summary = detect.main(argv)
+            assert summary["images"] == n_images and summary["skipped"] == [] and summary["failed"] == {}
+            n_detections = summary["detections"]
+        assert sorted(os.listdir(out)) == sorted([os.path.basename(f) for f in images] + ["detections.json"])
         gt = {"images": [{"id": i + 1, "file_name": f, **dict(zip(("width", "height"), Image.open(f).size))}
                          for i, f in enumerate(images)],
               "annotations": [], "categories": [{"id": k, "name": v} for k, v in cats.items()]}
@@ -44,7 +55,7 @@ def test_detect_on_a_file_a_folder_and_a_glob_writes_pictures_and_coco_results(t
         coco.dataset = gt
         coco.createIndex()
         results = json.load(open(out / "detections.json"))
-        assert results and summary["detections"] == len(results)
+        assert results and n_detections in (None, len(results))
         dt = coco.loadRes(str(out / "detections.json"))  # the COCO results format, ids of the given images
         for r in dt.dataset["annotations"]:
             w, h = Image.open(images[r["image_id"] - 1]).size
@@ -90,6 +101,136 @@ def test_detect_refuses_bad_inputs_and_never_overwrites(tiny_shapes, tmp_path):
     assert (tmp_path / "used" / "detections.json").read_text() == "[]"
     with pytest.raises(ValueError, match="threshold"):
         detect.main(["--checkpoint", str(ckpt), "--source", val, "--threshold", "2"])
+
+
+def test_detect_reports_a_failing_image_keeps_the_others_and_exits_non_zero(tiny_shapes, tmp_path, capsys):
+    """A folder with a good image, one too thin to resize (4000 x 1: 0 px at the evaluation sizes) and a text
+    file: the good image's detections are in detections.json, the thin one fails and the text file is skipped, each
+    named with its reason, and the command exits with status 1 after writing everything."""
+    ckpt = tmp_path / "ckpt.pth"
+    _tiny_checkpoint(ckpt, tiny_shapes)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.open(os.path.join(tiny_shapes, "val", "000000.jpg")).save(folder / "a_good.png")
+    Image.new("RGB", (4000, 1), (200, 40, 40)).save(folder / "b_thin.png")
+    (folder / "c_notes.txt").write_text("not an image")
+    good, thin, text = (str(folder / f) for f in ("a_good.png", "b_thin.png", "c_notes.txt"))
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(ckpt), "--source", str(folder), "--out", str(out), "--threshold", "0"]
+    with pytest.raises(SystemExit) as stop:
+        run_cli(lambda: detect.main(argv))
+    assert stop.value.code == 1
+    err = capsys.readouterr().err
+    assert f"failed on {thin} at detection" in err and "aspect ratio 4000:1 too extreme to resize" in err
+    assert f"skipped {text}: not a readable image" in err
+    assert "error: 1 image(s) failed and 1 file(s) skipped (not readable images) of the 3 source files" in err
+    assert str(out / "detections.json") in err
+    results = json.load(open(out / "detections.json"))
+    assert results and {(r["image_id"], r["file_name"]) for r in results} == {(1, good)}
+    assert sorted(os.listdir(out)) == ["a_good.png", "detections.json"]  # nothing of the failed image
+    summary = detect.detect_files(detect.load_detector(str(ckpt)), detect.source_files(str(folder)),
+                                  str(tmp_path / "lib"), threshold=0.0)  # the library reports the two apart
+    assert summary["images"] == 1 and summary["detections"] == len(results) and summary["skipped"] == [text]
+    assert list(summary["failed"]) == [thin] and "too extreme to resize" in summary["failed"][thin]
+    with pytest.raises(ValueError, match="aspect ratio 1:4000 too extreme to resize"):  # tall as well as wide
+        detect.detect_image(detect.load_detector(str(ckpt)), Image.new("RGB", (1, 4000)))
+
+
+class Flaky(torch.nn.Module):
+    """The model, raising `error` at its call number `at`."""
+
+    def __init__(self, model, at, error):
+        super().__init__()
+        self.model, self.at, self.error, self.calls = model, at, error, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            raise self.error
+        return self.model(*args, **kwargs)
+
+
+def test_detect_files_goes_on_past_a_model_or_drawing_error_and_writes_what_is_done_when_interrupted(
+        tiny_shapes, tmp_path, monkeypatch):
+    """An exception in the model or while drawing fails that image only (its pictures removed); a
+    KeyboardInterrupt stops the run, but detections.json holds the images done before it is raised again."""
+    ckpt = tmp_path / "ckpt.pth"
+    _tiny_checkpoint(ckpt, tiny_shapes)
+    det = detect.load_detector(str(ckpt))
+    files = detect.source_files(os.path.join(tiny_shapes, "val"))  # 3 images
+    flaky = dataclasses.replace(det, model=Flaky(det.model, 2, RuntimeError("out of memory (a stand-in)")))
+    summary = detect.detect_files(flaky, files, str(tmp_path / "model"), threshold=0.0)
+    assert summary["images"] == 2 and summary["skipped"] == [] and list(summary["failed"]) == [files[1]]
+    assert "RuntimeError: out of memory (a stand-in)" in summary["failed"][files[1]]
+    results = json.load(open(tmp_path / "model" / "detections.json"))
+    assert {(r["image_id"], r["file_name"]) for r in results} == {(1, files[0]), (2, files[2])}
+    assert len(results) == summary["detections"]
+
+    draw, calls = detect.visualize.draw_detections, []
+
+    class HalfWritten:  # the third picture: written, then the disk is full
+        def __init__(self, picture):
+            self.picture = picture
+
+        def save(self, path):
+            self.picture.save(path)
+            raise OSError("disk full (a stand-in)")
+
+    def draw_failing_once(*args):
+        calls.append(1)
+        return HalfWritten(draw(*args)) if len(calls) == 3 else draw(*args)
+    monkeypatch.setattr(detect.visualize, "draw_detections", draw_failing_once)
+    summary = detect.detect_files(det, files, str(tmp_path / "draw"), threshold=0.0, explain=True)
+    assert list(summary["failed"]) == [files[2]] and "drawing: OSError: disk full" in summary["failed"][files[2]]
+    assert sorted(os.listdir(tmp_path / "draw")) == ["000000.jpg", "000000_explain.png", "000001.jpg",
+                                                     "000001_explain.png", "detections.json"]
+    monkeypatch.undo()
+
+    stopped = dataclasses.replace(det, model=Flaky(det.model, 2, KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        detect.detect_files(stopped, files, str(tmp_path / "stopped"), threshold=0.0)
+    results = json.load(open(tmp_path / "stopped" / "detections.json"))
+    assert results and {r["file_name"] for r in results} == {files[0]}
+
+
+def test_detect_states_focus_detrs_schedule(tiny_shapes, tmp_path, capsys, monkeypatch):
+    """--official-schedule reaches from_official's schedule= (the encoder's sine positions of the Config), over the
+    file name's guess; a guess says it is one and how to state it; a bad value or another file is refused."""
+    _, path, _ = _official_file(tmp_path, "focus_detr_r50_12ep_small.pt", _detectron2_name)
+    named_36ep = tmp_path / "focus_detr_r50_4scale_36ep.pth"
+    named_36ep.write_bytes(open(path, "rb").read())
+    det = detect.load_detector(path)
+    assert (det.model.cfg.pos_temperature, det.model.cfg.pos_offset) == (10000.0, -0.5)
+    note = capsys.readouterr().out
+    assert "sine positions of the 12ep config, guessed from the file name" in note and "--official-schedule" in note
+    for file, schedule, temperature, offset in [(path, "36ep", 20.0, 0.0), (str(named_36ep), "12ep", 10000.0, -0.5)]:
+        cfg = detect.load_detector(file, official_schedule=schedule).model.cfg
+        assert (cfg.pos_temperature, cfg.pos_offset) == (temperature, offset)
+        note = capsys.readouterr().out
+        assert f"sine positions of the {schedule} config (as stated)" in note and "guessed" not in note
+    with pytest.raises(ValueError, match="schedule must be '12ep', '24ep' or '36ep'"):
+        focus_detr.from_official(path, schedule="48ep")
+    with pytest.raises(ValueError, match="--official-schedule must be one of 12ep, 24ep, 36ep"):
+        detect.load_detector(path, official_schedule="48ep")
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        detect.parse_args(["--checkpoint", path, "--source", tiny_shapes, "--official-schedule", "48ep"])
+    smca_file = _official_file(tmp_path, "smca_single_scale.pt", lambda k: f"backbone.0.body.{k}")[1]
+    with pytest.raises(ValueError, match="only the authors' Focus-DETR files take a schedule; .* the authors' smca"):
+        detect.load_detector(smca_file, official_schedule="36ep")
+    ckpt = tmp_path / "ckpt.pth"
+    _tiny_checkpoint(ckpt, tiny_shapes, "focus_detr")
+    with pytest.raises(ValueError, match="only the authors' Focus-DETR files take a schedule; .* of this library"):
+        detect.load_detector(str(ckpt), official_schedule="12ep")
+    seen = []
+
+    def loaded(path, device, official_schedule=None):
+        seen.append(official_schedule)
+        raise ValueError("stop here")
+    monkeypatch.setattr(detect, "load_detector", loaded)
+    with pytest.raises(ValueError, match="stop here"):
+        detect.main(["--checkpoint", path, "--source", os.path.join(tiny_shapes, "val"), "--official-schedule",
+                     "24ep"])
+    assert seen == ["24ep"]  # the command line's value is what load_detector gets
 
 
 @pytest.mark.parametrize("name,kw", [("smca", {}), ("smca", {"multiscale": True}), ("smca", {"spatial_prior": False}),

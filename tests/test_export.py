@@ -7,7 +7,8 @@ import focus_detr
 import lite_detr
 import smca
 import sparse_detr
-from tests.helpers import _tiny_checkpoint, tiny_focus, tiny_lite, tiny_smca, tiny_sparse
+from test_models import _detectron2_name
+from tests.helpers import _official_file, _tiny_checkpoint, tiny_focus, tiny_lite, tiny_smca, tiny_sparse
 from tools import export
 
 
@@ -61,3 +62,38 @@ def test_export_command_writes_a_loadable_program_and_never_overwrites(tiny_shap
                                                                                        atol=1e-5)
     with pytest.raises(ValueError, match="exists; nothing is overwritten"):
         export.main(["--checkpoint", str(ckpt), "--size", "64", "96", "--out", out])
+
+
+def _smca_key(key):
+    return f"backbone.0.body.{key}"
+
+
+@pytest.mark.parametrize("model_name,fixture,backbone_key,schedule", [
+    ("smca", "smca_single_scale.pt", _smca_key, None),  # saved with an argparse Namespace as its "args"
+    ("focus_detr", "focus_detr_r50_12ep_small.pt", _detectron2_name, None),  # detrex's: no "args" at all
+    ("focus_detr", "focus_detr_r50_12ep_small.pt", _detectron2_name, "36ep"),
+], ids=["smca", "focus_detr", "focus_detr-36ep"])
+def test_export_default_size_of_the_authors_weights_is_cocos(tmp_path, model_name, fixture, backbone_key, schedule):
+    """The authors' files are COCO models: 800 x 1333 by default, as detect.load_detector found it (the size only:
+    a ResNet-50 exports slowly at that size); --official-schedule reaches Focus-DETR's Config."""
+    import argparse
+    path = _official_file(tmp_path, fixture, backbone_key,
+                          {"args": argparse.Namespace(smooth=8)} if model_name == "smca" else None)[1]
+    out = str(tmp_path / "m.pt2")
+    stated = ["--official-schedule", schedule] if schedule else []
+    name, model, size = export.load_model(export.parse_args(["--checkpoint", path, *stated, "--out", out]))
+    assert (name, size) == (model_name, (800, 1333)) and not model.training
+    if name == "focus_detr":
+        assert model.cfg.pos_temperature == (20.0 if schedule == "36ep" else 10000.0)
+    else:
+        with pytest.raises(ValueError, match="only the authors' Focus-DETR files take a schedule"):
+            export.load_model(export.parse_args(["--checkpoint", path, "--official-schedule", "36ep", "--out", out]))
+
+
+def test_export_default_size_of_our_checkpoints_is_their_evaluation_size(tiny_shapes, tmp_path):
+    ckpt = tmp_path / "smca.pth"  # trained at the shapes sizes (its args: data, scales "shapes")
+    _tiny_checkpoint(ckpt, tiny_shapes, "smca")
+    out = str(tmp_path / "m.pt2")
+    assert export.load_model(export.parse_args(["--checkpoint", str(ckpt), "--out", out]))[2] == (160, 160)
+    with pytest.raises(ValueError, match="--official-schedule goes with --checkpoint"):
+        export.load_model(export.parse_args(["--model", "smca", "--official-schedule", "12ep", "--out", out]))

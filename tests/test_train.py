@@ -1,8 +1,11 @@
 """Tests of train.py: resume, data order, backbone weights, failures, flags, time budget, DDP.
 """
+import importlib
+import io
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -12,11 +15,13 @@ import torch
 
 import common
 import data as datalib
+import detect
 import focus_detr
 import lite_detr
 import smca
 import train
-from tests.helpers import (ROOT, _train_args, _train_losses, tiny_smca)
+from engine import runtime
+from tests.helpers import (ROOT, TINY_SET, _train_args, _train_losses, tiny_focus, tiny_lite, tiny_smca, tiny_sparse)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -27,7 +32,7 @@ def test_train_resume_matches_uninterrupted_run(tiny_shapes, tmp_path):
     train.main(_train_args(tiny_shapes, tmp_path / "a", "--epochs", "2", "--eval-every", "2"))
     train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "1"))
     ckpt = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)
-    assert ckpt["epoch"] == 0 and set(ckpt) >= {"model", "optimizer", "scheduler", "scaler", "rng", "config"}
+    assert ckpt["epoch"] == 0 and set(ckpt) >= {"model", "optimizer", "scaler", "rng", "config"}
     result = train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "2", "--resume", "auto"))
     a, b = _train_losses(tmp_path / "a"), _train_losses(tmp_path / "b")
     assert len(a) == 4 and set(a) == set(b)  # 2 epochs x 2 iterations
@@ -201,16 +206,24 @@ def test_train_max_steps_stops_saves_evaluates_and_holds_over_a_resume(tiny_shap
 
 
 def test_train_ddp_two_processes(tiny_shapes, tmp_path):
+    """Two processes: rank 0 decides the resume and every rank loads its checkpoint; the ranks' parameters stay
+    equal (checked at every checkpoint); the losses logged are the ranks' mean; COCOeval runs once."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "train.py"), *_train_args(tiny_shapes, out, "--epochs", "1", "--batch-size", "2")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 process(es)" in proc.stdout
+    for epochs, resume in (("1", []), ("2", ["--resume", "auto"])):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               os.path.join(ROOT, "train.py"),
+               *_train_args(tiny_shapes, out, "--epochs", epochs, "--batch-size", "2", *resume)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "2 process(es)" in proc.stdout and proc.stdout.count("Average Precision  (AP) @[ IoU=0.50:0.95 | "
+                                                                    "area=   all") == 1
+    assert "resumed at epoch 1" in proc.stdout
     records = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert sum(r["type"] == "train" for r in records) == 2  # 8 images / 2 ranks / batch 2
-    assert any(r["type"] == "eval" for r in records)
+    assert sum(r["type"] == "train" for r in records) == 4  # 8 images / 2 ranks / batch 2, 2 epochs
+    sums = [r["param_sums"] for r in records if r["type"] == "checkpoint"]
+    assert len(sums) == 2 and all(len(s) == 2 and s[0] == s[1] for s in sums)
+    assert sum(r["type"] == "eval" for r in records) == 2
 
 
 def test_train_bf16_backbone_fused_optimizer_and_resume(tiny_shapes, tmp_path):
@@ -281,3 +294,270 @@ def test_train_encoder_layers_finds_every_model_s_encoder_layers_once():
         assert {type(layer).__name__ for layer in layers} == names
         assert len({id(layer) for layer in layers}) == len(layers) == len({id(m) for m in model.encoder.modules()
                                                                            if type(m).__name__ in names})
+
+
+# ---------------------------------------------------------------------------------------------
+# the COCO run: accumulation, resume, recipes, files, traps, data, DDP
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["smca", "sparse_detr", "lite_detr", "focus_detr"])
+def test_train_accumulated_steps_give_the_gradients_of_one_large_batch(name):
+    """--accum-steps K: K batches of B images give the gradients of one batch of K x B (same-size images, so no
+    padding differs; frozen BatchNorm, no dropout, no denoising noise: nothing else depends on the grouping)."""
+    module = {"smca": smca, "sparse_detr": importlib.import_module("sparse_detr"), "lite_detr": lite_detr,
+              "focus_detr": focus_detr}[name]
+    tiny = {"smca": tiny_smca, "sparse_detr": tiny_sparse, "lite_detr": tiny_lite, "focus_detr": tiny_focus}[name]
+    extra = {"dn_number": 0} if name == "focus_detr" else {}
+    cfg = tiny(backbone_norm="frozen_bn", dropout=0.0, **extra)
+    torch.manual_seed(0)
+    model, criterion, _ = module.build(cfg)
+    model.double().train()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(4, 3, 64, 64, generator=g, dtype=torch.float64)
+    pad_mask = torch.zeros(4, 64, 64, dtype=torch.bool)
+    targets = [{"labels": torch.randint(1, 21, (n,), generator=g), "image_id": i, "size": torch.tensor([64, 64]),
+                "boxes": (torch.rand(n, 4, generator=g) * 0.4 + 0.3).double()} for i, n in enumerate((1, 3, 2, 4))]
+    run = train.Run(model, criterion, None, None, torch.amp.GradScaler("cpu", enabled=False), None,
+                    torch.device("cpu"), 0, 1, None, {})
+
+    def grads(batches):
+        model.zero_grad(set_to_none=True)
+        loss, _ = train.accumulated_loss(run, batches)
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    one_loss, one = grads([(images, pad_mask, targets)])
+    two_loss, two = grads([(images[:2], pad_mask[:2], targets[:2]), (images[2:], pad_mask[2:], targets[2:])])
+    assert criterion.accumulated_boxes is None  # put back after the step
+    assert two_loss == pytest.approx(one_loss, rel=1e-6) and set(one) == set(two)
+    for n in one:  # within rounding: parts of the models compute in float32 (the sampling matrices, the losses)
+        assert (one[n] - two[n]).abs().max() <= 1e-6 * one[n].abs().max() + 1e-12, n
+    _, halves = grads([(images[:2], pad_mask[:2], targets[:2])])  # a batch of its own differs (4 boxes, not 5)
+    assert max(((halves[n] - one[n]).abs().max() / one[n].abs().max()).item() for n in one if one[n].any()) > 1e-2
+
+
+def _log(out, kind=None):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl")) for line in f]
+    return [r for r in records if kind is None or r["type"] == kind]
+
+
+def test_train_resume_applies_the_flags_given_names_them_and_keeps_the_others(tiny_shapes, tmp_path, capsys):
+    out = tmp_path / "r"
+    train.main(_train_args(tiny_shapes, out, "--epochs", "1", "--weight-decay", "0.001", "--clip-max-norm", "0.5"))
+    assert os.path.exists(out / "recipe.json") and "total batch 4 = 1 process(es) x 4 images" in capsys.readouterr().out
+    train.main(_train_args(tiny_shapes, out, "--epochs", "3", "--resume", "auto", "--lr", "2e-4", "--lr-drop", "2",
+                           "--batch-size", "2", "--accum-steps", "2"))
+    said = capsys.readouterr().out
+    assert "resumed at epoch 1" in said
+    for change in ("epochs 1 -> 3", "lr 0.0001 -> 0.0002", "lr-drop 100 -> 2", "batch-size 4 -> 2",
+                   "accum-steps 1 -> 2"):
+        assert change in said
+    assert "weight-decay" not in said and "total batch 4 ->" not in said  # 2 x 2 = 4 as before
+    lrs = {r["epoch"]: r["lr_base"] for r in _log(out, "train")}
+    assert lrs == {0: pytest.approx(1e-4), 1: pytest.approx(2e-4), 2: pytest.approx(2e-5)}
+    ckpt = runtime.load_checkpoint(str(out / "checkpoint.pth"))
+    assert ckpt["args"]["weight_decay"] == 0.001 and ckpt["args"]["clip_max_norm"] == 0.5  # not given: kept
+    assert {g["weight_decay"] for g in ckpt["optimizer"]["param_groups"]} == {0.001}
+    assert os.path.exists(out / "checkpoint_before_lr_drop.pth") and os.path.exists(out / "checkpoint_best.pth")
+    assert runtime.load_checkpoint(str(out / "checkpoint_before_lr_drop.pth"))["epoch"] == 1
+    assert any(f.startswith("curves-after-step-") for f in os.listdir(out))
+    assert _log(out, "start")[-1]["resumed_changes"][0] == "epochs 1 -> 3"
+    train.main(_train_args(tiny_shapes, out, "--epochs", "4", "--resume", "auto", "--batch-size", "4"))
+    assert "total batch 4 -> 8 (the lr is not rescaled" in capsys.readouterr().out  # 4 x 2 accumulated, kept
+
+
+def test_train_a_redone_epoch_is_logged_once_and_the_interrupted_records_kept(tiny_shapes, tmp_path):
+    out = tmp_path / "r"
+    train.main(_train_args(tiny_shapes, out, "--epochs", "1"))
+    shutil.copy(out / "checkpoint.pth", tmp_path / "after-epoch-1.pth")
+    train.main(_train_args(tiny_shapes, out, "--epochs", "2", "--resume", "auto"))
+    shutil.copy(tmp_path / "after-epoch-1.pth", out / "checkpoint.pth")  # as if killed before epoch 2's save
+    train.main(_train_args(tiny_shapes, out, "--epochs", "2", "--resume", "auto"))
+    steps = [(r["epoch"], r["iter"]) for r in _log(out, "train")]
+    assert sorted(steps) == [(0, 0), (0, 1), (1, 0), (1, 1)]  # each once
+    with open(out / "log-redone.jsonl") as f:
+        redone = [json.loads(line) for line in f]
+    assert {(r["type"], r["epoch"]) for r in redone} == {("train", 1), ("checkpoint", 1), ("eval", 1)}
+
+
+def test_train_refuses_what_would_evaluate_nothing_or_overwrite_a_run(tiny_shapes, tmp_path):
+    with pytest.raises(ValueError, match="--eval-only --resume auto: nothing to evaluate"):
+        train.main(_train_args(tiny_shapes, tmp_path / "none", "--eval-only", "--resume", "auto"))
+    train.main(_train_args(tiny_shapes, tmp_path / "a", "--epochs", "1"))
+    train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "1"))
+    before = (tmp_path / "b" / "checkpoint.pth").read_bytes()
+    with pytest.raises(ValueError, match="exists and would be overwritten by the run continued from"):
+        train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "2", "--resume",
+                               str(tmp_path / "a" / "checkpoint.pth")))
+    assert (tmp_path / "b" / "checkpoint.pth").read_bytes() == before
+    train.main(_train_args(tiny_shapes, tmp_path / "b", "--eval-only", "--resume",
+                           str(tmp_path / "a" / "checkpoint.pth")))  # evaluating another run's checkpoint writes none
+
+
+class _WritesAFile:
+    """Unpickling this runs os.system: what a malicious checkpoint does."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def test_train_and_detect_never_run_code_from_a_checkpoint(tiny_shapes, tmp_path):
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "bad.pth"
+    torch.save({"model": {}, "config": {}, "model_name": "smca", "payload": _WritesAFile(marker)}, bad)
+    for load in (lambda: runtime.load_checkpoint(str(bad)), lambda: detect.load_detector(str(bad)),
+                 lambda: train.main(_train_args(tiny_shapes, tmp_path / "r", "--epochs", "1", "--resume", str(bad))),
+                 lambda: train.main(_train_args(tiny_shapes, tmp_path / "f", "--epochs", "1", "--finetune", str(bad)))):
+        with pytest.raises(ValueError, match="could run code|not a readable|cannot be read"):
+            load()
+        assert not marker.exists()
+    with pytest.raises(ValueError, match=r"If you trust the file, re-save its tensors once"):
+        runtime.load_checkpoint(str(bad))
+
+
+def test_train_checkpoints_load_with_weights_only_and_restore_every_rng(tiny_shapes, tmp_path):
+    train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1"))
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=True)  # plain types and tensors only
+    assert set(ckpt["rng"]) == {"python", "numpy", "torch", "cuda"} and ckpt["rng"]["cuda"] is None  # (a CPU run)
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    state = {"python": random.getstate(), "numpy": train.numpy_state(), "torch": [torch.get_rng_state()]}
+    expect = (random.random(), np.random.rand(), torch.rand(1).item())
+    train.restore_rng(torch.load(io.BytesIO(_saved(state)), weights_only=True), 0)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expect
+
+
+def _saved(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def test_train_log_is_json_when_a_class_has_no_ground_truth(tiny_shapes, tmp_path):
+    assert train.json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": 2}) == {"a": None, "b": [1.0, None],
+                                                                                      "c": 2}
+    root = _tiny_set_copy(tiny_shapes, tmp_path)
+    for split in ("train", "val"):  # a declared class without a single box: COCOeval's AP for it is NaN
+        ann = root / "annotations" / f"instances_{split}.json"
+        coco = json.loads(ann.read_text())
+        coco["categories"].append({"id": 30, "name": "hexagon"})
+        ann.write_text(json.dumps(coco))
+    train.main(_train_args(str(root), tmp_path / "r", "--epochs", "1"))
+    per_class = _log(tmp_path / "r", "eval")[-1]["per_class"]  # _log fails on NaN
+    assert per_class["30"] is None and per_class["2"] is not None
+
+
+def test_train_backbone_weights_that_do_not_fit_are_not_called_a_failed_download(tiny_shapes, tmp_path):
+    torch.save({"conv1.weight": torch.zeros(3, 3, 3, 3)}, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="backbone weights") as err:
+        train.main(_train_args(tiny_shapes, tmp_path / "r", "--epochs", "1")[:-len(TINY_SET)]
+                   + ["--backbone-weights", str(tmp_path / "wrong.pth")] + TINY_SET)
+    assert "download" not in str(err.value)
+
+
+COCO_RECIPES = {  # each paper's or official config's figures (the model files cite the source of each)
+    "smca": {"epochs": 50, "lr_drop": 40, "lr": 1e-4, "lr_backbone": 1e-5, "batch_size": 2, "total_batch": 16,
+             "weight_decay": 1e-4, "clip_max_norm": 0.1},
+    "sparse_detr": {"epochs": 50, "lr_drop": 40, "lr": 2e-4, "lr_backbone": 2e-5, "batch_size": 2, "total_batch": 16,
+                    "weight_decay": 1e-4, "clip_max_norm": 0.1},
+    "lite_detr": {"epochs": 50, "lr_drop": 40, "lr": 2e-4, "lr_backbone": 2e-5, "batch_size": 2, "total_batch": 32,
+                  "weight_decay": 1e-4, "clip_max_norm": 0.1},
+    "focus_detr": {"epochs": 36, "lr_drop": 20, "lr": 1e-4, "lr_backbone": 1e-5, "batch_size": 2, "total_batch": 16,
+                   "weight_decay": 1e-4, "clip_max_norm": 0.1, "weight_decay_norm": 0.0},
+}
+
+
+@pytest.mark.parametrize("name", sorted(COCO_RECIPES))
+def test_train_coco_recipe_is_the_papers(name):
+    args = train.parse_args(["--model", name, "--data", "coco", "--device", "cpu"])
+    recipe = train.resolve_recipe(args, importlib.import_module(name), False)
+    assert {k: recipe[k] for k in COCO_RECIPES[name]} == COCO_RECIPES[name]
+    assert (args.epochs, args.lr_drop, args.lr, args.batch_size) == tuple(
+        COCO_RECIPES[name][k] for k in ("epochs", "lr_drop", "lr", "batch_size"))
+    assert args.accum_steps == 1 and args.recompute_sampling == "on"
+
+
+def test_train_focus_detr_schedules_by_name(tiny_shapes):
+    def resolved(*flags, data="coco"):
+        args = train.parse_args(["--model", "focus_detr", "--data", data, "--device", "cpu", *flags])
+        return args, train.resolve_recipe(args, focus_detr, data == "shapes")
+    args, recipe = resolved()
+    assert (args.schedule, args.epochs, args.lr_drop, recipe["config"]["pos_temperature"]) == ("36ep", 36, 20, 20.0)
+    args, recipe = resolved("--schedule", "12ep")
+    assert (args.epochs, args.lr_drop, recipe["config"]) == (12, 11, {"pos_temperature": 10000.0, "pos_offset": -0.5})
+    args, _ = resolved("--schedule", "24ep", "--epochs", "30")
+    assert (args.epochs, args.lr_drop) == (30, 20)  # a flag wins over the schedule
+    with pytest.raises(ValueError, match="its schedules are 36ep, 24ep, 12ep"):
+        resolved("--schedule", "50ep")
+    with pytest.raises(ValueError, match="--schedule names one of a paper's COCO schedules"):
+        resolved("--schedule", "12ep", data="shapes")
+    with pytest.raises(ValueError, match="it has one schedule"):
+        train.resolve_recipe(train.parse_args(["--model", "smca", "--schedule", "12ep", "--data", "x"]), smca, False)
+
+
+def test_train_weight_decay_norm_spares_the_normalisation_layers():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.LayerNorm(2))
+    model.backbone = torch.nn.Linear(2, 2)
+    groups = {g["name"]: g for g in train.param_groups(model, 1e-4, 1e-5, {}, 1e-4, 0.0)}
+    assert groups["base"]["weight_decay"] == 1e-4 and groups["base_norm"]["weight_decay"] == 0.0
+    assert len(groups["base_norm"]["params"]) == 2 and groups["backbone"]["lr"] == 1e-5
+
+
+def _tiny_set_copy(tiny_shapes, tmp_path):
+    root = tmp_path / "set"
+    shutil.copytree(tiny_shapes, root)
+    return root
+
+
+def test_train_reports_images_whose_size_disagrees_with_their_annotation(tiny_shapes, tmp_path, caplog):
+    root = _tiny_set_copy(tiny_shapes, tmp_path)
+    ann = root / "annotations" / "instances_train.json"
+    coco = json.loads(ann.read_text())
+    first = coco["images"][0]
+    first["width"], first["height"] = first["height"] + 7, first["width"]  # exported turned, say
+    ann.write_text(json.dumps(coco))
+    ds = datalib.CocoDetection(*datalib.find_split(str(root), "train"))
+    assert len(ds.size_mismatches) == 1 and f"id {first['id']} " in ds.size_mismatches[0]
+    assert "not the size their annotation says" in caplog.text
+    w, h = ds.sizes[first["id"]]
+    boxes = ds.targets[first["id"]][0]
+    assert (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()  # clipped to the file's pixels
+
+
+def test_train_skips_an_image_that_cannot_be_decoded_and_stops_past_the_limit(tiny_shapes, tmp_path, capsys):
+    root = _tiny_set_copy(tiny_shapes, tmp_path)
+    ds = datalib.CocoDetection(*datalib.find_split(str(root), "train"))
+    path = root / "train" / ds.coco.imgs[ds.ids[1]]["file_name"]
+    path.write_bytes(path.read_bytes()[:300])  # truncated after the header
+    train.main(_train_args(str(root), tmp_path / "ok", "--epochs", "1"))
+    said = capsys.readouterr().out
+    assert f"warning: skipped image id {ds.ids[1]}" in said and "epoch 1: AP" in said
+    with pytest.raises(ValueError, match=r"stopped: 1 images could not be read \(more than --max-bad-images 0\)"):
+        train.main(_train_args(str(root), tmp_path / "stop", "--epochs", "1", "--max-bad-images", "0"))
+
+
+def test_train_on_each_node_prepares_on_rank_0_first_then_on_each_other_nodes_first_process(monkeypatch):
+    calls = []
+    for rank, local_rank in ((0, 0), (1, 1), (2, 0), (3, 1)):  # two nodes of two processes
+        train.on_each_node(lambda: calls.append(rank), rank, local_rank)
+    assert calls == [0, 2]
+
+
+def test_train_persistent_workers_see_each_epoch_as_a_fresh_loader_does(tiny_shapes):
+    """On CUDA the loader keeps its workers from epoch to epoch; the sampler carries each epoch's augmentation
+    stream, so epoch 2 of a long-lived loader is epoch 2 of a new one (a resumed run)."""
+    ds = datalib.CocoDetection(*datalib.find_split(tiny_shapes, "train"), datalib.make_transforms(
+        "train", **datalib.SHAPES_SCALES))
+
+    def boxes(loader, epoch):
+        loader.sampler.set_epoch(epoch)
+        return [t["boxes"] for _, _, targets in loader for t in targets]
+    kept = train.make_loader(ds, 2, True, 0, 0, 0, 1, 2, cuda=True)
+    assert kept.persistent_workers and kept.pin_memory
+    first, second = boxes(kept, 0), boxes(kept, 1)
+    fresh = train.make_loader(ds, 2, True, 0, 1, 0, 1, 2, cuda=True)
+    assert all(torch.equal(a, b) for a, b in zip(second, boxes(fresh, 1)))
+    assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, second))

@@ -503,7 +503,8 @@ class StepClock:
         self.grad_done.setdefault(part, time.perf_counter())  # the first of the part's outputs to be complete
 
     def step(self, run, batch_iter):
-        """One training step (train.forward_loss, train.optimizer_step) with its parts timed -> (seconds, loss)."""
+        """One training step (train.forward_loss, the backward, train.optimizer_step) with its parts timed ->
+        (seconds, loss)."""
         sec, t0 = self.seconds, time.perf_counter()
         images, pad_mask, targets = next(batch_iter)
         images, pad_mask, targets = images.to(run.device), pad_mask.to(run.device), train.to_device(targets, run.device)
@@ -515,7 +516,9 @@ class StepClock:
         sec["forward rest"] += (t2 - t1) - sum(sec[p] - before[p] for p in before)
         marks = {}
         self.grad_done.clear()
-        train.optimizer_step(run, loss, mark=lambda part: marks.setdefault(part, time.perf_counter()))
+        run.scaler.scale(loss).backward()
+        marks["backward"] = time.perf_counter()
+        train.optimizer_step(run, mark=lambda part: marks.setdefault(part, time.perf_counter()))
         t3 = time.perf_counter()
         if "encoder" not in self.grad_done:
             raise RuntimeError("the encoder's memory got no gradient: its backward cannot be told from the decoder's")
@@ -547,8 +550,7 @@ def training_run(name, sets=(), amp=None, root=None, backbone="shapes"):
     cfg.num_classes = train_set.num_classes
     torch.manual_seed(args.seed)
     model, criterion, postprocess = train.build_model(args, module, cfg, True, 0)
-    run, _ = train.build_run(args, module, model, criterion, postprocess, torch.device("cpu"), 0, 1,
-                             train_set.categories)
+    run = train.build_run(args, module, model, criterion, postprocess, torch.device("cpu"), 0, 1, train_set.categories)
     return run, train_set
 
 
@@ -652,7 +654,7 @@ def coco_training_run(name, overrides, device):
     torch.manual_seed(0)
     model, criterion, postprocess = train.build_model(args, module, make_config(module, overrides), False, 0)
     model.to(device)
-    return train.build_run(args, module, model, criterion, postprocess, torch.device(device), 0, 1, {})[0]
+    return train.build_run(args, module, model, criterion, postprocess, torch.device(device), 0, 1, {})
 
 
 def memory_step(name, label, batch, size, device, recompute=True, checkpoint=True):
@@ -685,7 +687,8 @@ def memory_step(name, label, batch, size, device, recompute=True, checkpoint=Tru
     with recompute_sampling(recompute):
         with saved.hooks():
             loss, _ = train.forward_loss(run, images, pad_mask, targets)
-        train.optimizer_step(run, loss)
+        run.scaler.scale(loss).backward()
+        train.optimizer_step(run)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0

@@ -3,7 +3,13 @@ exported program computes what the model does.
 
     python -m tools.export --checkpoint runs/smca-shapes/checkpoint.pth --out smca.pt2            # 160 x 160
     python -m tools.export --checkpoint CKPT --size 800 1216 --out model.pt2
+    python -m tools.export --checkpoint focus_detr_r50_4scale_36ep.pth --official-schedule 36ep --out focus.pt2
     python -m tools.export --model lite_detr --size 800 1333 --out lite.pt2   # the COCO Config, random weights
+
+--checkpoint takes what detect.py takes (train.py's checkpoints, the authors' released weights; with
+--official-schedule for an authors' Focus-DETR file, as in detect.py). The default size is the one the detector was
+trained for, as detect.load_detector found it: 160 x 160 for the shapes sizes, else 800 x 1333 (COCO's; the
+authors' weights).
 
 The exported program takes (images (1, 3, H, W) float32, normalised as data/ does, pad_mask (1, H, W) bool, True
 where the image is padding: all False for an image of exactly that size) of the size it was exported at, and
@@ -26,7 +32,7 @@ import torch
 from torch import nn
 
 from common import fast_paths
-from engine.runtime import MODELS, load_checkpoint, model_module, run_cli
+from engine.runtime import MODELS, model_module, run_cli
 
 
 class Detections(nn.Module):
@@ -42,14 +48,17 @@ class Detections(nn.Module):
 
 
 def load_model(args):
-    """--checkpoint (train.py's; its model, Config and val size) or --model (the COCO Config, random weights)
-    -> (model name, model in eval mode, (H, W): --size, else 160 x 160 on shapes, 800 x 1333)."""
+    """--checkpoint (what detect.load_detector takes: train.py's, or the authors' weights; --official-schedule
+    passed on) or --model (the COCO Config, random weights) -> (model name, model in eval mode, (H, W): --size,
+    else 160 x 160 for a detector of the shapes sizes, 800 x 1333 for COCO's)."""
+    schedule = getattr(args, "official_schedule", None)
     if args.checkpoint:
         import detect
-        det = detect.load_detector(args.checkpoint)
-        ckpt_args = load_checkpoint(args.checkpoint).get("args") or {}
-        default = (160, 160) if ckpt_args.get("data", "shapes") == "shapes" else (800, 1333)
+        det = detect.load_detector(args.checkpoint, official_schedule=schedule)
+        default = (160, 160) if det.scales == "shapes" else (800, 1333)  # the file read once, by load_detector
         return det.name, det.model.eval(), tuple(args.size or default)
+    if schedule is not None:
+        raise ValueError("--official-schedule goes with --checkpoint (an authors' Focus-DETR file), not --model")
     module = model_module(args.model)
     torch.manual_seed(0)
     return args.model, module.build(module.Config())[0].eval(), tuple(args.size or (800, 1333))
@@ -76,19 +85,27 @@ def export(model, size, tolerance=1e-4):
     return program, diff
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="a checkpoint.pth written by train.py")
+    src.add_argument("--checkpoint", help="a checkpoint.pth written by train.py, or the authors' released weights")
     src.add_argument("--model", choices=MODELS, help="the model's COCO Config with random weights")
     p.add_argument("--size", type=int, nargs=2, metavar=("H", "W"),
                    help="the input size (default: 160 x 160 for a shapes checkpoint, else 800 x 1333)")
+    p.add_argument("--official-schedule", choices=("12ep", "24ep", "36ep"), default=None,
+                   help="an authors' Focus-DETR file's training schedule, as in detect.py (default: guessed from "
+                        "the file name)")
     p.add_argument("--out", required=True, help="the .pt2 file to write (never overwritten)")
     args = p.parse_args(argv)
     if os.path.exists(args.out):
         raise ValueError(f"--out {args.out!r} exists; nothing is overwritten: pass another --out")
     if args.size and min(args.size) < 32:
         raise ValueError(f"--size must be at least 32 x 32, got {args.size}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     name, model, size = load_model(args)
     program, diff = export(model, size)
     torch.export.save(program, args.out)
