@@ -818,6 +818,12 @@ def start_log(out, start_epoch, resumed):
     return open(path, "a")
 
 
+def set_tf32(device, tf32):
+    """--tf32 on / off: TF32 matrix products and convolutions on a CUDA device (nothing elsewhere)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32 == "on"
+
+
 def recipe_text(args, recipe, world):
     """The resolved recipe, in the lines that start a run (and OUTPUT_DIR/recipe.json)."""
     total = world * args.batch_size * args.accum_steps
@@ -841,8 +847,7 @@ def train_or_evaluate(args, given=frozenset()):
     module = model_module(args.model)
     on_shapes = args.data == "shapes"
     rank, local_rank, world, device = init_distributed(select_device(args))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
+    set_tf32(device, args.tf32)
     data_name = "shapes" if on_shapes else os.path.basename(os.path.normpath(args.data))
     args.output_dir = args.output_dir or os.path.join("runs", f"{args.model}-{data_name}")
     ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")

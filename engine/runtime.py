@@ -75,23 +75,34 @@ def safe_globals():
     return [argparse.Namespace, *_numpy_array_globals()]
 
 
-def load_checkpoint(path):
-    """A checkpoint file (ours, the authors', a state dict), read with weights_only=True: unpickling builds only
-    tensors, plain containers and safe_globals(), so a file from anywhere cannot run code when opened. A file that
-    needs more is refused, saying how to re-save one you trust."""
+def torch_file(path, what="checkpoint"):
+    """torch.load(path, weights_only=True) with safe_globals(): unpickling builds only tensors, plain containers and
+    those, so a file from anywhere cannot run code when opened. ValueError naming the file: one that asks for
+    anything more is refused, saying how to re-save one you trust; one that is no torch file says so."""
     if not os.path.isfile(path):
-        raise ValueError(f"checkpoint {path!r} does not exist")
+        raise ValueError(f"{what} {path!r} does not exist")
     try:
         with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines()]
+        wants = next((ln for ln in lines if "GLOBAL" in ln), None)  # "... unsupported GLOBAL posix.system ..."
+        if wants is None:
+            said = next((ln for ln in lines if ln.startswith("Unsupported") or "invalid load key" in ln), lines[-1])
+            raise ValueError(f"{what} {path!r} is not a torch file ({said})") from e
         raise ValueError(
-            f"checkpoint {path!r} holds objects other than tensors and plain data, so opening it could run code; it "
-            f"is not loaded (torch said: {str(e).strip().splitlines()[0]}). If you trust the file, re-save its "
-            f"tensors once: python -c \"import torch; c = torch.load('{path}', weights_only=False); "
-            f"torch.save({{'model': c['model'] if 'model' in c else c}}, 'weights.pth')\"") from e
+            f"{what} {path!r} holds objects other than tensors and plain data, so opening it could run code; it is "
+            f"not loaded (torch said: {wants}). If you trust the file, re-save its tensors once: python -c \"import "
+            f"torch; c = torch.load('{path}', weights_only=False); torch.save({{'model': c['model'] if 'model' in c "
+            f"else c}}, 'weights.pth')\"") from e
     except Exception as e:
-        raise ValueError(f"checkpoint {path!r} cannot be read ({e})") from e
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{what} {path!r} cannot be read ({type(e).__name__}: {first})") from e
+
+
+def load_checkpoint(path):
+    """A checkpoint file (ours, the authors', a state dict), read safely (torch_file)."""
+    return torch_file(path, "checkpoint")
 
 
 def _numpy_array_globals():
@@ -109,10 +120,4 @@ def backbone_weights(source):
     backbone is taken). Read with weights_only=True (safe_globals())."""
     if source == "imagenet":
         return source
-    if not os.path.isfile(source):
-        raise ValueError(f"backbone weights: no such file {source!r}")
-    try:
-        with torch.serialization.safe_globals(safe_globals()):
-            return torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"backbone weights: {source!r} is not a readable torch state dict ({e})") from e
+    return torch_file(source, "backbone weights")

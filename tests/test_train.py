@@ -90,8 +90,11 @@ def test_train_reads_backbone_weights_from_its_own_checkpoints(tmp_path):
     assert torch.equal(fresh.body.layer2[0].conv1.weight, model.backbone.body.layer2[0].conv1.weight)
     with pytest.raises(ValueError, match="not a readable torch state dict"):
         common.load_backbone_weights(fresh, str(tmp_path / "ckpt.pth"))
-    with pytest.raises(ValueError, match="no such file"):
+    with pytest.raises(ValueError, match="does not exist"):
         train.backbone_weights(str(tmp_path / "absent.pth"))
+    (tmp_path / "notes.pth").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"'.*notes.pth' is not a torch file \("):
+        train.backbone_weights(str(tmp_path / "notes.pth"))
 
 
 def test_train_stops_on_non_finite_loss(tiny_shapes, tmp_path, monkeypatch):
@@ -410,10 +413,10 @@ def test_train_and_detect_never_run_code_from_a_checkpoint(tiny_shapes, tmp_path
     for load in (lambda: runtime.load_checkpoint(str(bad)), lambda: detect.load_detector(str(bad)),
                  lambda: train.main(_train_args(tiny_shapes, tmp_path / "r", "--epochs", "1", "--resume", str(bad))),
                  lambda: train.main(_train_args(tiny_shapes, tmp_path / "f", "--epochs", "1", "--finetune", str(bad)))):
-        with pytest.raises(ValueError, match="could run code|not a readable|cannot be read"):
+        with pytest.raises(ValueError, match="could run code|not a readable"):  # read_state_dict: not a state dict
             load()
         assert not marker.exists()
-    with pytest.raises(ValueError, match=r"If you trust the file, re-save its tensors once"):
+    with pytest.raises(ValueError, match=r"GLOBAL posix.system .*If you trust the file, re-save its tensors once"):
         runtime.load_checkpoint(str(bad))
 
 
@@ -561,3 +564,17 @@ def test_train_persistent_workers_see_each_epoch_as_a_fresh_loader_does(tiny_sha
     fresh = train.make_loader(ds, 2, True, 0, 1, 0, 1, 2, cuda=True)
     assert all(torch.equal(a, b) for a, b in zip(second, boxes(fresh, 1)))
     assert not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_train_tf32_is_on_by_default_on_cuda_and_never_touched_elsewhere():
+    assert train.parse_args(["--model", "smca"]).tf32 == "on"
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        train.set_tf32(torch.device("cpu"), "on")
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
+        train.set_tf32(torch.device("cuda"), "on")  # only flags: no CUDA device needed to set them
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        train.set_tf32(torch.device("cuda"), "off")
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
