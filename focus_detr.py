@@ -640,7 +640,7 @@ COCO_RECIPE = {
 # --schedule NAME: the three official schedules (what differs from COCO_RECIPE); the first is the default
 COCO_SCHEDULES = {
     "36ep": {},
-    "24ep": {"epochs": 24},  # 180k iterations, the same drop at epoch 20
+    "24ep": {"epochs": 24},  # 180k iterations, the drop at epoch 20 (the official 24- and 36-epoch configs share it)
     "12ep": {"epochs": 12, "lr_drop": 11,  # 90k iterations, x 0.1 at 82.5k
              "config": {"pos_temperature": 10000.0, "pos_offset": -0.5}},  # the 12-epoch config's sine positions
 }

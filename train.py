@@ -20,8 +20,9 @@ What train.py reads from a model file (the module named by --model):
 and calls the model as common.py's interface says: model(images, pad_mask, targets) in training,
 model(images, pad_mask) in evaluation.
 
-Every epoch writes OUTPUT_DIR/checkpoint.pth atomically (model, optimizer, scheduler, AMP scaler,
-epoch, RNG states, config); --resume auto continues from it. OUTPUT_DIR/log.jsonl holds every loss
+Every epoch writes OUTPUT_DIR/checkpoint.pth atomically (model, optimizer, AMP scaler, epoch, every rank's RNG
+states, config; plain types and tensors); --resume auto continues from it, taking the flags given then
+(docs/coco-training.md). OUTPUT_DIR/log.jsonl holds every loss
 term, the grad norm and each evaluation. A non-finite loss stops the run and names the step and
 the image ids; the last checkpoint stays as it was. A run ends by drawing its detections and the
 paper's mechanism on the first 4 val images (detect.py's pictures) into
@@ -66,7 +67,8 @@ SHAPES_RECIPE = {"epochs": 2, "lr_drop": 2, "batch_size": 8, "lr": 4e-4, "lr_bac
 # classes, a schedule's Config) cannot change: a resume under another is refused.)
 RECIPE_FLAGS = ("epochs", "lr_drop", "batch_size", "lr", "lr_backbone", "weight_decay", "clip_max_norm", "accum_steps",
                 "eval_every")
-RESUMED_FLAGS = RECIPE_FLAGS + ("amp", "seed", "scales", "recompute_sampling", "checkpoint_encoder", "max_bad_images")
+RESUMED_FLAGS = RECIPE_FLAGS + ("amp", "seed", "scales", "schedule", "recompute_sampling", "checkpoint_encoder",
+                                "max_bad_images")
 
 
 AMP_MODES = ("off", "bf16", "fp16", "bf16-backbone")
@@ -163,21 +165,31 @@ def init_distributed(device):
     return dist.get_rank(), local_rank, dist.get_world_size(), device
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+def any_rank(flag):
+    """Whether `flag` holds on any rank (every rank gets the answer: a decision they take together)."""
+    if not dist.is_initialized():
+        return bool(flag)
+    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def on_each_node(prepare, rank, local_rank):
     """Run `prepare` (which makes files a node reads unless they are there already: the shapes set, its pretrained
     backbone, a download) on global rank 0 first, then on the first process of every other node: a node without a
-    shared disk makes its own copy, and nodes that share one never write the same file at once."""
-    if rank == 0:
-        prepare()
-    barrier()
-    if local_rank == 0 and rank != 0:
-        prepare()
-    barrier()
+    shared disk makes its own copy, and nodes that share one never write the same file at once. A ValueError (or any
+    error) in `prepare` on one rank stops every rank, each with a message (no rank is left waiting)."""
+    for mine in (rank == 0, local_rank == 0 and rank != 0):
+        error = None
+        if mine:
+            try:
+                prepare()
+            except Exception as e:
+                error = e
+        if any_rank(error is not None):
+            if error is not None:
+                raise error if isinstance(error, ValueError) else ValueError(f"{type(error).__name__}: {error}")
+            raise ValueError(f"rank {rank}: another process failed to prepare its node's data (its log says why)")
 
 
 def from_rank0(make, rank):
@@ -269,12 +281,6 @@ def build_data(args, recipe_scales, rank, local_rank):
         if train.num_classes > val.num_classes or train.categories != val.categories:
             raise ValueError(f"train and val annotation files declare different categories "
                              f"({train.ann_file} vs {val.ann_file})")
-    if rank == 0:
-        for split in (train, val):
-            if split is not None and split.size_mismatches:
-                print(f"warning: {split.ann_file}: {len(split.size_mismatches)} image(s) are not the size their "
-                      f"annotation says (boxes clipped to the file's pixels); first: "
-                      + "; ".join(split.size_mismatches[:5]))
     return train, val
 
 
@@ -352,7 +358,7 @@ def check_compatible(ckpt, path, model_name, cfg, training):
     diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {v!r}" for k, v in ours.items() if theirs.get(k) != v]
     if diff:
         shown = ", ".join(diff)
-        raise ValueError(f"{path!r} was trained with another config ({shown}); use the same --data/--set, "
+        raise ValueError(f"{path!r} was trained with another config ({shown}); use the same --data/--set/--schedule, "
                          f"another --output-dir, or --finetune to start from its weights")
 
 
@@ -495,8 +501,8 @@ def note_bad_images(run, skipped):
             run.bad_images[image_id] = error
             print(f"warning: skipped image id {image_id} (rank {run.rank}): {error}", flush=True)
     count = torch.tensor([float(len(run.bad_images))], device=run.device)
-    if run.world > 1:
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    if run.world > 1:  # the ranks read different images (DistributedSampler)
+        dist.all_reduce(count)
     if count.item() > run.args.max_bad_images:
         named = "; ".join(f"id {i}: {e}" for i, e in list(run.bad_images.items())[:5])
         raise ValueError(f"stopped: {int(count.item())} images could not be read (more than --max-bad-images "
@@ -529,10 +535,10 @@ def train_one_epoch(run, epoch, loader):
     for it, group in enumerate(step_batches(loader, args.accum_steps, run.device)):
         for *_, skipped in group:
             note_bad_images(run, skipped)
-        batches = [(images, pad_mask, targets) for images, pad_mask, targets, _ in group if len(targets)]
-        if not batches:
-            continue
-        step = epoch * n + it
+        batches = [(images, pad_mask, targets) for images, pad_mask, targets, _ in group]
+        if any_rank(any(len(targets) == 0 for _, _, targets in batches)):  # a batch with no readable image: every
+            continue  # rank skips the step (the ranks must run the same forwards and collectives)
+        step = run.steps  # optimizer steps before this one, over every resume
         run.steps += 1
         loss, losses = accumulated_loss(run, batches)
         if not all_finite(loss.detach()):
@@ -650,6 +656,12 @@ def resumed_flags(args, ckpt, given):
     """A resumed run: each flag of RESUMED_FLAGS not given now takes the checkpoint's value; each given that differs
     from it is applied -> 'name old -> new' of those, for the line that starts the run."""
     before = ckpt.get("args") or {}
+    if "lr_backbone" in given and before.get("lr_backbone") is not None and (before["lr_backbone"] == 0) != (
+            args.lr_backbone == 0):
+        raise ValueError(f"--lr-backbone {args.lr_backbone} on resume: the checkpoint's run had --lr-backbone "
+                         f"{before['lr_backbone']}; freezing or unfreezing the backbone cannot change under a run "
+                         f"(its optimizer holds other parameters): start a new run from its weights with --finetune "
+                         f"CKPT and another --output-dir")
     changed = []
     for key in RESUMED_FLAGS:
         if key not in before:
@@ -749,6 +761,11 @@ def checkpoint_to_resume(args, ckpt_path):
         return ckpt_path
     if args.resume is None and os.path.isfile(ckpt_path):
         raise ValueError(f"{ckpt_path} exists: pass --resume auto to continue that run, or another --output-dir")
+    others = [f for f in ("checkpoint_best.pth", "checkpoint_before_lr_drop.pth")
+              if os.path.isfile(os.path.join(args.output_dir, f))]
+    if args.resume is None and others:
+        raise ValueError(f"{args.output_dir} holds {', '.join(others)} of another run, which a new run would "
+                         f"overwrite: pass another --output-dir")
     if (args.resume is not None and not args.eval_only and os.path.isfile(ckpt_path)
             and os.path.realpath(args.resume) != os.path.realpath(ckpt_path)):
         raise ValueError(f"{ckpt_path} exists and would be overwritten by the run continued from {args.resume}: "
@@ -800,20 +817,31 @@ def main(argv=None):
         return train_or_evaluate(args, given_flags(argv))
 
 
-def start_log(out, start_epoch, resumed):
-    """OUTPUT_DIR/log.jsonl for appending. A resumed run redoes the epochs from start_epoch: their records from the
-    interrupted attempt move to log-redone.jsonl (appended there, kept), so log.jsonl holds each step once."""
+def redone(line, start_epoch):
+    """Whether a log line belongs to an epoch that is trained again from start_epoch (or cannot be read: a line
+    cut short when a run was killed)."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return True
+    return rec.get("type") != "start" and rec.get("epoch", -1) >= start_epoch
+
+
+def start_log(out, start_epoch, training):
+    """OUTPUT_DIR/log.jsonl for appending. A run that trains from start_epoch (0 without a checkpoint) redoes the
+    epochs from there: their records from an interrupted attempt move to log-redone.jsonl (appended there, kept), so
+    log.jsonl holds each step once."""
     path = os.path.join(out, "log.jsonl")
-    if resumed and os.path.exists(path):
+    if training and os.path.exists(path):
         with open(path) as f:
             lines = f.readlines()
-        redo = [(rec := json.loads(line)).get("type") != "start" and rec.get("epoch", -1) >= start_epoch
-                for line in lines]
+        redo = [redone(line, start_epoch) for line in lines]
         if any(redo):
+            ended = [line if line.endswith("\n") else line + "\n" for line in lines]  # a line cut short too
             with open(os.path.join(out, "log-redone.jsonl"), "a") as f:
-                f.writelines(line for line, r in zip(lines, redo) if r)
+                f.writelines(line for line, r in zip(ended, redo) if r)
             with open(path + ".tmp", "w") as f:
-                f.writelines(line for line, r in zip(lines, redo) if not r)
+                f.writelines(line for line, r in zip(ended, redo) if not r)
             os.replace(path + ".tmp", path)
     return open(path, "a")
 
@@ -854,16 +882,24 @@ def train_or_evaluate(args, given=frozenset()):
     try:
         resume = from_rank0(lambda: checkpoint_to_resume(args, ckpt_path), rank)  # decided once, for every rank
         ckpt = from_rank0(lambda: load_checkpoint(resume), rank) if resume else None  # the same one on every rank
-        changed = resumed_flags(args, ckpt, given) if ckpt is not None and not args.eval_only else []
+        changed = []
+        if ckpt is not None and not args.eval_only:
+            changed = resumed_flags(args, ckpt, given)
+        elif ckpt is not None and args.schedule is None:  # evaluating a run: its schedule's Config
+            args.schedule = (ckpt.get("args") or {}).get("schedule")
+        schedule_given = "schedule" in given
         recipe = resolve_recipe(args, module, on_shapes)
-        return run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt, resume, changed, recipe)
+        return run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt, resume, changed, recipe,
+                            schedule_given)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt, resume, changed, recipe):
-    """train_or_evaluate's body, the process group formed and the checkpoint (if any) read."""
+def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt, resume, changed, recipe,
+                 schedule_given=False):
+    """train_or_evaluate's body, the process group formed and the checkpoint (if any) read. schedule_given: --schedule
+    was on the command line (the authors' Focus-DETR files then take it instead of guessing it)."""
     if device.type == "cpu" and args.amp.startswith("bf16") and not cpu_has_bf16() and rank == 0:
         print(f"warning: --amp {args.amp} on a CPU without bf16 instructions (AVX512-BF16 or AMX): bf16 is emulated "
               f"there, about 10x slower than float32")
@@ -883,7 +919,10 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
         if not hasattr(module, "from_official"):
             raise ValueError(f"--official: {args.model} has no released weights to convert (Lite DETR's authors "
                              f"released Lite-DINO only)")
-        cfg, official_state, notes = module.from_official(args.official)
+        if schedule_given and not getattr(module, "COCO_SCHEDULES", None):
+            raise ValueError(f"--schedule: {args.model} has one schedule; its authors' files need none")
+        stated = {"schedule": args.schedule} if schedule_given else {}  # Focus-DETR: the file's sine positions
+        cfg, official_state, notes = module.from_official(args.official, **stated)
         if rank == 0:
             print(f"{args.official}: the authors' {args.model} weights" + "".join(f"; {n}" for n in notes))
     else:
@@ -909,7 +948,8 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
             run.optimizer.load_state_dict(ckpt["optimizer"])
             for g in run.optimizer.param_groups:  # this run's lrs and weight decay (a changed flag applies)
                 g["base_lr"], g["weight_decay"] = bases[g["name"]]
-            run.scaler.load_state_dict(ckpt["scaler"])
+            if run.scaler.is_enabled() and ckpt["scaler"]:  # fp16 before: its loss scale goes on; else a new one
+                run.scaler.load_state_dict(ckpt["scaler"])
             restore_rng(ckpt["rng"], rank)
         start_epoch = ckpt.get("epoch", -1) + 1
         run.train_s, run.steps = ckpt.get("train_s", 0.0), ckpt.get("steps", 0)
@@ -920,21 +960,23 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
             changed.append(f"total batch {before} -> {world * args.batch_size * args.accum_steps} (the lr is not "
                            f"rescaled: pass --lr for that)")
         if rank == 0:
-            print(f"resumed at epoch {start_epoch} from {resume}" + "".join(f"; {c}" for c in changed))
+            print(f"resumed after epoch {start_epoch} of {args.epochs} from {resume}"
+                  + "".join(f"; {c}" for c in changed))
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None
         run.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
-        run.log_file = start_log(args.output_dir, start_epoch, ckpt is not None and not args.eval_only)
+        run.log_file = start_log(args.output_dir, start_epoch, not args.eval_only)
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{args.model} on {args.data}: {n_params:,} trainable parameters, {world} process(es) on {device}, "
               f"{len(train_set) if train_set else 0} train / {len(val_set)} val images, output {args.output_dir}")
         if not args.eval_only:
             text = recipe_text(args, recipe, world)
             print("\n".join(text))
-            with open(os.path.join(args.output_dir, "recipe.json"), "w") as f:
+            name = "recipe.json" if ckpt is None else f"recipe-resumed-after-epoch-{start_epoch}.json"
+            with open(os.path.join(args.output_dir, name), "w") as f:  # a resume's own file: none is overwritten
                 json.dump({"args": vars(args), "recipe": recipe, "world_size": world, "summary": text,
                            "config": dataclasses.asdict(cfg)}, f, indent=1)
         run.log({"type": "start", "args": vars(args), "config": dataclasses.asdict(cfg), "start_epoch": start_epoch,
@@ -1006,7 +1048,7 @@ def fit(run, cfg, train_set, val_set, start_epoch, out):
         fraction = train_one_epoch(run, epoch, loader)
         state = checkpoint_state(run, epoch, fraction, cfg)
         prints = param_fingerprints(run.model, run.world)
-        if len(set(prints)) > 1:
+        if max(prints) - min(prints) > 1e-12 * max(abs(p) for p in prints):
             raise ValueError(f"the processes' parameters differ after epoch {epoch + 1} (sums {prints}): DDP is out "
                              f"of sync; the checkpoint of epoch {epoch} in {args.output_dir} is kept")
         save_checkpoints(run, state, epoch, out)

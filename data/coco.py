@@ -84,7 +84,7 @@ class CocoDetection(torch.utils.data.Dataset):
     def __init__(self, img_dir, ann_file, transforms=None):
         self.img_dir, self.ann_file, self.transforms = img_dir, ann_file, transforms
         self.rng = random.Random(0)  # the augmentation's randomness; train.py's sampler restarts it every epoch
-        self.stream, self.position = 0, -1
+        self.stream, self.position = None, -1  # no stream yet: the first item of a pass restarts it
         self.coco = load_coco(ann_file)
         self.ids = sorted(self.coco.imgs)
         self.categories = {c["id"]: c.get("name", str(c["id"])) for c in self.coco.dataset["categories"]}

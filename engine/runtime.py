@@ -92,9 +92,10 @@ def torch_file(path, what="checkpoint"):
             raise ValueError(f"{what} {path!r} is not a torch file ({said})") from e
         raise ValueError(
             f"{what} {path!r} holds objects other than tensors and plain data, so opening it could run code; it is "
-            f"not loaded (torch said: {wants}). If you trust the file, re-save its tensors once: python -c \"import "
-            f"torch; c = torch.load('{path}', weights_only=False); torch.save({{'model': c['model'] if 'model' in c "
-            f"else c}}, 'weights.pth')\"") from e
+            f"not loaded (torch said: {wants}). If you trust the file, re-save what a checkpoint holds once: python "
+            f"-c \"import torch; c = torch.load('{path}', weights_only=False); torch.save({{k: c[k] for k in ('model', "
+            f"'args', 'config', 'model_name', 'categories', 'epoch') if k in c}}, 'resaved.pth')\" (then check that "
+            f"what was left out was not needed)") from e
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(f"{what} {path!r} cannot be read ({type(e).__name__}: {first})") from e

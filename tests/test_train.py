@@ -3,6 +3,7 @@
 import importlib
 import io
 import json
+import math
 import os
 import random
 import shutil
@@ -209,11 +210,12 @@ def test_train_max_steps_stops_saves_evaluates_and_holds_over_a_resume(tiny_shap
 
 
 def test_train_ddp_two_processes(tiny_shapes, tmp_path):
-    """Two processes: rank 0 decides the resume and every rank loads its checkpoint; the ranks' parameters stay
-    equal (checked at every checkpoint); the losses logged are the ranks' mean; COCOeval runs once."""
+    """Two processes, two batches accumulated per step (DDP synchronising in the second): rank 0 decides the resume
+    and every rank loads its checkpoint; the ranks' parameters stay equal (checked at every checkpoint); COCOeval
+    runs once."""
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    for epochs, resume in (("1", []), ("2", ["--resume", "auto"])):
+    for epochs, resume in (("1", ["--accum-steps", "2"]), ("2", ["--resume", "auto"])):  # accumulation kept
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                os.path.join(ROOT, "train.py"),
                *_train_args(tiny_shapes, out, "--epochs", epochs, "--batch-size", "2", *resume)]
@@ -221,9 +223,9 @@ def test_train_ddp_two_processes(tiny_shapes, tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert "2 process(es)" in proc.stdout and proc.stdout.count("Average Precision  (AP) @[ IoU=0.50:0.95 | "
                                                                     "area=   all") == 1
-    assert "resumed at epoch 1" in proc.stdout
+    assert "resumed after epoch 1 of 2" in proc.stdout
     records = [json.loads(line) for line in open(out / "log.jsonl")]
-    assert sum(r["type"] == "train" for r in records) == 4  # 8 images / 2 ranks / batch 2, 2 epochs
+    assert sum(r["type"] == "train" for r in records) == 2  # 8 images / 2 ranks / batch 2 / 2 accumulated, 2 epochs
     sums = [r["param_sums"] for r in records if r["type"] == "checkpoint"]
     assert len(sums) == 2 and all(len(s) == 2 and s[0] == s[1] for s in sums)
     assert sum(r["type"] == "eval" for r in records) == 2
@@ -350,7 +352,7 @@ def test_train_resume_applies_the_flags_given_names_them_and_keeps_the_others(ti
     train.main(_train_args(tiny_shapes, out, "--epochs", "3", "--resume", "auto", "--lr", "2e-4", "--lr-drop", "2",
                            "--batch-size", "2", "--accum-steps", "2"))
     said = capsys.readouterr().out
-    assert "resumed at epoch 1" in said
+    assert "resumed after epoch 1 of 3" in said
     for change in ("epochs 1 -> 3", "lr 0.0001 -> 0.0002", "lr-drop 100 -> 2", "batch-size 4 -> 2",
                    "accum-steps 1 -> 2"):
         assert change in said
@@ -364,13 +366,24 @@ def test_train_resume_applies_the_flags_given_names_them_and_keeps_the_others(ti
     assert runtime.load_checkpoint(str(out / "checkpoint_before_lr_drop.pth"))["epoch"] == 1
     assert any(f.startswith("curves-after-step-") for f in os.listdir(out))
     assert _log(out, "start")[-1]["resumed_changes"][0] == "epochs 1 -> 3"
-    train.main(_train_args(tiny_shapes, out, "--epochs", "4", "--resume", "auto", "--batch-size", "4"))
-    assert "total batch 4 -> 8 (the lr is not rescaled" in capsys.readouterr().out  # 4 x 2 accumulated, kept
+    with pytest.raises(ValueError, match="freezing or unfreezing the backbone cannot change under a run"):
+        train.main(_train_args(tiny_shapes, out, "--epochs", "4", "--resume", "auto", "--lr-backbone", "0"))
+    train.main(_train_args(tiny_shapes, out, "--epochs", "4", "--resume", "auto", "--batch-size", "4",
+                           "--weight-decay", "0.002", "--seed", "7", "--amp", "fp16"))
+    said = capsys.readouterr().out
+    assert "total batch 4 -> 8 (the lr is not rescaled" in said  # 4 x 2 accumulated, kept
+    for change in ("weight-decay 0.001 -> 0.002", "seed 42 -> 7", "amp off -> fp16"):
+        assert change in said
+    ckpt = runtime.load_checkpoint(str(out / "checkpoint.pth"))
+    assert {g["weight_decay"] for g in ckpt["optimizer"]["param_groups"]} == {0.002} and ckpt["scaler"]  # fp16's
 
 
 def test_train_a_redone_epoch_is_logged_once_and_the_interrupted_records_kept(tiny_shapes, tmp_path):
     out = tmp_path / "r"
-    train.main(_train_args(tiny_shapes, out, "--epochs", "1"))
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"type": "train", "epoch": 0, "iter": 0, "loss": 3.0}\n{"type": "tr')  # killed
+    train.main(_train_args(tiny_shapes, out, "--epochs", "1"))  # in epoch 0, before its checkpoint, mid-line
+    assert [(r["epoch"], r["iter"]) for r in _log(out, "train")] == [(0, 0), (0, 1)]
     shutil.copy(out / "checkpoint.pth", tmp_path / "after-epoch-1.pth")
     train.main(_train_args(tiny_shapes, out, "--epochs", "2", "--resume", "auto"))
     shutil.copy(tmp_path / "after-epoch-1.pth", out / "checkpoint.pth")  # as if killed before epoch 2's save
@@ -378,15 +391,18 @@ def test_train_a_redone_epoch_is_logged_once_and_the_interrupted_records_kept(ti
     steps = [(r["epoch"], r["iter"]) for r in _log(out, "train")]
     assert sorted(steps) == [(0, 0), (0, 1), (1, 0), (1, 1)]  # each once
     with open(out / "log-redone.jsonl") as f:
-        redone = [json.loads(line) for line in f]
-    assert {(r["type"], r["epoch"]) for r in redone} == {("train", 1), ("checkpoint", 1), ("eval", 1)}
+        lines = f.read().splitlines()
+    assert lines[1] == '{"type": "tr'
+    redone = [json.loads(line) for i, line in enumerate(lines) if i != 1]
+    assert {(r["type"], r["epoch"]) for r in redone[:1]} == {("train", 0)}  # the first attempt's (the cut line too)
+    assert {(r["type"], r["epoch"]) for r in redone[1:]} == {("train", 1), ("checkpoint", 1), ("eval", 1)}
 
 
 def test_train_refuses_what_would_evaluate_nothing_or_overwrite_a_run(tiny_shapes, tmp_path):
     with pytest.raises(ValueError, match="--eval-only --resume auto: nothing to evaluate"):
         train.main(_train_args(tiny_shapes, tmp_path / "none", "--eval-only", "--resume", "auto"))
     train.main(_train_args(tiny_shapes, tmp_path / "a", "--epochs", "1"))
-    train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "1"))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # another run's folder
     before = (tmp_path / "b" / "checkpoint.pth").read_bytes()
     with pytest.raises(ValueError, match="exists and would be overwritten by the run continued from"):
         train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "2", "--resume",
@@ -394,6 +410,9 @@ def test_train_refuses_what_would_evaluate_nothing_or_overwrite_a_run(tiny_shape
     assert (tmp_path / "b" / "checkpoint.pth").read_bytes() == before
     train.main(_train_args(tiny_shapes, tmp_path / "b", "--eval-only", "--resume",
                            str(tmp_path / "a" / "checkpoint.pth")))  # evaluating another run's checkpoint writes none
+    os.remove(tmp_path / "b" / "checkpoint.pth")  # its best and its log are still there
+    with pytest.raises(ValueError, match="holds checkpoint_best.pth of another run"):
+        train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "1"))
 
 
 class _WritesAFile:
@@ -416,7 +435,7 @@ def test_train_and_detect_never_run_code_from_a_checkpoint(tiny_shapes, tmp_path
         with pytest.raises(ValueError, match="could run code|not a readable"):  # read_state_dict: not a state dict
             load()
         assert not marker.exists()
-    with pytest.raises(ValueError, match=r"GLOBAL posix.system .*If you trust the file, re-save its tensors once"):
+    with pytest.raises(ValueError, match=r"GLOBAL posix.system .*If you trust the file, re-save what a checkpoint"):
         runtime.load_checkpoint(str(bad))
 
 
@@ -443,14 +462,20 @@ def test_train_log_is_json_when_a_class_has_no_ground_truth(tiny_shapes, tmp_pat
     assert train.json_safe({"a": float("nan"), "b": [1.0, float("inf")], "c": 2}) == {"a": None, "b": [1.0, None],
                                                                                       "c": 2}
     root = _tiny_set_copy(tiny_shapes, tmp_path)
-    for split in ("train", "val"):  # a declared class without a single box: COCOeval's AP for it is NaN
-        ann = root / "annotations" / f"instances_{split}.json"
-        coco = json.loads(ann.read_text())
-        coco["categories"].append({"id": 30, "name": "hexagon"})
-        ann.write_text(json.dumps(coco))
-    train.main(_train_args(str(root), tmp_path / "r", "--epochs", "1"))
-    per_class = _log(tmp_path / "r", "eval")[-1]["per_class"]  # _log fails on NaN
-    assert per_class["30"] is None and per_class["2"] is not None
+    ann = root / "annotations" / "instances_val.json"
+    coco = json.loads(ann.read_text())
+    coco["categories"].append({"id": 30, "name": "hexagon"})  # a declared class without a single box
+    ann.write_text(json.dumps(coco))
+    val = datalib.CocoDetection(*datalib.find_split(str(root), "val"))
+    evaluator = datalib.CocoEvaluator(val.coco)
+    evaluator.update({i: {"boxes": torch.tensor([[0.0, 0.0, 20.0, 20.0]]), "labels": torch.tensor([2]),
+                          "scores": torch.tensor([0.9])} for i in val.ids})
+    per_class = evaluator.summarize(val.categories)["per_class"]
+    assert math.isnan(per_class[30])  # COCOeval's AP for a class without ground truth
+    run = train.Run(*[None] * 11, log_file=io.StringIO())
+    run.log({"type": "eval", "per_class": {str(k): v for k, v in per_class.items()}})
+    logged = json.loads(run.log_file.getvalue(), parse_constant=lambda c: pytest.fail(f"{c} in the log"))
+    assert logged["per_class"]["30"] is None and logged["per_class"]["2"] is not None
 
 
 def test_train_backbone_weights_that_do_not_fit_are_not_called_a_failed_download(tiny_shapes, tmp_path):
@@ -547,6 +572,11 @@ def test_train_on_each_node_prepares_on_rank_0_first_then_on_each_other_nodes_fi
     for rank, local_rank in ((0, 0), (1, 1), (2, 0), (3, 1)):  # two nodes of two processes
         train.on_each_node(lambda: calls.append(rank), rank, local_rank)
     assert calls == [0, 2]
+
+    def fails():
+        raise OSError("disk full")
+    with pytest.raises(ValueError, match="OSError: disk full"):  # every rank stops (here: the one), none waits
+        train.on_each_node(fails, 0, 0)
 
 
 def test_train_persistent_workers_see_each_epoch_as_a_fresh_loader_does(tiny_shapes):

@@ -545,8 +545,8 @@ def claims_table(rows, header):
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in mine:
             seeds = r["seeds"]
-            each = " / ".join(_pct(v["AP"]) + ("" if v["finished"] else f" (unfinished: {v['steps']} steps)")
-                              for v in seeds.values()) or "-"
+            each = " / ".join("not trained yet" if not v["epochs"] else _pct(v["AP"]) + (
+                "" if v["finished"] else f" (unfinished: {v['steps']} steps)") for v in seeds.values()) or "-"
             diffs = " / ".join(f"{100 * d:+.1f}" for d in r.get("diff", {}).values()) or "-"
             paper_ap = _cell(r["paper_ap"], None if r["base"] else r["paper_ap_ratio"], ".1f")
             gflops = _cell(r["paper_gflops"], None if r["base"] else r["paper_gflops_ratio"], "g")

@@ -101,7 +101,7 @@ def main(argv=None):
     run_nodes(clones, node_commands(args.steps, free_port(), run_id), args.timeout)
     outs = run_nodes(clones, node_commands(2 * args.steps, free_port(), run_id + "-resume", ["--resume", "auto"]),
                      args.timeout)
-    if not any("resumed at epoch 1" in o for o in outs):
+    if not any("resumed after epoch 1" in o for o in outs):
         raise ValueError("the second run did not resume:\n" + outs[0][-2000:])
     lines = check(clones) + [f"{time.time() - start:.0f} s in all"]
     print("\n".join(lines))
