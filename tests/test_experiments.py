@@ -263,7 +263,8 @@ def test_experiments_claims_tables_seeds_keeps_records_and_rebuilds_from_them_al
 
 def test_experiments_claims_seeds_a_count_or_a_list():
     assert experiments.parse_seeds("3", 42) == [42, 43, 44] and experiments.parse_seeds("7,1", 42) == [7, 1]
-    for bad in ("0", "x", "1,1"):
+    assert experiments.parse_seeds("44,", 42) == [44]
+    for bad in ("0", "x", "1,1", "44", ","):  # 44: a count above 20 is a seed meant as a list
         with pytest.raises(ValueError, match="--seeds"):
             experiments.parse_seeds(bad, 42)
     runs = [(c.model, r.label, s) for c, r, s in experiments.claim_runs([5, 6])]

@@ -6,7 +6,8 @@ continued with `--resume auto`, so running a command again only does what is mis
     python -m tools.experiments converge --epochs 6 --out runs/converge6 --data /path/to/coco
     python -m tools.experiments converge --probe runs/converge/0/checkpoint.pth runs/converge/1/checkpoint.pth
     python -m tools.experiments claims                        # each paper's claim: efficient model vs dense base
-    python -m tools.experiments claims --budget 0.2 --out runs/claims-check   # a quick check of the whole command
+    python -m tools.experiments claims --table-only           # the table of the committed records (docs/claims-records)
+    python -m tools.experiments claims --steps 5 --seeds 1 --out runs/claims-check   # a quick check of the command
     python -m tools.experiments leaderboard --budget 5         # every model, the same CPU minutes, runs/leaderboard/
     python -m tools.experiments fine-tokens --checkpoint runs/focus_detr-shapes/checkpoint.pth
     python -m tools.experiments speed --vs ../older-checkout   # training steps/s against another checkout
@@ -27,13 +28,16 @@ layer). A model whose predictions vary across queries but not across images has 
 and not yet to read the image; the first quantity that stops varying across images shows where the image is lost.
 
 claims: each paper's efficient model and its own dense base (the Config switches that reduce it to the base),
-trained with the same seed, data order, recipe (the model's shapes recipe) and number of steps, evaluated after
-each epoch; Sparse DETR at rho 0.1 and 0.3 and with the objectness and random selections, Lite DETR's default
-schedule and a cheaper one. Then every configuration's cost on this machine (bench.py's GMACs, inference ms,
-training ms per step; kept in OUT/costs.json), and OUT/claims.md / .json (per paper: AP after each epoch, the
-ratios to the base, the paper's figures beside them) and OUT/claims.png (AP against encoder multiply-adds). Runs
-are folders OUT/MODEL/RUN; a finished one is re-read, an unfinished one continued (--resume auto), a folder
-holding a run of other arguments refused. --jobs N trains N runs at once, each in its own process.
+trained with the same seeds, data order, recipe (the model's shapes recipe) and number of steps, evaluated after
+each epoch, with every seed of --seeds (default 3); Sparse DETR's rho 0.3 and its objectness and random selections,
+Lite DETR's cheaper schedule and the DETR baseline trained 10x SMCA's steps with the first seed only. Runs are
+folders OUT/MODEL/RUN/seed-S; each finished run's log is kept as a record (RECORDS/MODEL/RUN/seed-S.jsonl.gz,
+default docs/claims-records, committed), a run with a record is not trained again, an unfinished one is continued
+(--resume auto), a folder or record holding a run of other arguments is refused. Then every configuration's cost on
+this machine (bench.py's GMACs, inference ms, training ms per step; RECORDS/costs.json), and RECORDS/claims.md /
+.json (per paper: each seed's AP, their mean and range, the per-seed difference to the base, whether the paper's
+claim holds within it, the costs and the paper's figures) and RECORDS/claims.png (AP against encoder multiply-adds,
+the seeds' spread), from the records alone. --jobs N trains N runs at once, each in its own process.
 
 leaderboard: each model (and DETR, SMCA with the prior off) trained with train.py's
 --time-budget (the same minutes, seed and data), then the last evaluation of each run in
@@ -314,19 +318,20 @@ def save_record(run_dir, path):
 
 
 def parse_seeds(text, first):
-    """--seeds: a count N (the seeds first, first + 1, ..., first + N - 1; first is --seed) or a comma-separated
-    list of seeds -> the list."""
+    """--seeds: a count N (the seeds first, first + 1, ..., first + N - 1; first is --seed; at most 20) or a
+    comma-separated list of seeds ("7," is the one seed 7) -> the list."""
     try:
         if "," not in text:
             count = int(text)
-            if count < 1:
+            if not 1 <= count <= 20:
                 raise ValueError
             return [first + i for i in range(count)]
-        seeds = [int(x) for x in text.split(",")]
+        seeds = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--seeds {text!r}: expected a positive count or a comma-separated list of seeds") from None
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds {text!r}: a seed is repeated")
+        raise ValueError(f"--seeds {text!r}: expected a count from 1 to 20 or a comma-separated list of seeds (one "
+                         f"seed: '{text.strip(',')},')") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: no seed, or a seed repeated")
     return seeds
 
 
@@ -684,6 +689,7 @@ def claims(args, argv):
     quick = args.budget is not None or args.steps is not None  # not the full recipes: records stay beside the runs
     records = os.path.abspath(args.records or (os.path.join(out, "records") if quick else os.path.join(here, RECORDS)))
     seeds = parse_seeds(args.seeds, args.seed)
+    print(f"== seeds {', '.join(map(str, seeds))}; runs in {out}, records in {records}", flush=True)
     todo, record_of = [], {}
     for claim, run, seed in claim_runs(seeds):
         run_dir, record = claim_dir(out, claim, run, seed), claim_record(records, claim, run, seed)
@@ -938,9 +944,9 @@ def main(argv=None):
                         "then evaluate; default: each model's full shapes recipe")
     m.add_argument("--jobs", type=int, default=1, help="runs trained at once, each in its own process with its "
                    "share of the cores as threads (default 1)")
-    m.add_argument("--seeds", default="3", help="a count N (the seeds --seed, --seed + 1, ...) or a comma-separated "
-                   "list: each claim's base and efficient model train with every seed, its side runs with the first "
-                   "(default 3)")
+    m.add_argument("--seeds", default="3", help="a count N from 1 to 20 (the seeds --seed, --seed + 1, ...) or a "
+                   "comma-separated list ('44,' is the one seed 44): each claim's base and efficient model train with "
+                   "every seed, its side runs with the first (default 3)")
     m.add_argument("--records", default=None, metavar="DIR",
                    help="where each finished run's record (its log.jsonl, gzipped) is kept and the table is read "
                         f"from; default {RECORDS} of the checkout (committed), OUT/records with --budget or --steps")
