@@ -475,7 +475,7 @@ def deformable_detr_init_(model, transformer, heads, attention=(MSDeformAttn,)):
 
 class MaskedGroupNorm(nn.GroupNorm):
     """GroupNorm whose statistics skip padded positions, so an image's features do not depend on
-    how much its batch pads it (OFF's plain GroupNorm counts the padding: `masked_groupnorm=False`)."""
+    how much its batch pads it (the official code's plain GroupNorm counts the padding: `masked_groupnorm=False`)."""
 
     def forward(self, x, mask=None):
         """x (B, C, H_l, W_l); mask (B, H_l, W_l) True = padding, or None for plain GroupNorm."""

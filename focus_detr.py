@@ -1,7 +1,7 @@
 """Less is More: Focus Attention for Efficient DETR (Focus-DETR).
 
 Zheng, Li, Huang, Ma, Wang, Pan, Xu, Zhao, Zhu, Zhang, Xu, Zhang. ICCV 2023. arXiv:2307.12612.
-Official code: huawei-noah/noah-research, Focus-DETR/ @ aa0f80c (called OFF below; a detrex project,
+Official code: huawei-noah/noah-research, Focus-DETR/ @ aa0f80c (a detrex project,
 identical to IDEA-Research/detrex projects/focus_detr), on DINO (IDEA-Research/DINO).
 
 The idea. Like Sparse DETR, update only some encoder tokens, but pick them better and use them
@@ -27,34 +27,35 @@ Paper symbol -> variable:
     fine-grained tokens J         fine_idx (B, J) in each layer, J = min(num_fine_tokens, k_l)
     OESM                          DualAttentionEncoderLayer.oesm_attn
 
-Parameters (R50, 80 classes): 49,339,920 as OFF, 49,117,520 trainable (OFF 49,330,512: we also freeze layer1);
+Parameters (R50, 80 classes): 49,339,920 as official, 49,117,520 trainable (official 49,330,512: we also freeze layer1);
 91 logits: 49,140,125 trainable (a test checks). The dense DINO base (`foreground_selection=False`): 47,450,521.
 
-Deviations from the paper / official code (OFF's behaviour is the default unless said):
+Deviations from the paper / official code (the official code's behaviour is the default unless said):
 - Token counts: layer l of image b updates int(ratio_l * n_b) tokens, n_b = int(0.5 * valid_b) + 1, at
-  least 1; OFF's int(ratio_l * max_b n_b) for the whole batch is `cascade_counts="batch_max"`.
+  least 1; the official code's int(ratio_l * max_b n_b) for the whole batch is `cascade_counts="batch_max"`.
 - The fine-grained tokens are min(num_fine_tokens, k_l) per image, never batch filler (the OESM masks
-  filler keys); OFF's topk(300) crashes when a layer keeps fewer (detrex #354).
+  filler keys); the official code's topk(300) crashes when a layer keeps fewer (detrex #354).
 - Padding never changes an image's scores: the scorer's mean skips it (`scorer_mean_over_padding`),
   Up() resizes each image's valid region (`upsample_over_padding`), the input GroupNorm skips it
   (`masked_groupnorm=False`), the extra level's mask is exact (`extra_level_mask="interpolate"`),
-  the two-stage top-k skips padded tokens (`two_stage_over_padding`): each switch restores OFF's.
-  OFF's evaluation even zeroes every padding mask (batched inference depends on the batch there).
-- Encoder sine positions: temperature 10000, offset -0.5 (OFF 12-epoch configs; the 24 / 36-epoch
+  the two-stage top-k skips padded tokens (`two_stage_over_padding`): each switch restores the official code's.
+  the official code's evaluation even zeroes every padding mask (batched inference depends on the batch there).
+- Encoder sine positions: temperature 10000, offset -0.5 (official 12-epoch configs; the 24 / 36-epoch
   ones use 20 and 0.0: `pos_temperature`, `pos_offset`).
-- Label ranges: OFF's non-overlapping FCOS ranges; `fg_ranges="overlap"` is one reading of the paper's
-  unpublished "50% overlap". MCSP score: OFF's product of raw logits (two negative logits score high);
-  `mcsp_score="prob_product"` is the paper's. Deformable values: OFF reads the pre-encoder tokens in
+- Label ranges: the official code's non-overlapping FCOS ranges; `fg_ranges="overlap"` is one reading of the paper's
+  unpublished "50% overlap". MCSP score: the official code's product of raw logits (two negative logits score high);
+  `mcsp_score="prob_product"` is the paper's. Deformable values: the official code reads the pre-encoder tokens in
   every layer; `encoder_values="memory"` is the paper's (and Sparse DETR's) updated memory.
-- Backbone: stem and layer1 frozen (OFF: stem only), torchvision ResNet-50 (OFF: r50_v1.pkl).
+- Backbone: stem and layer1 frozen (official: stem only), torchvision ResNet-50 (official: r50_v1.pkl).
 - DINO embeds each query's reference box in padded-map coordinates, which move with the batch's
   padding; we use the image's own (`query_pos_over_padding=True` is DINO's).
-- 91 class logits indexed by raw category id (OFF: 80 contiguous; from_official maps them).
-- A batch without boxes gives zero denoising losses (OFF too) and no denoising queries.
+- 91 class logits indexed by raw category id (official: 80 contiguous; from_official maps them).
+- A batch without boxes gives zero denoising losses (the official code too) and no denoising queries.
 
-As OFF: box logits clamp at detrex's 1e-3 (`box_logit_eps`; Deformable DETR's is 1e-5). Only boxes at 0 or 1
-notice: denoising boxes clipped at the image's edge, and the padded tokens that OFF's two-stage top-k can pick
-(`two_stage_over_padding`), whose boxes are 1; with 1e-5 a padded batch's decoder differs from OFF's from layer 1 on.
+As in the official code: box logits clamp at detrex's 1e-3 (`box_logit_eps`; Deformable DETR's is 1e-5). Only boxes
+at 0 or 1 notice: denoising boxes clipped at the image's edge, and the padded tokens that the official two-stage
+top-k can pick (`two_stage_over_padding`), whose boxes are 1; with 1e-5 a padded batch's decoder differs from the
+official code's from layer 1 on.
 """
 import math
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ from common import (DeformableDecoderLayer, DeformableEncoderLayer, HungarianMat
                     inverse_sigmoid, max_count, proposal_features, read_official, rename_keys, set_outputs,
                     sigmoid_focal_loss, smoke_outputs, two_stage_selection, write_back)
 
-# OFF GenTargets limit_range: each level's (strides 8 .. 64) range of the largest token-to-edge distance, pixels
+# official GenTargets limit_range: each level's (strides 8 .. 64) range of the largest token-to-edge distance, pixels
 FCOS_RANGES = ((-1.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, math.inf))
 # The paper's "adjacent ranges overlap by 50%" (its exact numbers are not published; a reading)
 OVERLAP_RANGES = ((0.0, 128.0), (64.0, 256.0), (128.0, 512.0), (256.0, math.inf))
@@ -80,7 +81,7 @@ OVERLAP_RANGES = ((0.0, 128.0), (64.0, 256.0), (128.0, 512.0), (256.0, math.inf)
 
 # Copied from sparse_detr.ScoringNetwork
 class ScoringNetwork(nn.Module):
-    """g(x_feat) -> one saliency logit per token (OFF MaskPredictor, a DynamicViT-style MLP).
+    """g(x_feat) -> one saliency logit per token (official MaskPredictor, a DynamicViT-style MLP).
 
     LN -> Linear -> GELU, then the second half of the features is averaged over the image's tokens
     and broadcast back (global context), then 256 -> 128 -> 64 -> 1 with GELU.
@@ -99,7 +100,7 @@ class ScoringNetwork(nn.Module):
         """x (B, N, C), pad_mask (B, N) -> logits (B, N)"""
         z = self.layer1(x)  # (B, N, mid_dim)
         z_local, z_global = z.chunk(2, dim=-1)
-        if self.mean_over_padding:  # OFF
+        if self.mean_over_padding:  # the official code
             g = z_global.mean(1, keepdim=True)
         else:
             valid = (~pad_mask)[..., None].to(z)
@@ -108,7 +109,7 @@ class ScoringNetwork(nn.Module):
 
 
 def foreground_labels(boxes, spatial_shapes, image_wh, ranges=FCOS_RANGES):
-    """FCOS-style foreground labels of every token (OFF GenTargets; Sec. 3.2): a token of level l
+    """FCOS-style foreground labels of every token (official GenTargets; Sec. 3.2): a token of level l
     (stride s = 8 * 2^l, centre (j s + s // 2, i s + s // 2) in pixels) is foreground if its centre is
     strictly inside a box and its largest distance to the box's edges lies in ranges[l] = (lo, hi].
     boxes: [(M, 4)] cxcywh in [0, 1] of the unpadded image; image_wh (B, 2) its pixels -> (B, N) 0 / 1."""
@@ -149,12 +150,12 @@ def bilinear_matrix(n_from, n_to, size_from, size_to, dtype=torch.float32):
 class ForegroundTokenSelector(nn.Module):
     """One foreground logit per token, scored level by level from the coarsest down (Sec. 3.2):
     S_L = MLP_F(T_L), S_l = MLP_F(T_l * (1 + alpha_l * Up(S_{l+1}))); the modulated T only feeds the
-    scorer; alpha: one scalar per pair of adjacent levels (OFF: uniform(-0.3, 0.3)). Up: bilinear,
-    align_corners=True, of each image's valid region (`upsample_over_padding`: the padded map, OFF)."""
+    scorer; alpha: one scalar per pair of adjacent levels (official: uniform(-0.3, 0.3)). Up: bilinear,
+    align_corners=True, of each image's valid region (`upsample_over_padding`: the padded map, the official code)."""
 
     def __init__(self, hidden_dim, num_levels, mean_over_padding=False, upsample_over_padding=False):
         super().__init__()
-        # OFF MaskPredictor(C, C)
+        # official MaskPredictor(C, C)
         self.scorer = ScoringNetwork(hidden_dim, mid_dim=hidden_dim, mean_over_padding=mean_over_padding)
         self.alpha = nn.Parameter(torch.empty(num_levels - 1).uniform_(-0.3, 0.3))
         self.upsample_over_padding = upsample_over_padding
@@ -188,7 +189,7 @@ class ForegroundTokenSelector(nn.Module):
 
 def cascade_token_nums(pad_mask, rho, ratios, per_image=True):
     """How many tokens each encoder layer updates (Sec. 3.2): pad_mask (B, N) -> keep (layers, B),
-    int(ratio_l * n_b), n_b = int(rho * valid_b) + 1, at least 1. per_image=False (OFF): the top
+    int(ratio_l * n_b), n_b = int(rho * valid_b) + 1, at least 1. per_image=False (the official code): the top
     int(ratio_l * max_b n_b) of every image, at most n_b written back (more next to a larger image)."""
     n = ((~pad_mask).sum(1).to(torch.float64) * rho).floor().long() + 1  # (B,)
     ratios = torch.tensor(ratios, dtype=torch.float64, device=pad_mask.device)[:, None]  # (layers, 1)
@@ -199,13 +200,13 @@ def cascade_token_nums(pad_mask, rho, ratios, per_image=True):
 
 # Adapted from common.DeformableEncoderLayer: the OESM self-attention among the fine-grained tokens runs first
 class DualAttentionEncoderLayer(nn.Module):
-    """Post-norm, OFF's order: the fine-grained tokens attend to each other (OESM), then all the layer's
+    """Post-norm, the official code's order: the fine-grained tokens attend to each other (OESM), then all the layer's
     foreground tokens run Deformable DETR's encoder layer (deformable attention into `value`, then the
     FFN). Without OESM it is Deformable DETR's layer."""
 
     def __init__(self, hidden_dim, dim_feedforward, dropout, num_levels, nheads, num_points, oesm=True):
         super().__init__()
-        if oesm:  # built before the deformable layer, as OFF orders them: the same initialisation per seed
+        if oesm:  # built before the deformable layer, in the official order: the same initialisation per seed
             self.oesm_attn = nn.MultiheadAttention(hidden_dim, nheads, dropout=dropout, batch_first=True)
             self.oesm_norm = nn.LayerNorm(hidden_dim)
             self.oesm_dropout = nn.Dropout(dropout)
@@ -237,7 +238,7 @@ class DualAttentionEncoderLayer(nn.Module):
 def box_sine_embed(boxes, num_pos_feats=128, temperature=10000):
     """DINO's gen_sineembed_for_position: boxes (B, Q, 4) cxcywh in [0, 1] -> (B, Q, 4 F),
     the sine / cosine features of y, x, w, h (in that order)."""
-    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=boxes.device)  # float32 as OFF
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=boxes.device)  # float32 as the official code
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
     pos = boxes[..., None] * (2 * math.pi) / dim_t  # (B, Q, 4, F)
     pos = torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)  # (B, Q, 4, F)
@@ -287,7 +288,7 @@ def prepare_denoising(targets, dn_number, label_noise, box_noise, num_classes, l
         boxes = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], -1)
     B, n_dn = len(targets), 2 * G * single
     query_label = torch.zeros(B, n_dn, label_enc.embedding_dim, device=device)  # (B, Q_dn, C)
-    query_box = torch.zeros(B, n_dn, 4, device=device)  # (B, Q_dn, 4); empty slots: box logit 0 (OFF)
+    query_box = torch.zeros(B, n_dn, 4, device=device)  # (B, Q_dn, 4); empty slots: box logit 0 (the official code)
     query_label[batch, slot] = label_enc(labels).to(query_label.dtype)
     query_box[batch, slot] = inverse_sigmoid(boxes, eps)
     mask = torch.zeros(n_dn + num_queries, n_dn + num_queries, dtype=torch.bool, device=device)
@@ -326,14 +327,14 @@ class FocusDETR(nn.Module):
         self.ref_point_head = MLP(2 * C, C, C, 2)  # DINO: query position = MLP(sine(reference box))
         self.enc_output, self.enc_output_norm = nn.Linear(C, C), nn.LayerNorm(C)  # two-stage and scorer input
         self.tgt_embed = nn.Embedding(cfg.num_queries, C) if cfg.learnt_init_query else None  # mixed query selection
-        self.label_enc = nn.Embedding(cfg.num_classes, C)  # denoising label queries (OFF builds it always)
+        self.label_enc = nn.Embedding(cfg.num_classes, C)  # denoising label queries (always built, as officially)
         # prediction heads: decoder layers 0..5 and the two-stage head (index dec_layers), which is also the MCSP
         self.class_embed = nn.ModuleList(nn.Linear(C, cfg.num_classes) for _ in range(cfg.dec_layers + 1))
         self.bbox_embed = nn.ModuleList(MLP(C, C, 4, 3) for _ in range(cfg.dec_layers + 1))
         self._reset_parameters()
 
     def _reset_parameters(self):
-        # OFF FOCUS_DETRTransformer.init_weights: Deformable DETR's (common.deformable_detr_init_) on every
+        # official FOCUS_DETRTransformer.init_weights: Deformable DETR's (common.deformable_detr_init_) on every
         # matrix of the transformer, tgt_embed included; alpha keeps its uniform init
         transformer = [self.encoder, self.decoder, self.decoder_norm, self.ref_point_head, self.enc_output,
                        self.enc_output_norm] + [m for m in (self.selector, self.tgt_embed) if m is not None]
@@ -387,7 +388,7 @@ class FocusDETR(nn.Module):
             rows = torch.arange(inds.shape[1], device=src.device)[None] < keep[lid][:, None]  # (B, S) False: filler
             tgt, pos_s, ref_s = gather_tokens(memory, inds), gather_tokens(pos, inds), gather_tokens(ref, inds)
             fine_idx, fine_pad = self.fine_grained(tgt, fg.detach().gather(1, inds), rows, keep[lid])  # (B, J)
-            value = src if cfg.encoder_values == "backbone" else memory  # OFF: the pre-encoder tokens
+            value = src if cfg.encoder_values == "backbone" else memory  # official: the pre-encoder tokens
             tgt = layer(tgt, pos_s, ref_s, value, shapes, pad, fine_idx, fine_pad)  # (B, S, C)
             memory = write_back(memory, inds, rows, tgt)  # the rest keep their value
             if explain:  # token indices; -1 marks filler
@@ -400,11 +401,11 @@ class FocusDETR(nn.Module):
 
     def fine_grained(self, tgt, fg_s, rows, keep):
         """MCSP (Sec. 3.3): s_j = max_c cls_c(x_j) * S_j; its top J = min(num_fine_tokens, S) rows of tgt
-        (B, S, C), fg_s (B, S), rows (B, S) -> fine_idx (B, J), fine_pad (B, J) True at filler (None: OFF's
+        (B, S, C), fg_s (B, S), rows (B, S) -> fine_idx (B, J), fine_pad (B, J) True at filler (None: the official
         batch_max, and a lone image, which has no filler: its J <= k_l; the OESM then runs unmasked, as exported)."""
         cfg = self.cfg
         cls = self.class_embed[cfg.dec_layers](tgt).max(-1).values.detach()  # (B, S): the two-stage head's best class
-        if cfg.mcsp_score == "logit_product":  # OFF: the product of raw logits
+        if cfg.mcsp_score == "logit_product":  # official: the product of raw logits
             score = cls * fg_s
         else:  # the paper: of probabilities
             score = cls.sigmoid() * fg_s.sigmoid()
@@ -432,7 +433,7 @@ class FocusDETR(nn.Module):
             reference = torch.cat([dn_box.sigmoid().to(reference), reference], 1)  # (B, Q_dn + Q, 4)
         else:
             # label_enc only gets a gradient through denoising queries; DDP fails on a parameter without
-            # one, so (as OFF) it stays in the graph at zero cost when a batch has none
+            # one, so (as the official code) it stays in the graph at zero cost when a batch has none
             tgt = tgt + self.label_enc.weight[0, 0] * 0.0
         logits, boxes = self.run_decoder(tgt, reference, memory, geo, attn_mask)  # per layer (B, Q_dn + Q, .)
         out.update(set_outputs([x[:, n_dn:] for x in logits], [x[:, n_dn:] for x in boxes], cfg.aux_loss))
@@ -488,8 +489,8 @@ class FocusDETR(nn.Module):
 class FocusDETRCriterion(SetCriterion):
     """SetCriterion (decoder layers, the two-stage head on its Q selections) plus loss_select: focal loss
     (0.25, 2) of every token's foreground logit against the FCOS labels, summed per image / its positives
-    (>= 1), averaged (OFF compute_cls_loss), and loss_*_dn: the denoising copies' set losses, each copy
-    matched to its own box, / (num_boxes x groups) (OFF DN criterion)."""
+    (>= 1), averaged (official compute_cls_loss), and loss_*_dn: the denoising copies' set losses, each copy
+    matched to its own box, / (num_boxes x groups) (official DN criterion)."""
 
     def __init__(self, cfg):
         matcher = HungarianMatcher(cfg.match_ce, cfg.match_bbox, cfg.match_giou, cfg.focal_alpha)
@@ -530,7 +531,7 @@ class FocusDETRCriterion(SetCriterion):
             *aux, last = outputs["dn_outputs"]  # aux: the earlier decoder layers, when aux_loss
             for suffix, a in [("_dn", last)] + [(f"_dn_{j}", a) for j, a in enumerate(aux) if "aux_outputs" in outputs]:
                 losses.update({f"{k}{suffix}": v for k, v in self.set_loss(a, targets, num_boxes, indices).items()})
-        elif use_dn:  # no boxes in the batch (or eval): zero DN terms (OFF)
+        elif use_dn:  # no boxes in the batch (or eval): zero DN terms (the official code)
             zero = outputs["pred_logits"].sum() * 0.0
             losses.update({k: zero for k in self.weight_dict if "_dn" in k})
         return losses
@@ -548,53 +549,53 @@ FG_RANGES = ("fcos", "overlap")
 
 @dataclass
 class Config:
-    backbone_depth: int = 50  # ResNet-50 (OFF focus_detr_r50)
-    backbone_norm: str = "frozen_bn"  # FrozenBatchNorm2d, stem + layer1 frozen (OFF: stem only)
-    num_classes: int = 91  # largest COCO category id + 1 (train.py sets it from the data; OFF: 80 contiguous)
+    backbone_depth: int = 50  # ResNet-50 (official focus_detr_r50)
+    backbone_norm: str = "frozen_bn"  # FrozenBatchNorm2d, stem + layer1 frozen (official: stem only)
+    num_classes: int = 91  # largest COCO category id + 1 (train.py sets it from the data; official: 80 contiguous)
     hidden_dim: int = 256
     nheads: int = 8
     enc_layers: int = 6
     dec_layers: int = 6
-    dim_feedforward: int = 2048  # DINO / OFF
-    dropout: float = 0.0  # DINO / OFF
+    dim_feedforward: int = 2048  # DINO / the official code
+    dropout: float = 0.0  # DINO / the official code
     num_feature_levels: int = 4
     enc_n_points: int = 4
     dec_n_points: int = 4
     num_queries: int = 900  # DINO two-stage proposals
     # Focus-DETR (Sec. 3); foreground_selection=False is the dense DINO base (every token, no OESM)
     foreground_selection: bool = True
-    focus_rho: float = 0.5  # OFF focus_rho: layer 1 updates int(0.5 * valid) + 1 tokens
-    cascade_ratios: tuple = (1.0, 0.8, 0.6, 0.6, 0.4, 0.2)  # OFF cascade_set, one per encoder layer
-    cascade_counts: str = "per_image"  # "batch_max": OFF's counts from the largest image of the batch
-    num_fine_tokens: int = 300  # OFF topk_sa: fine-grained tokens in the OESM self-attention
-    mcsp_score: str = "logit_product"  # OFF: raw fg logit x max class logit; "prob_product": sigmoids
-    encoder_values: str = "backbone"  # OFF: deformable values are the pre-encoder tokens; "memory": updated
-    fg_ranges: str = "fcos"  # OFF FCOS ranges; "overlap": the paper's 50%-overlapping reading
-    scorer_mean_over_padding: bool = False  # True: OFF's per-level mean over padded tokens too
-    upsample_over_padding: bool = False  # True: OFF's top-down upsampling of the whole padded map
-    masked_groupnorm: bool = True  # False: OFF's GroupNorm, whose statistics include the padding
+    focus_rho: float = 0.5  # official focus_rho: layer 1 updates int(0.5 * valid) + 1 tokens
+    cascade_ratios: tuple = (1.0, 0.8, 0.6, 0.6, 0.4, 0.2)  # official cascade_set, one per encoder layer
+    cascade_counts: str = "per_image"  # "batch_max": the official code's counts from the largest image of the batch
+    num_fine_tokens: int = 300  # official topk_sa: fine-grained tokens in the OESM self-attention
+    mcsp_score: str = "logit_product"  # official: raw fg logit x max class logit; "prob_product": sigmoids
+    encoder_values: str = "backbone"  # official: deformable values are the pre-encoder tokens; "memory": updated
+    fg_ranges: str = "fcos"  # official FCOS ranges; "overlap": the paper's 50%-overlapping reading
+    scorer_mean_over_padding: bool = False  # True: the official code's per-level mean over padded tokens too
+    upsample_over_padding: bool = False  # True: the official code's top-down upsampling of the whole padded map
+    masked_groupnorm: bool = True  # False: the official code's GroupNorm, whose statistics include the padding
     query_pos_over_padding: bool = False  # True: DINO's query sine embedding of the padded-map box
-    extra_level_mask: str = "exact"  # "interpolate": OFF's extra-level mask, the image's mask resized (nearest)
-    two_stage_over_padding: bool = False  # True: OFF's two-stage top-k, which ranks padded tokens too
+    extra_level_mask: str = "exact"  # "interpolate": the official extra-level mask, the image's mask resized (nearest)
+    two_stage_over_padding: bool = False  # True: the official code's two-stage top-k, which ranks padded tokens too
     box_logit_eps: float = 1e-3  # detrex's inverse_sigmoid clamp (Deformable DETR's: 1e-5)
-    pos_temperature: float = 10000.0  # the encoder's sine positions (OFF 12-epoch configs; 24 / 36-epoch: 20)
-    pos_offset: float = -0.5  # (OFF 12-epoch configs; 24 / 36-epoch: 0.0)
+    pos_temperature: float = 10000.0  # the encoder's sine positions (official 12-epoch configs; 24 / 36-epoch: 20)
+    pos_offset: float = -0.5  # (official 12-epoch configs; 24 / 36-epoch: 0.0)
     # DINO (each can be turned off to compare on a plain two-stage deformable base)
     learnt_init_query: bool = True  # mixed query selection: learned content, positions from the top-k boxes
     look_forward_twice: bool = True
     dn_number: int = 100  # contrastive denoising queries (0: off)
-    dn_label_noise: float = 0.5  # OFF (DINO's own config: 0.4)
+    dn_label_noise: float = 0.5  # the official code (DINO's own config: 0.4)
     dn_box_noise: float = 1.0
     aux_loss: bool = True
-    loss_ce: float = 1.0  # OFF / detrex DINO loss weights
+    loss_ce: float = 1.0  # official / detrex DINO loss weights
     loss_bbox: float = 5.0
     loss_giou: float = 2.0
-    loss_select: float = 1.5  # OFF select_loss
+    loss_select: float = 1.5  # official select_loss
     match_ce: float = 2.0  # matcher costs
     match_bbox: float = 5.0
     match_giou: float = 2.0
     focal_alpha: float = 0.25
-    num_select: int = 300  # post-process top-k over queries x classes (OFF)
+    num_select: int = 300  # post-process top-k over queries x classes (the official code)
 
     def validate(self):
         check_deformable_config(self)
@@ -653,11 +654,11 @@ def build(cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# The authors' weights (OFF README: R50 at 12 / 24 / 36 epochs; detrex / detectron2 checkpoints)
+# The authors' weights (official README: R50 at 12 / 24 / 36 epochs; detrex / detectron2 checkpoints)
 # ---------------------------------------------------------------------------------------------
 
-COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]  # OFF's class k -> COCO id
-# OFF (detrex) name -> ours, the first matching rule wins. detectron2's ResNet: resN = layerN-1, convK.norm = bnK,
+COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]  # official class k -> id
+# Official (detrex) name -> ours, the first matching rule wins. detectron2's ResNet: resN = layerN-1, convK.norm = bnK,
 # shortcut = downsample; detrex layers: attentions.0 / .1 the OESM or self-attention / the deformable one.
 OFFICIAL_KEYS = [
     (r"^backbone\.stem\.conv1\.weight$", "backbone.body.conv1.weight"),
@@ -688,15 +689,15 @@ OFFICIAL_KEYS = [
     (r"^transformer\.decoder\.layers\.(\d+)\.ffns\.0\.layers\.1\.", r"decoder.\1.linear2."),
     (r"^(class_embed|bbox_embed|label_enc)\.", r"\1."),
 ]
-OFF_ALIASES = [r"^transformer\.decoder\.(class_embed|bbox_embed)\.", r"^enhance_MCSP_layerlist\.",
+OFFICIAL_ALIASES = [r"^transformer\.decoder\.(class_embed|bbox_embed)\.", r"^enhance_MCSP_layerlist\.",
                r"^transformer\.encoder\.enhance_MCSP\."]
 
 
 def from_official(source, class_ids="coco", schedule=None):
-    """An OFF checkpoint (detrex's {"model": state dict}, or bare) -> (Config, our state dict, notes on
-    what was assumed); sizes, layers, queries, classes, depth from the tensors, every OFF behaviour on;
-    OFF_ALIASES (second names of shared heads and the MCSP) dropped. class_ids "coco": the 80 class rows
-    to their COCO ids of our 91 (others: logit -10000); "contiguous": OFF's 80. schedule "12ep" / "24ep" /
+    """An official checkpoint (detrex's {"model": state dict}, or bare) -> (Config, our state dict, notes on
+    what was assumed); sizes, layers, queries, classes, depth from the tensors, every official behaviour on;
+    OFFICIAL_ALIASES (second names of shared heads and the MCSP) dropped. class_ids "coco": the 80 class rows
+    to their COCO ids of our 91 (others: logit -10000); "contiguous": the official code's 80. schedule "12ep" / "24ep" /
     "36ep" (None: guessed from the file name, 12ep when it names neither 24ep nor 36ep; a note says so): that
     config's encoder sine positions. ValueError for another class_ids or schedule."""
     if class_ids not in ("coco", "contiguous"):
@@ -713,7 +714,7 @@ def from_official(source, class_ids="coco", schedule=None):
         positions = (f"sine positions of the {schedule} config, guessed from the file name "
                      f"({f'it names {named}' if named else 'it names no 24ep / 36ep'}); to state it: schedule= "
                      f"(detect.py, tools.export: --official-schedule 12ep / 24ep / 36ep)")
-    notes = [f"focus_rho, cascade_ratios, num_fine_tokens: OFF's defaults; {positions}"]
+    notes = [f"focus_rho, cascade_ratios, num_fine_tokens: the official code's defaults; {positions}"]
     L, C = state["transformer.level_embeds"].shape
     enc_layers, off_classes = ckpt.count("transformer.encoder.layers."), state["class_embed.0.weight"].shape[0]
     depth = {6: 50, 23: 101}.get(ckpt.count("backbone.res4."))
@@ -740,8 +741,8 @@ def from_official(source, class_ids="coco", schedule=None):
         pos_temperature=10000.0 if schedule == "12ep" else 20.0,
         pos_offset=-0.5 if schedule == "12ep" else 0.0,
     )
-    ours, unused = rename_keys(state, OFFICIAL_KEYS, OFF_ALIASES)
-    if class_ids == "coco":  # OFF row k -> our row COCO_IDS[k]
+    ours, unused = rename_keys(state, OFFICIAL_KEYS, OFFICIAL_ALIASES)
+    if class_ids == "coco":  # official row k -> our row COCO_IDS[k]
         if off_classes != len(COCO_IDS):
             raise ValueError(f"{what}: {off_classes} classes; class_ids='coco' maps COCO's 80 (use 'contiguous')")
         for key in [k for k in ours if k.startswith("class_embed.") or k == "label_enc.weight"]:

@@ -1,9 +1,9 @@
 """Lite DETR: An Interleaved Multi-Scale Encoder for Efficient DETR.
 
 Li, Zeng, Liu, Li, Gao, Zhang, Zhang. CVPR 2023. arXiv:2303.07335.
-Official code: github.com/IDEA-Research/Lite-DETR @ 6392353 (called OFF below). It releases only
+Official code: github.com/IDEA-Research/Lite-DETR @ 6392353. It releases only
 Lite-DINO; this file is Lite-Deformable DETR (the paper's Table 3 model), built on two-stage +
-iterative-box-refinement Deformable DETR (fundamentalvision/Deformable-DETR, called DDETR).
+iterative-box-refinement Deformable DETR (fundamentalvision/Deformable-DETR).
 
 The idea. About 75% of a 4-level encoder's tokens are the stride-8 map, so a dense deformable
 encoder spends most of its compute on low-level tokens. Lite DETR splits the levels into
@@ -19,54 +19,54 @@ replaces the predicted attention weights by a softmax of query-key products over
 Paper symbol -> variable:
     F_H, F_L                      memory[:, n_low:], memory[:, :n_low]; n_low: the tokens of the finest
                                   L - enc_scale levels
-    S1 .. S4 (S1 coarsest)        code levels 3 .. 0 (tokens are flattened finest level first, as OFF)
+    S1 .. S4 (S1 coarsest)        code levels 3 .. 0 (tokens are flattened finest level first, as the official code)
     H3L1 / H2L2                   Config.enc_scale = 3 / 2
     (A+1)xB                       Config.num_blocks = B; A = enc_layers / B (see below)
     KDA                           `KeyAwareDeformableAttention`; Config.kda_encoder, kda_decoder
-    W_K (separate)                Config.kda_key_proj (OFF proj_key; default off: K is sampled from V)
+    W_K (separate)                Config.kda_key_proj (official proj_key; default off: K is sampled from V)
 
 Configurations by the paper's names (`Config.named(...)`; `cfg.name` gives a config's name):
     H3L1-(2+1)x3   enc_scale 3, num_blocks 3: [high, all] x 3      (the default; Table 3's best)
     H3L1-(3+1)x2   enc_scale 3, num_blocks 2: [high, high, all] x 2
     H3L1-(6+1)x1   enc_scale 3, num_blocks 1: [high x 5, all]
     H2L2-(2+1)x3   enc_scale 2, num_blocks 3
-    dense          enc_scale 4, num_blocks 1, kda_encoder False: exactly the DDETR encoder (a test shows it)
+    dense          enc_scale 4, num_blocks 1, kda_encoder False: exactly the Deformable DETR encoder (a test shows it)
 "(A+1)xB" counts 6 layers in all, not (A+1)*B: each block has A-1 high-level layers and one all-token
-layer, which performs both the A-th high-level update and the low-level one (OFF's schedule:
+layer, which performs both the A-th high-level update and the low-level one (the official code's schedule:
 layer i updates all tokens when (i + 1) % (6 / B) == 0; Table 3's GFLOPs are consistent with it).
 
 Parameter count (R50, 91 classes, H3L1-(2+1)x3, KDA in the encoder only): 41,552,793 trainable
-(`python lite_detr.py` prints it; a test derives it). Derivation from the DDETR base, 40,959,129:
+(`python lite_detr.py` prints it; a test derives it). Derivation from the Deformable DETR base, 40,959,129:
     + 6 encoder layers x (query_proj 256*256+256 - attention_weights (256+1)*128) = 6 x 32,896 = 197,376
     + 3 all-token layers x small FFN (2 x (256*256+256) + LayerNorm 512)          = 3 x 132,096 = 396,288
 The paper says 41M. kda_decoder adds 6 x 32,896 more (41,750,169); (3+1)x2 and (6+1)x1 have 2 / 1
 small FFNs (41,420,697 / 41,288,601); H2L2 counts like H3L1 (the split is a run-time slice).
 
-Deviations from the paper / official code (OFF's behaviour is the default unless said):
-- OFF is Lite-DINO; Lite-Deformable DETR's code is unreleased. We carry OFF's encoder schedule,
-  all-token layers, small FFN and KDA onto the DDETR two-stage + box-refine base (300 proposals,
+Deviations from the paper / official code (the official code's behaviour is the default unless said):
+- The official code is Lite-DINO; Lite-Deformable DETR's code is unreleased. We carry the official encoder schedule,
+  all-token layers, small FFN and KDA onto the Deformable DETR two-stage + box-refine base (300 proposals,
   FFN 1024, dropout 0.1, per-layer heads, class-agnostic two-stage loss). No denoising, no mixed
   query selection (DINO parts).
-- The all-token layer: OFF (and the default) take ALL tokens as queries there, F_L and F_H alike.
+- The all-token layer: the official code (and the default) take ALL tokens as queries there, F_L and F_H alike.
   The paper's Fig. 2(b) draws only F_L as queries of the low-level update:
   `last_layer_queries="low"` (F_H then carries through that layer unchanged and the layer has no
   normal FFN unless low_ffn="normal").
-- F_L's FFN in the all-token layers: OFF's `small_expand` (hidden = d_model, ReLU, own LayerNorm
-  `norm22`) by default, `low_ffn="small"`. The paper's Lite-DDETR FFN is not published, and its
-  Table 3 GFLOPs are lower than OFF's design gives on the DDETR base; they match an all-token layer
-  whose F_L tokens skip the FFN (`low_ffn="none"`) to within a few percent (docs/cost.md,
+- F_L's FFN in the all-token layers: the official code's `small_expand` (hidden = d_model, ReLU, own LayerNorm
+  `norm22`) by default, `low_ffn="small"`. The paper's Lite-Deformable DETR FFN is not published, and its
+  Table 3 GFLOPs are lower than the official code's design gives on the Deformable DETR base; they match an
+  all-token layer whose F_L tokens skip the FFN (`low_ffn="none"`) to within a few percent (docs/cost.md,
   `python -m tools.bench --model lite_detr`). `low_ffn="normal"` gives F_L the full FFN.
-- KDA in the decoder: OFF's single `key_aware` flag puts KDA in the decoder cross-attention too.
-  Whether Lite-DDETR did is unknown; the default follows the paper text (KDA in the encoder) and
-  `kda_decoder=True` is OFF's Lite-DINO choice.
-- KDA samples each location once when K = V (OFF samples the same tensor twice); with a separate
+- KDA in the decoder: the official code's single `key_aware` flag puts KDA in the decoder cross-attention too.
+  Whether Lite-Deformable DETR did is unknown; the default follows the paper text (KDA in the encoder) and
+  `kda_decoder=True` is the official code's Lite-DINO choice.
+- KDA samples each location once when K = V (the official code samples the same tensor twice); with a separate
   W_K the key and value maps are sampled in one call. Same numbers, fewer grid_samples.
-- Where KDA is off, the attention has no query_proj (OFF builds an unused one even then).
+- Where KDA is off, the attention has no query_proj (the official code builds an unused one even then).
 - As in sparse_detr.py: the input projections' GroupNorm skips padding (`masked_groupnorm=False`
-  is OFF/DDETR's); the extra level's mask is computed exactly from the C5 mask (`extra_level_mask=
-  "interpolate"` is DDETR's); the two-stage top-k never picks padded tokens (`two_stage_over_padding`).
-- State-dict names follow DDETR's as sparse_detr.py's OFFICIAL_KEYS maps them; the small FFN keeps
-  OFF's names linear12 / linear22 / norm22. (No Lite-Deformable DETR weights were released.)
+  is the official Deformable DETR's); the extra level's mask is computed exactly from the C5 mask (`extra_level_mask=
+  "interpolate"` is Deformable DETR's); the two-stage top-k never picks padded tokens (`two_stage_over_padding`).
+- State-dict names follow Deformable DETR's as sparse_detr.py's OFFICIAL_KEYS maps them; the small FFN keeps
+  the official code's names linear12 / linear22 / norm22. (No Lite-Deformable DETR weights were released.)
 """
 import math
 from dataclasses import dataclass
@@ -94,9 +94,9 @@ class KeyAwareDeformableAttention(nn.Module):
     """KDA (Sec. 3.3): sample keys and values at the deformable locations, weight them by
     softmax(q . k / sqrt(d_head)) over all L*P points of a head. No attention-weight Linear.
 
-    Keys are the sampled values (OFF proj_key=False: W_K = W_V) unless key_proj, then
+    Keys are the sampled values (official proj_key=False: W_K = W_V) unless key_proj, then
     K = Samp(key_proj(S)). Keys sampled in padding or outside the map are zero vectors and still
-    get weight exp(0) (OFF does not mask them).
+    get weight exp(0) (the official code does not mask them).
     """
 
     def __init__(self, hidden_dim, num_levels, nheads, num_points, key_proj=False):
@@ -112,7 +112,7 @@ class KeyAwareDeformableAttention(nn.Module):
     def _reset_parameters(self):
         init_offset_ring_(self.sampling_offsets, self.nheads, self.num_levels, self.num_points)  # as MSDeformAttn
         for lin in (self.value_proj, self.key_proj, self.query_proj, self.output_proj):
-            if lin is not None:  # OFF: xavier_uniform, bias 0
+            if lin is not None:  # official: xavier_uniform, bias 0
                 nn.init.xavier_uniform_(lin.weight)
                 nn.init.zeros_(lin.bias)
 
@@ -168,9 +168,9 @@ class LiteEncoderLayer(nn.Module):
     """Post-norm: deformable (or key-aware) self-attention, then FFN; the values are always all tokens.
 
     queries: which tokens query this layer, "high" (F_H; also every layer of the dense reduction,
-    which has no F_L), "all" ([F_L, F_H], OFF's all-token layer) or "low" (F_L only, the paper's
-    Fig. 2b). F_H queries get the normal FFN; F_L queries get `low_ffn`: "small" (OFF small_expand:
-    d -> d -> d with its own LayerNorm; OFF names linear12 / linear22 / norm22), "normal" (the
+    which has no F_L), "all" ([F_L, F_H], the official code's all-token layer) or "low" (F_L only, the paper's
+    Fig. 2b). F_H queries get the normal FFN; F_L queries get `low_ffn`: "small" (official small_expand:
+    d -> d -> d with its own LayerNorm; the official code names linear12 / linear22 / norm22), "normal" (the
     layer's FFN) or "none" (no FFN). A layer builds only the FFNs its queries use:
 
         queries   low_ffn            FFNs built
@@ -248,7 +248,7 @@ class LiteDETR(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self):
-        # DDETR DeformableTransformer._reset_parameters and the heads' (common.deformable_detr_init_), KDA
+        # Deformable DETR DeformableTransformer._reset_parameters and the heads' (common.deformable_detr_init_), KDA
         # initialised as MSDeformAttn
         deformable_detr_init_(self, [self.encoder, self.decoder, self.enc_output, self.pos_trans],
                               zip(self.class_embed, self.bbox_embed), (MSDeformAttn, KeyAwareDeformableAttention))
@@ -285,7 +285,7 @@ class LiteDETR(nn.Module):
             if layer.queries == "high":  # Q = F_H, V = [stale F_L, current F_H]; only F_H changes
                 high = layer(high, pos[:, n_low:], ref[:, n_low:], memory, shapes, pad)
                 memory = torch.cat([memory[:, :n_low], high], 1)  # (B, N, C)
-            elif layer.queries == "all":  # OFF: every token is a query
+            elif layer.queries == "all":  # official: every token is a query
                 memory = layer(memory, pos, ref, memory, shapes, pad, n_low)
                 high = memory[:, n_low:]
             else:  # paper Fig. 2(b): Q = F_L only, F_H passes through
@@ -334,30 +334,31 @@ class Config:
     num_classes: int = 91  # largest COCO category id + 1 (train.py sets it from the data)
     hidden_dim: int = 256
     nheads: int = 8
-    enc_layers: int = 6  # OFF enc_layers: the total, whatever the blocks
+    enc_layers: int = 6  # official enc_layers: the total, whatever the blocks
     dec_layers: int = 6
-    dim_feedforward: int = 1024  # DDETR
-    dropout: float = 0.1  # DDETR (Lite-DINO: 0)
+    dim_feedforward: int = 1024  # Deformable DETR
+    dropout: float = 0.1  # Deformable DETR (Lite-DINO: 0)
     num_feature_levels: int = 4  # C3, C4, C5 + a stride-2 conv on C5
     enc_n_points: int = 4
     dec_n_points: int = 4
-    num_queries: int = 300  # DDETR two-stage proposals
-    enc_scale: int = 3  # OFF enc_scale: the coarsest levels that are F_H (3: H3L1, 2: H2L2, 4: no F_L = dense)
-    num_blocks: int = 3  # OFF num_expansion, B: each block = enc_layers / B - 1 high-level layers + 1 all-token layer
-    last_layer_queries: str = "all"  # "all" (OFF); "low": only F_L queries the all-token layer (paper Fig. 2b)
-    low_ffn: str = "small"  # F_L's FFN in all-token layers: "small" (OFF small_expand, d -> d -> d), "normal", "none"
+    num_queries: int = 300  # Deformable DETR two-stage proposals
+    enc_scale: int = 3  # official enc_scale: the coarsest levels that are F_H (3: H3L1, 2: H2L2, 4: no F_L = dense)
+    num_blocks: int = 3  # official num_expansion, B: a block = enc_layers / B - 1 high-level layers + 1 all-token layer
+    last_layer_queries: str = "all"  # "all" (official); "low": only F_L queries the all-token layer (paper Fig. 2b)
+    low_ffn: str = "small"  # F_L's FFN in all-token layers: "small" (official small_expand, d -> d -> d), "normal",
+    # or "none"
     kda_encoder: bool = True  # key-aware attention in the encoder (Sec. 3.3)
-    kda_decoder: bool = False  # KDA in the decoder cross-attention (OFF's Lite-DINO: True)
-    kda_key_proj: bool = False  # OFF proj_key: a separate W_K on the input (default: K sampled from V)
-    masked_groupnorm: bool = True  # False: DDETR's GroupNorm, whose statistics include the padding
-    extra_level_mask: str = "exact"  # "interpolate": DDETR's extra-level mask, the image's mask resized (nearest)
-    two_stage_over_padding: bool = False  # True: DDETR's two-stage top-k, which ranks padded tokens too
+    kda_decoder: bool = False  # KDA in the decoder cross-attention (the official code's Lite-DINO: True)
+    kda_key_proj: bool = False  # official proj_key: a separate W_K on the input (default: K sampled from V)
+    masked_groupnorm: bool = True  # False: Deformable DETR's GroupNorm, whose statistics include the padding
+    extra_level_mask: str = "exact"  # "interpolate": Deformable DETR's extra-level mask, the image's mask resized
+    two_stage_over_padding: bool = False  # True: Deformable DETR's two-stage top-k, which ranks padded tokens too
     aux_loss: bool = True
-    loss_ce: float = 2.0  # DDETR --cls_loss_coef
+    loss_ce: float = 2.0  # Deformable DETR --cls_loss_coef
     loss_bbox: float = 5.0
     loss_giou: float = 2.0
     focal_alpha: float = 0.25
-    num_select: int = 100  # post-process top-k (DDETR PostProcess)
+    num_select: int = 100  # post-process top-k (Deformable DETR PostProcess)
 
     @classmethod
     def named(cls, name, **overrides):
@@ -375,7 +376,8 @@ class Config:
         return f"H{self.enc_scale}L{low}-({self.enc_layers // self.num_blocks}+1)x{self.num_blocks}"
 
     def schedule(self):
-        """'high' / 'all' for each encoder layer: a layer updates all tokens when (i + 1) % (layers / B) == 0 (OFF)."""
+        """'high' / 'all' for each encoder layer: a layer updates all tokens when (i + 1) % (layers / B) == 0, as the
+        official code schedules them."""
         per_block = self.enc_layers // self.num_blocks
         return ["all" if (i + 1) % per_block == 0 else "high" for i in range(self.enc_layers)]
 
@@ -424,8 +426,8 @@ COCO_RECIPE = {
     "weight_decay": 1e-4,  # Deformable DETR main.py --weight_decay
     "clip_max_norm": 0.1,  # Deformable DETR main.py --clip_max_norm
 }
-# DDETR --lr_linear_proj_mult 0.1: parameters whose name contains these train at lr x 0.1 (DDETR also
-# names reference_points, a layer of single-stage Deformable DETR that the two-stage model does not have)
+# Deformable DETR --lr_linear_proj_mult 0.1: parameters whose name contains these train at lr x 0.1 (Deformable
+# DETR also names reference_points, a layer of single-stage Deformable DETR that the two-stage model does not have)
 LR_MULTIPLIERS = {"sampling_offsets": 0.1}
 
 

@@ -1,7 +1,7 @@
 """SMCA-DETR: Fast Convergence of DETR with Spatially Modulated Co-Attention.
 
 Gao, Zheng, Wang, Dai, Li. ICCV 2021. arXiv:2101.07448 (v1) / 2108.02404.
-Official code: github.com/gaopengcuhk/SMCA-DETR (single-scale only; called OFF below).
+Official code: github.com/gaopengcuhk/SMCA-DETR (single-scale only).
 
 The idea. DETR's decoder queries start by attending to the whole image, and learning where to look
 is what makes DETR need 500 epochs. SMCA predicts, for every query, a centre and (per head) an
@@ -9,7 +9,7 @@ offset and a scale, and adds the log of a Gaussian around that point to the cros
 logits, so each query starts by looking near its own location:
 
     C_h = softmax(K_h^T Q_h / sqrt(d) + log G_h) V_h                        (Eq. 5)
-    log G_h(i, j) = -((i - c_x,h)^2 s_x,h^2 + (j - c_y,h)^2 s_y,h^2) / beta  (Eq. 3-4, as OFF computes it)
+    log G_h(i, j) = -((i - c_x,h)^2 s_x,h^2 + (j - c_y,h)^2 s_y,h^2) / beta  (Eq. 3-4, as the official code computes it)
 
 The box head adds the centre's pre-sigmoid logit to its (cx, cy) output, so boxes are regressed
 relative to the point the query attends around. With focal loss and 300 queries this reaches
@@ -26,23 +26,23 @@ every scale and each query weights the scales by scale-selection attention:
     C_i = sum_j C_i,j                                                          (Eq. 9)
 
 Paper symbol -> variable:
-    c_h, c_w (normalised centre)     center_logit.sigmoid(), from `center_mlp` (OFF point1), layer 0 only
+    c_h, c_w (normalised centre)     center_logit.sigmoid(), from `center_mlp` (official point1), layer 0 only
     centre in feature cells          center = sigmoid(center_logit) * cells_wh, cells of the UNPADDED image
-    head offsets                     `offset_proj` (OFF point2), (B, Q, scales, H, 2) in cells, every layer
-    s_h, s_w                         `scale_proj` (OFF point3), (B, Q, scales, H, 2), every layer
-    beta                             Config.beta (OFF --smooth 8)
+    head offsets                     `offset_proj` (official point2), (B, Q, scales, H, 2) in cells, every layer
+    s_h, s_w                         `scale_proj` (official point3), (B, Q, scales, H, 2), every layer
+    beta                             Config.beta (official --smooth 8)
     log G                            log_prior (B, H, Q, N), added to the cross-attention logits
     f16, f32, f64 / E16, E32, E64    `input_proj[l]` outputs / the encoder's outputs, one per level
     alpha_j (Eq. 7)                  `scale_select` (MSZ point4), (B, Q, scales), one per layer
 
 Deviations from the paper / official code:
-- Follows OFF where the paper differs: the centre MLP has 3 layers (paper: 2); the centre comes
+- Follows the official code where the paper differs: the centre MLP has 3 layers (paper: 2); the centre comes
   from layer 0 and is reused unchanged by layers 1-5; the scale MULTIPLIES the squared distance
   (s_code = 1 / s_paper), initialised to 1; beta is a constant 8; the prior heads read an extra
-  LayerNorm(tgt + query_pos) of the layer input (OFF norm4), not the cross-attention query.
-- 91 class logits (the largest COCO id + 1). OFF has a 92nd "no-object" column left over from DETR
+  LayerNorm(tgt + query_pos) of the layer input (official norm4), not the cross-attention query.
+- 91 class logits (the largest COCO id + 1). The official code has a 92nd "no-object" column left over from DETR
   that focal loss never trains as positive; dropping it removes 257 parameters.
-- OFF reads each image's unpadded size from the targets, even at inference (its issues #9/#11);
+- The official code reads each image's unpadded size from the targets, even at inference (its issues #9/#11);
   we derive it from pad_mask, so the model needs no targets.
 - The cross-attention keeps one packed in-projection like nn.MultiheadAttention (same init, same
   parameter count) but computes the logits explicitly, so the prior is visible in the code.
@@ -64,7 +64,7 @@ Deviations from the paper / official code:
   using image 0's alpha for the whole batch is NOT copied: alpha is per image.
   `scale_selection=False` (Table 3 "w/o scale-selection") takes one softmax over all scales' keys.
 - `head_shared=True` (Table 2 "Head-shared") predicts one offset and one scale per query and
-  broadcasts them to all heads; OFF has no such option.
+  broadcasts them to all heads; the official code has no such option.
 - Table 3's partial sharing variants (shared FFN only / shared SA only) are not offered;
   `intra_share=False` is its "no sharing" row.
 - `feature_stride=16` (single-scale) reads C4 instead of C5, its prior in C4 cells. Not a paper
@@ -109,7 +109,7 @@ class EncoderLayer(nn.Module):
 class GaussianCrossAttention(nn.Module):
     """Multi-head attention with an additive log-prior on the logits: softmax(QK^T/sqrt(d) + log G) V (Eq. 5).
 
-    Parameters are laid out as nn.MultiheadAttention's (packed in_proj, out_proj), as in OFF's
+    Parameters are laid out as nn.MultiheadAttention's (packed in_proj, out_proj), as in the official code's
     GaussianMultiheadAttention; attention dropout as DETR.
     """
 
@@ -158,7 +158,7 @@ class GaussianCrossAttention(nn.Module):
 # Spatially modulated co-attention (Sec. 3.2)
 # ---------------------------------------------------------------------------------------------
 
-SCALE_TYPES = ("fixed", "single", "independent")  # OFF --dynamic_scale type1 / type2 / type3 (Table 2)
+SCALE_TYPES = ("fixed", "single", "independent")  # official --dynamic_scale type1 / type2 / type3 (Table 2)
 
 
 @dataclass
@@ -173,7 +173,7 @@ class ScaleGeometry:
 
 @with_fast_path
 def gaussian_log_prior(points, grid, scales, factor, beta):
-    """log G of one scale to every one of its cells (Eq. 3-4, as OFF computes it):
+    """log G of one scale to every one of its cells (Eq. 3-4, as the official code computes it):
     -(s_x^2 (i - c_x)^2 + s_y^2 (j - c_y)^2) * factor / beta.
 
     points (B, Q, H, 2): each head's centre c (the shared centre plus its offset) in this scale's cells
@@ -189,7 +189,7 @@ def gaussian_log_prior(points, grid, scales, factor, beta):
 class SMCADecoderLayer(nn.Module):
     """DETR decoder layer whose cross-attention is modulated by a per-query, per-head Gaussian.
 
-    The prior is predicted from out = LayerNorm(tgt + query_pos) of the layer's INPUT (OFF norm4):
+    The prior is predicted from out = LayerNorm(tgt + query_pos) of the layer's INPUT (official norm4):
     layer 0 predicts the shared centre (3-layer MLP), every layer its own head offsets and scales,
     per scale when there are several, and (multi-scale) the scale-selection weights alpha.
     """
@@ -213,12 +213,12 @@ class SMCADecoderLayer(nn.Module):
         if cfg.multiscale and cfg.scale_selection:
             self.scale_select = nn.Linear(C, len(self.strides))  # Eq. (7), MSZ point4
         if cfg.spatial_prior or self.scale_select is not None:
-            self.norm4 = nn.LayerNorm(C)  # OFF norm4: drives the prior and alpha
+            self.norm4 = nn.LayerNorm(C)  # official norm4: drives the prior and alpha
         if cfg.spatial_prior:
             n = len(self.strides) * self.prior_heads  # one offset / scale per (scale, head)
-            self.center_mlp = MLP(C, C, 2, 3) if first else None  # OFF point1 (paper: 2 layers)
-            self.offset_proj = nn.Linear(C, 2 * n)  # OFF point2: (dx, dy) per scale and head
-            if cfg.scale_type != "fixed":  # OFF point3: s (single) or (s_x, s_y) (independent)
+            self.center_mlp = MLP(C, C, 2, 3) if first else None  # official point1 (paper: 2 layers)
+            self.offset_proj = nn.Linear(C, 2 * n)  # official point2: (dx, dy) per scale and head
+            if cfg.scale_type != "fixed":  # official point3: s (single) or (s_x, s_y) (independent)
                 self.scale_proj = nn.Linear(C, n if cfg.scale_type == "single" else 2 * n)
 
     def log_prior(self, out, center_logit, geometry):
@@ -246,7 +246,7 @@ class SMCADecoderLayer(nn.Module):
         """
         log_prior = alpha = None
         if self.spatial_prior or self.scale_select is not None:
-            out = self.norm4(tgt + query_pos)  # this layer's prior and alpha read its input (OFF norm4)
+            out = self.norm4(tgt + query_pos)  # this layer's prior and alpha read its input (official norm4)
         if self.spatial_prior:
             if center_logit is None:
                 center_logit = self.center_mlp(out)  # (B, Q, 2) as (x, y)
@@ -335,7 +335,7 @@ class SMCA(nn.Module):
         self._reset_parameters()
 
     def _reset_parameters(self):
-        # OFF Transformer._reset_parameters: xavier_uniform on every matrix of encoder and decoder
+        # official Transformer._reset_parameters: xavier_uniform on every matrix of encoder and decoder
         for p in list(self.encoder.parameters()) + list(self.decoder.parameters()):
             if p.dim() > 1:
                 nn.init.xavier_uniform_(p)
@@ -413,7 +413,7 @@ class SMCA(nn.Module):
 
         logits = self.class_embed(hs)  # (dec_layers, B, Q, K)
         raw = self.bbox_embed(hs)  # (dec_layers, B, Q, 4) cxcywh logits
-        if center_logit is not None:  # boxes are regressed around the Gaussian centre (OFF detr.py)
+        if center_logit is not None:  # boxes are regressed around the Gaussian centre (official detr.py)
             raw = torch.cat([raw[..., :2] + center_logit, raw[..., 2:]], dim=-1)
         out = set_outputs(logits, raw.sigmoid(), self.cfg.aux_loss)
         if center_logit is not None:
@@ -425,7 +425,7 @@ class SMCA(nn.Module):
 
 def gaussian_maps(out, image=0, query=0, layer=-1):
     """The spatial prior one query puts on the image: exp(log G) averaged over heads, one
-    (H_j, W_j) map per scale, from `model(..., explain=True)` (what OFF issue #22 asks for).
+    (H_j, W_j) map per scale, from `model(..., explain=True)` (what official issue #22 asks for).
     Write one over its image with visualize.save_heatmap_png."""
     log_prior = out["log_priors"][layer]
     if log_prior is None:
@@ -444,15 +444,15 @@ class Config:
     backbone_depth: int = 50  # ResNet-50 (Sec. 4.1)
     backbone_norm: str = "frozen_bn"  # DETR: FrozenBatchNorm2d, stem + layer1 frozen
     num_classes: int = 91  # logits: largest COCO category id + 1 (train.py sets it from the data)
-    hidden_dim: int = 256  # OFF --hidden_dim
-    nheads: int = 8  # OFF hard-codes 8
+    hidden_dim: int = 256  # official --hidden_dim
+    nheads: int = 8  # the official code hard-codes 8
     enc_layers: int = 6
     dec_layers: int = 6
-    dim_feedforward: int = 2048  # OFF main.py default
+    dim_feedforward: int = 2048  # official main.py default
     dropout: float = 0.1  # also on attention weights
-    num_queries: int = 300  # OFF README (--num_queries 300); the paper's setting
+    num_queries: int = 300  # official README (--num_queries 300); the paper's setting
     spatial_prior: bool = True  # False: the paper's DETR baseline (focal loss, 300 queries; Table 2)
-    scale_type: str = "independent"  # OFF README --dynamic_scale type3 (Table 2 "Indep.")
+    scale_type: str = "independent"  # official README --dynamic_scale type3 (Table 2 "Indep.")
     head_shared: bool = False  # True: Table 2 "Head-shared" (one offset and scale for all heads)
     multiscale: bool = False  # True: the full SMCA of Sec. 3.3 (f16, f32, f64; Tables 1, 3, 4)
     feature_stride: int = 32  # single-scale: the map the encoder reads, 32 = C5 (the paper), 16 = C4
@@ -460,13 +460,13 @@ class Config:
     intra_share: bool = True  # intra-scale blocks share weights across scales (Table 3 default)
     scale_selection: bool = True  # per-query alpha over scales, Eqs. (7)-(9) (Table 3 "w/o" = False)
     ms_dim_feedforward: int = 1024  # multi-scale FFN, encoder and decoder (Sec. 4.1; MSZ README)
-    beta: float = 8.0  # OFF --smooth 8; the paper gives no value
+    beta: float = 8.0  # official --smooth 8; the paper gives no value
     aux_loss: bool = True  # a Hungarian loss after every decoder layer
-    loss_ce: float = 2.0  # OFF hard-codes 2
-    loss_bbox: float = 5.0  # OFF --bbox_loss_coef
-    loss_giou: float = 2.0  # OFF --giou_loss_coef
+    loss_ce: float = 2.0  # the official code hard-codes 2
+    loss_bbox: float = 5.0  # official --bbox_loss_coef
+    loss_giou: float = 2.0  # official --giou_loss_coef
     focal_alpha: float = 0.25
-    num_select: int = 300  # post-process top-k over queries x classes (OFF PostProcess)
+    num_select: int = 300  # post-process top-k over queries x classes (official PostProcess)
 
     def strides(self):
         """The feature strides the decoder attends to."""
@@ -533,10 +533,10 @@ def build(cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# The authors' weights (OFF README's model zoo: single-scale R50 at 50 / 108 / 250 epochs)
+# The authors' weights (official README's model zoo: single-scale R50 at 50 / 108 / 250 epochs)
 # ---------------------------------------------------------------------------------------------
 
-# OFF state-dict name -> ours, the first matching rule wins (DETR's names; point1-3 are the prior heads)
+# official state-dict name -> ours, the first matching rule wins (DETR's names; point1-3 are the prior heads)
 OFFICIAL_KEYS = [
     (r"^backbone\.0\.body\.", "backbone.body."),
     (r"^input_proj\.", "input_proj.0."),
@@ -554,9 +554,9 @@ OFFICIAL_KEYS = [
 
 
 def from_official(source):
-    """An OFF checkpoint (the file as released, {"model": state dict, "args": ...}, or a bare state
+    """An official checkpoint (the file as released, {"model": state dict, "args": ...}, or a bare state
     dict) -> (Config, our state dict, notes on what was assumed). The configuration is read from the
-    tensors (sizes, layer counts, scale type) and OFF's args when present (beta = --smooth); the
+    tensors (sizes, layer counts, scale type) and the official code's args when present (beta = --smooth); the
     92nd class row (DETR's no-object column, never trained under focal loss) is dropped. Raises
     ValueError naming the keys when the file is not a single-scale SMCA checkpoint."""
     ckpt = read_official(source, "SMCA-DETR", ("query_embed.weight", "transformer.decoder.layers.0.norm1.weight"))
@@ -584,7 +584,7 @@ def from_official(source):
         dropout=float(args.get("dropout", 0.1)),
     )
     if "smooth" not in args:
-        notes.append("beta = 8 (OFF --smooth, not in the file)")
+        notes.append("beta = 8 (official --smooth, not in the file)")
     if blocks not in (6, 23):
         notes.append("backbone: no ResNet-50 / 101 weights in the file; ResNet-50 assumed")
     if state["class_embed.weight"].shape[0] == 92:  # DETR's no-object column

@@ -1,7 +1,7 @@
 """Sparse DETR: Efficient End-to-End Object Detection with Learnable Sparsity.
 
 Roh, Shin, Shin, Kim. ICLR 2022. arXiv:2111.14330.
-Official code: github.com/kakaobrain/sparse-detr @ f40632c (called OFF below), a fork of Deformable DETR.
+Official code: github.com/kakaobrain/sparse-detr @ f40632c, a fork of Deformable DETR.
 
 The idea. A deformable encoder updates every one of the ~20k multi-scale tokens in all six layers,
 although the decoder only ever looks at a small part of them. Sparse DETR predicts which tokens the
@@ -20,38 +20,38 @@ Efficient-DETR query initialisation (the paper's "Deformable DETR + Top-k & BBR"
 
 Paper symbol -> variable:
     x_feat (backbone tokens)          src (B, N, C), N = tokens of all 4 levels
-    g (scoring network)               `ScoringNetwork` (OFF MaskPredictor), logits token_scores (B, N)
+    g (scoring network)               `ScoringNetwork` (official MaskPredictor), logits token_scores (B, N)
     rho                               Config.rho; n_b = sparse_token_nums (B,); S = max_b n_b
     Omega_s^rho                       topk_inds (B, S) (rows >= n_b of a smaller image are batch filler)
     DAM                               `decoder_attention_map` (B, N)
     encoder auxiliary heads           class_embed[7 + l], bbox_embed[7 + l] after encoder layer l < 5 (training only)
 
-Deviations from the paper / official code (OFF's behaviour is the default unless said):
-- The scoring network's global half is averaged over VALID tokens; OFF averages over all tokens,
-  padding included, so an image's selection depends on its batch. OFF's mean is
+Deviations from the paper / official code (the official code's behaviour is the default unless said):
+- The scoring network's global half is averaged over VALID tokens; the official code averages over all tokens,
+  padding included, so an image's selection depends on its batch. The official code's mean is
   `scorer_mean_over_padding=True`; the two agree at batch size 1.
-- The input projections' GroupNorm takes its statistics over valid positions only; OFF's counts the
-  padding, so an image's features move with its batch. OFF's is `masked_groupnorm=False`.
+- The input projections' GroupNorm takes its statistics over valid positions only; the official code's counts the
+  padding, so an image's features move with its batch. The official code's is `masked_groupnorm=False`.
 - The extra level's padding mask is computed exactly from the C5 mask (ceil of half the valid
-  cells); OFF interpolates the image mask, which can differ by a row or column: `extra_level_mask=
+  cells); the official code interpolates the image mask, which can differ by a row or column: `extra_level_mask=
   "interpolate"`.
-- The two-stage top-300 never picks padded tokens (OFF's can, at no benefit: their boxes are inf):
-  `two_stage_over_padding=True` is OFF's.
-- The logged `corr` (not a loss) counts only each image's own n_b selected tokens; OFF's also counts
+- The two-stage top-300 never picks padded tokens (the official code's can, at no benefit: their boxes are inf):
+  `two_stage_over_padding=True` is the official code's.
+- The logged `corr` (not a loss) counts only each image's own n_b selected tokens; the official code's also counts
   a smaller image's batch-filler rows as selected.
-- DAM splatting: OFF puts the sampling point at loc * (W, H) with no -0.5 shift, half a cell off
+- DAM splatting: the official code puts the sampling point at loc * (W, H) with no -0.5 shift, half a cell off
   grid_sample's convention; we reproduce it. `dam_half_cell_shift=True` is the corrected variant.
-- The objectness-score selection (the paper's OS baseline; OFF has only unreachable scaffolding) is
+- The objectness-score selection (the paper's OS baseline; the official code has only unreachable scaffolding) is
   `selection="objectness"`: a class + box head on the backbone tokens (enc_output + LN), Hungarian
   loss 2/5/2 against the real labels, tokens ranked by their max class logit. `selection="random"`
   ranks tokens at random. Neither has a scoring network or a DAM loss; the DAM is still computed
   for the correlation metric.
-- OFF scales lr and lr_backbone by sqrt(global batch / 16); train.py does not (pass --lr).
+- The official code scales lr and lr_backbone by sqrt(global batch / 16); train.py does not (pass --lr).
 - `sparse_encoder=False` is the paper's "Deformable DETR + Top-k & BBR" baseline (dense encoder,
   no scorer, no encoder heads); `eff_query_init=False, eff_specific_head=False` with it is plain
   two-stage + box-refine Deformable DETR.
-- State-dict names map onto OFF's by the table OFFICIAL_KEYS (from_official converts the authors'
-  files; OFF's second names of the heads, transformer.{encoder,decoder}.{class,bbox}_embed, are dropped).
+- State-dict names map onto the official code's by the table OFFICIAL_KEYS (from_official converts the authors'
+  files; the official code's second names of the heads, transformer.{encoder,decoder}.{class,bbox}_embed, are dropped).
 """
 from dataclasses import dataclass
 
@@ -73,7 +73,7 @@ SELECTIONS = ("dam", "objectness", "random")
 
 
 class ScoringNetwork(nn.Module):
-    """g(x_feat) -> one saliency logit per token (OFF MaskPredictor, a DynamicViT-style MLP).
+    """g(x_feat) -> one saliency logit per token (official MaskPredictor, a DynamicViT-style MLP).
 
     LN -> Linear -> GELU, then the second half of the features is averaged over the image's tokens
     and broadcast back (global context), then 256 -> 128 -> 64 -> 1 with GELU.
@@ -92,7 +92,7 @@ class ScoringNetwork(nn.Module):
         """x (B, N, C), pad_mask (B, N) -> logits (B, N)"""
         z = self.layer1(x)  # (B, N, mid_dim)
         z_local, z_global = z.chunk(2, dim=-1)
-        if self.mean_over_padding:  # OFF
+        if self.mean_over_padding:  # the official code
             g = z_global.mean(1, keepdim=True)
         else:
             valid = (~pad_mask)[..., None].to(z)
@@ -101,7 +101,7 @@ class ScoringNetwork(nn.Module):
 
 
 def sparse_token_nums(pad_mask, rho):
-    """n_b = int(valid_tokens_b * rho) + 1 (OFF), at most the token count. pad_mask (B, N) -> (B,)"""
+    """n_b = int(valid_tokens_b * rho) + 1 (the official code), at most the token count. pad_mask (B, N) -> (B,)"""
     valid = (~pad_mask).sum(1)
     return torch.clamp((valid.to(torch.float64) * rho).floor().long() + 1, max=pad_mask.shape[1])
 
@@ -117,7 +117,7 @@ def decoder_attention_map(locations, weights, spatial_shapes, half_cell_shift=Fa
     the token grid of its level and summed (over layers, queries, heads and points).
 
     locations (B, ..., L, P, 2) in [0, 1] of each level's padded map; weights (B, ..., L, P)
-    -> (B, N). OFF puts a point at loc * (W, H) (no -0.5 shift); half_cell_shift uses grid_sample's
+    -> (B, N). The official code puts a point at loc * (W, H) (no -0.5 shift); half_cell_shift uses grid_sample's
     loc * (W, H) - 0.5. Corners outside the map are dropped.
     """
     B, L = weights.shape[0], weights.shape[-2]
@@ -183,7 +183,7 @@ class SparseDETR(nn.Module):
         return self.cfg.sparse_encoder and self.cfg.use_enc_aux_loss
 
     def _reset_parameters(self):
-        # OFF DeformableTransformer._reset_parameters and the heads' (common.deformable_detr_init_)
+        # official DeformableTransformer._reset_parameters and the heads' (common.deformable_detr_init_)
         transformer = [self.encoder, self.decoder, self.enc_output, self.pos_trans]
         heads = list(zip(self.class_embed, self.bbox_embed))
         if self.scoring is not None:
@@ -300,7 +300,7 @@ class SparseDETRCriterion(SetCriterion):
     """SetCriterion (decoder, two-stage head with real labels, encoder aux heads) plus:
 
     loss_dam: BCE-with-logits between the token scores and the binarised DAM (top n_b tokens of
-    each image = 1), averaged over all tokens (OFF multilabel_soft_margin_loss); the target is a
+    each image = 1), averaged over all tokens (official multilabel_soft_margin_loss); the target is a
     top-k and carries no gradient. corr (logged, not a loss): the DAM mass on the selected tokens
     over the total, the paper's "correlation". With selection="objectness": loss_*_backbone.
     """
@@ -338,7 +338,7 @@ class SparseDETRCriterion(SetCriterion):
             losses["corr"] = (kept.sum(1) / dam.sum(1).clamp(min=1e-12)).mean()
         if "loss_dam" in self.weight_dict:
             scores = outputs["token_scores"].float()
-            scores = torch.where(pad, scores.detach().min(), scores)  # OFF: padding scored at the minimum
+            scores = torch.where(pad, scores.detach().min(), scores)  # official: padding scored at the minimum
             losses["loss_dam"] = F.binary_cross_entropy_with_logits(scores, target)
         return losses
 
@@ -350,7 +350,7 @@ class SparseDETRCriterion(SetCriterion):
 
 @dataclass
 class Config:
-    backbone_depth: int = 50  # ResNet-50 (OFF configs/r50_*)
+    backbone_depth: int = 50  # ResNet-50 (official configs/r50_*)
     backbone_norm: str = "frozen_bn"  # FrozenBatchNorm2d, stem + layer1 frozen
     num_classes: int = 91  # largest COCO category id + 1 (train.py sets it from the data)
     hidden_dim: int = 256
@@ -364,21 +364,21 @@ class Config:
     dec_n_points: int = 4
     num_queries: int = 300
     sparse_encoder: bool = True  # False: dense encoder, no scorer (the paper's "Deformable DETR + Top-k & BBR")
-    rho: float = 0.1  # OFF --rho: the fraction of tokens the encoder updates (Table 1: 0.1 .. 0.5)
+    rho: float = 0.1  # official --rho: the fraction of tokens the encoder updates (Table 1: 0.1 .. 0.5)
     selection: str = "dam"  # "dam" (the paper), "objectness" (its OS baseline), "random"
-    use_enc_aux_loss: bool = True  # OFF --use_enc_aux_loss: heads after encoder layers 0..4
-    eff_query_init: bool = True  # OFF --eff_query_init: content queries = top-k encoder tokens
-    eff_specific_head: bool = True  # OFF --eff_specific_head: two-stage head with real labels, max-logit ranking
-    scorer_mean_over_padding: bool = False  # True: OFF's global mean over padded tokens too (batch-dependent)
-    masked_groupnorm: bool = True  # False: OFF's GroupNorm, whose statistics include the padding
-    dam_half_cell_shift: bool = False  # True: splat at loc * (W, H) - 0.5 (grid_sample's convention); OFF: no shift
-    extra_level_mask: str = "exact"  # "interpolate": OFF's extra-level mask, the image's mask resized (nearest)
-    two_stage_over_padding: bool = False  # True: OFF's two-stage top-k, which ranks padded tokens too
+    use_enc_aux_loss: bool = True  # official --use_enc_aux_loss: heads after encoder layers 0..4
+    eff_query_init: bool = True  # official --eff_query_init: content queries = top-k encoder tokens
+    eff_specific_head: bool = True  # official --eff_specific_head: two-stage head with real labels, max-logit ranking
+    scorer_mean_over_padding: bool = False  # True: the official global mean over padded tokens too (batch-dependent)
+    masked_groupnorm: bool = True  # False: the official code's GroupNorm, whose statistics include the padding
+    dam_half_cell_shift: bool = False  # True: splat at loc * (W, H) - 0.5 (grid_sample's); official: no shift
+    extra_level_mask: str = "exact"  # "interpolate": the official extra-level mask, the image's mask resized (nearest)
+    two_stage_over_padding: bool = False  # True: the official code's two-stage top-k, which ranks padded tokens too
     aux_loss: bool = True
-    loss_ce: float = 2.0  # OFF --cls_loss_coef
+    loss_ce: float = 2.0  # official --cls_loss_coef
     loss_bbox: float = 5.0
     loss_giou: float = 2.0
-    loss_dam: float = 1.0  # OFF --mask_prediction_coef
+    loss_dam: float = 1.0  # official --mask_prediction_coef
     focal_alpha: float = 0.25
     num_select: int = 100  # post-process top-k (Deformable DETR PostProcess)
 
@@ -401,7 +401,7 @@ def shapes_config():
 
 
 # On --data shapes: train.py's shared shapes recipe as it is (2 epochs of 500 steps, about 10 minutes)
-# OFF main.py: lr 2e-4, backbone 2e-5
+# official main.py: lr 2e-4, backbone 2e-5
 # train.py's COCO recipe: the official README's commands (8 GPUs) and main.py's defaults
 COCO_RECIPE = {
     "epochs": 50,  # main.py --epochs 50 (paper Sec. 4: 50 epochs)
@@ -414,8 +414,8 @@ COCO_RECIPE = {
     "weight_decay": 1e-4,  # main.py --weight_decay
     "clip_max_norm": 0.1,  # main.py --clip_max_norm
 }
-# OFF main.py --lr_linear_proj_mult 0.1: parameters whose name contains these train at lr x 0.1 (OFF also
-# names reference_points, a layer of single-stage Deformable DETR that the two-stage model does not have)
+# official main.py --lr_linear_proj_mult 0.1: parameters whose name contains these train at lr x 0.1 (the official
+# code also names reference_points, a layer of single-stage Deformable DETR that the two-stage model does not have)
 LR_MULTIPLIERS = {"sampling_offsets": 0.1}
 
 
@@ -426,10 +426,10 @@ def build(cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# The authors' weights (OFF README "Main Results": rho 0.1 .. 0.5, and the Deformable DETR bases)
+# The authors' weights (official README "Main Results": rho 0.1 .. 0.5, and the Deformable DETR bases)
 # ---------------------------------------------------------------------------------------------
 
-# OFF state-dict name -> ours, the first matching rule wins; OFF_ALIASES are second names of the heads
+# official state-dict name -> ours, the first matching rule wins; OFFICIAL_ALIASES are second names of the heads
 OFFICIAL_KEYS = [
     (r"^backbone\.0\.body\.", "backbone.body."),
     (r"^transformer\.encoder\.layers\.(\d+)\.", r"encoder.\1."),
@@ -438,14 +438,14 @@ OFFICIAL_KEYS = [
     (r"^transformer\.(level_embed|enc_output|enc_output_norm|pos_trans|pos_trans_norm)\b", r"\1"),
     (r"^(input_proj|class_embed|bbox_embed)\.", r"\1."),
 ]
-OFF_ALIASES = [r"^transformer\.(encoder|decoder)\.(class_embed|bbox_embed)\."]
+OFFICIAL_ALIASES = [r"^transformer\.(encoder|decoder)\.(class_embed|bbox_embed)\."]
 
 
 def from_official(source):
-    """An OFF checkpoint (the file as released, {"model": state dict, "args": ...}, or a bare state
-    dict; Sparse DETR or OFF's dense two-stage Deformable DETR) -> (Config, our state dict, notes on
+    """An official checkpoint (the file as released, {"model": state dict, "args": ...}, or a bare state
+    dict; Sparse DETR or the official code's dense two-stage Deformable DETR) -> (Config, our state dict, notes on
     what was assumed). Read from the tensors: sizes, layers, levels, points, the scorer (sparse
-    encoder or not), the encoder aux heads, Efficient-DETR query init; from OFF's args when present:
+    encoder or not), the encoder aux heads, Efficient-DETR query init; from the official code's args when present:
     rho, nheads, num_queries, eff_specific_head. The official behaviours are switched on
     (scorer_mean_over_padding, masked_groupnorm=False, extra_level_mask="interpolate",
     two_stage_over_padding). Raises ValueError naming the keys when the file does not fit."""
@@ -460,9 +460,9 @@ def from_official(source):
     dec_offsets = state["transformer.decoder.layers.0.cross_attn.sampling_offsets.weight"]
     for key, default in (("nheads", 8), ("num_queries", 300)) + ((("rho", 0.1),) if sparse else ()):
         if key not in args:
-            notes.append(f"{key} = {default} (OFF's --{key}, not in the file)")
+            notes.append(f"{key} = {default} (the official code's --{key}, not in the file)")
     if "eff_specific_head" not in args:
-        notes.append("eff_specific_head = eff_query_init (OFF's configs set both; not in the file)")
+        notes.append("eff_specific_head = eff_query_init (the official code's configs set both; not in the file)")
     eff_query_init = state["transformer.pos_trans.weight"].shape[0] == C
     cfg = Config(
         hidden_dim=C,
@@ -487,7 +487,7 @@ def from_official(source):
         extra_level_mask="interpolate",
         two_stage_over_padding=True,
     )
-    ours, unused = rename_keys(state, OFFICIAL_KEYS, OFF_ALIASES)
+    ours, unused = rename_keys(state, OFFICIAL_KEYS, OFFICIAL_ALIASES)
     check_state_dict(ours, SparseDETR(cfg).state_dict(), f"{ckpt.what} does not fit {cfg}", unused)
     return cfg, ours, notes
 

@@ -382,7 +382,7 @@ def test_smca_gradient_flow(multiscale, stride):
 
 
 def test_smca_official_checkpoint_gives_the_official_outputs(tmp_path):
-    """The authors' format ({"model", "args"}; OFF names, 92 class rows) through from_official: the
+    """The authors' format ({"model", "args"}; the official code names, 92 class rows) through from_official: the
     fixture's official outputs to 1e-6 and losses to 1e-5 relative; wrong files refused."""
     import argparse
     fx, path, backbone = _official_file(tmp_path, "smca_single_scale.pt", lambda k: f"backbone.0.body.{k}",
@@ -560,7 +560,7 @@ def test_sparse_detr_encoder_at_rho_one_is_the_dense_encoder():
 @pytest.mark.parametrize("mean_over_padding", [False, True])
 def test_sparse_detr_padding_invariance(mean_over_padding, figures):
     """After the backbone, an image's detections, scores and selection do not depend on its batch;
-    OFF's mean over padded tokens (mean_over_padding) breaks this for the scores."""
+    the official code's mean over padded tokens (mean_over_padding) breaks this for the scores."""
     torch.manual_seed(0)
     model, _, _ = sparse_detr.build(tiny_sparse(scorer_mean_over_padding=mean_over_padding))
     model.double().eval()
@@ -657,7 +657,7 @@ def test_sparse_detr_selected_tokens_are_exactly_the_ones_the_encoder_updates():
 
 @pytest.mark.parametrize("fixture", ["sparse_detr_rho0.1.pt", "deformable_detr_two_stage_refine.pt"])
 def test_sparse_detr_official_checkpoint_gives_the_official_outputs(tmp_path, fixture):
-    """Sparse DETR rho 0.1 and OFF's dense two-stage Deformable DETR: the configuration read from the
+    """Sparse DETR rho 0.1 and the official code's dense two-stage Deformable DETR: the configuration read from the
     file (and its args), the official switches on, the fixture's outputs, selections and losses."""
     import argparse
     fx, path, _ = _official_file(tmp_path, fixture, lambda k: f"backbone.0.body.{k}",
@@ -714,7 +714,7 @@ def _lite_feats(B=1, sizes=((8, 10), (4, 5), (2, 3)), dtype=torch.float64):
 
 
 def test_lite_detr_parameter_counts_follow_the_derivation():
-    """The DDETR base is official (40,959,129); KDA swaps the attention-weight Linear for a query
+    """The Deformable DETR base is official (40,959,129); KDA swaps the attention-weight Linear for a query
     projection in each encoder layer, each all-token layer adds a d -> d -> d FFN with a LayerNorm."""
     d, H, L, P = 256, 8, 4, 4
     kda = (d * d + d) - (d + 1) * H * L * P  # + query_proj - attention_weights
@@ -788,7 +788,7 @@ def test_lite_detr_kda_matches_naive_per_point_reference(key_proj, ref_dim):
 def test_lite_kda_fast_path_under_autograd_equals_the_readable_gradients(key_channels, recompute):
     """In training kda_core runs through KDAFunction (its backward written out): the readable core's values and
     gradients (keys and values, locations, queries; also through the returned weights) in float64, with the values
-    as keys and with [values | keys] (OFF's key projection); under common.recompute_sampling it keeps its four
+    as keys and with [values | keys] (the official key projection); under common.recompute_sampling it keeps its four
     inputs only (not the samples) and gives the same."""
     torch.manual_seed(0)
     shapes_, B, Q, H, D, P = [(6, 7), (3, 4), (2, 2)], 2, 5, 4, 8, 2
@@ -835,7 +835,7 @@ def test_lite_detr_dense_reduction_is_the_deformable_detr_encoder():
     ("H3L1-(2+1)x3", "all"), ("H3L1-(3+1)x2", "all"), ("H2L2-(2+1)x3", "all"), ("H3L1-(2+1)x3", "low")])
 def test_lite_detr_encoder_schedule(name, queries):
     """Which tokens each layer updates: high-level layers query F_H only and leave F_L as it was
-    after the last all-token layer; all-token layers query every token (OFF) or only F_L (Fig. 2b)."""
+    after the last all-token layer; all-token layers query every token (the official code) or only F_L (Fig. 2b)."""
     torch.manual_seed(0)
     cfg = tiny_lite(**lite_detr.NAMED[name], last_layer_queries=queries)
     model, _, _ = lite_detr.build(cfg)
@@ -946,8 +946,8 @@ def box_ops_xyxy(b):
 
 
 def test_focus_detr_parameter_counts_follow_the_official_model():
-    """OFF (80 classes, only the stem frozen): 49,339,920 parameters, 49,330,512 trainable (counted from the
-    official code)."""
+    """The official model (80 classes, only the stem frozen): 49,339,920 parameters, 49,330,512 trainable (counted
+    from the official code)."""
     def count(model, trainable):
         return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
     model = focus_detr.build(focus_detr.Config(num_classes=80))[0]
@@ -1078,11 +1078,11 @@ def test_focus_detr_padding_invariance(figures):
 
 
 def test_focus_detr_padded_batch_box_logits_clamp_as_detrex():
-    """OFF's two-stage top-k over padding picks padded tokens when the queries outnumber an image's valid tokens;
-    their reference boxes are 1 (sigmoid of OFF's inf proposals), and the box refinement's inverse_sigmoid clamp
+    """The official two-stage top-k over padding picks padded tokens when the queries outnumber an image's valid tokens;
+    their reference boxes are 1 (sigmoid of the official inf proposals), and the box refinement's inverse_sigmoid clamp
     decides what layer 1 gets: detrex's 1e-3 (box_logit_eps) against Deformable DETR's 1e-5 changes the padded
     image's outputs from decoder layer 1 on, never layer 0's logits nor the unpadded image's. This is the
-    padded-batch difference to OFF an independent float64 check found (layer 0 equal, then 2e-2)."""
+    padded-batch difference to the official code an independent float64 check found (layer 0 equal, then 2e-2)."""
     official = dict(cascade_counts="batch_max", scorer_mean_over_padding=True, upsample_over_padding=True,
                     masked_groupnorm=False, query_pos_over_padding=True, extra_level_mask="interpolate",
                     two_stage_over_padding=True)
@@ -1165,7 +1165,7 @@ def test_focus_detr_denoising_queries_and_mask():
 
 
 def test_focus_detr_fewer_kept_tokens_than_fine_grained_and_dense_base():
-    """A small image keeps fewer tokens than num_fine_tokens (OFF's crash, detrex #354): no error.
+    """A small image keeps fewer tokens than num_fine_tokens (the official code's crash, detrex #354): no error.
     foreground_selection=False is the dense DINO encoder: every layer queries every token."""
     torch.manual_seed(0)
     for kw in ({"num_fine_tokens": 300}, {"num_fine_tokens": 300, "cascade_counts": "batch_max",
@@ -1235,7 +1235,7 @@ def test_focus_detr_official_checkpoint_gives_the_official_outputs(tmp_path, cla
     cfg, state, notes = focus_detr.from_official(path, class_ids=class_ids)
     assert (cfg.num_queries, cfg.enc_layers, cfg.cascade_counts, cfg.pos_temperature, cfg.extra_level_mask) == \
         (30, 2, "batch_max", 10000.0, "interpolate") and any("num_fine_tokens" in n for n in notes)
-    cfg.num_fine_tokens, cfg.dn_number = 16, 0  # the fixture's (OFF's topk_sa is no config value)
+    cfg.num_fine_tokens, cfg.dn_number = 16, 0  # the fixture's (the official code's topk_sa is no config value)
     model, criterion, _ = focus_detr.build(cfg)
     model.double().load_state_dict(state)
     assert torch.equal(model.backbone.body.layer2[0].downsample[1].running_var,
