@@ -221,7 +221,7 @@ def test_experiments_claims_tables_seeds_keeps_records_and_rebuilds_from_them_al
     assert ("| rho 0.1 | 42, 43 | 30.0 / 50.0 | 40.0 (30.0 to 50.0) | 80.0 | 20.0 | -10.0 / +0.0 | -5.0 (-10.0 to "
             "+0.0) | within the spread: 1 of 2 seed(s) at or above the paper's -1.5% of the base | 0.50 (0.25x) | "
             "3.00 (0.75x) | 120 (0.60x) | 15.0 (0.75x) | 45.3 (0.98x) | 105.4 (0.59x) |") in text
-    assert "| random | 42 | 20.0 | 20.0 | 40.0 | 10.0 | -20.0 | -20.0 | below the base |" in text
+    assert "| random | 42 | 20.0 | 20.0 | 40.0 | 10.0 | -20.0 | -20.0 | below the base in 1 seed(s) |" in text
     assert "| SMCA | 42, 43 | 30.0 / 25.0 | 27.5 (25.0 to 30.0) |" in text
     assert "| SMCA | 4.5 (4.0 / 5.0) | 8.5 (8.0 / 9.0) | 20.0 (20.0 / 20.0) | 27.5 (30.0 / 25.0) |" in text
     # the long baseline passes SMCA's 4.0 / 8.0 / 20.0 / 30.0 after 200 / 300 / 400 / 600 of its steps

@@ -508,11 +508,13 @@ def claim_rows(claim_sources, costs):
 def verdict(row, base):
     """Does the paper's claim hold here, within the spread of seeds? The paper's AP difference to its base, relative
     to the base (e.g. -0.7 / 46.0 for Sparse DETR at rho 0.1), against each seed's relative difference here."""
-    diffs = [d / base["seeds"][seed]["AP"] for seed, d in row.get("diff", {}).items() if base["seeds"][seed]["AP"]]
-    if not diffs:
+    if not row.get("diff"):
         return None
-    if row["paper_ap"] is None or base["paper_ap"] is None:  # a claim in words (a side run): the order only
-        return f"{'above' if min(diffs) > 0 else 'below' if max(diffs) < 0 else 'on both sides of'} the base"
+    diffs = [d / base["seeds"][seed]["AP"] for seed, d in row["diff"].items() if base["seeds"][seed]["AP"]]
+    if row["paper_ap"] is None or base["paper_ap"] is None or len(diffs) < len(row["diff"]):  # a claim in words (a
+        diffs = list(row["diff"].values())  # side run), or a base at AP 0 (no ratio to it): the order only
+        return f"{'above' if min(diffs) > 0 else 'below' if max(diffs) < 0 else 'on both sides of'} the base in " \
+               f"{len(diffs)} seed(s)"
     paper = (row["paper_ap"] - base["paper_ap"]) / base["paper_ap"]
     n = f"{sum(d >= paper for d in diffs)} of {len(diffs)} seed(s)"
     if min(diffs) >= paper:
