@@ -182,7 +182,8 @@ def test_smca_log_prior_is_the_papers_gaussian():
 
 def test_smca_multiscale_log_prior_per_scale():
     """Each scale's prior sits on the shared centre in that scale's cells, with that scale's own head
-    offsets and scales, its squared distance weighted by stride / 32 (MSZ); head_shared broadcasts."""
+    offsets and scales, its squared distance weighted by stride / 32 (as the authors' multi-scale code, released as
+    a zip, does); head_shared broadcasts."""
     for head_shared in (False, True):
         cfg = tiny_smca(multiscale=True, head_shared=head_shared)
         layer = smca.SMCADecoderLayer(cfg, first=True)
