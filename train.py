@@ -295,14 +295,15 @@ class EpochSampler(torch.utils.data.DistributedSampler):
         return ((i, stream, position) for position, i in enumerate(super().__iter__()))
 
 
-def make_loader(dataset, batch_size, shuffle, seed, epoch, rank, world, workers, cuda=False):
+def make_loader(dataset, batch_size, shuffle, seed, epoch, rank, world, workers, cuda=False, persistent=True):
     """A loader whose order and augmentation depend only on (seed, epoch, rank): resume-exact. For another epoch,
-    `loader.sampler.set_epoch(e)`. On CUDA its batches come in pinned memory and its workers persist over epochs."""
+    `loader.sampler.set_epoch(e)`. On CUDA its batches come in pinned memory and (persistent) its workers persist
+    over epochs."""
     sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
     sampler.set_epoch(epoch)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=datalib.collate,
                                        num_workers=workers, drop_last=False, pin_memory=cuda,
-                                       persistent_workers=cuda and workers > 0)
+                                       persistent_workers=cuda and persistent and workers > 0)
 
 
 NORM_LAYERS = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d)
@@ -579,7 +580,7 @@ def evaluate(run, dataset):
     model, device = run.model, run.device
     model.eval()
     loader = make_loader(dataset, run.args.batch_size, False, 0, 0, run.rank, run.world, run.args.num_workers,
-                         device.type == "cuda")
+                         device.type == "cuda", persistent=False)  # one pass: its workers end with it
     evaluator = datalib.CocoEvaluator(dataset.coco)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seconds, count = 0.0, 0
@@ -1008,8 +1009,11 @@ def write_pictures(run, val_set, n=4):
     out = os.path.join(run.args.output_dir, f"pictures-after-step-{run.steps}")
     curves_path = os.path.join(run.args.output_dir, f"curves-after-step-{run.steps}.png")
     if not os.path.exists(curves_path):
-        curves.save_curves(run.args.output_dir, curves_path)
-        print(f"the losses and AP over the run: {curves_path}")
+        try:
+            curves.save_curves(run.args.output_dir, curves_path)
+            print(f"the losses and AP over the run: {curves_path}")
+        except ValueError as e:  # a log with nothing to draw (no step trained): the run itself is fine
+            print(f"warning: no picture of the run: {e}")
     if os.path.exists(out):
         print(f"pictures of the val images are in {out} (already written)")
         return
