@@ -210,10 +210,7 @@ def from_rank0(make, rank):
 
 def all_finite(t):
     """Whether a scalar is finite on every rank (so all ranks stop together)."""
-    ok = torch.tensor([float(torch.isfinite(t).item())], device=t.device)
-    if dist.is_initialized():
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
+    return not any_rank(not torch.isfinite(t).item())
 
 
 def mean_over_ranks(values, device):
@@ -459,7 +456,8 @@ def accumulated_loss(run, batches):
     """Forward and backward of the batches of one optimizer step (--accum-steps), their loss normalised as one
     batch of all their images would be: the box losses divide by the batches' mean box count (the criterion's
     accumulated_boxes), and each batch's loss by the number of batches. DDP synchronises the gradients in the last
-    backward only. -> (the step's loss, {term: value}), each the mean over the batches."""
+    backward only. -> (the step's loss, {term: value}, whether every batch's loss was finite on every rank), each the
+    mean over the batches (at the first non-finite batch: that batch's, nothing backpropagated)."""
     k = len(batches)
     run.criterion.accumulated_boxes = sum(len(t["labels"]) for _, _, ts in batches for t in ts) / k if k > 1 else None
     total, terms = 0.0, {}
@@ -469,14 +467,14 @@ def accumulated_loss(run, batches):
             with contextlib.nullcontext() if last else run.model.no_sync():
                 loss, losses = forward_loss(run, images, pad_mask, targets)
                 if not all_finite(loss.detach()):
-                    return loss, losses
+                    return loss, losses, False
                 run.scaler.scale(loss / k).backward()
             total = total + loss.detach() / k
             for name, v in losses.items():
                 terms[name] = terms.get(name, 0.0) + v.detach() / k
     finally:
         run.criterion.accumulated_boxes = None
-    return total, terms
+    return total, terms, True
 
 
 def optimizer_step(run, mark=None):
@@ -541,8 +539,8 @@ def train_one_epoch(run, epoch, loader):
             continue  # rank skips the step (the ranks must run the same forwards and collectives)
         step = run.steps  # optimizer steps before this one, over every resume
         run.steps += 1
-        loss, losses = accumulated_loss(run, batches)
-        if not all_finite(loss.detach()):
+        loss, losses, finite = accumulated_loss(run, batches)
+        if not finite:
             ids = [t["image_id"] for _, _, targets in batches for t in targets]
             raise FloatingPointError(
                 f"non-finite loss ({loss.item()}) at epoch {epoch} iteration {it} (global step {step}), "

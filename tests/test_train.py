@@ -327,7 +327,8 @@ def test_train_accumulated_steps_give_the_gradients_of_one_large_batch(name):
 
     def grads(batches):
         model.zero_grad(set_to_none=True)
-        loss, _ = train.accumulated_loss(run, batches)
+        loss, _, finite = train.accumulated_loss(run, batches)
+        assert finite
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     one_loss, one = grads([(images, pad_mask, targets)])
     two_loss, two = grads([(images[:2], pad_mask[:2], targets[:2]), (images[2:], pad_mask[2:], targets[2:])])

@@ -86,7 +86,7 @@ def amp_steps(name, device, steps, modes):
         losses[mode] = []
         for images, pad_mask, targets in list(loader)[:steps]:
             batch = [(images.to(device), pad_mask.to(device), train.to_device(targets, device))]
-            loss, _ = train.accumulated_loss(run, batch)
+            loss, _, _ = train.accumulated_loss(run, batch)
             train.optimizer_step(run)
             losses[mode].append(loss.item())
     return losses
