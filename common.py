@@ -2,13 +2,15 @@
 
 A model file imports this module (and torch) and nothing else of ours, so one model file plus this
 file is a whole model. Contents: 1. ResNet backbone (torchvision's names, FrozenBatchNorm2d, loading
-weights); 2. sine positions, MLP; 3. multi-scale deformable sampling in pure PyTorch (F.grid_sample,
-for the CUDA extension); 4. Deformable DETR's scaffolding, used unchanged by Sparse, Lite and Focus
-DETR (deformable attention, its initialisation, input tokens and their geometry, two-stage selection,
-encoder and decoder layers, the box-refining decoder); 5. box ops; 6. matcher, set criterion,
-post-processing; 7. checks of configurations, state dicts and the authors' checkpoints; then the
-fast paths, each attached to the readable function it equals (`with_fast_path`; switched off inside
-`with fast_paths(False):`).
+weights); 2. sine positions, padding masks, MLP; then Deformable DETR's base (SMCA uses none of it):
+3. multi-scale deformable sampling in pure PyTorch (F.grid_sample, for the CUDA extension); 4. Deformable
+DETR's scaffolding, used unchanged by Sparse, Lite and Focus DETR (deformable attention, its
+initialisation, input tokens and their geometry, two-stage selection, encoder and decoder layers, the
+box-refining decoder); 5. box ops; 6. the output dict, matcher, set criterion, post-processing;
+7. checks of configurations, state dicts and the authors' checkpoints; the export helpers; the switches
+(`with fast_paths(False):` runs the readable code everywhere, recompute_sampling, checkpoint_layers);
+then the fast paths, each attached to the readable function it equals (`with_fast_path`, the marker
+at the top).
 
 Every model: build(cfg) -> (model, criterion, postprocess); model(images, pad_mask, targets=None,
 explain=False) -> dict (pred_logits, pred_boxes, aux_outputs, what its loss reads; its `forward`
@@ -47,80 +49,31 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 # ---------------------------------------------------------------------------------------------
-# The switch of the fast paths (the fast paths themselves: the last section)
+# The fast-path marker, first: the backbone's readable code carries it (the switches and the fast paths: the end)
 # ---------------------------------------------------------------------------------------------
 
-_fast_paths_on = True
-
-
-@contextlib.contextmanager
-def fast_paths(enabled=True):
-    """`with fast_paths(False):` runs the readable code everywhere inside the block (fast paths are on by
-    default); leaving the block restores what it found."""
-    global _fast_paths_on
-    before, _fast_paths_on = _fast_paths_on, bool(enabled)
-    try:
-        yield
-    finally:
-        _fast_paths_on = before
-
-
-_recompute_samples = False
-
-
-@contextlib.contextmanager
-def recompute_sampling(enabled=True):
-    """`with recompute_sampling():` the deformable sampling's training fast paths keep only their inputs for the
-    backward pass and sample again there: the same numbers, one more grid_sample per level in the backward, and
-    at COCO scale most of what a deformable encoder holds for the backward gone (the samples, (B*H, D, P, Q) per
-    level and layer; tools/bench.py --train-memory). The readable path keeps what autograd keeps."""
-    global _recompute_samples
-    before, _recompute_samples = _recompute_samples, bool(enabled)
-    try:
-        yield
-    finally:
-        _recompute_samples = before
-
-
-def recomputes_samples():
-    """Is recompute_sampling on (read by the model files' own sampling fast paths)?"""
-    return _recompute_samples
-
-
-def checkpoint_layers(layers):
-    """Activation checkpointing of each module in `layers` (torch.utils.checkpoint, non-reentrant): in training
-    a layer keeps only its inputs for the backward pass and runs its forward again there (the same numbers, the
-    RNG state restored; one more forward of those layers); outside autograd it runs as it is. train.py
-    --checkpoint-encoder applies it to a model's encoder layers. -> layers"""
-    for layer in layers:
-        layer.forward = functools.partial(_checkpointed, layer.forward)  # an instance attribute: __call__ finds it
-    return layers
-
-
-def _checkpointed(forward, *args, **kwargs):
-    if not torch.is_grad_enabled():
-        return forward(*args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-
 def with_fast_path(readable):
-    """Marks a readable function as having a fast path, attached later by `@readable.fast` (inference only) or
-    `@readable.fast_with_autograd` (inference and training: its gradients are tested equal too, and it runs under
-    autocast as well), in the fast paths section at the end of its file. The one place where the two are chosen:
-    the fast one runs when fast paths are on and autograd is off, or always, attached with autograd;
-    `readable.readable` is always the readable one."""
+    """Marks a readable function as having a fast path, attached later in the fast paths section at the end of its
+    file by `@readable.fast` (inference only), `@readable.fast_with_autograd` (inference and training: its
+    gradients are tested equal too, and it runs under autocast as well) or `@readable.fast_with_export` (as with
+    autograd, and what torch.export traces even with fast paths off: the twin of a readable function that does not
+    export). The one place where the two are chosen: the fast one runs when fast paths are on and autograd is off,
+    or always, attached with autograd, or while torch.export traces, attached with export; `readable.readable` is
+    always the readable one."""
     @functools.wraps(readable)
     def choose(*args, **kwargs):
-        if choose.fast_path is not None and _fast_paths_on and (choose.autograd or not torch.is_grad_enabled()):
+        on = _fast_paths_on and (choose.autograd or not torch.is_grad_enabled())
+        if choose.fast_path is not None and (on or choose.export and torch.compiler.is_exporting()):
             return choose.fast_path(*args, **kwargs)
         return readable(*args, **kwargs)
 
-    def attach(fast, autograd=False):
-        choose.fast_path, choose.autograd = fast, autograd
+    def attach(fast, autograd=False, export=False):
+        choose.fast_path, choose.autograd, choose.export = fast, autograd, export
         return fast
 
-    choose.fast_path, choose.autograd, choose.readable = None, False, readable
+    choose.fast_path, choose.autograd, choose.export, choose.readable = None, False, False, readable
     choose.fast, choose.fast_with_autograd = attach, functools.partial(attach, autograd=True)
+    choose.fast_with_export = functools.partial(attach, autograd=True, export=True)
     return choose
 
 
@@ -307,7 +260,7 @@ def load_backbone_weights(backbone, source):
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. Position encoding and small layers
+# 2. Positions, padding masks and small layers
 # ---------------------------------------------------------------------------------------------
 
 def sine_position_embedding(mask, num_pos_feats=128, temperature=10000, scale=2 * math.pi, offset=0.0):
@@ -348,6 +301,27 @@ def valid_image_sizes(pad_mask):
     valid = ~pad_mask
     return torch.stack([valid.any(1).sum(-1), valid.any(2).sum(-1)], dim=-1).float()
 
+
+def halve_mask(mask):
+    """Padding mask of a stride-2 3x3 conv's output, (B, H_l, W_l) -> (B, ceil(H_l/2), ceil(W_l/2)): h x w
+    valid cells give ceil(h/2) x ceil(w/2), what the same conv gives on the image alone."""
+    _, h, w = mask.shape
+    valid_w, valid_h = valid_image_sizes(mask).long().unbind(-1)  # (B,) valid cells
+    rows = torch.arange((h + 1) // 2, device=mask.device)[None, :, None] >= ((valid_h + 1) // 2)[:, None, None]
+    cols = torch.arange((w + 1) // 2, device=mask.device)[None, None, :] >= ((valid_w + 1) // 2)[:, None, None]
+    return rows | cols  # (B, ceil(H_l/2), ceil(W_l/2))
+
+
+def cell_grid(h, w, device):
+    """The (x, y) indices of an h x w map's cells, row by row -> (h * w, 2)."""
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+    return torch.stack([xs, ys], -1).view(-1, 2)
+
+
+# =============================================================================================
+# Deformable DETR's base: used by sparse_detr, lite_detr, focus_detr; SMCA does not use what follows until the box
+# ops (5.)
+# =============================================================================================
 
 # ---------------------------------------------------------------------------------------------
 # 3. Multi-scale deformable sampling (pure PyTorch; replaces the MultiScaleDeformableAttention op)
@@ -491,22 +465,6 @@ class MaskedGroupNorm(nn.GroupNorm):
         return y * self.weight[:, None, None] + self.bias[:, None, None]
 
 
-def halve_mask(mask):
-    """Padding mask of a stride-2 3x3 conv's output, (B, H_l, W_l) -> (B, ceil(H_l/2), ceil(W_l/2)): h x w
-    valid cells give ceil(h/2) x ceil(w/2), what the same conv gives on the image alone."""
-    _, h, w = mask.shape
-    valid_w, valid_h = valid_image_sizes(mask).long().unbind(-1)  # (B,) valid cells
-    rows = torch.arange((h + 1) // 2, device=mask.device)[None, :, None] >= ((valid_h + 1) // 2)[:, None, None]
-    cols = torch.arange((w + 1) // 2, device=mask.device)[None, None, :] >= ((valid_w + 1) // 2)[:, None, None]
-    return rows | cols  # (B, ceil(H_l/2), ceil(W_l/2))
-
-
-def cell_grid(h, w, device):
-    """The (x, y) indices of an h x w map's cells, row by row -> (h * w, 2)."""
-    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-    return torch.stack([xs, ys], -1).view(-1, 2)
-
-
 def encoder_reference_points(spatial_shapes, valid_ratios):
     """Each token's centre, normalised by its level's unpadded size, seen from every level:
     (B, N, L, 2) in [0, 1] of each level's padded map."""
@@ -612,16 +570,6 @@ def proposal_pos_embed(proposals, num_pos_feats=128, temperature=10000, scale=2 
     dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
     pos = proposals.sigmoid()[..., None] * scale / dim_t  # (B, Q, 4, F)
     return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
-
-
-def max_count(counts, upper):
-    """The largest of per-image token counts (a tensor) as the int that sizes a batch's top-k or slice. A value
-    read from a tensor is unknown to torch.export when it traces; the two bounds tell it the count is a valid
-    size (1 .. upper), so the models export (tools/export.py). Eager: only the int."""
-    n = counts.max().item()
-    torch._check(n >= 1)
-    torch._check(n <= upper)
-    return n
 
 
 def gather_tokens(x, inds):
@@ -730,15 +678,6 @@ def decode_with_box_refinement(decoder, class_embed, bbox_embed, tgt, query_pos,
     return tuple(list(x) for x in zip(*per_layer))  # logits, boxes, locs, weights
 
 
-def set_outputs(logits, boxes, aux_loss=True):
-    """Per decoder layer logits (B, Q, K) and boxes (B, Q, 4) -> the output dict: the last layer's as
-    pred_logits / pred_boxes, the earlier ones as aux_outputs (when aux_loss)."""
-    out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
-    if aux_loss:
-        out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # 5. Box ops
 # ---------------------------------------------------------------------------------------------
@@ -786,8 +725,17 @@ def generalized_box_iou(boxes1, boxes2, eps=1e-7):
 
 
 # ---------------------------------------------------------------------------------------------
-# 6. Matcher, criterion, post-processing
+# 6. The output dict, matcher, criterion, post-processing
 # ---------------------------------------------------------------------------------------------
+
+def set_outputs(logits, boxes, aux_loss=True):
+    """Per decoder layer logits (B, Q, K) and boxes (B, Q, 4) -> the output dict: the last layer's as
+    pred_logits / pred_boxes, the earlier ones as aux_outputs (when aux_loss)."""
+    out = {"pred_logits": logits[-1], "pred_boxes": boxes[-1]}
+    if aux_loss:
+        out["aux_outputs"] = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+    return out
+
 
 def focal_class_cost(logits, labels, alpha=0.25, gamma=2.0):
     """Deformable DETR's focal matching cost at the target class: (N, K), (M,) -> (N, M)."""
@@ -1006,9 +954,6 @@ def check_state_dict(state, own, what, unused=()):
                          f"{unexpected[:5]}, {len(misshaped)} with another shape {misshaped[:5]}")
 
 
-
-
-
 @dataclass
 class OfficialCheckpoint:
     """The authors' released file, opened for a model file's from_official."""
@@ -1032,6 +977,74 @@ def read_official(source, name, required):
     if missing:
         raise ValueError(f"{what}: not a state dict of {name} (no {' or '.join(missing)})")
     return OfficialCheckpoint(what, state, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export helpers: what lets torch.export trace the models (tools/export.py)
+# ---------------------------------------------------------------------------------------------
+
+def max_count(counts, upper):
+    """The largest of per-image token counts (a tensor) as the int that sizes a batch's top-k or slice."""
+    n = counts.max().item()
+    torch._check(n >= 1)  # export: tells torch.export the value read is a valid size, 1 .. upper (eager: a check)
+    torch._check(n <= upper)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# The switches: fast paths on or off, sampling recomputed in the backward, layers checkpointed
+# ---------------------------------------------------------------------------------------------
+
+_fast_paths_on = True
+
+
+@contextlib.contextmanager
+def fast_paths(enabled=True):
+    """`with fast_paths(False):` runs the readable code everywhere inside the block (fast paths are on by
+    default); leaving the block restores what it found."""
+    global _fast_paths_on
+    before, _fast_paths_on = _fast_paths_on, bool(enabled)
+    try:
+        yield
+    finally:
+        _fast_paths_on = before
+
+
+_recompute_samples = False
+
+
+@contextlib.contextmanager
+def recompute_sampling(enabled=True):
+    """`with recompute_sampling():` the deformable sampling's training fast paths keep only their inputs for the
+    backward pass and sample again there: the same numbers, one more grid_sample per level in the backward, the
+    samples ((B*H, D, P, Q) per level and layer) not kept. The readable path keeps what autograd keeps."""
+    global _recompute_samples
+    before, _recompute_samples = _recompute_samples, bool(enabled)
+    try:
+        yield
+    finally:
+        _recompute_samples = before
+
+
+def recomputes_samples():
+    """Is recompute_sampling on (read by the model files' own sampling fast paths)?"""
+    return _recompute_samples
+
+
+def checkpoint_layers(layers):
+    """Activation checkpointing of each module in `layers` (torch.utils.checkpoint, non-reentrant): in training
+    a layer keeps only its inputs for the backward pass and runs its forward again there (the same numbers, the
+    RNG state restored; one more forward of those layers); outside autograd it runs as it is. train.py
+    --checkpoint-encoder applies it to a model's encoder layers. -> layers"""
+    for layer in layers:
+        layer.forward = functools.partial(_checkpointed, layer.forward)  # an instance attribute: __call__ finds it
+    return layers
+
+
+def _checkpointed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

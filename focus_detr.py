@@ -9,8 +9,9 @@ better. A foreground token selector (FTS) scores every token, supervised by FCOS
 (a token is foreground if it lies inside a box whose size fits its level), with each level's
 features modulated top-down by the coarser level's scores. The encoder keeps a cascade of nested
 top-k sets (50% of the tokens in layer 1 down to 10% in layer 6). In each layer the most
-object-like of its tokens (by foreground x class score, the multi-category score predictor) first
-attend to each other (OESM self-attention), then all of its tokens run deformable attention.
+object-like of its tokens (by foreground x class score: the multi-category score predictor, MCSP) first
+attend to each other (OESM: the paper's self-attention module among these fine-grained object tokens),
+then all of its tokens run deformable attention.
 
     S_L = MLP_F(T_L);  S_l = MLP_F(T_l * (1 + alpha_l Up(S_{l+1})))    top-down scoring (Sec. 3.2)
     L_fts = focal(S, FCOS labels) / positives, weight 1.5
@@ -68,7 +69,8 @@ from common import (DeformableDecoderLayer, DeformableEncoderLayer, HungarianMat
                     SetCriterion, box_cxcywh_to_xyxy, check_at_least, check_choice, check_deformable_config,
                     check_state_dict, deformable_detr_init_, deformable_inputs, gather_tokens, input_tokens,
                     inverse_sigmoid, max_count, proposal_features, read_official, rename_keys, set_outputs,
-                    sigmoid_focal_loss, smoke_outputs, two_stage_selection, write_back)
+                    sigmoid_focal_loss, smoke_outputs, two_stage_selection, valid_image_sizes, with_fast_path,
+                    write_back)
 
 # official GenTargets limit_range: each level's (strides 8 .. 64) range of the largest token-to-edge distance, pixels
 FCOS_RANGES = ((-1.0, 64.0), (64.0, 128.0), (128.0, 256.0), (256.0, math.inf))
@@ -131,20 +133,16 @@ def foreground_labels(boxes, spatial_shapes, image_wh, ranges=FCOS_RANGES):
     return torch.stack(labels).float()  # (B, N)
 
 
-def bilinear_matrix(n_from, n_to, size_from, size_to, dtype=torch.float32):
-    """1-D bilinear resizing (F.interpolate's align_corners=True) of each image's first n_from cells onto its first
-    n_to cells, as a matrix: n_from, n_to (B,) -> (B, size_to, size_from); rows past n_to are zero. Counts stay
-    tensors, so the resize has no per-image loop and exports (tools/export.py). Computed in float32 at least (as
-    F.interpolate's positions under bf16), returned in `dtype`."""
-    compute = torch.promote_types(dtype, torch.float32)
-    i = torch.arange(size_to, device=n_to.device, dtype=compute)  # (size_to,) target cells
-    scale = (n_from - 1).to(compute) / (n_to - 1).clamp(min=1).to(compute)  # (B,) as F.interpolate: 0 if n_to is 1
-    src = i[None] * scale[:, None]  # (B, size_to) where each target cell reads the source
-    i0 = src.floor().long().clamp(max=size_from - 1)
-    i1 = torch.minimum(i0 + 1, (n_from - 1).clamp(min=0)[:, None])
-    lam = (src - i0).clamp(0, 1)[..., None]  # (B, size_to, 1)
-    weights = F.one_hot(i0, size_from) * (1 - lam) + F.one_hot(i1, size_from) * lam
-    return (weights * (i[None] < n_to[:, None])[..., None]).to(dtype)
+@with_fast_path
+def upsample_valid(score, mask_from, mask_to):
+    """Up() of each image's own region: its valid h x w cells of score (B, 1, h, w) resized onto its valid H x W
+    cells of the finer level (bilinear, align_corners=True) -> (B, 1, H_l, W_l) as mask_to, zero over the padding."""
+    out = score.new_zeros(score.shape[0], 1, *mask_to.shape[1:])
+    sizes_from, sizes_to = valid_image_sizes(mask_from).int().tolist(), valid_image_sizes(mask_to).int().tolist()
+    for b, ((w, h), (W, H)) in enumerate(zip(sizes_from, sizes_to)):  # (w, h): the valid cells
+        region = score[b:b + 1, :, :h, :w]  # (1, 1, h, w)
+        out[b, :, :H, :W] = F.interpolate(region, size=(H, W), mode="bilinear", align_corners=True)[0]
+    return out
 
 
 class ForegroundTokenSelector(nn.Module):
@@ -161,15 +159,10 @@ class ForegroundTokenSelector(nn.Module):
         self.upsample_over_padding = upsample_over_padding
 
     def upsample(self, score, mask_from, mask_to):
-        """score (B, 1, h, w) -> (B, 1, H, W) of the finer level (bilinear, align_corners=True)."""
-        if self.upsample_over_padding:
+        """Up(): score (B, 1, h, w) -> (B, 1, H, W) of the finer level (bilinear, align_corners=True)."""
+        if self.upsample_over_padding:  # the official code: the whole padded map
             return F.interpolate(score, size=mask_to.shape[-2:], mode="bilinear", align_corners=True)
-        # each image's valid h x w region onto its valid H x W one: Up = A_rows S A_cols^T, no per-image sizes
-        rows = bilinear_matrix((~mask_from).any(2).sum(1), (~mask_to).any(2).sum(1), mask_from.shape[1],
-                               mask_to.shape[1], score.dtype)  # (B, H, h)
-        cols = bilinear_matrix((~mask_from).any(1).sum(1), (~mask_to).any(1).sum(1), mask_from.shape[2],
-                               mask_to.shape[2], score.dtype)  # (B, W, w)
-        return (rows @ score[:, 0] @ cols.transpose(1, 2))[:, None]  # (B, 1, H, W), zero over the padding
+        return upsample_valid(score, mask_from, mask_to)
 
     def forward(self, feats, masks):
         """feats (B, N, C) the tokens' proposal features; masks [(B, H_l, W_l)] -> logits (B, N)."""
@@ -222,13 +215,6 @@ class DualAttentionEncoderLayer(nn.Module):
             x = self.oesm_norm(x + self.oesm_dropout(y))
             tgt = tgt.scatter(1, fine_idx[..., None].expand(-1, -1, tgt.shape[-1]), x)
         return self.deformable(tgt, pos, reference_points, value, spatial_shapes, pad_mask)
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # checkpoints written before the deformable part was its own module name its parts one level up
-        for key in [k for k in state_dict if k.startswith(prefix)]:
-            if key[len(prefix):].split(".")[0] in ("self_attn", "norm1", "norm2", "linear1", "linear2"):
-                state_dict[prefix + "deformable." + key[len(prefix):]] = state_dict.pop(key)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -692,6 +678,17 @@ OFFICIAL_KEYS = [
 OFFICIAL_ALIASES = [r"^transformer\.decoder\.(class_embed|bbox_embed)\.", r"^enhance_MCSP_layerlist\.",
                r"^transformer\.encoder\.enhance_MCSP\."]
 
+# What the entry points read: where the authors publish the weights from_official converts, and is_official (the
+# keys from_official requires: detrex's level embeddings and neck)
+OFFICIAL_WEIGHTS = "github.com/huawei-noah/noah-research, Focus-DETR/ README (R50 at 12 / 24 / 36 epochs)"
+OFFICIAL_REQUIRED = ("transformer.level_embeds", "neck.convs.0.conv.weight")
+
+
+def is_official(state):
+    """Whether a state dict is the authors' released Focus-DETR (detrex) file: it holds the keys from_official
+    requires."""
+    return all(k in state for k in OFFICIAL_REQUIRED)
+
 
 def from_official(source, class_ids="coco", schedule=None):
     """An official checkpoint (detrex's {"model": state dict}, or bare) -> (Config, our state dict, notes on
@@ -705,7 +702,7 @@ def from_official(source, class_ids="coco", schedule=None):
     if schedule not in (None, "12ep", "24ep", "36ep"):
         raise ValueError(f"schedule must be '12ep', '24ep' or '36ep' (the official configs' sine positions), "
                          f"got {schedule!r}")
-    ckpt = read_official(source, "Focus-DETR (detrex)", ("transformer.level_embeds", "neck.convs.0.conv.weight"))
+    ckpt = read_official(source, "Focus-DETR (detrex)", OFFICIAL_REQUIRED)
     state, what = ckpt.state, ckpt.what
     positions = f"sine positions of the {schedule} config (as stated)"
     if schedule is None:
@@ -750,6 +747,37 @@ def from_official(source, class_ids="coco", schedule=None):
             ours[key] = full.index_copy(0, torch.tensor(COCO_IDS), ours[key])
     check_state_dict(ours, FocusDETR(cfg).state_dict(), f"{what} does not fit {cfg}", unused)
     return cfg, ours, notes
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast paths (common.with_fast_path chooses them; tests compare each with the readable function it is attached to)
+# ---------------------------------------------------------------------------------------------
+
+def bilinear_matrix(n_from, n_to, size_from, size_to, dtype=torch.float32):
+    """1-D bilinear resizing (F.interpolate's align_corners=True) of each image's first n_from cells onto its first
+    n_to cells, as a matrix: n_from, n_to (B,) -> (B, size_to, size_from); rows past n_to are zero. Computed in
+    float32 at least (as F.interpolate's positions under bf16), returned in `dtype`."""
+    compute = torch.promote_types(dtype, torch.float32)
+    i = torch.arange(size_to, device=n_to.device, dtype=compute)  # (size_to,) target cells
+    scale = (n_from - 1).to(compute) / (n_to - 1).clamp(min=1).to(compute)  # (B,) as F.interpolate: 0 if n_to is 1
+    src = i[None] * scale[:, None]  # (B, size_to) where each target cell reads the source
+    i0 = src.floor().long().clamp(max=size_from - 1)
+    i1 = torch.minimum(i0 + 1, (n_from - 1).clamp(min=0)[:, None])
+    lam = (src - i0).clamp(0, 1)[..., None]  # (B, size_to, 1)
+    weights = F.one_hot(i0, size_from) * (1 - lam) + F.one_hot(i1, size_from) * lam
+    return (weights * (i[None] < n_to[:, None])[..., None]).to(dtype)
+
+
+@upsample_valid.fast_with_export
+def upsample_valid_fast(score, mask_from, mask_to):
+    """upsample_valid's numbers without a per-image loop: Up = A_rows S A_cols^T with each image's interpolation
+    matrices, the valid sizes kept as tensors. It runs in training too, and it is what torch.export traces: the
+    readable loop sizes F.interpolate by values read from the masks, which torch.export cannot trace."""
+    rows = bilinear_matrix((~mask_from).any(2).sum(1), (~mask_to).any(2).sum(1), mask_from.shape[1],
+                           mask_to.shape[1], score.dtype)  # (B, H, h)
+    cols = bilinear_matrix((~mask_from).any(1).sum(1), (~mask_to).any(1).sum(1), mask_from.shape[2],
+                           mask_to.shape[2], score.dtype)  # (B, W, w)
+    return (rows @ score[:, 0] @ cols.transpose(1, 2))[:, None]  # (B, 1, H, W), zero over the padding
 
 
 if __name__ == "__main__":

@@ -441,6 +441,20 @@ def build(cfg):
 
 
 # ---------------------------------------------------------------------------------------------
+# The authors' weights: none to convert (no from_official)
+# ---------------------------------------------------------------------------------------------
+
+# What the entry points read: why there are no weights, and is_official (no file is)
+OFFICIAL_WEIGHTS = ("none: the authors (github.com/IDEA-Research/Lite-DETR) released Lite-DINO only, not this file's "
+                    "Lite-Deformable DETR")
+
+
+def is_official(state):
+    """Whether a state dict is the authors' released file of this model: never (OFFICIAL_WEIGHTS says why)."""
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
 # Fast paths (common.with_fast_path chooses them; tests compare each with the readable function it is
 # attached to, values and gradients)
 # ---------------------------------------------------------------------------------------------

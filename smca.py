@@ -15,11 +15,12 @@ The box head adds the centre's pre-sigmoid logit to its (cx, cy) output, so boxe
 relative to the point the query attends around. With focal loss and 300 queries this reaches
 41.0 AP in 50 epochs where DETR has 34.8 (Table 2).
 
-Multi-scale SMCA (Sec. 3.3, `Config(multiscale=True)`): features f16, f32, f64 (ResNet C4, C5 and a
-stride-2 3x3 conv on C5, each projected to hidden_dim), an encoder of 2 intra-scale self-attention
-blocks (one block's weights shared by all scales), 1 multi-scale block (joint attention over every
-token of every scale) and 2 more intra-scale blocks, FFN 1024; the decoder's prior is computed on
-every scale and each query weights the scales by scale-selection attention:
+Multi-scale SMCA (Sec. 3.3, `Config(multiscale=True)`; MSZ below: the authors' multi-scale code, released
+only as a zip): features f16, f32, f64 (ResNet C4, C5 and a stride-2 3x3 conv on C5, each projected to
+hidden_dim), an encoder of 2 intra-scale self-attention blocks (one block's weights shared by all scales),
+1 multi-scale block (joint attention over every token of every scale) and 2 more intra-scale blocks, FFN
+1024; the decoder's prior is computed on every scale and each query weights the scales by scale-selection
+attention:
 
     alpha_16, alpha_32, alpha_64 = softmax(FC(O_q))                           (Eq. 7)
     C_i,j = softmax(K_i,j^T Q_i / sqrt(d) + log G_i) V_i,j * alpha_j           (Eq. 8)
@@ -48,9 +49,8 @@ Deviations from the paper / official code:
   parameter count) but computes the logits explicitly, so the prior is visible in the code.
 - `spatial_prior=False` is the paper's DETR baseline (focal loss, 300 queries, Table 2): no prior,
   no centre heads, boxes from the MLP alone.
-- Multi-scale. The official repo released its multi-scale model only as a zip (called MSZ) whose
-  encoder is a depthwise-conv encoder, not the paper's; the attention encoder described in Sec. 3.3
-  was never released, so ours is written from the paper: 2Intra-Multi-2Intra (`ms_encoder="IIMII"`),
+- Multi-scale. MSZ's encoder is a depthwise-conv encoder, not the paper's; the attention encoder described in
+  Sec. 3.3 was never released, so ours is written from the paper: 2Intra-Multi-2Intra (`ms_encoder="IIMII"`),
   post-norm DETR blocks, intra-scale blocks shared across scales (Table 3's best), FFN 1024, learned
   level embeddings (normal init, as MSZ) added to each level's sine positions, padding masked at
   every scale. The f64 mask is computed exactly (ceil of half the valid f32 cells), where MSZ
@@ -65,10 +65,10 @@ Deviations from the paper / official code:
   `scale_selection=False` (Table 3 "w/o scale-selection") takes one softmax over all scales' keys.
 - `head_shared=True` (Table 2 "Head-shared") predicts one offset and one scale per query and
   broadcasts them to all heads; the official code has no such option.
-- Table 3's partial sharing variants (shared FFN only / shared SA only) are not offered;
+- Table 3's partial sharing variants (shared FFN only / shared self-attention only) are not offered;
   `intra_share=False` is its "no sharing" row.
-- `feature_stride=16` (single-scale) reads C4 instead of C5, its prior in C4 cells. Not a paper
-  setting: the CPU shapes configuration uses it to keep cells per object near COCO's on C5.
+- `feature_stride=16` (single-scale) reads C4 instead of C5, its prior in C4 cells (`smca_backbone`). Not a
+  paper setting: the CPU shapes configuration uses it to keep cells per object near COCO's on C5.
 """
 import math
 from dataclasses import dataclass
@@ -304,6 +304,14 @@ class MultiScaleEncoder(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+def smca_backbone(cfg):
+    """The ResNet, whose last map the single-scale encoder reads: C5, the paper's. The one place the shapes-only
+    `feature_stride=16` acts: single-scale, the ResNet stops at C4 (Backbone(last_stage=4)), so its last map is C4,
+    of 16-pixel cells (Config.strides). Multi-scale reads C4 and C5 whatever feature_stride."""
+    stops_at_c4 = cfg.feature_stride == 16 and not cfg.multiscale
+    return Backbone(cfg.backbone_depth, cfg.backbone_norm, last_stage=4 if stops_at_c4 else 5)
+
+
 class SMCA(nn.Module):
     """SMCA-DETR: ResNet -> DETR encoder (single-scale, C5) or intra/multi-scale encoder (f16, f32, f64)
     -> SMCA decoder -> class / box heads."""
@@ -313,10 +321,9 @@ class SMCA(nn.Module):
         C = cfg.hidden_dim
         self.cfg = cfg
         self.strides = cfg.strides()  # (32,) or (16, 32, 64)
-        reads_c5 = cfg.multiscale or cfg.feature_stride == 32
-        self.backbone = Backbone(cfg.backbone_depth, cfg.backbone_norm, last_stage=5 if reads_c5 else 4)
-        c4, c5 = self.backbone.body.channels[2:]  # C4 and C5 channels
+        self.backbone = smca_backbone(cfg)  # C3, C4, C5
         if cfg.multiscale:  # Sec. 3.3: "3 convolutions project ResNet-50 outputs to 256-d"
+            c4, c5 = self.backbone.num_channels[1:]  # C4 and C5 channels
             self.input_proj = nn.ModuleList([
                 nn.Conv2d(c4, C, 1),  # f16 from C4
                 nn.Conv2d(c5, C, 1),  # f32 from C5
@@ -324,7 +331,7 @@ class SMCA(nn.Module):
             self.level_embed = nn.Parameter(torch.empty(len(self.strides), C))
             self.encoder = MultiScaleEncoder(cfg)
         else:
-            self.input_proj = nn.ModuleList([nn.Conv2d(c5 if cfg.feature_stride == 32 else c4, C, 1)])
+            self.input_proj = nn.ModuleList([nn.Conv2d(self.backbone.num_channels[-1], C, 1)])  # the last map, C5
             self.encoder = nn.ModuleList(
                 EncoderLayer(C, cfg.nheads, cfg.dim_feedforward, cfg.dropout) for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(SMCADecoderLayer(cfg, first=(i == 0)) for i in range(cfg.dec_layers))
@@ -368,15 +375,14 @@ class SMCA(nn.Module):
 
     def encode(self, feats, pad_mask, explain=False):
         """The scales' tokens and the encoder (single-scale DETR or Sec. 3.3's). feats: the backbone's
-        [(C3, m3), (C4, m4), (C5, m5)] (to C4 at feature_stride 16); pad_mask (B, H_img, W_img) -> memory (B, N, C),
-        ScaleGeometry, {}."""
+        [(C3, m3), (C4, m4), (C5, m5)]; pad_mask (B, H_img, W_img) -> memory (B, N, C), ScaleGeometry, {}."""
         image_wh = valid_image_sizes(pad_mask)  # (B, 2) unpadded size in pixels: the prior's frame
         if self.cfg.multiscale:  # f16 from C4; f32 and f64 from C5
             (c4, m4), (c5, m5) = feats[-2:]
             maps = [self.input_proj[0](c4), self.input_proj[1](c5), self.input_proj[2](c5)]
             masks = [m4, m5, halve_mask(m5)]
         else:
-            x, m = feats[-1]  # C5 (the paper) or C4 (feature_stride 16: the backbone stops at C4)
+            x, m = feats[-1]  # the backbone's last map, C5
             maps, masks = [self.input_proj[0](x)], [m]
         srcs, poss, pads, cells_wh, grids = [], [], [], [], []
         for j, (x, m) in enumerate(zip(maps, masks)):
@@ -504,9 +510,8 @@ def shapes_config():
                   feature_stride=16, dropout=0.0)
 
 
-# where train.py's shapes recipe differs for this model: 4 epochs of 500 steps (lr / 10 after 3), the ResNet in bf16
-# on a CPU with AMX (there the 2,000 steps take less time than 1,500 in float32 and end at a higher AP:
-# docs/training-speed.md; float32 elsewhere)
+# where train.py's shapes recipe differs for this model: 4 epochs (lr / 10 after 3), the ResNet in bf16 on a CPU with
+# AMX (float32 elsewhere; docs/training-speed.md)
 SHAPES_RECIPE = {"epochs": 4, "lr_drop": 3, "amp": "bf16-backbone"}
 # train.py's COCO recipe: the official README's single-scale command (main.py --epochs 50 --lr_drop 40 --batch_size 2
 # on 8 GPUs) and main.py's defaults for the rest
@@ -552,6 +557,16 @@ OFFICIAL_KEYS = [
     (r"^(query_embed|class_embed|bbox_embed)\.", r"\1."),
 ]
 
+# What the entry points read: where the authors publish the weights from_official converts, and is_official (the
+# keys from_official requires: DETR's query embedding and decoder cross-attention)
+OFFICIAL_WEIGHTS = "github.com/gaopengcuhk/SMCA-DETR, README model zoo (single-scale R50 at 50 / 108 / 250 epochs)"
+OFFICIAL_REQUIRED = ("query_embed.weight", "transformer.decoder.layers.0.multihead_attn.in_proj_weight")
+
+
+def is_official(state):
+    """Whether a state dict is the authors' released SMCA-DETR file: it holds the keys from_official requires."""
+    return all(k in state for k in OFFICIAL_REQUIRED)
+
 
 def from_official(source):
     """An official checkpoint (the file as released, {"model": state dict, "args": ...}, or a bare state
@@ -559,7 +574,7 @@ def from_official(source):
     tensors (sizes, layer counts, scale type) and the official code's args when present (beta = --smooth); the
     92nd class row (DETR's no-object column, never trained under focal loss) is dropped. Raises
     ValueError naming the keys when the file is not a single-scale SMCA checkpoint."""
-    ckpt = read_official(source, "SMCA-DETR", ("query_embed.weight", "transformer.decoder.layers.0.norm1.weight"))
+    ckpt = read_official(source, "SMCA-DETR", OFFICIAL_REQUIRED)
     state, args, notes = ckpt.state, ckpt.args, []
     blocks = ckpt.count("backbone.0.body.layer3.")
     point2 = state.get("transformer.decoder.layers.0.point2.weight")  # (2 H, C): the head offsets

@@ -440,6 +440,17 @@ OFFICIAL_KEYS = [
 ]
 OFFICIAL_ALIASES = [r"^transformer\.(encoder|decoder)\.(class_embed|bbox_embed)\."]
 
+# What the entry points read: where the authors publish the weights from_official converts, and is_official (the
+# keys from_official requires: the single level embedding and the two-stage proposal head)
+OFFICIAL_WEIGHTS = "github.com/kakaobrain/sparse-detr, README \"Main Results\" (R50, rho 0.1 .. 0.5, and the bases)"
+OFFICIAL_REQUIRED = ("transformer.level_embed", "transformer.enc_output.weight")
+
+
+def is_official(state):
+    """Whether a state dict is the authors' released Sparse DETR (or two-stage Deformable DETR) file: it holds the
+    keys from_official requires."""
+    return all(k in state for k in OFFICIAL_REQUIRED)
+
 
 def from_official(source):
     """An official checkpoint (the file as released, {"model": state dict, "args": ...}, or a bare state
@@ -449,8 +460,7 @@ def from_official(source):
     rho, nheads, num_queries, eff_specific_head. The official behaviours are switched on
     (scorer_mean_over_padding, masked_groupnorm=False, extra_level_mask="interpolate",
     two_stage_over_padding). Raises ValueError naming the keys when the file does not fit."""
-    ckpt = read_official(source, "two-stage Deformable / Sparse DETR",
-                         ("transformer.level_embed", "transformer.enc_output.weight"))
+    ckpt = read_official(source, "two-stage Deformable / Sparse DETR", OFFICIAL_REQUIRED)
     state, args, notes = ckpt.state, ckpt.args, []
     L, C = state["transformer.level_embed"].shape
     H = args.get("nheads", 8)

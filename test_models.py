@@ -1018,24 +1018,42 @@ def test_focus_detr_top_down_modulation_on_a_constructed_case():
     assert torch.allclose(sel(feats, masks)[:, :16], sel.scorer(feats[:, :16], masks[0].flatten(1)))
 
 
+# per image: valid (h, w) of a 5 x 7 coarse map, (H, W) of a 10 x 13 fine one; single rows and columns, the same
+# size, a shrinking one
+FOCUS_UPSAMPLE_SIZES = [((5, 7), (10, 13)), ((3, 4), (6, 8)), ((1, 7), (2, 13)), ((5, 1), (9, 1)), ((4, 6), (4, 6)),
+                        ((4, 6), (1, 3)), ((1, 1), (3, 5))]
+
+
 @pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_focus_detr_upsample_resizes_each_images_valid_region_as_f_interpolate(dtype, atol):
-    """Up() on a padded batch: each image's valid h x w region resized to its valid H x W one equals
-    F.interpolate(bilinear, align_corners=True) of that region alone (a per-image loop), zero over the padding;
-    single rows and columns included."""
+def test_focus_detr_upsample_fast_path_equals_the_readable_one(dtype, atol):
+    """Up() of each image's valid region on a padded batch of several sizes: the interpolation-matrix fast path
+    (upsample_valid_fast) gives the readable per-image F.interpolate's values, zero over the padding, and in float64
+    its gradients; ForegroundTokenSelector.upsample runs it with fast paths on, the readable one with them off."""
     torch.manual_seed(0)
-    sel = focus_detr.ForegroundTokenSelector(8, 2).to(dtype)
-    valid = [((5, 7), (10, 13)), ((3, 4), (6, 8)), ((1, 7), (2, 13)), ((5, 1), (9, 1)), ((4, 6), (4, 6)),
-             ((4, 6), (1, 3))]
-    mask_from, mask_to = torch.ones(6, 5, 7, dtype=torch.bool), torch.ones(6, 10, 13, dtype=torch.bool)
-    for b, ((h, w), (H, W)) in enumerate(valid):
+    B = len(FOCUS_UPSAMPLE_SIZES)
+    mask_from, mask_to = torch.ones(B, 5, 7, dtype=torch.bool), torch.ones(B, 10, 13, dtype=torch.bool)  # padded
+    for b, ((h, w), (H, W)) in enumerate(FOCUS_UPSAMPLE_SIZES):
         mask_from[b, :h, :w], mask_to[b, :H, :W] = False, False
-    score = torch.randn(6, 1, 5, 7, dtype=dtype)
-    out = sel.upsample(score, mask_from, mask_to)
-    for b, ((h, w), (H, W)) in enumerate(valid):
-        ref = F.interpolate(score[b:b + 1, :, :h, :w], size=(H, W), mode="bilinear", align_corners=True)[0]
-        torch.testing.assert_close(out[b, :, :H, :W], ref, rtol=0, atol=atol)
-        assert (out[b, :, H:] == 0).all() and (out[b, :, :, W:] == 0).all()
+    score = torch.randn(B, 1, 5, 7, dtype=dtype)
+    ref = focus_detr.upsample_valid.readable(score, mask_from, mask_to)
+    fast = focus_detr.upsample_valid_fast(score, mask_from, mask_to)
+    torch.testing.assert_close(fast, ref, rtol=0, atol=atol)
+    for b, ((h, w), (H, W)) in enumerate(FOCUS_UPSAMPLE_SIZES):  # the readable one: each region alone, zero beyond
+        alone = F.interpolate(score[b:b + 1, :, :h, :w], size=(H, W), mode="bilinear", align_corners=True)[0]
+        assert torch.equal(ref[b, :, :H, :W], alone)
+        assert (ref[b, :, H:] == 0).all() and (ref[b, :, :, W:] == 0).all()
+        assert (fast[b, :, H:] == 0).all() and (fast[b, :, :, W:] == 0).all()
+    if dtype == torch.float64:  # the fast path also runs in training: the same gradients as autograd's of the readable
+        g_out = torch.randn_like(ref)
+        grads = [torch.autograd.grad((fn(s, mask_from, mask_to) * g_out).sum(), s)[0]
+                 for fn, s in ((focus_detr.upsample_valid.readable, score.clone().requires_grad_()),
+                               (focus_detr.upsample_valid_fast, score.clone().requires_grad_()))]
+        torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-12)
+    sel = focus_detr.ForegroundTokenSelector(8, 2).to(dtype)
+    assert focus_detr.upsample_valid.fast_path is focus_detr.upsample_valid_fast and focus_detr.upsample_valid.export
+    torch.testing.assert_close(sel.upsample(score, mask_from, mask_to), fast, rtol=0, atol=0)
+    with common.fast_paths(False):
+        torch.testing.assert_close(sel.upsample(score, mask_from, mask_to), ref, rtol=0, atol=0)
 
 
 def test_focus_detr_cascade_counts_and_nested_sets_with_mixed_image_sizes():

@@ -405,6 +405,43 @@ def test_ms_deform_attn_fast_path_equals_the_reference():
     assert torch.equal(switched_off, ref) and torch.equal(chosen, fast)  # with_fast_path chooses, fast_paths switches
 
 
+def test_with_fast_path_chooses_by_the_switch_autograd_and_export():
+    """The one place of the choice: `.fast` runs outside autograd with fast paths on; `.fast_with_autograd` also under
+    autograd; `.fast_with_export` as that, and also while torch.export traces with fast paths off (the program
+    holds the twin's ops, not the readable function's)."""
+    def make(kind):
+        @common.with_fast_path
+        def op(x):
+            return x + 1
+
+        getattr(op, kind)(lambda x: x + 2)  # the twin: distinguishable, not equal
+        return op
+
+    x = torch.zeros(1)
+    for kind, grad_fast, export_fast in (("fast", False, False), ("fast_with_autograd", True, False),
+                                         ("fast_with_export", True, True)):
+        op = make(kind)
+        with torch.no_grad():
+            assert op(x).item() == 2
+            with common.fast_paths(False):
+                assert op(x).item() == 1 and op.readable(x).item() == 1
+        assert op(x.requires_grad_(True)).item() == (2 if grad_fast else 1)
+        x = x.detach()
+
+        class Wrapped(torch.nn.Module):
+            def forward(self, t):
+                return op(t)
+
+        with torch.no_grad(), common.fast_paths(False):
+            program = torch.export.export(Wrapped(), (x,))
+        assert program.module()(x).item() == (2 if export_fast else 1)
+
+
+def test_max_count_is_the_largest_count_as_an_int():
+    n = common.max_count(torch.tensor([3, 7, 5]), 10)
+    assert n == 7 and isinstance(n, int)
+
+
 def test_inverse_sigmoid_clamps_numerator_and_denominator_as_deformable_detr():
     x = torch.tensor([0.0, 1.0, 0.5, 0.25, 1.5], dtype=torch.float64)
     expected = torch.tensor([math.log(1e-3), math.log(1 / 1e-3), 0.0, math.log(1 / 3), math.log(1 / 1e-3)],

@@ -19,11 +19,11 @@ input are compared with the eager model's (at most 1e-4 apart, else nothing is w
 never overwritten.
 
 What exports: all four models and their dense bases. Sparse DETR and Focus-DETR size their token sets by counts
-read from the padding mask; common.max_count bounds each such count with torch._check, Focus-DETR resizes its
-scores per image with interpolation matrices (focus_detr.bilinear_matrix) rather than per-image sizes, and the
-exported program keeps these counts as values computed at run time (checked against eager on a padded mask too,
-in the tests).
-The program is the readable path (common.fast_paths(False)), traced without autograd.
+read from the padding mask; common.max_count bounds each such count with torch._check, and the exported program
+keeps these counts as values computed at run time (checked against eager on a padded mask too, in the tests).
+The program is the readable path (common.fast_paths(False)), traced without autograd, except where a readable
+function has an export twin (`@op.fast_with_export`): Focus-DETR's per-image F.interpolate of its scores, whose
+output sizes are read from the mask, exports as focus_detr.upsample_valid_fast (interpolation matrices).
 """
 import argparse
 import os
