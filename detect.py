@@ -7,8 +7,13 @@
 The checkpoint (what train.py writes) says which model and Config it is, which categories it knows
 (their names; a checkpoint without them uses the names of the data it was trained on when that is
 on this machine, else the ids) and which evaluation transform it was trained for: no model flag
-is repeated. The authors' released SMCA-DETR, Sparse DETR and Focus-DETR weights work the same
-way (recognised by their keys, converted by the model file's from_official; COCO's names).
+is repeated. The authors' released weights (SMCA-DETR, Sparse DETR, Focus-DETR) work the same way: each model
+file says whether a file is its authors' (is_official) and converts it (from_official); COCO's names.
+--threshold: the detections drawn and written score at least it. By default it is the checkpoint's: at each
+evaluation (the last one when training ends) train.py chooses the score threshold of the best F1 on the val split (a
+detection counts when it matches a ground-truth box of its class at IoU >= 0.5; engine/pictures.py) and stores it
+in the checkpoint. A checkpoint without one, and the authors' weights, use 0.3; the first line printed says which
+threshold and why.
 --source is an image file, a folder (every file in it, sorted) or a glob. One bad file does not stop the run:
 a file that is not a readable image is skipped, and an image that fails later (the transform, e.g. an aspect ratio
 too extreme to resize; the model; drawing or writing its pictures) fails, each with a warning naming the file and
@@ -32,37 +37,18 @@ A photo whose EXIF orientation tag says it is turned (as phones store portraits)
 viewer shows it: the model sees it upright, and the pictures and the boxes are in the upright image's pixels.
 """
 import argparse
-import dataclasses
 import glob
-import json
 import os
-import random
-import sys
-import time
 
 import torch
-from PIL import Image
 
 import data as datalib
-from common import box_cxcywh_to_xyxy, read_state_dict
-from data.coco import COCO_NAMES, load_rgb
-from data.transforms import RandomResize, resized_hw
-from engine import visualize
+from common import read_state_dict
+from data.coco import COCO_NAMES
+from engine.pictures import DEFAULT_THRESHOLD, Detector, detect_files
 from engine.runtime import MODELS, SHAPES_ROOT, load_checkpoint, model_module, run_cli, select_device
 
-KEEP_FORMAT = (".jpg", ".jpeg", ".png")  # annotated copies keep these formats; others are written as PNG
 SCHEDULES = ("12ep", "24ep", "36ep")  # the authors' Focus-DETR configs (focus_detr.from_official's schedule=)
-
-
-@dataclasses.dataclass
-class Detector:
-    name: str  # the model file: smca, sparse_detr, lite_detr, focus_detr
-    model: torch.nn.Module  # in eval mode, on its device
-    postprocess: torch.nn.Module
-    transform: object  # the evaluation transform (data.make_transforms("val", ...))
-    names: dict  # category id -> name
-    device: torch.device
-    scales: str = None  # the evaluation sizes it was trained for: "shapes" or "coco" (datalib.*_SCALES); None: unknown
 
 
 def checkpoint_categories(ckpt):
@@ -80,19 +66,15 @@ def checkpoint_categories(ckpt):
 
 
 def official_model(state):
-    """Which model file converts an official state dict (its tell-tale keys), or None."""
-    if "neck.convs.0.conv.weight" in state and "transformer.level_embeds" in state:
-        return "focus_detr"  # detrex / detectron2
-    if "transformer.level_embed" in state:
-        return "sparse_detr"  # Sparse DETR, or its dense two-stage Deformable DETR base
-    if "query_embed.weight" in state and any(".multihead_attn." in k for k in state):
-        return "smca"
-    return None
+    """Which model file converts an authors' state dict -> its name, or None: each model file of MODELS is asked
+    (its is_official: the keys its from_official requires; no two model files claim the same file)."""
+    return next((name for name in MODELS if model_module(name).is_official(state)), None)
 
 
 def load_detector(path, device="cpu", official_schedule=None):
-    """A train.py checkpoint, or the authors' released weights (SMCA-DETR, Sparse DETR, Focus-DETR:
-    the file as published, converted by the model file's from_official; COCO sizes) -> Detector.
+    """A train.py checkpoint (with the score threshold train.py chose, when it holds one), or the authors' released
+    weights (the file as published, recognised by official_model and converted by the model file's from_official;
+    COCO sizes; no threshold) -> Detector.
     official_schedule "12ep" / "24ep" / "36ep": an authors' Focus-DETR file's training schedule (its encoder's sine
     positions; default: guessed from the file name); refused for any other file. ValueError for a missing file or
     one of no model here."""
@@ -100,7 +82,7 @@ def load_detector(path, device="cpu", official_schedule=None):
         raise ValueError(f"--official-schedule must be one of {', '.join(SCHEDULES)}, got {official_schedule!r}")
     try:  # weights only: the authors' files and plain state dicts
         state, extra = read_state_dict(path, "checkpoint")
-    except ValueError:  # missing, or one of our checkpoints (numpy RNG states): load_checkpoint says
+    except ValueError:  # missing, unreadable, or holding more than tensors and plain data: load_checkpoint says
         state, extra = None, {}
     official = official_model(state) if state is not None and "model_name" not in extra else None
     if official_schedule is not None and official not in (None, "focus_detr"):
@@ -119,9 +101,9 @@ def load_detector(path, device="cpu", official_schedule=None):
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("model_name") not in MODELS or \
             not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
+        converted = " or ".join(n for n in MODELS if hasattr(model_module(n), "from_official"))
         raise ValueError(f"{path!r} is not a checkpoint of a model of this library ({', '.join(MODELS)}) nor "
-                         f"the authors' SMCA-DETR, Sparse DETR or Focus-DETR weights; train.py writes ours as "
-                         f"OUTPUT_DIR/checkpoint.pth")
+                         f"the authors' weights of {converted}; train.py writes ours as OUTPUT_DIR/checkpoint.pth")
     if official_schedule is not None:
         raise ValueError(f"--official-schedule {official_schedule}: only the authors' Focus-DETR files take a "
                          f"schedule; {path!r} is a checkpoint of this library, whose Config says it")
@@ -136,57 +118,9 @@ def load_detector(path, device="cpu", official_schedule=None):
     scales = args.get("scales") or ("shapes" if args.get("data", "shapes") == "shapes" else "coco")
     transform = datalib.make_transforms("val", **(datalib.SHAPES_SCALES if scales == "shapes" else datalib.COCO_SCALES))
     device = torch.device(device)
+    threshold = ckpt.get("threshold") if isinstance(ckpt.get("threshold"), dict) else None  # train.py's choice
     return Detector(ckpt["model_name"], model.eval().to(device), postprocess, transform,
-                    checkpoint_categories(ckpt), device, scales)
-
-
-def model_input(det, image):
-    """image: PIL RGB -> det.transform's (3, H, W) tensor. ValueError for an image too thin to resize (the
-    transform would give it a side of 0 px: above about 2 * max_size : 1, 2666:1 at COCO's sizes)."""
-    w, h = image.size
-    for t in getattr(det.transform, "transforms", ()):  # data.make_transforms' Compose: check before PIL fails
-        if isinstance(t, RandomResize):
-            for size in t.sizes:
-                H, W = resized_hw(w, h, size, t.max_size)
-                if min(H, W) < 1:
-                    raise ValueError(f"aspect ratio {w}:{h} too extreme to resize: the evaluation transform (short "
-                                     f"side {size}, long side at most {t.max_size} px) would make it {W} x {H} px")
-    empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)}
-    x, _ = det.transform(image, empty, random.Random(0))  # (3, H, W); the val transform draws nothing
-    if min(x.shape[1:]) < 1:
-        raise ValueError(f"aspect ratio {w}:{h} too extreme to resize: the evaluation transform made it "
-                         f"{x.shape[2]} x {x.shape[1]} px")
-    return x
-
-
-@torch.no_grad()
-def detect_image(det, image, threshold=0.3, explain=False, top=3):
-    """image: PIL RGB -> ({boxes (M, 4) xyxy, labels (M,), scores (M,)} in original pixels, clipped to
-    the image, at or above threshold, best first; and with explain the mechanism picture (PIL), else
-    None). Only ids of the checkpoint's categories are classes (when it knows them). ValueError for an image too
-    thin to resize (model_input)."""
-    x = model_input(det, image).to(det.device)  # (3, H, W)
-    out = det.model(x[None], torch.zeros(1, *x.shape[1:], dtype=torch.bool, device=det.device), explain=explain)
-    w, h = image.size
-    logits = out["pred_logits"]
-    if det.names:  # logits are indexed by category id: ids that name no category of the data are not classes
-        unknown = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        unknown[[i for i in det.names if i < logits.shape[-1]]] = False
-        logits = logits.masked_fill(unknown, float("-inf"))
-    result = det.postprocess({**out, "pred_logits": logits}, torch.tensor([[h, w]], device=det.device))[0]
-    keep = result["scores"] >= threshold
-    dets = {k: v[keep].cpu() for k, v in result.items()}
-    # in the image
-    dets["boxes"] = torch.min(dets["boxes"].clamp(min=0), torch.tensor([w, h, w, h], dtype=torch.float32))
-    picture = None
-    if explain:
-        best = out["pred_logits"][0].float().sigmoid().max(-1).values  # (Q,) each query's best class score
-        queries = best.topk(min(top, best.numel())).indices.tolist()
-        H, W = x.shape[1:]
-        boxes = box_cxcywh_to_xyxy(out["pred_boxes"][0, queries].float().cpu()) * torch.tensor([W, H, W, H])
-        strides = getattr(det.model, "strides", None)
-        picture = visualize.explain_picture(det.name, x, out, queries, boxes.tolist(), strides)
-    return dets, picture
+                    checkpoint_categories(ckpt), device, scales, threshold)
 
 
 def source_files(source):
@@ -227,89 +161,17 @@ def output_dir(out, files, source):
     return out
 
 
-def _write_results(results, out):
-    """detections.json, through a temporary file: an interrupted write never leaves half a file."""
-    path = os.path.join(out, "detections.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f)
-    os.replace(path + ".tmp", path)
-
-
-def _detect_and_draw(det, image, path, image_id, stem, out, threshold, explain):
-    """One image -> its rows of detections.json, its pictures written into `out` as STEM.EXT (and
-    STEM_explain.png). When it fails, what it wrote is removed and the error is raised again, as
-    ValueError("at STAGE: ERROR") for an Exception."""
-    written, stage = [], "detection (the transform or the model)"
-    try:
-        dets, picture = detect_image(det, image, threshold, explain)
-        rows = [{"image_id": image_id, "file_name": path, "category_id": int(label),
-                 "bbox": [round(box[0], 2), round(box[1], 2), round(box[2] - box[0], 2), round(box[3] - box[1], 2)],
-                 "score": round(float(score), 5)}
-                for box, label, score in zip(dets["boxes"].tolist(), dets["labels"].tolist(), dets["scores"].tolist())]
-        stage = "drawing"
-        ext = os.path.splitext(path)[1]
-        written.append(os.path.join(out, stem + (ext if ext.lower() in KEEP_FORMAT else ".png")))
-        visualize.draw_detections(image, dets["boxes"], dets["labels"], dets["scores"], det.names).save(written[-1])
-        if picture is not None:  # 256 colours: a third of the size, the same picture to the eye
-            written.append(os.path.join(out, f"{stem}_explain.png"))
-            picture.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
-                written[-1], optimize=True)
-        return rows
-    except BaseException as e:
-        for f in written:
-            if os.path.exists(f):
-                os.remove(f)
-        if isinstance(e, Exception):
-            raise ValueError(f"at {stage}: {type(e).__name__}: {e}") from e
-        raise
-
-
-def detect_files(det, files, out, threshold=0.3, explain=False, log=print):
-    """Detect on every file, write the pictures and detections.json into `out` (created). One bad file does not
-    stop the run: a file that is not a readable image is skipped; an image that fails later (the transform, e.g. an
-    aspect ratio too extreme to resize; the model; drawing or writing its pictures) fails, its pictures removed and
-    its detections left out. Each gets a warning on stderr naming the file and the error, and the others go on.
-    detections.json holds the images done; it is written whatever happens, also when an exception such as
-    KeyboardInterrupt stops the run (with the images done so far; the exception is then raised again).
-    -> {"images": n done, "skipped": [paths, not readable images], "failed": {path: the error}, "detections": n,
-    "out": out}"""
-    os.makedirs(out, exist_ok=True)
-    results, skipped, failed, used, start, last = [], [], {}, set(), time.time(), 0.0
-    n_done, finished = 0, False
-    try:
-        for i, path in enumerate(files):
-            try:
-                image = load_rgb(path, exif_orientation=True)  # as a viewer shows it: boxes in those coordinates
-            except Exception as e:  # not an image, truncated, unreadable
-                print(f"warning: skipped {path}: not a readable image ({type(e).__name__}: {e})", file=sys.stderr)
-                skipped.append(path)
-                outcome = "skipped"
-            else:
-                stem = os.path.splitext(os.path.basename(path))[0]
-                name, n = stem, 1
-                while name in used:  # the same file name from two folders of a glob
-                    n += 1
-                    name = f"{stem}_{n}"
-                try:
-                    rows = _detect_and_draw(det, image, path, n_done + 1, name, out, threshold, explain)
-                except ValueError as e:
-                    print(f"warning: failed on {path} {e}; left out, the other images go on", file=sys.stderr)
-                    failed[path] = str(e)
-                    outcome = "failed"
-                else:
-                    used.add(name)
-                    results.extend(rows)
-                    n_done += 1
-                    outcome = f"{len(rows)} detections"
-            if time.time() - last > 2 or i + 1 == len(files):  # a progress line every 2 s and at the end
-                last = time.time()
-                log(f"[{i + 1}/{len(files)}] {path}: " + outcome + f" ({time.time() - start:.1f} s)")
-        finished = True
-    finally:
-        _write_results(results, out)
-        if not finished:
-            print(f"stopped: detections.json in {out} holds the {n_done} image(s) done", file=sys.stderr)
-    return {"images": n_done, "skipped": skipped, "failed": failed, "detections": len(results), "out": out}
+def threshold_of(det, given=None):
+    """--threshold -> (the threshold, why that one): the one given; else the detector's (train.py's best F1 on the
+    val split); else DEFAULT_THRESHOLD."""
+    if given is not None:
+        return given, "as given"
+    if det.threshold is not None:
+        t = det.threshold
+        return t["value"], (f"the checkpoint's: the best F1 on the val split, {t['f1']:.2f} (precision "
+                            f"{t['precision']:.2f}, recall {t['recall']:.2f}); --threshold sets another")
+    return DEFAULT_THRESHOLD, ("the default: these weights carry no threshold chosen on val data (train.py stores "
+                               "one in the checkpoint when a run ends); --threshold sets another")
 
 
 def parse_args(argv=None):
@@ -317,27 +179,32 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", required=True, help="a checkpoint.pth written by train.py")
     p.add_argument("--source", required=True, help="an image file, a folder of images, or a glob (quote it)")
     p.add_argument("--out", default=None, help="output folder (default runs/detect/exp, exp2, ...)")
-    p.add_argument("--threshold", type=float, default=0.3, help="keep detections scoring at least this (0..1)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="keep detections scoring at least this (0..1). Default: the checkpoint's, which train.py "
+                        f"chose as the best F1 on the val split when training ended; {DEFAULT_THRESHOLD} for a "
+                        f"checkpoint without one and for the authors' weights")
     p.add_argument("--explain", action="store_true", help="also draw the paper's mechanism for each image")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--official-schedule", choices=SCHEDULES, default=None,
                    help="an authors' Focus-DETR file's training schedule, which sets its encoder's sine positions "
                         "(default: guessed from the file name, 12ep when it names none)")
     args = p.parse_args(argv)
-    if not 0 <= args.threshold <= 1:
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
     args.device = select_device(args)
     return args
 
 
 def main(argv=None):
-    """-> detect_files' summary. ValueError (exit status 1 from the command line) after everything is written when
-    a file was skipped or an image failed."""
+    """-> detect_files' summary and the "threshold" used. ValueError (exit status 1 from the command line) after
+    everything is written when a file was skipped or an image failed."""
     args = parse_args(argv)
     files = source_files(args.source)
     det = load_detector(args.checkpoint, args.device, args.official_schedule)
     out = output_dir(args.out, files, args.source)
-    print(f"{det.name} from {args.checkpoint} on {len(files)} file(s), {args.device}; threshold {args.threshold}")
+    args.threshold, why = threshold_of(det, args.threshold)
+    print(f"{det.name} from {args.checkpoint} on {len(files)} file(s), {args.device}; threshold {args.threshold:g} "
+          f"({why})")
     summary = detect_files(det, files, out, args.threshold, args.explain)
     skipped, failed = len(summary["skipped"]), len(summary["failed"])
     if summary["images"] == 0 and not failed:
@@ -347,6 +214,7 @@ def main(argv=None):
     print(f"{summary['images']} image(s) done" + "".join(f", {p}" for p in problems) +
           f"; {summary['detections']} detections at or above {args.threshold}: "
           f"pictures{' and mechanism pictures' if args.explain else ''} and detections.json in {out}")
+    summary["threshold"] = args.threshold
     if problems:
         raise ValueError(f"{' and '.join(problems)} of the {len(files)} source files (the warnings above name them "
                          f"and why); the results of the {summary['images']} image(s) done are in "

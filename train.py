@@ -17,6 +17,9 @@ What train.py reads from a model file (the module named by --model):
     SHAPES_RECIPE, COCO_RECIPE   optional: where the model's recipe differs from the shared one below (its
                                  "amp" is taken on a CPU with AMX only, float32 elsewhere)
     LR_MULTIPLIERS               optional: {substring of a parameter name: lr multiplier}
+    from_official(path) -> (Config, state dict, notes)   optional: the authors' weights (--eval-only --official)
+    OFFICIAL_WEIGHTS             required: where the authors publish those weights, or why there are none
+    is_official(state) -> bool   required: whether a state dict is the authors' file (detect.py asks)
 and calls the model as common.py's interface says: model(images, pad_mask, targets) in training,
 model(images, pad_mask) in evaluation.
 
@@ -24,11 +27,12 @@ Every epoch writes OUTPUT_DIR/checkpoint.pth atomically (model, optimizer, AMP s
 states, config; plain types and tensors); --resume auto continues from it, taking the flags given then
 (docs/coco-training.md). OUTPUT_DIR/log.jsonl holds every loss
 term, the grad norm and each evaluation. A non-finite loss stops the run and names the step and
-the image ids; the last checkpoint stays as it was. A run ends by drawing its detections and the
-paper's mechanism on the first 4 val images (detect.py's pictures) into
-OUTPUT_DIR/pictures-after-step-S. --time-budget MINUTES stops training when that much training
-time is spent (a partial epoch then counts as done), saves, evaluates and logs the training
-seconds and the inference ms per image (experiments.py leaderboard reads them).
+the image ids; the last checkpoint stays as it was. Each evaluation also chooses the score threshold of the best
+F1 on the val split (engine/pictures.py: a detection counts when it matches a ground-truth box of its class at
+IoU >= 0.5); the checkpoint of the evaluated weights keeps it ("threshold") and detect.py draws above it by default.
+A run ends by drawing its detections above that threshold and the paper's mechanism on the first 4 val images (the
+pictures detect.py draws) into OUTPUT_DIR/pictures-after-step-S. --time-budget MINUTES stops training when that
+much training time is spent (a partial epoch then counts as done), saves, evaluates and logs the training seconds.
 """
 import argparse
 import contextlib
@@ -45,10 +49,9 @@ import torch
 import torch.distributed as dist
 
 import data as datalib
-import detect
 from common import checkpoint_layers, fast_paths, load_backbone_weights, recompute_sampling, RESNET_URLS
 from data import shapes
-from engine import curves, pretrain
+from engine import curves, pictures, pretrain
 from engine.runtime import (MODELS, SHAPES_ROOT, backbone_weights, cpu_has_amx, cpu_has_bf16, load_checkpoint,
                             machine_name, model_module, run_cli, save_atomic, select_device)
 # What every run needs beside a model file's COCO_RECIPE (the paper's epochs, lr drop, lrs, images per GPU, the
@@ -124,7 +127,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last)")
     p.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                    help="stop training after this many minutes of training (summed over resumes; checked every "
-                   "iteration), then save and evaluate. experiments.py leaderboard gives every model the same one")
+                   "iteration), then save and evaluate")
     p.add_argument("--max-steps", type=int, default=None, metavar="N",
                    help="stop training after N iterations (optimizer steps, counted over resumes), then save and "
                         "evaluate; a partial epoch then counts as done, as with --time-budget. The lr drop stays at "
@@ -350,9 +353,7 @@ def check_compatible(ckpt, path, model_name, cfg, training):
                          f"use --finetune to start from its weights")
     if ckpt.get("model_name") != model_name:
         raise ValueError(f"{path!r} is a checkpoint of model {ckpt.get('model_name')!r}, not {model_name!r}")
-    ours = dataclasses.asdict(cfg)
-    # a field the checkpoint predates ran as its default (new switches default to the old behaviour)
-    theirs = {f.name: f.default for f in dataclasses.fields(cfg)} | ckpt["config"]
+    ours, theirs = dataclasses.asdict(cfg), ckpt["config"]
     diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {v!r}" for k, v in ours.items() if theirs.get(k) != v]
     if diff:
         shown = ", ".join(diff)
@@ -477,15 +478,13 @@ def accumulated_loss(run, batches):
     return total, terms, True
 
 
-def optimizer_step(run, mark=None):
+def optimizer_step(run):
     """Gradient clipping and the optimizer step (the gradients already summed) -> the gradient norm before
-    clipping. `mark(part)`, if given, is called as the clipping ends (bench's training profile)."""
+    clipping."""
     optimizer, scaler, clip = run.optimizer, run.scaler, run.args.clip_max_norm
     scaler.unscale_(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
-    if mark:
-        mark("clip")
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -574,32 +573,50 @@ def train_one_epoch(run, epoch, loader):
 @torch.no_grad()
 def evaluate(run, dataset):
     """COCO evaluation of the val set: each rank detects on its share, rank 0 computes the summary, every rank
-    gets it."""
+    gets it, and the score threshold of the best F1 on these images (chosen_threshold) as its "threshold"."""
     model, device = run.model, run.device
     model.eval()
     loader = make_loader(dataset, run.args.batch_size, False, 0, 0, run.rank, run.world, run.args.num_workers,
                          device.type == "cuda", persistent=False)  # one pass: its workers end with it
     evaluator = datalib.CocoEvaluator(dataset.coco)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    seconds, count = 0.0, 0
     for images, pad_mask, targets in loader:
         for image_id, error in targets.skipped:
             print(f"warning: evaluation skipped image id {image_id}: {error}", flush=True)
         if not len(targets):
             continue
         images, pad_mask = images.to(device), pad_mask.to(device)
-        sync()
-        t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             outputs = model(images, pad_mask)
-        sync()
-        seconds, count = seconds + time.perf_counter() - t0, count + len(targets)
         orig = torch.stack([t["orig_size"] for t in targets]).to(device)
         results = run.postprocess(outputs, orig)
         evaluator.update({t["image_id"]: r for t, r in zip(targets, results)})
     result = evaluator.summarize(dataset.categories)
-    result["infer_ms_per_image"] = 1e3 * seconds / max(count, 1)  # the model's forward, at the eval batch size
+    result["threshold"] = chosen_threshold(run, dataset.coco, evaluator.results)
     return result
+
+
+def chosen_threshold(run, coco, results):
+    """The score threshold the pictures draw above: the best F1 over the evaluated val images
+    (engine.pictures.best_f1_threshold). coco: the val ground truth; results: this rank's evaluated images, {image id:
+    COCO results}. Every rank gets it (an image two ranks evaluated counts once). -> best_f1_threshold's dict with
+    "images" (how many) and "how" (how it was chosen)."""
+    counts = {}  # image id -> (true positives, false positives at each threshold, ground-truth boxes)
+    for image_id, dets in results.items():
+        tp, fp, n_gt = pictures.f1_counts(dets, coco.loadAnns(coco.getAnnIds(imgIds=[image_id])))
+        counts[image_id] = (tp.tolist(), fp.tolist(), n_gt)
+    if run.world > 1:
+        parts = [None] * run.world
+        dist.all_gather_object(parts, counts)
+        counts = {k: v for part in parts for k, v in part.items()}
+    tp, fp, n_gt = np.zeros(len(pictures.THRESHOLDS)), np.zeros(len(pictures.THRESHOLDS)), 0
+    for image_tp, image_fp, image_gt in counts.values():
+        tp, fp, n_gt = tp + image_tp, fp + image_fp, n_gt + image_gt
+    chosen = pictures.best_f1_threshold(tp, fp, n_gt)
+    return {**chosen, "images": len(counts), "steps": run.steps,
+            "how": f"the score threshold of the best F1 on {len(counts)} val images after step {run.steps} (a "
+                   f"detection counts when it matches a ground-truth box of its class at IoU >= "
+                   f"{pictures.IOU_MATCH}; thresholds {pictures.THRESHOLDS[0]}, {pictures.THRESHOLDS[1]}, ..., "
+                   f"{pictures.THRESHOLDS[-1]})"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -637,7 +654,7 @@ def resolve_recipe(args, module, on_shapes):
     for key in ("recompute_sampling", "checkpoint_encoder"):
         if getattr(args, key) is None:
             setattr(args, key, recipe.get(key, "off"))
-    if args.amp is None:  # a recipe's "amp" holds on a CPU with AMX, where it was measured; float32 elsewhere
+    if args.amp is None:  # a recipe's "amp" holds on a CPU with AMX (native bf16); float32 elsewhere
         amp = recipe.get("amp", "off")
         args.amp = amp if amp == "off" or (select_device(args).type == "cpu" and cpu_has_amx()) else "off"
     args.seed = 42 if args.seed is None else args.seed
@@ -916,8 +933,8 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
         if not args.eval_only:
             raise ValueError("--official evaluates the authors' weights: add --eval-only")
         if not hasattr(module, "from_official"):
-            raise ValueError(f"--official: {args.model} has no released weights to convert (Lite DETR's authors "
-                             f"released Lite-DINO only)")
+            raise ValueError(f"--official: {args.model} has no released weights to convert ({args.model}.py: "
+                             f"{module.OFFICIAL_WEIGHTS})")
         if schedule_given and not getattr(module, "COCO_SCHEDULES", None):
             raise ValueError(f"--schedule: {args.model} has one schedule; its authors' files need none")
         stated = {"schedule": args.schedule} if schedule_given else {}  # Focus-DETR: the file's sine positions
@@ -985,22 +1002,23 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
     try:
         if args.eval_only:
             result = evaluate(run, val_set)
-            run.log({"type": "eval", "epoch": start_epoch - 1, **result["stats"]})
+            run.log({"type": "eval", "epoch": start_epoch - 1, **result["stats"], "threshold": result["threshold"]})
             if rank == 0:
                 print(result["text"])
             return result
         with recompute_sampling(args.recompute_sampling == "on"):
             result = fit(run, cfg, train_set, val_set, start_epoch, args.output_dir)
-        if rank == 0:
-            write_pictures(run, val_set)
+        if rank == 0:  # the threshold of this run's last evaluation, else (nothing trained) the checkpoint's
+            write_pictures(run, val_set, result["threshold"] if result else (ckpt or {}).get("threshold"))
         return result
     finally:
         if run.log_file:
             run.log_file.close()
 
 
-def write_pictures(run, val_set, n=4):
-    """The end of a training run: detect.py's pictures (detections, and the paper's mechanism) of the
+def write_pictures(run, val_set, threshold=None, n=4):
+    """The end of a training run: the pictures detect.py draws (detections scoring at least `threshold`, the
+    chosen_threshold dict of the last evaluation, else pictures.DEFAULT_THRESHOLD; and the paper's mechanism) of the
     first n val images in OUTPUT_DIR/pictures-after-step-S (S: the optimizer steps so far; a folder
     already there is left as it is), and the picture of the losses and AP over the run (engine/curves.py) as
     OUTPUT_DIR/curves-after-step-S.png."""
@@ -1016,10 +1034,14 @@ def write_pictures(run, val_set, n=4):
         print(f"pictures of the val images are in {out} (already written)")
         return
     model = run.model.module if run.world > 1 else run.model
-    det = detect.Detector(run.args.model, model.eval(), run.postprocess, val_set.transforms, run.categories, run.device)
+    det = pictures.Detector(run.args.model, model.eval(), run.postprocess, val_set.transforms, run.categories,
+                            run.device, threshold=threshold)
     files = [os.path.join(val_set.img_dir, val_set.coco.imgs[i]["file_name"]) for i in val_set.ids[:n]]
-    summary = detect.detect_files(det, files, out, explain=True, log=lambda line: None)
-    print(f"detections (score >= 0.3) and {run.args.model}'s mechanism on {summary['images']} val images: {out}")
+    score = threshold["value"] if threshold else pictures.DEFAULT_THRESHOLD
+    summary = pictures.detect_files(det, files, out, score, explain=True, log=lambda line: None)
+    why = f"the best F1 on val, {threshold['f1']:.2f}" if threshold else "no threshold chosen: the default"
+    print(f"detections (score >= {score:g}, {why}) and {run.args.model}'s mechanism on {summary['images']} val "
+          f"images: {out}")
 
 
 def save_checkpoints(run, state, epoch, out):
@@ -1033,8 +1055,8 @@ def save_checkpoints(run, state, epoch, out):
 
 
 def fit(run, cfg, train_set, val_set, start_epoch, out):
-    """The epochs from start_epoch: train, save, evaluate every --eval-every (a new best AP saved again as
-    checkpoint_best.pth). -> the last evaluation."""
+    """The epochs from start_epoch: train, save, evaluate every --eval-every (the checkpoint saved again with the
+    evaluation's chosen threshold; a new best AP also as checkpoint_best.pth). -> the last evaluation."""
     args, result = run.args, None
     loader = make_loader(train_set, args.batch_size, True, args.seed, start_epoch, run.rank, run.world,
                          args.num_workers, run.device.type == "cuda")
@@ -1059,13 +1081,14 @@ def fit(run, cfg, train_set, val_set, start_epoch, out):
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs or fraction < 1 or steps_done:
             result = evaluate(run, val_set)
             run.log({"type": "eval", "epoch": epoch, "epoch_fraction": fraction, "epoch_time_s": time.time() - t0,
-                     "train_s": run.train_s, "steps": run.steps, "infer_ms_per_image": result["infer_ms_per_image"],
-                     **result["stats"], "per_class": {str(k): v for k, v in result["per_class"].items()}})
-            if result["stats"]["AP"] > run.best_ap:
-                run.best_ap = result["stats"]["AP"]
-                if state is not None:
-                    state["best_ap"] = run.best_ap
-                    save_atomic(state, os.path.join(out, "checkpoint.pth"))
+                     "train_s": run.train_s, "steps": run.steps, **result["stats"], "threshold": result["threshold"],
+                     "per_class": {str(k): v for k, v in result["per_class"].items()}})
+            best = result["stats"]["AP"] > run.best_ap
+            run.best_ap = max(run.best_ap, result["stats"]["AP"])
+            if state is not None:  # saved again with what the evaluation chose: the threshold (and best AP)
+                state["threshold"], state["best_ap"] = result["threshold"], run.best_ap
+                save_checkpoints(run, state, epoch, out)
+                if best:
                     save_atomic(state, os.path.join(out, "checkpoint_best.pth"))
             if run.rank == 0:
                 print(result["text"])

@@ -1,6 +1,6 @@
 """Pretrain the shapes configurations' ResNet on the shapes set: the miniature of ImageNet pretraining.
 
-    python -m engine.pretrain      # writes data/shapes/backbone_resnet18.pth (about 3 minutes on 2 CPU cores)
+    python -m engine.pretrain      # writes data/shapes/backbone_resnet18.pth (its time: docs/results.md, "The recipe")
 
 All four papers fine-tune a ResNet-50 pretrained on ImageNet classification; none trains its
 backbone from scratch, and DETR-family detectors started from random weights sit for a long time

@@ -33,13 +33,13 @@ def select_device(args):
 
 
 def cpu_has_bf16():
-    """Does this CPU compute bf16 natively (AVX512-BF16 or AMX)? Without, bf16 products are emulated: 10x
-    slower than float32 (measured on an AVX2 CPU)."""
+    """Does this CPU compute bf16 natively (AVX512-BF16 or AMX)? Without, bf16 products are emulated, many times
+    slower than float32."""
     return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def cpu_has_amx():
-    """Does this CPU have AMX (Intel's bf16 matrix units, where `--amp bf16-backbone` was measured)?"""
+    """Does this CPU have AMX (Intel's bf16 matrix units)? A recipe's bf16 "amp" is taken only there."""
     return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
@@ -71,7 +71,7 @@ def save_atomic(obj, path):
 
 def safe_globals():
     """What a checkpoint may hold beside tensors and plain containers: an argparse Namespace (the authors' files
-    keep their flags in one) and numpy arrays (the RNG state in our checkpoints of before 2026-12)."""
+    keep their flags in one) and numpy arrays (a numpy RNG state as np.random.get_state() gives it)."""
     return [argparse.Namespace, *_numpy_array_globals()]
 
 

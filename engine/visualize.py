@@ -1,9 +1,9 @@
 """Pictures of what a model computes, with Pillow: detections drawn on an image, heat maps over it,
 and one picture per paper of its mechanism, made from `model(..., explain=True)`'s outputs.
 
-Not needed to build, train or run a model (detect.py and train.py call it). Coordinates: the
-explain pictures are drawn on the model's input image (resized, unpadded); a token of level l
-covers a square of stride 8 * 2^l input pixels (the deformable models' C3 is stride 8).
+Not needed to build, train or run a model (engine/pictures.py calls it for detect.py and train.py).
+Coordinates: the explain pictures are drawn on the model's input image (resized, unpadded); a token of
+level l covers a square of stride 8 * 2^l input pixels (the deformable models' C3 is stride 8).
 """
 import math
 

@@ -1,9 +1,12 @@
-"""Tests of tools/bench.py: the counting of multiply-adds, the suites' baselines, the flags.
+"""Tests of tools/bench.py: the counting of multiply-adds, the suites' baselines, each subcommand's records, its
+table rows and its command line.
 """
 import dataclasses
 import importlib
+import json
 import math
 import re
+import subprocess
 import weakref
 
 import pytest
@@ -12,6 +15,7 @@ import torch.nn.functional as F
 
 import common
 import sparse_detr
+import train
 from tools import bench
 from tests.helpers import (tiny_focus, tiny_lite, tiny_smca, tiny_sparse)
 
@@ -22,7 +26,7 @@ from tests.helpers import (tiny_focus, tiny_lite, tiny_smca, tiny_sparse)
 
 def _bench_tiny(name, cfg, *flags, h=64, w=96):
     """bench.py's records for one suite applied to a tiny Config, on an h x w random image."""
-    args = bench.parse_args(["--size", str(h), str(w), "--repeats", "1", *flags])
+    args = bench.parse_args(["cost", "--size", str(h), str(w), "--repeats", "1", *flags])
     args.size_label = f"{h}x{w}"
     return bench.bench_model(name, args, [torch.randn(3, h, w)], config=cfg)
 
@@ -148,18 +152,65 @@ def test_bench_focus_detr_under_bf16_autocast_counts_the_same_work():
     assert 0 < fp32["encoder_gmacs"] < fp32["baseline_encoder_gmacs"] < fp32["baseline_gmacs"]
 
 
-def test_bench_smca_fast_vs_reference_and_profile():
-    """--fast-vs-reference times the readable and the fast path of a model and its baseline and
-    reports their output differences; --profile splits a forward by module and op group."""
-    rows = bench.main(["--fast-vs-reference", "--model", "smca", "--size", "64", "96", "--repeats", "1"])
+def test_bench_cost_json_prints_one_record_per_configuration_and_nothing_else(capsys):
+    """`cost --json` (the default subcommand): stdout is the records, one JSON line each, in the suite's order."""
+    records = bench.main(["--model", "smca", "--size", "64", "96", "--repeats", "1", "--json"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(line) for line in lines] == json.loads(json.dumps(records))
+    assert [r["label"] for r in records] == [v.label for v in bench.SUITES["smca"].variants]
+
+
+def test_bench_cost_table_gives_ratios_against_the_baseline_and_the_paper():
+    """A hand-built suite's records -> the heading with the baseline's figures and one row per variant: ratios to the
+    baseline beside the paper's with their difference, '-' where a variant is counted but not timed."""
+    base = {"baseline": "dense", "baseline_params": 40e6, "baseline_gmacs": 200.0, "baseline_encoder_gmacs": 100.0,
+            "baseline_ms": 1000.0, "baseline_ms_spread": 20.0, "baseline_encoder_ms": 500.0, "baseline_ms_b4": 3000.0}
+    timed = {**base, "label": "rho 0.1", "params": 41e6, "gmacs": 120.0, "encoder_gmacs": 20.0, "ms": 400.0,
+             "ms_spread": 10.0, "encoder_ms": 100.0, "ms_b4": 1500.0, "paper_gmacs_ratio": 0.5,
+             "paper_encoder_ratio": 0.25, "paper_time_ratio": None}
+    counted = {**timed, "label": "counted", "ms": None, "encoder_ms": None, "ms_b4": None}
+    lines = bench.cost_table("sparse_detr", [timed, counted], [1, 4]).splitlines()
+    assert lines[1] == ("### sparse_detr: against dense (40.0 M parameters, 200.0 GMACs, encoder 100.0, 1000 ms +- 10, "
+                        "encoder 500 ms)")
+    assert lines[2] == "Paper figures: " + bench.SUITES["sparse_detr"].source
+    assert lines[-2] == ("| rho 0.1 | 41.00 | 120.0 | 0.600 | 0.500 (+0.100) | 20.0 | 0.200 | 0.250* (-0.050) | "
+                         "400 +- 5 | 0.400 | - | 100 | 0.200 | 1500 | 0.500 |")
+    assert lines[-1] == ("| counted | 41.00 | 120.0 | 0.600 | 0.500 (+0.100) | 20.0 | 0.200 | 0.250* (-0.050) | "
+                         "- | - | - | - | - | - | - |")
+    assert lines[-3] == "|---" * 15 + "|"
+
+
+def test_bench_fast_vs_reference_agrees_with_the_readable_path():
+    """`fast-vs-reference`: SMCA's baseline and both variants, each timed on both paths, their outputs within float32
+    rounding of each other (SMCA takes no top-k over scores: nothing to flip)."""
+    rows = bench.main(["fast-vs-reference", "--model", "smca", "--size", "64", "96", "--repeats", "1"])
     assert [r["label"] for r in rows] == ["DETR baseline (prior off)", "SMCA single-scale", "SMCA multi-scale"]
-    assert all(r["ms_reference"] > 0 and r["ms_fast"] > 0 and r["logits_diff"] < 1e-4 for r in rows)
-    (base, smca_row) = bench.main(["--profile", "--model", "smca", "--size", "64", "96"])
-    for mode in ("reference", "fast"):
+    assert all(r["ms_reference"] > 0 and r["ms_fast"] > 0 for r in rows)
+    assert all(r["logits_diff"] < 1e-4 and r["boxes_diff"] < 1e-4 for r in rows)
+    assert all(r["selection_scores_diff"] is None for r in rows)
+
+
+def test_bench_fast_vs_reference_row_reads_as_documented():
+    """docs/fast-paths.md's first row, from its record."""
+    r = {"model": "smca", "label": "DETR baseline (prior off)", "ms_reference": 2062.3, "ms_fast": 880.1,
+         "speedup": 2062.3 / 880.1, "logits_diff": 3.3e-6, "boxes_diff": 1.2e-7, "selection_scores_diff": None}
+    assert bench.fast_vs_reference_line(r) == \
+        "| smca | DETR baseline (prior off) | 2062 | 880 | 2.34x | 3.3e-06 / 1.2e-07 | - |"
+    assert bench.fast_vs_reference_line({**r, "selection_scores_diff": 4.8e-6}).endswith(" | 4.8e-06 |")
+
+
+def test_bench_profile_splits_a_forward_by_module_without_counting_twice(capsys):
+    """`profile`: the suite's baseline and first timed variant, under their labels, each path split by module; the
+    hooked modules run inside the forward, so what is left over ("rest") is never negative; one table row per path."""
+    base, smca_row = bench.main(["profile", "--model", "smca", "--size", "64", "96"])
+    assert (base["label"], smca_row["label"]) == ("DETR baseline (prior off)", "SMCA single-scale")
+    for mode in bench.PROFILE_PATHS:
         m = smca_row[mode]
-        assert m["backbone"] > 0 and m["encoder"] > 0 and m["decoder"] > 0
-        assert m["rest"] >= 0  # the hooked modules run inside the forward, never counted twice
-        assert m["ops"]["convolutions"] > 0
+        assert m["backbone"] > 0 and m["encoder"] > 0 and m["decoder"] > 0 and m["ops"]["convolutions"] > 0
+        assert m["rest"] >= 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| smca: ")]
+    assert [row.split(" | ")[:2] for row in rows] == [["| smca: " + r["label"], mode] for r in (base, smca_row)
+                                                     for mode in bench.PROFILE_PATHS]
 
 
 TINY_SETS = {"smca": ("hidden_dim=32", "nheads=4", "enc_layers=1", "dec_layers=2", "dim_feedforward=32"),
@@ -169,40 +220,151 @@ TINY_SETS = {"smca": ("hidden_dim=32", "nheads=4", "enc_layers=1", "dec_layers=2
 
 @pytest.mark.parametrize("name", ["smca", "sparse_detr"])
 def test_bench_train_step_profile_splits_the_whole_step(tiny_shapes, name):
-    """--train-step: the parts of a training step (data, forward by module, matcher, losses, the backward split at
+    """train-step: the parts of a training step (data, forward by module, matcher, losses, the backward split at
     the gradients of memory and features, clip, optimizer) account for the whole step, each non-negative (a
     backward split in the wrong order would give a negative part), and training goes on (finite losses)."""
     r = bench.profile_train_step(name, steps=2, warmup=0, sets=TINY_SETS[name], root=tiny_shapes, backbone="none")
     assert set(r["ms"]) == set(bench.TRAIN_PARTS)
     assert all(v >= 0 for v in r["ms"].values()), r["ms"]
     assert sum(r["ms"].values()) == pytest.approx(r["ms_per_step"], rel=1e-6)  # nothing counted twice or lost
-    for part in ("backbone", "encoder", "decoder", "matcher", "backward: encoder", "backward: backbone",
+    for part in ("backbone", "encoder", "decoder", "matcher", "backward: encoder", "backward: backbone", "clip",
                  "optimizer"):
         assert r["ms"][part] > 0, part
     assert len(r["loss"]) == 2 and all(math.isfinite(v) for v in r["loss"])
     assert r["top_ops"] and all(t >= 0 for _, t in r["top_ops"])
 
 
-def test_bench_rejects_bad_flags(tiny_shapes):
+def test_bench_step_clock_trains_as_train_py(tiny_shapes):
+    """The profile's timed step (its wrappers on the model, the criterion and the scaler) moves the parameters exactly
+    as train.py's step does (forward_loss, backward, optimizer_step) from the same start and batch."""
+    (run, train_set), (ref, _) = (bench.training_run("smca", TINY_SETS["smca"], root=tiny_shapes, backbone="none")
+                                  for _ in range(2))
+    start = {k: v.clone() for k, v in run.model.state_dict().items()}
+    batch = next(iter(train.make_loader(train_set, 2, True, 42, 0, 0, 1, 0)))
+    clock = bench.StepClock(run)
+    for r in (run, ref):
+        r.model.train()
+        r.criterion.train()
+    torch.manual_seed(0)
+    clock.step(run, iter([batch]))
+    torch.manual_seed(0)
+    images, pad_mask, targets = batch
+    loss, _ = train.forward_loss(ref, images, pad_mask, targets)
+    ref.scaler.scale(loss).backward()
+    train.optimizer_step(ref)
+    ours, theirs = run.model.state_dict(), ref.model.state_dict()
+    assert any(not torch.equal(ours[k], start[k]) for k in start)  # the step moved the parameters
+    for k in start:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=0, atol=0, msg=k)
+    assert clock.seconds["clip"] > 0 and clock.seconds["optimizer"] > 0
+
+
+def test_bench_train_step_table_labels_a_run_by_its_overrides_and_amp():
+    ms = {p: float(i) for i, p in enumerate(bench.TRAIN_PARTS)}
+    records = [{"model": "smca", "sets": [], "amp": "off", "steps_per_s": 2.4, "ms_per_step": 416.4, "ms": ms,
+                "top_ops": [("aten::mm", 30.2)]},
+               {"model": "smca", "sets": ["enc_layers=1"], "amp": "bf16-backbone", "steps_per_s": 3.81,
+                "ms_per_step": 262.0, "ms": ms, "top_ops": [("aten::mm", 20.0), ("aten::mul", 19.4)]}]
+    lines = bench.train_step_table(records).splitlines()
+    cells = " | ".join(str(i) for i in range(len(bench.TRAIN_PARTS)))
+    assert lines[2:4] == [f"| smca | 2.40 | 416 | {cells} |", f"| smca enc_layers=1 (amp bf16-backbone) | 3.81 | 262 | "
+                                                               f"{cells} |"]
+    assert lines[-2:] == ["- smca: aten::mm 30", "- smca: aten::mm 20, aten::mul 19"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+def test_bench_without_a_subcommand_runs_the_cost_tables():
+    """The docs' `python -m tools.bench [options]` is `python -m tools.bench cost [options]`."""
+    argv = ["--model", "smca", "--size", "64", "96", "--readable-path"]
+    assert bench.parse_args([]).run is bench.cost
+    assert vars(bench.parse_args(argv)) == vars(bench.parse_args(["cost", *argv]))
+
+
+SUBCOMMAND_ARGV = {  # each subcommand with every option it takes, and one it does not take
+    "cost": (["--model", "smca", "--size", "64", "96", "--data", ".", "--images", "2", "--repeats", "2", "--device",
+              "cpu", "--amp", "bf16", "--threads", "1", "--json", "--readable-path"], ["--steps", "2"]),
+    "fast-vs-reference": (["--model", "smca", "--size", "64", "96", "--data", ".", "--images", "2", "--repeats", "2",
+                           "--device", "cpu", "--threads", "1", "--json"], ["--amp", "bf16"]),
+    "profile": (["--model", "smca", "--size", "64", "96", "--data", ".", "--images", "2", "--threads", "1", "--json"],
+                ["--device", "cpu"]),
+    "train-step": (["--model", "smca", "--steps", "2", "--set", "rho=0.2", "--amp", "off", "--threads", "1", "--json",
+                    "--readable-path"], ["--size", "64", "64"]),
+    "train-memory": (["--model", "smca", "--size", "64", "96", "--device", "cpu", "--recompute-sampling", "off",
+                      "--checkpoint-encoder", "off", "--threads", "1", "--json", "--readable-path"],
+                     ["--repeats", "2"]),
+    "memory-step": (["smca", "SMCA single-scale", "2", "--size", "64", "96", "--device", "cpu", "--recompute-sampling",
+                     "off", "--checkpoint-encoder", "off", "--threads", "1", "--readable-path"], ["--json"]),
+    "data-throughput": (["--images", "3", "--threads", "1", "--json"], ["--model", "smca"]),
+}
+
+
+@pytest.mark.parametrize("name", list(bench.SUBCOMMANDS))
+def test_bench_subcommands_take_their_own_options_only(name):
+    own, foreign = SUBCOMMAND_ARGV[name]
+    args = bench.parse_args([name, *own])
+    assert args.run is bench.SUBCOMMANDS[name] and args.threads == 1
+    with pytest.raises(SystemExit):
+        bench.parse_args([name, *own, *foreign])
+
+
+def test_bench_old_mode_flags_name_their_subcommand():
+    for name in set(bench.SUBCOMMANDS) - {"cost"}:
+        with pytest.raises(ValueError, match=f"--{name} is a subcommand now: python -m tools.bench {name} "):
+            bench.parse_args([f"--{name}", "--model", "smca"])
+
+
+def test_bench_rejects_bad_values(tiny_shapes):
     with pytest.raises(ValueError, match=r"--images 99: .*instances_val.json has only 3 images"):
         bench.main(["--data", tiny_shapes, "--images", "99"])
-    images = bench._val_images(tiny_shapes, 2, "cpu")  # val transforms: short side 800
-    assert len(images) == 2 and all(min(im.shape[1:]) == 800 or max(im.shape[1:]) in (1332, 1333) for im in images)
     with pytest.raises(ValueError, match="--size must be at least 64"):
-        bench.main(["--size", "32", "32"])
+        bench.parse_args(["profile", "--size", "32", "32"])
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
-            bench.main(["--device", "cuda"])
-    with pytest.raises(ValueError, match="--train-step runs the shapes recipe on the CPU"):
-        bench.main(["--train-step", "--size", "64", "64"])
-    with pytest.raises(ValueError, match="--set overrides the shapes Config of --train-step"):
-        bench.main(["--set", "rho=0.2"])
+            bench.parse_args(["train-memory", "--device", "cuda"])
     with pytest.raises(ValueError, match="--threads must be positive"):
-        bench.main(["--threads", "0"])
+        bench.parse_args(["data-throughput", "--threads", "0"])
+    with pytest.raises(ValueError, match="--steps must be positive"):
+        bench.parse_args(["train-step", "--steps", "0"])
     with pytest.raises(ValueError, match="is not a folder"):
-        bench.main(["--data", "/nowhere/coco"])
+        bench.parse_args(["fast-vs-reference", "--data", "/nowhere/coco"])
     with pytest.raises(SystemExit):
-        bench.main(["--model", "detr9000"])
+        bench.parse_args(["--model", "detr9000"])
+
+
+def test_bench_val_images_take_the_coco_val_transform(tiny_shapes):
+    images = bench._val_images(tiny_shapes, 2, "cpu")  # short side 800, long side at most 1333
+    assert len(images) == 2 and all(min(im.shape[1:]) == 800 or max(im.shape[1:]) in (1332, 1333) for im in images)
+
+
+def test_bench_memory_step_refuses_an_unknown_configuration_or_batch():
+    with pytest.raises(ValueError, match="has no configuration 'rho 0.9'; it has"):
+        bench.parse_args(["memory-step", "sparse_detr", "rho 0.9", "1"])
+    with pytest.raises(ValueError, match="the batch size must be positive, got 0"):
+        bench.parse_args(["memory-step", "sparse_detr", "rho 0.1", "0"])
+
+
+def test_bench_train_memory_runs_each_step_as_a_memory_step_command_of_the_same_settings(monkeypatch):
+    """On the CPU each step is `python -m tools.bench memory-step ...` in its own process, with train-memory's
+    settings."""
+    args = bench.parse_args(["train-memory", "--size", "96", "128", "--recompute-sampling", "off", "--threads", "1",
+                             "--readable-path"])
+    seen = []
+
+    def fake_run(cmd, **kwargs):
+        seen.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout='log\n{"peak_gb": 1.5}\n', stderr="")
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    assert bench.memory_step_in_a_process("lite_detr", "dense (Deformable DETR)", 2, args) == {"peak_gb": 1.5}
+    (cmd,) = seen
+    assert cmd[1:3] == ["-m", "tools.bench"]
+    step = bench.parse_args(cmd[3:])
+    assert step.run is bench.memory_step_command
+    assert (step.model, step.label, step.batch) == ("lite_detr", "dense (Deformable DETR)", 2)
+    assert (step.size, step.device, step.recompute_sampling, step.checkpoint_encoder, step.threads,
+            step.readable_path) == ([96, 128], "cpu", "off", "on", 1, True)
 
 
 def test_bench_saved_for_backward_splits_what_autograd_keeps_by_part():
@@ -256,18 +418,42 @@ def test_bench_memory_step_runs_a_coco_configuration_and_reports_its_peak():
     assert checkpointed["saved_gb"]["backbone"] == pytest.approx(kept["saved_gb"]["backbone"], rel=1e-9)
 
 
-def test_bench_data_throughput_times_each_stage_of_the_coco_transform(tmp_path):
+def test_bench_memory_table_gives_the_peak_per_added_image():
+    """docs/memory.md's DETR-baseline rows from their records: batch 2's peak less batch 1's, per added image."""
+    parts = dict(zip(bench.MEMORY_PARTS, (0.61, 0.0, 0.86, 0.0, 0.33, 0.01)))
+    one = {"model": "smca", "label": "DETR baseline (prior off)", "batch": 1, "peak_gb": 2.481, "saved_total_gb": 1.8,
+           "saved_gb": parts, "step_s": 14.2}
+    two = {**one, "batch": 2, "peak_gb": 4.382, "saved_total_gb": 3.54, "step_s": 26.1,
+           "saved_gb": dict(zip(bench.MEMORY_PARTS, (1.12, 0.0, 1.73, 0.0, 0.66, 0.03)))}
+    args = bench.parse_args(["train-memory", "--recompute-sampling", "off", "--checkpoint-encoder", "off"])
+    lines = bench.memory_table([one, two], args).splitlines()
+    assert lines[-2:] == [
+        "| smca | DETR baseline (prior off) | 1 | 2.48 | - | 1.80 | 0.61 | 0.00 | 0.86 | 0.00 | 0.33 | 0.01 | 14 |",
+        "| smca | DETR baseline (prior off) | 2 | 4.38 | 1.90 | 3.54 | 1.12 | 0.00 | 1.73 | 0.00 | 0.66 | 0.03 | 26 |"]
+    assert "800 x 1333" in lines[1] and "--recompute-sampling off --checkpoint-encoder off" in lines[1]
+
+
+def test_bench_coco_like_photos_are_coco_sized_jpegs(tmp_path):
     from PIL import Image
     (path,) = bench.coco_like_photos(str(tmp_path), 1)
     assert Image.open(path).size == (640, 480) and Image.open(path).format == "JPEG"
-    r = bench.data_throughput(bench.parse_args(["--data-throughput", "--images", "3"]))
+
+
+def test_bench_data_throughput_times_each_stage_of_the_coco_transform():
+    """The stages' ms per image add up to the rate, and the workers 8 GPUs x 2 images x 4 steps/s need follow."""
+    r = bench.data_throughput(3)
     assert set(r["ms"]) == set(bench.DATA_STAGES) and all(v > 0 for v in r["ms"].values())
     assert r["images_per_s"] == pytest.approx(1e3 / sum(r["ms"].values()))
     assert r["workers_needed"] == pytest.approx(64 / r["images_per_s"])
 
 
-def test_bench_memory_step_refuses_an_unknown_configuration_or_batch():
-    with pytest.raises(ValueError, match="has no configuration 'rho 0.9'; it has"):
-        bench.parse_args(["--memory-step", "sparse_detr", "rho 0.9", "1"])
-    with pytest.raises(ValueError, match="positive integer, got '0'"):
-        bench.parse_args(["--memory-step", "sparse_detr", "rho 0.1", "0"])
+def test_bench_data_throughput_line_reads_as_documented():
+    """docs/memory.md's line, from its record."""
+    ms = dict(zip(bench.DATA_STAGES, (3.36, 0.18, 7.26, 10.03)))
+    rate = 1e3 / sum(ms.values())
+    r = {"images_per_s": rate, "ms": ms, "threads": 1, "images": 100, "needed_images_per_s": 64,
+         "workers_needed": 64 / rate}
+    assert bench.data_throughput_line(r) == (
+        "COCO training transform, one process (1 torch threads), 100 640 x 480 JPEGs: 48.0 images/s; ms per image: "
+        "decode 3.4, flip 0.2, resize / crop 7.3, to tensor, normalise 10.0. 8 GPUs x 2 images x 4 steps/s = 64 "
+        "images/s: 1.3 such workers (0.2 per GPU)")

@@ -14,9 +14,10 @@ import data as datalib
 import detect
 import focus_detr
 import train
-from engine.runtime import run_cli
+from engine import pictures
+from engine.runtime import MODELS, model_module, run_cli
 from test_models import _detectron2_name
-from tests.helpers import (_official_file, _tiny_checkpoint)
+from tests.helpers import (OFFICIAL, _official_file, _tiny_checkpoint, tiny_smca)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,12 +129,12 @@ def test_detect_reports_a_failing_image_keeps_the_others_and_exits_non_zero(tiny
     results = json.load(open(out / "detections.json"))
     assert results and {(r["image_id"], r["file_name"]) for r in results} == {(1, good)}
     assert sorted(os.listdir(out)) == ["a_good.png", "detections.json"]  # nothing of the failed image
-    summary = detect.detect_files(detect.load_detector(str(ckpt)), detect.source_files(str(folder)),
-                                  str(tmp_path / "lib"), threshold=0.0)  # the library reports the two apart
+    summary = pictures.detect_files(detect.load_detector(str(ckpt)), detect.source_files(str(folder)),
+                                    str(tmp_path / "lib"), threshold=0.0)  # the library reports the two apart
     assert summary["images"] == 1 and summary["detections"] == len(results) and summary["skipped"] == [text]
     assert list(summary["failed"]) == [thin] and "too extreme to resize" in summary["failed"][thin]
     with pytest.raises(ValueError, match="aspect ratio 1:4000 too extreme to resize"):  # tall as well as wide
-        detect.detect_image(detect.load_detector(str(ckpt)), Image.new("RGB", (1, 4000)))
+        pictures.detect_image(detect.load_detector(str(ckpt)), Image.new("RGB", (1, 4000)))
 
 
 class Flaky(torch.nn.Module):
@@ -159,14 +160,14 @@ def test_detect_files_goes_on_past_a_model_or_drawing_error_and_writes_what_is_d
     det = detect.load_detector(str(ckpt))
     files = detect.source_files(os.path.join(tiny_shapes, "val"))  # 3 images
     flaky = dataclasses.replace(det, model=Flaky(det.model, 2, RuntimeError("out of memory (a stand-in)")))
-    summary = detect.detect_files(flaky, files, str(tmp_path / "model"), threshold=0.0)
+    summary = pictures.detect_files(flaky, files, str(tmp_path / "model"), threshold=0.0)
     assert summary["images"] == 2 and summary["skipped"] == [] and list(summary["failed"]) == [files[1]]
     assert "RuntimeError: out of memory (a stand-in)" in summary["failed"][files[1]]
     results = json.load(open(tmp_path / "model" / "detections.json"))
     assert {(r["image_id"], r["file_name"]) for r in results} == {(1, files[0]), (2, files[2])}
     assert len(results) == summary["detections"]
 
-    draw, calls = detect.visualize.draw_detections, []
+    draw, calls = pictures.visualize.draw_detections, []
 
     class HalfWritten:  # the third picture: written, then the disk is full
         def __init__(self, picture):
@@ -179,8 +180,8 @@ def test_detect_files_goes_on_past_a_model_or_drawing_error_and_writes_what_is_d
     def draw_failing_once(*args):
         calls.append(1)
         return HalfWritten(draw(*args)) if len(calls) == 3 else draw(*args)
-    monkeypatch.setattr(detect.visualize, "draw_detections", draw_failing_once)
-    summary = detect.detect_files(det, files, str(tmp_path / "draw"), threshold=0.0, explain=True)
+    monkeypatch.setattr(pictures.visualize, "draw_detections", draw_failing_once)
+    summary = pictures.detect_files(det, files, str(tmp_path / "draw"), threshold=0.0, explain=True)
     assert list(summary["failed"]) == [files[2]] and "drawing: OSError: disk full" in summary["failed"][files[2]]
     assert sorted(os.listdir(tmp_path / "draw")) == ["000000.jpg", "000000_explain.png", "000001.jpg",
                                                      "000001_explain.png", "detections.json"]
@@ -188,7 +189,7 @@ def test_detect_files_goes_on_past_a_model_or_drawing_error_and_writes_what_is_d
 
     stopped = dataclasses.replace(det, model=Flaky(det.model, 2, KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        detect.detect_files(stopped, files, str(tmp_path / "stopped"), threshold=0.0)
+        pictures.detect_files(stopped, files, str(tmp_path / "stopped"), threshold=0.0)
     results = json.load(open(tmp_path / "stopped" / "detections.json"))
     assert results and {r["file_name"] for r in results} == {files[0]}
 
@@ -256,10 +257,10 @@ def test_detect_and_eval_take_the_authors_weights(tiny_shapes, tmp_path, monkeyp
                                 {"args": argparse.Namespace(smooth=8)})
     det = detect.load_detector(path)
     assert det.name == "smca" and det.names[1] == "person" and det.model.cfg.num_queries == 20
+    assert det.threshold is None and detect.threshold_of(det)[0] == pictures.DEFAULT_THRESHOLD  # none chosen
     image = Image.open(os.path.join(tiny_shapes, "val", "000000.jpg")).convert("RGB").resize((96, 64))
     small = dataclasses.replace(det, transform=datalib.make_transforms("val", **datalib.SHAPES_SCALES))
-    dets, _ = detect.detect_image(small,
-                                  image, threshold=0.0)
+    dets, _ = pictures.detect_image(small, image, threshold=0.0)
     assert len(dets["scores"]) and set(dets["labels"].tolist()) <= set(det.names)
     result = train.main(["--model", "smca", "--data", tiny_shapes, "--eval-only", "--official", path, "--scales",
                          "shapes", "--output-dir", str(tmp_path / "eval"), "--batch-size", "3"])
@@ -290,9 +291,9 @@ def test_detect_turns_a_photo_upright_by_its_exif_orientation(tiny_shapes, tmp_p
     stored.save(photo, quality=98, exif=exif)
     assert Image.open(photo).size == (upright.height, upright.width)
     seen = []
-    detect_image = detect.detect_image
-    monkeypatch.setattr(detect, "detect_image", lambda det, image, *a: seen.append(image) or detect_image(det, image,
-                                                                                                            *a))
+    detect_image = pictures.detect_image
+    monkeypatch.setattr(pictures, "detect_image", lambda det, image, *a: seen.append(image) or detect_image(det, image,
+                                                                                                              *a))
     detect.main(["--checkpoint", str(ckpt), "--source", str(photo), "--out", str(tmp_path / "out"),
                  "--threshold", "0"])
     (image,) = seen
@@ -303,3 +304,50 @@ def test_detect_turns_a_photo_upright_by_its_exif_orientation(tiny_shapes, tmp_p
     results = json.load(open(tmp_path / "out" / "detections.json"))
     assert results and all(r["bbox"][0] + r["bbox"][2] <= upright.width + 0.01 and
                            r["bbox"][1] + r["bbox"][3] <= upright.height + 0.01 for r in results)
+
+
+def test_detect_asks_each_model_file_whether_a_file_is_its_authors():
+    """official_model asks every model file's is_official (the keys its from_official requires): each authors' file
+    is claimed by its own model file and no other; Lite DETR's claims none and its OFFICIAL_WEIGHTS says why; our
+    state dicts are nobody's."""
+    owners = {"smca_single_scale.pt": "smca", "sparse_detr_rho0.1.pt": "sparse_detr",
+              "deformable_detr_two_stage_refine.pt": "sparse_detr", "focus_detr_r50_12ep_small.pt": "focus_detr"}
+    for fixture, owner in owners.items():
+        state = torch.load(os.path.join(OFFICIAL, fixture), weights_only=True)["state_dict"]
+        assert [name for name in MODELS if model_module(name).is_official(state)] == [owner], fixture
+        assert detect.official_model(state) == owner
+    ours = model_module("smca").build(tiny_smca())[0].state_dict()
+    assert detect.official_model(ours) is None and detect.official_model({}) is None
+    for name in MODELS:
+        module = model_module(name)
+        assert isinstance(module.OFFICIAL_WEIGHTS, str) and module.OFFICIAL_WEIGHTS
+        assert hasattr(module, "from_official") == (name != "lite_detr")
+    assert "Lite-DINO only" in model_module("lite_detr").OFFICIAL_WEIGHTS
+
+
+def test_detect_draws_above_the_checkpoints_chosen_threshold(tiny_shapes, tmp_path, capsys):
+    """Without --threshold, detect.py keeps the detections scoring at least the threshold train.py chose and stored
+    in the checkpoint, and says so; a checkpoint without one gets 0.3, saying why; --threshold overrides both."""
+    ckpt = tmp_path / "ckpt.pth"
+    _tiny_checkpoint(ckpt, tiny_shapes)
+    source = os.path.join(tiny_shapes, "val")
+    plain = detect.main(["--checkpoint", str(ckpt), "--source", source, "--out", str(tmp_path / "plain")])
+    assert plain["threshold"] == pictures.DEFAULT_THRESHOLD == 0.3
+    assert "threshold 0.3 (the default: these weights carry no threshold chosen" in capsys.readouterr().out
+    scores = sorted(r["score"] for r in json.load(open(tmp_path / "plain" / "detections.json")))
+    assert len(scores) > 2 and scores[0] < scores[-1]
+    chosen = {"value": (scores[0] + scores[-1]) / 2, "f1": 0.5, "precision": 0.4, "recall": 0.6, "images": 3,
+              "steps": 2, "how": "a stand-in"}
+    torch.save({**torch.load(ckpt, weights_only=False), "threshold": chosen}, tmp_path / "chosen.pth")
+    assert detect.load_detector(str(tmp_path / "chosen.pth")).threshold == chosen
+    summary = detect.main(["--checkpoint", str(tmp_path / "chosen.pth"), "--source", source, "--out",
+                           str(tmp_path / "chosen")])
+    assert summary["threshold"] == chosen["value"]
+    assert f"threshold {chosen['value']:g} (the checkpoint's: the best F1 on the val split, 0.50" in \
+        capsys.readouterr().out
+    kept = [r["score"] for r in json.load(open(tmp_path / "chosen" / "detections.json"))]
+    assert kept == [s for s in kept if s >= chosen["value"]] and len(kept) == sum(s >= chosen["value"] for s in scores)
+    given = detect.main(["--checkpoint", str(tmp_path / "chosen.pth"), "--source", source, "--out",
+                         str(tmp_path / "given"), "--threshold", "0.3"])
+    assert given["threshold"] == 0.3 and given["detections"] == plain["detections"]
+    assert "threshold 0.3 (as given)" in capsys.readouterr().out

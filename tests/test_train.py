@@ -43,9 +43,19 @@ def test_train_resume_matches_uninterrupted_run(tiny_shapes, tmp_path):
     pictures = sorted(os.listdir(tmp_path / "b" / "pictures-after-step-4"))  # the run ends with detect.py's pictures
     assert pictures == ["000000.jpg", "000000_explain.png", "000001.jpg", "000001_explain.png", "000002.jpg",
                         "000002_explain.png", "detections.json"]
-    assert torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)["categories"][2] == "circle"
+    saved = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)
+    assert saved["categories"][2] == "circle"
+    # the last evaluation chose the threshold of the best F1 on val: in the checkpoint, the log, the pictures
+    chosen = result["threshold"]
+    assert saved["threshold"] == chosen and chosen["images"] == 3 and chosen["steps"] == 4 and "IoU >= 0.5" in \
+        chosen["how"] and 0.05 <= chosen["value"] <= 0.95 and 0 <= chosen["f1"] <= 1
+    with open(tmp_path / "b" / "log.jsonl") as f:
+        assert [r for r in map(json.loads, f) if r["type"] == "eval"][-1]["threshold"] == chosen
+    with open(tmp_path / "b" / "pictures-after-step-4" / "detections.json") as f:
+        assert all(r["score"] >= chosen["value"] - 1e-5 for r in json.load(f))
     evaluated = train.main(_train_args(tiny_shapes, tmp_path / "b", "--eval-only"))  # uses b's checkpoint
     assert evaluated["stats"] == pytest.approx(result["stats"])
+    assert evaluated["threshold"]["value"] == chosen["value"]
     # the same output dir without --resume, or with another config, is refused (nothing overwritten)
     with pytest.raises(ValueError, match="--resume auto"):
         train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "3"))
@@ -55,14 +65,6 @@ def test_train_resume_matches_uninterrupted_run(tiny_shapes, tmp_path):
         train.main(_train_args(tiny_shapes, tmp_path / "c", "--epochs", "3", "--resume", str(tmp_path / "weights.pth")))
     with pytest.raises(ValueError, match="hidden_dim: checkpoint 32 vs now 64"):
         train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "3", "--resume", "auto") + ["hidden_dim=64"])
-    # a checkpoint written before a Config field existed ran as the field's default: still compatible
-    old = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)
-    del old["config"]["beta"]
-    torch.save(old, tmp_path / "older.pth")
-    train.main(_train_args(tiny_shapes, tmp_path / "c", "--eval-only", "--resume", str(tmp_path / "older.pth")))
-    with pytest.raises(ValueError, match="beta: checkpoint 8.0 vs now 4.0"):
-        train.main(_train_args(tiny_shapes, tmp_path / "d", "--eval-only", "--resume", str(tmp_path / "older.pth"))
-                   + ["beta=4"])
 
 
 def test_train_loader_augments_from_the_datasets_own_random_stream(tiny_shapes):
@@ -174,7 +176,7 @@ def test_train_lr_backbone_zero_freezes_the_backbone(tiny_shapes, tmp_path):
 
 def test_train_time_budget_stops_saves_and_evaluates(tiny_shapes, tmp_path):
     """--time-budget: training stops at the first iteration past the budget, the partial epoch is saved
-    and evaluated (with the training seconds and inference ms logged); a resume trains no further."""
+    and evaluated (with the training seconds logged); a resume trains no further."""
     with pytest.raises(ValueError, match="--time-budget must be a positive"):
         train.main(_train_args(tiny_shapes, tmp_path / "x", "--epochs", "1", "--time-budget", "0"))
     result = train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "3", "--time-budget", "1e-7"))
@@ -184,7 +186,7 @@ def test_train_time_budget_stops_saves_and_evaluates(tiny_shapes, tmp_path):
     assert ckpt["epoch"] == 0 and ckpt["epoch_fraction"] == 0.5 and ckpt["train_s"] > 0
     with open(tmp_path / "b" / "log.jsonl") as f:
         evals = [r for r in map(json.loads, f) if r["type"] == "eval"]
-    assert len(evals) == 1 and evals[0]["epoch_fraction"] == 0.5 and evals[0]["infer_ms_per_image"] > 0
+    assert len(evals) == 1 and evals[0]["epoch_fraction"] == 0.5 and "infer_ms_per_image" not in evals[0]
     assert evals[0]["train_s"] == pytest.approx(ckpt["train_s"])
     train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "3", "--time-budget", "1e-7", "--resume", "auto"))
     assert len(_train_losses(tmp_path / "b")) == 1  # the budget is spent: nothing more trained

@@ -1,6 +1,16 @@
 """Efficiency, measured: every model against its dense baseline, next to what its paper reports.
 (Training experiments, the leaderboard among them, are in tools/experiments.py.)
 
+    python -m tools.bench cost               # docs/cost.md: each model against its dense baseline (the default)
+    python -m tools.bench fast-vs-reference  # docs/fast-paths.md: the inference fast paths against the readable path
+    python -m tools.bench profile            # docs/fast-paths.md: where a forward's time goes, by module and op group
+    python -m tools.bench train-step         # docs/training-speed.md: where a shapes-recipe training step's time goes
+    python -m tools.bench train-memory       # docs/memory.md: peak memory of a COCO training step, batch 1 and 2
+    python -m tools.bench memory-step MODEL LABEL BATCH  # docs/memory.md: one such step in this process, as JSON
+    python -m tools.bench data-throughput    # docs/memory.md: images/s of the COCO training transform, one worker
+
+`python -m tools.bench SUBCOMMAND -h` lists a subcommand's options. Without a subcommand, bench runs `cost`:
+
     python -m tools.bench                          # all four models and their baselines, 800 x 1333, CPU
     python -m tools.bench --model lite_detr        # one model (smca, sparse_detr, lite_detr, focus_detr)
     python -m tools.bench --size 512 640 --repeats 5
@@ -8,13 +18,8 @@
     python -m tools.bench --data PATH --images 100 # GMACs averaged over the first 100 val images (as the papers)
     python -m tools.bench --device cuda --amp bf16 # GPU: synchronised timing at batch 1 and 4 (FPS, B4FPS)
     python -m tools.bench --json                   # one JSON record per model configuration, nothing else
-    python -m tools.bench --fast-vs-reference      # the inference fast paths against the readable reference
-    python -m tools.bench --profile                # where a forward's time goes, by module and op group
-    python -m tools.bench --train-step             # where a training step of each shapes recipe spends its time
-    python -m tools.bench --train-memory           # peak memory of a COCO training step, batch 1 and 2, by part
-    python -m tools.bench --data-throughput        # images/s of the COCO training transform in one worker
 
-What is measured, per configuration (R50, the paper's COCO Config, random weights: cost does not
+What `cost` measures, per configuration (R50, the paper's COCO Config, random weights: cost does not
 depend on them):
 - params: every parameter of the model, frozen ones included (as the papers count them).
 - GMACs: torch.utils.flop_counter.FlopCounterMode (matmuls and convolutions, 2 FLOPs per
@@ -281,8 +286,17 @@ def measure(module, configs, args, images):
 
 
 # ---------------------------------------------------------------------------------------------
-# The efficiency tables
+# cost: the efficiency tables (the default subcommand; docs/cost.md)
 # ---------------------------------------------------------------------------------------------
+
+
+def input_images(data, n, size, device):
+    """What the inference subcommands run on: the first n val images of the COCO-format root `data`, or one random
+    image of `size` -> (images, the label the headers and records give them)."""
+    if data:
+        return _val_images(data, n, device), f"first {n} val images of {data}, timed on the first"
+    torch.manual_seed(0)
+    return [torch.randn(3, *size, device=device)], f"{size[0]}x{size[1]}"
 
 
 def _ratio(ours, paper, derived=False):
@@ -318,18 +332,26 @@ def bench_model(name, args, images, config=None):
     return records
 
 
-def print_table(name, records, args):
+def cost_header(args):
+    """The line above the cost tables: the input, device, amp, threads, path and rounds."""
+    path = "readable path" if args.readable_path else "inference fast paths"
+    return (f"bench: {args.size_label}, {args.device}, amp {args.amp}, {torch.get_num_threads()} threads, {path}, "
+            f"median of {args.repeats} after a warm-up; GMACs = FlopCounterMode / 2 + grid_sample 4 per value")
+
+
+def cost_table(name, records, batch_sizes):
+    """One suite's records -> its table under a heading with the baseline's figures and the paper's source."""
     suite = SUITES[name]
     r0 = records[0]
-    print(f"\n### {name}: against {r0['baseline']} ({r0['baseline_params'] / 1e6:.1f} M parameters, "
-          f"{r0['baseline_gmacs']:.1f} GMACs, encoder {r0['baseline_encoder_gmacs']:.1f}, "
-          f"{r0['baseline_ms']:.0f} ms +- {r0['baseline_ms_spread'] / 2:.0f}, "
-          f"encoder {r0['baseline_encoder_ms']:.0f} ms)")
-    print(f"Paper figures: {suite.source}\n")
-    b4 = [b for b in args.batch_sizes[1:]]
-    print("| configuration | params (M) | GMACs | vs base | paper | encoder GMACs | vs base | paper | ms | vs base | "
-          "paper | encoder ms | vs base |" + "".join(f" ms B{b} | vs base |" for b in b4))
-    print("|---" * (13 + 2 * len(b4)) + "|")
+    b4 = list(batch_sizes[1:])
+    lines = [f"\n### {name}: against {r0['baseline']} ({r0['baseline_params'] / 1e6:.1f} M parameters, "
+             f"{r0['baseline_gmacs']:.1f} GMACs, encoder {r0['baseline_encoder_gmacs']:.1f}, "
+             f"{r0['baseline_ms']:.0f} ms +- {r0['baseline_ms_spread'] / 2:.0f}, "
+             f"encoder {r0['baseline_encoder_ms']:.0f} ms)",
+             f"Paper figures: {suite.source}\n",
+             "| configuration | params (M) | GMACs | vs base | paper | encoder GMACs | vs base | paper | ms | vs base "
+             "| paper | encoder ms | vs base |" + "".join(f" ms B{b} | vs base |" for b in b4),
+             "|---" * (13 + 2 * len(b4)) + "|"]
     for r in records:
         t = r["ms"] is not None
         cells = [r["label"], f"{r['params'] / 1e6:.2f}", f"{r['gmacs']:.1f}",
@@ -344,11 +366,26 @@ def print_table(name, records, args):
         for b in b4:
             cells += [f"{r[f'ms_b{b}']:.0f}" if t else "-",
                       f"{r[f'ms_b{b}'] / r[f'baseline_ms_b{b}']:.3f}" if t else "-"]
-        print("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def cost(args):
+    """The `cost` subcommand: each suite measured (bench_model) and printed as it is done, as its table or as JSON
+    lines -> the records."""
+    images, args.size_label = input_images(args.data, args.images, args.size, args.device)
+    if not args.json:
+        print(cost_header(args))
+    records = []
+    for name in args.model or list(SUITES):
+        recs = bench_model(name, args, images)
+        records += recs
+        print("\n".join(map(json.dumps, recs)) if args.json else cost_table(name, recs, args.batch_sizes), flush=True)
+    return records
 
 
 # ---------------------------------------------------------------------------------------------
-# The inference fast paths against the readable reference (common.fast_paths)
+# fast-vs-reference: the inference fast paths against the readable reference (common.fast_paths)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -396,12 +433,46 @@ def fast_vs_reference(name, args, image):
     return rows
 
 
+FAST_VS_REFERENCE_HEADER = ("| model | configuration | reference ms | fast ms | speedup | max diff logits / boxes | "
+                            "max diff of the scores a top-k selects from |\n|---|---|---|---|---|---|---|")
+
+
+def fast_vs_reference_line(r):
+    """One fast_vs_reference record -> its table row."""
+    sel_diff = r["selection_scores_diff"]
+    sel_text = "-" if sel_diff is None else format(sel_diff, ".1e")
+    return (f"| {r['model']} | {r['label']} | {r['ms_reference']:.0f} | {r['ms_fast']:.0f} | {r['speedup']:.2f}x | "
+            f"{r['logits_diff']:.1e} / {r['boxes_diff']:.1e} | {sel_text} |")
+
+
+def fast_vs_reference_command(args):
+    """The `fast-vs-reference` subcommand: each suite's rows, printed as they are measured -> the rows."""
+    images, args.size_label = input_images(args.data, args.images, args.size, args.device)
+    if not args.json:
+        print(f"bench fast-vs-reference: {args.size_label}, {args.device}, {torch.get_num_threads()} threads, "
+              f"median of {args.repeats} after a warm-up, the readable and the fast path interleaved")
+        print(FAST_VS_REFERENCE_HEADER)
+    records = []
+    for name in args.model or list(SUITES):
+        rows = fast_vs_reference(name, args, images[0])
+        records += rows
+        print("\n".join(json.dumps(r) if args.json else fast_vs_reference_line(r) for r in rows), flush=True)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# profile: where a forward's time goes, by module and op group (docs/fast-paths.md)
+# ---------------------------------------------------------------------------------------------
+
 OP_GROUPS = {"convolutions": ("aten::mkldnn_convolution", "aten::convolution"),
              "grid_sample": ("aten::grid_sampler_2d",),
              "matrix products": ("aten::addmm", "aten::mm", "aten::bmm", "aten::_native_multi_head_attention"),
              "elementwise": ("aten::mul", "aten::add", "aten::addcmul_", "aten::add_", "aten::sum", "aten::clamp_min",
                              "aten::clamp_min_", "aten::div", "aten::sub", "aten::softmax", "aten::_softmax"),
              "copies": ("aten::copy_", "aten::cat", "aten::fill_", "aten::zero_")}
+
+PROFILE_SPANS = ("backbone", "input projections", "encoder", "decoder", "rest")  # the hooked modules, and the rest
+PROFILE_PATHS = ("reference", "fast")
 
 
 def profile_forward(model, inputs, spans, torch_profile, activity):
@@ -435,28 +506,59 @@ def profile_forward(model, inputs, spans, torch_profile, activity):
             "ops_other": sum(ops.values()) - sum(groups.values())}
 
 
-def profile(name, image, overrides=None):
-    """One forward of the suite's first timed variant (or `overrides`), reference and fast path: ms in
-    the backbone, the input projections, the encoder, the decoder and the rest (hooks), and the
-    self CPU ms of each op group (torch.profiler). -> {"reference": {...}, "fast": {...}}"""
+def profile(name, image, variant=None):
+    """One forward of `variant` of the suite (default: its first timed variant) on the CPU, reference and fast
+    path: ms in the backbone, the input projections, the encoder, the decoder and the rest (hooks), and the
+    self CPU ms of each op group (torch.profiler). -> {"model", "label", "reference": {...}, "fast": {...}}"""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
     module = model_module(name)
-    v = next(v for v in SUITES[name].variants if v.timed) if overrides is None else Variant("given", overrides)
+    v = variant or next(v for v in SUITES[name].variants if v.timed)
     torch.manual_seed(0)
     model = module.build(make_config(module, v.overrides))[0].eval()
     inputs = (image[None], torch.zeros(1, *image.shape[1:], dtype=torch.bool))
     spans = {"backbone": [model.backbone], "input projections": list(model.input_proj),
              "encoder": [model.encoder], "decoder": [model.decoder]}
     result = {}
-    for mode, fast in (("reference", False), ("fast", True)):
+    for mode, fast in zip(PROFILE_PATHS, (False, True)):
         with fast_paths(fast):
             result[mode] = profile_forward(model, inputs, spans, torch_profile, ProfilerActivity)
     return {"model": name, "label": v.label, **result}
 
 
+PROFILE_HEADER = ("| model | path | total ms | " + " | ".join(PROFILE_SPANS) + " | " + " | ".join(OP_GROUPS)
+                  + " | other ops |\n" + "|---" * (4 + len(PROFILE_SPANS) + len(OP_GROUPS)) + "|")
+
+
+def profile_lines(r):
+    """One profile record -> its table rows, the reference path's and the fast path's."""
+    lines = []
+    for mode in PROFILE_PATHS:
+        m = r[mode]
+        lines.append(f"| {r['model']}: {r['label']} | {mode} | {m['total']:.0f} | "
+                     + " | ".join(f"{m[c]:.0f}" for c in PROFILE_SPANS) + " | "
+                     + " | ".join(f"{m['ops'][g]:.0f}" for g in OP_GROUPS) + f" | {m['ops_other']:.0f} |")
+    return "\n".join(lines)
+
+
+def profile_command(args):
+    """The `profile` subcommand: each suite's baseline and first timed variant, printed as they are profiled -> the
+    records."""
+    images, size_label = input_images(args.data, args.images, args.size, "cpu")
+    if not args.json:
+        print(f"bench profile: {size_label}, cpu, {torch.get_num_threads()} threads; one forward per path after a "
+              "warm-up: ms by module (forward hooks), self CPU ms by op group (torch.profiler)")
+        print(PROFILE_HEADER)
+    records = []
+    for name in args.model or list(SUITES):
+        for v in [SUITES[name].baseline, next(v for v in SUITES[name].variants if v.timed)]:
+            records.append(profile(name, images[0], v))
+            print(json.dumps(records[-1]) if args.json else profile_lines(records[-1]), flush=True)
+    return records
+
+
 # ---------------------------------------------------------------------------------------------
-# One training step of a model's shapes recipe, part by part (--train-step)
+# train-step: one training step of a model's shapes recipe, part by part (docs/training-speed.md)
 # ---------------------------------------------------------------------------------------------
 
 TRAIN_PARTS = ("data", "backbone", "encoder", "decoder", "forward rest", "matcher", "losses",
@@ -477,14 +579,24 @@ class StepClock:
     memory and the first of the backbone's features' gradients are complete (tensor hooks): the CPU autograd
     engine runs the graph in reverse creation order, so the decoder's backward (heads and losses included) ends
     when memory's gradient is complete and the encoder's (with the input projections) when the deepest
-    feature's is (C3 and C4 feed the later stages: theirs complete inside the backbone's backward)."""
+    feature's is (C3 and C4 feed the later stages: theirs complete inside the backbone's backward). The clipping
+    (train.optimizer_step's unscaling and clip_grad_norm_) ends as train.optimizer_step calls run.scaler.step,
+    wrapped likewise; the optimizer part is the rest of train.optimizer_step (the step, the scaler's update,
+    zero_grad)."""
 
-    def __init__(self, model, criterion):
+    def __init__(self, run):
         self.seconds, self.grad_done = dict.fromkeys(TRAIN_PARTS + ("criterion",), 0.0), {}
-        for obj, method, part in ((model.backbone, "forward", "backbone"), (model, "encode", "encoder"),
-                                  (model, "decode", "decoder"), (criterion.matcher, "forward", "matcher"),
-                                  (criterion, "forward", "criterion")):
+        self.clipped = None  # when the clipping of the current step ended
+        for obj, method, part in ((run.model.backbone, "forward", "backbone"), (run.model, "encode", "encoder"),
+                                  (run.model, "decode", "decoder"), (run.criterion.matcher, "forward", "matcher"),
+                                  (run.criterion, "forward", "criterion")):
             self._wrap(obj, method, part)
+        scaler_step = run.scaler.step
+
+        def step_after_clipping(*args, **kwargs):
+            self.clipped = time.perf_counter()
+            return scaler_step(*args, **kwargs)
+        run.scaler.step = step_after_clipping  # an instance attribute, as _wrap's
 
     def _wrap(self, obj, method, part):
         inner = getattr(obj, method)
@@ -514,20 +626,23 @@ class StepClock:
         loss, _ = train.forward_loss(run, images, pad_mask, targets)
         t2 = time.perf_counter()
         sec["forward rest"] += (t2 - t1) - sum(sec[p] - before[p] for p in before)
-        marks = {}
         self.grad_done.clear()
+        self.clipped = None
         run.scaler.scale(loss).backward()
-        marks["backward"] = time.perf_counter()
-        train.optimizer_step(run, mark=lambda part: marks.setdefault(part, time.perf_counter()))
+        backward_done = time.perf_counter()
+        train.optimizer_step(run)
         t3 = time.perf_counter()
         if "encoder" not in self.grad_done:
             raise RuntimeError("the encoder's memory got no gradient: its backward cannot be told from the decoder's")
-        mem, feats = self.grad_done["encoder"], self.grad_done.get("backbone", marks["backward"])  # frozen: none
+        if self.clipped is None:
+            raise RuntimeError("train.optimizer_step did not call run.scaler.step: the clipping cannot be told from "
+                               "the optimizer step")
+        mem, feats = self.grad_done["encoder"], self.grad_done.get("backbone", backward_done)  # frozen: none
         sec["backward: decoder, heads, losses"] += mem - t2
         sec["backward: encoder"] += feats - mem
-        sec["backward: backbone"] += marks["backward"] - feats
-        sec["clip"] += marks["clip"] - marks["backward"]
-        sec["optimizer"] += t3 - marks["clip"]
+        sec["backward: backbone"] += backward_done - feats
+        sec["clip"] += self.clipped - backward_done
+        sec["optimizer"] += t3 - self.clipped
         return t3 - t0, loss.item()
 
 
@@ -563,7 +678,7 @@ def profile_train_step(name, steps, warmup=2, sets=(), amp=None, top_ops=8, root
     run, train_set = training_run(name, sets, amp, root, backbone)
     run.model.train()
     run.criterion.train()
-    clock = StepClock(run.model, run.criterion)
+    clock = StepClock(run)
     batches = (batch for epoch in itertools.count()  # train.py's batches, epoch after epoch
                for batch in train.make_loader(train_set, run.args.batch_size, True, run.args.seed, epoch, 0, 1, 0))
     for _ in range(warmup):
@@ -582,20 +697,37 @@ def profile_train_step(name, steps, warmup=2, sets=(), amp=None, top_ops=8, root
             "loss": [loss for _, loss in timed]}
 
 
-def print_train_profile(records):
-    print("| model | steps/s | ms per step | " + " | ".join(TRAIN_PARTS) + " |")
-    print("|---" * (3 + len(TRAIN_PARTS)) + "|")
+def train_step_table(records):
+    """profile_train_step's records -> their table, then each model's most expensive ops."""
+    lines = ["| model | steps/s | ms per step | " + " | ".join(TRAIN_PARTS) + " |",
+             "|---" * (3 + len(TRAIN_PARTS)) + "|"]
     for r in records:
         label = r["model"] + "".join(f" {s}" for s in r["sets"]) + (f" (amp {r['amp']})" if r["amp"] != "off" else "")
-        print(f"| {label} | {r['steps_per_s']:.2f} | {r['ms_per_step']:.0f} | "
-              + " | ".join(f"{r['ms'][p]:.0f}" for p in TRAIN_PARTS) + " |")
-    print("\nself CPU ms of the most expensive ops in one profiled step:")
-    for r in records:
-        print(f"- {r['model']}: " + ", ".join(f"{op} {t:.0f}" for op, t in r["top_ops"]))
+        lines.append(f"| {label} | {r['steps_per_s']:.2f} | {r['ms_per_step']:.0f} | "
+                     + " | ".join(f"{r['ms'][p]:.0f}" for p in TRAIN_PARTS) + " |")
+    lines.append("\nself CPU ms of the most expensive ops in one profiled step:")
+    lines += [f"- {r['model']}: " + ", ".join(f"{op} {t:.0f}" for op, t in r["top_ops"]) for r in records]
+    return "\n".join(lines)
+
+
+def train_step(args):
+    """The `train-step` subcommand: each model's profile_train_step, as JSON lines while they are measured or as
+    one table at the end -> the records."""
+    if not args.json:
+        print(f"bench train-step: each model's shapes recipe (batch 8), {torch.get_num_threads()} threads, "
+              f"amp {args.amp or 'as train.py'}; ms per step, mean of {args.steps} after 2 warm-up steps")
+    records = []
+    for name in args.model or list(SUITES):
+        records.append(profile_train_step(name, args.steps, sets=args.set, amp=args.amp))
+        if args.json:
+            print(json.dumps(records[-1]), flush=True)
+    if not args.json:
+        print(train_step_table(records))
+    return records
 
 
 # ---------------------------------------------------------------------------------------------
-# Training memory at COCO scale (--train-memory)
+# train-memory, memory-step: training memory at COCO scale (docs/memory.md)
 # ---------------------------------------------------------------------------------------------
 
 DEFORMABLE = ("MSDeformAttn", "KeyAwareDeformableAttention")  # the modules that run the deformable sampling
@@ -708,10 +840,54 @@ MEMORY_PARTS = ("backbone", "encoder: deformable attention", "encoder: rest", "d
 MEMORY_BATCHES = (1, 2)
 
 
+def memory_step_command(args):
+    """The `memory-step` subcommand (what train-memory runs in each process): memory_step, printed as JSON -> its
+    record."""
+    record = memory_step(args.model, args.label, args.batch, tuple(args.size), args.device,
+                         args.recompute_sampling == "on", args.checkpoint_encoder == "on")
+    print(json.dumps(record))
+    return record
+
+
+def memory_step_in_a_process(name, label, batch, args):
+    """memory_step in a fresh `python -m tools.bench memory-step` process (its own peak RSS) -> its record."""
+    cmd = [sys.executable, "-m", "tools.bench", "memory-step", name, label, str(batch),
+           "--size", *map(str, args.size), "--device", args.device, "--recompute-sampling", args.recompute_sampling,
+           "--checkpoint-encoder", args.checkpoint_encoder]
+    cmd += ["--readable-path"] if args.readable_path else []
+    cmd += ["--threads", str(args.threads)] if args.threads else []
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode:
+        raise ValueError(f"the memory step of {name} ({label}, batch {batch}) failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def memory_table(records, args):
+    """memory_step's records -> their table under a line saying what was run; "per added image" is a configuration's
+    peak at a batch above 1 less its peak at batch 1, per added image."""
+    what = "peak RSS of the process" if args.device == "cpu" else "torch's peak CUDA allocation"
+    lines = [f"\none training step (forward, loss, backward, AdamW) at {args.size[0]} x {args.size[1]}, 3 boxes per "
+             f"image, {args.device}, {torch.get_num_threads()} threads, --recompute-sampling {args.recompute_sampling} "
+             f"--checkpoint-encoder {args.checkpoint_encoder}"
+             f"{', readable path' if args.readable_path else ''}; peak: {what}; GB saved for the backward pass by part "
+             "(storages counted once, parameters excluded)\n",
+             "| model | configuration | batch | peak GB | per added image GB | saved for backward GB | "
+             + " | ".join(MEMORY_PARTS) + " | step s |",
+             "|---" * (7 + len(MEMORY_PARTS)) + "|"]
+    for r in records:
+        one = next((o for o in records if (o["model"], o["label"], o["batch"]) == (r["model"], r["label"], 1)), None)
+        added = None if one is None or r["batch"] == 1 else (r["peak_gb"] - one["peak_gb"]) / (r["batch"] - 1)
+        per_image = "-" if added is None else f"{added:.2f}"
+        lines.append(f"| {r['model']} | {r['label']} | {r['batch']} | {r['peak_gb']:.2f} | {per_image} | "
+                     f"{r['saved_total_gb']:.2f} | "
+                     + " | ".join(f"{r['saved_gb'].get(p, 0.0):.2f}" for p in MEMORY_PARTS) + f" | {r['step_s']:.0f} |")
+    return "\n".join(lines)
+
+
 def train_memory(args):
-    """Each model's COCO configuration and its dense base at MEMORY_BATCHES, each step in its own process on the
-    CPU (so each peak RSS is its own; on CUDA torch's peak is reset per step, in this process) -> records, and the
-    table."""
+    """The `train-memory` subcommand: each model's COCO configuration and its dense base at MEMORY_BATCHES, each step
+    in its own process on the CPU (so each peak RSS is its own; on CUDA torch's peak is reset per step, in this
+    process), as JSON lines while they are measured or as one table at the end -> the records."""
     records = []
     for name in args.model or list(SUITES):
         suite = SUITES[name]
@@ -725,44 +901,12 @@ def train_memory(args):
                 if args.json:
                     print(json.dumps(records[-1]), flush=True)
     if not args.json:
-        print_memory_table(records, args)
+        print(memory_table(records, args))
     return records
 
 
-def memory_step_in_a_process(name, label, batch, args):
-    """memory_step in a fresh `python -m tools.bench --memory-step` process (its own peak RSS) -> its record."""
-    cmd = [sys.executable, "-m", "tools.bench", "--memory-step", name, label, str(batch),
-           "--size", *map(str, args.size), "--device", args.device, "--recompute-sampling", args.recompute_sampling,
-           "--checkpoint-encoder", args.checkpoint_encoder]
-    cmd += ["--readable-path"] if args.readable_path else []
-    cmd += ["--threads", str(args.threads)] if args.threads else []
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if done.returncode:
-        raise ValueError(f"the memory step of {name} ({label}, batch {batch}) failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def print_memory_table(records, args):
-    what = "peak RSS of the process" if args.device == "cpu" else "torch's peak CUDA allocation"
-    print(f"\none training step (forward, loss, backward, AdamW) at {args.size[0]} x {args.size[1]}, 3 boxes per "
-          f"image, {args.device}, {torch.get_num_threads()} threads, --recompute-sampling {args.recompute_sampling} "
-          f"--checkpoint-encoder {args.checkpoint_encoder}"
-          f"{', readable path' if args.readable_path else ''}; peak: {what}; GB saved for the backward pass by part "
-          "(storages counted once, parameters excluded)\n")
-    print("| model | configuration | batch | peak GB | per added image GB | saved for backward GB | "
-          + " | ".join(MEMORY_PARTS) + " | step s |")
-    print("|---" * (7 + len(MEMORY_PARTS)) + "|")
-    for r in records:
-        one = next((o for o in records if (o["model"], o["label"], o["batch"]) == (r["model"], r["label"], 1)), None)
-        added = None if one is None or r["batch"] == 1 else (r["peak_gb"] - one["peak_gb"]) / (r["batch"] - 1)
-        per_image = "-" if added is None else f"{added:.2f}"
-        print(f"| {r['model']} | {r['label']} | {r['batch']} | {r['peak_gb']:.2f} | {per_image} | "
-              f"{r['saved_total_gb']:.2f} | " + " | ".join(f"{r['saved_gb'].get(p, 0.0):.2f}" for p in MEMORY_PARTS)
-              + f" | {r['step_s']:.0f} |", flush=True)
-
-
 # ---------------------------------------------------------------------------------------------
-# The COCO training transform's throughput (--data-throughput)
+# data-throughput: the COCO training transform's throughput (docs/memory.md)
 # ---------------------------------------------------------------------------------------------
 
 DATA_STAGES = ("decode", "flip", "resize / crop", "to tensor, normalise")
@@ -785,13 +929,13 @@ def coco_like_photos(folder, n, size=(640, 480), seed=0):
     return paths
 
 
-def data_throughput(args):
+def data_throughput(images):
     """The COCO training transform (data.make_transforms("train", **COCO_SCALES): flip, multi-scale resize or
-    resize-crop-resize, to tensor and normalise) on COCO-sized JPEGs in one process, the work of one loader
+    resize-crop-resize, to tensor and normalise) on `images` COCO-sized JPEGs in one process, the work of one loader
     worker, stage by stage -> {"images_per_s", "ms": {stage: ms per image}}, and the workers it takes to feed
     8 GPUs x 2 images at 4 steps per second."""
     folder = tempfile.mkdtemp(prefix="coco-like-")
-    paths = coco_like_photos(folder, args.images)
+    paths = coco_like_photos(folder, images)
     flip, select, to_tensor = datalib.make_transforms("train", **datalib.COCO_SCALES).transforms
     rng = random.Random(0)
     ms = dict.fromkeys(DATA_STAGES, 0.0)
@@ -816,172 +960,135 @@ def data_throughput(args):
     os.rmdir(folder)
     per_image = sum(ms.values())
     rate, need = 1e3 / per_image, 8 * 2 * 4
-    record = {"images_per_s": rate, "ms": ms, "threads": torch.get_num_threads(), "images": args.images,
-              "needed_images_per_s": need, "workers_needed": need / rate}
-    print(f"COCO training transform, one process ({torch.get_num_threads()} torch threads), {args.images} "
-          f"640 x 480 JPEGs: {rate:.1f} images/s; ms per image: "
-          + ", ".join(f"{k} {v:.1f}" for k, v in ms.items())
-          + f". 8 GPUs x 2 images x 4 steps/s = {need} images/s: {need / rate:.1f} such workers "
-            f"({need / rate / 8:.1f} per GPU)")
+    return {"images_per_s": rate, "ms": ms, "threads": torch.get_num_threads(), "images": images,
+            "needed_images_per_s": need, "workers_needed": need / rate}
+
+
+def data_throughput_line(r):
+    """A data_throughput record -> its one-line report."""
+    return (f"COCO training transform, one process ({r['threads']} torch threads), {r['images']} "
+            f"640 x 480 JPEGs: {r['images_per_s']:.1f} images/s; ms per image: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in r["ms"].items())
+            + f". 8 GPUs x 2 images x 4 steps/s = {r['needed_images_per_s']} images/s: "
+              f"{r['workers_needed']:.1f} such workers ({r['workers_needed'] / 8:.1f} per GPU)")
+
+
+def data_throughput_command(args):
+    """The `data-throughput` subcommand -> data_throughput's record, printed as its line or as JSON."""
+    record = data_throughput(args.images)
+    print(json.dumps(record) if args.json else data_throughput_line(record))
     return record
 
 
 # ---------------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------------
+
+SUBCOMMANDS = {"cost": cost, "fast-vs-reference": fast_vs_reference_command, "profile": profile_command,
+               "train-step": train_step, "train-memory": train_memory, "memory-step": memory_step_command,
+               "data-throughput": data_throughput_command}
+
+MOVED_FLAGS = {f"--{name}": name for name in SUBCOMMANDS if name != "cost"}  # the modes' flags before subcommands
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", choices=list(SUITES), action="append", help="only this model (repeatable)")
-    p.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"), help="fixed input size")
-    p.add_argument("--data", help="a COCO-format root: GMACs averaged over its first --images val images")
-    p.add_argument("--images", type=int, default=100, help="with --data: how many val images (default 100)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration, after one warm-up")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (times batch 1 and batch 4 on cuda)")
-    p.add_argument("--amp", choices=("off", "bf16", "bf16-backbone"), default=None,
-                   help="bf16 autocast of the whole model, or only of its ResNet (train.py's --amp); default off, "
-                   "with --train-step the model's shapes recipe's, as train.py")
-    p.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
-    p.add_argument("--json", action="store_true", help="print one JSON record per configuration instead of tables")
-    p.add_argument("--readable-path", action="store_true",
-                   help="time the readable path, without the fast paths (common.fast_paths)")
-    p.add_argument("--profile", action="store_true",
-                   help="where one forward's time goes (modules, op groups), reference and fast path")
-    p.add_argument("--train-step", action="store_true",
-                   help="where a training step of each model's shapes recipe spends its time, part by part")
-    p.add_argument("--steps", type=int, default=5, help="with --train-step: timed steps per model, after 2 warm-up")
-    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
-                   help="with --train-step: override the shapes Config (as train.py --set)")
-    p.add_argument("--train-memory", action="store_true",
-                   help="peak memory of one training step of each COCO configuration and its dense base at --size, "
-                        "batch 1 and 2, each in its own process, and what each part saves for the backward pass")
-    p.add_argument("--memory-step", nargs=3, metavar=("MODEL", "LABEL", "BATCH"),
-                   help="(what --train-memory runs in each process) one step, printed as JSON")
-    p.add_argument("--recompute-sampling", choices=("on", "off"), default="on",
-                   help="with --train-memory: as train.py's flag (default on, as the COCO recipe)")
-    p.add_argument("--checkpoint-encoder", choices=("on", "off"), default="on",
-                   help="with --train-memory: as train.py's flag (default on, as the COCO recipe)")
-    p.add_argument("--data-throughput", action="store_true",
-                   help="images per second of the COCO training transform in one process (a loader worker) on "
-                        "--images synthetic 640 x 480 JPEGs (default 100), stage by stage")
-    p.add_argument("--fast-vs-reference", action="store_true",
-                   help="time each model and its baseline with the inference fast paths off and on, interleaved")
+    """The subcommand and its options; without a subcommand, `cost`'s."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    moved = next((a for a in argv if a in MOVED_FLAGS), None)
+    if moved:
+        raise ValueError(f"{moved} is a subcommand now: python -m tools.bench {MOVED_FLAGS[moved]} ... "
+                         f"(python -m tools.bench {MOVED_FLAGS[moved]} -h lists its options)")
+    if not argv or argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help"):
+        argv = ["cost"] + argv
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(readable_path=False)  # the subcommands without --readable-path choose the path themselves
+    sub = p.add_subparsers(dest="subcommand", required=True)
+    cost_p = sub.add_parser("cost", help="each model against its dense baseline: params, GMACs, ms (the default)")
+    fast = sub.add_parser("fast-vs-reference",
+                          help="time each model and its baseline with the inference fast paths off and on, interleaved")
+    prof = sub.add_parser("profile", help="where one forward's time goes (modules, op groups), reference and fast path")
+    step = sub.add_parser("train-step",
+                          help="where a training step of each model's shapes recipe spends its time, part by part")
+    mem = sub.add_parser("train-memory",
+                         help="peak memory of one training step of each COCO configuration and its dense base at "
+                              "--size, batch 1 and 2, each in its own process, and what each part saves for the "
+                              "backward pass")
+    one = sub.add_parser("memory-step", help="(what train-memory runs in each process) one step, printed as JSON")
+    data = sub.add_parser("data-throughput",
+                          help="images per second of the COCO training transform in one process (a loader worker), "
+                               "stage by stage")
+    for name, q in (("cost", cost_p), ("fast-vs-reference", fast), ("profile", prof), ("train-step", step),
+                    ("train-memory", mem), ("memory-step", one), ("data-throughput", data)):
+        q.set_defaults(run=SUBCOMMANDS[name])
+        q.add_argument("--threads", type=int, help="torch threads on CPU (default: torch's)")
+    for q in (cost_p, fast, prof, step, mem):
+        q.add_argument("--model", choices=list(SUITES), action="append", help="only this model (repeatable)")
+    for q in (cost_p, fast, prof, mem, one):
+        q.add_argument("--size", type=int, nargs=2, default=[800, 1333], metavar=("H", "W"), help="fixed input size")
+    for q in (cost_p, fast, prof):
+        q.add_argument("--data", help="a COCO-format root: GMACs averaged over its first --images val images, the "
+                                      "first timed")
+        q.add_argument("--images", type=int, default=100, help="with --data: how many val images (default 100)")
+    for q in (cost_p, fast):
+        q.add_argument("--repeats", type=int, default=3, help="timed runs per configuration, after one warm-up")
+    for q in (cost_p, fast, mem, one):
+        q.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                       help="cpu or cuda" + (" (times batch 1 and batch 4 on cuda)" if q is cost_p else ""))
+    for q in (cost_p, step, mem, one):
+        q.add_argument("--readable-path", action="store_true",
+                       help="run the readable path, without the fast paths (common.fast_paths)")
+    for q in (mem, one):
+        q.add_argument("--recompute-sampling", choices=("on", "off"), default="on",
+                       help="as train.py's flag (default on, as the COCO recipe)")
+        q.add_argument("--checkpoint-encoder", choices=("on", "off"), default="on",
+                       help="as train.py's flag (default on, as the COCO recipe)")
+    for q in (cost_p, fast, prof, step, mem, data):
+        q.add_argument("--json", action="store_true", help="print one JSON record per configuration instead of tables")
+    cost_p.add_argument("--amp", choices=("off", "bf16", "bf16-backbone"), default="off",
+                        help="bf16 autocast of the whole model, or only of its ResNet (train.py's --amp); default off")
+    step.add_argument("--amp", choices=("off", "bf16", "bf16-backbone"), default=None,
+                      help="as train.py's --amp (default: the model's shapes recipe's, as train.py)")
+    step.add_argument("--steps", type=int, default=5, help="timed steps per model, after 2 warm-up (default 5)")
+    step.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                      help="override the shapes Config (as train.py --set)")
+    one.add_argument("model", metavar="MODEL", choices=list(SUITES), help="one of " + ", ".join(SUITES))
+    one.add_argument("label", metavar="LABEL", help="the configuration: a label of the model's suite")
+    one.add_argument("batch", metavar="BATCH", type=int, help="images per step")
+    data.add_argument("--images", type=int, default=100, help="how many synthetic 640 x 480 JPEGs (default 100)")
     args = p.parse_args(argv)
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be positive, got {args.threads}")
-    if min(args.size) < 64:
-        raise ValueError(f"--size must be at least 64 x 64, got {args.size}")
-    if args.train_step and (args.device != "cpu" or args.data or args.profile or args.fast_vs_reference
-                            or args.size != [800, 1333]):
-        raise ValueError("--train-step runs the shapes recipe on the CPU: it takes --model, --steps, --set, --amp, "
-                         "--threads, --readable-path and --json, not --device, --data, --size, --profile or "
-                         "--fast-vs-reference")
-    if args.set and not args.train_step:
-        raise ValueError("--set overrides the shapes Config of --train-step; the other modes bench the suites")
-    if args.repeats < 1 or args.images < 1 or args.steps < 1:
-        raise ValueError("--repeats, --images and --steps must be positive")
-    if args.device not in ("cpu", "cuda"):
-        raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: this machine has no CUDA device (or torch is a CPU build)")
-    if args.data and not os.path.isdir(args.data):
-        raise ValueError(f"--data {args.data!r} is not a folder")
-    args.batch_sizes = [1, 4] if args.device == "cuda" else [1]
-    if args.memory_step:
-        name, label, batch = args.memory_step
-        if name not in SUITES:
-            raise ValueError(f"--memory-step: no model {name!r}; models are {', '.join(SUITES)}")
-        labels = [v.label for v in [SUITES[name].baseline] + SUITES[name].variants]
-        if label not in labels:
-            raise ValueError(f"--memory-step: {name} has no configuration {label!r}; it has {labels}")
-        if not batch.isdigit() or int(batch) < 1:
-            raise ValueError(f"--memory-step: the batch size must be a positive integer, got {batch!r}")
-    if not args.train_step:
-        args.amp = args.amp or "off"
+    check_args(args)
+    if "device" in vars(args):
+        args.batch_sizes = [1, 4] if args.device == "cuda" else [1]
     return args
+
+
+def check_args(args):
+    """ValueError for a value the subcommand cannot run with."""
+    given = vars(args)
+    for key in ("threads", "repeats", "images", "steps"):
+        if given.get(key) is not None and given[key] < 1:
+            raise ValueError(f"--{key} must be positive, got {given[key]}")
+    if "size" in given and min(args.size) < 64:
+        raise ValueError(f"--size must be at least 64 x 64, got {args.size}")
+    if given.get("device") == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no CUDA device (or torch is a CPU build)")
+    if given.get("data") and not os.path.isdir(args.data):
+        raise ValueError(f"--data {args.data!r} is not a folder")
+    if args.subcommand == "memory-step":
+        labels = [v.label for v in [SUITES[args.model].baseline] + SUITES[args.model].variants]
+        if args.label not in labels:
+            raise ValueError(f"memory-step: {args.model} has no configuration {args.label!r}; it has {labels}")
+        if args.batch < 1:
+            raise ValueError(f"memory-step: the batch size must be positive, got {args.batch}")
 
 
 def main(argv=None):
     args = parse_args(argv)
-    with fast_paths(not args.readable_path):  # the timed forwards; GMACs are counted on the readable path
-        return run(args)
-
-
-def run(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.data_throughput:
-        return data_throughput(args)
-    if args.memory_step:
-        name, label, batch = args.memory_step
-        print(json.dumps(memory_step(name, label, int(batch), tuple(args.size), args.device,
-                                     args.recompute_sampling == "on", args.checkpoint_encoder == "on")))
-        return None
-    if args.train_memory:
-        return train_memory(args)
-    if args.train_step:
-        records = []
-        if not args.json:
-            print(f"bench --train-step: each model's shapes recipe (batch 8), {torch.get_num_threads()} threads, "
-                  f"amp {args.amp or 'as train.py'}; ms per step, mean of {args.steps} after 2 warm-up steps")
-        for name in args.model or list(SUITES):
-            records.append(profile_train_step(name, args.steps, sets=args.set, amp=args.amp))
-            if args.json:
-                print(json.dumps(records[-1]), flush=True)
-        if not args.json:
-            print_train_profile(records)
-        return records
-    if args.data:
-        images = _val_images(args.data, args.images, args.device)
-        args.size_label = f"first {args.images} val images of {args.data}, timed on the first"
-    else:
-        torch.manual_seed(0)
-        images = [torch.randn(3, *args.size, device=args.device)]
-        args.size_label = f"{args.size[0]}x{args.size[1]}"
-    if not args.json:
-        path = "readable path" if args.readable_path else "inference fast paths"
-        print(f"bench: {args.size_label}, {args.device}, amp {args.amp}, {torch.get_num_threads()} threads, {path}, "
-              f"median of {args.repeats} after a warm-up; GMACs = FlopCounterMode / 2 + grid_sample 4 per value")
-    records = []
-    if args.profile:
-        cols = ["backbone", "input projections", "encoder", "decoder", "rest"]
-        print("| model | path | total ms | " + " | ".join(cols) + " | " + " | ".join(OP_GROUPS) + " | other ops |")
-        print("|---" * (4 + len(cols) + len(OP_GROUPS)) + "|")
-        for name in args.model or list(SUITES):
-            for v in [SUITES[name].baseline, next(v for v in SUITES[name].variants if v.timed)]:
-                r = profile(name, images[0], v.overrides)
-                records.append(r)
-                for mode in ("reference", "fast"):
-                    m = r[mode]
-                    col_cells = " | ".join(f"{m[c]:.0f}" for c in cols)
-                    op_cells = " | ".join(f"{m['ops'][g]:.0f}" for g in OP_GROUPS)
-                    print(f"| {name}: {v.label} | {mode} | {m['total']:.0f} | " + col_cells
-                          + " | " + op_cells + f" | {m['ops_other']:.0f} |",
-                          flush=True)
-        return records
-    if args.fast_vs_reference:
-        if not args.json:
-            print("| model | configuration | reference ms | fast ms | speedup | max diff logits / boxes | "
-                  "max diff of the scores a top-k selects from |\n|---|---|---|---|---|---|---|")
-        for name in args.model or list(SUITES):
-            for r in fast_vs_reference(name, args, images[0]):
-                records.append(r)
-                sel_diff = r["selection_scores_diff"]
-                sel_text = "-" if sel_diff is None else format(sel_diff, ".1e")
-                print(json.dumps(r) if args.json else
-                      f"| {name} | {r['label']} | {r['ms_reference']:.0f} | {r['ms_fast']:.0f} | {r['speedup']:.2f}x | "
-                      f"{r['logits_diff']:.1e} / {r['boxes_diff']:.1e} | "
-                      f"{sel_text} |", flush=True)
-        return records
-    for name in args.model or list(SUITES):
-        recs = bench_model(name, args, images)
-        records += recs
-        if args.json:
-            for r in recs:
-                print(json.dumps(r))
-        else:
-            print_table(name, recs, args)
-        sys.stdout.flush()
-    return records
+    with fast_paths(not args.readable_path):  # the timed forwards and steps; GMACs are counted on the readable path
+        return args.run(args)
 
 
 if __name__ == "__main__":

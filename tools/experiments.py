@@ -40,8 +40,8 @@ claim holds within it, the costs and the paper's figures) and RECORDS/claims.png
 the seeds' spread), from the records alone. --jobs N trains N runs at once, each in its own process.
 
 leaderboard: each model (and DETR, SMCA with the prior off) trained with train.py's
---time-budget (the same minutes, seed and data), then the last evaluation of each run in
-OUT/leaderboard.md and .json.
+--time-budget (the same minutes, seed and data), then the last evaluation of each run and its model's inference
+time (timed here from the run's checkpoint.pth, kept in the run's inference.json) in OUT/leaderboard.md and .json.
 
 speed: each model's shapes recipe trained for --budget minutes (default 1) by this checkout's train.py and by
 another checkout's (--vs; e.g. `git worktree add ../before COMMIT` and `ln -s $PWD/data/shapes ../before/data/`, so
@@ -464,6 +464,13 @@ def spread(values):
     return (statistics.mean(values), min(values), max(values)) if values else (None, None, None)
 
 
+def repo_path(path):
+    """A path inside this checkout relative to it (the tables are the same on every clone), others as they are."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rel = os.path.relpath(os.path.abspath(path), here)
+    return path if rel.startswith("..") else rel
+
+
 def claim_rows(claim_sources, costs):
     """Every run of CLAIMS as a dict: per seed its evaluations (from its record, or its run folder while it has none)
     and the difference to its claim's dense base of the same seed (same data order); the mean and spread over the
@@ -479,7 +486,8 @@ def claim_rows(claim_sources, costs):
                     continue
                 done, start = evals(where), start_record(where)
                 last = done[max(done)] if done else {}
-                seeds[seed] = {"source": where, "device": (start or {}).get("device"), "finished": run_finished(where),
+                seeds[seed] = {"source": repo_path(where), "device": (start or {}).get("device"),
+                               "finished": run_finished(where),
                                "epochs": [{k: rec.get(k) for k in ("epoch", "steps", "AP", "AP50", "APs")}
                                           for _, rec in sorted(done.items())],
                                **{k: last.get(k) for k in ("AP", "AP50", "APs", "steps")}}
@@ -756,10 +764,44 @@ LEADERBOARD = [("DETR (SMCA, prior off)", "smca", ["--set", "spatial_prior=false
                ("Focus-DETR", "focus_detr", [])]
 
 
+INFER_IMAGES = 20  # the val images a leaderboard run's inference is timed on
+
+
+@torch.no_grad()
+def inference_ms(run_dir, last_eval, data):
+    """Milliseconds per image of a leaderboard run's model forward: its checkpoint.pth (the weights its last
+    evaluation evaluated) on the first INFER_IMAGES val images, one image at a time, after an untimed warm-up. Kept
+    in RUN/inference.json with the step it timed, so that reading the table again does not time again. An
+    evaluation record that carries its own timing (infer_ms_per_image: the logs of earlier versions of train.py)
+    is read as it is."""
+    if "infer_ms_per_image" in last_eval:
+        return last_eval["infer_ms_per_image"]
+    path = os.path.join(run_dir, "inference.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = json.load(f)
+        if kept.get("steps") == last_eval["steps"]:
+            return kept["ms_per_image"]
+    det = detect.load_detector(os.path.join(run_dir, "checkpoint.pth"))
+    val = datalib.CocoDetection(*datalib.find_split(SHAPES_ROOT if data == "shapes" else data, "val"), det.transform)
+    n, seconds = min(INFER_IMAGES, len(val)), 0.0
+    images = [val[i][0][None] for i in range(n)]  # (1, 3, H, W) each
+    det.model(images[0], torch.zeros(1, *images[0].shape[2:], dtype=torch.bool))  # a warm-up, untimed
+    for image in images:
+        t0 = time.perf_counter()
+        det.model(image, torch.zeros(1, *image.shape[2:], dtype=torch.bool))
+        seconds += time.perf_counter() - t0
+    ms = 1e3 * seconds / n
+    with open(path, "w") as f:
+        json.dump({"steps": last_eval["steps"], "ms_per_image": ms, "images": n, "threads": torch.get_num_threads()},
+                  f)
+    return ms
+
+
 def leaderboard(args, argv):
     """Train each model with train.py's --time-budget (same minutes, seed and data), in this process,
-    then table the last evaluation of each run. Runs already in --out are resumed: a spent budget
-    trains nothing, so a second call only re-reads them."""
+    then table the last evaluation of each run and time its model's inference (inference_ms). Runs already in
+    --out are resumed: a spent budget trains nothing, so a second call only re-reads them."""
     if not args.budget > 0:
         raise ValueError(f"--budget must be positive, got {args.budget}")
     out, rows = args.out or os.path.join("runs", "leaderboard"), []
@@ -775,10 +817,10 @@ def leaderboard(args, argv):
         e = runs[max(runs)]
         rows.append({"model": label, "AP": e["AP"], "AP50": e["AP50"], "APs": e["APs"], "APm": e["APm"],
                      "APl": e["APl"], "epochs": e["epoch"] + e.get("epoch_fraction", 1.0),
-                     "train_min": e["train_s"] / 60, "infer_ms": e["infer_ms_per_image"]})
+                     "train_min": e["train_s"] / 60, "infer_ms": inference_ms(run_dir, e, args.data)})
     lines = [f"`python -m tools.experiments {' '.join(argv)}` ({args.budget:g} CPU minutes of training each, seed "
              f"{args.seed}, {args.data} val, {torch.get_num_threads()} threads)", "",
-             "| model | AP | AP50 | APs | APm | APl | epochs done | train (min) | inference (ms / image) |",
+             "| model | AP | AP50 | APs | APm | APl | epochs done | train (min) | inference (ms / image, batch 1) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {100 * r['AP']:.1f} | {100 * r['AP50']:.1f} | {100 * r['APs']:.1f} | "
