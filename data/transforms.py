@@ -20,7 +20,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # DETR's COCO recipe (datasets/coco.py): short side 480..800, max side 1333, crop branch.
 COCO_SCALES = dict(scales=list(range(480, 801, 32)), max_size=1333, crop_resize=(400, 500, 600),
                    crop_size=(384, 600), val_size=800)
-# The same recipe scaled to the built-in shapes set (176..320 px images), for CPU training.
+# The same recipe scaled to the built-in shapes set (160..256 px a side, data/shapes.py), for CPU training: short
+# side 128..192, max side 240, evaluated at 160.
 SHAPES_SCALES = dict(scales=list(range(128, 193, 16)), max_size=240, crop_resize=(128, 160, 192),
                      crop_size=(112, 192), val_size=160)
 

@@ -1,0 +1,40 @@
+"""tools/tour.py: a new output folder each time, the trained APs read from a claims table, the cost of a pair."""
+import json
+import os
+
+import torch
+
+import sparse_detr
+from tools import tour
+
+
+def test_new_folder_never_reuses_one(tmp_path):
+    first = tour.new_folder(str(tmp_path / "tour"))
+    (tmp_path / "tour" / "shapes.png").write_bytes(b"kept")
+    second, third = tour.new_folder(str(tmp_path / "tour")), tour.new_folder(str(tmp_path / "tour"))
+    assert [os.path.basename(p) for p in (first, second, third)] == ["tour", "tour2", "tour3"]
+    assert (tmp_path / "tour" / "shapes.png").read_bytes() == b"kept"
+
+
+def test_trained_aps_mean_finished_seeds_only(tmp_path):
+    rows = [{"paper": "P", "label": "base", "long": False,
+             "seeds": {"1": {"finished": True, "AP": 0.2}, "2": {"finished": True, "AP": 0.4},
+                       "3": {"finished": False, "AP": 0.9}}},
+            {"paper": "P", "label": "long", "long": True, "seeds": {"1": {"finished": True, "AP": 0.5}}},
+            {"paper": "P", "label": "untrained", "long": False, "seeds": {"1": {"finished": False, "AP": None}}}]
+    path = tmp_path / "claims.json"
+    path.write_text(json.dumps(rows))
+    aps = tour.trained_aps(str(path))
+    assert set(aps) == {("P", "base")}
+    assert abs(aps[("P", "base")][0] - 30.0) < 1e-9 and aps[("P", "base")][1] == 2
+    assert tour.trained_aps(str(tmp_path / "missing.json")) == {}
+
+
+def test_sparse_encoder_costs_less_than_its_dense_base():
+    torch.manual_seed(0)
+    image = torch.randn(3, 64, 96)
+    base = tour.cost(sparse_detr, ["sparse_encoder=false", "use_enc_aux_loss=false"], image, repeats=1)
+    sparse = tour.cost(sparse_detr, ["rho=0.1"], image, repeats=1)
+    assert all(v > 0 for v in base + sparse)
+    # rho 0.1 updates a tenth of the tokens (plus one per image): well under half of the dense encoder's work
+    assert sparse[0] < 0.5 * base[0]
