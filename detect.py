@@ -25,7 +25,7 @@ Written to --out (default runs/detect/exp, exp2, ... : a new folder every run; a
 non-empty --out is refused, and so is one inside the source folder, which is never written to):
 - one annotated copy of each image done (boxes, class names and scores, a colour per class);
 - with --explain, NAME_explain.png: the paper's mechanism for the image (SMCA: the top 3 queries'
-  Gaussian priors; Sparse DETR: token scores, selected tokens and the DAM; Lite DETR: F_L / F_H
+  Gaussian priors; Sparse DETR: token scores, selected tokens and the DAM (decoder attention map); Lite DETR: F_L / F_H
   and the top 3 queries' sampling points; Focus-DETR: foreground scores and the per-layer kept and
   fine-grained tokens), from the model's `explain=True` outputs;
 - detections.json: every detection at or above --threshold in the COCO results format
@@ -48,7 +48,12 @@ from data.coco import COCO_NAMES
 from engine.pictures import DEFAULT_THRESHOLD, Detector, detect_files
 from engine.runtime import MODELS, SHAPES_ROOT, load_checkpoint, model_module, run_cli, select_device
 
-SCHEDULES = ("12ep", "24ep", "36ep")  # the authors' Focus-DETR configs (focus_detr.from_official's schedule=)
+
+
+def official_schedules():
+    """The schedules an authors' file can be stated with: every model file's COCO_SCHEDULES (Focus-DETR's 12ep, 24ep,
+    36ep: its from_official's schedule=)."""
+    return sorted({s for name in MODELS for s in getattr(model_module(name), "COCO_SCHEDULES", {})})
 
 
 def checkpoint_categories(ckpt):
@@ -78,19 +83,21 @@ def load_detector(path, device="cpu", official_schedule=None):
     official_schedule "12ep" / "24ep" / "36ep": an authors' Focus-DETR file's training schedule (its encoder's sine
     positions; default: guessed from the file name); refused for any other file. ValueError for a missing file or
     one of no model here."""
-    if official_schedule is not None and official_schedule not in SCHEDULES:
-        raise ValueError(f"--official-schedule must be one of {', '.join(SCHEDULES)}, got {official_schedule!r}")
+    if official_schedule is not None and official_schedule not in official_schedules():
+        raise ValueError(f"--official-schedule must be one of {', '.join(official_schedules())}, got "
+                         f"{official_schedule!r}")
     try:  # weights only: the authors' files and plain state dicts
         state, extra = read_state_dict(path, "checkpoint")
     except ValueError:  # missing, unreadable, or holding more than tensors and plain data: load_checkpoint says
         state, extra = None, {}
     official = official_model(state) if state is not None and "model_name" not in extra else None
-    if official_schedule is not None and official not in (None, "focus_detr"):
+    if official_schedule is not None and official is not None and \
+            official_schedule not in getattr(model_module(official), "COCO_SCHEDULES", {}):
         raise ValueError(f"--official-schedule {official_schedule}: only the authors' Focus-DETR files take a "
                          f"schedule; {path!r} is the authors' {official} weights")
     if official:
         module = model_module(official)
-        schedule = {} if official_schedule is None else {"schedule": official_schedule}  # only focus_detr's takes it
+        schedule = {} if official_schedule is None else {"schedule": official_schedule}  # a model with COCO_SCHEDULES
         cfg, converted, notes = module.from_official(path, **schedule)
         model, _, postprocess = module.build(cfg)
         model.load_state_dict(converted)
@@ -181,11 +188,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output folder (default runs/detect/exp, exp2, ...)")
     p.add_argument("--threshold", type=float, default=None,
                    help="keep detections scoring at least this (0..1). Default: the checkpoint's, which train.py "
-                        f"chose as the best F1 on the val split when training ended; {DEFAULT_THRESHOLD} for a "
+                        f"chose as the best F1 on the val split at its evaluation; {DEFAULT_THRESHOLD} for a "
                         f"checkpoint without one and for the authors' weights")
     p.add_argument("--explain", action="store_true", help="also draw the paper's mechanism for each image")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--official-schedule", choices=SCHEDULES, default=None,
+    p.add_argument("--official-schedule", choices=official_schedules(), default=None,
                    help="an authors' Focus-DETR file's training schedule, which sets its encoder's sine positions "
                         "(default: guessed from the file name, 12ep when it names none)")
     args = p.parse_args(argv)

@@ -476,7 +476,7 @@ class FocusDETRCriterion(SetCriterion):
     """SetCriterion (decoder layers, the two-stage head on its Q selections) plus loss_select: focal loss
     (0.25, 2) of every token's foreground logit against the FCOS labels, summed per image / its positives
     (>= 1), averaged (official compute_cls_loss), and loss_*_dn: the denoising copies' set losses, each copy
-    matched to its own box, / (num_boxes x groups) (official DN criterion)."""
+    matched to its own box, / (num_boxes x groups) (the official DN criterion; DN: denoising)."""
 
     def __init__(self, cfg):
         matcher = HungarianMatcher(cfg.match_ce, cfg.match_bbox, cfg.match_giou, cfg.focal_alpha)

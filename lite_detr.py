@@ -411,8 +411,7 @@ def shapes_config():
                   dec_layers=3, dim_feedforward=512, num_queries=50, num_select=100, dropout=0.0)
 
 
-# where train.py's shapes recipe differs for this model: lr / 10 after the first of its 2 epochs (about
-# 20 minutes on 2 CPU cores; its six all-level KDA layers make it the slowest per step)
+# where train.py's shapes recipe differs for this model: lr / 10 after the first of its 2 epochs
 SHAPES_RECIPE = {"lr_drop": 1}
 # train.py's COCO recipe: Deformable DETR's (the paper's Table 3 rows train 50 epochs "as Deformable DETR"; the authors
 # release no Lite-Deformable DETR code): its README and main.py defaults

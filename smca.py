@@ -320,8 +320,8 @@ class SMCA(nn.Module):
         super().__init__()
         C = cfg.hidden_dim
         self.cfg = cfg
-        self.strides = cfg.strides()  # (32,) or (16, 32, 64)
-        self.backbone = smca_backbone(cfg)  # C3, C4, C5
+        self.strides = cfg.strides()  # (32,), (16,) at feature_stride 16, or (16, 32, 64)
+        self.backbone = smca_backbone(cfg)  # C3, C4, C5 (to C4 at feature_stride 16)
         if cfg.multiscale:  # Sec. 3.3: "3 convolutions project ResNet-50 outputs to 256-d"
             c4, c5 = self.backbone.num_channels[1:]  # C4 and C5 channels
             self.input_proj = nn.ModuleList([
@@ -331,7 +331,7 @@ class SMCA(nn.Module):
             self.level_embed = nn.Parameter(torch.empty(len(self.strides), C))
             self.encoder = MultiScaleEncoder(cfg)
         else:
-            self.input_proj = nn.ModuleList([nn.Conv2d(self.backbone.num_channels[-1], C, 1)])  # the last map, C5
+            self.input_proj = nn.ModuleList([nn.Conv2d(self.backbone.num_channels[-1], C, 1)])  # the last map: C5 (C4)
             self.encoder = nn.ModuleList(
                 EncoderLayer(C, cfg.nheads, cfg.dim_feedforward, cfg.dropout) for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(SMCADecoderLayer(cfg, first=(i == 0)) for i in range(cfg.dec_layers))
@@ -375,14 +375,15 @@ class SMCA(nn.Module):
 
     def encode(self, feats, pad_mask, explain=False):
         """The scales' tokens and the encoder (single-scale DETR or Sec. 3.3's). feats: the backbone's
-        [(C3, m3), (C4, m4), (C5, m5)]; pad_mask (B, H_img, W_img) -> memory (B, N, C), ScaleGeometry, {}."""
+        [(C3, m3), (C4, m4), (C5, m5)] (to C4 at feature_stride 16); pad_mask (B, H_img, W_img) -> memory (B, N, C),
+        ScaleGeometry, {}."""
         image_wh = valid_image_sizes(pad_mask)  # (B, 2) unpadded size in pixels: the prior's frame
         if self.cfg.multiscale:  # f16 from C4; f32 and f64 from C5
             (c4, m4), (c5, m5) = feats[-2:]
             maps = [self.input_proj[0](c4), self.input_proj[1](c5), self.input_proj[2](c5)]
             masks = [m4, m5, halve_mask(m5)]
         else:
-            x, m = feats[-1]  # the backbone's last map, C5
+            x, m = feats[-1]  # the backbone's last map: C5, the paper's (C4 at feature_stride 16)
             maps, masks = [self.input_proj[0](x)], [m]
         srcs, poss, pads, cells_wh, grids = [], [], [], [], []
         for j, (x, m) in enumerate(zip(maps, masks)):

@@ -400,7 +400,7 @@ def shapes_config():
                   dec_layers=3, dim_feedforward=512, num_queries=50, num_select=100, rho=0.3, dropout=0.0)
 
 
-# On --data shapes: train.py's shared shapes recipe as it is (2 epochs of 500 steps, about 10 minutes)
+# On --data shapes: train.py's shared shapes recipe as it is (2 epochs of 500 steps)
 # official main.py: lr 2e-4, backbone 2e-5
 # train.py's COCO recipe: the official README's commands (8 GPUs) and main.py's defaults
 COCO_RECIPE = {

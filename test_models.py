@@ -717,8 +717,9 @@ def _lite_feats(B=1, sizes=((8, 10), (4, 5), (2, 3)), dtype=torch.float64):
 
 
 def test_lite_detr_parameter_counts_follow_the_derivation():
-    """The Deformable DETR base is official (40,959,129); KDA swaps the attention-weight Linear for a query
-    projection in each encoder layer, each all-token layer adds a d -> d -> d FFN with a LayerNorm."""
+    """The Deformable DETR base is official (40,959,129); KDA (key-aware deformable attention) swaps the
+    attention-weight Linear for a query projection in each encoder layer, each all-token layer adds a d -> d -> d
+    FFN with a LayerNorm."""
     d, H, L, P = 256, 8, 4, 4
     kda = (d * d + d) - (d + 1) * H * L * P  # + query_proj - attention_weights
     small = 2 * (d * d + d) + 2 * d

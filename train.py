@@ -3,7 +3,7 @@
     python train.py --model smca                               # built-in shapes set, CPU-sized recipe
     torchrun --nproc_per_node=8 train.py --model smca --data /path/to/coco --backbone-weights imagenet
     python train.py --model sparse_detr --set rho=0.2           # any model; --set overrides its Config
-    python train.py --model lite_detr --set enc_scale=2          # Lite DETR H2L2-(2+1)x3
+    python train.py --model lite_detr --set enc_scale=2          # Lite DETR H2L2-(2+1)x3 (2 high-level maps, 2 low)
 
 --data shapes (the default) generates the synthetic set under data/shapes on first use and trains
 the model's CPU-sized configuration (`shapes_config()`, with SHAPES_RECIPE below and the model
@@ -18,8 +18,8 @@ What train.py reads from a model file (the module named by --model):
                                  "amp" is taken on a CPU with AMX only, float32 elsewhere)
     LR_MULTIPLIERS               optional: {substring of a parameter name: lr multiplier}
     from_official(path) -> (Config, state dict, notes)   optional: the authors' weights (--eval-only --official)
-    OFFICIAL_WEIGHTS             required: where the authors publish those weights, or why there are none
-    is_official(state) -> bool   required: whether a state dict is the authors' file (detect.py asks)
+    OFFICIAL_WEIGHTS             required: where the authors publish those weights, or why there are none (the
+                                 --official error of a model without from_official quotes it)
 and calls the model as common.py's interface says: model(images, pad_mask, targets) in training,
 model(images, pad_mask) in evaluation.
 
@@ -354,7 +354,8 @@ def check_compatible(ckpt, path, model_name, cfg, training):
     if ckpt.get("model_name") != model_name:
         raise ValueError(f"{path!r} is a checkpoint of model {ckpt.get('model_name')!r}, not {model_name!r}")
     ours, theirs = dataclasses.asdict(cfg), ckpt["config"]
-    diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {v!r}" for k, v in ours.items() if theirs.get(k) != v]
+    diff = [f"{k}: checkpoint {theirs[k]!r} vs now {v!r}" if k in theirs else f"{k}: not in the checkpoint (an older "
+            f"version of {model_name}.py) vs now {v!r}" for k, v in ours.items() if theirs.get(k, object()) != v]
     if diff:
         shown = ", ".join(diff)
         raise ValueError(f"{path!r} was trained with another config ({shown}); use the same --data/--set/--schedule, "
@@ -599,7 +600,7 @@ def chosen_threshold(run, coco, results):
     """The score threshold the pictures draw above: the best F1 over the evaluated val images
     (engine.pictures.best_f1_threshold). coco: the val ground truth; results: this rank's evaluated images, {image id:
     COCO results}. Every rank gets it (an image two ranks evaluated counts once). -> best_f1_threshold's dict with
-    "images" (how many) and "how" (how it was chosen)."""
+    "images" (how many), "steps" (the training steps of the evaluated weights) and "how" (how it was chosen)."""
     counts = {}  # image id -> (true positives, false positives at each threshold, ground-truth boxes)
     for image_id, dets in results.items():
         tp, fp, n_gt = pictures.f1_counts(dets, coco.loadAnns(coco.getAnnIds(imgIds=[image_id])))

@@ -3,7 +3,8 @@ the score threshold the pictures are drawn above. What detect.py (your images) a
 pictures of val images) share; reading a detector from a file is detect.py's `load_detector`.
 
 The threshold. A picture shows the detections scoring at least a threshold; the one a detector carries is chosen
-on the val split when training ends (`best_f1_threshold`): the score threshold, on the grid 0.05, 0.10, ...,
+on the val split at each evaluation of a training run (`best_f1_threshold`; the checkpoint of the evaluated weights
+keeps it): the score threshold, on the grid 0.05, 0.10, ...,
 0.95, whose detections have the best F1 over all val images. A detection is a true positive when it matches a
 ground-truth box of its class that no higher-scoring detection matched, at IoU >= 0.5 (`match_detections`: greedy
 by score, as COCO's evaluation matches); F1 = 2 TP / (2 TP + FP + FN). A detector without one (a checkpoint

@@ -274,7 +274,7 @@ def mark_token_centres(image, tokens, shapes, colour, zoom):
 def explain_focus_detr(image, out):
     """The foreground score of every token per level; then per encoder layer the tokens it keeps
     (the cascade, green dots, larger for coarser levels) and the fine-grained ones among them that
-    run the OESM self-attention (magenta)."""
+    run the OESM self-attention (magenta; Focus-DETR's object enhancement self-attention among them)."""
     shapes = out["spatial_shapes"]
     if "fg_logits" not in out:  # foreground_selection=False: the dense DINO base selects no tokens
         return panels([[(grey(image), "every token, every layer")]], "The dense DINO base: no foreground selection")

@@ -32,6 +32,13 @@ def test_experiments_leaderboard_trains_each_model_once_and_tables_them(tiny_sha
     assert "python -m tools.experiments leaderboard --budget 1e-7" in table
     assert experiments.main(argv) == rows  # a second call re-reads the spent runs: nothing retrained, nothing lost
     assert len(_train_losses(tmp_path / "smca_tiny")) == 1
+    kept = json.loads((tmp_path / "smca_tiny" / "inference.json").read_text())  # timed once, on the fast paths
+    assert kept["ms_per_image"] == rows[1]["infer_ms"] and kept["readable_path"] is False
+
+
+def test_leaderboard_reads_the_inference_time_an_older_log_carries(tmp_path):
+    # an evaluation record with its own timing is read as it is: no checkpoint is needed
+    assert experiments.inference_ms(str(tmp_path), {"steps": 5, "infer_ms_per_image": 12.5}, "shapes") == 12.5
 
 
 def test_experiments_converge_probe_reads_a_checkpoint_and_refuses_others(tiny_shapes, tmp_path):

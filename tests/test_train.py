@@ -1,5 +1,6 @@
 """Tests of train.py: resume, data order, backbone weights, failures, flags, time budget, DDP.
 """
+import dataclasses
 import importlib
 import io
 import json
@@ -611,3 +612,14 @@ def test_train_tf32_is_on_by_default_on_cuda_and_never_touched_elsewhere():
         assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_a_checkpoint_without_a_newer_config_field_is_refused_naming_it():
+    cfg = smca.shapes_config()
+    old = dataclasses.asdict(cfg)
+    del old["scale_type"]  # as a checkpoint of a version of smca.py before the field existed
+    ckpt = {"model": {}, "config": old, "model_name": "smca"}
+    with pytest.raises(ValueError, match=r"scale_type: not in the checkpoint \(an older version of smca.py\) vs now "
+                                         r"'independent'.*--finetune"):
+        train.check_compatible(ckpt, "old.pth", "smca", cfg, training=False)
+    train.check_compatible({**ckpt, "config": dataclasses.asdict(cfg)}, "same.pth", "smca", cfg, training=False)

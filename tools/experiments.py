@@ -52,8 +52,9 @@ runs flags the other may lack (its runs are named by them; the other's runs are 
 
 fine-tokens (no training): where a trained Focus-DETR's fine-grained tokens sit. On the first
 --images val images, the share of all tokens, of each encoder layer's kept tokens and of its
-fine-grained ones whose cell centre lies inside a ground-truth box, with the MCSP score the model was trained with
-and with the other one (official: the product of raw logits; the paper: of probabilities).
+fine-grained ones whose cell centre lies inside a ground-truth box, with the MCSP score (Focus-DETR's
+multi-category score predictor: foreground x class score) the model was trained with and with the other one
+(official: the product of raw logits; the paper: of probabilities).
 """
 import argparse
 import gzip
@@ -76,7 +77,7 @@ import data as datalib
 import detect
 import smca
 import train
-from common import box_cxcywh_to_xyxy
+from common import box_cxcywh_to_xyxy, fast_paths
 from data import shapes
 from engine import visualize
 from engine.runtime import MODELS, SHAPES_ROOT, load_checkpoint, machine_name, model_module, run_cli
@@ -768,9 +769,10 @@ INFER_IMAGES = 20  # the val images a leaderboard run's inference is timed on
 
 
 @torch.no_grad()
-def inference_ms(run_dir, last_eval, data):
+def inference_ms(run_dir, last_eval, data, readable=False):
     """Milliseconds per image of a leaderboard run's model forward: its checkpoint.pth (the weights its last
-    evaluation evaluated) on the first INFER_IMAGES val images, one image at a time, after an untimed warm-up. Kept
+    evaluation evaluated) on the first INFER_IMAGES val images, one image at a time without autograd, after an untimed
+    warm-up; on the readable path when the runs train with --readable-path (readable), else the fast paths. Kept
     in RUN/inference.json with the step it timed, so that reading the table again does not time again. An
     evaluation record that carries its own timing (infer_ms_per_image: the logs of earlier versions of train.py)
     is read as it is."""
@@ -780,21 +782,22 @@ def inference_ms(run_dir, last_eval, data):
     if os.path.exists(path):
         with open(path) as f:
             kept = json.load(f)
-        if kept.get("steps") == last_eval["steps"]:
+        if kept.get("steps") == last_eval["steps"] and kept.get("readable_path", False) == readable:
             return kept["ms_per_image"]
     det = detect.load_detector(os.path.join(run_dir, "checkpoint.pth"))
     val = datalib.CocoDetection(*datalib.find_split(SHAPES_ROOT if data == "shapes" else data, "val"), det.transform)
     n, seconds = min(INFER_IMAGES, len(val)), 0.0
     images = [val[i][0][None] for i in range(n)]  # (1, 3, H, W) each
-    det.model(images[0], torch.zeros(1, *images[0].shape[2:], dtype=torch.bool))  # a warm-up, untimed
-    for image in images:
-        t0 = time.perf_counter()
-        det.model(image, torch.zeros(1, *image.shape[2:], dtype=torch.bool))
-        seconds += time.perf_counter() - t0
+    with torch.no_grad(), fast_paths(not readable):
+        det.model(images[0], torch.zeros(1, *images[0].shape[2:], dtype=torch.bool))  # a warm-up, untimed
+        for image in images:
+            t0 = time.perf_counter()
+            det.model(image, torch.zeros(1, *image.shape[2:], dtype=torch.bool))
+            seconds += time.perf_counter() - t0
     ms = 1e3 * seconds / n
     with open(path, "w") as f:
-        json.dump({"steps": last_eval["steps"], "ms_per_image": ms, "images": n, "threads": torch.get_num_threads()},
-                  f)
+        json.dump({"steps": last_eval["steps"], "ms_per_image": ms, "images": n, "threads": torch.get_num_threads(),
+                   "readable_path": readable}, f)
     return ms
 
 
@@ -817,7 +820,8 @@ def leaderboard(args, argv):
         e = runs[max(runs)]
         rows.append({"model": label, "AP": e["AP"], "AP50": e["AP50"], "APs": e["APs"], "APm": e["APm"],
                      "APl": e["APl"], "epochs": e["epoch"] + e.get("epoch_fraction", 1.0),
-                     "train_min": e["train_s"] / 60, "infer_ms": inference_ms(run_dir, e, args.data)})
+                     "train_min": e["train_s"] / 60,
+                     "infer_ms": inference_ms(run_dir, e, args.data, "--readable-path" in args.train_args)})
     lines = [f"`python -m tools.experiments {' '.join(argv)}` ({args.budget:g} CPU minutes of training each, seed "
              f"{args.seed}, {args.data} val, {torch.get_num_threads()} threads)", "",
              "| model | AP | AP50 | APs | APm | APl | epochs done | train (min) | inference (ms / image, batch 1) |",
