@@ -46,17 +46,8 @@ def test_train_resume_matches_uninterrupted_run(tiny_shapes, tmp_path):
                         "000002_explain.png", "detections.json"]
     saved = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)
     assert saved["categories"][2] == "circle"
-    # the last evaluation chose the threshold of the best F1 on val: in the checkpoint, the log, the pictures
-    chosen = result["threshold"]
-    assert saved["threshold"] == chosen and chosen["images"] == 3 and chosen["steps"] == 4 and "IoU >= 0.5" in \
-        chosen["how"] and 0.05 <= chosen["value"] <= 0.95 and 0 <= chosen["f1"] <= 1
-    with open(tmp_path / "b" / "log.jsonl") as f:
-        assert [r for r in map(json.loads, f) if r["type"] == "eval"][-1]["threshold"] == chosen
-    with open(tmp_path / "b" / "pictures-after-step-4" / "detections.json") as f:
-        assert all(r["score"] >= chosen["value"] - 1e-5 for r in json.load(f))
     evaluated = train.main(_train_args(tiny_shapes, tmp_path / "b", "--eval-only"))  # uses b's checkpoint
     assert evaluated["stats"] == pytest.approx(result["stats"])
-    assert evaluated["threshold"]["value"] == chosen["value"]
     # the same output dir without --resume, or with another config, is refused (nothing overwritten)
     with pytest.raises(ValueError, match="--resume auto"):
         train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "3"))
@@ -66,6 +57,21 @@ def test_train_resume_matches_uninterrupted_run(tiny_shapes, tmp_path):
         train.main(_train_args(tiny_shapes, tmp_path / "c", "--epochs", "3", "--resume", str(tmp_path / "weights.pth")))
     with pytest.raises(ValueError, match="hidden_dim: checkpoint 32 vs now 64"):
         train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "3", "--resume", "auto") + ["hidden_dim=64"])
+
+
+def test_train_stores_the_best_f1_threshold_and_draws_above_it(tiny_shapes, tmp_path):
+    """Each evaluation chooses the score threshold of the best F1 on val: it is in the checkpoint, the eval record and
+    the closing pictures, and an --eval-only of the same weights chooses the same."""
+    result = train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1"))
+    chosen = result["threshold"]
+    assert chosen["images"] == 3 and chosen["steps"] == 2 and "IoU >= 0.5" in chosen["how"]
+    assert 0.05 <= chosen["value"] <= 0.95 and 0 <= chosen["f1"] <= 1
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=False)["threshold"] == chosen
+    with open(tmp_path / "log.jsonl") as f:
+        assert [r for r in map(json.loads, f) if r["type"] == "eval"][-1]["threshold"] == chosen
+    with open(tmp_path / "pictures-after-step-2" / "detections.json") as f:
+        assert all(r["score"] >= chosen["value"] - 1e-5 for r in json.load(f))
+    assert train.main(_train_args(tiny_shapes, tmp_path, "--eval-only"))["threshold"]["value"] == chosen["value"]
 
 
 def test_train_loader_augments_from_the_datasets_own_random_stream(tiny_shapes):
