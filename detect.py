@@ -46,7 +46,7 @@ import data as datalib
 from common import read_state_dict
 from data.coco import COCO_NAMES
 from engine.pictures import DEFAULT_THRESHOLD, Detector, detect_files
-from engine.runtime import MODELS, SHAPES_ROOT, load_checkpoint, model_module, run_cli, select_device
+from engine.runtime import MODELS, SHAPES_ROOT, first_free, load_checkpoint, model_module, run_cli, select_device
 
 
 
@@ -149,10 +149,7 @@ def source_files(source):
 def output_dir(out, files, source):
     """The folder to write to: never an existing non-empty one, never inside a source folder."""
     if out is None:
-        out, n = os.path.join("runs", "detect", "exp"), 1
-        while os.path.exists(out):
-            n += 1
-            out = os.path.join("runs", "detect", f"exp{n}")
+        out = first_free(os.path.join("runs", "detect", "exp"))
     elif os.path.isdir(out) and os.listdir(out):
         raise ValueError(f"--out {out!r} exists and is not empty; nothing is overwritten: pass another --out")
     elif os.path.exists(out) and not os.path.isdir(out):

@@ -62,6 +62,14 @@ def run_cli(entry):
         sys.exit(1)
 
 
+def first_free(path):
+    """path, or path2, path3, ...: the first that does not exist yet (an output folder that replaces nothing)."""
+    candidate, n = path, 2
+    while os.path.exists(candidate):
+        candidate, n = f"{path}{n}", n + 1
+    return candidate
+
+
 def save_atomic(obj, path):
     """torch.save through a temporary file: a crash mid-write never leaves a broken file at `path`."""
     tmp = path + ".tmp"

@@ -53,16 +53,18 @@ def draw_box(draw, box, colour, width, label=None, size=12):
 
 
 def draw_detections(image, boxes, labels, scores, names):
-    """image: PIL RGB; boxes (M, 4) xyxy pixels; labels (M,) category ids; names {id: name}.
-    -> a copy with every box, its class name and score, a colour per class."""
+    """image: PIL RGB; boxes (M, 4) xyxy pixels; labels (M,) category ids; scores (M,), or None for ground-truth
+    boxes; names {id: name}. -> a copy with every box, its class name and score, a colour per class."""
     out = image.copy()
     draw = ImageDraw.Draw(out)
     order = {cid: i for i, cid in enumerate(sorted(names))}
     side = min(out.size)
     width, size = max(2, round(side / 150)), max(10, round(side / 28))
-    for box, label, score in sorted(zip(boxes.tolist(), labels.tolist(), scores.tolist()), key=lambda d: d[2]):
+    scores = [None] * len(labels) if scores is None else scores.tolist()
+    for box, label, score in sorted(zip(boxes.tolist(), labels.tolist(), scores), key=lambda d: d[2] or 0):
         colour = PALETTE[order.get(label, label) % len(PALETTE)]
-        draw_box(draw, box, colour, width, f"{names.get(label, str(label))} {score:.2f}", size)
+        name = names.get(label, str(label))
+        draw_box(draw, box, colour, width, name if score is None else f"{name} {score:.2f}", size)
     return out
 
 

@@ -1,17 +1,22 @@
-"""tools/tour.py: a new output folder each time, the trained APs read from a claims table, the cost of a pair."""
+"""tools/tour.py: a new output folder each time (engine.runtime.first_free), the trained APs read from a claims
+table, the cost of a pair."""
 import json
 import os
 
 import torch
 
 import sparse_detr
+from engine.runtime import first_free
 from tools import tour
 
 
-def test_new_folder_never_reuses_one(tmp_path):
-    first = tour.new_folder(str(tmp_path / "tour"))
+def test_first_free_never_reuses_a_folder(tmp_path):
+    first = first_free(str(tmp_path / "tour"))
+    os.makedirs(first)
     (tmp_path / "tour" / "shapes.png").write_bytes(b"kept")
-    second, third = tour.new_folder(str(tmp_path / "tour")), tour.new_folder(str(tmp_path / "tour"))
+    second = first_free(str(tmp_path / "tour"))
+    os.makedirs(second)
+    third = first_free(str(tmp_path / "tour"))
     assert [os.path.basename(p) for p in (first, second, third)] == ["tour", "tour2", "tour3"]
     assert (tmp_path / "tour" / "shapes.png").read_bytes() == b"kept"
 

@@ -18,12 +18,12 @@ import statistics
 import time
 
 import torch
-from PIL import ImageDraw
 
 import data as datalib
+from common import box_cxcywh_to_xyxy
 from data import shapes
 from engine import visualize
-from engine.runtime import SHAPES_ROOT, model_module
+from engine.runtime import SHAPES_ROOT, first_free, model_module
 from tools import bench
 from tools.experiments import CLAIMS, RECORDS
 from train import apply_overrides
@@ -37,15 +37,6 @@ CHANGES = {  # what each paper changes in DETR, in a line (the README's table sa
 }
 
 
-def new_folder(out):
-    """out, or out2, out3, ... : the first that does not exist yet (nothing written earlier is replaced)."""
-    path, n = out, 2
-    while os.path.exists(path):
-        path, n = f"{out}{n}", n + 1
-    os.makedirs(path)
-    return path
-
-
 def shapes_picture(val, count=4):
     """The first `count` val images (as the model sees them, unpadded) with their labelled boxes -> one picture."""
     names = {c["id"]: c["name"] for c in val.coco.dataset["categories"]}
@@ -55,13 +46,9 @@ def shapes_picture(val, count=4):
         pil = visualize.input_image(image)
         zoom = visualize.zoom_for(pil)  # enlarged before drawing, so the labels stay sharp
         pil = pil.resize((pil.size[0] * zoom, pil.size[1] * zoom))
-        draw = ImageDraw.Draw(pil)
-        w, h = pil.size
-        for (cx, cy, bw, bh), label in zip(target["boxes"].tolist(), target["labels"].tolist()):
-            colour = visualize.PALETTE[sorted(names).index(label) % len(visualize.PALETTE)]
-            box = ((cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h)
-            visualize.draw_box(draw, box, colour, 2, names[label], size=11)
-        row.append((pil, f"val image {i}: {len(target['labels'])} objects"))
+        boxes = box_cxcywh_to_xyxy(target["boxes"]) * torch.tensor([pil.size[0], pil.size[1]] * 2)  # (M, 4) pixels
+        row.append((visualize.draw_detections(pil, boxes, target["labels"], None, names),
+                    f"val image {i}: {len(target['labels'])} objects"))
     return visualize.panels([row], "the shapes set: val images as the models see them, with their boxes")
 
 
@@ -107,7 +94,8 @@ def main(argv=None):
     shapes.ensure(SHAPES_ROOT)
     val = datalib.CocoDetection(*datalib.find_split(SHAPES_ROOT, "val"),
                                 datalib.make_transforms("val", **datalib.SHAPES_SCALES))
-    out = new_folder(args.out)
+    out = first_free(args.out)
+    os.makedirs(out)
     shapes_picture(val).save(os.path.join(out, "shapes.png"))
     image = val[0][0]
     trained = trained_aps(os.path.join(HERE, RECORDS, "claims.json"))
