@@ -3,6 +3,7 @@ table, the cost of a pair."""
 import json
 import os
 
+import pytest
 import torch
 
 import sparse_detr
@@ -43,3 +44,8 @@ def test_sparse_encoder_costs_less_than_its_dense_base():
     assert all(v > 0 for v in base + sparse)
     # rho 0.1 updates a tenth of the tokens (plus one per image): well under half of the dense encoder's work
     assert sparse[0] < 0.5 * base[0]
+
+
+def test_tour_refuses_a_thread_count_below_one():
+    with pytest.raises(ValueError, match="--threads must be at least 1, got 0"):
+        tour.main(["--threads", "0"])

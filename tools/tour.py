@@ -23,7 +23,7 @@ import data as datalib
 from common import box_cxcywh_to_xyxy
 from data import shapes
 from engine import visualize
-from engine.runtime import SHAPES_ROOT, first_free, model_module
+from engine.runtime import SHAPES_ROOT, first_free, model_module, run_cli
 from tools import bench
 from tools.experiments import CLAIMS, RECORDS
 from train import apply_overrides
@@ -90,6 +90,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args(argv)
     if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     shapes.ensure(SHAPES_ROOT)
     val = datalib.CocoDetection(*datalib.find_split(SHAPES_ROOT, "val"),
@@ -119,4 +121,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
