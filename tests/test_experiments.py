@@ -191,7 +191,8 @@ def _claim_runs_logged(out, seeds=(42, 43)):
         run_dir = experiments.claim_dir(out, claim, run, seed)
         _claim_log(run_dir, experiments.claim_argv(args, claim, run, run_dir, seed), CLAIM_APS[run.label, seed])
         with open(os.path.join(run_dir, "log.jsonl"), "a") as f:  # a train record: compacted in the record
-            f.write(json.dumps({"type": "train", "epoch": 0, "iter": 0, "step": 0, "loss": 1.2345678912}) + "\n")
+            f.write(json.dumps({"type": "train", "epoch": 0, "iter": 0, "step": 0, "loss": 1.2345678912,
+                                "lr_base": 4e-4}) + "\n")
 
 
 def test_experiments_claims_tables_seeds_keeps_records_and_rebuilds_from_them_alone(tmp_path, monkeypatch):
@@ -231,6 +232,7 @@ def test_experiments_claims_tables_seeds_keeps_records_and_rebuilds_from_them_al
     assert "| random | 42 | 20.0 | 20.0 | 40.0 | 10.0 | -20.0 | -20.0 | below the base in 1 seed(s) |" in text
     assert "| SMCA | 42, 43 | 30.0 / 25.0 | 27.5 (25.0 to 30.0) |" in text
     assert "| SMCA | 4.5 (4.0 / 5.0) | 8.5 (8.0 / 9.0) | 20.0 (20.0 / 20.0) | 27.5 (30.0 / 25.0) |" in text
+    assert "DETR long (seed 42, 600 steps; lr 0.0004 at every step): AP 1.0 after 100," in text
     # the long baseline passes SMCA's 4.0 / 8.0 / 20.0 / 30.0 after 200 / 300 / 400 / 600 of its steps
     assert ("Steps the DETR baseline needs to reach SMCA's AP after each of SMCA's epochs (seed 42; SMCA's epochs "
             "end at 100, 200, 300, 400 steps): 200 (2.0x) / 300 (1.5x) / 400 (1.3x) / 600 (1.5x).") in text
@@ -266,6 +268,14 @@ def test_experiments_claims_tables_seeds_keeps_records_and_rebuilds_from_them_al
     assert next(r for r in rows if r["label"] == "rho 0.1")["seeds"][43]["AP"] == pytest.approx(0.35)
     with pytest.raises(ValueError, match="holds another run .*time_budget None.*asked: time_budget 0.5"):
         experiments.main(["claims", "--out", out, "--records", records, "--seeds", "2", "--budget", "0.5"])
+
+
+def test_experiments_lr_range_shows_a_drop(tmp_path):
+    with open(tmp_path / "log.jsonl", "w") as f:
+        for step, lr in enumerate([4e-4, 4e-4, 4e-5]):
+            f.write(json.dumps({"type": "train", "step": step, "lr_base": lr}) + "\n")
+    assert experiments.lr_range(str(tmp_path)) == (4e-5, 4e-4)
+    assert experiments.lr_range(str(tmp_path / "none")) is None
 
 
 def test_experiments_claims_seeds_a_count_or_a_list():

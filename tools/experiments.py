@@ -345,6 +345,13 @@ def claim_runs(seeds, long=True):
     return runs + [(claim, claim.long_base, seeds[0]) for claim in CLAIMS if long and claim.long_base]
 
 
+def lr_range(where):
+    """(lowest, highest) lr of a run's logged training steps (train.py's lr_base), or None: a long run's constant lr
+    shows as one value, a drop as two."""
+    lrs = [rec["lr_base"] for rec in log_records(where) if rec.get("type") == "train" and "lr_base" in rec]
+    return (min(lrs), max(lrs)) if lrs else None
+
+
 def start_record(run_dir):
     """The last 'start' record of a run's log.jsonl or record file (train.py's arguments and Config as last
     started), or None."""
@@ -489,6 +496,7 @@ def claim_rows(claim_sources, costs):
                 last = done[max(done)] if done else {}
                 seeds[seed] = {"source": repo_path(where), "device": (start or {}).get("device"),
                                "finished": run_finished(where),
+                               "lr": lr_range(where) if run is claim.long_base else None,  # no lr drop sneaked in
                                "epochs": [{k: rec.get(k) for k in ("epoch", "steps", "AP", "AP50", "APs")}
                                           for _, rec in sorted(done.items())],
                                **{k: last.get(k) for k in ("AP", "AP50", "APs", "steps")}}
@@ -602,7 +610,9 @@ def long_base_lines(long, efficient):
     seed, run = next(iter(long["seeds"].items()), (None, None))
     if run is None or not run["epochs"]:
         return [f"{long['label']}: not trained yet."]
-    out = [f"{long['label']} (seed {seed}, {run['steps']} steps{'' if run['finished'] else ', unfinished'}): AP "
+    lr = "no training step logged" if not run["lr"] else f"lr {run['lr'][0]:g} at every step" if (
+        run["lr"][0] == run["lr"][1]) else f"lr from {run['lr'][1]:g} down to {run['lr'][0]:g}"
+    out = [f"{long['label']} (seed {seed}, {run['steps']} steps{'' if run['finished'] else ', unfinished'}; {lr}): AP "
            + ", ".join(f"{_pct(e['AP'])} after {e['steps']}" for e in run["epochs"]) + "."]
     mine = (efficient or {}).get("seeds", {}).get(seed)
     if mine and mine["epochs"]:
