@@ -272,10 +272,15 @@ def test_experiments_claims_tables_seeds_keeps_records_and_rebuilds_from_them_al
 
 def test_experiments_lr_range_shows_a_drop(tmp_path):
     with open(tmp_path / "log.jsonl", "w") as f:
-        for step, lr in enumerate([4e-4, 4e-4, 4e-5]):
+        for step, lr in enumerate([4e-5, 4e-4, 4e-5]):
             f.write(json.dumps({"type": "train", "step": step, "lr_base": lr}) + "\n")
+        f.write(json.dumps({"type": "eval", "epoch": 0, "steps": 3, "AP": 0.0, "lr_base": 1.0}) + "\n")  # not a step
     assert experiments.lr_range(str(tmp_path)) == (4e-5, 4e-4)
     assert experiments.lr_range(str(tmp_path / "none")) is None
+    long = {"label": "DETR long", "seeds": {42: {"steps": 3, "finished": True, "lr": (4e-5, 4e-4),
+                                                 "epochs": [{"epoch": 0, "steps": 3, "AP": 0.0}]}}}
+    assert experiments.long_base_lines(long, None) == ["DETR long (seed 42, 3 steps; lr from 0.0004 down to 4e-05): "
+                                                       "AP 0.0 after 3."]
 
 
 def test_experiments_claims_seeds_a_count_or_a_list():

@@ -610,7 +610,7 @@ def long_base_lines(long, efficient):
     seed, run = next(iter(long["seeds"].items()), (None, None))
     if run is None or not run["epochs"]:
         return [f"{long['label']}: not trained yet."]
-    lr = "no training step logged" if not run["lr"] else f"lr {run['lr'][0]:g} at every step" if (
+    lr = "no lr logged" if not run["lr"] else f"lr {run['lr'][0]:g} at every step" if (
         run["lr"][0] == run["lr"][1]) else f"lr from {run['lr'][1]:g} down to {run['lr'][0]:g}"
     out = [f"{long['label']} (seed {seed}, {run['steps']} steps{'' if run['finished'] else ', unfinished'}; {lr}): AP "
            + ", ".join(f"{_pct(e['AP'])} after {e['steps']}" for e in run["epochs"]) + "."]
