@@ -610,8 +610,12 @@ def long_base_lines(long, efficient):
     seed, run = next(iter(long["seeds"].items()), (None, None))
     if run is None or not run["epochs"]:
         return [f"{long['label']}: not trained yet."]
-    lr = "no lr logged" if not run["lr"] else f"lr {run['lr'][0]:g} at every step" if (
-        run["lr"][0] == run["lr"][1]) else f"lr from {run['lr'][1]:g} down to {run['lr'][0]:g}"
+    if not run["lr"]:
+        lr = "no lr logged"
+    elif run["lr"][0] == run["lr"][1]:
+        lr = f"lr {run['lr'][0]:g} at every step"
+    else:  # a drop, e.g. brought in by a resume
+        lr = f"lr from {run['lr'][1]:g} down to {run['lr'][0]:g}"
     out = [f"{long['label']} (seed {seed}, {run['steps']} steps{'' if run['finished'] else ', unfinished'}; {lr}): AP "
            + ", ".join(f"{_pct(e['AP'])} after {e['steps']}" for e in run["epochs"]) + "."]
     mine = (efficient or {}).get("seeds", {}).get(seed)
