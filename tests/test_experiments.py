@@ -1,4 +1,4 @@
-"""Tests of tools/experiments.py: converge, leaderboard, speed, fine-tokens.
+"""Tests of tools/experiments.py: converge, leaderboard, speed, fine-tokens, selected-tokens.
 """
 import importlib
 import json
@@ -103,6 +103,38 @@ def test_experiments_fine_tokens_counts_kept_and_fine_tokens_inside_boxes(tiny_s
     with pytest.raises(ValueError, match="--images 9"):
         experiments.main(["fine-tokens", "--checkpoint", str(tmp_path / "focus.pth"), "--images", "9"])
 
+
+
+def test_experiments_selection_shares_of_a_hand_built_image():
+    """6 tokens, the DAM 4/2/1/1/0/0 (sum 8), tokens 0, 1 and 4 inside a box; the encoder updates tokens 2 and 4."""
+    dam, inside = torch.tensor([4.0, 2, 1, 1, 0, 0]), torch.tensor([True, True, False, False, True, False])
+    shares = experiments.selection_shares(dam, torch.tensor([2, 4]), inside)
+    assert shares == pytest.approx({"dam_selected": 1 / 8, "dam_top": 6 / 8, "uniform": 2 / 6, "selected_inside": 1 / 2,
+                                    "inside": 3 / 6, "inside_selected": 1 / 3})
+
+
+def test_experiments_selected_tokens_of_sparse_and_dense_checkpoints(tiny_shapes, tmp_path):
+    """A dense base's row is its own DAM's top rho (so it carries the most any n tokens do); a sparse model's
+    selected tokens carry at most that; the wrong checkpoint or rho is refused."""
+    _tiny_checkpoint(tmp_path / "sparse.pth", tiny_shapes, "sparse_detr")
+    _tiny_checkpoint(tmp_path / "dense.pth", tiny_shapes, "sparse_detr", sparse_encoder=False, use_enc_aux_loss=False)
+    sparse, dense = str(tmp_path / "sparse.pth"), str(tmp_path / "dense.pth")
+    rows = experiments.main(["selected-tokens", "--checkpoint", sparse, "--images", "2"])
+    r = rows[sparse]
+    assert r["dam_selected"] <= r["dam_top"] + 1e-6 and all(0 <= r[k] <= 1 for k in r if k != "selection")
+    assert r["selection"].startswith("dam, rho")
+    d = experiments.main(["selected-tokens", "--checkpoint", dense, "--images", "2", "--rho", "0.5"])[dense]
+    assert d["dam_selected"] == pytest.approx(d["dam_top"]) and d["selection"] == "dense (the DAM's top rho 0.5)"
+    assert d["uniform"] > r["uniform"] and d["inside"] == pytest.approx(r["inside"])  # the same images and tokens
+    _tiny_checkpoint(tmp_path / "smca.pth", tiny_shapes, "smca")
+    with pytest.raises(ValueError, match="reads Sparse DETR checkpoints"):
+        experiments.main(["selected-tokens", "--checkpoint", str(tmp_path / "smca.pth")])
+    with pytest.raises(ValueError, match="its own rho"):
+        experiments.main(["selected-tokens", "--checkpoint", sparse, "--rho", "0.5", "--images", "1"])
+    with pytest.raises(ValueError, match="--rho must be in"):
+        experiments.main(["selected-tokens", "--checkpoint", dense, "--rho", "1.5", "--images", "1"])
+    with pytest.raises(ValueError, match="--images 9"):
+        experiments.main(["selected-tokens", "--checkpoint", dense, "--images", "9"])
 
 def _fake_run(run_dir, losses, steps, train_s):
     os.makedirs(run_dir)

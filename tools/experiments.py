@@ -10,6 +10,7 @@ continued with `--resume auto`, so running a command again only does what is mis
     python -m tools.experiments claims --steps 5 --seeds 1 --out runs/claims-check   # a quick check of the command
     python -m tools.experiments leaderboard --budget 5         # every model, the same CPU minutes, runs/leaderboard/
     python -m tools.experiments fine-tokens --checkpoint runs/focus_detr-shapes/checkpoint.pth
+    python -m tools.experiments selected-tokens --checkpoint runs/sparse_detr-shapes/checkpoint.pth
     python -m tools.experiments speed --vs ../older-checkout   # training steps/s against another checkout
 
 converge: the DETR baseline and single-scale SMCA (and, with --multiscale, multi-scale SMCA)
@@ -55,6 +56,13 @@ fine-tokens (no training): where a trained Focus-DETR's fine-grained tokens sit.
 fine-grained ones whose cell centre lies inside a ground-truth box, with the MCSP score (Focus-DETR's
 multi-category score predictor: foreground x class score) the model was trained with and with the other one
 (official: the product of raw logits; the paper: of probabilities).
+
+selected-tokens (no training): what a trained Sparse DETR's encoder updates. On the first --images val images, each
+alone: the decoder attention map's (DAM's) mass on the n selected tokens (the corr Sparse DETR logs), on the DAM's own
+n heaviest tokens (the most any n tokens carry) and n / N (what random ones carry on average); the share of the
+selected tokens inside a ground-truth box, of the in-box tokens selected, and of all tokens inside a box. A dense
+base's checkpoint gives the same of its own DAM's top rho (--rho): how much of its decoder's reading rho of the
+tokens could carry.
 """
 import argparse
 import gzip
@@ -80,6 +88,7 @@ import train
 from common import box_cxcywh_to_xyxy, fast_paths
 from data import shapes
 from engine import visualize
+from sparse_detr import sparse_token_nums
 from engine.runtime import MODELS, SHAPES_ROOT, load_checkpoint, machine_name, model_module, run_cli
 from tools import bench
 
@@ -987,6 +996,73 @@ def fine_tokens(args, argv):
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# selected-tokens: what Sparse DETR's encoder updates, against the decoder attention map and the boxes
+# ---------------------------------------------------------------------------------------------
+
+def selection_shares(dam, selected, inside):
+    """One image. dam (N,) the decoder attention map (DAM); selected (n,) the token indices the encoder updates;
+    inside (N,) bool, whether a token's cell centre lies in a ground-truth box. -> {"dam_selected": the DAM's mass
+    on the selected tokens (Sparse DETR's logged corr), "dam_top": on its own n heaviest tokens (the most any n
+    carry), "uniform": n / N (what n random tokens carry on average), "selected_inside": the share of the selected
+    inside a box, "inside": of all tokens, "inside_selected": the share of the in-box tokens that are selected}."""
+    n, total, mass = len(selected), dam.numel(), dam.sum().clamp(min=1e-12)
+    chosen = torch.zeros_like(inside)
+    chosen[selected] = True
+    return {"dam_selected": (dam[chosen].sum() / mass).item(), "dam_top": (dam.topk(n).values.sum() / mass).item(),
+            "uniform": n / total, "selected_inside": (inside & chosen).sum().item() / n,
+            "inside": inside.float().mean().item(), "inside_selected": (inside & chosen).sum().item() / max(
+                inside.sum().item(), 1)}
+
+
+@torch.no_grad()
+def selected_tokens(args, argv):
+    rows = {}
+    for path in args.checkpoint:
+        det = detect.load_detector(path)
+        if det.name != "sparse_detr":
+            raise ValueError(f"selected-tokens reads Sparse DETR checkpoints; {path} is {det.name}")
+        cfg, ckpt_args = det.model.cfg, load_checkpoint(path).get("args") or {}
+        root = SHAPES_ROOT if ckpt_args.get("data", "shapes") == "shapes" else ckpt_args["data"]
+        val = datalib.CocoDetection(*datalib.find_split(root, "val"), det.transform)
+        if not 1 <= args.images <= len(val):
+            raise ValueError(f"--images {args.images}: between 1 and the {len(val)} images of {val.ann_file}")
+        rho = cfg.rho if args.rho is None else args.rho  # a dense model's DAM is read at n = this rho
+        if not 0 < rho <= 1:
+            raise ValueError(f"--rho must be in (0, 1], got {rho}")
+        if cfg.sparse_encoder and rho != cfg.rho:
+            raise ValueError(f"--rho {args.rho}: {path} selects at its own rho {cfg.rho} (--rho is for a dense base)")
+        shares = []
+        for i in range(args.images):
+            image, target = val[i]
+            H, W = image.shape[1:]
+            pad = torch.zeros(1, H, W, dtype=torch.bool)  # one image, no padding
+            out = det.model(image[None], pad, explain=True)
+            boxes = box_cxcywh_to_xyxy(target["boxes"]) * torch.tensor([W, H, W, H])  # (M, 4) pixels
+            total = out["dam"].shape[1]
+            centres = torch.tensor([((x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2) for _, (x0, y0, x1, y1) in
+                                    visualize.token_cells(range(total), out["spatial_shapes"])])  # (N, 2)
+            inside = ((boxes[None, :, :2] <= centres[:, None]) & (centres[:, None] <= boxes[None, :, 2:])).all(-1)
+            if cfg.sparse_encoder:
+                selected = out["topk_inds"][0, :out["sparse_token_nums"][0]]
+            else:  # the DAM's own top n: what an oracle scorer would select
+                n = sparse_token_nums(out["token_pad_mask"], rho)[0]
+                selected = out["dam"][0].topk(int(n)).indices
+            shares.append(selection_shares(out["dam"][0], selected, inside.any(-1)))
+        rows[path] = {k: statistics.mean(s[k] for s in shares) for k in shares[0]}
+        rows[path]["selection"] = f"{cfg.selection}, rho {cfg.rho}" if cfg.sparse_encoder else \
+            f"dense (the DAM's top rho {rho})"
+    lines = [f"`python -m tools.experiments {' '.join(argv)}` (first {args.images} val images, each alone; the mean "
+             "over images)", "",
+             "| checkpoint | selection | DAM on the selected tokens | DAM on its own top n (n / N) | selected "
+             "inside a box | in-box tokens selected | all tokens inside a box |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {path} | {r['selection']} | {100 * r['dam_selected']:.1f}% | {100 * r['dam_top']:.1f}% "
+              f"({100 * r['uniform']:.1f}%) | {100 * r['selected_inside']:.1f}% | {100 * r['inside_selected']:.1f}% | "
+              f"{100 * r['inside']:.1f}% |" for path, r in rows.items()]
+    print("\n".join(lines))
+    return rows
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1027,6 +1103,13 @@ def main(argv=None):
     f = sub.add_parser("fine-tokens", help="where a trained Focus-DETR's fine-grained tokens sit, by MCSP score")
     f.add_argument("--checkpoint", required=True, help="a Focus-DETR checkpoint.pth written by train.py")
     f.add_argument("--images", type=int, default=100, help="how many val images (default 100)")
+    t = sub.add_parser("selected-tokens", help="the tokens a trained Sparse DETR updates, against its decoder "
+                       "attention map and the boxes")
+    t.add_argument("--checkpoint", nargs="+", required=True,
+                   help="Sparse DETR checkpoint.pth files written by train.py")
+    t.add_argument("--images", type=int, default=100, help="how many val images (default 100)")
+    t.add_argument("--rho", type=float, default=None, help="a dense base's DAM is read at its top rho (default: "
+                   "the rho of its config); a sparse model's at its own")
     for q in (c, b):  # claims: the shapes set (its costs are the shapes configurations')
         q.add_argument("--data", default="shapes")
     for q in (c, m, b, v):
@@ -1038,7 +1121,7 @@ def main(argv=None):
                             "(last on the line, e.g. --train-args --batch-size 4)")
     args = p.parse_args(argv)
     experiments = {"converge": converge, "claims": claims, "leaderboard": leaderboard, "speed": speed,
-                   "fine-tokens": fine_tokens}
+                   "fine-tokens": fine_tokens, "selected-tokens": selected_tokens}
     return experiments[args.experiment](args, argv)
 
 
