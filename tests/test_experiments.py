@@ -8,7 +8,10 @@ import shutil
 import pytest
 import torch
 
+import data as datalib
+import detect
 import train
+from common import box_cxcywh_to_xyxy
 from tools import experiments
 from tests.helpers import (TINY_SET, _tiny_checkpoint, _train_args, _train_losses)
 
@@ -104,7 +107,6 @@ def test_experiments_fine_tokens_counts_kept_and_fine_tokens_inside_boxes(tiny_s
         experiments.main(["fine-tokens", "--checkpoint", str(tmp_path / "focus.pth"), "--images", "9"])
 
 
-
 def test_experiments_selection_shares_of_a_hand_built_image():
     """6 tokens, the DAM 4/2/1/1/0/0 (sum 8), tokens 0, 1 and 4 inside a box; the encoder updates tokens 2 and 4."""
     dam, inside = torch.tensor([4.0, 2, 1, 1, 0, 0]), torch.tensor([True, True, False, False, True, False])
@@ -114,27 +116,48 @@ def test_experiments_selection_shares_of_a_hand_built_image():
 
 
 def test_experiments_selected_tokens_of_sparse_and_dense_checkpoints(tiny_shapes, tmp_path):
-    """A dense base's row is its own DAM's top rho (so it carries the most any n tokens do); a sparse model's
-    selected tokens carry at most that; the wrong checkpoint or rho is refused."""
+    """On one image, against the model's own outputs and boxes recomputed per level: the DAM's mass on the selected
+    tokens (the criterion's corr) and the tokens whose cell centre lies in a box. A dense base's row is its own DAM's
+    top rho; the wrong checkpoint or rho is refused."""
     _tiny_checkpoint(tmp_path / "sparse.pth", tiny_shapes, "sparse_detr")
     _tiny_checkpoint(tmp_path / "dense.pth", tiny_shapes, "sparse_detr", sparse_encoder=False, use_enc_aux_loss=False)
     sparse, dense = str(tmp_path / "sparse.pth"), str(tmp_path / "dense.pth")
-    rows = experiments.main(["selected-tokens", "--checkpoint", sparse, "--images", "2"])
-    r = rows[sparse]
-    assert r["dam_selected"] <= r["dam_top"] + 1e-6 and all(0 <= r[k] <= 1 for k in r if k != "selection")
-    assert r["selection"].startswith("dam, rho")
-    d = experiments.main(["selected-tokens", "--checkpoint", dense, "--images", "2", "--rho", "0.5"])[dense]
+    r = experiments.main(["selected-tokens", "--checkpoint", sparse, "--images", "1"])[sparse]
+    det = detect.load_detector(sparse)
+    image, target = datalib.CocoDetection(*datalib.find_split(tiny_shapes, "val"), det.transform)[0]
+    H, W = image.shape[1:]
+    with torch.no_grad():
+        out = det.model(image[None], torch.zeros(1, H, W, dtype=torch.bool), explain=True)
+    dam, selected = out["dam"][0], out["topk_inds"][0, :out["sparse_token_nums"][0]]
+    boxes = box_cxcywh_to_xyxy(target["boxes"]) * torch.tensor([W, H, W, H])
+    inside = []
+    for lvl, (h, w) in enumerate(out["spatial_shapes"]):  # cell centres ((col + 0.5) s, (row + 0.5) s), s = 8 * 2^l
+        s = 8 * 2 ** lvl
+        y, x = torch.meshgrid((torch.arange(h) + 0.5) * s, (torch.arange(w) + 0.5) * s, indexing="ij")
+        x, y = x.flatten()[:, None], y.flatten()[:, None]
+        inside.append(((boxes[:, 0] <= x) & (x <= boxes[:, 2]) & (boxes[:, 1] <= y) & (y <= boxes[:, 3])).any(1))
+    inside = torch.cat(inside)
+    assert 0 < inside.sum() < len(inside)
+    assert r["dam_selected"] == pytest.approx((dam[selected].sum() / dam.sum()).item())
+    assert r["dam_top"] == pytest.approx((dam.topk(len(selected)).values.sum() / dam.sum()).item())
+    assert r["uniform"] == pytest.approx(len(selected) / len(dam)) and r["selection"] == "dam, rho 0.3"
+    assert r["inside"] == pytest.approx(inside.float().mean().item())
+    assert r["selected_inside"] == pytest.approx(inside[selected].float().mean().item())
+    d = experiments.main(["selected-tokens", "--checkpoint", dense, "--images", "1", "--rho", "0.5"])[dense]
     assert d["dam_selected"] == pytest.approx(d["dam_top"]) and d["selection"] == "dense (the DAM's top rho 0.5)"
-    assert d["uniform"] > r["uniform"] and d["inside"] == pytest.approx(r["inside"])  # the same images and tokens
+    assert d["uniform"] > r["uniform"] and d["inside"] == pytest.approx(r["inside"])  # the same image and tokens
     _tiny_checkpoint(tmp_path / "smca.pth", tiny_shapes, "smca")
     with pytest.raises(ValueError, match="reads Sparse DETR checkpoints"):
         experiments.main(["selected-tokens", "--checkpoint", str(tmp_path / "smca.pth")])
+    with pytest.raises(ValueError, match="is a dense base: give --rho"):
+        experiments.main(["selected-tokens", "--checkpoint", dense, "--images", "1"])
     with pytest.raises(ValueError, match="its own rho"):
         experiments.main(["selected-tokens", "--checkpoint", sparse, "--rho", "0.5", "--images", "1"])
     with pytest.raises(ValueError, match="--rho must be in"):
         experiments.main(["selected-tokens", "--checkpoint", dense, "--rho", "1.5", "--images", "1"])
     with pytest.raises(ValueError, match="--images 9"):
-        experiments.main(["selected-tokens", "--checkpoint", dense, "--images", "9"])
+        experiments.main(["selected-tokens", "--checkpoint", dense, "--rho", "0.1", "--images", "9"])
+
 
 def _fake_run(run_dir, losses, steps, train_s):
     os.makedirs(run_dir)

@@ -1027,6 +1027,8 @@ def selected_tokens(args, argv):
         val = datalib.CocoDetection(*datalib.find_split(root, "val"), det.transform)
         if not 1 <= args.images <= len(val):
             raise ValueError(f"--images {args.images}: between 1 and the {len(val)} images of {val.ann_file}")
+        if args.rho is None and not cfg.sparse_encoder:  # its config's rho is unused by a dense model
+            raise ValueError(f"{path} is a dense base: give --rho, the share of its DAM's heaviest tokens to read")
         rho = cfg.rho if args.rho is None else args.rho  # a dense model's DAM is read at n = this rho
         if not 0 < rho <= 1:
             raise ValueError(f"--rho must be in (0, 1], got {rho}")
@@ -1108,8 +1110,8 @@ def main(argv=None):
     t.add_argument("--checkpoint", nargs="+", required=True,
                    help="Sparse DETR checkpoint.pth files written by train.py")
     t.add_argument("--images", type=int, default=100, help="how many val images (default 100)")
-    t.add_argument("--rho", type=float, default=None, help="a dense base's DAM is read at its top rho (default: "
-                   "the rho of its config); a sparse model's at its own")
+    t.add_argument("--rho", type=float, default=None, help="a dense base's DAM is read at its heaviest rho of the "
+                   "tokens (required with a dense base); a sparse model's at its own rho (--rho, if given, must be it)")
     for q in (c, b):  # claims: the shapes set (its costs are the shapes configurations')
         q.add_argument("--data", default="shapes")
     for q in (c, m, b, v):
