@@ -88,8 +88,8 @@ import train
 from common import box_cxcywh_to_xyxy, fast_paths
 from data import shapes
 from engine import visualize
-from sparse_detr import sparse_token_nums
 from engine.runtime import MODELS, SHAPES_ROOT, load_checkpoint, machine_name, model_module, run_cli
+from sparse_detr import sparse_token_nums
 from tools import bench
 
 # ---------------------------------------------------------------------------------------------
@@ -955,6 +955,14 @@ def _has_eval(run_dir):
 # fine-tokens: where Focus-DETR's fine-grained tokens sit, under each MCSP score
 # ---------------------------------------------------------------------------------------------
 
+def tokens_in_boxes(tokens, spatial_shapes, boxes):
+    """Flat token indices (n,), the token grid, boxes (M, 4) xyxy in input pixels -> (n,) bool: whether each token's
+    cell centre lies in a box."""
+    centres = torch.tensor([((x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2) for _, (x0, y0, x1, y1) in
+                            visualize.token_cells(tokens, spatial_shapes)]).reshape(-1, 2)  # (n, 2)
+    return ((boxes[None, :, :2] <= centres[:, None]) & (centres[:, None] <= boxes[None, :, 2:])).all(-1).any(-1)
+
+
 @torch.no_grad()
 def fine_tokens(args, argv):
     det = detect.load_detector(args.checkpoint)
@@ -978,12 +986,9 @@ def fine_tokens(args, argv):
             every = [torch.arange(sum(h * w for h, w in out["spatial_shapes"]))[None]]  # one image, no padding
             for key, per_layer in (("all", every), ("kept", out["kept_tokens"]), ("fine", out["fine_tokens"])):
                 for tokens in per_layer:
-                    for _, (x0, y0, x1, y1) in visualize.token_cells([t for t in tokens[0].tolist() if t >= 0],
-                                                                     out["spatial_shapes"]):
-                        cx, cy = (x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2
-                        counts[key][0] += bool(((boxes[:, 0] <= cx) & (cx <= boxes[:, 2]) & (boxes[:, 1] <= cy)
-                                                & (cy <= boxes[:, 3])).any())
-                        counts[key][1] += 1
+                    inside = tokens_in_boxes([t for t in tokens[0].tolist() if t >= 0], out["spatial_shapes"], boxes)
+                    counts[key][0] += inside.sum().item()
+                    counts[key][1] += len(inside)
         rows[score] = {k: a / max(b, 1) for k, (a, b) in counts.items()}
     det.model.cfg.mcsp_score = trained
     names = {"logit_product": "product of raw logits (official)", "prob_product": "product of probabilities (paper)"}
@@ -1009,10 +1014,10 @@ def selection_shares(dam, selected, inside):
     n, total, mass = len(selected), dam.numel(), dam.sum().clamp(min=1e-12)
     chosen = torch.zeros_like(inside)
     chosen[selected] = True
+    hits = (inside & chosen).sum().item()  # selected tokens inside a box
     return {"dam_selected": (dam[chosen].sum() / mass).item(), "dam_top": (dam.topk(n).values.sum() / mass).item(),
-            "uniform": n / total, "selected_inside": (inside & chosen).sum().item() / n,
-            "inside": inside.float().mean().item(), "inside_selected": (inside & chosen).sum().item() / max(
-                inside.sum().item(), 1)}
+            "uniform": n / total, "selected_inside": hits / n, "inside": inside.float().mean().item(),
+            "inside_selected": hits / max(inside.sum().item(), 1)}
 
 
 @torch.no_grad()
@@ -1041,16 +1046,13 @@ def selected_tokens(args, argv):
             pad = torch.zeros(1, H, W, dtype=torch.bool)  # one image, no padding
             out = det.model(image[None], pad, explain=True)
             boxes = box_cxcywh_to_xyxy(target["boxes"]) * torch.tensor([W, H, W, H])  # (M, 4) pixels
-            total = out["dam"].shape[1]
-            centres = torch.tensor([((x0 + x1 + 1) / 2, (y0 + y1 + 1) / 2) for _, (x0, y0, x1, y1) in
-                                    visualize.token_cells(range(total), out["spatial_shapes"])])  # (N, 2)
-            inside = ((boxes[None, :, :2] <= centres[:, None]) & (centres[:, None] <= boxes[None, :, 2:])).all(-1)
+            inside = tokens_in_boxes(range(out["dam"].shape[1]), out["spatial_shapes"], boxes)  # (N,)
             if cfg.sparse_encoder:
                 selected = out["topk_inds"][0, :out["sparse_token_nums"][0]]
             else:  # the DAM's own top n: what an oracle scorer would select
                 n = sparse_token_nums(out["token_pad_mask"], rho)[0]
                 selected = out["dam"][0].topk(int(n)).indices
-            shares.append(selection_shares(out["dam"][0], selected, inside.any(-1)))
+            shares.append(selection_shares(out["dam"][0], selected, inside))
         rows[path] = {k: statistics.mean(s[k] for s in shares) for k in shares[0]}
         rows[path]["selection"] = f"{cfg.selection}, rho {cfg.rho}" if cfg.sparse_encoder else \
             f"dense (the DAM's top rho {rho})"
