@@ -1,5 +1,6 @@
-"""Tests of tools/experiments.py: converge, leaderboard, speed, fine-tokens, selected-tokens.
+"""Tests of tools/experiments.py: converge, leaderboard, speed, fine-tokens, selected-tokens, log-stats.
 """
+import argparse
 import importlib
 import json
 import os
@@ -337,6 +338,34 @@ def test_experiments_lr_range_shows_a_drop(tmp_path):
     assert experiments.long_base_lines(long, None) == ["DETR long (seed 42, 3 steps; lr from 0.0004 down to 4e-05): "
                                                        "AP 0.0 after 3."]
 
+
+
+def test_experiments_log_stats_means_and_medians_over_windows_of_steps(tmp_path, capsys):
+    with open(tmp_path / "log.jsonl", "w") as f:
+        f.write(json.dumps({"type": "start", "args": {"model": "sparse_detr"}}) + "\n")
+        for step in range(6):
+            f.write(json.dumps({"type": "train", "step": step, "loss": 2.0 * step, "loss_ce": 1.0, "loss_ce_0": 9.0,
+                                "grad_norm": [1, 2, 9, 4, 5, 6][step]}) + "\n")
+        resumed = {"type": "train", "step": 2, "loss": 40.0, "loss_ce": 1.0, "grad_norm": 3}  # step 2 again
+        f.write(json.dumps(resumed) + "\n")
+        f.write(json.dumps({"type": "eval", "epoch": 0, "steps": 6, "AP": 0.5, "loss": 1e9}) + "\n")  # not a step
+    args = argparse.Namespace
+    table = experiments.log_stats(args(runs=[str(tmp_path)], steps="0-5", every=4, terms=None, median=False), [])
+    first, second = table[(str(tmp_path), 0, 3)], table[(str(tmp_path), 4, 5)]  # the last window ends at --steps
+    assert list(first) == ["steps logged", "loss", "loss_ce", "grad_norm"]  # no auxiliary terms, no corr logged
+    assert first == {"steps logged": 4, "loss": (0 + 2 + 40 + 6) / 4, "loss_ce": 1.0, "grad_norm": (1 + 2 + 3 + 4) / 4}
+    assert second["grad_norm"] == 5.5 and second["steps logged"] == 2
+    assert "| 0-3 | 4 | 12 | 1 | 2.5 |" in capsys.readouterr().out
+    median = experiments.log_stats(args(runs=[str(tmp_path)], steps="1-3", every=None, terms=["grad_norm"],
+                                        median=True), [])
+    assert median == {(str(tmp_path), 1, 3): {"steps logged": 3, "grad_norm": 3}}
+    for steps, terms, message in [("3-1", None, "FIRST <= LAST"), ("7-9", None, "logged no step in 7-9"),
+                                  ("0-5", ["corr"], "logs no 'corr'")]:
+        with pytest.raises(ValueError, match=message):
+            experiments.log_stats(args(runs=[str(tmp_path)], steps=steps, every=None, terms=terms, median=False), [])
+    with pytest.raises(ValueError, match="does not exist"):
+        experiments.log_stats(args(runs=[str(tmp_path / "nope.jsonl.gz")], steps="0-1", every=None, terms=None,
+                                   median=False), [])
 
 def test_experiments_claims_seeds_a_count_or_a_list():
     assert experiments.parse_seeds("3", 42) == [42, 43, 44] and experiments.parse_seeds("7,1", 42) == [7, 1]

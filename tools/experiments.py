@@ -12,6 +12,7 @@ continued with `--resume auto`, so running a command again only does what is mis
     python -m tools.experiments fine-tokens --checkpoint runs/focus_detr-shapes/checkpoint.pth
     python -m tools.experiments selected-tokens --checkpoint runs/sparse_detr-shapes/checkpoint.pth
     python -m tools.experiments speed --vs ../older-checkout   # training steps/s against another checkout
+    python -m tools.experiments log-stats runs/smca docs/claims-records/smca/*/seed-42.jsonl.gz --steps 900-999
 
 converge: the DETR baseline and single-scale SMCA (and, with --multiscale, multi-scale SMCA)
 trained with the same data, seed, schedule and number of steps, evaluated after every epoch. The
@@ -63,6 +64,11 @@ n heaviest tokens (the most any n tokens carry) and n / N (what random ones carr
 selected tokens inside a ground-truth box, of the in-box tokens selected, and of all tokens inside a box. A dense
 base's checkpoint gives the same of its own DAM's top rho (--rho): how much of its decoder's reading rho of the
 tokens could carry.
+
+log-stats (no training): per run (a train.py folder or a claims record) and window of --every steps within --steps,
+the mean (--median: the median) of logged training terms: by default the loss terms curves.png draws (the last
+decoder layer's, no auxiliary ones), grad_norm (before clipping) and corr where logged. A step a resumed run logged
+twice counts once, its later record.
 """
 import argparse
 import gzip
@@ -87,7 +93,7 @@ import smca
 import train
 from common import box_cxcywh_to_xyxy, fast_paths
 from data import shapes
-from engine import visualize
+from engine import curves, visualize
 from engine.runtime import MODELS, SHAPES_ROOT, load_checkpoint, machine_name, model_module, run_cli
 from sparse_detr import sparse_token_nums
 from tools import bench
@@ -1067,6 +1073,52 @@ def selected_tokens(args, argv):
     return rows
 
 
+
+# ---------------------------------------------------------------------------------------------
+# log-stats: logged training terms over a range of steps
+# ---------------------------------------------------------------------------------------------
+
+def parse_step_range(text):
+    """'900-999' -> (900, 999), both included."""
+    m = re.fullmatch(r"(\d+)-(\d+)", text.strip())
+    if not m or int(m[1]) > int(m[2]):
+        raise ValueError(f"--steps {text!r}: give FIRST-LAST, two optimizer steps with FIRST <= LAST (e.g. 900-999)")
+    return int(m[1]), int(m[2])
+
+
+def log_stats(args, argv):
+    """Per run and window of --every steps within --steps: the mean (or median) of each term over the train records
+    of those steps (a step logged twice by a resumed run counts once, its later record)."""
+    first, last = parse_step_range(args.steps)
+    every = args.every or last - first + 1
+    if every < 1:
+        raise ValueError(f"--every {every}: a window is at least one step")
+    stat = statistics.median if args.median else statistics.fmean
+    table = {}
+    for source in args.runs:
+        train_by_step = {int(r["step"]): r for r in curves.read_records(curves.log_path(source))
+                         if r.get("type") == "train" and "step" in r}
+        terms = args.terms or [t for t in curves.main_terms(set().union(*map(set, train_by_step.values())))
+                               + ["grad_norm", "corr"] if any(t in r for r in train_by_step.values())]
+        for t in terms:
+            if not any(t in r for r in train_by_step.values()):
+                raise ValueError(f"{source} logs no {t!r}; its terms: {sorted(set().union(*train_by_step.values()))}")
+        for lo in range(first, last + 1, every):
+            hi = min(lo + every - 1, last)
+            recs = [train_by_step[s] for s in range(lo, hi + 1) if s in train_by_step]
+            if not recs:
+                raise ValueError(f"{source} logged no step in {lo}-{hi} (its steps: {min(train_by_step, default=0)}-"
+                                 f"{max(train_by_step, default=-1)})")
+            table[(source, lo, hi)] = {"steps logged": len(recs)} | {
+                t: stat([r[t] for r in recs if isinstance(r.get(t), (int, float))] or [math.nan]) for t in terms}
+    columns = list(dict.fromkeys(k for row in table.values() for k in row))
+    print(f"{'median' if args.median else 'mean'} over the logged steps of each window\n")
+    print("| run | steps | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 2))
+    for (source, lo, hi), row in table.items():
+        cells = [str(row[c]) if c == "steps logged" else f"{row[c]:.4g}" if c in row else "" for c in columns]
+        print(f"| {source} | {lo}-{hi} | " + " | ".join(cells) + " |")
+    return table
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1114,6 +1166,14 @@ def main(argv=None):
     t.add_argument("--images", type=int, default=100, help="how many val images (default 100)")
     t.add_argument("--rho", type=float, default=None, help="a dense base's DAM is read at its heaviest rho of the "
                    "tokens (required with a dense base); a sparse model's at its own rho (--rho, if given, must be it)")
+    g = sub.add_parser("log-stats", help="the mean or median of logged training terms over a range of steps")
+    g.add_argument("runs", nargs="+", metavar="RUN",
+                   help="train.py --output-dir folders, log.jsonl files or .jsonl.gz records")
+    g.add_argument("--steps", required=True, metavar="FIRST-LAST", help="the optimizer steps read, both included")
+    g.add_argument("--every", type=int, default=None, metavar="N", help="one row per N steps (default: one row)")
+    g.add_argument("--terms", nargs="+", default=None, help="logged terms (default: the loss terms curves.png draws, "
+                   "grad_norm and corr where logged)")
+    g.add_argument("--median", action="store_true", help="the median instead of the mean")
     for q in (c, b):  # claims: the shapes set (its costs are the shapes configurations')
         q.add_argument("--data", default="shapes")
     for q in (c, m, b, v):
@@ -1125,7 +1185,8 @@ def main(argv=None):
                             "(last on the line, e.g. --train-args --batch-size 4)")
     args = p.parse_args(argv)
     experiments = {"converge": converge, "claims": claims, "leaderboard": leaderboard, "speed": speed,
-                   "fine-tokens": fine_tokens, "selected-tokens": selected_tokens}
+                   "fine-tokens": fine_tokens, "selected-tokens": selected_tokens,
+                   "log-stats": log_stats}
     return experiments[args.experiment](args, argv)
 
 
