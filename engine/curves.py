@@ -55,8 +55,11 @@ def log_path(source):
 
 def read_records(path):
     """The JSON records of a log, in order. A last line cut short (a run still writing) is left out."""
-    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
-        lines = [line for line in f if line.strip()]
+    try:
+        with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+            lines = [line for line in f if line.strip()]
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # not gzip, cut short, not text
+        raise ValueError(f"{path} cannot be read as a train.py log ({type(e).__name__}: {e})") from e
     if not lines:
         raise ValueError(f"{path} is empty: the run has logged nothing yet")
     records = []

@@ -1,6 +1,5 @@
 """Tests of tools/experiments.py: converge, leaderboard, speed, fine-tokens, selected-tokens, log-stats.
 """
-import argparse
 import importlib
 import json
 import os
@@ -339,7 +338,6 @@ def test_experiments_lr_range_shows_a_drop(tmp_path):
                                                        "AP 0.0 after 3."]
 
 
-
 def test_experiments_log_stats_means_and_medians_over_windows_of_steps(tmp_path, capsys):
     with open(tmp_path / "log.jsonl", "w") as f:
         f.write(json.dumps({"type": "start", "args": {"model": "sparse_detr"}}) + "\n")
@@ -349,23 +347,30 @@ def test_experiments_log_stats_means_and_medians_over_windows_of_steps(tmp_path,
         resumed = {"type": "train", "step": 2, "loss": 40.0, "loss_ce": 1.0, "grad_norm": 3}  # step 2 again
         f.write(json.dumps(resumed) + "\n")
         f.write(json.dumps({"type": "eval", "epoch": 0, "steps": 6, "AP": 0.5, "loss": 1e9}) + "\n")  # not a step
-    args = argparse.Namespace
-    table = experiments.log_stats(args(runs=[str(tmp_path)], steps="0-5", every=4, terms=None, median=False), [])
-    first, second = table[(str(tmp_path), 0, 3)], table[(str(tmp_path), 4, 5)]  # the last window ends at --steps
+    run = str(tmp_path)
+    table = experiments.main(["log-stats", run, "--steps", "0-5", "--every", "4"])
+    first, second = table[(run, 0, 3)], table[(run, 4, 5)]  # the last window ends at --steps
     assert list(first) == ["steps logged", "loss", "loss_ce", "grad_norm"]  # no auxiliary terms, no corr logged
     assert first == {"steps logged": 4, "loss": (0 + 2 + 40 + 6) / 4, "loss_ce": 1.0, "grad_norm": (1 + 2 + 3 + 4) / 4}
     assert second["grad_norm"] == 5.5 and second["steps logged"] == 2
     assert "| 0-3 | 4 | 12 | 1 | 2.5 |" in capsys.readouterr().out
-    median = experiments.log_stats(args(runs=[str(tmp_path)], steps="1-3", every=None, terms=["grad_norm"],
-                                        median=True), [])
-    assert median == {(str(tmp_path), 1, 3): {"steps logged": 3, "grad_norm": 3}}
-    for steps, terms, message in [("3-1", None, "FIRST <= LAST"), ("7-9", None, "logged no step in 7-9"),
-                                  ("0-5", ["corr"], "logs no 'corr'")]:
+    median = experiments.main(["log-stats", run, "--steps", "1-3", "--median", "--terms", "grad_norm"])
+    assert median == {(run, 1, 3): {"steps logged": 3, "grad_norm": 3}}
+
+    (tmp_path / "empty").mkdir()
+    with open(tmp_path / "empty" / "log.jsonl", "w") as f:
+        f.write(json.dumps({"type": "start", "args": {"model": "smca"}}) + "\n")
+    (tmp_path / "bad.jsonl.gz").write_text("not gzip")
+    for argv, message in [([run, "--steps", "3-1"], "FIRST <= LAST"),
+                          ([run, "--steps", "1-3", "--every", "0"], "--every 0"),
+                          ([run, "--steps", "7-9"], "logged no step in 7-9 \\(its steps: 0-5\\)"),
+                          ([run, "--steps", "0-5", "--terms", "corr"], "logs no corr; its terms: grad_norm, loss, "),
+                          ([str(tmp_path / "empty"), "--steps", "0-1"], "no train records"),
+                          ([str(tmp_path / "bad.jsonl.gz"), "--steps", "0-1"], "cannot be read as a train.py log"),
+                          ([str(tmp_path / "nope.jsonl.gz"), "--steps", "0-1"], "does not exist")]:
         with pytest.raises(ValueError, match=message):
-            experiments.log_stats(args(runs=[str(tmp_path)], steps=steps, every=None, terms=terms, median=False), [])
-    with pytest.raises(ValueError, match="does not exist"):
-        experiments.log_stats(args(runs=[str(tmp_path / "nope.jsonl.gz")], steps="0-1", every=None, terms=None,
-                                   median=False), [])
+            experiments.main(["log-stats", *argv])
+
 
 def test_experiments_claims_seeds_a_count_or_a_list():
     assert experiments.parse_seeds("3", 42) == [42, 43, 44] and experiments.parse_seeds("7,1", 42) == [7, 1]

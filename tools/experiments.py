@@ -12,7 +12,7 @@ continued with `--resume auto`, so running a command again only does what is mis
     python -m tools.experiments fine-tokens --checkpoint runs/focus_detr-shapes/checkpoint.pth
     python -m tools.experiments selected-tokens --checkpoint runs/sparse_detr-shapes/checkpoint.pth
     python -m tools.experiments speed --vs ../older-checkout   # training steps/s against another checkout
-    python -m tools.experiments log-stats runs/smca docs/claims-records/smca/*/seed-42.jsonl.gz --steps 900-999
+    python -m tools.experiments log-stats runs/smca-shapes docs/claims-records/smca/*/seed-42.jsonl.gz --steps 1900-1999
 
 converge: the DETR baseline and single-scale SMCA (and, with --multiscale, multi-scale SMCA)
 trained with the same data, seed, schedule and number of steps, evaluated after every epoch. The
@@ -66,9 +66,9 @@ base's checkpoint gives the same of its own DAM's top rho (--rho): how much of i
 tokens could carry.
 
 log-stats (no training): per run (a train.py folder or a claims record) and window of --every steps within --steps,
-the mean (--median: the median) of logged training terms: by default the loss terms curves.png draws (the last
-decoder layer's, no auxiliary ones), grad_norm (before clipping) and corr where logged. A step a resumed run logged
-twice counts once, its later record.
+the mean (--median: the median) of logged training terms: by default the total loss and the loss terms curves.png
+draws (the last decoder layer's and terms such as loss_dam, no auxiliary ones), grad_norm (before clipping) and
+corr where logged. A step a resumed run logged twice counts once, its later record.
 """
 import argparse
 import gzip
@@ -1073,10 +1073,12 @@ def selected_tokens(args, argv):
     return rows
 
 
-
 # ---------------------------------------------------------------------------------------------
 # log-stats: logged training terms over a range of steps
 # ---------------------------------------------------------------------------------------------
+
+BOOKKEEPING = {"type", "epoch", "iter", "step"}  # keys of a train record that are not measured terms
+
 
 def parse_step_range(text):
     """'900-999' -> (900, 999), both included."""
@@ -1086,38 +1088,52 @@ def parse_step_range(text):
     return int(m[1]), int(m[2])
 
 
+def train_records_by_step(source):
+    """A run folder, its log.jsonl or a record file -> {step: its train record}, the later of a repeated step (a
+    resumed run logs the steps it redoes again)."""
+    path = curves.log_path(source)
+    by_step = {int(r["step"]): r for r in curves.read_records(path) if r.get("type") == "train" and "step" in r}
+    if not by_step:
+        raise ValueError(f"{path} has no train records: the run has not finished an optimizer step yet")
+    return by_step
+
+
 def log_stats(args, argv):
-    """Per run and window of --every steps within --steps: the mean (or median) of each term over the train records
-    of those steps (a step logged twice by a resumed run counts once, its later record)."""
+    """Prints, per run and window of --every steps within --steps, the mean (or median) of each term over the train
+    records of the steps logged in that window, as a Markdown table; returns {(run, first, last): {"steps logged":
+    n, term: value}}."""
     first, last = parse_step_range(args.steps)
-    every = args.every or last - first + 1
+    every = last - first + 1 if args.every is None else args.every
     if every < 1:
         raise ValueError(f"--every {every}: a window is at least one step")
     stat = statistics.median if args.median else statistics.fmean
     table = {}
     for source in args.runs:
-        train_by_step = {int(r["step"]): r for r in curves.read_records(curves.log_path(source))
-                         if r.get("type") == "train" and "step" in r}
-        terms = args.terms or [t for t in curves.main_terms(set().union(*map(set, train_by_step.values())))
-                               + ["grad_norm", "corr"] if any(t in r for r in train_by_step.values())]
-        for t in terms:
-            if not any(t in r for r in train_by_step.values()):
-                raise ValueError(f"{source} logs no {t!r}; its terms: {sorted(set().union(*train_by_step.values()))}")
+        by_step = train_records_by_step(source)
+        logged = set().union(*by_step.values()) - BOOKKEEPING
+        terms = args.terms or curves.main_terms(logged) + [t for t in ("grad_norm", "corr") if t in logged]
+        if missing := [t for t in terms if t not in logged]:
+            raise ValueError(f"{source} logs no {', '.join(missing)}; its terms: {', '.join(sorted(logged))}")
         for lo in range(first, last + 1, every):
             hi = min(lo + every - 1, last)
-            recs = [train_by_step[s] for s in range(lo, hi + 1) if s in train_by_step]
+            recs = [r for step, r in sorted(by_step.items()) if lo <= step <= hi]
             if not recs:
-                raise ValueError(f"{source} logged no step in {lo}-{hi} (its steps: {min(train_by_step, default=0)}-"
-                                 f"{max(train_by_step, default=-1)})")
-            table[(source, lo, hi)] = {"steps logged": len(recs)} | {
-                t: stat([r[t] for r in recs if isinstance(r.get(t), (int, float))] or [math.nan]) for t in terms}
+                raise ValueError(f"{source} logged no step in {lo}-{hi} (its steps: {min(by_step)}-{max(by_step)})")
+            values = {t: stat([r[t] for r in recs if isinstance(r.get(t), (int, float))] or [math.nan]) for t in terms}
+            table[(source, lo, hi)] = {"steps logged": len(recs), **values}
     columns = list(dict.fromkeys(k for row in table.values() for k in row))
+
+    def cell(row, column):
+        if column not in row:
+            return ""
+        return str(row[column]) if column == "steps logged" else f"{row[column]:.4g}"
+
     print(f"{'median' if args.median else 'mean'} over the logged steps of each window\n")
     print("| run | steps | " + " | ".join(columns) + " |\n|" + "---|" * (len(columns) + 2))
     for (source, lo, hi), row in table.items():
-        cells = [str(row[c]) if c == "steps logged" else f"{row[c]:.4g}" if c in row else "" for c in columns]
-        print(f"| {source} | {lo}-{hi} | " + " | ".join(cells) + " |")
+        print(f"| {source} | {lo}-{hi} | " + " | ".join(cell(row, c) for c in columns) + " |")
     return table
+
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -1171,8 +1187,8 @@ def main(argv=None):
                    help="train.py --output-dir folders, log.jsonl files or .jsonl.gz records")
     g.add_argument("--steps", required=True, metavar="FIRST-LAST", help="the optimizer steps read, both included")
     g.add_argument("--every", type=int, default=None, metavar="N", help="one row per N steps (default: one row)")
-    g.add_argument("--terms", nargs="+", default=None, help="logged terms (default: the loss terms curves.png draws, "
-                   "grad_norm and corr where logged)")
+    g.add_argument("--terms", nargs="+", default=None, help="logged terms, last on the line (default: the total loss "
+                   "and the loss terms curves.png draws, grad_norm and corr where logged)")
     g.add_argument("--median", action="store_true", help="the median instead of the mean")
     for q in (c, b):  # claims: the shapes set (its costs are the shapes configurations')
         q.add_argument("--data", default="shapes")
