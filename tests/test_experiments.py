@@ -438,6 +438,27 @@ def test_experiments_claims_picture_places_each_run_by_encoder_cost_and_ap(tmp_p
     assert image.getpixel((round(mx), round(my))) == blue
 
 
+
+def test_experiments_claims_picture_labels_overlap_no_marker_line_or_label():
+    def rect(xy, size):
+        return (xy[0], xy[1], xy[0] + size[0], xy[1] + size[1])
+
+    def hits(a, b):
+        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+    box, size = (0, 0, 200, 100), (40, 10)
+    first, second = experiments.place_labels([(50, 50), (50, 50)], [size, size], box)  # two runs at one point
+    assert first == (58, 45)  # right of the marker (radius 5, gap 3), centred on it
+    assert not hits(rect(first, size), rect(second, size)) and not hits(rect(second, size), (45, 45, 55, 55))
+    (x, y), = experiments.place_labels([(190, 50)], [size], box)  # no room on the right: left of the marker
+    assert (x, y) == (190 - 8 - 40, 45)
+    line = ((60, 40), (80, 60))  # a line through the right-hand place
+    (x, y), = experiments.place_labels([(50, 50)], [size], box, [line])
+    assert not any(hits(rect((x, y), size), (px, py, px, py)) for px, py in [(60 + i, 40 + i) for i in range(21)])
+    assert x + size[0] <= 50 - 8  # it moved to the left, the first place free of the line
+    (x, y), = experiments.place_labels([(5, 5)], [(500, 500)], box)  # nowhere fits: the first place
+    assert (x, y) == (13, 5 - 250)
+
 def test_experiments_train_runs_in_parallel_processes_and_reports_failures(tmp_path, monkeypatch):
     """--jobs N: each run its own `python train.py ARGV` process in the checkout, logging to OUTPUT_DIR/train.out,
     with its share of the cores as threads; every run is tried, the failed ones named once all have ended."""

@@ -655,6 +655,36 @@ def plot_xy(x, y, y_max):
     return left + (x - x0) / (x1 - x0) * (right - left), bottom - y / y_max * (bottom - top)
 
 
+def place_labels(points, sizes, box, segments=(), marker=5, gap=3):
+    """Each marker's label: points [(px, py)] the markers' centres, sizes [(w, h)] their labels' -> [(x, y)] each
+    label's top-left corner: the first of a few positions right of, left of, above and below its marker whose box lies
+    inside `box` (left, top, right, bottom) and overlaps no marker, no drawn line of `segments` [((x0, y0), (x1,
+    y1))] and no label placed before it, else the first."""
+    def overlaps(a, b):
+        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+    markers = [(px - marker, py - marker, px + marker, py + marker) for px, py in points]
+    for (x0, y0), (x1, y1) in segments:  # a line: the points along it, every 2 pixels
+        n = max(1, int(math.hypot(x1 - x0, y1 - y0) / 2))
+        for i in range(n + 1):
+            x, y = x0 + (x1 - x0) * i / n, y0 + (y1 - y0) * i / n
+            markers.append((x, y, x, y))
+    placed = []
+    for (px, py), (w, h) in zip(points, sizes):
+        right, left = px + marker + gap, px - marker - gap - w
+        candidates = [(x, py - h / 2 + dy) for dy in (0, -h, h, -2 * h, 2 * h) for x in (right, left)]
+        candidates += [(px - w / 2, py - marker - gap - h), (px - w / 2, py + marker + gap)]  # above, below
+        for x, y in candidates:
+            rect = (x, y, x + w, y + h)
+            inside = box[0] <= x and box[1] <= y and x + w <= box[2] and y + h <= box[3]
+            if inside and not any(overlaps(rect, other) for other in markers + placed):
+                break
+        else:
+            x, y = candidates[0]
+        placed.append((x, y, x + w, y + h))
+    return [(x, y) for x, y, _, _ in placed]
+
+
 def claims_picture(rows, path):
     """The papers' Fig. 1 in miniature: AP on the shapes val split against encoder multiply-adds relative to each
     paper's dense base: per run its seeds' APs as small points and their mean as a large one (the base hollow),
@@ -679,6 +709,7 @@ def claims_picture(rows, path):
               fill=(0, 0, 0), font=visualize.font(12))
     draw.text((left, 12), "AP (%) on the shapes val split: each efficient model and its dense base, trained alike",
               fill=(0, 0, 0), font=visualize.font(13))
+    labels, segments = [], []  # ((px, py), text, colour) of each run's mean, labelled once every marker is drawn
     for claim in CLAIMS:
         colour = PAPER_COLOURS[claim.paper]
         mine = [r for r in done if r["paper"] == claim.paper]
@@ -686,7 +717,8 @@ def claims_picture(rows, path):
         for r in mine:
             px, py = plot_xy(r["encoder_gmacs_ratio"], 100 * r["AP"], y_max)
             if base is not None and not r["base"]:
-                draw.line([plot_xy(1.0, 100 * base["AP"], y_max), (px, py)], fill=colour, width=2)
+                segments.append((plot_xy(1.0, 100 * base["AP"], y_max), (px, py)))
+                draw.line(segments[-1], fill=colour, width=2)
         for r in mine:
             px, py = plot_xy(r["encoder_gmacs_ratio"], 100 * r["AP"], y_max)
             _, low = plot_xy(0, 100 * r["AP_min"], y_max)
@@ -698,7 +730,11 @@ def claims_picture(rows, path):
                     draw.ellipse([px - 2, sy - 2, px + 2, sy + 2], fill=colour)
             draw.ellipse([px - 5, py - 5, px + 5, py + 5], outline=colour, width=2,
                          fill="white" if r["base"] else colour)
-            draw.text((px + 8, py - 6), r["label"].split(":")[0], fill=colour, font=small)
+            labels.append(((px, py), r["label"].split(":")[0], colour))
+    sizes = [draw.textbbox((0, 0), text, font=small)[2:] for _, text, _ in labels]
+    corners = place_labels([point for point, _, _ in labels], sizes, PLOT["box"], segments)
+    for (_, text, colour), xy in zip(labels, corners):
+        draw.text(xy, text, fill=colour, font=small)
     for i, claim in enumerate(CLAIMS):  # legend
         y = top + 10 + 22 * i
         draw.ellipse([right + 16, y, right + 26, y + 10], fill=PAPER_COLOURS[claim.paper])
