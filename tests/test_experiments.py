@@ -333,9 +333,19 @@ def test_experiments_lr_range_shows_a_drop(tmp_path):
     assert experiments.lr_range(str(tmp_path)) == (4e-5, 4e-4)
     assert experiments.lr_range(str(tmp_path / "none")) is None
     long = {"label": "DETR long", "seeds": {42: {"steps": 3, "finished": True, "lr": (4e-5, 4e-4),
-                                                 "epochs": [{"epoch": 0, "steps": 3, "AP": 0.0}]}}}
+                                                 "epochs": [{"epoch": 0, "steps": 3, "AP": 0.0, "AP50": 0.01}]}}}
     assert experiments.long_base_lines(long, None) == ["DETR long (seed 42, 3 steps; lr from 0.0004 down to 4e-05): "
-                                                       "AP 0.0 after 3."]
+                                                       "AP at most 0.0 (AP50 at most 1.0) in its 1 evaluation(s); 0.0 "
+                                                       "after 3 steps."]
+    epochs = [{"epoch": e, "steps": 500 * (e + 1), "AP": 0.001 * (e % 3), "AP50": 0.002} for e in range(40)]
+    long["seeds"][42].update(steps=20000, lr=(4e-4, 4e-4), epochs=epochs)
+    smca = {"seeds": {42: {"epochs": [{"epoch": 0, "steps": 500, "AP": 0.019}, {"epoch": 1, "steps": 1000,
+                                                                               "AP": 0.0015}]}}}
+    line, blank, reach = experiments.long_base_lines(long, smca)
+    assert line.startswith("DETR long (seed 42, 20000 steps; lr 0.0004 at every step): AP at most 0.2 (AP50 at most "
+                           "0.2) in its 40 evaluation(s); 0.0 after 2000, 0.1 after 4000, 0.2 after 6000, ") and blank == ""
+    assert line.count(" after ") == 10 and line.endswith("0.0 after 20000 steps.")  # every 4th, back from the last
+    assert reach.endswith("> 20000 (> 40.0x) / 1500 (1.5x).")  # SMCA's 0.15 after 1000: first passed after 1500
 
 
 def test_experiments_log_stats_means_and_medians_over_windows_of_steps(tmp_path, capsys):
@@ -371,6 +381,19 @@ def test_experiments_log_stats_means_and_medians_over_windows_of_steps(tmp_path,
         with pytest.raises(ValueError, match=message):
             experiments.main(["log-stats", *argv])
 
+
+
+def test_experiments_order_verdict_compares_seed_by_seed_with_the_runs_the_paper_puts_above():
+    def row(label, aps):
+        return {"label": label, "seeds": {seed: {"AP": ap} for seed, ap in aps.items()}}
+    dam = row("DAM", {42: 0.40, 43: 0.38, 44: None})  # seed 44 unfinished
+    objectness = row("objectness", {42: 0.41})
+    assert experiments.order_verdict(row("random", {42: 0.35, 43: 0.30}), [dam, objectness]) == (
+        "holds: -6.5 against DAM (below in 2 of 2 seed(s)); -6.0 against objectness (below in 1 of 1 seed(s))")
+    assert experiments.order_verdict(row("random", {42: 0.45, 43: 0.30}), [dam]).startswith(
+        "within the spread: -1.5 against DAM (below in 1 of 2")
+    assert experiments.order_verdict(objectness, [dam]) == "does not hold: +1.0 against DAM (below in 0 of 1 seed(s))"
+    assert experiments.order_verdict(row("random", {44: 0.3}), [dam]) is None  # no seed both have
 
 def test_experiments_claims_seeds_a_count_or_a_list():
     assert experiments.parse_seeds("3", 42) == [42, 43, 44] and experiments.parse_seeds("7,1", 42) == [7, 1]

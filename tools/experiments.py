@@ -260,6 +260,7 @@ class ClaimRun:
     paper_note: str = ""
     all_seeds: bool = True  # False: a side run of the claim, trained with the first seed only
     train_args: tuple = ()  # train.py flags beside the model's shapes recipe (the long baseline's epochs)
+    below: tuple = ()  # labels of the claim's runs the paper puts this one below (Sparse DETR's Fig. 4), if any
 
 
 @dataclass
@@ -286,9 +287,11 @@ CLAIMS = [
               ClaimRun("rho 0.1 (DAM scorer)", ["rho=0.1"], 45.3, 105.4),
               ClaimRun("rho 0.3 (DAM scorer)", ["rho=0.3"], 46.0, 120.5, all_seeds=False),
               ClaimRun("rho 0.1, objectness selection", ["rho=0.1", "selection=objectness"], None, None, None,
-                       "below the DAM scorer at every rho (Fig. 4)", all_seeds=False),
+                       "below the DAM scorer at every rho (Fig. 4)", all_seeds=False,
+                       below=("rho 0.1 (DAM scorer)",)),
               ClaimRun("rho 0.1, random selection", ["rho=0.1", "selection=random"], None, None, None,
-                       "the preliminary experiment: below both", all_seeds=False)]),
+                       "the preliminary experiment: below both", all_seeds=False,
+                       below=("rho 0.1 (DAM scorer)", "rho 0.1, objectness selection"))]),
     Claim("Lite DETR", "lite_detr", "H3L1-(2+1)x3 keeps 46.7 of Deformable DETR's 46.8 AP with 39 of its 90 encoder "
           "GFLOPs (Table 3)", [
               ClaimRun("dense: Deformable DETR", ["enc_scale=4", "num_blocks=1", "kda_encoder=false"], 46.8, 177, 90),
@@ -501,7 +504,7 @@ def claim_rows(claim_sources, costs):
     record or run folder}."""
     rows = []
     for claim in CLAIMS:
-        base = None
+        base, by_label = None, {}
         for run in claim.runs + ([claim.long_base] if claim.long_base else []):
             seeds = {}
             for (model, label, seed), where in sorted(claim_sources.items(), key=lambda kv: kv[0][2]):
@@ -533,8 +536,29 @@ def claim_rows(claim_sources, costs):
                 ours, theirs = row.get(key), base.get(key)
                 row[f"{key}_ratio"] = ours / theirs if ours is not None and theirs else None
             row["verdict"] = None if row["base"] or row["long"] else verdict(row, base)
+            if run.below:  # the paper's claim for this run is an order among the claim's runs
+                row["verdict"] = order_verdict(row, [by_label[label] for label in run.below])
+            by_label[run.label] = row
             rows.append(row)
     return rows
+
+
+def order_verdict(row, above):
+    """Does the paper's order hold here: this run below each run of `above` (rows of the same claim), seed by seed?
+    Per run of `above`: the mean of this run's AP minus its, over the seeds both have, and in how many this run is
+    below. Holds when below in every seed; does not hold when, against one of them, in no seed."""
+    parts, below_all, below_none = [], True, False
+    for other in above:
+        diffs = [v["AP"] - other["seeds"][seed]["AP"] for seed, v in row["seeds"].items()
+                 if v["AP"] is not None and other["seeds"].get(seed, {}).get("AP") is not None]
+        if not diffs:
+            return None
+        below = sum(d < 0 for d in diffs)
+        below_all, below_none = below_all and below == len(diffs), below_none or below == 0
+        parts.append(f"{100 * statistics.mean(diffs):+.1f} against {other['label']} (below in {below} of "
+                     f"{len(diffs)} seed(s))")
+    word = "holds" if below_all else "does not hold" if below_none else "within the spread"
+    return f"{word}: " + "; ".join(parts)
 
 
 def verdict(row, base):
@@ -631,13 +655,17 @@ def long_base_lines(long, efficient):
         lr = f"lr {run['lr'][0]:g} at every step"
     else:  # a drop, e.g. brought in by a resume
         lr = f"lr from {run['lr'][1]:g} down to {run['lr'][0]:g}"
+    shown = run["epochs"][::-1][::-(-len(run["epochs"]) // 10)][::-1]  # at most 10, evenly, back from the last
     out = [f"{long['label']} (seed {seed}, {run['steps']} steps{'' if run['finished'] else ', unfinished'}; {lr}): AP "
-           + ", ".join(f"{_pct(e['AP'])} after {e['steps']}" for e in run["epochs"]) + "."]
+           f"at most {_pct(max(e['AP'] for e in run['epochs']))} (AP50 at most "
+           f"{_pct(max(e['AP50'] for e in run['epochs']))}) in its {len(run['epochs'])} evaluation(s); "
+           + ", ".join(f"{_pct(e['AP'])} after {e['steps']}" for e in shown) + " steps."]
     mine = (efficient or {}).get("seeds", {}).get(seed)
     if mine and mine["epochs"]:
         detr = {e["epoch"]: e for e in run["epochs"]}
         smca_epochs = {e["epoch"]: e for e in mine["epochs"]}
         reach = steps_to_reach(detr, smca_epochs, max(smca_epochs) + 1)
+        out.append("")
         out.append(f"Steps the DETR baseline needs to reach SMCA's AP after each of SMCA's epochs (seed {seed}; "
                    f"SMCA's epochs end at {', '.join(str(e['steps']) for e in mine['epochs'])} steps): "
                    f"{' / '.join(reach)}.")
