@@ -64,7 +64,8 @@ Deviations from the paper / official code (the official code's behaviour is the 
 - Where KDA is off, the attention has no query_proj (the official code builds an unused one even then).
 - As in sparse_detr.py: the input projections' GroupNorm skips padding (`masked_groupnorm=False`
   is the official Deformable DETR's); the extra level's mask is computed exactly from the C5 mask (`extra_level_mask=
-  "interpolate"` is Deformable DETR's); the two-stage top-k never picks padded tokens (`two_stage_over_padding`).
+  "interpolate"` is Deformable DETR's); the two-stage top-k never picks padded tokens (`two_stage_over_padding`);
+  each class and box head draws its own random weights at initialisation (Deformable DETR deep-copies one head).
 - State-dict names follow Deformable DETR's as sparse_detr.py's OFFICIAL_KEYS maps them; the small FFN keeps
   the official code's names linear12 / linear22 / norm22. (No Lite-Deformable DETR weights were released.)
 """

@@ -47,6 +47,11 @@ Deviations from the paper / official code (the official code's behaviour is the 
   ranks tokens at random. Neither has a scoring network or a DAM loss; the DAM is still computed
   for the correlation metric.
 - The official code scales lr and lr_backbone by sqrt(global batch / 16); train.py does not (pass --lr).
+- Initialisation: each class and box head (the decoder's, the two-stage one and the encoder's auxiliary ones) draws
+  its own random weights; the official code initialises one head and deep-copies it, so all start equal (the focal
+  prior and the zero last box layer are the same in both). Loading the authors' weights is unaffected.
+- The DAM loss scores padded tokens at the batch's lowest score, detached (a constant); the official code's lowest
+  score is not detached, so its padded tokens' loss terms also push the one token that has it further down.
 - `sparse_encoder=False` is the paper's "Deformable DETR + Top-k & BBR" baseline (dense encoder,
   no scorer, no encoder heads); `eff_query_init=False, eff_specific_head=False` with it is plain
   two-stage + box-refine Deformable DETR.
