@@ -93,6 +93,7 @@ def test_experiments_converge_table_from_logs_and_skips_finished_runs(tmp_path, 
     rows = (tmp_path / "table.md").read_text().splitlines()
     assert rows[-3] == "| 2 | 2.0 / 4.0 | 4.0 / 8.0 | 6.0 / 12.0 |"
 
+
 def test_experiments_fine_tokens_counts_kept_and_fine_tokens_inside_boxes(tiny_shapes, tmp_path):
     """The kept tokens do not depend on the MCSP score; the fine-grained share does; both in [0, 1]."""
     _tiny_checkpoint(tmp_path / "focus.pth", tiny_shapes, "focus_detr")
@@ -287,7 +288,8 @@ def test_experiments_claims_tables_seeds_keeps_records_and_rebuilds_from_them_al
     assert "| random | 42 | 20.0 | 20.0 | 40.0 | 10.0 | -20.0 | -20.0 | below the base in 1 seed(s) |" in text
     assert "| SMCA | 42, 43 | 30.0 / 25.0 | 27.5 (25.0 to 30.0) |" in text
     assert "| SMCA | 4.5 (4.0 / 5.0) | 8.5 (8.0 / 9.0) | 20.0 (20.0 / 20.0) | 27.5 (30.0 / 25.0) |" in text
-    assert "DETR long (seed 42, 600 steps; lr 0.0004 at every step): AP 1.0 after 100," in text
+    assert ("DETR long (seed 42, 600 steps; lr 0.0004 at every step): AP at most 31.0 (AP50 at most 62.0) in its 6 "
+            "evaluation(s); 1.0 after 100,") in text
     # the long baseline passes SMCA's 4.0 / 8.0 / 20.0 / 30.0 after 200 / 300 / 400 / 600 of its steps
     assert ("Steps the DETR baseline needs to reach SMCA's AP after each of SMCA's epochs (seed 42; SMCA's epochs "
             "end at 100, 200, 300, 400 steps): 200 (2.0x) / 300 (1.5x) / 400 (1.3x) / 600 (1.5x).") in text
@@ -337,14 +339,14 @@ def test_experiments_lr_range_shows_a_drop(tmp_path):
     assert experiments.long_base_lines(long, None) == ["DETR long (seed 42, 3 steps; lr from 0.0004 down to 4e-05): "
                                                        "AP at most 0.0 (AP50 at most 1.0) in its 1 evaluation(s); 0.0 "
                                                        "after 3 steps."]
-    epochs = [{"epoch": e, "steps": 500 * (e + 1), "AP": 0.001 * (e % 3), "AP50": 0.002} for e in range(40)]
+    epochs = [{"epoch": e, "steps": 500 * (e + 1), "AP": 0.001 * (e % 3), "AP50": 0.002 * (e % 5)} for e in range(40)]
     long["seeds"][42].update(steps=20000, lr=(4e-4, 4e-4), epochs=epochs)
     smca = {"seeds": {42: {"epochs": [{"epoch": 0, "steps": 500, "AP": 0.019}, {"epoch": 1, "steps": 1000,
                                                                                "AP": 0.0015}]}}}
     line, blank, reach = experiments.long_base_lines(long, smca)
     assert blank == ""
     assert line.startswith("DETR long (seed 42, 20000 steps; lr 0.0004 at every step): AP at most 0.2 (AP50 at most "
-                           "0.2) in its 40 evaluation(s); 0.0 after 2000, 0.1 after 4000, ")
+                           "0.8) in its 40 evaluation(s); 0.0 after 2000, 0.1 after 4000, ")
     assert line.count(" after ") == 10 and line.endswith("0.0 after 20000 steps.")  # every 4th, back from the last
     assert reach.endswith("> 20000 (> 40.0x) / 1500 (1.5x).")  # SMCA's 0.15 after 1000: first passed after 1500
 
@@ -383,18 +385,29 @@ def test_experiments_log_stats_means_and_medians_over_windows_of_steps(tmp_path,
             experiments.main(["log-stats", *argv])
 
 
-
 def test_experiments_order_verdict_compares_seed_by_seed_with_the_runs_the_paper_puts_above():
     def row(label, aps):
         return {"label": label, "seeds": {seed: {"AP": ap} for seed, ap in aps.items()}}
-    dam = row("DAM", {42: 0.40, 43: 0.38, 44: None})  # seed 44 unfinished
+    dam = row("DAM", {42: 0.40, 43: 0.38, 44: None})  # seed 44 not evaluated yet
     objectness = row("objectness", {42: 0.41})
     assert experiments.order_verdict(row("random", {42: 0.35, 43: 0.30}), [dam, objectness]) == (
-        "holds: -6.5 against DAM (below in 2 of 2 seed(s)); -6.0 against objectness (below in 1 of 1 seed(s))")
+        "holds: -6.5 against DAM, below it in 2 of 2 seed(s); -6.0 against objectness, below it in 1 of 1 seed(s)")
     assert experiments.order_verdict(row("random", {42: 0.45, 43: 0.30}), [dam]).startswith(
-        "within the spread: -1.5 against DAM (below in 1 of 2")
-    assert experiments.order_verdict(objectness, [dam]) == "does not hold: +1.0 against DAM (below in 0 of 1 seed(s))"
+        "within the spread: -1.5 against DAM, below it in 1 of 2")
+    assert experiments.order_verdict(objectness, [dam]) == "does not hold: +1.0 against DAM, below it in 0 of 1 seed(s)"
+    # below the one run in every seed, below the other in none: the order does not hold
+    assert experiments.order_verdict(row("random", {42: 0.405}), [dam, objectness]).startswith("does not hold: +0.5")
+    assert experiments.order_verdict(row("random", {42: 0.3}), [dam, row("objectness", {})]) == (
+        "holds: -10.0 against DAM, below it in 1 of 1 seed(s); objectness not trained yet")
     assert experiments.order_verdict(row("random", {44: 0.3}), [dam]) is None  # no seed both have
+
+
+def test_experiments_each_order_names_earlier_runs_of_its_claim():
+    for claim in experiments.CLAIMS:
+        for i, run in enumerate(claim.runs):
+            assert set(run.below) <= {earlier.label for earlier in claim.runs[:i]}, (claim.paper, run.label)
+    assert any(run.below for claim in experiments.CLAIMS for run in claim.runs)
+
 
 def test_experiments_claims_seeds_a_count_or_a_list():
     assert experiments.parse_seeds("3", 42) == [42, 43, 44] and experiments.parse_seeds("7,1", 42) == [7, 1]
@@ -462,7 +475,6 @@ def test_experiments_claims_picture_places_each_run_by_encoder_cost_and_ap(tmp_p
     assert image.getpixel((round(mx), round(my))) == blue
 
 
-
 def test_experiments_claims_picture_labels_overlap_no_marker_line_or_label():
     def rect(xy, size):
         return (xy[0], xy[1], xy[0] + size[0], xy[1] + size[1])
@@ -482,6 +494,23 @@ def test_experiments_claims_picture_labels_overlap_no_marker_line_or_label():
     assert x + size[0] <= 50 - 8  # it moved to the left, the first place free of the line
     (x, y), = experiments.place_labels([(5, 5)], [(500, 500)], box)  # nowhere fits: the first place
     assert (x, y) == (13, 5 - 250)
+    # the claims picture's fan: three runs at one x, each joined to a base far right, a fourth marker to the right
+    points = [(20, 40), (20, 55), (20, 70), (65, 55), (190, 20)]
+    fan = [((190, 20), point) for point in points[:4]]
+    corners = experiments.place_labels(points, [size] * 5, box, fan)
+    rects = [rect(xy, s) for xy, s in zip(corners, [size] * 5)]
+    for i, r in enumerate(rects):  # no label covers a marker or another label
+        assert not any(hits(r, (px - 5, py - 5, px + 5, py + 5)) for px, py in points)
+        assert not any(hits(r, other) for other in rects[:i] + rects[i + 1:])
+    crossed = [sum(hits(r, point) for point in experiments.line_points(fan)) for r in rects]
+    assert crossed == [0] * 5  # each found a place clear of the lines: the middle one two lines down on the right
+    assert corners[1] == (28, 70)
+    # lines everywhere: no place is clear of them, so the one crossing fewest that covers no marker (not the first
+    # place, which covers the marker to the right)
+    grid = [((0, y), (200, y)) for y in range(0, 101, 5)]
+    (x, y), _ = experiments.place_labels([(50, 50), (65, 50)], [size, (4, 4)], box, grid)
+    assert not hits(rect((x, y), size), (60, 45, 70, 55)) and (x, y) != (58, 45)
+
 
 def test_experiments_train_runs_in_parallel_processes_and_reports_failures(tmp_path, monkeypatch):
     """--jobs N: each run its own `python train.py ARGV` process in the checkout, logging to OUTPUT_DIR/train.out,

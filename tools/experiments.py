@@ -260,7 +260,7 @@ class ClaimRun:
     paper_note: str = ""
     all_seeds: bool = True  # False: a side run of the claim, trained with the first seed only
     train_args: tuple = ()  # train.py flags beside the model's shapes recipe (the long baseline's epochs)
-    below: tuple = ()  # labels of the claim's runs the paper puts this one below (Sparse DETR's Fig. 4), if any
+    below: tuple = ()  # labels of earlier runs of the claim the paper puts this one below (Sparse DETR's Fig. 4)
 
 
 @dataclass
@@ -537,6 +537,9 @@ def claim_rows(claim_sources, costs):
                 row[f"{key}_ratio"] = ours / theirs if ours is not None and theirs else None
             row["verdict"] = None if row["base"] or row["long"] else verdict(row, base)
             if run.below:  # the paper's claim for this run is an order among the claim's runs
+                unknown = [label for label in run.below if label not in by_label]
+                if unknown:
+                    raise ValueError(f"{claim.paper}, {run.label}: below={unknown} names no earlier run of the claim")
                 row["verdict"] = order_verdict(row, [by_label[label] for label in run.below])
             by_label[run.label] = row
             rows.append(row)
@@ -545,18 +548,24 @@ def claim_rows(claim_sources, costs):
 
 def order_verdict(row, above):
     """Does the paper's order hold here: this run below each run of `above` (rows of the same claim), seed by seed?
-    Per run of `above`: the mean of this run's AP minus its, over the seeds both have, and in how many this run is
-    below. Holds when below in every seed; does not hold when, against one of them, in no seed."""
-    parts, below_all, below_none = [], True, False
+    Per run of `above`: the mean of this run's AP minus that run's over the seeds both have, and in how many of them
+    this run is below. Holds when below in every such seed against each; does not hold when, against one of them,
+    below in none; else within the spread. A run of `above` with no seed in common is named "not trained yet"."""
+    parts, below_all, below_none, compared = [], True, False, 0
     for other in above:
         diffs = [v["AP"] - other["seeds"][seed]["AP"] for seed, v in row["seeds"].items()
                  if v["AP"] is not None and other["seeds"].get(seed, {}).get("AP") is not None]
         if not diffs:
-            return None
+            parts.append(f"{other['label']} not trained yet")
+            continue
+        compared += 1
         below = sum(d < 0 for d in diffs)
-        below_all, below_none = below_all and below == len(diffs), below_none or below == 0
-        parts.append(f"{100 * statistics.mean(diffs):+.1f} against {other['label']} (below in {below} of "
-                     f"{len(diffs)} seed(s))")
+        below_all = below_all and below == len(diffs)
+        below_none = below_none or below == 0
+        parts.append(f"{100 * statistics.mean(diffs):+.1f} against {other['label']}, below it in {below} of "
+                     f"{len(diffs)} seed(s)")
+    if not compared:
+        return None
     word = "holds" if below_all else "does not hold" if below_none else "within the spread"
     return f"{word}: " + "; ".join(parts)
 
@@ -644,8 +653,15 @@ def claims_table(rows, header):
     return lines
 
 
+def best(values):
+    """The largest of the values that are not None, or None."""
+    return max((v for v in values if v is not None), default=None)
+
+
 def long_base_lines(long, efficient):
-    """SMCA's ratio: the DETR baseline's long run against SMCA's run of the same seed, epoch by epoch."""
+    """SMCA's ratio: the DETR baseline's long run (its highest AP and AP50, and its AP at up to 10 evaluations evenly
+    spaced back from the last), then, after a blank line, the steps it needs to reach SMCA's AP after each of SMCA's
+    epochs (SMCA's run of the same seed)."""
     seed, run = next(iter(long["seeds"].items()), (None, None))
     if run is None or not run["epochs"]:
         return [f"{long['label']}: not trained yet."]
@@ -655,14 +671,15 @@ def long_base_lines(long, efficient):
         lr = f"lr {run['lr'][0]:g} at every step"
     else:  # a drop, e.g. brought in by a resume
         lr = f"lr from {run['lr'][1]:g} down to {run['lr'][0]:g}"
-    shown = run["epochs"][::-1][::-(-len(run["epochs"]) // 10)][::-1]  # at most 10, evenly, back from the last
+    epochs = run["epochs"]
+    every = math.ceil(len(epochs) / 10)
+    shown = ", ".join(f"{_pct(e['AP'])} after {e['steps']}" for e in epochs[(len(epochs) - 1) % every::every])
+    ap, ap50 = _pct(best(e["AP"] for e in epochs)), _pct(best(e.get("AP50") for e in epochs))
     out = [f"{long['label']} (seed {seed}, {run['steps']} steps{'' if run['finished'] else ', unfinished'}; {lr}): AP "
-           f"at most {_pct(max(e['AP'] for e in run['epochs']))} (AP50 at most "
-           f"{_pct(max(e['AP50'] for e in run['epochs']))}) in its {len(run['epochs'])} evaluation(s); "
-           + ", ".join(f"{_pct(e['AP'])} after {e['steps']}" for e in shown) + " steps."]
+           f"at most {ap} (AP50 at most {ap50}) in its {len(epochs)} evaluation(s); {shown} steps."]
     mine = (efficient or {}).get("seeds", {}).get(seed)
     if mine and mine["epochs"]:
-        detr = {e["epoch"]: e for e in run["epochs"]}
+        detr = {e["epoch"]: e for e in epochs}
         smca_epochs = {e["epoch"]: e for e in mine["epochs"]}
         reach = steps_to_reach(detr, smca_epochs, max(smca_epochs) + 1)
         out.append("")
@@ -683,32 +700,39 @@ def plot_xy(x, y, y_max):
     return left + (x - x0) / (x1 - x0) * (right - left), bottom - y / y_max * (bottom - top)
 
 
+def line_points(segments, every=2):
+    """Segments [((x0, y0), (x1, y1))] -> the points along them, `every` pixels apart, as zero-size boxes."""
+    points = []
+    for (x0, y0), (x1, y1) in segments:
+        n = max(1, int(math.hypot(x1 - x0, y1 - y0) / every))
+        for i in range(n + 1):
+            x, y = x0 + (x1 - x0) * i / n, y0 + (y1 - y0) * i / n
+            points.append((x, y, x, y))
+    return points
+
+
 def place_labels(points, sizes, box, segments=(), marker=5, gap=3):
-    """Each marker's label: points [(px, py)] the markers' centres, sizes [(w, h)] their labels' -> [(x, y)] each
-    label's top-left corner: the first of a few positions right of, left of, above and below its marker whose box lies
-    inside `box` (left, top, right, bottom) and overlaps no marker, no drawn line of `segments` [((x0, y0), (x1,
-    y1))] and no label placed before it, else the first."""
+    """Each marker's label: points [(px, py)] the markers' centres, sizes [(w, h)] their labels', segments the lines
+    drawn [((x0, y0), (x1, y1))] -> [(x, y)] each label's top-left corner. Of a few places right of, left of, above
+    and below its marker, inside `box` (left, top, right, bottom), the first that covers no marker and no label
+    placed before it and crosses the fewest lines; if none is free of markers and labels, the first place."""
     def overlaps(a, b):
         return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
     markers = [(px - marker, py - marker, px + marker, py + marker) for px, py in points]
-    for (x0, y0), (x1, y1) in segments:  # a line: the points along it, every 2 pixels
-        n = max(1, int(math.hypot(x1 - x0, y1 - y0) / 2))
-        for i in range(n + 1):
-            x, y = x0 + (x1 - x0) * i / n, y0 + (y1 - y0) * i / n
-            markers.append((x, y, x, y))
+    lines = line_points(segments)
     placed = []
     for (px, py), (w, h) in zip(points, sizes):
         right, left = px + marker + gap, px - marker - gap - w
         candidates = [(x, py - h / 2 + dy) for dy in (0, -h, h, -2 * h, 2 * h) for x in (right, left)]
         candidates += [(px - w / 2, py - marker - gap - h), (px - w / 2, py + marker + gap)]  # above, below
-        for x, y in candidates:
+        free = []  # (lines crossed, order) of each place inside the box that covers no marker or label
+        for order, (x, y) in enumerate(candidates):
             rect = (x, y, x + w, y + h)
             inside = box[0] <= x and box[1] <= y and x + w <= box[2] and y + h <= box[3]
             if inside and not any(overlaps(rect, other) for other in markers + placed):
-                break
-        else:
-            x, y = candidates[0]
+                free.append((sum(overlaps(rect, point) for point in lines), order))
+        x, y = candidates[min(free)[1] if free else 0]
         placed.append((x, y, x + w, y + h))
     return [(x, y) for x, y, _, _ in placed]
 
@@ -737,7 +761,8 @@ def claims_picture(rows, path):
               fill=(0, 0, 0), font=visualize.font(12))
     draw.text((left, 12), "AP (%) on the shapes val split: each efficient model and its dense base, trained alike",
               fill=(0, 0, 0), font=visualize.font(13))
-    labels, segments = [], []  # ((px, py), text, colour) of each run's mean, labelled once every marker is drawn
+    labels = []  # ((px, py), text, colour) of each run's mean, labelled once every marker is drawn
+    segments = []  # every line drawn, which the labels avoid crossing where they can
     for claim in CLAIMS:
         colour = PAPER_COLOURS[claim.paper]
         mine = [r for r in done if r["paper"] == claim.paper]
@@ -751,7 +776,8 @@ def claims_picture(rows, path):
             px, py = plot_xy(r["encoder_gmacs_ratio"], 100 * r["AP"], y_max)
             _, low = plot_xy(0, 100 * r["AP_min"], y_max)
             _, high = plot_xy(0, 100 * r["AP_max"], y_max)
-            draw.line([(px, low), (px, high)], fill=colour, width=1)  # the seeds' range
+            segments.append(((px, low), (px, high)))
+            draw.line(segments[-1], fill=colour, width=1)  # the seeds' range
             for v in r["seeds"].values():
                 if v["AP"] is not None:
                     _, sy = plot_xy(0, 100 * v["AP"], y_max)
