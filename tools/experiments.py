@@ -526,8 +526,7 @@ def claim_rows(claim_sources, costs):
             for key in ("AP", "AP50", "APs"):
                 row[key], row[f"{key}_min"], row[f"{key}_max"] = spread([v[key] for v in seeds.values()])
             if base is not None and not row["long"]:  # per seed: this run's AP minus the base's of the same seed
-                diffs = {seed: v["AP"] - base["seeds"][seed]["AP"] for seed, v in seeds.items()
-                         if v["AP"] is not None and base["seeds"].get(seed, {}).get("AP") is not None}
+                diffs = seed_diffs(row, base)
                 row["diff"] = diffs
                 row["diff_mean"], row["diff_min"], row["diff_max"] = spread(list(diffs.values()))
             base = base or row
@@ -546,6 +545,12 @@ def claim_rows(claim_sources, costs):
     return rows
 
 
+def seed_diffs(row, other):
+    """{seed: row's AP minus other's} over the seeds where both have an AP (the same seed: the same data order)."""
+    return {seed: v["AP"] - other["seeds"][seed]["AP"] for seed, v in row["seeds"].items()
+            if v["AP"] is not None and other["seeds"].get(seed, {}).get("AP") is not None}
+
+
 def order_verdict(row, above):
     """Does the paper's order hold here: this run below each run of `above` (rows of the same claim), seed by seed?
     Per run of `above`: the mean of this run's AP minus that run's over the seeds both have, and in how many of them
@@ -553,8 +558,7 @@ def order_verdict(row, above):
     below in none; else within the spread. A run of `above` with no seed in common is named "not trained yet"."""
     parts, below_all, below_none, compared = [], True, False, 0
     for other in above:
-        diffs = [v["AP"] - other["seeds"][seed]["AP"] for seed, v in row["seeds"].items()
-                 if v["AP"] is not None and other["seeds"].get(seed, {}).get("AP") is not None]
+        diffs = list(seed_diffs(row, other).values())
         if not diffs:
             parts.append(f"{other['label']} not trained yet")
             continue
@@ -1204,9 +1208,10 @@ def log_stats(args, argv):
         terms = args.terms or curves.main_terms(logged) + [t for t in ("grad_norm", "corr") if t in logged]
         if missing := [t for t in terms if t not in logged]:
             raise ValueError(f"{source} logs no {', '.join(missing)}; its terms: {', '.join(sorted(logged))}")
+        ordered = sorted(by_step.items())
         for lo in range(first, last + 1, every):
             hi = min(lo + every - 1, last)
-            recs = [r for step, r in sorted(by_step.items()) if lo <= step <= hi]
+            recs = [r for step, r in ordered if lo <= step <= hi]
             if not recs:
                 raise ValueError(f"{source} logged no step in {lo}-{hi} (its steps: {min(by_step)}-{max(by_step)})")
             values = {t: stat([r[t] for r in recs if isinstance(r.get(t), (int, float))] or [math.nan]) for t in terms}
