@@ -24,8 +24,9 @@ and calls the model as common.py's interface says: model(images, pad_mask, targe
 model(images, pad_mask) in evaluation.
 
 Every epoch writes OUTPUT_DIR/checkpoint.pth atomically (model, optimizer, AMP scaler, epoch, every rank's RNG
-states, config; plain types and tensors); --resume auto continues from it, taking the flags given then
-(docs/coco-training.md). OUTPUT_DIR/log.jsonl holds every loss
+states, config; plain types and tensors), and so do --save-every N steps within an epoch and a SIGTERM (saved at
+the end of the step in progress, then the run stops with exit status 143); --resume auto continues from it, as the
+uninterrupted run would have, taking the flags given then (docs/coco-training.md). OUTPUT_DIR/log.jsonl holds every loss
 term, the grad norm and each evaluation. A non-finite loss stops the run and names the step and
 the image ids; the last checkpoint stays as it was. Each evaluation also chooses the score threshold of the best
 F1 on the val split (engine/pictures.py: a detection counts when it matches a ground-truth box of its class at
@@ -42,6 +43,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 
 import numpy as np
@@ -132,6 +135,11 @@ def parse_args(argv=None):
                    help="stop training after N iterations (optimizer steps, counted over resumes), then save and "
                         "evaluate; a partial epoch then counts as done, as with --time-budget. The lr drop stays at "
                         "its epoch (--lr-drop)")
+    p.add_argument("--save-every", type=int, default=None, metavar="N",
+                   help="also save OUTPUT_DIR/checkpoint.pth every N optimizer steps within an epoch (beside the save "
+                        "at each epoch's end); --resume auto continues from that step, the run's numbers as if "
+                        "uninterrupted. Whatever this says, SIGTERM (a cluster's preemption) saves at the end of the "
+                        "step in progress and stops the run (exit status 143)")
     p.add_argument("--max-bad-images", type=int, default=None, metavar="N",
                    help="an image that cannot be decoded is skipped with a warning; the run stops once more than N "
                         "different ones were skipped (default 10)")
@@ -417,6 +425,7 @@ class Run:
     steps: int = 0  # optimizer steps so far, over every resume
     best_ap: float = -1.0  # the best evaluated AP so far (checkpoint_best.pth holds its weights)
     bad_images: dict = dataclasses.field(default_factory=dict)  # image id -> why it could not be read (this rank)
+    stop_asked: bool = False  # a SIGTERM came: save at the end of the step in progress and stop
 
     def log(self, record):
         if self.log_file:
@@ -523,15 +532,23 @@ def step_batches(loader, k, device):
         yield group
 
 
-def train_one_epoch(run, epoch, loader):
-    """-> the fraction of the epoch trained (1.0 unless the --time-budget or --max-steps ran out in it)."""
+def train_one_epoch(run, cfg, epoch, loader, start_it=0):
+    """The epoch's optimizer steps from start_it (a run resumed within the epoch: its first start_it steps trained
+    before), saving within the epoch at every --save-every steps and when a SIGTERM asks to stop. -> the fraction of
+    the epoch trained (1.0 unless the --time-budget or --max-steps ran out in it)."""
     model, criterion, optimizer, args = run.model, run.criterion, run.optimizer, run.args
     model.train()
     criterion.train()
     optimizer.zero_grad(set_to_none=True)
     n = math.ceil(len(loader) / args.accum_steps)  # optimizer steps in the epoch
+    saved_rng = torch.get_rng_state()
+    batches = iter(loader)  # (draws the loader's base seed from torch's stream)
+    if start_it:  # resumed within the epoch: the batches trained before are read again and dropped, so that the
+        for _ in range(start_it * args.accum_steps):  # augmentation's streams (the dataset's, each loader worker's)
+            next(batches)  # are where they were; torch's is as the checkpoint saved it after their steps
+        torch.set_rng_state(saved_rng)
     start, last_print = time.time(), time.time()
-    for it, group in enumerate(step_batches(loader, args.accum_steps, run.device)):
+    for it, group in enumerate(step_batches(batches, args.accum_steps, run.device), start=start_it):
         for *_, skipped in group:
             note_bad_images(run, skipped)
         batches = [(images, pad_mask, targets) for images, pad_mask, targets, _ in group]
@@ -554,7 +571,7 @@ def train_one_epoch(run, epoch, loader):
         run.log(record)
         if run.rank == 0 and (time.time() - last_print > args.log_every or it == n - 1):
             last_print = time.time()
-            rate = (it + 1) / (time.time() - start)
+            rate = (it + 1 - start_it) / (time.time() - start)
             eta = (n - it - 1) / rate + (args.epochs - epoch - 1) * n / rate
             if args.time_budget is not None:
                 eta = max(0.0, min(eta, 60 * args.time_budget - run.train_s - (time.time() - start)))
@@ -567,8 +584,50 @@ def train_one_epoch(run, epoch, loader):
         if it + 1 < n and out_of_time(run, time.time() - start):
             run.train_s += time.time() - start
             return (it + 1) / n
+        stop = any_rank(run.stop_asked)  # the ranks stop together (the signal may reach them a step apart)
+        if it + 1 < n and (stop or (args.save_every is not None and run.steps % args.save_every == 0)):
+            save_within_epoch(run, cfg, epoch, it + 1, n, time.time() - start)
+            if stop:
+                stop_run(run, f"in epoch {epoch + 1} after its step {it + 1} of {n}")
     run.train_s += time.time() - start
     return 1.0
+
+
+def save_within_epoch(run, cfg, epoch, done, n, seconds):
+    """OUTPUT_DIR/checkpoint.pth after `done` of the epoch's n optimizer steps (`seconds` trained in the epoch so
+    far): --resume auto continues the epoch from its step done + 1 (next_iter)."""
+    state = checkpoint_state(run, epoch, done / n, cfg)
+    if state is not None:
+        state["train_s"], state["next_iter"] = run.train_s + seconds, done
+        save_atomic(state, os.path.join(run.args.output_dir, "checkpoint.pth"))
+    run.log({"type": "checkpoint_within_epoch", "epoch": epoch, "iter": done - 1, "steps": run.steps})
+
+
+def stop_run(run, where):
+    """End the run a SIGTERM asked to stop, its checkpoint saved: exit status 143 (128 + SIGTERM), as if killed,
+    so that a scheduler (or a script) knows the run did not finish."""
+    if run.rank == 0:
+        print(f"stopped by SIGTERM {where}, {run.steps} steps trained; the checkpoint is saved: --resume auto "
+              f"continues from there ({run.args.output_dir})", flush=True)
+    raise SystemExit(128 + signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_on_sigterm(run):
+    """While training: a SIGTERM (a cluster's preemption, `kill`) only asks the run to stop at the end of the step in
+    progress (train_one_epoch saves it there; fit after an epoch's save and evaluation). In the main thread only (a
+    signal handler cannot be set elsewhere); the handler before is restored after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def ask(signum, frame):
+        run.stop_asked = True
+    before = signal.signal(signal.SIGTERM, ask)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 @torch.no_grad()
@@ -664,6 +723,8 @@ def resolve_recipe(args, module, on_shapes):
         raise ValueError(f"--time-budget must be a positive number of minutes, got {args.time_budget}")
     if args.max_steps is not None and args.max_steps <= 0:
         raise ValueError(f"--max-steps must be a positive number of steps, got {args.max_steps}")
+    if args.save_every is not None and args.save_every <= 0:
+        raise ValueError(f"--save-every must be a positive number of steps, got {args.save_every}")
     if args.max_bad_images < 0:
         raise ValueError(f"--max-bad-images must be 0 or more, got {args.max_bad_images}")
     return recipe
@@ -806,9 +867,9 @@ def restore_rng(rng, rank):
         torch.cuda.set_rng_state(rng["cuda"][rank % len(rng["cuda"])])
 
 
-def checkpoint_state(run, epoch, fraction, cfg):
-    """Everything a resume needs (plain types and tensors: it loads with weights_only); every rank takes part (each
-    one's RNG state), rank 0 gets the dict, the others None."""
+def rng_states(run):
+    """The RNG states a resume restores (restore_rng): Python's, numpy's, each rank's torch CPU (and CUDA) stream.
+    Every rank takes part; rank 0 gets the dict, the others None."""
     def gathered(state):
         if run.world == 1:
             return [state]
@@ -819,10 +880,18 @@ def checkpoint_state(run, epoch, fraction, cfg):
     cuda_states = gathered(torch.cuda.get_rng_state()) if run.device.type == "cuda" else None
     if run.rank != 0:
         return None
+    return {"python": random.getstate(), "numpy": numpy_state(), "torch": torch_states, "cuda": cuda_states}
+
+
+def checkpoint_state(run, epoch, fraction, cfg):
+    """Everything a resume needs (plain types and tensors: it loads with weights_only); every rank takes part (each
+    one's RNG state), rank 0 gets the dict, the others None."""
+    rng = rng_states(run)
+    if run.rank != 0:
+        return None
     model = run.model.module if run.world > 1 else run.model
     return {"model": model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scaler": run.scaler.state_dict(), "epoch": epoch,
-            "rng": {"python": random.getstate(), "numpy": numpy_state(), "torch": torch_states, "cuda": cuda_states},
+            "scaler": run.scaler.state_dict(), "epoch": epoch, "rng": rng,
             "model_name": run.args.model, "config": dataclasses.asdict(cfg), "args": vars(run.args),
             "categories": run.categories, "world_size": run.world, "best_ap": run.best_ap,
             "train_s": run.train_s, "steps": run.steps, "epoch_fraction": fraction}
@@ -834,25 +903,26 @@ def main(argv=None):
         return train_or_evaluate(args, given_flags(argv))
 
 
-def redone(line, start_epoch):
-    """Whether a log line belongs to an epoch that is trained again from start_epoch (or cannot be read: a line
+def redone(line, start_epoch, start_it=0):
+    """Whether a log line belongs to what is trained again from step start_it of epoch start_epoch (a record
+    without "iter", an epoch's checkpoint or evaluation, comes after the epoch's steps), or cannot be read (a line
     cut short when a run was killed)."""
     try:
         rec = json.loads(line)
     except json.JSONDecodeError:
         return True
-    return rec.get("type") != "start" and rec.get("epoch", -1) >= start_epoch
+    return rec.get("type") != "start" and (rec.get("epoch", -1), rec.get("iter", math.inf)) >= (start_epoch, start_it)
 
 
-def start_log(out, start_epoch, training):
-    """OUTPUT_DIR/log.jsonl for appending. A run that trains from start_epoch (0 without a checkpoint) redoes the
-    epochs from there: their records from an interrupted attempt move to log-redone.jsonl (appended there, kept), so
-    log.jsonl holds each step once."""
+def start_log(out, start_epoch, training, start_it=0):
+    """OUTPUT_DIR/log.jsonl for appending. A run that trains from step start_it of start_epoch (0, 0 without a
+    checkpoint) redoes what came after: those records from an interrupted attempt move to log-redone.jsonl (appended
+    there, kept), so log.jsonl holds each step once."""
     path = os.path.join(out, "log.jsonl")
     if training and os.path.exists(path):
         with open(path) as f:
             lines = f.readlines()
-        redo = [redone(line, start_epoch) for line in lines]
+        redo = [redone(line, start_epoch, start_it) for line in lines]
         if any(redo):
             ended = [line if line.endswith("\n") else line + "\n" for line in lines]  # a line cut short too
             with open(os.path.join(out, "log-redone.jsonl"), "a") as f:
@@ -957,7 +1027,7 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
         checkpoint_layers(encoder_layers(model))
 
     run = build_run(args, module, model, criterion, postprocess, device, rank, world, val_set.categories, recipe)
-    start_epoch = 0
+    start_epoch, start_it = 0, 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         if not args.eval_only:
@@ -969,15 +1039,26 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
                 run.scaler.load_state_dict(ckpt["scaler"])
             restore_rng(ckpt["rng"], rank)
         start_epoch = ckpt.get("epoch", -1) + 1
+        if ckpt.get("next_iter"):  # saved within an epoch (--save-every, a SIGTERM): that epoch goes on
+            start_epoch, start_it = ckpt["epoch"], ckpt["next_iter"]
         run.train_s, run.steps = ckpt.get("train_s", 0.0), ckpt.get("steps", 0)
         run.best_ap = ckpt.get("best_ap", -1.0)
-        before = (ckpt.get("world_size") or world) * (ckpt.get("args") or {}).get("batch_size", args.batch_size) * \
-            (ckpt.get("args") or {}).get("accum_steps", 1)
+        layout = (ckpt.get("world_size") or world, (ckpt.get("args") or {}).get("batch_size", args.batch_size),
+                  (ckpt.get("args") or {}).get("accum_steps", 1))
+        before = math.prod(layout)
+        if start_it and not args.eval_only and layout != (world, args.batch_size, args.accum_steps):
+            raise ValueError(f"{resume} was saved within epoch {start_epoch + 1} (after its step {start_it}): it "
+                             f"goes on with the images of its steps as they were, {'x'.join(map(str, layout))} "
+                             f"(processes x --batch-size x --accum-steps), not {world}x{args.batch_size}x"
+                             f"{args.accum_steps}: resume with those, or start a new run from its weights with "
+                             f"--finetune {resume} and another --output-dir")
         if not args.eval_only and before != world * args.batch_size * args.accum_steps:
             changed.append(f"total batch {before} -> {world * args.batch_size * args.accum_steps} (the lr is not "
                            f"rescaled: pass --lr for that)")
         if rank == 0:
-            print(f"resumed after epoch {start_epoch} of {args.epochs} from {resume}"
+            where = (f"in epoch {start_epoch + 1} of {args.epochs} after its step {start_it}" if start_it else
+                     f"after epoch {start_epoch} of {args.epochs}")
+            print(f"resumed {where} from {resume}"
                   + "".join(f"; {c}" for c in changed))
     if world > 1:
         device_ids = [device.index] if device.type == "cuda" else None
@@ -985,14 +1066,15 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
 
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
-        run.log_file = start_log(args.output_dir, start_epoch, not args.eval_only)
+        run.log_file = start_log(args.output_dir, start_epoch, not args.eval_only, start_it)
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(f"{args.model} on {args.data}: {n_params:,} trainable parameters, {world} process(es) on {device}, "
               f"{len(train_set) if train_set else 0} train / {len(val_set)} val images, output {args.output_dir}")
         if not args.eval_only:
             text = recipe_text(args, recipe, world)
             print("\n".join(text))
-            name = "recipe.json" if ckpt is None else f"recipe-resumed-after-epoch-{start_epoch}.json"
+            name = ("recipe.json" if ckpt is None else f"recipe-resumed-after-epoch-{start_epoch}.json" if not start_it
+                    else f"recipe-resumed-in-epoch-{start_epoch + 1}-after-step-{run.steps}.json")
             with open(os.path.join(args.output_dir, name), "w") as f:  # a resume's own file: none is overwritten
                 json.dump({"args": vars(args), "recipe": recipe, "world_size": world, "summary": text,
                            "config": dataclasses.asdict(cfg)}, f, indent=1)
@@ -1007,8 +1089,8 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
             if rank == 0:
                 print(result["text"])
             return result
-        with recompute_sampling(args.recompute_sampling == "on"):
-            result = fit(run, cfg, train_set, val_set, start_epoch, args.output_dir)
+        with recompute_sampling(args.recompute_sampling == "on"), stop_on_sigterm(run):
+            result = fit(run, cfg, train_set, val_set, start_epoch, args.output_dir, start_it)
         if rank == 0:  # the threshold of this run's last evaluation, else (nothing trained) the checkpoint's
             write_pictures(run, val_set, result["threshold"] if result else (ckpt or {}).get("threshold"))
         return result
@@ -1055,9 +1137,11 @@ def save_checkpoints(run, state, epoch, out):
         save_atomic(state, os.path.join(out, "checkpoint_before_lr_drop.pth"))
 
 
-def fit(run, cfg, train_set, val_set, start_epoch, out):
-    """The epochs from start_epoch: train, save, evaluate every --eval-every (the checkpoint saved again with the
-    evaluation's chosen threshold; a new best AP also as checkpoint_best.pth). -> the last evaluation."""
+def fit(run, cfg, train_set, val_set, start_epoch, out, start_it=0):
+    """The epochs from start_epoch (from its step start_it + 1 for a run resumed within it): train, save, evaluate
+    every --eval-every (the checkpoint saved again with the evaluation's chosen threshold; a new best AP also as
+    checkpoint_best.pth). A SIGTERM (stop_on_sigterm) stops the run once its state is saved. -> the last
+    evaluation."""
     args, result = run.args, None
     loader = make_loader(train_set, args.batch_size, True, args.seed, start_epoch, run.rank, run.world,
                          args.num_workers, run.device.type == "cuda")
@@ -1070,7 +1154,7 @@ def fit(run, cfg, train_set, val_set, start_epoch, out):
         t0 = time.time()
         loader.sampler.set_epoch(epoch)
         set_lr(run.optimizer, epoch, args.lr_drop)
-        fraction = train_one_epoch(run, epoch, loader)
+        fraction = train_one_epoch(run, cfg, epoch, loader, start_it if epoch == start_epoch else 0)
         state = checkpoint_state(run, epoch, fraction, cfg)
         prints = param_fingerprints(run.model, run.world)
         if max(prints) - min(prints) > 1e-12 * max(abs(p) for p in prints):
@@ -1086,8 +1170,9 @@ def fit(run, cfg, train_set, val_set, start_epoch, out):
                      "per_class": {str(k): v for k, v in result["per_class"].items()}})
             best = result["stats"]["AP"] > run.best_ap
             run.best_ap = max(run.best_ap, result["stats"]["AP"])
-            if state is not None:  # saved again with what the evaluation chose: the threshold (and best AP)
-                state["threshold"], state["best_ap"] = result["threshold"], run.best_ap
+            rng = rng_states(run)  # as the evaluation left them (its loader drew from torch's stream)
+            if state is not None:  # saved again with what the evaluation chose (the threshold, best AP), and the
+                state["threshold"], state["best_ap"], state["rng"] = result["threshold"], run.best_ap, rng  # RNGs
                 save_checkpoints(run, state, epoch, out)
                 if best:
                     save_atomic(state, os.path.join(out, "checkpoint_best.pth"))
@@ -1099,6 +1184,8 @@ def fit(run, cfg, train_set, val_set, start_epoch, out):
             if run.rank == 0:
                 print(f"the {limit_text(run)} is reached after {fraction:.0%} of epoch {epoch + 1}")
             break
+        if epoch + 1 < args.epochs and any_rank(run.stop_asked):
+            stop_run(run, f"after epoch {epoch + 1}")
     return result
 
 

@@ -8,6 +8,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -31,7 +32,7 @@ from tests.helpers import (ROOT, TINY_SET, _train_args, _train_losses, tiny_focu
 # ---------------------------------------------------------------------------------------------
 
 def test_train_resume_matches_uninterrupted_run(tiny_shapes, tmp_path):
-    train.main(_train_args(tiny_shapes, tmp_path / "a", "--epochs", "2", "--eval-every", "2"))
+    train.main(_train_args(tiny_shapes, tmp_path / "a", "--epochs", "2"))  # evaluated after each epoch, as b is
     train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "1"))
     ckpt = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)
     assert ckpt["epoch"] == 0 and set(ckpt) >= {"model", "optimizer", "scaler", "rng", "config"}
@@ -161,6 +162,8 @@ def test_train_rejects_bad_flags(tiny_shapes, tmp_path):
         train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--lr-backbone", "-1"))
     with pytest.raises(ValueError, match="--lr must be positive"):
         train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--lr", "0"))
+    with pytest.raises(ValueError, match="--save-every must be a positive number of steps, got 0"):
+        train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--save-every", "0"))
 
 
 def test_train_set_parses_tuples_and_rejects_bad_ones():
@@ -406,6 +409,89 @@ def test_train_a_redone_epoch_is_logged_once_and_the_interrupted_records_kept(ti
     redone = [json.loads(line) for i, line in enumerate(lines) if i != 1]
     assert {(r["type"], r["epoch"]) for r in redone[:1]} == {("train", 0)}  # the first attempt's (the cut line too)
     assert {(r["type"], r["epoch"]) for r in redone[1:]} == {("train", 1), ("checkpoint", 1), ("eval", 1)}
+
+
+def _model_after(out):
+    return runtime.load_checkpoint(str(out / "checkpoint.pth"))["model"]
+
+
+def test_train_saves_within_an_epoch_and_resumes_there_as_if_uninterrupted(tiny_shapes, tmp_path, monkeypatch):
+    """--save-every 3 (4 steps an epoch, 2 epochs): a run killed in step 8 left the state after step 6 (epoch 2, its
+    step 2); --resume auto trains steps 7 and 8 again: every loss and the weights as a run never interrupted, each
+    step once in log.jsonl (the killed attempt's step 7 moved to log-redone.jsonl). Resuming it with another batch
+    layout is refused."""
+    args = ("--epochs", "2", "--batch-size", "2", "--eval-every", "2")
+    train.main(_train_args(tiny_shapes, tmp_path / "a", *args))
+    step = train.optimizer_step
+
+    def killed_in_step_8(run):
+        if run.steps == 8:
+            raise RuntimeError("killed")
+        return step(run)
+    monkeypatch.setattr(train, "optimizer_step", killed_in_step_8)
+    with pytest.raises(RuntimeError, match="killed"):
+        train.main(_train_args(tiny_shapes, tmp_path / "b", *args, "--save-every", "3"))
+    monkeypatch.setattr(train, "optimizer_step", step)
+    saved = runtime.load_checkpoint(str(tmp_path / "b" / "checkpoint.pth"))
+    assert (saved["epoch"], saved["next_iter"], saved["steps"], saved["epoch_fraction"]) == (1, 2, 6, 0.5)
+    assert [(r["epoch"], r["iter"]) for r in _log(tmp_path / "b", "checkpoint_within_epoch")] == [(0, 2), (1, 1)]
+    with pytest.raises(ValueError, match=r"saved within epoch 2 \(after its step 2\).*1x2x1 \(processes x "
+                                         r"--batch-size x --accum-steps\), not 1x4x1"):
+        train.main(_train_args(tiny_shapes, tmp_path / "b", *args, "--resume", "auto", "--batch-size", "4"))
+    train.main(_train_args(tiny_shapes, tmp_path / "b", *args, "--resume", "auto"))
+    a, b = _train_losses(tmp_path / "a"), _train_losses(tmp_path / "b")
+    assert len(a) == 8 and len(_log(tmp_path / "b", "train")) == 8
+    for key in a:
+        assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), key
+    for name, value in _model_after(tmp_path / "a").items():
+        torch.testing.assert_close(_model_after(tmp_path / "b")[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    with open(tmp_path / "b" / "log-redone.jsonl") as f:
+        assert [(r["type"], r["epoch"], r["iter"]) for r in map(json.loads, f)] == [("train", 1, 2)]
+
+
+def test_train_sigterm_saves_the_step_stops_and_resumes_as_if_uninterrupted(tiny_shapes, tmp_path, monkeypatch,
+                                                                             capsys):
+    """A SIGTERM in step 2 of 4: the run saves after that step and exits with status 143; at an epoch's last step it
+    stops after the epoch's save and evaluation. Either resumed gives the uninterrupted run's losses; the SIGTERM
+    handler before the run is back after it."""
+    args = ("--epochs", "2", "--batch-size", "2", "--eval-every", "1")
+    train.main(_train_args(tiny_shapes, tmp_path / "a", *args))
+    step, handler = train.optimizer_step, signal.getsignal(signal.SIGTERM)
+    for at, out in ((2, tmp_path / "b"), (4, tmp_path / "c")):
+        def terminated(run):
+            if run.steps == at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step(run)
+        monkeypatch.setattr(train, "optimizer_step", terminated)
+        with pytest.raises(SystemExit) as stopped:
+            train.main(_train_args(tiny_shapes, out, *args))
+        assert stopped.value.code == 143 and signal.getsignal(signal.SIGTERM) is handler
+        monkeypatch.setattr(train, "optimizer_step", step)
+        saved = runtime.load_checkpoint(str(out / "checkpoint.pth"))
+        assert (saved["epoch"], saved.get("next_iter"), saved["steps"]) == ((0, 2, 2) if at == 2 else (0, None, 4))
+        assert len(_log(out, "eval")) == (0 if at == 2 else 1)
+        said = capsys.readouterr().out
+        assert ("stopped by SIGTERM in epoch 1 after its step 2 of 4" if at == 2 else
+                "stopped by SIGTERM after epoch 1") in said
+        train.main(_train_args(tiny_shapes, out, *args, "--resume", "auto"))
+        assert ("resumed in epoch 1 of 2 after its step 2" if at == 2 else "resumed after epoch 1 of 2") in \
+            capsys.readouterr().out
+        a, b = _train_losses(tmp_path / "a"), _train_losses(out)
+        assert len(b) == 8 and all(a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-6) for k in a), (at, a, b)
+
+
+def test_train_a_loader_read_past_its_first_batches_gives_the_rest_of_the_epoch(tiny_shapes):
+    """A run resumed within an epoch reads the epoch's first batches again and drops them (train_one_epoch): with
+    loader workers too, each keeping its own augmentation stream, the batches after them are the uninterrupted
+    epoch's."""
+    ds = datalib.CocoDetection(*datalib.find_split(tiny_shapes, "train"), datalib.make_transforms(
+        "train", **datalib.SHAPES_SCALES))
+    whole = [t["boxes"] for _, _, targets in train.make_loader(ds, 1, True, 0, 3, 0, 1, 2) for t in targets]
+    batches = iter(train.make_loader(ds, 1, True, 0, 3, 0, 1, 2))
+    for _ in range(3):
+        next(batches)
+    rest = [t["boxes"] for _, _, targets in batches for t in targets]
+    assert len(rest) == len(whole) - 3 and all(torch.equal(a, b) for a, b in zip(whole[3:], rest))
 
 
 def test_train_refuses_what_would_evaluate_nothing_or_overwrite_a_run(tiny_shapes, tmp_path):
