@@ -74,7 +74,7 @@ SHAPES_RECIPE = {"epochs": 2, "lr_drop": 2, "batch_size": 8, "lr": 4e-4, "lr_bac
 RECIPE_FLAGS = ("epochs", "lr_drop", "batch_size", "lr", "lr_backbone", "weight_decay", "clip_max_norm", "accum_steps",
                 "eval_every")
 RESUMED_FLAGS = RECIPE_FLAGS + ("amp", "seed", "scales", "schedule", "recompute_sampling", "checkpoint_encoder",
-                                "max_bad_images")
+                                "max_bad_images", "save_every")
 
 
 AMP_MODES = ("off", "bf16", "fp16", "bf16-backbone")
@@ -138,8 +138,8 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=None, metavar="N",
                    help="also save OUTPUT_DIR/checkpoint.pth every N optimizer steps within an epoch (beside the save "
                         "at each epoch's end); --resume auto continues from that step, the run's numbers as if "
-                        "uninterrupted. Whatever this says, SIGTERM (a cluster's preemption) saves at the end of the "
-                        "step in progress and stops the run (exit status 143)")
+                        "uninterrupted. With or without it, a SIGTERM (a cluster's preemption) saves at the end of "
+                        "the step in progress and stops the run (exit status 143)")
     p.add_argument("--max-bad-images", type=int, default=None, metavar="N",
                    help="an image that cannot be decoded is skipped with a warning; the run stops once more than N "
                         "different ones were skipped (default 10)")
@@ -311,7 +311,15 @@ def make_loader(dataset, batch_size, shuffle, seed, epoch, rank, world, workers,
     sampler.set_epoch(epoch)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=datalib.collate,
                                        num_workers=workers, drop_last=False, pin_memory=cuda,
-                                       persistent_workers=cuda and persistent and workers > 0)
+                                       persistent_workers=cuda and persistent and workers > 0,
+                                       worker_init_fn=ignore_sigterm if workers > 0 else None)
+
+
+def ignore_sigterm(worker_id):
+    """A loader worker's start: a SIGTERM sent to every process of the run (torchrun's to its workers' process group,
+    a scheduler's to the job) is for the training process, which saves and stops (stop_on_sigterm) and so ends its
+    loader workers; torch's own handler would end a worker at once, failing the step in progress unsaved."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 NORM_LAYERS = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d)
@@ -426,6 +434,7 @@ class Run:
     best_ap: float = -1.0  # the best evaluated AP so far (checkpoint_best.pth holds its weights)
     bad_images: dict = dataclasses.field(default_factory=dict)  # image id -> why it could not be read (this rank)
     stop_asked: bool = False  # a SIGTERM came: save at the end of the step in progress and stop
+    train_images: int = 0  # the train set's size (a checkpoint saved within an epoch keeps it)
 
     def log(self, record):
         if self.log_file:
@@ -532,23 +541,30 @@ def step_batches(loader, k, device):
         yield group
 
 
-def train_one_epoch(run, cfg, epoch, loader, start_it=0):
+def train_one_epoch(run, cfg, epoch, loader, start_it=0, resumed=False):
     """The epoch's optimizer steps from start_it (a run resumed within the epoch: its first start_it steps trained
-    before), saving within the epoch at every --save-every steps and when a SIGTERM asks to stop. -> the fraction of
-    the epoch trained (1.0 unless the --time-budget or --max-steps ran out in it)."""
+    before), saving within the epoch at every --save-every steps and when a SIGTERM asks to stop. resumed: the first
+    epoch of a resumed run. -> the fraction of the epoch trained (1.0 unless the --time-budget or --max-steps ran out
+    in it)."""
     model, criterion, optimizer, args = run.model, run.criterion, run.optimizer, run.args
     model.train()
     criterion.train()
     optimizer.zero_grad(set_to_none=True)
     n = math.ceil(len(loader) / args.accum_steps)  # optimizer steps in the epoch
-    saved_rng = torch.get_rng_state()
-    batches = iter(loader)  # (draws the loader's base seed from torch's stream)
-    if start_it:  # resumed within the epoch: the batches trained before are read again and dropped, so that the
-        for _ in range(start_it * args.accum_steps):  # augmentation's streams (the dataset's, each loader worker's)
-            next(batches)  # are where they were; torch's is as the checkpoint saved it after their steps
-        torch.set_rng_state(saved_rng)
+    if start_it == n:  # stopped after the epoch's last step, before its save and evaluation (fit does them)
+        return 1.0
+    # Resumed within the epoch: the batches of its steps trained before are read again and dropped, so that the
+    # augmentation's streams (the dataset's, each loader worker's) stand where they stood. iter() draws the loader's
+    # base seed from torch's stream (a persistent loader: in its first epoch only); the uninterrupted run drew it
+    # before the steps its checkpoint saved, so a resumed run puts torch's stream back as the checkpoint had it.
+    rng = torch.get_rng_state()
+    loader_batches = iter(loader)
+    for _ in range(start_it * args.accum_steps):
+        note_bad_images(run, next(loader_batches)[2].skipped)
+    if resumed and (start_it or loader.persistent_workers):
+        torch.set_rng_state(rng)
     start, last_print = time.time(), time.time()
-    for it, group in enumerate(step_batches(batches, args.accum_steps, run.device), start=start_it):
+    for it, group in enumerate(step_batches(loader_batches, args.accum_steps, run.device), start=start_it):
         for *_, skipped in group:
             note_bad_images(run, skipped)
         batches = [(images, pad_mask, targets) for images, pad_mask, targets, _ in group]
@@ -585,7 +601,7 @@ def train_one_epoch(run, cfg, epoch, loader, start_it=0):
             run.train_s += time.time() - start
             return (it + 1) / n
         stop = any_rank(run.stop_asked)  # the ranks stop together (the signal may reach them a step apart)
-        if it + 1 < n and (stop or (args.save_every is not None and run.steps % args.save_every == 0)):
+        if stop or (it + 1 < n and args.save_every is not None and run.steps % args.save_every == 0):
             save_within_epoch(run, cfg, epoch, it + 1, n, time.time() - start)
             if stop:
                 stop_run(run, f"in epoch {epoch + 1} after its step {it + 1} of {n}")
@@ -595,10 +611,13 @@ def train_one_epoch(run, cfg, epoch, loader, start_it=0):
 
 def save_within_epoch(run, cfg, epoch, done, n, seconds):
     """OUTPUT_DIR/checkpoint.pth after `done` of the epoch's n optimizer steps (`seconds` trained in the epoch so
-    far): --resume auto continues the epoch from its step done + 1 (next_iter)."""
+    far): --resume auto continues the epoch from its step done + 1 (next_iter; after its last step: from its save and
+    evaluation). It keeps what the rest of the epoch needs to be the same images: the train set's size, seed and batch
+    layout (run_training refuses another)."""
     state = checkpoint_state(run, epoch, done / n, cfg)
     if state is not None:
         state["train_s"], state["next_iter"] = run.train_s + seconds, done
+        state["train_images"] = run.train_images
         save_atomic(state, os.path.join(run.args.output_dir, "checkpoint.pth"))
     run.log({"type": "checkpoint_within_epoch", "epoch": epoch, "iter": done - 1, "steps": run.steps})
 
@@ -615,8 +634,9 @@ def stop_run(run, where):
 @contextlib.contextmanager
 def stop_on_sigterm(run):
     """While training: a SIGTERM (a cluster's preemption, `kill`) only asks the run to stop at the end of the step in
-    progress (train_one_epoch saves it there; fit after an epoch's save and evaluation). In the main thread only (a
-    signal handler cannot be set elsewhere); the handler before is restored after."""
+    progress (train_one_epoch saves it there; one that comes during an evaluation: fit, once it is done). In the main
+    thread only (a signal handler cannot be set elsewhere); the handler before is restored after. POSIX: Windows
+    has no SIGTERM from outside a process."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -626,8 +646,8 @@ def stop_on_sigterm(run):
     before = signal.signal(signal.SIGTERM, ask)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
+    finally:  # (None: a handler not set from Python, which cannot be set again from here; the default then)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
 
 
 @torch.no_grad()
@@ -820,6 +840,19 @@ def build_run(args, module, model, criterion, postprocess, device, rank, world, 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)  # autocast of the whole model
     model.backbone.amp_dtype = torch.bfloat16 if args.amp == "bf16-backbone" else None
     return Run(model, criterion, postprocess, optimizer, scaler, args, device, rank, world, amp_dtype, categories)
+
+
+def within_epoch_changes(ckpt, args, world, train_images):
+    """A checkpoint saved within an epoch: what differs now of what decides the images of the epoch's remaining steps
+    (the sampler's order comes from the seed, the train set and the processes; a step's images from the batch layout)
+    -> 'what was -> is' of each (what the checkpoint does not say is not compared)."""
+    before = ckpt.get("args") or {}
+    was = {"processes": ckpt.get("world_size"), "--batch-size": before.get("batch_size"),
+           "--accum-steps": before.get("accum_steps"), "--seed": before.get("seed"),
+           "train set": ckpt.get("train_images")}
+    now = {"processes": world, "--batch-size": args.batch_size, "--accum-steps": args.accum_steps,
+           "--seed": args.seed, "train set": train_images}
+    return [f"{name} ({was[name]} -> {now[name]})" for name in was if was[name] not in (None, now[name])]
 
 
 def checkpoint_to_resume(args, ckpt_path):
@@ -1027,6 +1060,7 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
         checkpoint_layers(encoder_layers(model))
 
     run = build_run(args, module, model, criterion, postprocess, device, rank, world, val_set.categories, recipe)
+    run.train_images = len(train_set) if train_set else 0
     start_epoch, start_it = 0, 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -1039,25 +1073,24 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
                 run.scaler.load_state_dict(ckpt["scaler"])
             restore_rng(ckpt["rng"], rank)
         start_epoch = ckpt.get("epoch", -1) + 1
-        if ckpt.get("next_iter"):  # saved within an epoch (--save-every, a SIGTERM): that epoch goes on
+        if ckpt.get("next_iter") and not args.eval_only:  # saved within an epoch (--save-every, a SIGTERM): it goes on
             start_epoch, start_it = ckpt["epoch"], ckpt["next_iter"]
+            differ = within_epoch_changes(ckpt, args, world, run.train_images)
+            if differ:
+                raise ValueError(f"{resume} was saved within epoch {start_epoch + 1}, after {start_it} of its steps: "
+                                 f"the rest of the epoch goes on with the images it would have had, which needs the "
+                                 f"same {', '.join(differ)}: resume with those, or start a new run from its weights "
+                                 f"with --finetune {resume} and another --output-dir")
         run.train_s, run.steps = ckpt.get("train_s", 0.0), ckpt.get("steps", 0)
         run.best_ap = ckpt.get("best_ap", -1.0)
-        layout = (ckpt.get("world_size") or world, (ckpt.get("args") or {}).get("batch_size", args.batch_size),
-                  (ckpt.get("args") or {}).get("accum_steps", 1))
-        before = math.prod(layout)
-        if start_it and not args.eval_only and layout != (world, args.batch_size, args.accum_steps):
-            raise ValueError(f"{resume} was saved within epoch {start_epoch + 1} (after its step {start_it}): it "
-                             f"goes on with the images of its steps as they were, {'x'.join(map(str, layout))} "
-                             f"(processes x --batch-size x --accum-steps), not {world}x{args.batch_size}x"
-                             f"{args.accum_steps}: resume with those, or start a new run from its weights with "
-                             f"--finetune {resume} and another --output-dir")
+        before = (ckpt.get("world_size") or world) * (ckpt.get("args") or {}).get("batch_size", args.batch_size) * \
+            (ckpt.get("args") or {}).get("accum_steps", 1)
         if not args.eval_only and before != world * args.batch_size * args.accum_steps:
             changed.append(f"total batch {before} -> {world * args.batch_size * args.accum_steps} (the lr is not "
                            f"rescaled: pass --lr for that)")
         if rank == 0:
-            where = (f"in epoch {start_epoch + 1} of {args.epochs} after its step {start_it}" if start_it else
-                     f"after epoch {start_epoch} of {args.epochs}")
+            where = (f"in epoch {start_epoch + 1} of {args.epochs} after {start_it} of its steps ({run.steps} in "
+                     f"all)" if start_it else f"after epoch {start_epoch} of {args.epochs}")
             print(f"resumed {where} from {resume}"
                   + "".join(f"; {c}" for c in changed))
     if world > 1:
@@ -1085,7 +1118,9 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
     try:
         if args.eval_only:
             result = evaluate(run, val_set)
-            run.log({"type": "eval", "epoch": start_epoch - 1, **result["stats"], "threshold": result["threshold"]})
+            within = {"iter": ckpt["next_iter"] - 1} if ckpt and ckpt.get("next_iter") else {}  # saved within it
+            run.log({"type": "eval", "epoch": start_epoch - 1, **within, "steps": run.steps, **result["stats"],
+                     "threshold": result["threshold"]})
             if rank == 0:
                 print(result["text"])
             return result
@@ -1154,7 +1189,8 @@ def fit(run, cfg, train_set, val_set, start_epoch, out, start_it=0):
         t0 = time.time()
         loader.sampler.set_epoch(epoch)
         set_lr(run.optimizer, epoch, args.lr_drop)
-        fraction = train_one_epoch(run, cfg, epoch, loader, start_it if epoch == start_epoch else 0)
+        resumed = epoch == start_epoch and (start_epoch > 0 or start_it > 0)
+        fraction = train_one_epoch(run, cfg, epoch, loader, start_it if epoch == start_epoch else 0, resumed)
         state = checkpoint_state(run, epoch, fraction, cfg)
         prints = param_fingerprints(run.model, run.world)
         if max(prints) - min(prints) > 1e-12 * max(abs(p) for p in prints):

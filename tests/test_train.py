@@ -419,7 +419,7 @@ def test_train_saves_within_an_epoch_and_resumes_there_as_if_uninterrupted(tiny_
     """--save-every 3 (4 steps an epoch, 2 epochs): a run killed in step 8 left the state after step 6 (epoch 2, its
     step 2); --resume auto trains steps 7 and 8 again: every loss and the weights as a run never interrupted, each
     step once in log.jsonl (the killed attempt's step 7 moved to log-redone.jsonl). Resuming it with another batch
-    layout is refused."""
+    layout or seed (other images for the epoch's remaining steps) is refused."""
     args = ("--epochs", "2", "--batch-size", "2", "--eval-every", "2")
     train.main(_train_args(tiny_shapes, tmp_path / "a", *args))
     step = train.optimizer_step
@@ -435,9 +435,10 @@ def test_train_saves_within_an_epoch_and_resumes_there_as_if_uninterrupted(tiny_
     saved = runtime.load_checkpoint(str(tmp_path / "b" / "checkpoint.pth"))
     assert (saved["epoch"], saved["next_iter"], saved["steps"], saved["epoch_fraction"]) == (1, 2, 6, 0.5)
     assert [(r["epoch"], r["iter"]) for r in _log(tmp_path / "b", "checkpoint_within_epoch")] == [(0, 2), (1, 1)]
-    with pytest.raises(ValueError, match=r"saved within epoch 2 \(after its step 2\).*1x2x1 \(processes x "
-                                         r"--batch-size x --accum-steps\), not 1x4x1"):
-        train.main(_train_args(tiny_shapes, tmp_path / "b", *args, "--resume", "auto", "--batch-size", "4"))
+    with pytest.raises(ValueError, match=r"saved within epoch 2, after 2 of its steps: .* needs the same "
+                                         r"--batch-size \(2 -> 4\), --seed \(42 -> 7\): resume with those"):
+        train.main(_train_args(tiny_shapes, tmp_path / "b", *args, "--resume", "auto", "--batch-size", "4",
+                               "--seed", "7"))
     train.main(_train_args(tiny_shapes, tmp_path / "b", *args, "--resume", "auto"))
     a, b = _train_losses(tmp_path / "a"), _train_losses(tmp_path / "b")
     assert len(a) == 8 and len(_log(tmp_path / "b", "train")) == 8
@@ -451,9 +452,9 @@ def test_train_saves_within_an_epoch_and_resumes_there_as_if_uninterrupted(tiny_
 
 def test_train_sigterm_saves_the_step_stops_and_resumes_as_if_uninterrupted(tiny_shapes, tmp_path, monkeypatch,
                                                                              capsys):
-    """A SIGTERM in step 2 of 4: the run saves after that step and exits with status 143; at an epoch's last step it
-    stops after the epoch's save and evaluation. Either resumed gives the uninterrupted run's losses; the SIGTERM
-    handler before the run is back after it."""
+    """A SIGTERM in step 2 of 4, or in the epoch's last: the run saves after that step and exits with status 143
+    (after the last, before the epoch's save and evaluation: the resumed run does them first). Either resumed gives
+    the uninterrupted run's losses and evaluations; the SIGTERM handler before the run is back after it."""
     args = ("--epochs", "2", "--batch-size", "2", "--eval-every", "1")
     train.main(_train_args(tiny_shapes, tmp_path / "a", *args))
     step, handler = train.optimizer_step, signal.getsignal(signal.SIGTERM)
@@ -468,16 +469,34 @@ def test_train_sigterm_saves_the_step_stops_and_resumes_as_if_uninterrupted(tiny
         assert stopped.value.code == 143 and signal.getsignal(signal.SIGTERM) is handler
         monkeypatch.setattr(train, "optimizer_step", step)
         saved = runtime.load_checkpoint(str(out / "checkpoint.pth"))
-        assert (saved["epoch"], saved.get("next_iter"), saved["steps"]) == ((0, 2, 2) if at == 2 else (0, None, 4))
-        assert len(_log(out, "eval")) == (0 if at == 2 else 1)
-        said = capsys.readouterr().out
-        assert ("stopped by SIGTERM in epoch 1 after its step 2 of 4" if at == 2 else
-                "stopped by SIGTERM after epoch 1") in said
+        assert (saved["epoch"], saved["next_iter"], saved["steps"]) == (0, at, at) and not _log(out, "eval")
+        assert f"stopped by SIGTERM in epoch 1 after its step {at} of 4" in capsys.readouterr().out
         train.main(_train_args(tiny_shapes, out, *args, "--resume", "auto"))
-        assert ("resumed in epoch 1 of 2 after its step 2" if at == 2 else "resumed after epoch 1 of 2") in \
-            capsys.readouterr().out
+        assert f"resumed in epoch 1 of 2 after {at} of its steps ({at} in all)" in capsys.readouterr().out
         a, b = _train_losses(tmp_path / "a"), _train_losses(out)
-        assert len(b) == 8 and all(a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-6) for k in a), (at, a, b)
+        assert len(_log(out, "train")) == 8 and all(a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-6) for k in a)
+        assert [e["AP"] for e in _log(out, "eval")] == pytest.approx([e["AP"] for e in _log(tmp_path / "a", "eval")])
+
+
+def test_train_sigterm_to_every_process_with_loader_workers_saves_and_exits_143(tiny_shapes, tmp_path):
+    """torchrun and schedulers send the SIGTERM to the whole process group, loader workers included: the workers
+    ignore it (torch's handler would end them and fail the step), the training process saves and stops."""
+    out = tmp_path / "w"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"),
+           *_train_args(tiny_shapes, out, "--epochs", "2", "--batch-size", "1", "--num-workers", "2",
+                        "--log-every", "0")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True)
+    said = []
+    for line in proc.stdout:
+        said.append(line)
+        if "it 1/8" in line:
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    said.append(proc.stdout.read())
+    assert proc.wait(timeout=120) == 143, "".join(said)[-3000:]
+    assert "stopped by SIGTERM in epoch 1 after its step" in "".join(said)
+    assert runtime.load_checkpoint(str(out / "checkpoint.pth"))["next_iter"] >= 1
 
 
 def test_train_a_loader_read_past_its_first_batches_gives_the_rest_of_the_epoch(tiny_shapes):

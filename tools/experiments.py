@@ -122,8 +122,8 @@ def log_records(where):
 
 def evals(run_dir):
     """The eval records of a run's log.jsonl (or record file), by epoch (a resumed run may repeat one: keep the
-    last)."""
-    return {rec["epoch"]: rec for rec in log_records(run_dir) if rec.get("type") == "eval"}
+    last); an --eval-only of weights saved within an epoch (its record has "iter") is not that epoch's."""
+    return {rec["epoch"]: rec for rec in log_records(run_dir) if rec.get("type") == "eval" and "iter" not in rec}
 
 
 def steps_to_reach(detr, smca_evals, epochs):
