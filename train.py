@@ -137,9 +137,10 @@ def parse_args(argv=None):
                         "its epoch (--lr-drop)")
     p.add_argument("--save-every", type=int, default=None, metavar="N",
                    help="also save OUTPUT_DIR/checkpoint.pth every N optimizer steps within an epoch (beside the save "
-                        "at each epoch's end); --resume auto continues from that step, the run's numbers as if "
-                        "uninterrupted. With or without it, a SIGTERM (a cluster's preemption) saves at the end of "
-                        "the step in progress and stops the run (exit status 143)")
+                        "at each epoch's end; 0: none, as by default; a resume keeps the run's); --resume auto "
+                        "continues from that step, the run's numbers as if uninterrupted. With or without it, a "
+                        "SIGTERM (a cluster's preemption) saves at the end of the step in progress and stops the run "
+                        "(exit status 143)")
     p.add_argument("--max-bad-images", type=int, default=None, metavar="N",
                    help="an image that cannot be decoded is skipped with a warning; the run stops once more than N "
                         "different ones were skipped (default 10)")
@@ -318,8 +319,19 @@ def make_loader(dataset, batch_size, shuffle, seed, epoch, rank, world, workers,
 def ignore_sigterm(worker_id):
     """A loader worker's start: a SIGTERM sent to every process of the run (torchrun's to its workers' process group,
     a scheduler's to the job) is for the training process, which saves and stops (stop_on_sigterm) and so ends its
-    loader workers; torch's own handler would end a worker at once, failing the step in progress unsaved."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    loader workers; torch's own handler would end a worker at once, failing the step in progress unsaved. One from
+    the training process itself (torch ending a worker that does not stop) still ends it, as torch's does: the
+    signal is blocked and a thread waits for it, asking who sent it."""
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no SIGTERM from outside a process
+        return
+    parent = os.getppid()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # (threads started after this one inherit it)
+
+    def wait():
+        while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+            pass
+        os._exit(0)
+    threading.Thread(target=wait, daemon=True).start()
 
 
 NORM_LAYERS = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.BatchNorm2d)
@@ -551,8 +563,6 @@ def train_one_epoch(run, cfg, epoch, loader, start_it=0, resumed=False):
     criterion.train()
     optimizer.zero_grad(set_to_none=True)
     n = math.ceil(len(loader) / args.accum_steps)  # optimizer steps in the epoch
-    if start_it == n:  # stopped after the epoch's last step, before its save and evaluation (fit does them)
-        return 1.0
     # Resumed within the epoch: the batches of its steps trained before are read again and dropped, so that the
     # augmentation's streams (the dataset's, each loader worker's) stand where they stood. iter() draws the loader's
     # base seed from torch's stream (a persistent loader: in its first epoch only); the uninterrupted run drew it
@@ -601,7 +611,7 @@ def train_one_epoch(run, cfg, epoch, loader, start_it=0, resumed=False):
             run.train_s += time.time() - start
             return (it + 1) / n
         stop = any_rank(run.stop_asked)  # the ranks stop together (the signal may reach them a step apart)
-        if stop or (it + 1 < n and args.save_every is not None and run.steps % args.save_every == 0):
+        if stop or (it + 1 < n and args.save_every and run.steps % args.save_every == 0):
             save_within_epoch(run, cfg, epoch, it + 1, n, time.time() - start)
             if stop:
                 stop_run(run, f"in epoch {epoch + 1} after its step {it + 1} of {n}")
@@ -743,8 +753,9 @@ def resolve_recipe(args, module, on_shapes):
         raise ValueError(f"--time-budget must be a positive number of minutes, got {args.time_budget}")
     if args.max_steps is not None and args.max_steps <= 0:
         raise ValueError(f"--max-steps must be a positive number of steps, got {args.max_steps}")
-    if args.save_every is not None and args.save_every <= 0:
-        raise ValueError(f"--save-every must be a positive number of steps, got {args.save_every}")
+    if args.save_every is not None and args.save_every < 0:
+        raise ValueError(f"--save-every must be a number of steps (0: no saves within an epoch), got "
+                         f"{args.save_every}")
     if args.max_bad_images < 0:
         raise ValueError(f"--max-bad-images must be 0 or more, got {args.max_bad_images}")
     return recipe
@@ -844,14 +855,15 @@ def build_run(args, module, model, criterion, postprocess, device, rank, world, 
 
 def within_epoch_changes(ckpt, args, world, train_images):
     """A checkpoint saved within an epoch: what differs now of what decides the images of the epoch's remaining steps
-    (the sampler's order comes from the seed, the train set and the processes; a step's images from the batch layout)
-    -> 'what was -> is' of each (what the checkpoint does not say is not compared)."""
+    (the sampler's order comes from the seed, the train set and the processes; a step's images from the batch layout;
+    their augmentation from the loader workers' streams) -> 'what was -> is' of each (what the checkpoint does not
+    say is not compared)."""
     before = ckpt.get("args") or {}
     was = {"processes": ckpt.get("world_size"), "--batch-size": before.get("batch_size"),
            "--accum-steps": before.get("accum_steps"), "--seed": before.get("seed"),
-           "train set": ckpt.get("train_images")}
+           "--num-workers": before.get("num_workers"), "train images": ckpt.get("train_images")}
     now = {"processes": world, "--batch-size": args.batch_size, "--accum-steps": args.accum_steps,
-           "--seed": args.seed, "train set": train_images}
+           "--seed": args.seed, "--num-workers": args.num_workers, "train images": train_images}
     return [f"{name} ({was[name]} -> {now[name]})" for name in was if was[name] not in (None, now[name])]
 
 
@@ -1061,7 +1073,7 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
 
     run = build_run(args, module, model, criterion, postprocess, device, rank, world, val_set.categories, recipe)
     run.train_images = len(train_set) if train_set else 0
-    start_epoch, start_it = 0, 0
+    start_epoch, start_it, trained = 0, 0, False
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         if not args.eval_only:
@@ -1075,12 +1087,13 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
         start_epoch = ckpt.get("epoch", -1) + 1
         if ckpt.get("next_iter") and not args.eval_only:  # saved within an epoch (--save-every, a SIGTERM): it goes on
             start_epoch, start_it = ckpt["epoch"], ckpt["next_iter"]
-            differ = within_epoch_changes(ckpt, args, world, run.train_images)
+            trained = ckpt.get("epoch_fraction", 0.0) >= 1  # after its last step: its save and evaluation are left
+            differ = [] if trained else within_epoch_changes(ckpt, args, world, run.train_images)
             if differ:
                 raise ValueError(f"{resume} was saved within epoch {start_epoch + 1}, after {start_it} of its steps: "
-                                 f"the rest of the epoch goes on with the images it would have had, which needs the "
-                                 f"same {', '.join(differ)}: resume with those, or start a new run from its weights "
-                                 f"with --finetune {resume} and another --output-dir")
+                                 f"the rest of the epoch goes on with the images (and augmentation) it would have had, "
+                                 f"which needs the same {', '.join(differ)}: resume with those, or start a new run "
+                                 f"from its weights with --finetune {resume} and another --output-dir")
         run.train_s, run.steps = ckpt.get("train_s", 0.0), ckpt.get("steps", 0)
         run.best_ap = ckpt.get("best_ap", -1.0)
         before = (ckpt.get("world_size") or world) * (ckpt.get("args") or {}).get("batch_size", args.batch_size) * \
@@ -1089,8 +1102,9 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
             changed.append(f"total batch {before} -> {world * args.batch_size * args.accum_steps} (the lr is not "
                            f"rescaled: pass --lr for that)")
         if rank == 0:
-            where = (f"in epoch {start_epoch + 1} of {args.epochs} after {start_it} of its steps ({run.steps} in "
-                     f"all)" if start_it else f"after epoch {start_epoch} of {args.epochs}")
+            where = (f"in epoch {ckpt['epoch'] + 1} of {args.epochs} after {ckpt['next_iter']} of its steps "
+                     f"({run.steps} in all)" if ckpt.get("next_iter") else
+                     f"after epoch {start_epoch} of {args.epochs}")
             print(f"resumed {where} from {resume}"
                   + "".join(f"; {c}" for c in changed))
     if world > 1:
@@ -1125,7 +1139,7 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
                 print(result["text"])
             return result
         with recompute_sampling(args.recompute_sampling == "on"), stop_on_sigterm(run):
-            result = fit(run, cfg, train_set, val_set, start_epoch, args.output_dir, start_it)
+            result = fit(run, cfg, train_set, val_set, start_epoch, args.output_dir, start_it, trained)
         if rank == 0:  # the threshold of this run's last evaluation, else (nothing trained) the checkpoint's
             write_pictures(run, val_set, result["threshold"] if result else (ckpt or {}).get("threshold"))
         return result
@@ -1172,25 +1186,28 @@ def save_checkpoints(run, state, epoch, out):
         save_atomic(state, os.path.join(out, "checkpoint_before_lr_drop.pth"))
 
 
-def fit(run, cfg, train_set, val_set, start_epoch, out, start_it=0):
-    """The epochs from start_epoch (from its step start_it + 1 for a run resumed within it): train, save, evaluate
-    every --eval-every (the checkpoint saved again with the evaluation's chosen threshold; a new best AP also as
-    checkpoint_best.pth). A SIGTERM (stop_on_sigterm) stops the run once its state is saved. -> the last
-    evaluation."""
+def fit(run, cfg, train_set, val_set, start_epoch, out, start_it=0, trained=False):
+    """The epochs from start_epoch (from its step start_it + 1 for a run resumed within it; trained: all its steps
+    were, a stop after the last, and its save and evaluation are left): train, save, evaluate every --eval-every (the
+    checkpoint saved again with the evaluation's chosen threshold; a new best AP also as checkpoint_best.pth). A
+    SIGTERM (stop_on_sigterm) stops the run once its state is saved. -> the last evaluation."""
     args, result = run.args, None
     loader = make_loader(train_set, args.batch_size, True, args.seed, start_epoch, run.rank, run.world,
                          args.num_workers, run.device.type == "cuda")
+    first = start_epoch + trained  # the first epoch this process trains
     for epoch in range(start_epoch, args.epochs):
-        if out_of_time(run, 0.0):
+        if epoch >= first and out_of_time(run, 0.0):
             if run.rank == 0:
                 print(f"the {limit_text(run)} is reached ({run.train_s / 60:.1f} min, {run.steps} steps "
                       f"trained); nothing left to train in {args.output_dir}")
             break
         t0 = time.time()
-        loader.sampler.set_epoch(epoch)
-        set_lr(run.optimizer, epoch, args.lr_drop)
-        resumed = epoch == start_epoch and (start_epoch > 0 or start_it > 0)
-        fraction = train_one_epoch(run, cfg, epoch, loader, start_it if epoch == start_epoch else 0, resumed)
+        fraction = 1.0
+        if epoch >= first:
+            loader.sampler.set_epoch(epoch)
+            set_lr(run.optimizer, epoch, args.lr_drop)
+            resumed = epoch == first and (first > 0 or start_it > 0)
+            fraction = train_one_epoch(run, cfg, epoch, loader, start_it if epoch == start_epoch else 0, resumed)
         state = checkpoint_state(run, epoch, fraction, cfg)
         prints = param_fingerprints(run.model, run.world)
         if max(prints) - min(prints) > 1e-12 * max(abs(p) for p in prints):

@@ -5,12 +5,14 @@ import importlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ import lite_detr
 import smca
 import train
 from engine import runtime
+from tools import experiments
 from tests.helpers import (ROOT, TINY_SET, _train_args, _train_losses, tiny_focus, tiny_lite, tiny_smca, tiny_sparse)
 
 
@@ -162,8 +165,9 @@ def test_train_rejects_bad_flags(tiny_shapes, tmp_path):
         train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--lr-backbone", "-1"))
     with pytest.raises(ValueError, match="--lr must be positive"):
         train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--lr", "0"))
-    with pytest.raises(ValueError, match="--save-every must be a positive number of steps, got 0"):
-        train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--save-every", "0"))
+    with pytest.raises(ValueError, match=r"--save-every must be a number of steps \(0: no saves within an epoch\), "
+                                         r"got -1"):
+        train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--save-every", "-1"))
 
 
 def test_train_set_parses_tuples_and_rejects_bad_ones():
@@ -435,11 +439,16 @@ def test_train_saves_within_an_epoch_and_resumes_there_as_if_uninterrupted(tiny_
     saved = runtime.load_checkpoint(str(tmp_path / "b" / "checkpoint.pth"))
     assert (saved["epoch"], saved["next_iter"], saved["steps"], saved["epoch_fraction"]) == (1, 2, 6, 0.5)
     assert [(r["epoch"], r["iter"]) for r in _log(tmp_path / "b", "checkpoint_within_epoch")] == [(0, 2), (1, 1)]
+    train.main(_train_args(tiny_shapes, tmp_path / "b", *args, "--eval-only"))  # not an epoch's evaluation
+    assert [(r["epoch"], r["iter"], r["steps"]) for r in _log(tmp_path / "b", "eval")] == [(1, 1, 6)]
+    assert experiments.evals(str(tmp_path / "b")) == {}
     with pytest.raises(ValueError, match=r"saved within epoch 2, after 2 of its steps: .* needs the same "
                                          r"--batch-size \(2 -> 4\), --seed \(42 -> 7\): resume with those"):
         train.main(_train_args(tiny_shapes, tmp_path / "b", *args, "--resume", "auto", "--batch-size", "4",
                                "--seed", "7"))
     train.main(_train_args(tiny_shapes, tmp_path / "b", *args, "--resume", "auto"))
+    assert _log(tmp_path / "b", "start")[-1]["args"]["save_every"] == 3  # kept, not given again
+    assert set(experiments.evals(str(tmp_path / "b"))) == {1}
     a, b = _train_losses(tmp_path / "a"), _train_losses(tmp_path / "b")
     assert len(a) == 8 and len(_log(tmp_path / "b", "train")) == 8
     for key in a:
@@ -453,8 +462,9 @@ def test_train_saves_within_an_epoch_and_resumes_there_as_if_uninterrupted(tiny_
 def test_train_sigterm_saves_the_step_stops_and_resumes_as_if_uninterrupted(tiny_shapes, tmp_path, monkeypatch,
                                                                              capsys):
     """A SIGTERM in step 2 of 4, or in the epoch's last: the run saves after that step and exits with status 143
-    (after the last, before the epoch's save and evaluation: the resumed run does them first). Either resumed gives
-    the uninterrupted run's losses and evaluations; the SIGTERM handler before the run is back after it."""
+    (after the last, before the epoch's save and evaluation: the resumed run does them first, even with its
+    --max-steps spent). Either resumed gives the uninterrupted run's losses and evaluations; the SIGTERM handler
+    before the run is back after it."""
     args = ("--epochs", "2", "--batch-size", "2", "--eval-every", "1")
     train.main(_train_args(tiny_shapes, tmp_path / "a", *args))
     step, handler = train.optimizer_step, signal.getsignal(signal.SIGTERM)
@@ -471,8 +481,11 @@ def test_train_sigterm_saves_the_step_stops_and_resumes_as_if_uninterrupted(tiny
         saved = runtime.load_checkpoint(str(out / "checkpoint.pth"))
         assert (saved["epoch"], saved["next_iter"], saved["steps"]) == (0, at, at) and not _log(out, "eval")
         assert f"stopped by SIGTERM in epoch 1 after its step {at} of 4" in capsys.readouterr().out
-        train.main(_train_args(tiny_shapes, out, *args, "--resume", "auto"))
+        train.main(_train_args(tiny_shapes, out, *args, "--resume", "auto", *(["--max-steps", "4"] if at == 4 else [])))
         assert f"resumed in epoch 1 of 2 after {at} of its steps ({at} in all)" in capsys.readouterr().out
+        if at == 4:  # the limit spent: the epoch is saved and evaluated all the same, nothing more trained
+            assert [(e["epoch"], e["steps"]) for e in _log(out, "eval")] == [(0, 4)]
+            train.main(_train_args(tiny_shapes, out, *args, "--resume", "auto"))
         a, b = _train_losses(tmp_path / "a"), _train_losses(out)
         assert len(_log(out, "train")) == 8 and all(a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-6) for k in a)
         assert [e["AP"] for e in _log(out, "eval")] == pytest.approx([e["AP"] for e in _log(tmp_path / "a", "eval")])
@@ -493,10 +506,32 @@ def test_train_sigterm_to_every_process_with_loader_workers_saves_and_exits_143(
         if "it 1/8" in line:
             os.killpg(proc.pid, signal.SIGTERM)
             break
-    said.append(proc.stdout.read())
-    assert proc.wait(timeout=120) == 143, "".join(said)[-3000:]
+    said.append(proc.communicate(timeout=120)[0])
+    assert proc.returncode == 143, "".join(said)[-3000:]
     assert "stopped by SIGTERM in epoch 1 after its step" in "".join(said)
     assert runtime.load_checkpoint(str(out / "checkpoint.pth"))["next_iter"] >= 1
+
+
+def _worker_ignoring_sigterm(ready):
+    train.ignore_sigterm(0)
+    ready.set()
+    time.sleep(60)
+
+
+def test_train_loader_workers_ignore_a_sigterm_from_another_process_not_from_their_own():
+    """ignore_sigterm (a loader worker's start): a SIGTERM from another process (torchrun's, a scheduler's) leaves
+    the worker running; one from the process that started it (torch ending a worker) ends it, as torch's does."""
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    worker = context.Process(target=_worker_ignoring_sigterm, args=(ready,), daemon=True)
+    worker.start()
+    assert ready.wait(30)
+    subprocess.run(["kill", "-TERM", str(worker.pid)], check=True)  # from another process
+    worker.join(1.0)
+    assert worker.is_alive()
+    os.kill(worker.pid, signal.SIGTERM)  # from its parent
+    worker.join(10.0)
+    assert worker.exitcode == 0
 
 
 def test_train_a_loader_read_past_its_first_batches_gives_the_rest_of_the_epoch(tiny_shapes):
