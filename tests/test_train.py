@@ -419,13 +419,24 @@ def _model_after(out):
     return runtime.load_checkpoint(str(out / "checkpoint.pth"))["model"]
 
 
-def test_train_saves_within_an_epoch_and_resumes_there_as_if_uninterrupted(tiny_shapes, tmp_path, monkeypatch):
+INTERRUPTED = ("--epochs", "2", "--batch-size", "2", "--eval-every", "1")  # 4 steps an epoch
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_shapes, tmp_path_factory):
+    """The run the interrupted ones are compared with: INTERRUPTED's 2 epochs in one go -> its folder."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train.main(_train_args(tiny_shapes, out, *INTERRUPTED))
+    return out
+
+
+def test_train_saves_within_an_epoch_and_resumes_there_as_if_uninterrupted(tiny_shapes, uninterrupted, tmp_path,
+                                                                          monkeypatch):
     """--save-every 3 (4 steps an epoch, 2 epochs): a run killed in step 8 left the state after step 6 (epoch 2, its
-    step 2); --resume auto trains steps 7 and 8 again: every loss and the weights as a run never interrupted, each
-    step once in log.jsonl (the killed attempt's step 7 moved to log-redone.jsonl). Resuming it with another batch
-    layout or seed (other images for the epoch's remaining steps) is refused."""
-    args = ("--epochs", "2", "--batch-size", "2", "--eval-every", "2")
-    train.main(_train_args(tiny_shapes, tmp_path / "a", *args))
+    step 2); --resume auto trains steps 7 and 8 again: every loss, evaluation and weight as a run never interrupted,
+    each step once in log.jsonl (the killed attempt's step 7 moved to log-redone.jsonl). Resuming it with another
+    batch layout or seed (other images for the epoch's remaining steps) is refused."""
+    args = INTERRUPTED
     step = train.optimizer_step
 
     def killed_in_step_8(run):
@@ -440,55 +451,54 @@ def test_train_saves_within_an_epoch_and_resumes_there_as_if_uninterrupted(tiny_
     assert (saved["epoch"], saved["next_iter"], saved["steps"], saved["epoch_fraction"]) == (1, 2, 6, 0.5)
     assert [(r["epoch"], r["iter"]) for r in _log(tmp_path / "b", "checkpoint_within_epoch")] == [(0, 2), (1, 1)]
     train.main(_train_args(tiny_shapes, tmp_path / "b", *args, "--eval-only"))  # not an epoch's evaluation
-    assert [(r["epoch"], r["iter"], r["steps"]) for r in _log(tmp_path / "b", "eval")] == [(1, 1, 6)]
-    assert experiments.evals(str(tmp_path / "b")) == {}
+    assert [(r["epoch"], r.get("iter"), r["steps"]) for r in _log(tmp_path / "b", "eval")] == [(0, None, 4), (1, 1, 6)]
+    assert set(experiments.evals(str(tmp_path / "b"))) == {0}
     with pytest.raises(ValueError, match=r"saved within epoch 2, after 2 of its steps: .* needs the same "
                                          r"--batch-size \(2 -> 4\), --seed \(42 -> 7\): resume with those"):
         train.main(_train_args(tiny_shapes, tmp_path / "b", *args, "--resume", "auto", "--batch-size", "4",
                                "--seed", "7"))
     train.main(_train_args(tiny_shapes, tmp_path / "b", *args, "--resume", "auto"))
     assert _log(tmp_path / "b", "start")[-1]["args"]["save_every"] == 3  # kept, not given again
-    assert set(experiments.evals(str(tmp_path / "b"))) == {1}
-    a, b = _train_losses(tmp_path / "a"), _train_losses(tmp_path / "b")
+    assert set(experiments.evals(str(tmp_path / "b"))) == {0, 1}
+    a, b = _train_losses(uninterrupted), _train_losses(tmp_path / "b")
     assert len(a) == 8 and len(_log(tmp_path / "b", "train")) == 8
     for key in a:
         assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), key
-    for name, value in _model_after(tmp_path / "a").items():
+    assert [e["AP"] for e in experiments.evals(str(tmp_path / "b")).values()] == pytest.approx(
+        [e["AP"] for e in _log(uninterrupted, "eval")])
+    for name, value in _model_after(uninterrupted).items():
         torch.testing.assert_close(_model_after(tmp_path / "b")[name], value, rtol=1e-5, atol=1e-6, msg=name)
     with open(tmp_path / "b" / "log-redone.jsonl") as f:
         assert [(r["type"], r["epoch"], r["iter"]) for r in map(json.loads, f)] == [("train", 1, 2)]
 
 
-def test_train_sigterm_saves_the_step_stops_and_resumes_as_if_uninterrupted(tiny_shapes, tmp_path, monkeypatch,
-                                                                             capsys):
-    """A SIGTERM in step 2 of 4, or in the epoch's last: the run saves after that step and exits with status 143
-    (after the last, before the epoch's save and evaluation: the resumed run does them first, even with its
-    --max-steps spent). Either resumed gives the uninterrupted run's losses and evaluations; the SIGTERM handler
-    before the run is back after it."""
-    args = ("--epochs", "2", "--batch-size", "2", "--eval-every", "1")
-    train.main(_train_args(tiny_shapes, tmp_path / "a", *args))
+def test_train_sigterm_saves_the_step_stops_and_resumes_as_if_uninterrupted(tiny_shapes, uninterrupted, tmp_path,
+                                                                             monkeypatch, capsys):
+    """A SIGTERM in the epoch's last step (4 of 4): the run saves after it, before the epoch's save and evaluation,
+    and exits with status 143; the resumed run does them first, even with its --max-steps spent, and goes on with the
+    uninterrupted run's losses and evaluations. The SIGTERM handler before the run is back after it. (A SIGTERM within
+    an epoch saves as --save-every does, whose resume the test above checks.)"""
     step, handler = train.optimizer_step, signal.getsignal(signal.SIGTERM)
-    for at, out in ((2, tmp_path / "b"), (4, tmp_path / "c")):
-        def terminated(run):
-            if run.steps == at:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return step(run)
-        monkeypatch.setattr(train, "optimizer_step", terminated)
-        with pytest.raises(SystemExit) as stopped:
-            train.main(_train_args(tiny_shapes, out, *args))
-        assert stopped.value.code == 143 and signal.getsignal(signal.SIGTERM) is handler
-        monkeypatch.setattr(train, "optimizer_step", step)
-        saved = runtime.load_checkpoint(str(out / "checkpoint.pth"))
-        assert (saved["epoch"], saved["next_iter"], saved["steps"]) == (0, at, at) and not _log(out, "eval")
-        assert f"stopped by SIGTERM in epoch 1 after its step {at} of 4" in capsys.readouterr().out
-        train.main(_train_args(tiny_shapes, out, *args, "--resume", "auto", *(["--max-steps", "4"] if at == 4 else [])))
-        assert f"resumed in epoch 1 of 2 after {at} of its steps ({at} in all)" in capsys.readouterr().out
-        if at == 4:  # the limit spent: the epoch is saved and evaluated all the same, nothing more trained
-            assert [(e["epoch"], e["steps"]) for e in _log(out, "eval")] == [(0, 4)]
-            train.main(_train_args(tiny_shapes, out, *args, "--resume", "auto"))
-        a, b = _train_losses(tmp_path / "a"), _train_losses(out)
-        assert len(_log(out, "train")) == 8 and all(a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-6) for k in a)
-        assert [e["AP"] for e in _log(out, "eval")] == pytest.approx([e["AP"] for e in _log(tmp_path / "a", "eval")])
+
+    def terminated(run):
+        if run.steps == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(run)
+    monkeypatch.setattr(train, "optimizer_step", terminated)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(_train_args(tiny_shapes, tmp_path, *INTERRUPTED))
+    assert stopped.value.code == 143 and signal.getsignal(signal.SIGTERM) is handler
+    monkeypatch.setattr(train, "optimizer_step", step)
+    saved = runtime.load_checkpoint(str(tmp_path / "checkpoint.pth"))
+    assert (saved["epoch"], saved["next_iter"], saved["steps"]) == (0, 4, 4) and not _log(tmp_path, "eval")
+    assert "stopped by SIGTERM in epoch 1 after its step 4 of 4" in capsys.readouterr().out
+    train.main(_train_args(tiny_shapes, tmp_path, *INTERRUPTED, "--resume", "auto", "--max-steps", "4"))
+    assert "resumed in epoch 1 of 2 after 4 of its steps (4 in all)" in capsys.readouterr().out
+    assert [(e["epoch"], e["steps"]) for e in _log(tmp_path, "eval")] == [(0, 4)]  # nothing more trained
+    train.main(_train_args(tiny_shapes, tmp_path, *INTERRUPTED, "--resume", "auto"))
+    a, b = _train_losses(uninterrupted), _train_losses(tmp_path)
+    assert len(_log(tmp_path, "train")) == 8 and all(a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-6) for k in a)
+    assert [e["AP"] for e in _log(tmp_path, "eval")] == pytest.approx([e["AP"] for e in _log(uninterrupted, "eval")])
 
 
 def test_train_sigterm_to_every_process_with_loader_workers_saves_and_exits_143(tiny_shapes, tmp_path):
