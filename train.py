@@ -622,8 +622,8 @@ def train_one_epoch(run, cfg, epoch, loader, start_it=0, resumed=False):
 def save_within_epoch(run, cfg, epoch, done, n, seconds):
     """OUTPUT_DIR/checkpoint.pth after `done` of the epoch's n optimizer steps (`seconds` trained in the epoch so
     far): --resume auto continues the epoch from its step done + 1 (next_iter; after its last step: from its save and
-    evaluation). It keeps what the rest of the epoch needs to be the same images: the train set's size, seed and batch
-    layout (run_training refuses another)."""
+    evaluation). It also keeps the train set's size: with the seed, batch layout and loader workers of its args, what
+    decides the images of the epoch's remaining steps (within_epoch_changes)."""
     state = checkpoint_state(run, epoch, done / n, cfg)
     if state is not None:
         state["train_s"], state["next_iter"] = run.train_s + seconds, done
@@ -1120,8 +1120,10 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
         if not args.eval_only:
             text = recipe_text(args, recipe, world)
             print("\n".join(text))
-            name = ("recipe.json" if ckpt is None else f"recipe-resumed-after-epoch-{start_epoch}.json" if not start_it
-                    else f"recipe-resumed-in-epoch-{start_epoch + 1}-after-step-{run.steps}.json")
+            name = "recipe.json"
+            if ckpt is not None:
+                name = (f"recipe-resumed-in-epoch-{start_epoch + 1}-after-step-{run.steps}.json" if start_it else
+                        f"recipe-resumed-after-epoch-{start_epoch}.json")
             with open(os.path.join(args.output_dir, name), "w") as f:  # a resume's own file: none is overwritten
                 json.dump({"args": vars(args), "recipe": recipe, "world_size": world, "summary": text,
                            "config": dataclasses.asdict(cfg)}, f, indent=1)

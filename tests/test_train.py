@@ -544,20 +544,6 @@ def test_train_loader_workers_ignore_a_sigterm_from_another_process_not_from_the
     assert worker.exitcode == 0
 
 
-def test_train_a_loader_read_past_its_first_batches_gives_the_rest_of_the_epoch(tiny_shapes):
-    """A run resumed within an epoch reads the epoch's first batches again and drops them (train_one_epoch): with
-    loader workers too, each keeping its own augmentation stream, the batches after them are the uninterrupted
-    epoch's."""
-    ds = datalib.CocoDetection(*datalib.find_split(tiny_shapes, "train"), datalib.make_transforms(
-        "train", **datalib.SHAPES_SCALES))
-    whole = [t["boxes"] for _, _, targets in train.make_loader(ds, 1, True, 0, 3, 0, 1, 2) for t in targets]
-    batches = iter(train.make_loader(ds, 1, True, 0, 3, 0, 1, 2))
-    for _ in range(3):
-        next(batches)
-    rest = [t["boxes"] for _, _, targets in batches for t in targets]
-    assert len(rest) == len(whole) - 3 and all(torch.equal(a, b) for a, b in zip(whole[3:], rest))
-
-
 def test_train_refuses_what_would_evaluate_nothing_or_overwrite_a_run(tiny_shapes, tmp_path):
     with pytest.raises(ValueError, match="--eval-only --resume auto: nothing to evaluate"):
         train.main(_train_args(tiny_shapes, tmp_path / "none", "--eval-only", "--resume", "auto"))
