@@ -169,8 +169,8 @@ def _bilinear_naive(v, x, y):
     return out
 
 
-TINY_SET = ["--set", "hidden_dim=32", "nheads=4", "enc_layers=1", "dec_layers=2", "dim_feedforward=64",
-            "num_queries=12", "num_select=20"]
+TINY_SET = ["--set", "backbone_depth=18", "hidden_dim=32", "nheads=4", "enc_layers=1", "dec_layers=2",
+            "dim_feedforward=64", "num_queries=12", "num_select=20"]
 
 
 def _train_args(data, out, *extra):
