@@ -93,7 +93,7 @@ import smca
 import train
 from common import box_cxcywh_to_xyxy, fast_paths
 from data import shapes
-from engine import curves, visualize
+from engine import curves, pretrain, visualize
 from engine.runtime import MODELS, SHAPES_ROOT, load_checkpoint, machine_name, model_module, run_cli
 from sparse_detr import sparse_token_nums
 from tools import bench
@@ -439,6 +439,7 @@ def _train_in_processes(argvs, jobs, here, ended):
     """`python train.py ARGV` for each argv, `jobs` processes at a time -> the failed runs, described. Each process
     gets its share of this machine's cores as its torch threads (OMP_NUM_THREADS, unless set already): processes
     that each take every core fight over them and run many times slower."""
+    prepare_shared_files(argvs)
     pending, running, failed = list(argvs), [], []
     env = dict(os.environ)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -459,6 +460,20 @@ def _train_in_processes(argvs, jobs, here, ended):
                 failed.append(f"{run_dir} (exit {process.returncode}, see its train.out)")
             ended(argv)
     return failed
+
+
+def prepare_shared_files(argvs):
+    """What train.py makes on first use and every run on the shapes set reads, made once here: the set and the
+    ResNet pretrained on it (each depth the runs use), before parallel runs would each make them at once."""
+    depths = set()
+    for argv in argvs:
+        args = train.parse_args(argv)
+        if args.data == "shapes" and args.backbone_weights in (None, "shapes") and args.official is None:
+            depths.add(train.apply_overrides(model_module(args.model).shapes_config(), args.set).backbone_depth)
+    if depths:
+        shapes.ensure(SHAPES_ROOT)
+    for depth in sorted(depths):
+        pretrain.ensure(SHAPES_ROOT, depth)
 
 
 def claim_costs(claim, root, images=8, repeats=5, train_steps=5):
@@ -839,8 +854,6 @@ def claims(args, argv):
         else:
             print(f"== {claim.paper}, {run.label}, seed {seed}: python train.py {shlex.join(argv_run)}", flush=True)
             todo.append(argv_run)
-    if todo:
-        shapes.ensure(SHAPES_ROOT)  # once, before parallel runs would each try
 
     def keep_record(argv):  # each run's record as soon as it has finished
         run_dir = argv[argv.index("--output-dir") + 1]
