@@ -447,6 +447,7 @@ class Run:
     bad_images: dict = dataclasses.field(default_factory=dict)  # image id -> why it could not be read (this rank)
     stop_asked: bool = False  # a SIGTERM came: save at the end of the step in progress and stop
     train_images: int = 0  # the train set's size (a checkpoint saved within an epoch keeps it)
+    epoch_s_before: float = 0.0  # resumed within an epoch: the seconds it had run before (its epoch_time_s counts them)
 
     def log(self, record):
         if self.log_file:
@@ -627,6 +628,7 @@ def save_within_epoch(run, cfg, epoch, done, n, seconds):
     state = checkpoint_state(run, epoch, done / n, cfg)
     if state is not None:
         state["train_s"], state["next_iter"] = run.train_s + seconds, done
+        state["epoch_s"] = run.epoch_s_before + seconds
         state["train_images"] = run.train_images
         save_atomic(state, os.path.join(run.args.output_dir, "checkpoint.pth"))
     run.log({"type": "checkpoint_within_epoch", "epoch": epoch, "iter": done - 1, "steps": run.steps})
@@ -1087,6 +1089,7 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
         start_epoch = ckpt.get("epoch", -1) + 1
         if ckpt.get("next_iter") and not args.eval_only:  # saved within an epoch (--save-every, a SIGTERM): it goes on
             start_epoch, start_it = ckpt["epoch"], ckpt["next_iter"]
+            run.epoch_s_before = ckpt.get("epoch_s", 0.0)
             trained = ckpt.get("epoch_fraction", 0.0) >= 1  # after its last step: its save and evaluation are left
             differ = [] if trained else within_epoch_changes(ckpt, args, world, run.train_images)
             if differ:
@@ -1203,7 +1206,7 @@ def fit(run, cfg, train_set, val_set, start_epoch, out, start_it=0, trained=Fals
                 print(f"the {limit_text(run)} is reached ({run.train_s / 60:.1f} min, {run.steps} steps "
                       f"trained); nothing left to train in {args.output_dir}")
             break
-        t0 = time.time()
+        t0 = time.time() - (run.epoch_s_before if epoch == start_epoch else 0.0)  # a resumed epoch: from its start
         fraction = 1.0
         if epoch >= first:
             loader.sampler.set_epoch(epoch)

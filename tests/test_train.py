@@ -449,6 +449,7 @@ def test_train_saves_within_an_epoch_and_resumes_there_as_if_uninterrupted(tiny_
     monkeypatch.setattr(train, "optimizer_step", step)
     saved = runtime.load_checkpoint(str(tmp_path / "b" / "checkpoint.pth"))
     assert (saved["epoch"], saved["next_iter"], saved["steps"], saved["epoch_fraction"]) == (1, 2, 6, 0.5)
+    assert 0 < saved["epoch_s"] < saved["train_s"]  # the seconds of epoch 2 so far, of all trained so far
     assert [(r["epoch"], r["iter"]) for r in _log(tmp_path / "b", "checkpoint_within_epoch")] == [(0, 2), (1, 1)]
     train.main(_train_args(tiny_shapes, tmp_path / "b", *args, "--eval-only"))  # not an epoch's evaluation
     assert [(r["epoch"], r.get("iter"), r["steps"]) for r in _log(tmp_path / "b", "eval")] == [(0, None, 4), (1, 1, 6)]
@@ -457,8 +458,11 @@ def test_train_saves_within_an_epoch_and_resumes_there_as_if_uninterrupted(tiny_
                                          r"--batch-size \(2 -> 4\), --seed \(42 -> 7\): resume with those"):
         train.main(_train_args(tiny_shapes, tmp_path / "b", *args, "--resume", "auto", "--batch-size", "4",
                                "--seed", "7"))
+    saved["epoch_s"] = 1000.0  # as if its first half had taken that long: the epoch's time counts it
+    torch.save(saved, tmp_path / "b" / "checkpoint.pth")
     train.main(_train_args(tiny_shapes, tmp_path / "b", *args, "--resume", "auto"))
     assert _log(tmp_path / "b", "start")[-1]["args"]["save_every"] == 3  # kept, not given again
+    assert 1000 < experiments.evals(str(tmp_path / "b"))[1]["epoch_time_s"] < 1000 + 600
     assert set(experiments.evals(str(tmp_path / "b"))) == {0, 1}
     a, b = _train_losses(uninterrupted), _train_losses(tmp_path / "b")
     assert len(a) == 8 and len(_log(tmp_path / "b", "train")) == 8
