@@ -448,6 +448,7 @@ class Run:
     stop_asked: bool = False  # a SIGTERM came: save at the end of the step in progress and stop
     train_images: int = 0  # the train set's size (a checkpoint saved within an epoch keeps it)
     epoch_s_before: float = 0.0  # resumed within an epoch: the seconds it had run before (its epoch_time_s counts them)
+    epoch_start: float = 0.0  # time.time() when the epoch in progress began (back-dated by epoch_s_before)
 
     def log(self, record):
         if self.log_file:
@@ -621,14 +622,15 @@ def train_one_epoch(run, cfg, epoch, loader, start_it=0, resumed=False):
 
 
 def save_within_epoch(run, cfg, epoch, done, n, seconds):
-    """OUTPUT_DIR/checkpoint.pth after `done` of the epoch's n optimizer steps (`seconds` trained in the epoch so
-    far): --resume auto continues the epoch from its step done + 1 (next_iter; after its last step: from its save and
-    evaluation). It also keeps the train set's size: with the seed, batch layout and loader workers of its args, what
-    decides the images of the epoch's remaining steps (within_epoch_changes)."""
+    """OUTPUT_DIR/checkpoint.pth after `done` of the epoch's n optimizer steps (`seconds` trained since this process
+    began or resumed the epoch): --resume auto continues the epoch from its step done + 1 (next_iter; after its last
+    step: from its save and evaluation). It also keeps the train set's size: with the seed, batch layout and loader
+    workers of its args, what decides the images of the epoch's remaining steps (within_epoch_changes); and the
+    epoch's seconds so far (epoch_s: the resumed epoch's epoch_time_s counts them)."""
     state = checkpoint_state(run, epoch, done / n, cfg)
     if state is not None:
         state["train_s"], state["next_iter"] = run.train_s + seconds, done
-        state["epoch_s"] = run.epoch_s_before + seconds
+        state["epoch_s"] = time.time() - run.epoch_start
         state["train_images"] = run.train_images
         save_atomic(state, os.path.join(run.args.output_dir, "checkpoint.pth"))
     run.log({"type": "checkpoint_within_epoch", "epoch": epoch, "iter": done - 1, "steps": run.steps})
@@ -1206,7 +1208,7 @@ def fit(run, cfg, train_set, val_set, start_epoch, out, start_it=0, trained=Fals
                 print(f"the {limit_text(run)} is reached ({run.train_s / 60:.1f} min, {run.steps} steps "
                       f"trained); nothing left to train in {args.output_dir}")
             break
-        t0 = time.time() - (run.epoch_s_before if epoch == start_epoch else 0.0)  # a resumed epoch: from its start
+        run.epoch_start = time.time() - (run.epoch_s_before if epoch == start_epoch else 0.0)  # resumed: its start
         fraction = 1.0
         if epoch >= first:
             loader.sampler.set_epoch(epoch)
@@ -1223,8 +1225,9 @@ def fit(run, cfg, train_set, val_set, start_epoch, out, start_it=0, trained=Fals
         steps_done = args.max_steps is not None and run.steps >= args.max_steps
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs or fraction < 1 or steps_done:
             result = evaluate(run, val_set)
-            run.log({"type": "eval", "epoch": epoch, "epoch_fraction": fraction, "epoch_time_s": time.time() - t0,
-                     "train_s": run.train_s, "steps": run.steps, **result["stats"], "threshold": result["threshold"],
+            run.log({"type": "eval", "epoch": epoch, "epoch_fraction": fraction,
+                     "epoch_time_s": time.time() - run.epoch_start, "train_s": run.train_s, "steps": run.steps,
+                     **result["stats"], "threshold": result["threshold"],
                      "per_class": {str(k): v for k, v in result["per_class"].items()}})
             best = result["stats"]["AP"] > run.best_ap
             run.best_ap = max(run.best_ap, result["stats"]["AP"])

@@ -71,7 +71,9 @@ draws (the last decoder layer's and terms such as loss_dam, no auxiliary ones), 
 corr where logged. A step a resumed run logged twice counts once, its later record.
 """
 import argparse
+import contextlib
 import gzip
+import io
 import json
 import math
 import os
@@ -467,9 +469,13 @@ def prepare_shared_files(argvs):
     ResNet pretrained on it (each depth the runs use), before parallel runs would each make them at once."""
     depths = set()
     for argv in argvs:
-        args = train.parse_args(argv)
-        if args.data == "shapes" and args.backbone_weights in (None, "shapes") and args.official is None:
-            depths.add(train.apply_overrides(model_module(args.model).shapes_config(), args.set).backbone_depth)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # argparse's usage message: the run's own process says it
+                args = train.parse_args(argv)
+            if args.data == "shapes" and args.backbone_weights in (None, "shapes") and args.official is None:
+                depths.add(train.apply_overrides(model_module(args.model).shapes_config(), args.set).backbone_depth)
+        except (SystemExit, ValueError):  # a wrong flag or --set: that run's own process says so, the others train
+            continue
     if depths:
         shapes.ensure(SHAPES_ROOT)
     for depth in sorted(depths):
