@@ -447,8 +447,7 @@ class Run:
     bad_images: dict = dataclasses.field(default_factory=dict)  # image id -> why it could not be read (this rank)
     stop_asked: bool = False  # a SIGTERM came: save at the end of the step in progress and stop
     train_images: int = 0  # the train set's size (a checkpoint saved within an epoch keeps it)
-    epoch_s_before: float = 0.0  # resumed within an epoch: the seconds it had run before (its epoch_time_s counts them)
-    epoch_start: float = 0.0  # time.time() when the epoch in progress began (back-dated by epoch_s_before)
+    epoch_start: float = 0.0  # time.time() when the epoch in progress began (a resumed one: back-dated by its epoch_s)
 
     def log(self, record):
         if self.log_file:
@@ -1077,7 +1076,7 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
 
     run = build_run(args, module, model, criterion, postprocess, device, rank, world, val_set.categories, recipe)
     run.train_images = len(train_set) if train_set else 0
-    start_epoch, start_it, trained = 0, 0, False
+    start_epoch, start_it, trained, epoch_s = 0, 0, False, 0.0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         if not args.eval_only:
@@ -1091,7 +1090,7 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
         start_epoch = ckpt.get("epoch", -1) + 1
         if ckpt.get("next_iter") and not args.eval_only:  # saved within an epoch (--save-every, a SIGTERM): it goes on
             start_epoch, start_it = ckpt["epoch"], ckpt["next_iter"]
-            run.epoch_s_before = ckpt.get("epoch_s", 0.0)
+            epoch_s = ckpt.get("epoch_s", 0.0)  # the epoch's seconds before the stop
             trained = ckpt.get("epoch_fraction", 0.0) >= 1  # after its last step: its save and evaluation are left
             differ = [] if trained else within_epoch_changes(ckpt, args, world, run.train_images)
             if differ:
@@ -1146,7 +1145,7 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
                 print(result["text"])
             return result
         with recompute_sampling(args.recompute_sampling == "on"), stop_on_sigterm(run):
-            result = fit(run, cfg, train_set, val_set, start_epoch, args.output_dir, start_it, trained)
+            result = fit(run, cfg, train_set, val_set, start_epoch, args.output_dir, start_it, trained, epoch_s)
         if rank == 0:  # the threshold of this run's last evaluation, else (nothing trained) the checkpoint's
             write_pictures(run, val_set, result["threshold"] if result else (ckpt or {}).get("threshold"))
         return result
@@ -1193,11 +1192,12 @@ def save_checkpoints(run, state, epoch, out):
         save_atomic(state, os.path.join(out, "checkpoint_before_lr_drop.pth"))
 
 
-def fit(run, cfg, train_set, val_set, start_epoch, out, start_it=0, trained=False):
-    """The epochs from start_epoch (from its step start_it + 1 for a run resumed within it; trained: all its steps
-    were, a stop after the last, and its save and evaluation are left): train, save, evaluate every --eval-every (the
-    checkpoint saved again with the evaluation's chosen threshold; a new best AP also as checkpoint_best.pth). A
-    SIGTERM (stop_on_sigterm) stops the run once its state is saved. -> the last evaluation."""
+def fit(run, cfg, train_set, val_set, start_epoch, out, start_it=0, trained=False, epoch_s=0.0):
+    """The epochs from start_epoch (from its step start_it + 1 for a run resumed within it, whose epoch_s seconds
+    before the stop its epoch_time_s counts; trained: all its steps were, a stop after the last, and its save and
+    evaluation are left): train, save, evaluate every --eval-every (the checkpoint saved again with the evaluation's
+    chosen threshold; a new best AP also as checkpoint_best.pth). A SIGTERM (stop_on_sigterm) stops the run once its
+    state is saved. -> the last evaluation."""
     args, result = run.args, None
     loader = make_loader(train_set, args.batch_size, True, args.seed, start_epoch, run.rank, run.world,
                          args.num_workers, run.device.type == "cuda")
@@ -1208,7 +1208,7 @@ def fit(run, cfg, train_set, val_set, start_epoch, out, start_it=0, trained=Fals
                 print(f"the {limit_text(run)} is reached ({run.train_s / 60:.1f} min, {run.steps} steps "
                       f"trained); nothing left to train in {args.output_dir}")
             break
-        run.epoch_start = time.time() - (run.epoch_s_before if epoch == start_epoch else 0.0)  # resumed: its start
+        run.epoch_start = time.time() - (epoch_s if epoch == start_epoch else 0.0)
         fraction = 1.0
         if epoch >= first:
             loader.sampler.set_epoch(epoch)
