@@ -32,8 +32,9 @@ the image ids; the last checkpoint stays as it was. Each evaluation also chooses
 F1 on the val split (engine/pictures.py: a detection counts when it matches a ground-truth box of its class at
 IoU >= 0.5); the checkpoint of the evaluated weights keeps it ("threshold") and detect.py draws above it by default.
 A run ends by drawing its detections above that threshold and the paper's mechanism on the first 4 val images (the
-pictures detect.py draws) into OUTPUT_DIR/pictures-after-step-S. --time-budget MINUTES stops training when that
-much training time is spent (a partial epoch then counts as done), saves, evaluates and logs the training seconds.
+pictures detect.py draws; --pictures N draws N, 0 none) into OUTPUT_DIR/pictures-after-step-S. --time-budget MINUTES
+stops training when that much training time is spent (a partial epoch then counts as done), saves, evaluates and logs
+the training seconds.
 """
 import argparse
 import contextlib
@@ -157,6 +158,8 @@ def parse_args(argv=None):
                         "(where workers only take cores from the model)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--log-every", type=float, default=5.0, help="seconds between console progress lines")
+    p.add_argument("--pictures", type=int, default=4, metavar="N",
+                   help="val images whose detections and mechanism the run's end draws (default 4; 0: none)")
     return p.parse_args(argv)
 
 
@@ -761,6 +764,8 @@ def resolve_recipe(args, module, on_shapes):
                          f"{args.save_every}")
     if args.max_bad_images < 0:
         raise ValueError(f"--max-bad-images must be 0 or more, got {args.max_bad_images}")
+    if args.pictures < 0:
+        raise ValueError(f"--pictures must be a number of val images, 0 or more, got {args.pictures}")
     return recipe
 
 
@@ -1154,10 +1159,10 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
             run.log_file.close()
 
 
-def write_pictures(run, val_set, threshold=None, n=4):
+def write_pictures(run, val_set, threshold=None):
     """The end of a training run: the pictures detect.py draws (detections scoring at least `threshold`, the
     chosen_threshold dict of the last evaluation, else pictures.DEFAULT_THRESHOLD; and the paper's mechanism) of the
-    first n val images in OUTPUT_DIR/pictures-after-step-S (S: the optimizer steps so far; a folder
+    first --pictures val images in OUTPUT_DIR/pictures-after-step-S (S: the optimizer steps so far; a folder
     already there is left as it is), and the picture of the losses and AP over the run (engine/curves.py) as
     OUTPUT_DIR/curves-after-step-S.png."""
     out = os.path.join(run.args.output_dir, f"pictures-after-step-{run.steps}")
@@ -1168,13 +1173,15 @@ def write_pictures(run, val_set, threshold=None, n=4):
             print(f"the losses and AP over the run: {curves_path}")
         except ValueError as e:  # a log with nothing to draw (no step trained): the run itself is fine
             print(f"warning: no picture of the run: {e}")
+    if run.args.pictures == 0:
+        return
     if os.path.exists(out):
         print(f"pictures of the val images are in {out} (already written)")
         return
     model = run.model.module if run.world > 1 else run.model
     det = pictures.Detector(run.args.model, model.eval(), run.postprocess, val_set.transforms, run.categories,
                             run.device, threshold=threshold)
-    files = [os.path.join(val_set.img_dir, val_set.coco.imgs[i]["file_name"]) for i in val_set.ids[:n]]
+    files = [os.path.join(val_set.img_dir, val_set.coco.imgs[i]["file_name"]) for i in val_set.ids[:run.args.pictures]]
     score = threshold["value"] if threshold else pictures.DEFAULT_THRESHOLD
     summary = pictures.detect_files(det, files, out, score, explain=True, log=lambda line: None)
     why = f"the best F1 on val, {threshold['f1']:.2f}" if threshold else "no threshold chosen: the default"

@@ -39,15 +39,17 @@ def test_train_resume_matches_uninterrupted_run(tiny_shapes, tmp_path):
     train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "1"))
     ckpt = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)
     assert ckpt["epoch"] == 0 and set(ckpt) >= {"model", "optimizer", "scaler", "rng", "config"}
-    result = train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "2", "--resume", "auto"))
+    result = train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "2", "--resume", "auto",
+                                    "--pictures", "2"))
     a, b = _train_losses(tmp_path / "a"), _train_losses(tmp_path / "b")
     assert len(a) == 4 and set(a) == set(b)  # 2 epochs x 2 iterations
     for key in a:
         assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), key
     assert set(result["stats"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     pictures = sorted(os.listdir(tmp_path / "b" / "pictures-after-step-4"))  # the run ends with detect.py's pictures
-    assert pictures == ["000000.jpg", "000000_explain.png", "000001.jpg", "000001_explain.png", "000002.jpg",
-                        "000002_explain.png", "detections.json"]
+    assert pictures == ["000000.jpg", "000000_explain.png", "000001.jpg", "000001_explain.png", "detections.json"]
+    assert not os.path.exists(tmp_path / "a" / "pictures-after-step-4")  # --pictures 0
+    assert os.path.exists(tmp_path / "a" / "curves-after-step-4.png")
     saved = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)
     assert saved["categories"][2] == "circle"
     evaluated = train.main(_train_args(tiny_shapes, tmp_path / "b", "--eval-only"))  # uses b's checkpoint
@@ -66,7 +68,7 @@ def test_train_resume_matches_uninterrupted_run(tiny_shapes, tmp_path):
 def test_train_stores_the_best_f1_threshold_and_draws_above_it(tiny_shapes, tmp_path):
     """Each evaluation chooses the score threshold of the best F1 on val: it is in the checkpoint, the eval record and
     the closing pictures, and an --eval-only of the same weights chooses the same."""
-    result = train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1"))
+    result = train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--pictures", "3"))
     chosen = result["threshold"]
     assert chosen["images"] == 3 and chosen["steps"] == 2 and "IoU >= 0.5" in chosen["how"]
     assert 0.05 <= chosen["value"] <= 0.95 and 0 <= chosen["f1"] <= 1
@@ -168,6 +170,8 @@ def test_train_rejects_bad_flags(tiny_shapes, tmp_path):
     with pytest.raises(ValueError, match=r"--save-every must be a number of steps \(0: no saves within an epoch\), "
                                          r"got -1"):
         train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--save-every", "-1"))
+    with pytest.raises(ValueError, match="--pictures must be a number of val images, 0 or more, got -1"):
+        train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--pictures", "-1"))
 
 
 def test_train_set_parses_tuples_and_rejects_bad_ones():
@@ -186,6 +190,9 @@ def test_train_lr_backbone_zero_freezes_the_backbone(tiny_shapes, tmp_path):
     assert ckpt["steps"] == 2  # 8 train images, batch 4
     with open(tmp_path / "log.jsonl") as f:
         assert [r["steps"] for r in map(json.loads, f) if r["type"] == "eval"] == [2]
+    train.main(_train_args(tiny_shapes, tmp_path / "trained", "--max-steps", "1", "--lr-backbone", "1e-5"))
+    ckpt = torch.load(tmp_path / "trained" / "checkpoint.pth", weights_only=False)
+    assert {g["name"]: g["lr"] for g in ckpt["optimizer"]["param_groups"]}["backbone"] == 1e-5
 
 
 def test_train_time_budget_stops_saves_and_evaluates(tiny_shapes, tmp_path):
@@ -248,8 +255,9 @@ def test_train_ddp_two_processes(tiny_shapes, tmp_path):
 
 
 def test_train_bf16_backbone_fused_optimizer_and_resume(tiny_shapes, tmp_path):
-    """--amp bf16-backbone trains with the ResNet in bf16 (losses near float32's, not equal); the optimizer is
-    fused AdamW; a resume keeps the checkpoint's --amp unless the flag says otherwise."""
+    """--amp bf16-backbone runs the ResNet in bf16 (losses near float32's, not equal; its gradients in bf16:
+    tests/test_common.py); the optimizer is fused AdamW; a resume keeps the checkpoint's --amp unless the flag says
+    otherwise."""
     train.main(_train_args(tiny_shapes, tmp_path / "bf16", "--epochs", "1", "--amp", "bf16-backbone"))
     train.main(_train_args(tiny_shapes, tmp_path / "fp32", "--epochs", "1"))
     half, full = _train_losses(tmp_path / "bf16"), _train_losses(tmp_path / "fp32")
@@ -384,7 +392,7 @@ def test_train_resume_applies_the_flags_given_names_them_and_keeps_the_others(ti
     assert any(f.startswith("curves-after-step-") for f in os.listdir(out))
     assert _log(out, "start")[-1]["resumed_changes"][0] == "epochs 1 -> 3"
     with pytest.raises(ValueError, match="freezing or unfreezing the backbone cannot change under a run"):
-        train.main(_train_args(tiny_shapes, out, "--epochs", "4", "--resume", "auto", "--lr-backbone", "0"))
+        train.main(_train_args(tiny_shapes, out, "--epochs", "4", "--resume", "auto", "--lr-backbone", "1e-5"))
     train.main(_train_args(tiny_shapes, out, "--epochs", "4", "--resume", "auto", "--batch-size", "4",
                            "--weight-decay", "0.002", "--seed", "7", "--amp", "fp16"))
     said = capsys.readouterr().out
@@ -483,8 +491,9 @@ def test_train_saves_within_an_epoch_and_resumes_there_as_if_uninterrupted(tiny_
         assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), key
     assert [e["AP"] for e in experiments.evals(str(tmp_path / "b")).values()] == pytest.approx(
         [e["AP"] for e in _log(uninterrupted, "eval")])
+    resumed = _model_after(tmp_path / "b")
     for name, value in _model_after(uninterrupted).items():
-        torch.testing.assert_close(_model_after(tmp_path / "b")[name], value, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-6, msg=name)
     with open(tmp_path / "b" / "log-redone.jsonl") as f:
         assert [(r["type"], r["epoch"], r["iter"]) for r in map(json.loads, f)] == [("train", 1, 2)]
 
