@@ -34,17 +34,29 @@ from tests.helpers import (ROOT, TINY_SET, _train_args, _train_losses, tiny_focu
 # train.py
 # ---------------------------------------------------------------------------------------------
 
+def _model_after(out):
+    return runtime.load_checkpoint(str(out / "checkpoint.pth"))["model"]
+
+
 def test_train_resume_matches_uninterrupted_run(tiny_shapes, tmp_path):
-    train.main(_train_args(tiny_shapes, tmp_path / "a", "--epochs", "2"))  # evaluated after each epoch, as b is
-    train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "1"))
+    """The same losses and weights, the backbone's included (this run trains it: the optimizer's two groups)."""
+    def args(out, *extra):  # on each call: a resume keeps its run's choice to train the backbone or not
+        return _train_args(tiny_shapes, out, "--lr-backbone", "1e-5", *extra)
+    train.main(args(tmp_path / "a", "--epochs", "2"))  # evaluated after each epoch, as b is
+    train.main(args(tmp_path / "b", "--epochs", "1"))
     ckpt = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)
     assert ckpt["epoch"] == 0 and set(ckpt) >= {"model", "optimizer", "scaler", "rng", "config"}
-    result = train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "2", "--resume", "auto",
-                                    "--pictures", "2"))
+    assert [g["name"] for g in ckpt["optimizer"]["param_groups"]] == ["backbone", "base"]
+    result = train.main(args(tmp_path / "b", "--epochs", "2", "--resume", "auto", "--pictures", "2"))
     a, b = _train_losses(tmp_path / "a"), _train_losses(tmp_path / "b")
     assert len(a) == 4 and set(a) == set(b)  # 2 epochs x 2 iterations
     for key in a:
         assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-6), key
+    resumed, uninterrupted = _model_after(tmp_path / "b"), _model_after(tmp_path / "a")
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    name = "backbone.body.layer4.1.conv2.weight"
+    assert not torch.equal(resumed[name], ckpt["model"][name])  # the backbone trained after the resume
     assert set(result["stats"]) >= {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     pictures = sorted(os.listdir(tmp_path / "b" / "pictures-after-step-4"))  # the run ends with detect.py's pictures
     assert pictures == ["000000.jpg", "000000_explain.png", "000001.jpg", "000001_explain.png", "detections.json"]
@@ -52,20 +64,20 @@ def test_train_resume_matches_uninterrupted_run(tiny_shapes, tmp_path):
     assert os.path.exists(tmp_path / "a" / "curves-after-step-4.png")
     saved = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)
     assert saved["categories"][2] == "circle"
-    evaluated = train.main(_train_args(tiny_shapes, tmp_path / "b", "--eval-only"))  # uses b's checkpoint
+    evaluated = train.main(args(tmp_path / "b", "--eval-only"))  # uses b's checkpoint
     assert evaluated["stats"] == pytest.approx(result["stats"])
     # the same output dir without --resume, or with another config, is refused (nothing overwritten)
     with pytest.raises(ValueError, match="--resume auto"):
-        train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "3"))
+        train.main(args(tmp_path / "b", "--epochs", "3"))
     weights_only = torch.load(tmp_path / "b" / "checkpoint.pth", weights_only=False)
     torch.save({k: weights_only[k] for k in ("model", "model_name", "config")}, tmp_path / "weights.pth")
     with pytest.raises(ValueError, match=r"lacks the training state \['optimizer'"):
-        train.main(_train_args(tiny_shapes, tmp_path / "c", "--epochs", "3", "--resume", str(tmp_path / "weights.pth")))
+        train.main(args(tmp_path / "c", "--epochs", "3", "--resume", str(tmp_path / "weights.pth")))
     with pytest.raises(ValueError, match="hidden_dim: checkpoint 32 vs now 64"):
-        train.main(_train_args(tiny_shapes, tmp_path / "b", "--epochs", "3", "--resume", "auto") + ["hidden_dim=64"])
+        train.main(args(tmp_path / "b", "--epochs", "3", "--resume", "auto") + ["hidden_dim=64"])
 
 
-def test_train_stores_the_best_f1_threshold_and_draws_above_it(tiny_shapes, tmp_path):
+def test_train_stores_the_best_f1_threshold_and_draws_above_it(tiny_shapes, tmp_path, capsys):
     """Each evaluation chooses the score threshold of the best F1 on val: it is in the checkpoint, the eval record and
     the closing pictures, and an --eval-only of the same weights chooses the same."""
     result = train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--pictures", "3"))
@@ -76,7 +88,10 @@ def test_train_stores_the_best_f1_threshold_and_draws_above_it(tiny_shapes, tmp_
     with open(tmp_path / "log.jsonl") as f:
         assert [r for r in map(json.loads, f) if r["type"] == "eval"][-1]["threshold"] == chosen
     with open(tmp_path / "pictures-after-step-2" / "detections.json") as f:
-        assert all(r["score"] >= chosen["value"] - 1e-5 for r in json.load(f))
+        drawn = json.load(f)
+    assert all(r["score"] >= chosen["value"] - 1e-5 for r in drawn)  # none, where 2 steps give no F1 above 0
+    said = capsys.readouterr().out
+    assert f"detections (score >= {chosen['value']:g}, the best F1 on val, {chosen['f1']:.2f})" in said
     assert train.main(_train_args(tiny_shapes, tmp_path, "--eval-only"))["threshold"]["value"] == chosen["value"]
 
 
@@ -182,17 +197,26 @@ def test_train_set_parses_tuples_and_rejects_bad_ones():
 
 
 def test_train_lr_backbone_zero_freezes_the_backbone(tiny_shapes, tmp_path):
-    """DETR's convention: --lr-backbone 0 trains no backbone parameter; the rest trains, and steps are counted."""
-    train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--lr-backbone", "0"))
-    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
-    assert "backbone" not in [g["name"] for g in ckpt["optimizer"]["param_groups"]]
+    """DETR's convention: --lr-backbone 0 trains no backbone parameter; the rest trains, and steps are counted. A
+    run with --lr-backbone > 0 from the same initial weights moves the backbone in its first step."""
+    def backbone(out):
+        return {k: v for k, v in runtime.load_checkpoint(str(out / "checkpoint.pth"))["model"].items()
+                if k.startswith("backbone.")}
+    frozen = tmp_path / "frozen"
+    train.main(_train_args(tiny_shapes, frozen, "--epochs", "1", "--lr-backbone", "0"))
+    ckpt = torch.load(frozen / "checkpoint.pth", weights_only=False)
     assert {g["name"] for g in ckpt["optimizer"]["param_groups"]} == {"base"}
     assert ckpt["steps"] == 2  # 8 train images, batch 4
-    with open(tmp_path / "log.jsonl") as f:
+    with open(frozen / "log.jsonl") as f:
         assert [r["steps"] for r in map(json.loads, f) if r["type"] == "eval"] == [2]
+    before = backbone(frozen)
+    train.main(_train_args(tiny_shapes, frozen, "--epochs", "2", "--resume", "auto"))
+    assert all(torch.equal(v, before[k]) for k, v in backbone(frozen).items())
     train.main(_train_args(tiny_shapes, tmp_path / "trained", "--max-steps", "1", "--lr-backbone", "1e-5"))
     ckpt = torch.load(tmp_path / "trained" / "checkpoint.pth", weights_only=False)
     assert {g["name"]: g["lr"] for g in ckpt["optimizer"]["param_groups"]}["backbone"] == 1e-5
+    name = "backbone.body.layer4.1.conv2.weight"
+    assert not torch.equal(backbone(tmp_path / "trained")[name], before[name])
 
 
 def test_train_time_budget_stops_saves_and_evaluates(tiny_shapes, tmp_path):
@@ -421,10 +445,6 @@ def test_train_a_redone_epoch_is_logged_once_and_the_interrupted_records_kept(ti
     redone = [json.loads(line) for i, line in enumerate(lines) if i != 1]
     assert {(r["type"], r["epoch"]) for r in redone[:1]} == {("train", 0)}  # the first attempt's (the cut line too)
     assert {(r["type"], r["epoch"]) for r in redone[1:]} == {("train", 1), ("checkpoint", 1), ("eval", 1)}
-
-
-def _model_after(out):
-    return runtime.load_checkpoint(str(out / "checkpoint.pth"))["model"]
 
 
 INTERRUPTED = ("--epochs", "2", "--batch-size", "2", "--eval-every", "1")  # 4 steps an epoch
