@@ -1,5 +1,6 @@
 """What several test files share (the fixtures are in the repository's conftest.py)."""
 import dataclasses
+import functools
 import importlib
 import itertools
 import json
@@ -90,12 +91,19 @@ def _official_file(tmp_path, fixture, backbone_key, extra=None):
     """The fixture's official state dict with a random ResNet-50 in the official naming (the fixtures
     leave the backbone out), saved as the authors' files are: {"model": ..., **extra}."""
     fx = torch.load(os.path.join(OFFICIAL, fixture), weights_only=True)
-    torch.manual_seed(0)
-    backbone = {backbone_key(k): v.double() + 0.01 * torch.randn_like(v, dtype=torch.float64)  # running_var stays > 0
-                for k, v in common.Backbone(50).body.state_dict().items()}
+    backbone = {backbone_key(k): v for k, v in _random_resnet50().items()}
     path = tmp_path / fixture
     torch.save({"model": {**fx["state_dict"], **backbone}, **(extra or {})}, path)
     return fx, str(path), backbone
+
+
+@functools.cache
+def _random_resnet50():
+    """A random ResNet-50 state dict in torchvision's names, float64, made once per test session (building and
+    perturbing it takes a second); read only."""
+    torch.manual_seed(0)
+    return {k: v.double() + 0.01 * torch.randn_like(v, dtype=torch.float64)  # running_var stays > 0
+            for k, v in common.Backbone(50).body.state_dict().items()}
 
 
 def _run_official_case(model, inputs, **kwargs):

@@ -32,10 +32,11 @@ def test_export_program_computes_what_the_model_does(module, cfg):
     images, pad_mask = torch.randn(1, 3, 64, 96), torch.zeros(1, 64, 96, dtype=torch.bool)  # another input
     padded = pad_mask.clone()
     padded[:, 40:], padded[:, :, 72:] = True, True
+    run = program.module()
     for mask in (pad_mask, padded):
         with torch.no_grad():
             eager = model(images, mask)
-            logits, boxes = program.module()(images, mask)
+            logits, boxes = run(images, mask)
         torch.testing.assert_close(logits, eager["pred_logits"], atol=1e-5, rtol=0)
         torch.testing.assert_close(boxes, eager["pred_boxes"], atol=1e-5, rtol=0)
 
