@@ -32,9 +32,9 @@ the image ids; the last checkpoint stays as it was. Each evaluation also chooses
 F1 on the val split (engine/pictures.py: a detection counts when it matches a ground-truth box of its class at
 IoU >= 0.5); the checkpoint of the evaluated weights keeps it ("threshold") and detect.py draws above it by default.
 A run ends by drawing its detections above that threshold and the paper's mechanism on the first 4 val images (the
-pictures detect.py draws; --pictures N draws N, 0 none) into OUTPUT_DIR/pictures-after-step-S. --time-budget MINUTES
-stops training when that much training time is spent (a partial epoch then counts as done), saves, evaluates and logs
-the training seconds.
+pictures detect.py draws; --pictures N draws N, 0 none; --eval-only draws them only when --pictures is given) into
+OUTPUT_DIR/pictures-after-step-S. --time-budget MINUTES stops training when that much training time is spent (a
+partial epoch then counts as done), saves, evaluates and logs the training seconds.
 """
 import argparse
 import contextlib
@@ -158,8 +158,9 @@ def parse_args(argv=None):
                         "(where workers only take cores from the model)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--log-every", type=float, default=5.0, help="seconds between console progress lines")
-    p.add_argument("--pictures", type=int, default=4, metavar="N",
-                   help="val images whose detections and mechanism the run's end draws (default 4; 0: none)")
+    p.add_argument("--pictures", type=int, default=None, metavar="N",
+                   help="val images whose detections and mechanism the run's end draws (default 4 after training, "
+                        "none after --eval-only; 0: none)")
     return p.parse_args(argv)
 
 
@@ -764,6 +765,7 @@ def resolve_recipe(args, module, on_shapes):
                          f"{args.save_every}")
     if args.max_bad_images < 0:
         raise ValueError(f"--max-bad-images must be 0 or more, got {args.max_bad_images}")
+    args.pictures = (0 if args.eval_only else 4) if args.pictures is None else args.pictures
     if args.pictures < 0:
         raise ValueError(f"--pictures must be a number of val images, 0 or more, got {args.pictures}")
     return recipe
@@ -1148,6 +1150,7 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
                      "threshold": result["threshold"]})
             if rank == 0:
                 print(result["text"])
+                write_pictures(run, val_set, result["threshold"], draw_curves=False)
             return result
         with recompute_sampling(args.recompute_sampling == "on"), stop_on_sigterm(run):
             result = fit(run, cfg, train_set, val_set, start_epoch, args.output_dir, start_it, trained, epoch_s)
@@ -1159,15 +1162,15 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
             run.log_file.close()
 
 
-def write_pictures(run, val_set, threshold=None):
+def write_pictures(run, val_set, threshold=None, draw_curves=True):
     """The end of a training run: the pictures detect.py draws (detections scoring at least `threshold`, the
     chosen_threshold dict of the last evaluation, else pictures.DEFAULT_THRESHOLD; and the paper's mechanism) of the
     first --pictures val images in OUTPUT_DIR/pictures-after-step-S (S: the optimizer steps so far; a folder
-    already there is left as it is), and the picture of the losses and AP over the run (engine/curves.py) as
-    OUTPUT_DIR/curves-after-step-S.png."""
+    already there is left as it is), and (`draw_curves`) the picture of the losses and AP over the run
+    (engine/curves.py) as OUTPUT_DIR/curves-after-step-S.png."""
     out = os.path.join(run.args.output_dir, f"pictures-after-step-{run.steps}")
     curves_path = os.path.join(run.args.output_dir, f"curves-after-step-{run.steps}.png")
-    if not os.path.exists(curves_path):
+    if draw_curves and not os.path.exists(curves_path):
         try:
             curves.save_curves(run.args.output_dir, curves_path)
             print(f"the losses and AP over the run: {curves_path}")

@@ -79,7 +79,8 @@ def test_train_resume_matches_uninterrupted_run(tiny_shapes, tmp_path):
 
 def test_train_stores_the_best_f1_threshold_and_draws_above_it(tiny_shapes, tmp_path, capsys):
     """Each evaluation chooses the score threshold of the best F1 on val: it is in the checkpoint, the eval record and
-    the closing pictures, and an --eval-only of the same weights chooses the same."""
+    the closing pictures, and an --eval-only of the same weights chooses the same (and draws above it when --pictures
+    asks it to: by default it draws nothing)."""
     result = train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--pictures", "3"))
     chosen = result["threshold"]
     assert chosen["images"] == 3 and chosen["steps"] == 2 and "IoU >= 0.5" in chosen["how"]
@@ -93,6 +94,15 @@ def test_train_stores_the_best_f1_threshold_and_draws_above_it(tiny_shapes, tmp_
     said = capsys.readouterr().out
     assert f"detections (score >= {chosen['value']:g}, the best F1 on val, {chosen['f1']:.2f})" in said
     assert train.main(_train_args(tiny_shapes, tmp_path, "--eval-only"))["threshold"]["value"] == chosen["value"]
+    shutil.rmtree(tmp_path / "pictures-after-step-2")
+    train.main(_train_args(tiny_shapes, tmp_path, "--eval-only", "--pictures", "1"))  # drawn when asked for
+    assert sorted(os.listdir(tmp_path / "pictures-after-step-2")) == ["000000.jpg", "000000_explain.png",
+                                                                      "detections.json"]
+    assert f"detections (score >= {chosen['value']:g}, the best F1 on val" in capsys.readouterr().out
+    for flags, drawn in (([], 4), (["--eval-only"], 0), (["--eval-only", "--pictures", "2"], 2)):
+        args = train.parse_args(["--model", "smca", "--device", "cpu", *flags])
+        train.resolve_recipe(args, smca, True)
+        assert args.pictures == drawn
 
 
 def test_train_loader_augments_from_the_datasets_own_random_stream(tiny_shapes):
