@@ -23,8 +23,9 @@ import smca
 import sparse_detr
 from engine import visualize
 from tests.helpers import (OFFICIAL, _alone_and_padded, _assert_only_box_hidden_layers_without_gradient,
-                           _bad_official_files, _bilinear_naive, _max_diff, _official_file, _random_targets,
-                           _run_official_case, _sized, after_backbone, tiny_focus, tiny_lite, tiny_smca, tiny_sparse)
+                           _bad_official_files, _bilinear_naive, _max_diff, _official_file, _param_count,
+                           _random_targets, _run_official_case, _sized, after_backbone, tiny_focus, tiny_lite,
+                           tiny_smca, tiny_sparse)
 
 
 EXPLAIN_KEYS = {"smca": {"log_priors", "scale_weights", "level_shapes"}, "sparse_detr": {"dam"},
@@ -126,18 +127,15 @@ def test_copied_blocks_stay_in_sync():
 # ---------------------------------------------------------------------------------------------
 
 def test_smca_parameter_counts_match_official():
-    model, _, _ = smca.build(smca.Config())
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 41_537_825
+    assert _param_count(smca, smca.Config()) == 41_537_825
     # The DETR baseline: official DETR-R50 is 41,302,368 with 100 queries and 92 logits;
     # +200 queries x 256, -1 class column (257) = 41,353,311.
-    model, _, _ = smca.build(smca.Config(spatial_prior=False))
-    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 41_353_311
+    assert _param_count(smca, smca.Config(spatial_prior=False)) == 41_353_311
 
 
 def test_smca_multiscale_parameter_count_is_the_papers():
     """Table 3: 2Intra-Multi-2Intra has 39.5M parameters (Table 4 rounds it to 40M)."""
-    model, _, _ = smca.build(smca.Config(multiscale=True))
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n = _param_count(smca, smca.Config(multiscale=True))
     assert round(n / 1e6, 1) == 39.5, n
 
 
@@ -482,8 +480,7 @@ def test_sparse_detr_parameter_counts_match_official():
     """Counted from the official code built on CPU: rho 0.1, the "+" baseline, plain two-stage."""
     for kw, want in [({}, 41_714_805), ({"sparse_encoder": False, "use_enc_aux_loss": False}, 40_827_289),
                      ({"sparse_encoder": False, "eff_query_init": False, "eff_specific_head": False}, 40_959_129)]:
-        model, _, _ = sparse_detr.build(sparse_detr.Config(**kw))
-        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == want, kw
+        assert _param_count(sparse_detr, sparse_detr.Config(**kw)) == want, kw
 
 
 def test_sparse_detr_outputs_and_selection_counts():
@@ -724,7 +721,7 @@ def test_lite_detr_parameter_counts_follow_the_derivation():
     kda = (d * d + d) - (d + 1) * H * L * P  # + query_proj - attention_weights
     small = 2 * (d * d + d) + 2 * d
     def count(cfg):
-        return sum(p.numel() for p in lite_detr.build(cfg)[0].parameters() if p.requires_grad)
+        return _param_count(lite_detr, cfg)
     assert count(lite_detr.Config.named("dense")) == 40_959_129
     for name, blocks in [("H3L1-(2+1)x3", 3), ("H3L1-(3+1)x2", 2), ("H3L1-(6+1)x1", 1), ("H2L2-(2+1)x3", 3)]:
         assert count(lite_detr.Config.named(name)) == 40_959_129 + 6 * kda + blocks * small, name
@@ -954,12 +951,13 @@ def box_ops_xyxy(b):
 def test_focus_detr_parameter_counts_follow_the_official_model():
     """The official model (80 classes, only the stem frozen): 49,339,920 parameters, 49,330,512 trainable (counted
     from the official code)."""
-    def count(model, trainable):
-        return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable)
-    model = focus_detr.build(focus_detr.Config(num_classes=80))[0]
-    layer1 = sum(p.numel() for n, p in model.backbone.named_parameters() if n.startswith("body.layer1"))
-    assert count(model, False) == 49_339_920 and count(model, True) == 49_330_512 - layer1
-    assert count(focus_detr.build(focus_detr.Config())[0], True) == 49_330_512 - layer1 + 7 * 11 * 257 + 11 * 256
+    with torch.device("meta"):
+        backbone = focus_detr.build(focus_detr.Config(num_classes=80))[0].backbone
+    layer1 = sum(p.numel() for n, p in backbone.named_parameters() if n.startswith("body.layer1"))
+    coco = focus_detr.Config(num_classes=80)
+    assert _param_count(focus_detr, coco, frozen_too=True) == 49_339_920
+    assert _param_count(focus_detr, coco) == 49_330_512 - layer1
+    assert _param_count(focus_detr, focus_detr.Config()) == 49_330_512 - layer1 + 7 * 11 * 257 + 11 * 256
 
 
 def test_focus_detr_foreground_labels_on_constructed_boxes():

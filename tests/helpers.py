@@ -106,6 +106,14 @@ def _random_resnet50():
             for k, v in common.Backbone(50).body.state_dict().items()}
 
 
+def _param_count(module, cfg, frozen_too=False):
+    """The parameters of module.build(cfg)'s model, the trainable ones (or all): built on the meta device, since a
+    count needs no values and a COCO-size model takes a second to initialise."""
+    with torch.device("meta"):
+        model = module.build(cfg)[0]
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or frozen_too)
+
+
 def _run_official_case(model, inputs, **kwargs):
     """The model's own forward on the fixture's backbone maps, with the pixel padding mask."""
     H, W = inputs["padded_hw"].tolist()
