@@ -32,9 +32,10 @@ the image ids; the last checkpoint stays as it was. Each evaluation also chooses
 F1 on the val split (engine/pictures.py: a detection counts when it matches a ground-truth box of its class at
 IoU >= 0.5); the checkpoint of the evaluated weights keeps it ("threshold") and detect.py draws above it by default.
 A run ends by drawing its detections above that threshold and the paper's mechanism on the first 4 val images (the
-pictures detect.py draws; --pictures N draws N, 0 none; --eval-only draws them only when --pictures is given) into
-OUTPUT_DIR/pictures-after-step-S. --time-budget MINUTES stops training when that much training time is spent (a
-partial epoch then counts as done), saves, evaluates and logs the training seconds.
+pictures detect.py draws; --pictures N draws N, 0 none) into OUTPUT_DIR/pictures-after-step-S; --eval-only draws
+them only when --pictures is given, into OUTPUT_DIR/eval-pictures-NAME-after-step-S (NAME: the checkpoint file's).
+--time-budget MINUTES stops training when that much training time is spent (a partial epoch then counts as done),
+saves, evaluates and logs the training seconds.
 """
 import argparse
 import contextlib
@@ -1144,13 +1145,15 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
                  "resumed_changes": changed})
     try:
         if args.eval_only:
+            drawn = from_rank0(lambda: eval_pictures_dir(args, resume, run.steps), rank) if args.pictures else None
             result = evaluate(run, val_set)
             within = {"iter": ckpt["next_iter"] - 1} if ckpt and ckpt.get("next_iter") else {}  # saved within it
             run.log({"type": "eval", "epoch": start_epoch - 1, **within, "steps": run.steps, **result["stats"],
                      "threshold": result["threshold"]})
             if rank == 0:
                 print(result["text"])
-                write_pictures(run, val_set, result["threshold"], draw_curves=False)
+                if drawn:
+                    write_pictures(run, val_set, result["threshold"], drawn)
             return result
         with recompute_sampling(args.recompute_sampling == "on"), stop_on_sigterm(run):
             result = fit(run, cfg, train_set, val_set, start_epoch, args.output_dir, start_it, trained, epoch_s)
@@ -1162,15 +1165,28 @@ def run_training(args, module, on_shapes, rank, local_rank, world, device, ckpt,
             run.log_file.close()
 
 
-def write_pictures(run, val_set, threshold=None, draw_curves=True):
-    """The end of a training run: the pictures detect.py draws (detections scoring at least `threshold`, the
-    chosen_threshold dict of the last evaluation, else pictures.DEFAULT_THRESHOLD; and the paper's mechanism) of the
-    first --pictures val images in OUTPUT_DIR/pictures-after-step-S (S: the optimizer steps so far; a folder
-    already there is left as it is), and (`draw_curves`) the picture of the losses and AP over the run
+def eval_pictures_dir(args, weights, steps):
+    """--eval-only --pictures N: where the evaluated weights' pictures go, OUTPUT_DIR/eval-pictures-NAME-after-step-S
+    (NAME: the checkpoint file's name, S: its steps), or OUTPUT_DIR/eval-pictures-NAME for the authors' file NAME;
+    refused when it exists (nothing is overwritten)."""
+    name = os.path.splitext(os.path.basename(args.official or weights))[0]
+    out = os.path.join(args.output_dir, f"eval-pictures-{name}" + ("" if args.official else f"-after-step-{steps}"))
+    if os.path.exists(out):
+        raise ValueError(f"{out} exists; nothing is overwritten: remove it, or pass another --output-dir or "
+                         f"--pictures 0")
+    return out
+
+
+def write_pictures(run, val_set, threshold=None, out=None):
+    """The pictures detect.py draws (detections scoring at least `threshold`, the chosen_threshold dict of the last
+    evaluation, else pictures.DEFAULT_THRESHOLD; and the paper's mechanism) of the first --pictures val images, in
+    `out` (eval_pictures_dir's), or at the end of a training run in OUTPUT_DIR/pictures-after-step-S (S: the optimizer
+    steps so far; a folder already there is left as it is) with the picture of the losses and AP over the run
     (engine/curves.py) as OUTPUT_DIR/curves-after-step-S.png."""
-    out = os.path.join(run.args.output_dir, f"pictures-after-step-{run.steps}")
+    at_the_end = out is None
+    out = out or os.path.join(run.args.output_dir, f"pictures-after-step-{run.steps}")
     curves_path = os.path.join(run.args.output_dir, f"curves-after-step-{run.steps}.png")
-    if draw_curves and not os.path.exists(curves_path):
+    if at_the_end and not os.path.exists(curves_path):
         try:
             curves.save_curves(run.args.output_dir, curves_path)
             print(f"the losses and AP over the run: {curves_path}")
@@ -1178,7 +1194,7 @@ def write_pictures(run, val_set, threshold=None, draw_curves=True):
             print(f"warning: no picture of the run: {e}")
     if run.args.pictures == 0:
         return
-    if os.path.exists(out):
+    if at_the_end and os.path.exists(out):
         print(f"pictures of the val images are in {out} (already written)")
         return
     model = run.model.module if run.world > 1 else run.model

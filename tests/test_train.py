@@ -79,8 +79,8 @@ def test_train_resume_matches_uninterrupted_run(tiny_shapes, tmp_path):
 
 def test_train_stores_the_best_f1_threshold_and_draws_above_it(tiny_shapes, tmp_path, capsys):
     """Each evaluation chooses the score threshold of the best F1 on val: it is in the checkpoint, the eval record and
-    the closing pictures, and an --eval-only of the same weights chooses the same (and draws above it when --pictures
-    asks it to: by default it draws nothing)."""
+    the closing pictures, and an --eval-only of the same weights chooses the same (and draws above it, in a folder of
+    its own, only when --pictures asks it to)."""
     result = train.main(_train_args(tiny_shapes, tmp_path, "--epochs", "1", "--pictures", "3"))
     chosen = result["threshold"]
     assert chosen["images"] == 3 and chosen["steps"] == 2 and "IoU >= 0.5" in chosen["how"]
@@ -94,15 +94,22 @@ def test_train_stores_the_best_f1_threshold_and_draws_above_it(tiny_shapes, tmp_
     said = capsys.readouterr().out
     assert f"detections (score >= {chosen['value']:g}, the best F1 on val, {chosen['f1']:.2f})" in said
     assert train.main(_train_args(tiny_shapes, tmp_path, "--eval-only"))["threshold"]["value"] == chosen["value"]
-    shutil.rmtree(tmp_path / "pictures-after-step-2")
-    train.main(_train_args(tiny_shapes, tmp_path, "--eval-only", "--pictures", "1"))  # drawn when asked for
-    assert sorted(os.listdir(tmp_path / "pictures-after-step-2")) == ["000000.jpg", "000000_explain.png",
-                                                                      "detections.json"]
+    before = sorted(os.listdir(tmp_path))
+    without = _train_args(tiny_shapes, tmp_path, "--eval-only")
+    i = without.index("--pictures")
+    train.main(without[:i] + without[i + 2:])  # --eval-only draws nothing unless asked: only the log grows
+    assert sorted(os.listdir(tmp_path)) == before
+    capsys.readouterr()
+    train.main(_train_args(tiny_shapes, tmp_path, "--eval-only", "--pictures", "1"))  # asked: its own folder
+    drawn = tmp_path / "eval-pictures-checkpoint-after-step-2"
+    assert sorted(os.listdir(drawn)) == ["000000.jpg", "000000_explain.png", "detections.json"]
+    assert sorted(os.listdir(tmp_path)) == sorted(before + [drawn.name])
     assert f"detections (score >= {chosen['value']:g}, the best F1 on val" in capsys.readouterr().out
-    for flags, drawn in (([], 4), (["--eval-only"], 0), (["--eval-only", "--pictures", "2"], 2)):
-        args = train.parse_args(["--model", "smca", "--device", "cpu", *flags])
-        train.resolve_recipe(args, smca, True)
-        assert args.pictures == drawn
+    with pytest.raises(ValueError, match="eval-pictures-checkpoint-after-step-2 exists; nothing is overwritten"):
+        train.main(_train_args(tiny_shapes, tmp_path, "--eval-only", "--pictures", "1"))
+    authors = train.parse_args(["--model", "focus_detr", "--eval-only", "--official", "/w/focus_detr_r50_36ep.pth",
+                                "--output-dir", str(tmp_path)])  # the authors' weights: named by their file alone
+    assert train.eval_pictures_dir(authors, None, 0) == str(tmp_path / "eval-pictures-focus_detr_r50_36ep")
 
 
 def test_train_loader_augments_from_the_datasets_own_random_stream(tiny_shapes):
