@@ -127,7 +127,7 @@ def test_copied_blocks_stay_in_sync():
 # ---------------------------------------------------------------------------------------------
 
 def test_smca_parameter_counts_match_official():
-    assert _param_count(smca, smca.Config()) == 41_537_825
+    assert _param_count(smca, smca.Config(), device="cpu") == 41_537_825  # built for real once, COCO-size
     # The DETR baseline: official DETR-R50 is 41,302,368 with 100 queries and 92 logits;
     # +200 queries x 256, -1 class column (257) = 41,353,311.
     assert _param_count(smca, smca.Config(spatial_prior=False)) == 41_353_311
@@ -480,7 +480,7 @@ def test_sparse_detr_parameter_counts_match_official():
     """Counted from the official code built on CPU: rho 0.1, the "+" baseline, plain two-stage."""
     for kw, want in [({}, 41_714_805), ({"sparse_encoder": False, "use_enc_aux_loss": False}, 40_827_289),
                      ({"sparse_encoder": False, "eff_query_init": False, "eff_specific_head": False}, 40_959_129)]:
-        assert _param_count(sparse_detr, sparse_detr.Config(**kw)) == want, kw
+        assert _param_count(sparse_detr, sparse_detr.Config(**kw), device="cpu" if not kw else "meta") == want, kw
 
 
 def test_sparse_detr_outputs_and_selection_counts():
@@ -723,6 +723,7 @@ def test_lite_detr_parameter_counts_follow_the_derivation():
     def count(cfg):
         return _param_count(lite_detr, cfg)
     assert count(lite_detr.Config.named("dense")) == 40_959_129
+    assert _param_count(lite_detr, lite_detr.Config(), device="cpu") == 40_959_129 + 6 * kda + 3 * small
     for name, blocks in [("H3L1-(2+1)x3", 3), ("H3L1-(3+1)x2", 2), ("H3L1-(6+1)x1", 1), ("H2L2-(2+1)x3", 3)]:
         assert count(lite_detr.Config.named(name)) == 40_959_129 + 6 * kda + blocks * small, name
     assert count(lite_detr.Config(kda_decoder=True)) == 40_959_129 + 12 * kda + 3 * small == 41_750_169
@@ -955,7 +956,7 @@ def test_focus_detr_parameter_counts_follow_the_official_model():
         backbone = focus_detr.build(focus_detr.Config(num_classes=80))[0].backbone
     layer1 = sum(p.numel() for n, p in backbone.named_parameters() if n.startswith("body.layer1"))
     coco = focus_detr.Config(num_classes=80)
-    assert _param_count(focus_detr, coco, frozen_too=True) == 49_339_920
+    assert _param_count(focus_detr, coco, frozen_too=True, device="cpu") == 49_339_920
     assert _param_count(focus_detr, coco) == 49_330_512 - layer1
     assert _param_count(focus_detr, focus_detr.Config()) == 49_330_512 - layer1 + 7 * 11 * 257 + 11 * 256
 

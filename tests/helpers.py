@@ -106,10 +106,10 @@ def _random_resnet50():
             for k, v in common.Backbone(50).body.state_dict().items()}
 
 
-def _param_count(module, cfg, frozen_too=False):
-    """The parameters of module.build(cfg)'s model, the trainable ones (or all): built on the meta device, since a
-    count needs no values and a COCO-size model takes a second to initialise."""
-    with torch.device("meta"):
+def _param_count(module, cfg, frozen_too=False, device="meta"):
+    """The parameters of module.build(cfg)'s model, the trainable ones (or all): built on the meta device by default,
+    since a count needs no values and a COCO-size model takes a second to initialise ("cpu" builds it for real)."""
+    with torch.device(device):
         model = module.build(cfg)[0]
     return sum(p.numel() for p in model.parameters() if p.requires_grad or frozen_too)
 
