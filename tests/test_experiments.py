@@ -100,12 +100,22 @@ def test_experiments_fine_tokens_counts_kept_and_fine_tokens_inside_boxes(tiny_s
     rows = experiments.main(["fine-tokens", "--checkpoint", str(tmp_path / "focus.pth"), "--images", "2"])
     assert set(rows) == {"logit_product", "prob_product"}
     assert rows["logit_product"]["kept"] == rows["prob_product"]["kept"]
+    assert rows["logit_product"]["inside_kept"] == rows["prob_product"]["inside_kept"]
     assert all(0 <= v <= 1 for r in rows.values() for v in r.values())
+    assert set(rows["prob_product"]) == {"all", "kept", "fine", "inside_kept", "inside_fine"}
     _tiny_checkpoint(tmp_path / "smca.pth", tiny_shapes, "smca")
     with pytest.raises(ValueError, match="reads a Focus-DETR checkpoint"):
         experiments.main(["fine-tokens", "--checkpoint", str(tmp_path / "smca.pth")])
     with pytest.raises(ValueError, match="--images 9"):
         experiments.main(["fine-tokens", "--checkpoint", str(tmp_path / "focus.pth"), "--images", "9"])
+
+
+def test_experiments_chosen_in_boxes_of_a_hand_built_image():
+    """6 tokens, 0, 1 and 4 inside a box; layer 1 chose tokens 0 and 2 (one pad), layer 2 token 4: 2 of the 3 chosen
+    lie in a box, and 2 of the 6 in-box tokens the two layers saw were chosen."""
+    inside = torch.tensor([True, True, False, False, True, False])
+    assert experiments.chosen_in_boxes(inside, [torch.tensor([0, 2, -1]), torch.tensor([4])]) == [2, 3, 6]
+    assert experiments.chosen_in_boxes(inside, [torch.arange(6)]) == [3, 6, 3]  # every token: the in-box share
 
 
 def test_experiments_selection_shares_of_a_hand_built_image():

@@ -54,7 +54,8 @@ runs flags the other may lack (its runs are named by them; the other's runs are 
 
 fine-tokens (no training): where a trained Focus-DETR's fine-grained tokens sit. On the first
 --images val images, the share of all tokens, of each encoder layer's kept tokens and of its
-fine-grained ones whose cell centre lies inside a ground-truth box, with the MCSP score (Focus-DETR's
+fine-grained ones whose cell centre lies inside a ground-truth box (and the share of the in-box tokens
+that each layer keeps, and that it takes as fine-grained), with the MCSP score (Focus-DETR's
 multi-category score predictor: foreground x class score) the model was trained with and with the other one
 (official: the product of raw logits; the paper: of probabilities).
 
@@ -1082,6 +1083,18 @@ def tokens_in_boxes(tokens, spatial_shapes, boxes):
     return ((boxes[None, :, :2] <= centres[:, None]) & (centres[:, None] <= boxes[None, :, 2:])).all(-1).any(-1)
 
 
+def chosen_in_boxes(inside, per_layer):
+    """One image. inside (N,) bool: whether each token's cell centre lies in a ground-truth box; per_layer: per encoder
+    layer, the indices of the tokens it chose (kept, or fine-grained; -1 pads) -> [chosen tokens inside a box, chosen
+    tokens, in-box tokens], each summed over the layers: the first over the second is the share of the chosen that
+    lie in a box, the first over the third the share of the in-box tokens that are chosen."""
+    hits = chosen = in_box = 0
+    for tokens in per_layer:
+        tokens = tokens[tokens >= 0]
+        hits, chosen, in_box = hits + inside[tokens].sum().item(), chosen + len(tokens), in_box + inside.sum().item()
+    return [hits, chosen, in_box]
+
+
 @torch.no_grad()
 def fine_tokens(args, argv):
     det = detect.load_detector(args.checkpoint)
@@ -1096,26 +1109,28 @@ def fine_tokens(args, argv):
     trained, rows = det.model.cfg.mcsp_score, {}
     for score in (trained, "prob_product" if trained == "logit_product" else "logit_product"):
         det.model.cfg.mcsp_score = score
-        counts = {"all": [0, 0], "kept": [0, 0], "fine": [0, 0]}  # [inside a box, all], over images and layers
+        counts = {"all": [0, 0, 0], "kept": [0, 0, 0], "fine": [0, 0, 0]}  # chosen_in_boxes', over the images
         for i in range(args.images):
             image, target = val[i]
             H, W = image.shape[1:]
             boxes = box_cxcywh_to_xyxy(target["boxes"]) * torch.tensor([W, H, W, H])  # (M, 4) pixels
             out = det.model(image[None], torch.zeros(1, H, W, dtype=torch.bool), explain=True)
-            every = [torch.arange(sum(h * w for h, w in out["spatial_shapes"]))[None]]  # one image, no padding
-            for key, per_layer in (("all", every), ("kept", out["kept_tokens"]), ("fine", out["fine_tokens"])):
-                for tokens in per_layer:
-                    inside = tokens_in_boxes([t for t in tokens[0].tolist() if t >= 0], out["spatial_shapes"], boxes)
-                    counts[key][0] += inside.sum().item()
-                    counts[key][1] += len(inside)
-        rows[score] = {k: a / max(b, 1) for k, (a, b) in counts.items()}
+            every = torch.arange(sum(h * w for h, w in out["spatial_shapes"]))  # one image, no padding
+            inside = tokens_in_boxes(every.tolist(), out["spatial_shapes"], boxes)  # (N,)
+            for key, per_layer in (("all", [every]), ("kept", [t[0] for t in out["kept_tokens"]]),
+                                   ("fine", [t[0] for t in out["fine_tokens"]])):
+                counts[key] = [a + b for a, b in zip(counts[key], chosen_in_boxes(inside, per_layer))]
+        rows[score] = {k: a / max(b, 1) for k, (a, b, _) in counts.items()}
+        rows[score].update({f"inside_{k}": a / max(c, 1) for k, (a, _, c) in counts.items() if k != "all"})
     det.model.cfg.mcsp_score = trained
     names = {"logit_product": "product of raw logits (official)", "prob_product": "product of probabilities (paper)"}
     lines = [f"`python -m tools.experiments {' '.join(argv)}` (first {args.images} val images, every encoder layer; "
              f"the model was trained with {trained})", "",
-             "| MCSP score | all tokens inside a box | kept tokens | fine-grained tokens |", "|---|---|---|---|"]
+             "| MCSP score | all tokens inside a box | kept tokens | fine-grained tokens | in-box tokens kept | "
+             "in-box tokens fine-grained |", "|---|---|---|---|---|---|"]
     lines += [f"| {names[k]}{' (as trained)' if k == trained else ''} | {100 * v['all']:.1f}% | "
-              f"{100 * v['kept']:.1f}% | {100 * v['fine']:.1f}% |" for k, v in rows.items()]
+              f"{100 * v['kept']:.1f}% | {100 * v['fine']:.1f}% | {100 * v['inside_kept']:.1f}% | "
+              f"{100 * v['inside_fine']:.1f}% |" for k, v in rows.items()]
     print("\n".join(lines))
     return rows
 
