@@ -1091,7 +1091,9 @@ def chosen_in_boxes(inside, per_layer):
     hits = chosen = in_box = 0
     for tokens in per_layer:
         tokens = tokens[tokens >= 0]
-        hits, chosen, in_box = hits + inside[tokens].sum().item(), chosen + len(tokens), in_box + inside.sum().item()
+        hits += inside[tokens].sum().item()
+        chosen += len(tokens)
+        in_box += inside.sum().item()
     return [hits, chosen, in_box]
 
 
