@@ -44,7 +44,9 @@ Deviations from the paper / official code (the official code's behaviour is the 
 - Encoder sine positions: temperature 10000, offset -0.5 (official 12-epoch configs; the 24 / 36-epoch
   ones use 20 and 0.0: `pos_temperature`, `pos_offset`).
 - Label ranges: the official code's non-overlapping FCOS ranges; `fg_ranges="overlap"` is one reading of the paper's
-  unpublished "50% overlap". MCSP score: the official code's product of raw logits (two negative logits score high);
+  unpublished "50% overlap". Both are in input pixels of COCO-sized images (short side 800); `fg_range_scale` scales
+  them to smaller images (left at 1 in shapes_config, where nearly every label then falls on the two finest levels).
+  MCSP score: the official code's product of raw logits (two negative logits score high);
   `mcsp_score="prob_product"` is the paper's. Deformable values: the official code reads the pre-encoder tokens in
   every layer; `encoder_values="memory"` is the paper's (and Sparse DETR's) updated memory.
 - Backbone: stem and layer1 frozen (official: stem only), torchvision ResNet-50 (official: r50_v1.pkl).
@@ -108,6 +110,12 @@ class ScoringNetwork(nn.Module):
             valid = (~pad_mask)[..., None].to(z)
             g = (z_global * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True)  # (B, 1, mid_dim / 2)
         return self.layer2(torch.cat([z_local, g.expand_as(z_global)], -1)).squeeze(-1)
+
+
+def label_ranges(cfg):
+    """The (lo, hi] pixel ranges of each level's foreground labels: cfg.fg_ranges' x cfg.fg_range_scale."""
+    ranges = OVERLAP_RANGES if cfg.fg_ranges == "overlap" else FCOS_RANGES
+    return tuple((lo * cfg.fg_range_scale, hi * cfg.fg_range_scale) for lo, hi in ranges)
 
 
 def foreground_labels(boxes, spatial_shapes, image_wh, ranges=FCOS_RANGES):
@@ -483,7 +491,7 @@ class FocusDETRCriterion(SetCriterion):
         super().__init__(cfg.num_classes, matcher=matcher, weight_ce=cfg.loss_ce, weight_bbox=cfg.loss_bbox,
                          weight_giou=cfg.loss_giou, focal_alpha=cfg.focal_alpha,
                          num_aux=cfg.dec_layers - 1 if cfg.aux_loss else 0, encoder_labels="class")
-        self.ranges = OVERLAP_RANGES if cfg.fg_ranges == "overlap" else FCOS_RANGES
+        self.ranges = label_ranges(cfg)
         base = {"loss_ce": cfg.loss_ce, "loss_bbox": cfg.loss_bbox, "loss_giou": cfg.loss_giou}
         if cfg.foreground_selection:
             self.weight_dict["loss_select"] = cfg.loss_select
@@ -557,6 +565,7 @@ class Config:
     mcsp_score: str = "logit_product"  # official: raw fg logit x max class logit; "prob_product": sigmoids
     encoder_values: str = "backbone"  # official: deformable values are the pre-encoder tokens; "memory": updated
     fg_ranges: str = "fcos"  # official FCOS ranges; "overlap": the paper's 50%-overlapping reading
+    fg_range_scale: float = 1.0  # the ranges x this: they are in pixels of COCO-sized inputs (short side 800)
     scorer_mean_over_padding: bool = False  # True: the official code's per-level mean over padded tokens too
     upsample_over_padding: bool = False  # True: the official code's top-down upsampling of the whole padded map
     masked_groupnorm: bool = True  # False: the official code's GroupNorm, whose statistics include the padding
@@ -589,6 +598,9 @@ class Config:
         check_choice(self, "cascade_counts", CASCADE_COUNTS)
         check_choice(self, "fg_ranges", FG_RANGES)
         check_choice(self, "encoder_values", ENCODER_VALUES)
+        if not self.fg_range_scale > 0:
+            raise ValueError(f"fg_range_scale multiplies the foreground label ranges: it must be > 0, "
+                             f"got {self.fg_range_scale}")
         if not (self.pos_temperature > 0 and 0 < self.focus_rho < 1):  # layer 1 updates int(rho * valid) + 1
             raise ValueError(f"pos_temperature must be > 0 and focus_rho in (0, 1), got {self.pos_temperature}, "
                              f"{self.focus_rho}")

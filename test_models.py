@@ -966,15 +966,20 @@ def test_focus_detr_foreground_labels_on_constructed_boxes():
     shapes_ = [(32, 32), (16, 16), (8, 8), (4, 4)]  # a 256 x 256 input, strides 8..64
     wh = torch.tensor([[256.0, 256.0]])
 
-    def positives(x0, y0, x1, y1):
+    def positives(x0, y0, x1, y1, ranges=focus_detr.FCOS_RANGES):
         box = torch.tensor([[(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]]) / 256
-        lab = focus_detr.foreground_labels([box], shapes_, wh)[0]
+        lab = focus_detr.foreground_labels([box], shapes_, wh, ranges)[0]
         starts = np.cumsum([0] + [h * w for h, w in shapes_])
         return [set(lab[starts[i]:starts[i + 1]].nonzero()[:, 0].tolist()) for i in range(4)]
 
     # a 40 x 40 box at (10, 10): level 0 centres 12, 20, 28, 36, 44 are inside; max distance <= 38 < 64
     lv = positives(10, 10, 50, 50)
     assert lv[0] == {r * 32 + c for r in range(1, 6) for c in range(1, 6)} and not lv[1] | lv[2] | lv[3]
+    # the ranges x 0.25, (16, 32] and (32, 64] for levels 1 and 2: the same box's level-0 tokens lie 20-38 px from
+    # an edge (none <= 16); level-1 centres 24, 40 lie 26-30 px, level-2 centres 16, 48 34-38 px, level 3's 32 22 px
+    quarter = focus_detr.label_ranges(focus_detr.Config(fg_range_scale=0.25))
+    assert quarter == tuple((lo / 4, hi / 4) for lo, hi in focus_detr.FCOS_RANGES)
+    assert positives(10, 10, 50, 50, quarter) == [set(), {17, 18, 33, 34}, {0, 1, 8, 9}, set()]
     # a 200 x 200 box: distances up to 200 -> level 2 (128, 256] for centres far from an edge,
     # level 1 (64, 128] near the middle; never level 0 (the box is too big for distances <= 64)
     lv = positives(20, 20, 220, 220)
@@ -1298,6 +1303,7 @@ def test_focus_detr_official_checkpoint_gives_the_official_outputs(tmp_path, cla
 def test_focus_detr_config_errors():
     for kw, msg in [({"mcsp_score": "sum"}, "mcsp_score"), ({"cascade_ratios": (1.0, 0.5)}, "cascade_ratios"),
                     ({"focus_rho": 0.0}, "focus_rho"), ({"encoder_values": "src"}, "encoder_values"),
-                    ({"dn_number": -1}, "dn_number"), ({"num_feature_levels": 3}, "4 levels")]:
+                    ({"dn_number": -1}, "dn_number"), ({"num_feature_levels": 3}, "4 levels"),
+                    ({"fg_range_scale": 0.0}, "fg_range_scale")]:
         with pytest.raises(ValueError, match=msg):
             focus_detr.build(tiny_focus(**kw))

@@ -98,11 +98,13 @@ def test_experiments_fine_tokens_counts_kept_and_fine_tokens_inside_boxes(tiny_s
     """The kept tokens do not depend on the MCSP score; the fine-grained share does; both in [0, 1]."""
     _tiny_checkpoint(tmp_path / "focus.pth", tiny_shapes, "focus_detr")
     rows = experiments.main(["fine-tokens", "--checkpoint", str(tmp_path / "focus.pth"), "--images", "2"])
-    assert set(rows) == {"logit_product", "prob_product"}
+    assert set(rows) == {"logit_product", "prob_product", "levels"}
     assert rows["logit_product"]["kept"] == rows["prob_product"]["kept"]
     assert rows["logit_product"]["inside_kept"] == rows["prob_product"]["inside_kept"]
-    assert all(0 <= v <= 1 for r in rows.values() for v in r.values())
+    levels = rows.pop("levels")  # per level: shares of its tokens, kept ones averaged over the layers
+    assert all(0 <= v <= 1 for r in [*rows.values(), *levels] for v in r.values())
     assert set(rows["prob_product"]) == {"all", "kept", "fine", "inside_kept", "inside_fine"}
+    assert len(levels) == 4 and sum(v["tokens"] for v in levels) == pytest.approx(1)
     _tiny_checkpoint(tmp_path / "smca.pth", tiny_shapes, "smca")
     with pytest.raises(ValueError, match="reads a Focus-DETR checkpoint"):
         experiments.main(["fine-tokens", "--checkpoint", str(tmp_path / "smca.pth")])
@@ -116,6 +118,16 @@ def test_experiments_chosen_in_boxes_of_a_hand_built_image():
     inside = torch.tensor([True, True, False, False, True, False])
     assert experiments.chosen_in_boxes(inside, [torch.tensor([0, 2, -1]), torch.tensor([4])]) == [2, 3, 6]
     assert experiments.chosen_in_boxes(inside, [torch.arange(6)]) == [3, 6, 3]  # every token: the in-box share
+
+
+def test_experiments_kept_by_level_of_a_hand_built_image():
+    """Level 0 is 2 x 2 (tokens 0-3), level 1 1 x 2 (4, 5); tokens 0, 1 and 4 inside a box, token 0 labelled
+    foreground; layer 1 keeps 0, 2 and 4 (one pad), layer 2 token 0: level 0 kept 3 times, twice in a box."""
+    inside = torch.tensor([True, True, False, False, True, False])
+    foreground = torch.tensor([True, False, False, False, False, False])
+    per_layer = [torch.tensor([0, 2, 4, -1]), torch.tensor([0])]
+    assert experiments.kept_by_level(inside, foreground, per_layer, [(2, 2), (1, 2)]) == [[4, 2, 1, 3, 2],
+                                                                                          [2, 1, 0, 1, 1]]
 
 
 def test_experiments_selection_shares_of_a_hand_built_image():

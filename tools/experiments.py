@@ -57,7 +57,8 @@ fine-tokens (no training): where a trained Focus-DETR's fine-grained tokens sit.
 fine-grained ones whose cell centre lies inside a ground-truth box (and the share of the in-box tokens
 that each layer keeps, and that it takes as fine-grained), with the MCSP score (Focus-DETR's
 multi-category score predictor: foreground x class score) the model was trained with and with the other one
-(official: the product of raw logits; the paper: of probabilities).
+(official: the product of raw logits; the paper: of probabilities); and per feature level, the share of its
+tokens inside a box, labelled foreground for the selector's training and kept by the encoder layers.
 
 selected-tokens (no training): what a trained Sparse DETR's encoder updates. On the first --images val images, each
 alone: the decoder attention map's (DAM's) mass on the n selected tokens (the corr Sparse DETR logs), on the DAM's own
@@ -92,6 +93,7 @@ from PIL import Image, ImageDraw
 
 import data as datalib
 import detect
+import focus_detr
 import smca
 import train
 from common import box_cxcywh_to_xyxy, fast_paths
@@ -1097,6 +1099,23 @@ def chosen_in_boxes(inside, per_layer):
     return [hits, chosen, in_box]
 
 
+def kept_by_level(inside, foreground, per_layer, spatial_shapes):
+    """One image. inside, foreground (N,) bool: whether each token's cell centre lies in a ground-truth box, whether
+    the selector's training label calls it foreground; per_layer: each encoder layer's kept token indices (-1 pads)
+    -> per level [tokens, in-box tokens, foreground tokens, kept tokens, in-box tokens kept], the last two summed
+    over the layers."""
+    kept = torch.zeros(len(inside), dtype=torch.long)  # (N,) how many layers keep each token
+    for tokens in per_layer:
+        kept[tokens[tokens >= 0]] += 1
+    rows, start = [], 0
+    for h, w in spatial_shapes:
+        level = slice(start, start + int(h) * int(w))
+        start = level.stop
+        rows.append([level.stop - level.start, inside[level].sum().item(), foreground[level].sum().item(),
+                     kept[level].sum().item(), kept[level][inside[level]].sum().item()])
+    return rows
+
+
 @torch.no_grad()
 def fine_tokens(args, argv):
     det = detect.load_detector(args.checkpoint)
@@ -1109,6 +1128,8 @@ def fine_tokens(args, argv):
     if not 1 <= args.images <= len(val):
         raise ValueError(f"--images {args.images}: between 1 and the {len(val)} images of {val.ann_file}")
     trained, rows = det.model.cfg.mcsp_score, {}
+    ranges = focus_detr.label_ranges(det.model.cfg)
+    levels = [[0] * 5 for _ in range(det.model.cfg.num_feature_levels)]  # kept_by_level's, over the images
     for score in (trained, "prob_product" if trained == "logit_product" else "logit_product"):
         det.model.cfg.mcsp_score = score
         counts = {"all": [0, 0, 0], "kept": [0, 0, 0], "fine": [0, 0, 0]}  # chosen_in_boxes', over the images
@@ -1119,12 +1140,21 @@ def fine_tokens(args, argv):
             out = det.model(image[None], torch.zeros(1, H, W, dtype=torch.bool), explain=True)
             every = torch.arange(sum(h * w for h, w in out["spatial_shapes"]))  # one image, no padding
             inside = tokens_in_boxes(every.tolist(), out["spatial_shapes"], boxes)  # (N,)
-            for key, per_layer in (("all", [every]), ("kept", [t[0] for t in out["kept_tokens"]]),
-                                   ("fine", [t[0] for t in out["fine_tokens"]])):
+            kept = [t[0] for t in out["kept_tokens"]]
+            for key, per_layer in (("all", [every]), ("kept", kept), ("fine", [t[0] for t in out["fine_tokens"]])):
                 counts[key] = [a + b for a, b in zip(counts[key], chosen_in_boxes(inside, per_layer))]
+            if score == trained:  # the kept tokens do not depend on the MCSP score
+                fg = focus_detr.foreground_labels([target["boxes"]], out["spatial_shapes"],
+                                                  torch.tensor([[float(W), float(H)]]), ranges)[0].bool()
+                for row, more in zip(levels, kept_by_level(inside, fg, kept, out["spatial_shapes"])):
+                    row[:] = [a + b for a, b in zip(row, more)]
         rows[score] = {k: a / max(b, 1) for k, (a, b, _) in counts.items()}
         rows[score].update({f"inside_{k}": a / max(c, 1) for k, (a, _, c) in counts.items() if k != "all"})
     det.model.cfg.mcsp_score = trained
+    layers, total = det.model.cfg.enc_layers, sum(row[0] for row in levels)
+    rows["levels"] = [{"tokens": n / total, "inside": i / max(n, 1), "foreground": f / max(n, 1),
+                       "kept": k / max(n * layers, 1), "inside_kept": ik / max(i * layers, 1)}
+                      for n, i, f, k, ik in levels]
     names = {"logit_product": "product of raw logits (official)", "prob_product": "product of probabilities (paper)"}
     lines = [f"`python -m tools.experiments {' '.join(argv)}` (first {args.images} val images, every encoder layer; "
              f"the model was trained with {trained})", "",
@@ -1132,7 +1162,15 @@ def fine_tokens(args, argv):
              "in-box tokens fine-grained |", "|---|---|---|---|---|---|"]
     lines += [f"| {names[k]}{' (as trained)' if k == trained else ''} | {100 * v['all']:.1f}% | "
               f"{100 * v['kept']:.1f}% | {100 * v['fine']:.1f}% | {100 * v['inside_kept']:.1f}% | "
-              f"{100 * v['inside_fine']:.1f}% |" for k, v in rows.items()]
+              f"{100 * v['inside_fine']:.1f}% |" for k, v in rows.items() if k != "levels"]
+    spans = ", ".join(f"({lo:g}, {hi:g}]" for lo, hi in ranges)
+    lines += ["", f"Per level, each layer's kept tokens averaged over the {layers} layers; the foreground labels are "
+              f"the selector's training target (label ranges {spans} px)", "",
+              "| level (stride) | share of the tokens | inside a box | foreground label | kept | in-box tokens kept |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {lvl} ({8 * 2 ** lvl}) | {100 * v['tokens']:.1f}% | {100 * v['inside']:.1f}% | "
+              f"{100 * v['foreground']:.1f}% | {100 * v['kept']:.1f}% | {100 * v['inside_kept']:.1f}% |"
+              for lvl, v in enumerate(rows["levels"])]
     print("\n".join(lines))
     return rows
 
