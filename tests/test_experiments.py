@@ -1,6 +1,7 @@
 """Tests of tools/experiments.py: converge, leaderboard, speed, fine-tokens, selected-tokens, log-stats.
 """
 import importlib
+import gzip
 import json
 import os
 import shutil
@@ -405,6 +406,31 @@ def test_experiments_log_stats_means_and_medians_over_windows_of_steps(tmp_path,
                           ([str(tmp_path / "nope.jsonl.gz"), "--steps", "0-1"], "does not exist")]:
         with pytest.raises(ValueError, match=message):
             experiments.main(["log-stats", *argv])
+
+
+def test_experiments_log_evals_lists_each_evaluation_once_the_later_after_a_resume(tmp_path, capsys):
+    metrics = {"AP": 0.25, "AP50": 0.5, "AP75": 0.125, "APs": 0.1, "APm": 0.3, "APl": 0.4}
+    with gzip.open(tmp_path / "seed-42.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"type": "start", "args": {"model": "focus_detr"}}) + "\n")
+        f.write(json.dumps({"type": "eval", "epoch": 0, "steps": 500, **metrics, "AP": 0.2}) + "\n")
+        f.write(json.dumps({"type": "eval", "epoch": 0, "steps": 500, **metrics}) + "\n")  # evaluated again: kept
+        f.write(json.dumps({"type": "eval", "epoch": 1, "iter": 3, "steps": 503, **metrics}) + "\n")  # mid-epoch
+        f.write(json.dumps({"type": "train", "step": 999, "loss": 1.0}) + "\n")
+        f.write(json.dumps({"type": "eval", "epoch": 1, "steps": 1000, **metrics, "APl": 0.5}) + "\n")
+    run = str(tmp_path / "seed-42.jsonl.gz")
+    table = experiments.main(["log-evals", run])
+    assert table == {(run, 500): metrics, (run, 1000): {**metrics, "APl": 0.5}}
+    assert f"| {run} | 1000 | 25.0 | 50.0 | 12.5 | 10.0 | 30.0 | 50.0 |" in capsys.readouterr().out
+    assert experiments.main(["log-evals", run, "--metrics", "APl"]) == {(run, 500): {"APl": 0.4}, (run, 1000):
+                                                                       {"APl": 0.5}}
+    (tmp_path / "empty").mkdir()
+    with open(tmp_path / "empty" / "log.jsonl", "w") as f:
+        f.write(json.dumps({"type": "train", "step": 0, "loss": 1.0}) + "\n")
+    for argv, message in [([run, "--metrics", "AR1"], "evaluation after step 500 has no AR1"),
+                          ([str(tmp_path / "empty")], "no evaluation records"),
+                          ([str(tmp_path / "nope")], "does not exist")]:
+        with pytest.raises(ValueError, match=message):
+            experiments.main(["log-evals", *argv])
 
 
 def test_experiments_order_verdict_compares_seed_by_seed_with_the_runs_the_paper_puts_above():

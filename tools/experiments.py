@@ -71,6 +71,9 @@ log-stats (no training): per run (a train.py folder or a claims record) and wind
 the mean (--median: the median) of logged training terms: by default the total loss and the loss terms curves.png
 draws (the last decoder layer's and terms such as loss_dam, no auxiliary ones), grad_norm (before clipping) and
 corr where logged. A step a resumed run logged twice counts once, its later record.
+
+log-evals (no training): per run (a train.py folder or a claims record), each of its evaluations: the steps trained
+and the COCO metrics (--metrics; by default AP, AP50, AP75 and AP by object size) in %.
 """
 import argparse
 import contextlib
@@ -1304,6 +1307,29 @@ def log_stats(args, argv):
     return table
 
 
+EVAL_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def log_evals(args, argv):
+    """Prints each run's evaluations (an epoch evaluated again after a resume: its last) with --metrics in %, as a
+    Markdown table; returns {(run, steps): {metric: value}}, the values as logged (fractions)."""
+    table = {}
+    for source in args.runs:
+        path = curves.log_path(source)
+        found = [r for r in curves.read_records(path) if r.get("type") == "eval" and "iter" not in r]
+        by_epoch = {r["epoch"]: r for r in found}  # a resumed run may evaluate an epoch again: the later
+        if not by_epoch:
+            raise ValueError(f"{path} has no evaluation records: the run has not finished an evaluation yet")
+        for _, rec in sorted(by_epoch.items()):
+            if missing := [m for m in args.metrics if not isinstance(rec.get(m), (int, float))]:
+                raise ValueError(f"{path}'s evaluation after step {rec.get('steps')} has no {', '.join(missing)}")
+            table[(source, rec.get("steps"))] = {m: rec[m] for m in args.metrics}
+    print("| run | steps | " + " | ".join(args.metrics) + " |\n|" + "---|" * (len(args.metrics) + 2))
+    for (source, steps), row in table.items():
+        print(f"| {source} | {steps} | " + " | ".join(f"{100 * v:.1f}" for v in row.values()) + " |")
+    return table
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1359,6 +1385,11 @@ def main(argv=None):
     g.add_argument("--terms", nargs="+", default=None, help="logged terms, last on the line (default: the total loss "
                    "and the loss terms curves.png draws, grad_norm and corr where logged)")
     g.add_argument("--median", action="store_true", help="the median instead of the mean")
+    e = sub.add_parser("log-evals", help="each evaluation of a run: the steps trained and COCO metrics")
+    e.add_argument("runs", nargs="+", metavar="RUN",
+                   help="train.py --output-dir folders, log.jsonl files or .jsonl.gz records")
+    e.add_argument("--metrics", nargs="+", default=list(EVAL_METRICS),
+                   help=f"logged metrics (default: {' '.join(EVAL_METRICS)})")
     for q in (c, b):  # claims: the shapes set (its costs are the shapes configurations')
         q.add_argument("--data", default="shapes")
     for q in (c, m, b, v):
@@ -1371,7 +1402,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     experiments = {"converge": converge, "claims": claims, "leaderboard": leaderboard, "speed": speed,
                    "fine-tokens": fine_tokens, "selected-tokens": selected_tokens,
-                   "log-stats": log_stats}
+                   "log-stats": log_stats, "log-evals": log_evals}
     return experiments[args.experiment](args, argv)
 
 
