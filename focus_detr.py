@@ -52,7 +52,8 @@ Deviations from the paper / official code (the official code's behaviour is the 
 - Backbone: stem and layer1 frozen (official: stem only), torchvision ResNet-50 (official: r50_v1.pkl).
 - DINO embeds each query's reference box in padded-map coordinates, which move with the batch's
   padding; we use the image's own (`query_pos_over_padding=True` is DINO's).
-- 91 class logits indexed by raw category id (official: 80 contiguous; from_official maps them).
+- 91 class logits indexed by raw category id (official: 80 contiguous; from_official maps them). So denoising's
+  label noise draws among all 91 ids, 11 of them never a COCO class (official: among the 80), in the dense base too.
 - A batch without boxes gives zero denoising losses (the official code too) and no denoising queries.
 
 As in the official code: box logits clamp at detrex's 1e-3 (`box_logit_eps`; Deformable DETR's is 1e-5). Only boxes
