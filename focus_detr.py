@@ -599,8 +599,8 @@ class Config:
         check_choice(self, "cascade_counts", CASCADE_COUNTS)
         check_choice(self, "fg_ranges", FG_RANGES)
         check_choice(self, "encoder_values", ENCODER_VALUES)
-        if not self.fg_range_scale > 0:
-            raise ValueError(f"fg_range_scale multiplies the foreground label ranges: it must be > 0, "
+        if not (math.isfinite(self.fg_range_scale) and self.fg_range_scale > 0):
+            raise ValueError(f"fg_range_scale multiplies the foreground label ranges: it must be finite and > 0, "
                              f"got {self.fg_range_scale}")
         if not (self.pos_temperature > 0 and 0 < self.focus_rho < 1):  # layer 1 updates int(rho * valid) + 1
             raise ValueError(f"pos_temperature must be > 0 and focus_rho in (0, 1), got {self.pos_temperature}, "

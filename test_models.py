@@ -975,11 +975,13 @@ def test_focus_detr_foreground_labels_on_constructed_boxes():
     # a 40 x 40 box at (10, 10): level 0 centres 12, 20, 28, 36, 44 are inside; max distance <= 38 < 64
     lv = positives(10, 10, 50, 50)
     assert lv[0] == {r * 32 + c for r in range(1, 6) for c in range(1, 6)} and not lv[1] | lv[2] | lv[3]
-    # the ranges x 0.25, (16, 32] and (32, 64] for levels 1 and 2: the same box's level-0 tokens lie 20-38 px from
-    # an edge (none <= 16); level-1 centres 24, 40 lie 26-30 px, level-2 centres 16, 48 34-38 px, level 3's 32 22 px
+    # the ranges x 0.25, (16, 32] and (32, 64] for levels 1 and 2: the same box's level-0 tokens lie 22-38 px from
+    # their farthest edge (none <= 16); level-1 centres 24, 40 lie 26-30 px, level-2 centres 16, 48 34-38 px, level
+    # 3's 32 22 px; the criterion labels with these ranges
     quarter = focus_detr.label_ranges(focus_detr.Config(fg_range_scale=0.25))
     assert quarter == tuple((lo / 4, hi / 4) for lo, hi in focus_detr.FCOS_RANGES)
     assert positives(10, 10, 50, 50, quarter) == [set(), {17, 18, 33, 34}, {0, 1, 8, 9}, set()]
+    assert focus_detr.FocusDETRCriterion(focus_detr.Config(fg_range_scale=0.25)).ranges == quarter
     # a 200 x 200 box: distances up to 200 -> level 2 (128, 256] for centres far from an edge,
     # level 1 (64, 128] near the middle; never level 0 (the box is too big for distances <= 64)
     lv = positives(20, 20, 220, 220)
@@ -1304,6 +1306,6 @@ def test_focus_detr_config_errors():
     for kw, msg in [({"mcsp_score": "sum"}, "mcsp_score"), ({"cascade_ratios": (1.0, 0.5)}, "cascade_ratios"),
                     ({"focus_rho": 0.0}, "focus_rho"), ({"encoder_values": "src"}, "encoder_values"),
                     ({"dn_number": -1}, "dn_number"), ({"num_feature_levels": 3}, "4 levels"),
-                    ({"fg_range_scale": 0.0}, "fg_range_scale")]:
+                    ({"fg_range_scale": 0.0}, "fg_range_scale"), ({"fg_range_scale": math.inf}, "fg_range_scale")]:
         with pytest.raises(ValueError, match=msg):
             focus_detr.build(tiny_focus(**kw))

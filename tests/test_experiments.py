@@ -1,7 +1,7 @@
-"""Tests of tools/experiments.py: converge, leaderboard, speed, fine-tokens, selected-tokens, log-stats.
+"""Tests of tools/experiments.py: converge, leaderboard, speed, fine-tokens, selected-tokens, log-stats, log-evals.
 """
-import importlib
 import gzip
+import importlib
 import json
 import os
 import shutil
@@ -105,7 +105,11 @@ def test_experiments_fine_tokens_counts_kept_and_fine_tokens_inside_boxes(tiny_s
     levels = rows.pop("levels")  # per level: shares of its tokens, kept ones averaged over the layers
     assert all(0 <= v <= 1 for r in [*rows.values(), *levels] for v in r.values())
     assert set(rows["prob_product"]) == {"all", "kept", "fine", "inside_kept", "inside_fine"}
-    assert len(levels) == 4 and sum(v["tokens"] for v in levels) == pytest.approx(1)
+    # the levels add up to chosen_in_boxes' counts over all tokens: the share inside a box, of those the share kept
+    in_box = [v["tokens"] * v["inside"] for v in levels]
+    assert len(levels) == 4 and sum(in_box) == pytest.approx(rows["logit_product"]["all"])
+    kept_in_box = sum(share * v["inside_kept"] for share, v in zip(in_box, levels)) / sum(in_box)
+    assert kept_in_box == pytest.approx(rows["logit_product"]["inside_kept"])
     _tiny_checkpoint(tmp_path / "smca.pth", tiny_shapes, "smca")
     with pytest.raises(ValueError, match="reads a Focus-DETR checkpoint"):
         experiments.main(["fine-tokens", "--checkpoint", str(tmp_path / "smca.pth")])
@@ -427,7 +431,7 @@ def test_experiments_log_evals_lists_each_evaluation_once_the_later_after_a_resu
     with open(tmp_path / "empty" / "log.jsonl", "w") as f:
         f.write(json.dumps({"type": "train", "step": 0, "loss": 1.0}) + "\n")
     for argv, message in [([run, "--metrics", "AR1"], "evaluation after step 500 has no AR1"),
-                          ([str(tmp_path / "empty")], "no evaluation records"),
+                          ([str(tmp_path / "empty")], "no end-of-epoch evaluation records"),
                           ([str(tmp_path / "nope")], "does not exist")]:
         with pytest.raises(ValueError, match=message):
             experiments.main(["log-evals", *argv])

@@ -13,6 +13,7 @@ continued with `--resume auto`, so running a command again only does what is mis
     python -m tools.experiments selected-tokens --checkpoint runs/sparse_detr-shapes/checkpoint.pth
     python -m tools.experiments speed --vs ../older-checkout   # training steps/s against another checkout
     python -m tools.experiments log-stats runs/smca-shapes docs/claims-records/smca/*/seed-42.jsonl.gz --steps 1900-1999
+    python -m tools.experiments log-evals docs/claims-records/focus_detr/*/seed-42.jsonl.gz
 
 converge: the DETR baseline and single-scale SMCA (and, with --multiscale, multi-scale SMCA)
 trained with the same data, seed, schedule and number of steps, evaluated after every epoch. The
@@ -72,8 +73,9 @@ the mean (--median: the median) of logged training terms: by default the total l
 draws (the last decoder layer's and terms such as loss_dam, no auxiliary ones), grad_norm (before clipping) and
 corr where logged. A step a resumed run logged twice counts once, its later record.
 
-log-evals (no training): per run (a train.py folder or a claims record), each of its evaluations: the steps trained
-and the COCO metrics (--metrics; by default AP, AP50, AP75 and AP by object size) in %.
+log-evals (no training): per run (a train.py folder or a claims record), each of its end-of-epoch evaluations (an
+--eval-only of weights saved within an epoch is left out): the steps trained and the COCO metrics (--metrics; by
+default AP, AP50, AP75 and AP by object size) in %.
 """
 import argparse
 import contextlib
@@ -1311,15 +1313,17 @@ EVAL_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def log_evals(args, argv):
-    """Prints each run's evaluations (an epoch evaluated again after a resume: its last) with --metrics in %, as a
-    Markdown table; returns {(run, steps): {metric: value}}, the values as logged (fractions)."""
+    """Prints each run's end-of-epoch evaluations (an epoch evaluated again after a resume: its last; an --eval-only
+    of weights saved within an epoch is not one) with --metrics in %, as a Markdown table; returns {(run, steps):
+    {metric: value}}, the values as logged (fractions)."""
     table = {}
     for source in args.runs:
         path = curves.log_path(source)
         found = [r for r in curves.read_records(path) if r.get("type") == "eval" and "iter" not in r]
         by_epoch = {r["epoch"]: r for r in found}  # a resumed run may evaluate an epoch again: the later
         if not by_epoch:
-            raise ValueError(f"{path} has no evaluation records: the run has not finished an evaluation yet")
+            raise ValueError(f"{path} has no end-of-epoch evaluation records: the run has not finished an epoch's "
+                             f"evaluation yet")
         for _, rec in sorted(by_epoch.items()):
             if missing := [m for m in args.metrics if not isinstance(rec.get(m), (int, float))]:
                 raise ValueError(f"{path}'s evaluation after step {rec.get('steps')} has no {', '.join(missing)}")
@@ -1385,7 +1389,7 @@ def main(argv=None):
     g.add_argument("--terms", nargs="+", default=None, help="logged terms, last on the line (default: the total loss "
                    "and the loss terms curves.png draws, grad_norm and corr where logged)")
     g.add_argument("--median", action="store_true", help="the median instead of the mean")
-    e = sub.add_parser("log-evals", help="each evaluation of a run: the steps trained and COCO metrics")
+    e = sub.add_parser("log-evals", help="each end-of-epoch evaluation of a run: the steps trained and COCO metrics")
     e.add_argument("runs", nargs="+", metavar="RUN",
                    help="train.py --output-dir folders, log.jsonl files or .jsonl.gz records")
     e.add_argument("--metrics", nargs="+", default=list(EVAL_METRICS),
