@@ -130,10 +130,15 @@ def log_records(where):
             yield json.loads(line)
 
 
+def epoch_evals(records):
+    """The end-of-epoch eval records among `records`, by epoch (a resumed run may repeat one: keep the last); an
+    --eval-only of weights saved within an epoch (its record has "iter") is not that epoch's."""
+    return {rec["epoch"]: rec for rec in records if rec.get("type") == "eval" and "iter" not in rec}
+
+
 def evals(run_dir):
-    """The eval records of a run's log.jsonl (or record file), by epoch (a resumed run may repeat one: keep the
-    last); an --eval-only of weights saved within an epoch (its record has "iter") is not that epoch's."""
-    return {rec["epoch"]: rec for rec in log_records(run_dir) if rec.get("type") == "eval" and "iter" not in rec}
+    """The end-of-epoch eval records of a run's log.jsonl (or record file), by epoch: epoch_evals."""
+    return epoch_evals(log_records(run_dir))
 
 
 def steps_to_reach(detr, smca_evals, epochs):
@@ -1319,8 +1324,7 @@ def log_evals(args, argv):
     table = {}
     for source in args.runs:
         path = curves.log_path(source)
-        found = [r for r in curves.read_records(path) if r.get("type") == "eval" and "iter" not in r]
-        by_epoch = {r["epoch"]: r for r in found}  # a resumed run may evaluate an epoch again: the later
+        by_epoch = epoch_evals(curves.read_records(path))
         if not by_epoch:
             raise ValueError(f"{path} has no end-of-epoch evaluation records: the run has not finished an epoch's "
                              f"evaluation yet")
