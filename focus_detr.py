@@ -41,8 +41,8 @@ Deviations from the paper / official code (the official code's behaviour is the 
   (`masked_groupnorm=False`), the extra level's mask is exact (`extra_level_mask="interpolate"`),
   the two-stage top-k skips padded tokens (`two_stage_over_padding`): each switch restores the official code's.
   The official code's evaluation even zeroes every padding mask (batched inference depends on the batch there).
-  Under `batch_max` a smaller image's kept tokens can include padding, which the official MCSP scores with the
-  batch's lowest foreground score and ours with the token's own (`per_image` keeps no padded token).
+  Under `batch_max` a smaller image's rows past its k_l (run, not written back) can be padding; the official MCSP
+  scores those with the batch's lowest foreground score, ours with the token's own (`per_image` leaves them out).
 - Encoder sine positions: temperature 10000, offset -0.5 (official 12-epoch configs; the 24 / 36-epoch
   ones use 20 and 0.0: `pos_temperature`, `pos_offset`).
 - Label ranges: the official code's non-overlapping FCOS ranges; `fg_ranges="overlap"` is one reading of the paper's
@@ -57,10 +57,11 @@ Deviations from the paper / official code (the official code's behaviour is the 
 - 91 class logits indexed by raw category id (official: 80 contiguous; from_official maps them). So denoising's
   label noise draws among all 91 ids, 11 of them never a COCO class (official: among the 80), in the dense base too.
 - A batch without boxes gives zero denoising losses (the official code too) and no denoising queries.
-- MCSP reads the two-stage class head, class_embed[dec_layers]; the official code reads class_embed[enc_layers],
-  the same head at its 6 and 6 layers (a decoder layer's head when the encoder is shallower).
+- MCSP reads the two-stage class head, class_embed[dec_layers]; the official code reads class_embed[enc_layers]:
+  the same head with 6 encoder and 6 decoder layers (its configs); with a shallower encoder a decoder layer's head,
+  with a deeper one (shapes_config's 6 and 3) an IndexError.
 - The selector's focal loss is computed from its logits; the official code takes the log of the sigmoid, which is
-  infinite once a token labelled background scores a logit of 16.75 or more (float32).
+  infinite once a token labelled background scores a logit above about 16.64 (24 ln 2, float32).
 
 As in the official code: box logits clamp at detrex's 1e-3 (`box_logit_eps`; Deformable DETR's is 1e-5). Only boxes
 at 0 or 1 notice: denoising boxes clipped at the image's edge, and the padded tokens that the official two-stage
